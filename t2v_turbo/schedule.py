@@ -1,0 +1,46 @@
+"""The diffusion schedule of VideoCrafter2 and the timestep grids of T2V-Turbo-v2 (SPEC 1, 2, 6).
+
+The one place that holds these tables: everything else asks here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START = 0.00085
+BETA_END = 0.012
+DDIM_GRID_STEPS = 200
+# One grid step of the 200-step DDIM grid, in raw timesteps.
+SOLVER_SKIP = NUM_TRAIN_TIMESTEPS // DDIM_GRID_STEPS
+VAE_SCALE_FACTOR = 0.18215
+
+
+def alphas_cumprod(dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """abar_t for t = 0..999 of the "scaled_linear" betas: linspace(sqrt(b0), sqrt(b1), 1000)^2.
+    Computed in float64, returned in `dtype`."""
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).to(dtype=dtype, device=device)
+
+
+def ddim_timesteps() -> torch.Tensor:
+    """The 200-step grid: ddim_timesteps[i] = 5 (i + 1) - 1 = 4, 9, ..., 999."""
+    return torch.arange(1, DDIM_GRID_STEPS + 1, dtype=torch.int64) * SOLVER_SKIP - 1
+
+
+def solver_timesteps(grid_index: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_hi, t_lo) for grid indices n: t_hi = ddim_timesteps[n], t_lo = max(t_hi - 5, 0)."""
+    n = torch.as_tensor(grid_index, dtype=torch.int64)
+    if bool(((n < 0) | (n >= DDIM_GRID_STEPS)).any()):
+        raise ValueError(f"grid_index must lie in [0, {DDIM_GRID_STEPS}), got {n.tolist()}")
+    t_hi = ddim_timesteps()[n]
+    return t_hi, (t_hi - SOLVER_SKIP).clamp(min=0)
+
+
+def sampler_timesteps(num_steps: int) -> list[int]:
+    """Timesteps of N-step consistency sampling: the 200-step grid reversed, stride 200 // N, first N.
+    N=4 gives 999, 749, 499, 249."""
+    if not 1 <= num_steps <= DDIM_GRID_STEPS:
+        raise ValueError(f"num_steps must lie in [1, {DDIM_GRID_STEPS}], got {num_steps}")
+    stride = DDIM_GRID_STEPS // num_steps
+    return ddim_timesteps().flip(0)[::stride][:num_steps].tolist()

@@ -1,0 +1,34 @@
+"""turbo-kernels: Triton and CUDA kernels for post-training text-to-video diffusion models.
+
+Public ops (each a torch.library custom op with a plain PyTorch reference, a Triton kernel and,
+where it pays, a CUDA kernel, chosen per call by `turbo_kernels.dispatch`):
+guided_solver_step, consistency_output, consistency_sampler_step, pseudo_huber_loss.
+"""
+
+from turbo_kernels.dispatch import (
+    BackendUnavailableError,
+    TurboKernelsFallbackWarning,
+    backend,
+    backends,
+    report as backend_report,
+)
+from turbo_kernels.ops.solver import (
+    consistency_output,
+    consistency_sampler_step,
+    guided_solver_step,
+    pseudo_huber_loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "TurboKernelsFallbackWarning",
+    "backend",
+    "backend_report",
+    "backends",
+    "consistency_output",
+    "consistency_sampler_step",
+    "guided_solver_step",
+    "pseudo_huber_loss",
+]

@@ -1,0 +1,135 @@
+"""Argument checks shared by the public ops: every error names the argument at fault.
+
+Shape, dtype and device checks always run. Checks on values (finite scalars, timesteps inside the
+schedule) read device memory, which costs a host sync on GPU tensors, so they are skipped while
+torch.compile traces, while a CUDA graph is captured, and when TURBO_KERNELS_VALIDATE=0.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+Scalar = Union[float, int, Tensor]
+
+DENSE_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def value_checks_enabled() -> bool:
+    if os.environ.get("TURBO_KERNELS_VALIDATE", "1") == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def floating_tensor(x, name: str, min_dim: int = 1) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s) (batch first), got shape {tuple(x.shape)}")
+    return x
+
+
+def same_as(x, name: str, like: Tensor, like_name: str) -> Tensor:
+    floating_tensor(x, name, min_dim=0)
+    if x.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected the shape of {like_name} {tuple(like.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device}, expected the device of {like_name} ({like.device})")
+    return x
+
+
+def schedule_table(alphas_cumprod, device: torch.device) -> Tensor:
+    """The alphas_cumprod table as a 1-D float tensor on `device` (float64 kept, else float32)."""
+    if not isinstance(alphas_cumprod, Tensor):
+        raise TypeError(f"alphas_cumprod must be a torch.Tensor, got {type(alphas_cumprod).__name__}")
+    if alphas_cumprod.dim() != 1 or alphas_cumprod.numel() == 0 or not alphas_cumprod.is_floating_point():
+        raise ValueError(
+            f"alphas_cumprod must be a non-empty 1-D floating-point tensor, got shape "
+            f"{tuple(alphas_cumprod.shape)} and dtype {alphas_cumprod.dtype}"
+        )
+    dtype = torch.float64 if alphas_cumprod.dtype == torch.float64 else torch.float32
+    return alphas_cumprod.to(device=device, dtype=dtype).contiguous()
+
+
+def timesteps(t, name: str, batch: int, device: torch.device, num_train_timesteps: int) -> Tensor:
+    """An int or integer tensor of shape () or (B,) -> an int64 (B,) tensor on `device`."""
+    if isinstance(t, bool) or not isinstance(t, (int, Tensor)):
+        raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
+    if isinstance(t, int):
+        if not 0 <= t < num_train_timesteps:
+            raise ValueError(f"{name}={t} is outside the schedule [0, {num_train_timesteps})")
+        return torch.full((batch,), t, dtype=torch.int64, device=device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer timesteps, got dtype {t.dtype}")
+    t = _per_sample_shape(t, name, batch).to(device=device, dtype=torch.int64).contiguous()
+    if value_checks_enabled() and t.numel() and bool(((t < 0) | (t >= num_train_timesteps)).any()):
+        bad = t[(t < 0) | (t >= num_train_timesteps)]
+        raise ValueError(f"{name} has timesteps outside the schedule [0, {num_train_timesteps}): {bad.tolist()[:8]}")
+    return t
+
+
+def per_sample_scalar(x: Optional[Scalar], name: str, batch: int, device: torch.device, default: float = 0.0) -> Tensor:
+    """A float or tensor of shape () or (B,) -> a finite float32 (B,) tensor on `device`."""
+    if x is None:
+        x = default
+    if isinstance(x, bool) or not isinstance(x, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(x).__name__}")
+    if not isinstance(x, Tensor):
+        if not torch.isfinite(torch.tensor(float(x))):
+            raise ValueError(f"{name} must be finite, got {x}")
+        return torch.full((batch,), float(x), dtype=torch.float32, device=device)
+    if x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real tensor, got dtype {x.dtype}")
+    x = _per_sample_shape(x, name, batch).to(device=device, dtype=torch.float32).contiguous()
+    if value_checks_enabled() and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be finite, got {x.tolist()[:8]}")
+    return x
+
+
+def _per_sample_shape(x: Tensor, name: str, batch: int) -> Tensor:
+    if x.dim() == 0:
+        return x.expand(batch)
+    if x.shape != (batch,):
+        raise ValueError(f"{name} must be a scalar or have shape ({batch},) (one value a sample), got {tuple(x.shape)}")
+    return x
+
+
+def kernel_layout_problem(*tensors: Tensor) -> Optional[str]:
+    """Why the elementwise kernels cannot stream these tensors, or None.
+
+    The kernels walk raw memory sample by sample, so every tensor needs the same dense layout with
+    the batch outermost: contiguous, channels_last or channels_last_3d (all share their strides).
+    """
+    first = tensors[0]
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        return f"mixed storage dtypes {sorted(str(d) for d in dtypes)}"
+    if first.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"storage dtype {first.dtype} (kernels take float32, float16, bfloat16)"
+    if any(_effective_strides(t) != _effective_strides(first) for t in tensors):
+        return "the tensors do not share one memory layout"
+    if not any(first.is_contiguous(memory_format=f) for f in DENSE_FORMATS if _format_fits(f, first)):
+        return f"non-dense layout (strides {first.stride()})"
+    if first.shape[0] > 65535:
+        return f"batch size {first.shape[0]} exceeds 65535"
+    return None
+
+
+def _effective_strides(x: Tensor) -> tuple[int, ...]:
+    # Strides of size-1 dimensions never matter for addressing.
+    return tuple(s for s, n in zip(x.stride(), x.shape) if n > 1)
+
+
+def _format_fits(memory_format: torch.memory_format, x: Tensor) -> bool:
+    if memory_format == torch.channels_last:
+        return x.dim() == 4
+    if memory_format == torch.channels_last_3d:
+        return x.dim() == 5
+    return True

@@ -1,0 +1,217 @@
+"""The one place that decides, per call, which implementation of an op runs.
+
+Each op registers up to three implementations with the same signature: "reference" (plain
+PyTorch, always usable), "triton" and "cuda", each with a `supports(*args)` check that returns
+None or the reason it cannot take these inputs. The choice:
+
+- the requested backend comes from `with turbo_kernels.backend(name):`, else the environment
+  variable TURBO_KERNELS_BACKEND, else "auto";
+- "auto" tries cuda > triton on CUDA tensors and takes the first whose check passes; CPU tensors
+  run the reference (the Triton interpreter is a testing tool, never an automatic choice);
+- a forced backend that cannot run on this machine or device raises BackendUnavailableError;
+- inputs that the chosen kernels do not support fall back to the reference with a warning that is
+  given once per (op, backend, reason).
+
+The choice is made inside the registered custom ops, at run time, so `torch.compile` traces one
+opaque op and the choice follows the context in force when the compiled code runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+_REQUESTABLE = ("auto",) + BACKENDS
+ENV_VAR = "TURBO_KERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced that cannot run on this machine or on these tensors' device."""
+
+
+class TurboKernelsFallbackWarning(UserWarning):
+    """A kernel could not take the given inputs, so the reference ran instead."""
+
+
+SupportsCheck = Callable[..., Optional[str]]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    fn: Callable
+    supports: SupportsCheck
+
+
+_registry: dict[str, dict[str, Implementation]] = {}
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("turbo_kernels_backend", default=None)
+_warned: set[tuple[str, str, str]] = set()
+
+
+def register(op: str, backend_name: str, supports: SupportsCheck | None = None) -> Callable:
+    """Decorator: register `fn` as the `backend_name` implementation of `op`."""
+    if backend_name not in BACKENDS:
+        raise ValueError(f"backend_name must be one of {BACKENDS}, got {backend_name!r}")
+
+    def decorator(fn: Callable) -> Callable:
+        _registry.setdefault(op, {})[backend_name] = Implementation(fn, supports or (lambda *a, **k: None))
+        return fn
+
+    return decorator
+
+
+def _check_name(name: str, what: str) -> str:
+    if name not in _REQUESTABLE:
+        raise ValueError(f"{what} must be one of {_REQUESTABLE}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Force a backend ("auto", "cuda", "triton" or "reference") for ops called inside the block."""
+    token = _override.set(_check_name(name, "backend name"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def requested_backend() -> str:
+    forced = _override.get()
+    if forced is not None:
+        return forced
+    return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - triton ships with CUDA torch wheels
+        return f"triton is not importable ({exc})"
+    return None
+
+
+def machine_unavailable_reason(backend_name: str, device: torch.device) -> Optional[str]:
+    """Why `backend_name` cannot run on `device` on this machine, or None if it can."""
+    if backend_name == "reference":
+        return None
+    if backend_name == "triton":
+        reason = _triton_import_error()
+        if reason:
+            return reason
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            return None if triton_interpreter_on() else "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+        return f"Triton kernels do not run on {device.type} tensors"
+    if backend_name == "cuda":
+        from turbo_kernels import _cuda_ext
+
+        reason = _cuda_ext.load_error()
+        if reason:
+            return reason
+        if device.type != "cuda":
+            return f"CUDA kernels need CUDA tensors, got {device.type} tensors"
+        return None
+    raise ValueError(f"unknown backend {backend_name!r}")
+
+
+def _warn_once(op: str, backend_name: str, reason: str) -> None:
+    key = (op, backend_name, reason)
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(
+        f"turbo_kernels.{op}: {backend_name} cannot take these inputs ({reason}); using the reference",
+        TurboKernelsFallbackWarning,
+        stacklevel=4,
+    )
+
+
+def select(op: str, device: torch.device, *args) -> str:
+    """The backend that runs `op` on these arguments (see the module docstring for the rules)."""
+    impls = _registry[op]
+    requested = requested_backend()
+    if requested == "reference":
+        return "reference"
+    if requested == "auto":
+        candidates = ("cuda", "triton") if device.type == "cuda" else ()
+        rejections = []
+        for name in candidates:
+            impl = impls.get(name)
+            if impl is None or machine_unavailable_reason(name, device) is not None:
+                continue
+            reason = impl.supports(*args)
+            if reason is None:
+                return name
+            rejections.append(f"{name}: {reason}")
+        if rejections:
+            _warn_once(op, "auto", "; ".join(rejections))
+        return "reference"
+    unavailable = machine_unavailable_reason(requested, device)
+    if unavailable is not None:
+        raise BackendUnavailableError(f"turbo_kernels.{op}: backend {requested!r} was forced but {unavailable}")
+    impl = impls.get(requested)
+    if impl is None:
+        _warn_once(op, requested, f"{op} has no {requested} implementation")
+        return "reference"
+    reason = impl.supports(*args)
+    if reason is not None:
+        _warn_once(op, requested, reason)
+        return "reference"
+    return requested
+
+
+def run(op: str, device: torch.device, *args):
+    """Select a backend for these arguments and call its implementation."""
+    return _registry[op][select(op, device, *args)].fn(*args)
+
+
+def implementation(op: str, backend_name: str) -> Callable:
+    """The raw implementation of `op` for `backend_name` (benchmarks and tests call it directly)."""
+    return _registry[op][backend_name].fn
+
+
+def registered_ops() -> list[str]:
+    return sorted(_registry)
+
+
+def backends(device: str | torch.device | None = None) -> dict[str, list[str]]:
+    """Per op, the backends usable on this machine for tensors on `device` (default: the GPU
+    when there is one, else the CPU), in the order "auto" prefers them."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return {
+        op: [name for name in BACKENDS if name in impls and machine_unavailable_reason(name, device) is None]
+        for op, impls in sorted(_registry.items())
+    }
+
+
+def report(device: str | torch.device | None = None) -> str:
+    """Human-readable table: each op, each backend, and why a backend is not usable here."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    lines = [f"turbo_kernels backends for {device.type} tensors (requested: {requested_backend()})"]
+    for op, impls in sorted(_registry.items()):
+        lines.append(f"  {op}")
+        for name in BACKENDS:
+            if name not in impls:
+                status = "not implemented"
+            else:
+                status = machine_unavailable_reason(name, device) or "usable"
+            lines.append(f"    {name:<10} {status}")
+    return "\n".join(lines)

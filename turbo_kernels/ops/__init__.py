@@ -1,0 +1,1 @@
+"""Public ops, registered as torch.library custom ops."""

@@ -1,0 +1,1 @@
+"""Plain PyTorch references: the meaning of every op."""
