@@ -75,7 +75,8 @@ def _cuda_extension_setup():
     extension = cpp_extension.CUDAExtension(
         name="turbo_kernels._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+        # No -std flag: torch's build adds the C++ standard its headers need (C++20 from torch 2.13 on).
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
     )
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -6,8 +6,10 @@
 // (B,) timestep / w / m tensors and the alphas_cumprod table inside the kernel; maths is fp32.
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -253,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> guided_solver_step_fwd(const at::Tensor& z_t,
   const int64_t batch = z_t.size(0);
   const int64_t n = z_t.numel() / batch;
   if (n == 0) return {z_lo, x0};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
 
   TK_DISPATCH_STORAGE(z_t.scalar_type(), "guided_solver_step_fwd", [&] {
     const scalar_t* score_ptr = has_score ? score->data_ptr<scalar_t>() : nullptr;
@@ -303,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> guided_solver_step_bw
   const int64_t batch = grad_z_lo.size(0);
   const int64_t n = grad_z_lo.numel() / batch;
   if (n == 0) return {g_z_t, g_eps_c, g_eps_u, g_score};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
 
   TK_DISPATCH_STORAGE(grad_z_lo.scalar_type(), "guided_solver_step_bwd", [&] {
     scalar_t* g_score_ptr = has_score ? g_score.data_ptr<scalar_t>() : nullptr;
@@ -346,7 +348,7 @@ at::Tensor consistency_output_fwd(const at::Tensor& sample, const at::Tensor& ep
   const int64_t batch = sample.size(0);
   const int64_t n = sample.numel() / batch;
   if (n == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   TK_DISPATCH_STORAGE(sample.scalar_type(), "consistency_output_fwd", [&] {
     const bool vectorize = can_vectorize<scalar_t>(n, {sample.data_ptr(), eps.data_ptr(), out.data_ptr()});
     auto launch = [&](auto vec_tag) {
@@ -379,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor> consistency_output_bwd(const at::Tensor& grad
   const int64_t batch = grad_out.size(0);
   const int64_t n = grad_out.numel() / batch;
   if (n == 0) return {g_sample, g_eps};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   TK_DISPATCH_STORAGE(grad_out.scalar_type(), "consistency_output_bwd", [&] {
     const bool vectorize = can_vectorize<scalar_t>(n, {grad_out.data_ptr(), g_sample.data_ptr(), g_eps.data_ptr()});
     auto launch = [&](auto vec_tag) {

@@ -1,0 +1,62 @@
+"""Shared test tools: devices, random batch-first inputs, poisoned outputs and error budgets."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from t2v_turbo import schedule
+
+HAS_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
+# Triton's interpreter computes bf16 wrongly, so bf16 kernels are only tested on a GPU.
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+
+# Absolute slack, relative to the largest reference magnitude, on top of the 2x rule below: one
+# rounding of the storage dtype.
+STORAGE_EPS = {torch.float32: 2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def alphas_cumprod(device=DEVICE, dtype=torch.float32) -> torch.Tensor:
+    return schedule.alphas_cumprod(dtype=dtype, device=device)
+
+
+def random_timesteps(batch: int, generator: torch.Generator, low: int = 0, high: int = 1000) -> torch.Tensor:
+    return torch.randint(low, high, (batch,), generator=generator)
+
+
+def randn(shape, dtype, generator, device=DEVICE, memory_format=torch.contiguous_format) -> torch.Tensor:
+    x = torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    return x.contiguous(memory_format=memory_format)
+
+
+@contextlib.contextmanager
+def poisoned_triton_outputs(monkeypatch):
+    """Make every Triton output buffer start as NaN, so an element the kernel never writes fails."""
+    from turbo_kernels.triton_kernels import solver
+
+    monkeypatch.setattr(solver, "new_output", lambda like: torch.full_like(like, float("nan")))
+    yield
+
+
+def poison_cuda_allocator(device=DEVICE, mib: int = 256) -> None:
+    """Fill and free a block of the caching allocator so new CUDA buffers start as NaN."""
+    if device.type == "cuda":
+        block = torch.full((mib * 2**20 // 4,), float("nan"), device=device)
+        del block
+
+
+def assert_within_2x_of_reference(out, ref_same_precision, ref64, name: str = "output") -> None:
+    """The kernel's error against float64 maths must be at most twice the error of the reference
+    computed in the same storage precision, plus one rounding of the storage dtype."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert out.dtype == ref_same_precision.dtype, f"{name}: dtype {out.dtype} != {ref_same_precision.dtype}"
+    out64 = out.double().cpu()
+    ref64 = ref64.double().cpu()
+    assert torch.isfinite(out64).all(), f"{name}: non-finite elements (unwritten output?)"
+    kernel_err = (out64 - ref64).abs().max().item() if out64.numel() else 0.0
+    ref_err = (ref_same_precision.double().cpu() - ref64).abs().max().item() if out64.numel() else 0.0
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    budget = 2 * ref_err + STORAGE_EPS[out.dtype] * max(scale, 1.0)
+    assert kernel_err <= budget, f"{name}: max error {kernel_err:.3e} > budget {budget:.3e} (reference error {ref_err:.3e})"

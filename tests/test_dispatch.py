@@ -1,0 +1,111 @@
+"""The dispatch seam: requested backend, auto order, fallbacks with one warning, clear errors."""
+
+import warnings
+
+import pytest
+import torch
+
+import turbo_kernels as tk
+from turbo_kernels import dispatch
+
+from .helpers import DEVICE, HAS_GPU, alphas_cumprod
+
+PUBLIC_OPS = ["guided_solver_step", "consistency_output", "consistency_sampler_step", "pseudo_huber_loss"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    dispatch._warned.clear()
+
+
+def test_backends_lists_every_op_with_reference_last():
+    table = tk.backends()
+    for op in PUBLIC_OPS + [f"{op}_backward" for op in PUBLIC_OPS]:
+        assert op in table
+        assert table[op][-1] == "reference"
+    assert tk.backends("cpu")["guided_solver_step"] == (
+        ["triton", "reference"] if dispatch.triton_interpreter_on() else ["reference"]
+    )
+
+
+def test_report_says_why_a_backend_is_unusable():
+    text = tk.backend_report("cpu")
+    assert "guided_solver_step" in text
+    assert "cuda" in text and ("CUDA tensors" in text or "not built" in text)
+
+
+def test_context_manager_overrides_env_and_restores(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    assert dispatch.requested_backend() == "triton"
+    with tk.backend("reference"):
+        assert dispatch.requested_backend() == "reference"
+        with tk.backend("auto"):
+            assert dispatch.requested_backend() == "auto"
+        assert dispatch.requested_backend() == "reference"
+    assert dispatch.requested_backend() == "triton"
+
+
+def test_bad_backend_names_are_errors(monkeypatch):
+    with pytest.raises(ValueError, match="backend name"):
+        with tk.backend("fast"):
+            pass
+    monkeypatch.setenv(dispatch.ENV_VAR, "cudnn")
+    with pytest.raises(ValueError, match=dispatch.ENV_VAR):
+        dispatch.requested_backend()
+
+
+def test_env_var_forces_a_backend(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    x = torch.randn(2, 8, device=DEVICE)
+    assert dispatch.select("consistency_output", x.device, x, x) == "reference"
+
+
+def test_forcing_cuda_on_cpu_tensors_is_a_clear_error():
+    x = torch.randn(2, 3)
+    with tk.backend("cuda"), pytest.raises(tk.BackendUnavailableError, match="cuda.*forced"):
+        tk.consistency_output(x, x, 5, alphas_cumprod("cpu"))
+
+
+@pytest.mark.skipif(dispatch.triton_interpreter_on() or HAS_GPU, reason="Triton is usable on this machine")
+def test_forcing_triton_without_gpu_or_interpreter_is_a_clear_error():
+    x = torch.randn(2, 3)
+    with tk.backend("triton"), pytest.raises(tk.BackendUnavailableError, match="TRITON_INTERPRET"):
+        tk.consistency_output(x, x, 5, alphas_cumprod("cpu"))
+
+
+@pytest.mark.skipif(dispatch.machine_unavailable_reason("triton", DEVICE) is not None, reason="Triton not usable here")
+def test_unsupported_inputs_fall_back_to_reference_with_one_warning():
+    x = torch.randn(3, 4, 5, dtype=torch.float64, device=DEVICE)
+    acp = alphas_cumprod(dtype=torch.float64)
+    with tk.backend("triton"):
+        with pytest.warns(tk.TurboKernelsFallbackWarning, match="float64"):
+            out = tk.consistency_output(x, x, 7, acp)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again = tk.consistency_output(x, x, 7, acp)
+    from turbo_kernels.reference import solver as ref
+
+    want = ref.consistency_output(x, x, torch.full((3,), 7, device=DEVICE), acp)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(dispatch.machine_unavailable_reason("triton", DEVICE) is not None, reason="Triton not usable here")
+def test_strided_views_fall_back_to_reference():
+    base = torch.randn(2, 4, 6, device=DEVICE)
+    view = base.transpose(1, 2)  # not dense in any layout the kernels stream
+    other = torch.randn(2, 6, 4, device=DEVICE)
+    with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match="layout"):
+        out = tk.consistency_output(view, other, 3, alphas_cumprod())
+    with tk.backend("reference"):
+        want = tk.consistency_output(view, other, 3, alphas_cumprod())
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_ops_without_a_cuda_kernel_fall_back_when_cuda_is_forced():
+    if dispatch.machine_unavailable_reason("cuda", DEVICE) is not None:
+        pytest.skip("the CUDA backend cannot run here")
+    x = torch.randn(2, 3, device=DEVICE)
+    with tk.backend("cuda"), pytest.warns(tk.TurboKernelsFallbackWarning, match="no cuda implementation"):
+        tk.pseudo_huber_loss(x, x)

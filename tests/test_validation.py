@@ -1,0 +1,91 @@
+"""Bad input gets an error that names the argument at fault."""
+
+import pytest
+import torch
+
+import turbo_kernels as tk
+
+from .helpers import alphas_cumprod
+
+ACP = alphas_cumprod("cpu")
+
+
+def _latents(*shape, dtype=torch.float32):
+    return torch.randn(shape or (2, 4, 3, 4, 5)).to(dtype)
+
+
+def _guided(**overrides):
+    z = _latents()
+    args = dict(
+        z_t=z, eps_cond=torch.randn_like(z), eps_uncond=torch.randn_like(z), t_hi=torch.tensor([999, 504]),
+        t_lo=torch.tensor([994, 499]), w=7.5, alphas_cumprod=ACP,
+    )
+    args.update(overrides)
+    return tk.guided_solver_step(**args)
+
+
+def test_valid_call_passes():
+    z_lo, x0 = _guided()
+    assert z_lo.shape == x0.shape == (2, 4, 3, 4, 5)
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        (dict(eps_cond=torch.randn(2, 4, 3, 4, 6)), ValueError, "eps_cond has shape"),
+        (dict(eps_uncond=torch.randn(2, 4, 3, 4, 5, device="meta")), ValueError, "eps_uncond is on meta"),
+        (dict(z_t=torch.zeros(2, 4, 3, 4, 5, dtype=torch.int32)), TypeError, "z_t must be a floating-point"),
+        (dict(z_t=[1.0, 2.0]), TypeError, "z_t must be a torch.Tensor"),
+        (dict(w=float("nan")), ValueError, "w must be finite"),
+        (dict(w=torch.tensor([7.5, float("inf")])), ValueError, "w must be finite"),
+        (dict(w=torch.ones(3)), ValueError, r"w must be a scalar or have shape \(2,\)"),
+        (dict(t_hi=torch.tensor([999, 1000])), ValueError, "t_hi has timesteps outside the schedule"),
+        (dict(t_lo=-1), ValueError, "t_lo=-1 is outside the schedule"),
+        (dict(t_hi=torch.tensor([999.0, 500.0])), TypeError, "t_hi must hold integer timesteps"),
+        (dict(t_hi=2.5), TypeError, "t_hi must be an int"),
+        (dict(score=torch.randn(2, 4, 3, 4, 5)), ValueError, "score and motion_scale go together"),
+        (dict(motion_scale=0.05), ValueError, "score and motion_scale go together"),
+        (dict(score=torch.randn(2, 4, 3, 4, 5), motion_scale=float("nan")), ValueError, "motion_scale must be finite"),
+        (dict(score=torch.randn(2, 4, 1), motion_scale=0.05), ValueError, "score has shape"),
+        (dict(motion_form="paper"), ValueError, "motion_form must be one of"),
+        (dict(alphas_cumprod=ACP.reshape(10, 100)), ValueError, "alphas_cumprod must be a non-empty 1-D"),
+        (dict(z_t=torch.tensor([])), ValueError, "z_t must have at least 1 dimension|eps_cond has shape"),
+    ],
+)
+def test_guided_solver_step_errors_name_the_argument(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _guided(**overrides)
+
+
+def test_consistency_and_sampler_errors_name_the_argument():
+    x = _latents()
+    with pytest.raises(ValueError, match="eps has shape"):
+        tk.consistency_output(x, x[:1], 10, ACP)
+    with pytest.raises(ValueError, match="t has timesteps outside"):
+        tk.consistency_output(x, x, torch.tensor([5, 2000]), ACP)
+    with pytest.raises(ValueError, match="timestep_scaling must be a positive finite number"):
+        tk.consistency_output(x, x, 10, ACP, timestep_scaling=float("inf"))
+    with pytest.raises(ValueError, match="sigma_data must be a positive"):
+        tk.consistency_output(x, x, 10, ACP, sigma_data=0.0)
+    with pytest.raises(ValueError, match="t_prev=1000 is outside"):
+        tk.consistency_sampler_step(x, x, 999, 1000, ACP)
+    with pytest.raises(ValueError, match="noise has shape"):
+        tk.consistency_sampler_step(x, x, 999, 749, ACP, noise=x[:, :1])
+
+
+def test_pseudo_huber_errors_name_the_argument():
+    x = _latents()
+    with pytest.raises(ValueError, match="target has shape"):
+        tk.pseudo_huber_loss(x, x[0])
+    with pytest.raises(TypeError, match="pred must be a floating-point"):
+        tk.pseudo_huber_loss(x.long(), x)
+    with pytest.raises(ValueError, match="c must be a positive"):
+        tk.pseudo_huber_loss(x, x, c=-1.0)
+
+
+def test_value_checks_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("TURBO_KERNELS_VALIDATE", "0")
+    # Shape checks stay; value checks (here a non-finite w) are skipped.
+    _guided(w=torch.tensor([7.5, float("nan")]))
+    with pytest.raises(ValueError, match="eps_cond has shape"):
+        _guided(eps_cond=torch.randn(1))
