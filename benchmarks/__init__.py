@@ -1,0 +1,28 @@
+"""Benchmarks of turbo_kernels' ops: `t2v-turbo bench` or `python -m benchmarks`.
+
+The harness (benchmarks.harness) is op-agnostic; each suite module yields the cases of one op
+family, and a new family is one more entry in SUITES.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from benchmarks import harness, solver
+
+SUITES: tuple[harness.Suite, ...] = (solver.cases,)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    harness.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    return harness.run(args, SUITES)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=harness.__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,602 @@
+"""Op-agnostic benchmark harness: timing, the copy-bandwidth ceiling, the JSON contract, table, plot.
+
+A suite (e.g. `benchmarks.solver`) turns `SuiteOptions` into `Case`s: one op at one shape for one
+pass, with a callable per implementation and the bytes an ideal kernel moves. The harness times
+every implementation it can, records the others as skipped with the reason, and writes one JSON
+file and one PNG a run (see benchmarks/results/README.md for the contract).
+
+Timing on a GPU is device time: before each timed call the stream gets a spin kernel long enough
+to cover the host's work of issuing that call, so the call's kernels run back to back as they do
+inside a training step, and CUDA events around the call measure the GPU alone. The host's time to
+issue one call is reported beside it (`host_ms`): where it exceeds the device time, the op is
+launch-bound when run on its own. On the CPU, timing is wall-clock time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+PASSES = ("fwd", "fwd+bwd")
+# The baselines every suite times and the table compares against.
+EAGER = "reference-eager"
+COMPILED = "reference-compile"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MIB = 1024**2
+
+# Copy sizes for the bandwidth ceiling: far beyond any cache.
+COPY_BYTES_GPU = 1024 * MIB
+COPY_BYTES_CPU = 256 * MIB
+COPY_BYTES_QUICK = 16 * MIB
+
+# Inputs rotate over enough copies that each call reads them from DRAM, not from a warm L2
+# (an H100's 50 MiB L2 holds all inputs of a B=8 bf16 latent op).
+L2_MULTIPLE = 3
+MAX_INPUT_SETS = 128
+
+# Head start of the GPU over the host for each timed call: the spin kernel lasts this many times
+# the host's issue time of one call, plus a fixed margin.
+SPIN_HOST_FACTOR = 2.0
+SPIN_MARGIN_MS = 0.05
+
+VALIDATE_ENV = "TURBO_KERNELS_VALIDATE"
+MAX_REASON_CHARS = 300
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One way to run a case: `fn(inputs)` makes one call on one input set.
+
+    compiles: its first call compiles (it then counts against the run's compile budget, and starts
+    from a clean torch.compile cache). unavailable: why it cannot run here; it is recorded as
+    skipped and never called.
+    """
+
+    name: str
+    fn: Callable[[Any], Any]
+    compiles: bool = False
+    unavailable: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op at one shape for one pass. `make_inputs()` builds one fresh input set; `bytes_moved`
+    is what an ideal kernel reads and writes a call, `flops` its arithmetic where that means
+    something (None for memory-bound ops)."""
+
+    op: str
+    case: str
+    pass_name: str
+    make_inputs: Callable[[], Any]
+    impls: tuple[Impl, ...]
+    bytes_moved: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    flops: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class SuiteOptions:
+    """What a suite needs to build its cases. batch_sizes None: the suite's default for the device."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch_sizes: Optional[tuple[int, ...]]
+    quick: bool
+    seed: int = 0
+
+
+Suite = Callable[[SuiteOptions], Iterable[Case]]
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    host_ms: Optional[float]
+    first_call_s: float
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    """Achieved bandwidth in GB/s (1e9 bytes a second) of moving `nbytes` in `ms` milliseconds."""
+    return nbytes / (ms * 1e6)
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e9)
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _spin_cycles_per_ms(device: torch.device) -> float:
+    cycles = 10_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.device(device):
+        torch.cuda._sleep(1000)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+    return cycles / start.elapsed_time(end)
+
+
+def _time_cuda(fn: Callable, input_sets: Sequence, device: torch.device, warmup: int, iters: int) -> Timing:
+    with torch.cuda.device(device):
+        begin = time.perf_counter()
+        fn(input_sets[0])
+        torch.cuda.synchronize()
+        first_call_s = time.perf_counter() - begin
+
+        issue_s = []
+        for i in range(warmup):
+            begin = time.perf_counter()
+            fn(input_sets[(i + 1) % len(input_sets)])
+            issue_s.append(time.perf_counter() - begin)
+        torch.cuda.synchronize()
+        spin_ms = SPIN_HOST_FACTOR * statistics.median(issue_s) * 1e3 + SPIN_MARGIN_MS
+        spin_cycles = int(spin_ms * _spin_cycles_per_ms(device))
+
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        issue_s = []
+        for i in range(iters):
+            torch.cuda._sleep(spin_cycles)
+            starts[i].record()
+            begin = time.perf_counter()
+            fn(input_sets[i % len(input_sets)])
+            issue_s.append(time.perf_counter() - begin)
+            ends[i].record()
+        torch.cuda.synchronize()
+    device_ms = [start.elapsed_time(end) for start, end in zip(starts, ends)]
+    return Timing(statistics.median(device_ms), statistics.median(issue_s) * 1e3, first_call_s)
+
+
+def _time_cpu(fn: Callable, input_sets: Sequence, warmup: int, iters: int) -> Timing:
+    begin = time.perf_counter()
+    fn(input_sets[0])
+    first_call_s = time.perf_counter() - begin
+    for i in range(warmup):
+        fn(input_sets[(i + 1) % len(input_sets)])
+    wall_ms = []
+    for i in range(iters):
+        begin = time.perf_counter()
+        fn(input_sets[i % len(input_sets)])
+        wall_ms.append((time.perf_counter() - begin) * 1e3)
+    return Timing(statistics.median(wall_ms), None, first_call_s)
+
+
+def time_fn(fn: Callable, input_sets: Sequence, device: torch.device, warmup: int, iters: int) -> Timing:
+    """Median time of `fn(input_set)` over `iters` calls that cycle through `input_sets`, after one
+    first call (timed apart: it compiles, autotunes, allocates) and `warmup` >= 1 more."""
+    if device.type == "cuda":
+        return _time_cuda(fn, input_sets, device, warmup, iters)
+    return _time_cpu(fn, input_sets, warmup, iters)
+
+
+def measure_copy_gbps(device: torch.device, nbytes: int, warmup: int = 3, iters: int = 10) -> float:
+    """Bandwidth of one large device-to-device copy, counting the bytes read and those written."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda _: dst.copy_(src), [None], device, warmup, iters)
+    return gbps(2 * nbytes, timing.median_ms)
+
+
+# ---- running cases ---------------------------------------------------------------------------
+
+
+def _input_set_count(case: Case, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(1, min(MAX_INPUT_SETS, math.ceil(L2_MULTIPLE * l2_bytes / case.bytes_moved)))
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
+
+
+def _release_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
+@dataclass
+class RunSettings:
+    device: torch.device
+    warmup: int
+    iters: int
+    impls: Optional[frozenset[str]]
+    compile_budget_s: float
+
+
+class _Runner:
+    def __init__(self, settings: RunSettings):
+        self.settings = settings
+        self.compile_spent_s = 0.0
+        self.rows: list[dict] = []
+        self.skipped: list[dict] = []
+
+    def _key(self, case: Case, impl: Impl) -> dict:
+        return {"op": case.op, "case": case.case, "impl": impl.name, "pass": case.pass_name}
+
+    def _skip(self, case: Case, impl: Impl, reason: str) -> None:
+        self.skipped.append({**self._key(case, impl), "reason": reason})
+
+    def run(self, case: Case) -> None:
+        wanted = [i for i in case.impls if self.settings.impls is None or i.name in self.settings.impls]
+        runnable = []
+        for impl in wanted:
+            if impl.unavailable is not None:
+                self._skip(case, impl, impl.unavailable)
+            else:
+                runnable.append(impl)
+        if not runnable:
+            return
+        device = self.settings.device
+        try:
+            input_sets = [case.make_inputs() for _ in range(_input_set_count(case, device))]
+        except Exception as exc:
+            for impl in runnable:
+                self._skip(case, impl, f"building the inputs failed: {_reason(exc)}")
+            _release_memory(device)
+            return
+        for impl in runnable:
+            self._run_impl(case, impl, input_sets)
+        del input_sets
+        _release_memory(device)
+
+    def _run_impl(self, case: Case, impl: Impl, input_sets: list) -> None:
+        settings = self.settings
+        if impl.compiles:
+            if self.compile_spent_s >= settings.compile_budget_s:
+                self._skip(case, impl, f"compile budget of {settings.compile_budget_s:g} s spent (--compile-budget)")
+                return
+            # A fresh cache per case: accumulated recompilations would otherwise hit dynamo's
+            # recompile limit, after which it silently runs eager code.
+            torch.compiler.reset()
+        begin = time.perf_counter()
+        try:
+            timing = time_fn(impl.fn, input_sets, settings.device, settings.warmup, settings.iters)
+        except Exception as exc:
+            if impl.compiles:
+                self.compile_spent_s += time.perf_counter() - begin
+            self._skip(case, impl, _reason(exc))
+            _release_memory(settings.device)
+            return
+        if impl.compiles:
+            self.compile_spent_s += timing.first_call_s
+        self.rows.append(
+            {
+                **self._key(case, impl),
+                "median_ms": timing.median_ms,
+                "gbps": gbps(case.bytes_moved, timing.median_ms),
+                "tflops": None if case.flops is None else tflops(case.flops, timing.median_ms),
+                "host_ms": timing.host_ms,
+                "first_call_s": timing.first_call_s,
+                "bytes": case.bytes_moved,
+                "dtype": str(case.dtype).removeprefix("torch."),
+                "shape": list(case.shape),
+            }
+        )
+
+
+# ---- the run's record: JSON, table, plot --------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def assemble(
+    device: torch.device,
+    created: datetime.datetime,
+    copy_gbps: float,
+    rows: list[dict],
+    skipped: list[dict],
+    settings: dict,
+    notes: list[str],
+) -> dict:
+    """The run's record, in the contract of benchmarks/results/README.md."""
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "cuda": torch.version.cuda,
+        "created": created.isoformat(timespec="seconds"),
+        "copy_gbps": copy_gbps,
+        "validation": False,
+        "settings": settings,
+        "notes": notes,
+        "rows": rows,
+        "skipped": skipped,
+    }
+
+
+def _format_ms(ms: Optional[float]) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.3f}" if ms >= 1 else f"{ms:.4g}"
+
+
+def _speedup(baseline_ms: Optional[float], ms: float) -> str:
+    return "-" if baseline_ms is None else f"{baseline_ms / ms:.2f}x"
+
+
+def format_table(result: dict) -> str:
+    """One line a measured row: time, bandwidth, share of the copy ceiling, speed-ups over the reference."""
+    copy = result["copy_gbps"]
+    median = {(r["op"], r["case"], r["pass"], r["impl"]): r["median_ms"] for r in result["rows"]}
+    header = ("op", "case", "impl", "pass", "median ms", "host ms", "GB/s", "% copy", "vs eager", "vs compile")
+    lines, previous_op = [], None
+    for r in result["rows"]:
+        if previous_op is not None and r["op"] != previous_op:
+            lines.append(None)
+        previous_op = r["op"]
+        group = (r["op"], r["case"], r["pass"])
+        lines.append(
+            (
+                r["op"], r["case"], r["impl"], r["pass"],
+                _format_ms(r["median_ms"]),
+                _format_ms(r["host_ms"]),
+                f"{r['gbps']:.1f}",
+                f"{100 * r['gbps'] / copy:.1f}",
+                _speedup(median.get(group + (EAGER,)), r["median_ms"]),
+                _speedup(median.get(group + (COMPILED,)), r["median_ms"]),
+            )
+        )
+    widths = [max(len(cells[i]) for cells in [header] + [c for c in lines if c]) for i in range(len(header))]
+    numeric_from = 4
+
+    def render(cells) -> str:
+        aligned = (
+            cell.ljust(width) if i < numeric_from else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths))
+        )
+        return "  ".join(aligned).rstrip()
+
+    rule = "-" * len(render(header))
+    return "\n".join([render(header), rule] + [render(c) if c else "" for c in lines])
+
+
+def format_skipped(skipped: list[dict]) -> str:
+    groups: dict[tuple[str, str], int] = {}
+    for s in skipped:
+        groups[(s["impl"], s["reason"])] = groups.get((s["impl"], s["reason"]), 0) + 1
+    lines = [f"skipped {len(skipped)} row(s):"]
+    lines += [f"  {impl} ({count} row(s)): {reason}" for (impl, reason), count in groups.items()]
+    return "\n".join(lines)
+
+
+def write_result(result: dict, out_dir: Path, created: datetime.datetime) -> Path:
+    """benchmarks/results/<device-slug>-<UTC timestamp>.json (CPU runs are "cpu-*", kept out of git)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{device_slug(result['device'])}-{created.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def plot_result(result: dict, path: Path) -> None:
+    """Bars of GB/s per implementation and case, one panel per (op, pass), with the copy ceiling."""
+    from matplotlib.figure import Figure
+
+    panels = list(dict.fromkeys((r["op"], r["pass"]) for r in result["rows"]))
+    impl_names = list(dict.fromkeys(r["impl"] for r in result["rows"]))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(impl_names)}
+    ncols = min(2, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(7 * ncols, 3.8 * nrows))
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    for ax, (op, pass_name) in zip(axes, panels):
+        rows = [r for r in result["rows"] if (r["op"], r["pass"]) == (op, pass_name)]
+        cases = list(dict.fromkeys(r["case"] for r in rows))
+        impls = [name for name in impl_names if any(r["impl"] == name for r in rows)]
+        width = min(0.8 / len(impls), 0.3)
+        for j, name in enumerate(impls):
+            offset = (j - (len(impls) - 1) / 2) * width
+            points = [(cases.index(r["case"]) + offset, r["gbps"]) for r in rows if r["impl"] == name]
+            ax.bar([x for x, _ in points], [y for _, y in points], width, label=name, color=colors[name])
+        ax.axhline(result["copy_gbps"], color="black", linestyle="--", linewidth=1,
+                   label=f"copy ceiling {result['copy_gbps']:.4g} GB/s")
+        ax.set_xticks(range(len(cases)), cases, fontsize=8)
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"{op} ({pass_name})", fontsize=10)
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{result['device']}, torch {result['torch']}, {result['created']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def _name_list(text: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return names
+
+
+def _size_list(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return sizes
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ops", type=_name_list, help="comma-separated ops to time (default: all)")
+    parser.add_argument(
+        "--impls", type=_name_list,
+        help=f"comma-separated implementations to time, e.g. {EAGER},{COMPILED},triton,cuda (default: all)",
+    )
+    parser.add_argument(
+        "--batch-sizes", type=_size_list,
+        help="comma-separated batch sizes (default: the suite's; 1,8,32 on a GPU and 1 on the CPU for latent ops)",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="storage dtype (default: bf16 on a GPU, fp32 on the CPU)"
+    )
+    parser.add_argument(
+        "--warmup", type=_positive_int, help="untimed calls after the first (default: 10 GPU, 2 CPU)"
+    )
+    parser.add_argument(
+        "--iters", type=_positive_int, help="timed calls, of which the median counts (default: 100 GPU, 10 CPU)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help="folder for the JSON and PNG (default: benchmarks/results)"
+    )
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few calls, no torch.compile (a smoke test)")
+    parser.add_argument(
+        "--compile-budget", type=float, metavar="SECONDS",
+        help="seconds the run may spend compiling; later compiled rows are skipped (default: unlimited on a GPU, "
+        "60 on the CPU, 0 with --quick)",
+    )
+
+
+def _check_names(option: str, requested: Optional[frozenset[str]], known: set[str]) -> None:
+    unknown = sorted((requested or frozenset()) - known)
+    if unknown:
+        raise SystemExit(f"{option}: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
+@contextlib.contextmanager
+def _timing_conditions(device: torch.device) -> Iterator[None]:
+    """Value checks off (they sync the host); on the CPU, torch.compile compiles in this process,
+    since inductor's pool of compile workers would share the cores with the timed calls."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_environment(VALIDATE_ENV, "0"))
+        if device.type != "cuda":
+            from torch._inductor import config as inductor_config
+
+            stack.enter_context(inductor_config.patch(compile_threads=1))
+        yield
+
+
+def _notes(on_gpu: bool) -> list[str]:
+    notes = [
+        "gbps = bytes / median_ms, where bytes is what an ideal kernel moves: each input read once, each output "
+        "written once; copy_gbps counts the copy's reads and writes alike",
+        f"value checks were off while timing ({VALIDATE_ENV}=0)",
+    ]
+    if on_gpu:
+        return notes + [
+            "median_ms is device time: a spin kernel ahead of each timed call keeps the GPU from waiting on the "
+            "host; host_ms is the host's time to issue one call (above median_ms: launch-bound on its own)",
+            f"inputs rotate over enough sets ({L2_MULTIPLE}x the L2, at most {MAX_INPUT_SETS}) to come from DRAM",
+        ]
+    return notes + ["median_ms is wall time on the CPU"]
+
+
+def run(args: argparse.Namespace, suites: Sequence[Suite]) -> int:
+    """Time every case of `suites` as `args` (from add_arguments) say; print, write JSON and PNG.
+    Returns the exit status: 1 when no row could be measured."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+
+    def default(value, *, quick, cpu, gpu):
+        if value is not None:
+            return value
+        return quick if args.quick else gpu if on_gpu else cpu
+
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    settings = RunSettings(
+        device=device,
+        warmup=default(args.warmup, quick=1, cpu=2, gpu=10),
+        iters=default(args.iters, quick=3, cpu=10, gpu=100),
+        impls=args.impls,
+        compile_budget_s=default(args.compile_budget, quick=0.0, cpu=60.0, gpu=math.inf),
+    )
+    copy_bytes = default(None, quick=COPY_BYTES_QUICK, cpu=COPY_BYTES_CPU, gpu=COPY_BYTES_GPU)
+    created = datetime.datetime.now(datetime.timezone.utc)
+
+    print(f"device: {device_name(device)}   torch {torch.__version__}   triton {_triton_version()}")
+    print(f"value checks off while timing ({VALIDATE_ENV}=0); "
+          + ("median = device time (CUDA events), host = time to issue one call" if on_gpu else "median = wall time"))
+    with _timing_conditions(device):
+        options = SuiteOptions(device, dtype, args.batch_sizes, args.quick)
+        cases = [case for suite in suites for case in suite(options)]
+        _check_names("--ops", args.ops, {c.op for c in cases})
+        _check_names("--impls", args.impls, {i.name for c in cases for i in c.impls})
+        copy_gbps = measure_copy_gbps(device, copy_bytes)
+        print(f"copy ceiling: {copy_gbps:.1f} GB/s ({copy_bytes // MIB} MiB device-to-device copy, read + write)")
+        runner = _Runner(settings)
+        for case in cases:
+            if args.ops is None or case.op in args.ops:
+                print(f"  timing {case.op} {case.case} {case.pass_name}", file=sys.stderr, flush=True)
+                runner.run(case)
+
+    run_settings = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "warmup": settings.warmup,
+        "iters": settings.iters,
+        "quick": args.quick,
+        "compile_budget_s": None if math.isinf(settings.compile_budget_s) else settings.compile_budget_s,
+    }
+    result = assemble(device, created, copy_gbps, runner.rows, runner.skipped, run_settings, _notes(on_gpu))
+
+    print()
+    print(format_table(result) if result["rows"] else "no row could be measured")
+    if result["skipped"]:
+        print()
+        print(format_skipped(result["skipped"]))
+    path = write_result(result, args.out, created)
+    print(f"wrote {path}")
+    if not args.no_plot and result["rows"]:
+        plot_path = path.with_suffix(".png")
+        plot_result(result, plot_path)
+        print(f"wrote {plot_path}")
+    return 0 if result["rows"] else 1

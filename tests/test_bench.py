@@ -1,0 +1,141 @@
+"""The benchmark harness: a --quick run through `t2v-turbo bench`, its JSON contract, failure
+handling, and the bandwidth arithmetic."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import harness, solver
+from t2v_turbo.cli import main
+
+TOP_LEVEL = {
+    "device": str,
+    "torch": str,
+    "triton": (str, type(None)),
+    "created": str,
+    "copy_gbps": float,
+    "validation": bool,
+    "rows": list,
+    "skipped": list,
+}
+ROW = {
+    "op": str,
+    "case": str,
+    "impl": str,
+    "pass": str,
+    "median_ms": float,
+    "gbps": float,
+    "tflops": (float, type(None)),
+    "host_ms": (float, type(None)),
+    "bytes": int,
+}
+SKIPPED = {"op": str, "case": str, "impl": str, "pass": str, "reason": str}
+
+
+def _bench(tmp_path, *options: str) -> dict:
+    assert main(["bench", "--quick", "--out", str(tmp_path), *options]) == 0
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert path.name.startswith(harness.device_slug(result["device"]) + "-")
+    return result
+
+
+def _check_fields(record: dict, fields: dict) -> None:
+    for name, kind in fields.items():
+        assert isinstance(record[name], kind), (name, record[name])
+
+
+def test_quick_run_keeps_the_json_contract(tmp_path):
+    result = _bench(tmp_path)
+
+    _check_fields(result, TOP_LEVEL)
+    datetime.datetime.fromisoformat(result["created"])
+    assert result["copy_gbps"] > 0
+    assert result["validation"] is False
+    for row in result["rows"]:
+        _check_fields(row, ROW)
+        assert row["pass"] in harness.PASSES
+        assert row["median_ms"] > 0
+        assert math.isclose(row["gbps"], harness.gbps(row["bytes"], row["median_ms"]))
+    assert {row["op"] for row in result["rows"]} == {op.name for op in solver.OPS}
+    assert all(row["impl"] != harness.COMPILED for row in result["rows"]), "--quick compiles nothing"
+
+    assert result["skipped"], "--quick skips torch.compile, so some rows are always skipped"
+    for skipped in result["skipped"]:
+        _check_fields(skipped, SKIPPED)
+        assert skipped["reason"]
+    if not torch.cuda.is_available():
+        kernel_rows = [s for s in result["skipped"] if s["impl"] in solver.KERNEL_BACKENDS]
+        assert kernel_rows and all(s["reason"] == "no GPU" for s in kernel_rows)
+
+    (plot,) = tmp_path.glob("*.png")
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_compiled_reference_is_timed_within_budget(tmp_path):
+    result = _bench(
+        tmp_path, "--ops", "pseudo_huber_loss", "--batch-sizes", "1",
+        "--impls", f"{harness.EAGER},{harness.COMPILED}", "--compile-budget", "600", "--no-plot",
+    )
+    measured = {(row["impl"], row["pass"]) for row in result["rows"]}
+    assert measured == {(impl, p) for impl in (harness.EAGER, harness.COMPILED) for p in harness.PASSES}
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_failing_impl_is_skipped_with_its_reason(tmp_path):
+    def broken(_):
+        raise RuntimeError("kernel exploded")
+
+    def suite(options: harness.SuiteOptions):
+        yield harness.Case(
+            op="add_one", case="4", pass_name="fwd",
+            make_inputs=lambda: torch.zeros(4, device=options.device),
+            impls=(
+                harness.Impl("works", lambda x: x + 1),
+                harness.Impl("broken", broken),
+                harness.Impl("absent", lambda x: x, unavailable="not here"),
+            ),
+            bytes_moved=32, dtype=torch.float32, shape=(4,),
+        )
+
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    assert harness.run(parser.parse_args(["--quick", "--out", str(tmp_path), "--no-plot"]), [suite]) == 0
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert [row["impl"] for row in result["rows"]] == ["works"]
+    reasons = {s["impl"]: s["reason"] for s in result["skipped"]}
+    assert reasons == {"broken": "RuntimeError: kernel exploded", "absent": "not here"}
+
+
+def test_unknown_op_is_refused():
+    with pytest.raises(SystemExit, match="unknown no_such_op"):
+        main(["bench", "--quick", "--ops", "no_such_op"])
+
+
+def test_bandwidth_arithmetic():
+    # 3e9 bytes in 1 ms is 3e12 bytes a second.
+    assert harness.gbps(3e9, 1.0) == pytest.approx(3000.0)
+    assert harness.tflops(2e12, 1000.0) == pytest.approx(2.0)
+
+    options = harness.SuiteOptions(torch.device("cpu"), torch.bfloat16, (8,), quick=False)
+    bytes_moved = {(c.op, c.pass_name): c.bytes_moved for c in solver.cases(options)}
+    latent_bytes = 8 * 4 * 16 * 40 * 64 * 2
+    # Forward with score: z_t, eps_cond, eps_uncond, score read; z_lo, x0 written. The backward:
+    # two upstream gradients read, four input gradients written.
+    assert bytes_moved[("guided_solver_step", "fwd")] == 6 * latent_bytes
+    assert bytes_moved[("guided_solver_step", "fwd+bwd")] == 12 * latent_bytes
+    assert bytes_moved[("pseudo_huber_loss", "fwd")] == 2 * latent_bytes
+
+
+def test_copy_bandwidth_counts_read_and_write(monkeypatch):
+    monkeypatch.setattr(harness, "time_fn", lambda *args: harness.Timing(median_ms=1.0, host_ms=None, first_call_s=0.0))
+    # 1e6 bytes read and 1e6 written in 1 ms.
+    assert harness.measure_copy_gbps(torch.device("cpu"), 1_000_000) == pytest.approx(2.0)
