@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from turbo_kernels.triton_kernels.launch_config import storage_configs
+
 # 1024 elements over 4 warps is 8 per thread: two 16-byte vectors at fp32, one at fp16/bf16.
 BLOCK = 1024
 NUM_WARPS = 4
@@ -185,13 +187,45 @@ def pseudo_huber_bwd_kernel(grad_ptr, pred_ptr, target_ptr, g_pred_ptr, g_target
     tl.store(g_target_ptr + offs, (-g).to(g_target_ptr.dtype.element_ty), mask=mask)
 
 
+# Production launch configurations (see launch_config.py), compiled ahead of time by
+# `python -m turbo_kernels.kernel_report`. Timesteps are int64, w, motion scale and the
+# alphas_cumprod table fp32, whatever the storage dtype.
+_GUIDED_ARGS = dict(t_hi_ptr="*i64", t_lo_ptr="*i64", w_ptr="*fp32", m_ptr="*fp32", acp_ptr="*fp32", n_per_sample="i32")
+_BOUNDARY_ARGS = dict(t_ptr="*i64", acp_ptr="*fp32", n_per_sample="i32", timestep_scaling="fp32", sigma_data="fp32")
+_SAMPLER_ARGS = dict(_BOUNDARY_ARGS, t_prev_ptr="*i64")
+REPORT_CONFIGS = [
+    *(
+        config
+        for kernel in (guided_solver_fwd_kernel, guided_solver_bwd_kernel)
+        for has_score in (True, False)
+        for release_form in (True, False)
+        for config in storage_configs(
+            kernel, _GUIDED_ARGS, dict(HAS_SCORE=has_score, RELEASE_FORM=release_form, BLOCK=BLOCK), NUM_WARPS
+        )
+    ),
+    *storage_configs(consistency_output_fwd_kernel, _BOUNDARY_ARGS, dict(BLOCK=BLOCK), NUM_WARPS),
+    *storage_configs(consistency_output_bwd_kernel, _BOUNDARY_ARGS, dict(BLOCK=BLOCK), NUM_WARPS),
+    *storage_configs(sampler_step_fwd_kernel, _SAMPLER_ARGS, dict(BLOCK=BLOCK), NUM_WARPS),
+    *storage_configs(sampler_step_bwd_kernel, _SAMPLER_ARGS, dict(BLOCK=BLOCK), NUM_WARPS),
+    *storage_configs(
+        pseudo_huber_fwd_kernel, dict(partial_ptr="*fp32", n="i32", c="fp32"), dict(BLOCK=REDUCE_BLOCK), REDUCE_NUM_WARPS
+    ),
+    *storage_configs(pseudo_huber_bwd_kernel, dict(grad_ptr="*fp32", n="i32", c="fp32"), dict(BLOCK=BLOCK), NUM_WARPS),
+]
+
+
+def new_output(like: Tensor) -> Tensor:
+    """Every output buffer is allocated here (tests swap in a NaN-filled one to catch unwritten elements)."""
+    return torch.empty_like(like)
+
+
 def _grid(x: Tensor):
     n_per_sample = x.numel() // x.shape[0]
     return (triton.cdiv(n_per_sample, BLOCK), x.shape[0]), n_per_sample
 
 
 def guided_solver_step(z_t, eps_cond, eps_uncond, score, t_hi, t_lo, w, motion_scale, alphas_cumprod, release_form):
-    z_lo, x0 = torch.empty_like(z_t), torch.empty_like(z_t)
+    z_lo, x0 = new_output(z_t), new_output(z_t)
     if z_t.numel() == 0:
         return z_lo, x0
     grid, n = _grid(z_t)
@@ -204,8 +238,8 @@ def guided_solver_step(z_t, eps_cond, eps_uncond, score, t_hi, t_lo, w, motion_s
 
 
 def guided_solver_step_backward(grad_z_lo, grad_x0, t_hi, t_lo, w, motion_scale, alphas_cumprod, release_form, has_score):
-    g_z_t, g_eps_c, g_eps_u = (torch.empty_like(grad_z_lo) for _ in range(3))
-    g_score = torch.empty_like(grad_z_lo) if has_score else grad_z_lo.new_empty(0)
+    g_z_t, g_eps_c, g_eps_u = (new_output(grad_z_lo) for _ in range(3))
+    g_score = new_output(grad_z_lo) if has_score else grad_z_lo.new_empty(0)
     if grad_z_lo.numel() == 0:
         return g_z_t, g_eps_c, g_eps_u, g_score
     grid, n = _grid(grad_z_lo)
@@ -218,7 +252,7 @@ def guided_solver_step_backward(grad_z_lo, grad_x0, t_hi, t_lo, w, motion_scale,
 
 
 def consistency_output(sample, eps, t, alphas_cumprod, timestep_scaling, sigma_data):
-    out = torch.empty_like(sample)
+    out = new_output(sample)
     if sample.numel() == 0:
         return out
     grid, n = _grid(sample)
@@ -230,7 +264,7 @@ def consistency_output(sample, eps, t, alphas_cumprod, timestep_scaling, sigma_d
 
 
 def consistency_output_backward(grad_out, t, alphas_cumprod, timestep_scaling, sigma_data):
-    g_sample, g_eps = torch.empty_like(grad_out), torch.empty_like(grad_out)
+    g_sample, g_eps = new_output(grad_out), new_output(grad_out)
     if grad_out.numel() == 0:
         return g_sample, g_eps
     grid, n = _grid(grad_out)
@@ -242,7 +276,7 @@ def consistency_output_backward(grad_out, t, alphas_cumprod, timestep_scaling, s
 
 
 def consistency_sampler_step(sample, eps, noise, t, t_prev, alphas_cumprod, timestep_scaling, sigma_data):
-    denoised, next_sample = torch.empty_like(sample), torch.empty_like(sample)
+    denoised, next_sample = new_output(sample), new_output(sample)
     if sample.numel() == 0:
         return denoised, next_sample
     grid, n = _grid(sample)
@@ -254,7 +288,7 @@ def consistency_sampler_step(sample, eps, noise, t, t_prev, alphas_cumprod, time
 
 
 def consistency_sampler_step_backward(grad_denoised, grad_next, t, t_prev, alphas_cumprod, timestep_scaling, sigma_data):
-    g_sample, g_eps, g_noise = (torch.empty_like(grad_denoised) for _ in range(3))
+    g_sample, g_eps, g_noise = (new_output(grad_denoised) for _ in range(3))
     if grad_denoised.numel() == 0:
         return g_sample, g_eps, g_noise
     grid, n = _grid(grad_denoised)
@@ -276,7 +310,7 @@ def pseudo_huber_loss(pred, target, c):
 
 
 def pseudo_huber_loss_backward(grad, pred, target, c):
-    g_pred, g_target = torch.empty_like(pred), torch.empty_like(target)
+    g_pred, g_target = new_output(pred), new_output(target)
     n = pred.numel()
     if n == 0:
         return g_pred, g_target

@@ -1,0 +1,107 @@
+"""The kernel report: every production Triton kernel compiled ahead of time for sm_90a (no GPU
+needed). A kernel that spills registers fails this module; that is the CI gate."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+
+from turbo_kernels import kernel_report
+from turbo_kernels.kernel_report import KernelReportRow
+
+_UNAVAILABLE = kernel_report.unavailable_reason()
+if _UNAVAILABLE is not None:
+    pytest.skip(f"kernel report cannot run here: {_UNAVAILABLE}", allow_module_level=True)
+
+# ptxas 13.0 output for a small CUDA kernel forced to spill with --maxrregcount=24.
+SPILLING_PTXAS_LOG = """\
+ptxas info    : Overriding maximum register limit 256 for '_Z1kPfi' with  24 of maxrregcount option
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z1kPfi' for 'sm_90a'
+ptxas info    : Function properties for _Z1kPfi
+    1840 bytes stack frame, 1880 bytes spill stores, 2972 bytes spill loads
+ptxas info    : Used 24 registers, used 1 barriers, 1840 bytes cumulative stack size, 2048 bytes smem
+ptxas info    : Compile time = 91.175 ms
+"""
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[KernelReportRow]:
+    return kernel_report.collect()
+
+
+def _launched_kernels(module_name: str) -> set[str]:
+    module = importlib.import_module(module_name)
+    # Under TRITON_INTERPRET=1 @triton.jit gives interpreter objects; both kinds have arg_names.
+    return {name for name, obj in vars(module).items() if name.endswith("_kernel") and hasattr(obj, "arg_names")}
+
+
+@pytest.mark.parametrize("module_name", kernel_report.KERNEL_MODULES)
+def test_every_launched_kernel_is_reported(rows, module_name):
+    kernels = _launched_kernels(module_name)
+    assert kernels, f"{module_name} has no *_kernel functions"
+    reported = {row.kernel for row in rows if row.module == module_name}
+    assert kernels <= reported, f"{module_name}: no REPORT_CONFIGS entry for {sorted(kernels - reported)}"
+
+
+def test_every_row_has_registers_and_instructions(rows):
+    empty = [row for row in rows if row.registers <= 0 or row.sass_instructions <= 0]
+    assert not empty, empty
+
+
+def test_no_kernel_spills(rows):
+    spilling = [
+        f"{row.module}.{row.kernel} [{row.label}, {row.dtype}, {row.num_warps} warps]: "
+        f"{row.spill_bytes} spill bytes at {row.registers} registers"
+        for row in rows
+        if row.spill_bytes
+    ]
+    assert not spilling, "register spills:\n" + "\n".join(spilling)
+
+
+def test_parse_ptxas_log_counts_spill_stores_and_loads():
+    usage = kernel_report.parse_ptxas_log(SPILLING_PTXAS_LOG)
+    assert usage == kernel_report.PtxasUsage(registers=24, spill_bytes=1880 + 2972, static_shared_bytes=2048)
+
+
+def test_parse_ptxas_log_rejects_output_without_registers():
+    with pytest.raises(ValueError, match="no register count"):
+        kernel_report.parse_ptxas_log("ptxas fatal   : Unresolved extern function 'foo'")
+
+
+def test_tensor_core_instructions_are_recognised_in_ptx():
+    assert kernel_report.uses_tensor_cores("\t@%p7 wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%r1}, %rd2;")
+    assert kernel_report.uses_tensor_cores("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1};")
+    assert not kernel_report.uses_tensor_cores('\t.file\t1 "/src/mma.py"\n\tld.global.v4.b32 {%r1, %r2}, [%rd1];')
+
+
+def _row(kernel: str, spill_bytes: int) -> KernelReportRow:
+    return KernelReportRow(
+        module="turbo_kernels.triton_kernels.fake",
+        kernel=kernel,
+        label="BLOCK=1024",
+        dtype="fp16",
+        num_warps=4,
+        registers=255 if spill_bytes else 32,
+        spill_bytes=spill_bytes,
+        shared_bytes=0,
+        tensor_cores=False,
+        sass_instructions=100,
+    )
+
+
+def test_main_fails_and_names_the_spilling_kernel(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(kernel_report, "collect", lambda: [_row("clean_kernel", 0), _row("spilling_kernel", 76)])
+    json_path = tmp_path / "rows.json"
+    assert kernel_report.main(["--json", str(json_path)]) != 0
+    err = capsys.readouterr().err
+    assert "spilling_kernel" in err and "clean_kernel" not in err
+    assert [row["spill_bytes"] for row in json.loads(json_path.read_text())] == [0, 76]
+
+
+def test_main_passes_without_spills(monkeypatch, capsys):
+    monkeypatch.setattr(kernel_report, "collect", lambda: [_row("clean_kernel", 0)])
+    assert kernel_report.main([]) == 0
+    assert "clean_kernel" in capsys.readouterr().out
