@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from benchmarks import harness, solver
+from benchmarks import attention, harness, solver
 
-SUITES: tuple[harness.Suite, ...] = (solver.cases,)
+SUITES: tuple[harness.Suite, ...] = (solver.cases, attention.cases)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,8 @@
 
 Public ops (each a torch.library custom op with a plain PyTorch reference, a Triton kernel and,
 where it pays, a CUDA kernel, chosen per call by `turbo_kernels.dispatch`):
-guided_solver_step, consistency_output, consistency_sampler_step, pseudo_huber_loss.
+guided_solver_step, consistency_output, consistency_sampler_step, pseudo_huber_loss,
+temporal_attention.
 """
 
 from turbo_kernels.dispatch import (
@@ -12,6 +13,7 @@ from turbo_kernels.dispatch import (
     backends,
     report as backend_report,
 )
+from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.ops.solver import (
     consistency_output,
     consistency_sampler_step,
@@ -31,4 +33,5 @@ __all__ = [
     "consistency_sampler_step",
     "guided_solver_step",
     "pseudo_huber_loss",
+    "temporal_attention",
 ]

@@ -7,6 +7,7 @@ torch.compile traces, while a CUDA graph is captured, and when TURBO_KERNELS_VAL
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Union
 
@@ -133,3 +134,59 @@ def _format_fits(memory_format: torch.memory_format, x: Tensor) -> bool:
     if memory_format == torch.channels_last_3d:
         return x.dim() == 5
     return True
+
+
+def positive_int(x, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+        raise ValueError(f"{name} must be a positive int, got {x!r}")
+    return x
+
+
+def positive_float(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {x!r}")
+    return float(x)
+
+
+def attention_inputs(q, k, v, num_frames, heads, layout: str, layouts: tuple[str, ...]) -> int:
+    """Checks the q, k, v of temporal attention in `layout` ("frames": (B*F, N, heads*d),
+    "sequences": (B*N, F, heads*d)) and returns the head dim d."""
+    if layout not in layouts:
+        raise ValueError(f"layout must be one of {layouts}, got {layout!r}")
+    floating_tensor(q, "q", min_dim=0)
+    if q.dim() != 3:
+        raise ValueError(f"q must have 3 dimensions ((B*F, N, heads*d) or (B*N, F, heads*d)), got shape {tuple(q.shape)}")
+    same_as(k, "k", q, "q")
+    same_as(v, "v", q, "q")
+    positive_int(num_frames, "num_frames")
+    positive_int(heads, "heads")
+    rows, second, channels = q.shape
+    if channels == 0:
+        raise ValueError("q's last dimension (heads*d) must be positive, got 0")
+    if channels % heads:
+        raise ValueError(f"q's last dimension {channels} is not divisible by heads={heads}")
+    if layout == "frames" and rows % num_frames:
+        raise ValueError(
+            f"q's first dimension {rows} (B*F in the 'frames' layout) is not divisible by num_frames={num_frames}"
+        )
+    if layout == "sequences" and second != num_frames:
+        raise ValueError(f"q's second dimension {second} (F in the 'sequences' layout) is not num_frames={num_frames}")
+    return channels // heads
+
+
+def attention_probs(x, name: str, shape: tuple, like: Tensor, like_name: str) -> Tensor:
+    """A floating tensor of attention probabilities, (B*N, heads, F, F) = `shape`, on the device of `like`."""
+    floating_tensor(x, name, min_dim=0)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected (B*N, heads, F, F) = {tuple(shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device}, expected the device of {like_name} ({like.device})")
+    return x
+
+
+def group_count(x, name: str, total: int, what: str) -> int:
+    """A positive int that splits `total` `what` into equal groups."""
+    positive_int(x, name)
+    if total % x:
+        raise ValueError(f"{name}={x} does not divide the {total} {what} into equal groups")
+    return x

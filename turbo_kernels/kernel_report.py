@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-KERNEL_MODULES = ("turbo_kernels.triton_kernels.solver",)
+KERNEL_MODULES = ("turbo_kernels.triton_kernels.solver", "turbo_kernels.triton_kernels.temporal_attention")
 
 CAPABILITY = 90
 GPU_NAME = "sm_90a"

@@ -7,7 +7,6 @@ capture it. Inside, `dispatch.run` picks cuda | triton | reference for the actua
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -236,12 +235,6 @@ def _consistency_backward(ctx, grad_out):
 _consistency_output.register_autograd(_consistency_backward, setup_context=_consistency_setup)
 
 
-def _positive_float(x, name: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {x!r}")
-    return float(x)
-
-
 def consistency_output(
     sample: Tensor,
     eps: Tensor,
@@ -260,7 +253,7 @@ def consistency_output(
     acp = checks.schedule_table(alphas_cumprod, device)
     return _consistency_output(
         sample, eps, checks.timesteps(t, "t", batch, device, acp.numel()), acp,
-        _positive_float(timestep_scaling, "timestep_scaling"), _positive_float(sigma_data, "sigma_data"),
+        checks.positive_float(timestep_scaling, "timestep_scaling"), checks.positive_float(sigma_data, "sigma_data"),
     )
 
 
@@ -345,7 +338,7 @@ def consistency_sampler_step(
         sample, eps, noise,
         checks.timesteps(t, "t", batch, device, acp.numel()),
         checks.timesteps(t_prev, "t_prev", batch, device, acp.numel()),
-        acp, _positive_float(timestep_scaling, "timestep_scaling"), _positive_float(sigma_data, "sigma_data"),
+        acp, checks.positive_float(timestep_scaling, "timestep_scaling"), checks.positive_float(sigma_data, "sigma_data"),
     )
 
 
@@ -392,4 +385,4 @@ def pseudo_huber_loss(pred: Tensor, target: Tensor, c: float = 1e-3) -> Tensor:
     (float64 for float64 inputs), fused forward and backward. Differentiable in pred and target."""
     checks.floating_tensor(pred, "pred", min_dim=0)
     checks.same_as(target, "target", pred, "pred")
-    return _pseudo_huber_loss(pred, target, _positive_float(c, "c"))
+    return _pseudo_huber_loss(pred, target, checks.positive_float(c, "c"))

@@ -1,0 +1,126 @@
+"""Benchmark cases of temporal attention (SPEC 1) at VideoCrafter2 shapes.
+
+Every attention level of the UNet runs temporal attention over F = 16 frames, head dim 64, for
+h*w = 2560 / 640 / 160 positions with 5 / 10 / 20 heads (and 40 positions, 20 heads, in the
+middle block): a huge batch of tiny attentions. Inputs are q, k, v in the main stream's "frames"
+layout (B*F, N, heads*d), as the projections hand them in; each implementation returns the output
+in that layout, so the baselines pay for their layout round trips:
+
+- reference-eager / reference-compile: the reference (permute to sequences, matmul, softmax,
+  matmul, permute back), eagerly and under torch.compile;
+- sdpa: the same permutes around torch's scaled_dot_product_attention (FlashAttention / memory-
+  efficient kernels on a GPU);
+- triton: the public op, which reads and writes the frames layout in place.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+import turbo_kernels as tk
+from benchmarks.harness import COMPILED, EAGER, Case, Impl, SuiteOptions
+from turbo_kernels import dispatch
+from turbo_kernels.ops.attention import temporal_attention
+from turbo_kernels.reference import attention as ref
+
+OP = "temporal_attention"
+SDPA = "sdpa"
+FRAMES = 16
+HEAD_DIM = 64
+# (positions h*w, heads) of the attention levels: 40x64, 20x32, 10x16 latents, and the middle block.
+LEVELS = ((2560, 5), (640, 10), (160, 20), (40, 20))
+QUICK_FRAMES = 4
+QUICK_HEAD_DIM = 16
+QUICK_LEVELS = ((8, 2),)
+GPU_BATCH_SIZES = (1, 8)
+CPU_BATCH_SIZES = (1,)
+QUICK_BATCH_SIZES = (1,)
+# Tensors of the q shape an ideal kernel moves: q, k, v read and out written; the backward reads
+# q, k, v and dO again and writes dq, dk, dv (the fp32 logsumexp, 1/32 of a bf16 tensor at d = 64,
+# is left out).
+FWD_TRAFFIC = 4
+BWD_TRAFFIC = 7
+
+
+def _sdpa(q, k, v, num_frames: int, heads: int, layout: str) -> torch.Tensor:
+    q_s, k_s, v_s = (ref.to_sequences(x, num_frames, heads, layout) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q_s, k_s, v_s)
+    return ref.from_sequences(out, ref.num_positions(q, num_frames, layout), layout)
+
+
+def _input_maker(shape, frames: int, heads: int, options: SuiteOptions, with_grad: bool) -> Callable:
+    generator = torch.Generator(device=options.device).manual_seed(options.seed)
+
+    def tensor(requires_grad: bool = False) -> torch.Tensor:
+        x = torch.randn(shape, generator=generator, device=options.device, dtype=options.dtype)
+        return x.requires_grad_(requires_grad)
+
+    def make_inputs() -> SimpleNamespace:
+        q, k, v = (tensor(with_grad) for _ in range(3))
+        return SimpleNamespace(
+            args=(q, k, v, frames, heads, "frames"),
+            differentiable=(q, k, v) if with_grad else (),
+            grad_out=tensor() if with_grad else None,
+        )
+
+    return make_inputs
+
+
+def _timed(forward: Callable, with_grad: bool) -> Callable:
+    """One call: the forward, and with gradients the backward from a fixed upstream gradient
+    (torch.autograd.grad, so nothing accumulates into .grad between calls)."""
+
+    def call(x: SimpleNamespace):
+        out = forward(*x.args)
+        return torch.autograd.grad(out, x.differentiable, x.grad_out) if with_grad else out
+
+    return call
+
+
+def _impls(with_grad: bool, device: torch.device) -> tuple[Impl, ...]:
+    compiled = torch.compile(ref.temporal_attention, dynamic=False)
+
+    def triton_call(x: SimpleNamespace):
+        # The backward dispatches too, so the whole call runs inside the backend's block.
+        with tk.backend("triton"):
+            return _timed(temporal_attention, with_grad)(x)
+
+    # The Triton interpreter (TRITON_INTERPRET=1) is a testing tool, never worth timing.
+    triton_unavailable = "no GPU" if device.type != "cuda" else dispatch.machine_unavailable_reason("triton", device)
+    return (
+        Impl(EAGER, _timed(ref.temporal_attention, with_grad)),
+        Impl(SDPA, _timed(_sdpa, with_grad)),
+        Impl(COMPILED, _timed(compiled, with_grad), compiles=True),
+        Impl("triton", triton_call, unavailable=triton_unavailable),
+    )
+
+
+def cases(options: SuiteOptions) -> Iterator[Case]:
+    """temporal_attention forward and forward+backward at every attention level of the UNet."""
+    on_gpu = options.device.type == "cuda"
+    frames, head_dim, levels = (
+        (QUICK_FRAMES, QUICK_HEAD_DIM, QUICK_LEVELS) if options.quick else (FRAMES, HEAD_DIM, LEVELS)
+    )
+    batch_sizes = options.batch_sizes or (
+        QUICK_BATCH_SIZES if options.quick else GPU_BATCH_SIZES if on_gpu else CPU_BATCH_SIZES
+    )
+    element_size = torch.empty((), dtype=options.dtype).element_size()
+    for pass_name, traffic in (("fwd", FWD_TRAFFIC), ("fwd+bwd", FWD_TRAFFIC + BWD_TRAFFIC)):
+        with_grad = pass_name == "fwd+bwd"
+        for batch in batch_sizes:
+            for positions, heads in levels:
+                shape = (batch * frames, positions, heads * head_dim)
+                yield Case(
+                    op=OP,
+                    case=f"b{batch}-n{positions}-h{heads}",
+                    pass_name=pass_name,
+                    make_inputs=_input_maker(shape, frames, heads, options, with_grad),
+                    impls=_impls(with_grad, options.device),
+                    bytes_moved=traffic * torch.Size(shape).numel() * element_size,
+                    dtype=options.dtype,
+                    shape=shape,
+                )

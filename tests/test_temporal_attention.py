@@ -1,0 +1,341 @@
+"""temporal_attention: the Triton kernels (interpreter on the CPU, real on a GPU) against the
+reference, forward and backward, in both layouts, on odd frame counts, head dims and sequence
+counts, and on strided views of one fused qkv projection; plus fallbacks, argument errors,
+opcheck and torch.compile.
+
+Tolerance: the kernel's error against float64 maths is at most twice that of the reference run in
+the same storage dtype, plus one rounding of that dtype (helpers.assert_within_2x_of_reference).
+Output buffers start as NaN, so an element a kernel never writes fails.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import turbo_kernels as tk
+from turbo_kernels import dispatch
+from turbo_kernels.ops.attention import temporal_attention
+from turbo_kernels.reference import attention as ref
+from turbo_kernels.triton_kernels import temporal_attention as kernels
+
+from .helpers import DEVICE, HAS_GPU, KERNEL_DTYPES, assert_within_2x_of_reference, randn
+
+TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
+OPS = ("temporal_attention", "temporal_attention_backward")
+
+# (layout, batch, frames, positions, heads, head dim): together they cover F in {1, 3, 5, 8, 16,
+# 17, 64} (one sequence per tile at 64, padded frames at 3, 5 and 17), head dims 32, 40, 64 and
+# 80 (padded to 64 and 128), odd position counts, several heads, and ragged last tiles.
+CASES = [
+    ("frames", 2, 16, 5, 2, 64),
+    ("sequences", 2, 16, 3, 3, 32),
+    ("frames", 1, 8, 7, 1, 40),
+    ("sequences", 1, 3, 5, 2, 80),
+    ("frames", 3, 5, 11, 1, 32),
+    ("frames", 2, 1, 9, 2, 32),
+    ("sequences", 1, 17, 3, 2, 40),
+    ("frames", 1, 64, 3, 1, 32),
+]
+CASE_IDS = [f"{layout}-B{b}F{f}N{n}h{h}d{d}" for layout, b, f, n, h, d in CASES]
+
+
+def _shape(layout, batch, frames, positions, heads, head_dim):
+    channels = heads * head_dim
+    return (batch * frames, positions, channels) if layout == "frames" else (batch * positions, frames, channels)
+
+
+@pytest.fixture(autouse=True)
+def _poisoned(monkeypatch):
+    """Every Triton output buffer starts as NaN."""
+    dispatch._warned.clear()
+    monkeypatch.setattr(
+        kernels, "new_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    )
+
+
+@pytest.fixture
+def chosen(monkeypatch):
+    """Records the backend dispatch chose for every op call."""
+    record = []
+    original = dispatch.select
+
+    def spy(op, device, *args):
+        name = original(op, device, *args)
+        record.append((op, name))
+        return name
+
+    monkeypatch.setattr(dispatch, "select", spy)
+    return record
+
+
+def _assert_triton_ran_forward_and_backward(chosen):
+    assert sorted(set(chosen)) == [(op, "triton") for op in OPS], chosen
+
+
+def _check_against_reference(q, k, v, grad_out, out, grads, frames, heads, layout, scale=None):
+    """out and grads (of q, k, v) against the reference in q's dtype and in float64."""
+    def reference(dtype):
+        inputs = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]
+        expected = ref.temporal_attention(*inputs, frames, heads, layout, scale)
+        return expected, torch.autograd.grad(expected, inputs, grad_out.to(dtype))
+
+    out_lp, grads_lp = reference(q.dtype)
+    out64, grads64 = reference(torch.float64)
+    assert_within_2x_of_reference(out, out_lp, out64, "out")
+    for name, got, lp, want in zip(("d q", "d k", "d v"), grads, grads_lp, grads64):
+        assert_within_2x_of_reference(got, lp, want, name)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout,batch,frames,positions,heads,head_dim", CASES, ids=CASE_IDS)
+def test_matches_reference(layout, batch, frames, positions, heads, head_dim, dtype, chosen):
+    g = torch.Generator().manual_seed(hash((layout, frames, positions, head_dim, str(dtype))) % 2**31)
+    shape = _shape(layout, batch, frames, positions, heads, head_dim)
+    q, k, v, grad_out = (randn(shape, dtype, g) for _ in range(4))
+    inputs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    with tk.backend("triton"):
+        out = temporal_attention(*inputs, frames, heads, layout=layout)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    _assert_triton_ran_forward_and_backward(chosen)
+    _check_against_reference(q, k, v, grad_out, out, grads, frames, heads, layout)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("layout", ref.LAYOUTS)
+def test_saved_logsumexp_and_explicit_scale(layout):
+    g = torch.Generator().manual_seed(3)
+    frames, heads, head_dim, scale = 6, 2, 32, 0.3
+    q, k, v = (randn(_shape(layout, 2, frames, 5, heads, head_dim), torch.float32, g) for _ in range(3))
+    with tk.backend("triton"):
+        out, lse = torch.ops.turbo_kernels.temporal_attention(q, k, v, frames, heads, layout, scale)
+    q_s, k_s = (ref.to_sequences(x.double(), frames, heads, layout) for x in (q, k))
+    want = torch.logsumexp(torch.matmul(q_s, k_s.transpose(-1, -2)) * scale, dim=-1)
+    assert lse.dtype == torch.float32 and lse.shape == (10, heads, frames)
+    torch.testing.assert_close(lse.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        out, ref.temporal_attention(q, k, v, frames, heads, layout, scale), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+def test_an_unwritten_output_element_fails(monkeypatch):
+    """The poisoned buffers make these tests able to fail: a kernel that skips the last tile
+    leaves NaN behind, which the comparison reports."""
+    original = kernels._launch
+
+    def skip_last_sequence(kernel, tensors, strided, q, num_frames, heads, layout, scale):
+        # The launch takes the sequence count from q: in the "sequences" layout, one row fewer.
+        original(kernel, tensors, strided, q[:-1], num_frames, heads, layout, scale)
+
+    monkeypatch.setattr(kernels, "_launch", skip_last_sequence)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (randn((5, 4, 64), torch.float32, g) for _ in range(3))
+    with tk.backend("triton"):
+        out = temporal_attention(q, k, v, 4, 2, layout="sequences")
+    assert torch.isnan(out[-1]).all() and not torch.isnan(out[:-1]).any()
+    want = ref.temporal_attention(q, k, v, 4, 2, "sequences")
+    want64 = ref.temporal_attention(q.double(), k.double(), v.double(), 4, 2, "sequences")
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_within_2x_of_reference(out, want, want64)
+
+
+def _strided_views(views, g, frames, heads, batch=2, positions=5, head_dim=32):
+    """(layout, q, k, v): channel slices of one fused (.., 3*C) qkv projection output, or
+    (B*N, F, C) transposes of (F, B*N, C) tensors (strided in both leading dimensions)."""
+    channels = heads * head_dim
+    if views == "transposed-sequences":
+        base = (randn((frames, batch * positions, channels), torch.float32, g) for _ in range(3))
+        return ("sequences",) + tuple(x.requires_grad_(True).transpose(0, 1) for x in base)
+    layout = views.removeprefix("fused-qkv-")
+    shape = _shape(layout, batch, frames, positions, heads, head_dim)
+    qkv = randn(shape[:2] + (3 * channels,), torch.float32, g).requires_grad_(True)
+    return (layout,) + tuple(qkv.split(channels, dim=-1))
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """Records the tensors every kernel launch received."""
+    record = []
+    original = kernels._launch
+
+    def spy(kernel, tensors, *args):
+        record.append(list(tensors))
+        return original(kernel, tensors, *args)
+
+    monkeypatch.setattr(kernels, "_launch", spy)
+    return record
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("views", ["fused-qkv-frames", "fused-qkv-sequences", "transposed-sequences"])
+def test_strided_views_run_without_copies(views, launched, chosen):
+    g = torch.Generator().manual_seed(5)
+    frames, heads = 8, 2
+    layout, q, k, v = _strided_views(views, g, frames, heads)
+    grad_out = randn(q.shape, torch.float32, g)
+    with tk.backend("triton"):
+        out = temporal_attention(q, k, v, frames, heads, layout=layout)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    _assert_triton_ran_forward_and_backward(chosen)
+    forward, backward = launched
+    # q, k, v are forward's first three kernel arguments, and backward's second to fourth.
+    for got, view in zip(forward[:3] + backward[1:4], (q, k, v) * 2):
+        assert (got.data_ptr(), got.stride()) == (view.data_ptr(), view.stride())
+    _check_against_reference(q, k, v, grad_out, out, grads, frames, heads, layout)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+def test_expanded_upstream_gradient(chosen):
+    """out.sum() hands the backward an all-zero-stride grad; it is made unit-stride, not refused."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (randn((4, 3, 32), torch.float32, g).requires_grad_(True) for _ in range(3))
+    with tk.backend("triton"):
+        out = temporal_attention(q, k, v, 2, 1)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    _assert_triton_ran_forward_and_backward(chosen)
+    _check_against_reference(q, k, v, torch.ones(q.shape), out, grads, 2, 1, "frames")
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("layout", ref.LAYOUTS)
+def test_empty_input(layout):
+    q = torch.empty(_shape(layout, 2, 4, 0, 2, 32) if layout == "frames" else (0, 4, 64), device=DEVICE)
+    with tk.backend("triton"):
+        out, lse = torch.ops.turbo_kernels.temporal_attention(q, q, q, 4, 2, layout, 0.5)
+    assert out.shape == q.shape and lse.shape == (0, 2, 4)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (lambda g: [randn((4, 3, 64), torch.float64, g) for _ in range(3)], "float64"),
+        (lambda g: [randn((2, 64, 3), torch.float32, g).transpose(1, 2) for _ in range(3)], "channel stride"),
+        (lambda g: [randn((4, 3, 64), dtype, g) for dtype in (torch.float32, torch.float16, torch.float32)], "mixed"),
+        (lambda g: [randn((65, 1, 64), torch.float32, g) for _ in range(3)], "num_frames=65 exceeds 64"),
+        (lambda g: [randn((4, 3, 130), torch.float32, g) for _ in range(3)], "head dim 130 exceeds 128"),
+    ],
+    ids=["float64", "channel-stride", "mixed-dtypes", "too-many-frames", "head-dim-too-large"],
+)
+def test_unsupported_inputs_fall_back_to_the_reference_once(make, reason, chosen):
+    g = torch.Generator().manual_seed(7)
+    q, k, v = make(g)
+    frames = 65 if q.shape[0] == 65 else 2
+    heads = 1 if q.shape[-1] == 130 else 2
+    with tk.backend("triton"):
+        with pytest.warns(tk.TurboKernelsFallbackWarning, match=reason):
+            out = temporal_attention(q, k, v, frames, heads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            temporal_attention(q, k, v, frames, heads)
+    assert chosen == [("temporal_attention", "reference")] * 2
+    torch.testing.assert_close(out, ref.temporal_attention(q, k, v, frames, heads))
+
+
+def test_auto_on_cpu_runs_the_reference(chosen):
+    if HAS_GPU:
+        pytest.skip("checks the CPU default; this machine has a GPU")
+    x = torch.randn(4, 3, 32, requires_grad=True)
+    temporal_attention(x, x, x, 2, 1).sum().backward()
+    assert chosen == [(op, "reference") for op in OPS]
+
+
+@pytest.mark.parametrize("backend_name", ["reference"] + (["triton"] if TRITON_USABLE else []))
+def test_each_backend_with_an_explicit_scale(backend_name, chosen):
+    """Both backends' forward and registered backward (the reference's is explicit formulas)
+    against autograd through the reference."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v, grad_out = (randn((6, 5, 48), torch.float32, g) for _ in range(4))
+    inputs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    with tk.backend(backend_name):
+        out = temporal_attention(*inputs, 3, 2, layout="frames", scale=0.2)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    assert {name for _, name in chosen} == {backend_name}
+    _check_against_reference(q, k, v, grad_out, out, grads, 3, 2, "frames", scale=0.2)
+
+
+def _qkv(*shape, dtype=torch.float32, device="cpu"):
+    return [torch.randn(shape or (8, 3, 64)).to(device=device, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        ((*_qkv()[:2], torch.randn(8, 3, 32), 4, 2), {}, ValueError, "v has shape"),
+        ((*_qkv()[:2], torch.randn(8, 3, 64, device="meta"), 4, 2), {}, ValueError, "v is on meta"),
+        ((torch.zeros(8, 3, 64, dtype=torch.int32), *_qkv()[1:], 4, 2), {}, TypeError, "q must be a floating-point"),
+        ((*_qkv()[:1], torch.zeros(8, 3, 64, dtype=torch.int64), _qkv()[2], 4, 2), {}, TypeError, "k must be a floating-point"),
+        ((*_qkv(8, 3, 130), 4, 4), {}, ValueError, "q's last dimension 130 is not divisible by heads=4"),
+        ((*_qkv(8, 3, 0), 4, 4), {}, ValueError, "q's last dimension .* must be positive"),
+        ((*_qkv(), 3, 2), {}, ValueError, r"q's first dimension 8 \(B\*F in the 'frames' layout\) is not divisible by num_frames=3"),
+        ((*_qkv(), 4, 2), dict(layout="sequences"), ValueError, r"q's second dimension 3 \(F in the 'sequences' layout\) is not num_frames=4"),
+        ((*_qkv(), 4, 2), dict(layout="channels"), ValueError, "layout must be one of"),
+        ((*_qkv(), 4, 2), dict(scale=0.0), ValueError, "scale must be a positive"),
+        ((*_qkv(), 4, 2), dict(scale=float("nan")), ValueError, "scale must be a positive"),
+        ((*_qkv(), 0, 2), {}, ValueError, "num_frames must be a positive int"),
+        ((*_qkv(), 4, 2.0), {}, ValueError, "heads must be a positive int"),
+        ((*_qkv(8, 64), 4, 2), {}, ValueError, "q must have 3 dimensions"),
+        (([1.0], *_qkv()[1:], 4, 2), {}, TypeError, "q must be a torch.Tensor"),
+    ],
+    ids=[
+        "v-shape", "v-device", "q-int", "k-int", "heads-divide", "no-channels", "frames-divide", "sequences-frames",
+        "layout", "scale-zero", "scale-nan", "num-frames", "heads-float", "q-2d", "q-list",
+    ],
+)
+def test_errors_name_the_argument(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        temporal_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend_name", ["reference"] + (["triton"] if TRITON_USABLE else []))
+@pytest.mark.parametrize("layout", ref.LAYOUTS)
+def test_opcheck(backend_name, layout):
+    g = torch.Generator().manual_seed(9)
+    q, k, v, grad_out = (randn(_shape(layout, 2, 4, 3, 2, 16), torch.float32, g) for _ in range(4))
+    with tk.backend(backend_name):
+        for requires_grad in (False, True):
+            args = tuple(x.clone().requires_grad_(requires_grad) for x in (q, k, v))
+            torch.library.opcheck(torch.ops.turbo_kernels.temporal_attention.default, args + (4, 2, layout, 0.25))
+        _, lse = torch.ops.turbo_kernels.temporal_attention(q, k, v, 4, 2, layout, 0.25)
+        torch.library.opcheck(
+            torch.ops.turbo_kernels.temporal_attention_backward.default,
+            (grad_out, q, k, v, lse, 4, 2, layout, 0.25),
+        )
+
+
+@pytest.mark.parametrize("backend_name", ["reference"] + (["triton"] if TRITON_USABLE else []))
+def test_torch_compile_fullgraph_matches_eager(backend_name):
+    g = torch.Generator().manual_seed(10)
+    frames, heads, channels = 4, 2, 64
+    qkv = randn((2 * frames, 5, 3 * channels), torch.float32, g).requires_grad_(True)
+
+    def block(qkv):
+        q, k, v = qkv.split(channels, dim=-1)
+        return temporal_attention(q, k, v, frames, heads).square().mean()
+
+    with tk.backend(backend_name):
+        eager = block(qkv)
+        (eager_grad,) = torch.autograd.grad(eager, qkv)
+        torch.compiler.reset()
+        got = torch.compile(block, fullgraph=True, backend="aot_eager")(qkv)
+        (got_grad,) = torch.autograd.grad(got, qkv)
+    torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_grad, eager_grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ref.LAYOUTS)
+def test_more_sequences_than_a_grid_axis_holds(layout, chosen):
+    """70,000 sequences x 4 heads: the flattened (sequence block, head) grid axis passes 65,535."""
+    g = torch.Generator().manual_seed(11)
+    frames, positions, heads, head_dim = 16, 70_000, 4, 32
+    shape = _shape(layout, 1, frames, positions, heads, head_dim)
+    q, k, v, grad_out = (randn(shape, torch.bfloat16, g) for _ in range(4))
+    inputs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    with tk.backend("triton"):
+        out = temporal_attention(*inputs, frames, heads, layout=layout)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    _assert_triton_ran_forward_and_backward(chosen)
+    _check_against_reference(q, k, v, grad_out, out, grads, frames, heads, layout)

@@ -1,0 +1,173 @@
+"""Public temporal attention (SPEC 1), registered as torch.library custom ops.
+
+`turbo_kernels::temporal_attention` returns the output and the logsumexp of every query row (fp32,
+(sequences, heads, F)); its autograd formula calls `turbo_kernels::temporal_attention_backward`,
+which recomputes the probabilities from q, k and that logsumexp. The public function returns the
+output alone. Inside each op, `dispatch.run` picks triton | reference for the actual tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from turbo_kernels import checks, dispatch
+from turbo_kernels.reference import attention as ref
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton():
+    from turbo_kernels.triton_kernels import temporal_attention
+
+    return temporal_attention
+
+
+def _num_sequences(q: Tensor, num_frames: int, layout: str):
+    return (q.shape[0] // num_frames) * q.shape[1] if layout == "frames" else q.shape[0]
+
+
+# ---- reference backend -------------------------------------------------------------------------
+
+
+def _reference_forward(q, k, v, num_frames, heads, layout, scale):
+    out = ref.temporal_attention(q, k, v, num_frames, heads, layout, scale).contiguous()
+    # The Triton backward needs the logsumexp even when this forward ran the reference.
+    q_s = ref.to_sequences(q, num_frames, heads, layout).float()
+    k_s = ref.to_sequences(k, num_frames, heads, layout).float()
+    lse = torch.logsumexp(torch.matmul(q_s, k_s.transpose(-1, -2)) * scale, dim=-1)
+    return out, lse.contiguous()
+
+
+def _reference_backward(grad_out, q, k, v, lse, num_frames, heads, layout, scale):
+    """Explicit softmax-attention gradients in float32 (float64 for float64 inputs)."""
+    probs = ref.temporal_attention_probs(q, k, num_frames, heads, layout, scale)
+    cdt = probs.dtype
+    q_s, k_s, v_s, grad_s = (ref.to_sequences(x, num_frames, heads, layout).to(cdt) for x in (q, k, v, grad_out))
+    grad_probs = torch.matmul(grad_s, v_s.transpose(-1, -2))
+    grad_scores = probs * (grad_probs - (probs * grad_probs).sum(dim=-1, keepdim=True)) * scale
+    positions = ref.num_positions(q, num_frames, layout)
+    grads = (
+        torch.matmul(grad_scores, k_s),
+        torch.matmul(grad_scores.transpose(-1, -2), q_s),
+        torch.matmul(probs.transpose(-1, -2), grad_s),
+    )
+    return tuple(
+        ref.from_sequences(g, positions, layout).to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v))
+    )
+
+
+# ---- Triton backend: what its kernels cannot take ---------------------------------------------
+
+
+def _kernel_problem(tensors: dict[str, Tensor], num_frames: int, heads: int) -> Optional[str]:
+    """Why the Triton kernels cannot take these tensors (all of one layout and shape), or None."""
+    kernels = _triton()
+    first = next(iter(tensors.values()))
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) > 1:
+        return f"mixed storage dtypes {sorted(str(d) for d in dtypes)}"
+    if first.dtype not in KERNEL_DTYPES:
+        return f"storage dtype {first.dtype} (kernels take float32, float16, bfloat16)"
+    if len({t.device for t in tensors.values()}) > 1:
+        return "tensors on several devices"
+    if num_frames > kernels.MAX_FRAMES:
+        return f"num_frames={num_frames} exceeds {kernels.MAX_FRAMES}"
+    head_dim = first.shape[-1] // heads
+    if head_dim > kernels.MAX_HEAD_DIM:
+        return f"head dim {head_dim} exceeds {kernels.MAX_HEAD_DIM}"
+    for name, t in tensors.items():
+        # The kernels address channels as contiguous; every other dimension may have any stride.
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            return f"{name} has channel stride {t.stride(-1)} (kernels need 1)"
+    return None
+
+
+def _forward_problem(q, k, v, num_frames, heads, layout, scale):
+    return _kernel_problem(dict(q=q, k=k, v=v), num_frames, heads)
+
+
+def _backward_problem(grad_out, q, k, v, lse, num_frames, heads, layout, scale):
+    expected = (_num_sequences(q, num_frames, layout), heads, num_frames)
+    if lse.dtype != torch.float32 or lse.shape != expected or not lse.is_contiguous():
+        return f"lse must be a contiguous float32 tensor of shape {expected}"
+    return _kernel_problem(dict(grad_out=grad_out, q=q, k=k, v=v), num_frames, heads)
+
+
+dispatch.register("temporal_attention", "reference")(_reference_forward)
+dispatch.register("temporal_attention", "triton", _forward_problem)(lambda *a: _triton().temporal_attention(*a))
+dispatch.register("temporal_attention_backward", "reference")(_reference_backward)
+dispatch.register("temporal_attention_backward", "triton", _backward_problem)(
+    lambda *a: _triton().temporal_attention_backward(*a)
+)
+
+
+# ---- custom ops --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("turbo_kernels::temporal_attention", mutates_args=())
+def _temporal_attention(
+    q: Tensor, k: Tensor, v: Tensor, num_frames: int, heads: int, layout: str, scale: float
+) -> tuple[Tensor, Tensor]:
+    return dispatch.run("temporal_attention", q.device, q, k, v, num_frames, heads, layout, scale)
+
+
+@_temporal_attention.register_fake
+def _(q, k, v, num_frames, heads, layout, scale):
+    lse_shape = (_num_sequences(q, num_frames, layout), heads, num_frames)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("turbo_kernels::temporal_attention_backward", mutates_args=())
+def _temporal_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, num_frames: int, heads: int, layout: str,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return dispatch.run(
+        "temporal_attention_backward", q.device, grad_out, q, k, v, lse, num_frames, heads, layout, scale
+    )
+
+
+@_temporal_attention_backward.register_fake
+def _(grad_out, q, k, v, lse, num_frames, heads, layout, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, num_frames, heads, layout, scale = inputs
+    _, lse = output
+    ctx.save_for_backward(q, k, v, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.attention = (num_frames, heads, layout, scale)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, lse = ctx.saved_tensors
+    # Autograd may hand in an expanded grad (e.g. from .sum()); the kernels need unit channel stride.
+    if grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    grad_q, grad_k, grad_v = _temporal_attention_backward(grad_out, q, k, v, lse, *ctx.attention)
+    return grad_q, grad_k, grad_v, None, None, None, None
+
+
+_temporal_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def temporal_attention(
+    q: Tensor, k: Tensor, v: Tensor, num_frames: int, heads: int, layout: str = "frames", scale: Optional[float] = None
+) -> Tensor:
+    """softmax(scale q k^T) v over the F frames of every sequence and head (SPEC 1: the UNet's
+    temporal self-attention, no mask, no positions), returned in q's layout and dtype.
+
+    layout "frames": q, k, v are (B*F, N, heads*d), the main stream's tokens (row b*F + f,
+    position n); "sequences": (B*N, F, heads*d). The sequence of position n of video b is
+    s = b*N + n in both. Any strides are taken without copies as long as the channel dimension
+    is unit-stride (e.g. q, k, v sliced from one fused qkv projection). scale defaults to
+    1/sqrt(d). Differentiable in q, k and v.
+    """
+    head_dim = checks.attention_inputs(q, k, v, num_frames, heads, layout, ref.LAYOUTS)
+    scale = ref.default_scale(head_dim, None if scale is None else checks.positive_float(scale, "scale"))
+    out, _ = _temporal_attention(q, k, v, num_frames, heads, layout, scale)
+    return out
