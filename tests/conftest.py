@@ -16,3 +16,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def chosen(monkeypatch):
+    """Records (op, backend) for every op call dispatch makes, so a test can prove which kernel ran."""
+    from turbo_kernels import dispatch
+
+    record = []
+    original = dispatch.select
+
+    def spy(op, device, *args):
+        name = original(op, device, *args)
+        record.append((op, name))
+        return name
+
+    monkeypatch.setattr(dispatch, "select", spy)
+    return record

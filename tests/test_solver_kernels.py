@@ -47,21 +47,6 @@ def _poisoned(monkeypatch):
         yield
 
 
-@pytest.fixture
-def chosen(monkeypatch):
-    """Records the backend dispatch chose for every op call."""
-    record = []
-    original = dispatch.select
-
-    def spy(op, device, *args):
-        name = original(op, device, *args)
-        record.append((op, name))
-        return name
-
-    monkeypatch.setattr(dispatch, "select", spy)
-    return record
-
-
 def _assert_ran(chosen, backend_name):
     assert chosen, "no op was dispatched"
     assert all(name == backend_name for _, name in chosen), f"expected {backend_name} everywhere, got {chosen}"

@@ -54,21 +54,6 @@ def _poisoned(monkeypatch):
     )
 
 
-@pytest.fixture
-def chosen(monkeypatch):
-    """Records the backend dispatch chose for every op call."""
-    record = []
-    original = dispatch.select
-
-    def spy(op, device, *args):
-        name = original(op, device, *args)
-        record.append((op, name))
-        return name
-
-    monkeypatch.setattr(dispatch, "select", spy)
-    return record
-
-
 def _assert_triton_ran_forward_and_backward(chosen):
     assert sorted(set(chosen)) == [(op, "triton") for op in OPS], chosen
 

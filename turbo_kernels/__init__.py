@@ -3,7 +3,7 @@
 Public ops (each a torch.library custom op with a plain PyTorch reference, a Triton kernel and,
 where it pays, a CUDA kernel, chosen per call by `turbo_kernels.dispatch`):
 guided_solver_step, consistency_output, consistency_sampler_step, pseudo_huber_loss,
-temporal_attention.
+temporal_attention, temporal_attention_probs, motion_energy.
 """
 
 from turbo_kernels.dispatch import (
@@ -13,7 +13,9 @@ from turbo_kernels.dispatch import (
     backends,
     report as backend_report,
 )
+from turbo_kernels.capture import capture_attention_inputs
 from turbo_kernels.ops.attention import temporal_attention
+from turbo_kernels.ops.motion import motion_energy, temporal_attention_probs
 from turbo_kernels.ops.solver import (
     consistency_output,
     consistency_sampler_step,
@@ -29,9 +31,12 @@ __all__ = [
     "backend",
     "backend_report",
     "backends",
+    "capture_attention_inputs",
     "consistency_output",
     "consistency_sampler_step",
     "guided_solver_step",
+    "motion_energy",
     "pseudo_huber_loss",
     "temporal_attention",
+    "temporal_attention_probs",
 ]

@@ -36,7 +36,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-KERNEL_MODULES = ("turbo_kernels.triton_kernels.solver", "turbo_kernels.triton_kernels.temporal_attention")
+KERNEL_MODULES = (
+    "turbo_kernels.triton_kernels.solver",
+    "turbo_kernels.triton_kernels.temporal_attention",
+    "turbo_kernels.triton_kernels.motion_energy",
+)
 
 CAPABILITY = 90
 GPU_NAME = "sm_90a"
