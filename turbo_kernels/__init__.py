@@ -16,6 +16,7 @@ from turbo_kernels.dispatch import (
 from turbo_kernels.capture import capture_attention_inputs
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.ops.motion import motion_energy, temporal_attention_probs
+from turbo_kernels.patching import patch, unpatch
 from turbo_kernels.ops.solver import (
     consistency_output,
     consistency_sampler_step,
@@ -36,7 +37,9 @@ __all__ = [
     "consistency_sampler_step",
     "guided_solver_step",
     "motion_energy",
+    "patch",
     "pseudo_huber_loss",
     "temporal_attention",
     "temporal_attention_probs",
+    "unpatch",
 ]

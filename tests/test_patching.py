@@ -1,0 +1,377 @@
+"""turbo_kernels.patching on tiny random diffusers video UNets: patched and unpatched models agree,
+forward and parameter gradients, with the temporal op forced to the reference and to Triton
+(the interpreter on the CPU); the processors reproduce AttnProcessor2_0 on the module features the
+UNets do not exercise; masks, fallbacks, unpatch, idempotence, refusals and torch.compile.
+
+Tolerances (fp32), each error measured against the largest magnitude of the unpatched tensor:
+1e-5 for outputs, 5e-5 for parameter gradients. The patched model computes the same maths in
+float32 with its sums in another order, so every value moves by a few float32 roundings. Measured
+on these configs: outputs 8e-7, gradients up to 5e-6 (bias and norm gradients sum over every
+position and frame with cancellation, which magnifies the relative error), and two unpatched runs
+are bitwise equal. Both tolerances leave about 10x headroom, while attention run over the wrong
+axis moves the output by 0.3.
+"""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+import turbo_kernels as tk
+from turbo_kernels import dispatch, patching
+from turbo_kernels.patching import SpatialAttnProcessor, TemporalAttnProcessor, patch, unpatch
+
+from .helpers import DEVICE
+
+TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
+OUTPUT_TOLERANCE = 1e-5
+GRAD_TOLERANCE = 5e-5
+CROSS_DIM = 16
+TEXT_TOKENS = 5
+
+# Processors on the tiny models below: UNet3D has 8 spatial (4 self, 4 cross: down 0, mid, 2 in
+# up 1) and 10 temporal (attn1 and attn2, both self-attention, of transformer_in, the down 0 and mid
+# temp_attentions and the 2 up 1 temp_attentions); UNetMotion has the same 8 spatial and 14
+# temporal (2 each in 7 motion modules: down 0, down 1, mid, 2 in up 0, 2 in up 1).
+EXPECTED_COUNTS = {"unet3d": (8, 10), "motion": (8, 14)}
+
+
+def tiny_unet3d() -> UNet3DConditionModel:
+    """Temporal heads: 2 of dim 8 at 16 channels, 4 at 32, and transformer_in's fixed 8."""
+    return UNet3DConditionModel(
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8,
+    )
+
+
+def tiny_motion_unet() -> UNetMotionModel:
+    """Two heads everywhere: dims 8 and 16 at 16 and 32 channels."""
+    return UNetMotionModel(
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=CROSS_DIM,
+        num_attention_heads=2,
+        motion_num_attention_heads=2,
+        motion_max_seq_length=8,
+    )
+
+
+BUILDERS = {"unet3d": tiny_unet3d, "motion": tiny_motion_unet}
+
+
+def build(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return BUILDERS[kind]().to(DEVICE)
+
+
+def model_inputs(kind: str, batch: int, frames: int, size: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    text = torch.randn(batch, TEXT_TOKENS, CROSS_DIM, generator=g)
+    if kind == "motion":
+        # UNetMotionModel takes one text embedding per frame, as AnimateDiff's pipeline repeats it.
+        text = text.repeat_interleave(frames, dim=0)
+    inputs = dict(
+        sample=torch.randn(batch, 4, frames, size, size, generator=g),
+        timestep=torch.tensor([999, 421][:batch]),
+        encoder_hidden_states=text,
+    )
+    return {name: x.to(DEVICE) for name, x in inputs.items()}
+
+
+def processor_kinds(model) -> dict[str, list[str]]:
+    kinds = {}
+    for name, processor in model.attn_processors.items():
+        kinds.setdefault(type(processor).__name__, []).append(name)
+    return kinds
+
+
+def forward_and_grads(model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step's output and parameter gradients, under a fixed dropout seed."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)
+    out = model(**inputs).sample
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device)
+    (out * cotangent).sum().backward()
+    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close_to(got: torch.Tensor, want: torch.Tensor, name: str, tolerance: float, scale: float | None = None):
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item() if scale is None else scale
+    assert err <= tolerance * scale, f"{name}: max error {err:.3e} > {tolerance:g} x {scale:.3e}"
+
+
+@pytest.fixture
+def temporal_calls(monkeypatch):
+    """Records the arguments of every temporal_attention call the processors make."""
+    record = []
+    original = patching.temporal_attention
+
+    def spy(q, k, v, num_frames, heads, layout, scale):
+        record.append(dict(shape=tuple(q.shape), num_frames=num_frames, heads=heads, layout=layout))
+        return original(q, k, v, num_frames, heads, layout=layout, scale=scale)
+
+    monkeypatch.setattr(patching, "temporal_attention", spy)
+    return record
+
+
+@pytest.fixture
+def chosen_backends(monkeypatch):
+    """The backend dispatch chose for every temporal attention op call, forward and backward."""
+    record = set()
+    original = dispatch.select
+
+    def spy(op, device, *args):
+        name = original(op, device, *args)
+        record.add((op, name))
+        return name
+
+    monkeypatch.setattr(dispatch, "select", spy)
+    return record
+
+
+# Triton runs in the interpreter on the CPU at roughly 10 ms per program, so its cases are the
+# smallest videos that still have several positions, heads and an odd, padded frame count.
+CASES = [
+    pytest.param("reference", "unet3d", 2, 5, 8, id="reference-unet3d"),
+    pytest.param("reference", "motion", 2, 5, 8, id="reference-motion"),
+    pytest.param("triton", "unet3d", 1, 3, 4, id="triton-unet3d"),
+    pytest.param("triton", "motion", 1, 3, 4, id="triton-motion"),
+]
+
+
+@pytest.mark.parametrize("backend,kind,batch,frames,size", CASES)
+def test_patched_model_matches_original(backend, kind, batch, frames, size, temporal_calls, chosen_backends):
+    if backend == "triton" and not TRITON_USABLE:
+        pytest.skip("Triton is not usable here")
+    model = build(kind)
+    inputs = model_inputs(kind, batch, frames, size)
+    want_out, want_grads = forward_and_grads(model, inputs)
+
+    patch(model)
+    kinds = processor_kinds(model)
+    spatial_count, temporal_count = EXPECTED_COUNTS[kind]
+    assert (len(kinds["SpatialAttnProcessor"]), len(kinds["TemporalAttnProcessor"])) == (spatial_count, temporal_count)
+    with tk.backend(backend):
+        out, grads = forward_and_grads(model, inputs)
+
+    assert len(temporal_calls) == temporal_count
+    # (B*H*W, F, C): every row one position's frames.
+    assert all(call["layout"] == "sequences" for call in temporal_calls)
+    assert all(call["shape"][1] == call["num_frames"] == frames for call in temporal_calls)
+    assert max(call["shape"][0] for call in temporal_calls) == batch * size * size
+    assert chosen_backends == {("temporal_attention", backend), ("temporal_attention_backward", backend)}
+    assert_close_to(out, want_out, "output", OUTPUT_TOLERANCE)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        assert_close_to(grad, want_grads[name], f"grad {name}", GRAD_TOLERANCE)
+    for name in kinds["TemporalAttnProcessor"]:
+        query_grad = want_grads[name.replace("processor", "to_q.weight")]
+        assert query_grad.abs().max() > 0, f"{name}: the gradient comparison must reach temporal attention"
+
+
+def _attention_module(**features) -> Attention:
+    torch.manual_seed(4)
+    return Attention(query_dim=16, heads=2, dim_head=8, **features).to(DEVICE)
+
+
+def _run(processor, attn, hidden_states, **kwargs):
+    hidden_states = hidden_states.clone().requires_grad_(True)
+    attn.zero_grad(set_to_none=True)
+    out = processor(attn, hidden_states, **kwargs)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.device))
+    grads = [hidden_states.grad] + [p.grad for p in attn.parameters()]
+    return out.detach(), grads
+
+
+# Module features the tiny UNets do not use but AttnProcessor2_0 handles.
+FEATURES = {
+    "qk-layer-norm": dict(qk_norm="layer_norm"),
+    "group-norm-residual-rescale": dict(norm_num_groups=4, residual_connection=True, rescale_output_factor=2.0),
+}
+
+
+@pytest.mark.parametrize("features", FEATURES.values(), ids=FEATURES.keys())
+@pytest.mark.parametrize("processor_kind", ["temporal", "spatial"])
+def test_processors_match_attn_processor_2_0(processor_kind, features, temporal_calls):
+    attn = _attention_module(**features)
+    hidden_states = torch.randn(6, 5, 16, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    want_out, want_grads = _run(AttnProcessor2_0(), attn, hidden_states)
+    processor = TemporalAttnProcessor(AttnProcessor2_0()) if processor_kind == "temporal" else SpatialAttnProcessor()
+    with tk.backend("reference"):
+        out, grads = _run(processor, attn, hidden_states)
+    assert len(temporal_calls) == (1 if processor_kind == "temporal" else 0)
+    assert_close_to(out, want_out, "output", OUTPUT_TOLERANCE)
+    # One scale for all gradients of the module: the key norm's bias has an analytically zero
+    # gradient (softmax ignores a shift shared by all keys), so its own values are rounding noise.
+    grad_scale = max(want.abs().max().item() for want in want_grads)
+    for index, (grad, want) in enumerate(zip(grads, want_grads)):
+        assert_close_to(grad, want, f"grad {index}", GRAD_TOLERANCE, grad_scale)
+
+
+class RecordingProcessor(AttnProcessor2_0):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return super().__call__(*args, **kwargs)
+
+
+@pytest.mark.parametrize("call", ["attention_mask", "encoder_hidden_states", "image_shaped"])
+def test_temporal_processor_falls_back_for_what_it_does_not_take(call, temporal_calls):
+    attn = _attention_module()
+    hidden_states = torch.randn(2, 4, 16, device=DEVICE)
+    kwargs = {
+        "attention_mask": dict(attention_mask=torch.zeros(2, 1, 4, device=DEVICE)),
+        "encoder_hidden_states": dict(encoder_hidden_states=torch.randn(2, 3, 16, device=DEVICE)),
+        "image_shaped": {},
+    }[call]
+    if call == "image_shaped":
+        hidden_states = torch.randn(2, 16, 2, 2, device=DEVICE)
+    fallback = RecordingProcessor()
+    out = TemporalAttnProcessor(fallback)(attn, hidden_states, **kwargs)
+    assert fallback.calls == 1 and temporal_calls == []
+    torch.testing.assert_close(out, AttnProcessor2_0()(attn, hidden_states, **kwargs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float-inf"])
+def test_spatial_processor_fully_masked_rows(mask_kind):
+    """A query row with every key masked out returns zeros and every gradient stays finite; all
+    other rows match AttnProcessor2_0. PyTorch's CPU SDPA gives the same zeros by itself (since
+    torch 2.5), so on the CPU this checks that the guard keeps the semantics; the guard exists for
+    the CUDA kernels, which have returned NaN there."""
+    attn = _attention_module(cross_attention_dim=16)
+    g = torch.Generator().manual_seed(7)
+    hidden_states = torch.randn(2, 5, 16, generator=g).to(DEVICE)
+    context = torch.randn(2, 6, 16, generator=g).to(DEVICE)
+    keep = torch.rand(2, 5, 6, generator=g) > 0.3
+    keep[:, :, 0] = True
+    keep[1, 2, :] = False
+    keep = keep.to(DEVICE)
+    mask = keep if mask_kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
+    kwargs = dict(encoder_hidden_states=context, attention_mask=mask)
+
+    out, grads = _run(SpatialAttnProcessor(), attn, hidden_states, **kwargs)
+    assert all(torch.isfinite(grad).all() for grad in grads)
+    # The dead row's attention output is zero, so the module returns the output projection's bias.
+    torch.testing.assert_close(out[1, 2], attn.to_out[0].bias.detach(), rtol=0, atol=0)
+    live = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    live[1, 2] = False
+    want = AttnProcessor2_0()(attn, hidden_states, **kwargs).detach()
+    assert_close_to(out[live], want[live], "live rows", OUTPUT_TOLERANCE)
+
+
+def test_unpatch_restores_the_original_processors():
+    model = build("unet3d")
+    originals = model.attn_processors
+    patch(model)
+    assert all(type(p) in (SpatialAttnProcessor, TemporalAttnProcessor) for p in model.attn_processors.values())
+    unpatch(model)
+    assert all(model.attn_processors[name] is original for name, original in originals.items())
+    unpatch(model)
+    assert all(model.attn_processors[name] is original for name, original in originals.items())
+
+
+def test_patch_twice_is_idempotent_and_flags_choose_the_kinds():
+    model = build("motion")
+    originals = model.attn_processors
+    patch(model)
+    once = {name: type(p) for name, p in model.attn_processors.items()}
+    patch(model)
+    assert {name: type(p) for name, p in model.attn_processors.items()} == once
+    for name, processor in model.attn_processors.items():
+        if isinstance(processor, TemporalAttnProcessor):
+            assert processor.fallback is originals[name]
+
+    patch(model, spatial=False)
+    spatial_count, temporal_count = EXPECTED_COUNTS["motion"]
+    assert {k: len(v) for k, v in processor_kinds(model).items()} == {
+        "AttnProcessor2_0": spatial_count, "TemporalAttnProcessor": temporal_count
+    }
+    patch(model, temporal=False)
+    assert {k: len(v) for k, v in processor_kinds(model).items()} == {
+        "SpatialAttnProcessor": spatial_count, "AttnProcessor2_0": temporal_count
+    }
+    unpatch(model)
+    assert all(model.attn_processors[name] is original for name, original in originals.items())
+
+
+def test_processors_other_than_diffusers_plain_ones_are_kept():
+    model = build("unet3d")
+    custom = RecordingProcessor()
+    name = "mid_block.temp_attentions.0.transformer_blocks.0.attn1.processor"
+    processors = model.attn_processors
+    processors[name] = custom
+    model.set_attn_processor(processors)
+    patch(model)
+    assert model.attn_processors[name] is custom
+    unpatch(model)
+    assert model.attn_processors[name] is custom
+
+
+UNSUPPORTED = {
+    "Linear": lambda: torch.nn.Linear(2, 2),
+    "UNet2DConditionModel": lambda: UNet2DConditionModel(
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4,
+        cross_attention_dim=8, attention_head_dim=4,
+    ),
+}
+
+
+@pytest.mark.parametrize("builder", UNSUPPORTED.values(), ids=UNSUPPORTED.keys())
+def test_unsupported_models_raise(builder):
+    model = builder()
+    before = model.attn_processors if hasattr(model, "attn_processors") else None
+    with pytest.raises(TypeError, match=f"{type(model).__name__}.*UNet3DConditionModel.*UNetMotionModel"):
+        patch(model)
+    if before is not None:
+        assert all(model.attn_processors[name] is p for name, p in before.items())
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_one_graph_with_the_temporal_op():
+    """The check for graph breaks: dynamo hands the backend one FX graph per region between breaks,
+    so a patched forward that reaches the backend as exactly one graph has none (the unpatched
+    model of diffusers 0.42 compiles to one graph as well, by torch._dynamo.explain). The graph
+    must hold the temporal op itself, once per temporal attention, as one opaque node."""
+    model = build("unet3d")
+    inputs = model_inputs("unet3d", 1, 3, 4)
+    patch(model).eval()
+    with tk.backend("reference"):
+        want = model(**inputs).sample
+
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def recording_aot_eager(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return aot_eager(graph_module, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=False, backend=recording_aot_eager)
+    with tk.backend("reference"):
+        out = compiled(**inputs).sample
+        out.square().sum().backward()
+    torch._dynamo.reset()
+
+    assert len(graphs) == 1, f"{len(graphs)} graphs: graph breaks (inspect with torch._dynamo.explain)"
+    temporal_nodes = [
+        node for node in graphs[0].graph.nodes if node.target is torch.ops.turbo_kernels.temporal_attention.default
+    ]
+    assert len(temporal_nodes) == EXPECTED_COUNTS["unet3d"][1]
+    assert_close_to(out.detach(), want, "compiled output", OUTPUT_TOLERANCE)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
