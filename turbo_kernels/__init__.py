@@ -17,6 +17,7 @@ from turbo_kernels.capture import capture_attention_inputs
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.ops.motion import motion_energy, temporal_attention_probs
 from turbo_kernels.patching import patch, unpatch
+from turbo_kernels.temporal_block import FusedTemporalTransformer
 from turbo_kernels.ops.solver import (
     consistency_output,
     consistency_sampler_step,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "FusedTemporalTransformer",
     "TurboKernelsFallbackWarning",
     "backend",
     "backend_report",

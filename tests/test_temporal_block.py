@@ -1,0 +1,498 @@
+"""FusedTemporalTransformer (SPEC 1): the release's golden, the fused path against the reference
+(forward, input and parameter gradients) with each backend forced, the layout copies it removes,
+the Triton kernels against their op references on ragged shapes, release key names, fallbacks,
+errors and opcheck.
+
+Tolerance: the error against float64 maths is at most twice that of the reference run in the
+same storage dtype, plus one rounding of that dtype. Single ops take the largest error
+(helpers.assert_within_2x_of_reference). The whole block chains a dozen roundings, which makes
+its largest single error a noisy statistic (the reference is sometimes lucky on one element of a
+parameter gradient), so block outputs and gradients compare root-mean-square errors.
+Triton output buffers start as NaN, so an element a kernel never writes fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import turbo_kernels as tk
+from turbo_kernels import dispatch
+from turbo_kernels.reference import temporal_block as ref
+from turbo_kernels.temporal_block import FusedTemporalTransformer
+from turbo_kernels.triton_kernels import group_norm as kernels
+from turbo_kernels.triton_kernels import temporal_attention as attention_kernels
+
+from .helpers import DEVICE, KERNEL_DTYPES, STORAGE_EPS, assert_within_2x_of_reference, randn
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
+TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
+BACKENDS = ["reference"] + (["triton"] if TRITON_USABLE else [])
+OPS = ("group_norm_stats", "strided_linear", "strided_linear_weight_grad")
+
+# (videos, frames, channels, height, width, heads, head dim): VideoCrafter2's proportions (inner =
+# C, 2 channels a group) at an odd frame count, and init_attn's (inner = 2C, 1 channel a group).
+CASES = [(2, 3, 64, 3, 4, 2, 32), (2, 4, 32, 2, 3, 4, 16)]
+CASE_IDS = ["inner=C", "inner=2C"]
+
+# The release's state-dict keys of one temporal transformer, in its order.
+ATTENTION_KEYS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")
+BLOCK_KEYS = (
+    *(f"attn1.{key}" for key in ATTENTION_KEYS),
+    "ff.net.0.proj.weight", "ff.net.0.proj.bias", "ff.net.2.weight", "ff.net.2.bias",
+    *(f"attn2.{key}" for key in ATTENTION_KEYS),
+    "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "norm3.weight", "norm3.bias",
+)
+RELEASE_KEYS = [
+    "norm.weight", "norm.bias", "proj_in.weight", "proj_in.bias",
+    *(f"transformer_blocks.0.{key}" for key in BLOCK_KEYS),
+    "proj_out.weight", "proj_out.bias",
+]
+
+
+@pytest.fixture(autouse=True)
+def _poisoned(monkeypatch):
+    """Every Triton output buffer starts as NaN."""
+    dispatch._warned.clear()
+
+    def nan_filled(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernels, "new_output", nan_filled)
+    monkeypatch.setattr(attention_kernels, "new_output", nan_filled)
+
+
+@pytest.fixture
+def chosen(monkeypatch):
+    """Records the backend dispatch chose for every op call."""
+    record = []
+    original = dispatch.select
+
+    def spy(op, device, *args):
+        name = original(op, device, *args)
+        record.append((op, name))
+        return name
+
+    monkeypatch.setattr(dispatch, "select", spy)
+    return record
+
+
+def _randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-zero weights as the release's tiny golden draws them: matrices N(0, 1/fan_in), norm
+    scales 1 + 0.1 N(0, 1), biases 0.05 N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if p.dim() > 1:
+                p.copy_(noise / p.shape[1] ** 0.5)
+            else:
+                p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.05 * noise)
+    return module
+
+
+def _module(channels, heads, head_dim, seed=0, dtype=torch.float32):
+    return _randomised(FusedTemporalTransformer(channels, heads, head_dim), seed).to(device=DEVICE, dtype=dtype)
+
+
+def _stream(videos, frames, channels, height, width, dtype, g):
+    """A stream whose channels have different means, so GroupNorm's centring matters."""
+    offsets = torch.linspace(-2, 2, channels, dtype=torch.float64).view(1, channels, 1, 1)
+    x = torch.randn(videos * frames, channels, height, width, generator=g, dtype=torch.float64) + offsets
+    return x.to(device=DEVICE, dtype=dtype)
+
+
+def _forward_backward(module, x, grad_out, num_frames, reference: bool):
+    """(out, d x, {name: d parameter}) of a fresh copy of `module`."""
+    module = copy.deepcopy(module)
+    x = x.detach().clone().requires_grad_(True)
+    out = module.reference_forward(x, num_frames) if reference else module(x, num_frames)
+    out.backward(grad_out)
+    return out.detach(), x.grad, {name: p.grad for name, p in module.named_parameters()}
+
+
+# ---- the release ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"release goldens not found at {GOLDEN} (../shared is absent)")
+def test_release_golden_init_attn(chosen):
+    """The tiny UNet's init_attn (8 heads x 8, inner 64 over 32 channels; its Conv1d(k=1)
+    projections are Linear layers) on its recorded input, float64: the reference path, and the
+    fused path on the reference backend (Triton takes no float64), reproduce the release."""
+    from safetensors.torch import load_file
+
+    prefix = "init_attn.0."
+    weights = load_file(str(GOLDEN / "tiny_unet.safetensors"))
+    state = {k.removeprefix(prefix): v.squeeze(-1) for k, v in weights.items() if k.startswith(prefix)}
+    activations = load_file(str(GOLDEN / "tiny_intermediates.safetensors"))
+    x, want = activations["input_blocks.0"].to(DEVICE), activations["init_attn"].to(DEVICE)
+
+    module = FusedTemporalTransformer(32, heads=8, head_dim=8).double().to(DEVICE)
+    module.load_state_dict(state, strict=True)
+    frames = 4
+    torch.testing.assert_close(module.reference_forward(x, frames), want, rtol=0, atol=1e-12)
+    with tk.backend("reference"):
+        torch.testing.assert_close(module(x, frames), want, rtol=0, atol=1e-12)
+    assert {name for _, name in chosen} == {"reference"}
+    module.use_reference = True
+    torch.testing.assert_close(module(x, frames), want, rtol=0, atol=1e-12)
+
+
+def test_parameters_carry_the_release_names():
+    module = FusedTemporalTransformer(320, heads=5, head_dim=64)
+    assert list(module.state_dict()) == RELEASE_KEYS
+    shapes = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    assert shapes["transformer_blocks.0.ff.net.0.proj.weight"] == (2560, 320)
+    assert shapes["transformer_blocks.0.ff.net.2.weight"] == (320, 1280)
+
+
+@pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"release goldens not found at {GOLDEN} (../shared is absent)")
+def test_loads_a_release_temporal_transformer_strictly():
+    """Every Linear temporal transformer of the full model (keys and shapes from the release's
+    state dict) loads strictly into a module of its width."""
+    keys = json.loads((GOLDEN / "unet_full_keys.json").read_text())["keys"]
+    layers: dict[str, dict[str, tuple]] = {}
+    for key, _shape, _ in keys:
+        head, sep, rest = key.partition(".transformer_blocks.")
+        # Temporal transformers are the third module of a block (".2."), spatial ones the second.
+        if sep and head.endswith(".2") and rest.startswith("0.attn1.to_q"):
+            layers[head] = {}
+    for key, shape, _ in keys:
+        for head in layers:
+            if key.startswith(head + "."):
+                layers[head][key.removeprefix(head + ".")] = tuple(shape)
+    assert len(layers) >= 16
+    for head, shapes in layers.items():
+        channels, inner = shapes["proj_in.weight"][1], shapes["proj_in.weight"][0]
+        with torch.device("meta"):
+            module = FusedTemporalTransformer(channels, heads=inner // 64, head_dim=64)
+        assert list(shapes) == RELEASE_KEYS, head
+        module.load_state_dict({k: torch.empty(s, device="meta") for k, s in shapes.items()}, strict=True, assign=True)
+
+
+# ---- fused against the reference -------------------------------------------------------------------
+
+
+def _rms(t: torch.Tensor) -> float:
+    return t.double().square().mean().sqrt().item()
+
+
+def _assert_rms_within_2x_of_reference(got, ref_same_precision, ref64, name):
+    assert got.shape == ref64.shape and got.dtype == ref_same_precision.dtype, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite elements (unwritten output?)"
+    error, ref_error = _rms(got.cpu() - ref64.cpu()), _rms(ref_same_precision.cpu() - ref64.cpu())
+    budget = 2 * ref_error + STORAGE_EPS[got.dtype] * _rms(ref64)
+    assert error <= budget, f"{name}: RMS error {error:.3e} > budget {budget:.3e} (reference RMS error {ref_error:.3e})"
+
+
+def _check_fused_against_reference(case, dtype, backend_name, chosen):
+    videos, frames, channels, height, width, heads, head_dim = case
+    g = torch.Generator().manual_seed(hash(case + (dtype.itemsize,)) % 2**31)
+    x = _stream(videos, frames, channels, height, width, dtype, g)
+    grad_out = randn(x.shape, dtype, g)
+    module = _module(channels, heads, head_dim, dtype=dtype)
+    with tk.backend(backend_name):
+        out, grad_x, grads = _forward_backward(module, x, grad_out, frames, reference=False)
+    want_ops = set(OPS) | {"temporal_attention", "temporal_attention_backward"}
+    assert set(chosen) == {(op, backend_name) for op in want_ops}, chosen
+
+    out_lp, grad_x_lp, grads_lp = _forward_backward(module, x, grad_out, frames, reference=True)
+    out64, grad_x64, grads64 = _forward_backward(
+        copy.deepcopy(module).double(), x.double(), grad_out.double(), frames, reference=True
+    )
+    _assert_rms_within_2x_of_reference(out, out_lp, out64, "out")
+    _assert_rms_within_2x_of_reference(grad_x, grad_x_lp, grad_x64, "d x")
+    for name in grads64:
+        _assert_rms_within_2x_of_reference(grads[name], grads_lp[name], grads64[name], f"d {name}")
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_triton_matches_reference(dtype, chosen):
+    _check_fused_against_reference(CASES[0], dtype, "triton", chosen)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+def test_triton_matches_reference_at_init_attn_proportions(chosen):
+    _check_fused_against_reference(CASES[1], torch.float32, "triton", chosen)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_reference_backend_matches_reference(case, dtype, chosen):
+    """The fused composition with every op on its plain PyTorch implementation."""
+    _check_fused_against_reference(case, dtype, "reference", chosen)
+
+
+# ---- layout copies ---------------------------------------------------------------------------------
+
+
+COPY_OPS = {"clone", "copy_", "_to_copy", "cat", "stack", "_reshape_copy"}
+
+
+class _CopyRecorder(TorchDispatchMode):
+    """Records every op that copies tensor data into a new layout, with its output size. Custom
+    ops are opaque here; what their kernels receive is checked by the launch test below."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in COPY_OPS:
+            written = args[0] if func.overloadpacket.__name__ == "copy_" else out
+            self.copies.append((func.overloadpacket.__name__, tuple(written.shape)))
+        return out
+
+    def of_at_least(self, numel: int) -> list[tuple[str, tuple]]:
+        return [(name, shape) for name, shape in self.copies if torch.Size(shape).numel() >= numel]
+
+
+def test_fused_forward_makes_no_activation_copies():
+    """The reference pays the release's layout round trip, 11 copies here: 2 rearranges into
+    tokens, 4 head split/merge copies in each attention and the rearrange back (GroupNorm also
+    makes its permuted input contiguous, inside aten::native_group_norm in this torch, so not
+    counted). The fused forward copies only weights. Its backward copies only autograd's
+    concatenations of the gradients of the q/k/v and GEGLU value/gate slices of one projection."""
+    videos, frames, channels, height, width, heads, head_dim = 1, 4, 64, 8, 8, 2, 32
+    # 256 tokens: activations (16384 elements) outnumber the concatenated qkv weight (12288).
+    activation = videos * frames * height * width * channels
+    g = torch.Generator().manual_seed(12)
+    module = _module(channels, heads, head_dim)
+    x = _stream(videos, frames, channels, height, width, torch.float32, g).requires_grad_(True)
+    counts = {}
+    for path in ("reference", "fused"):
+        with _CopyRecorder() as forward:
+            out = module.reference_forward(x, frames) if path == "reference" else module(x, frames)
+        with _CopyRecorder() as backward:
+            out.backward(torch.ones_like(out))
+        counts[path] = (forward.of_at_least(activation), backward.of_at_least(activation))
+
+    reference_forward, _ = counts["reference"]
+    fused_forward, fused_backward = counts["fused"]
+    assert fused_forward == []
+    assert len(reference_forward) >= 11, reference_forward
+    tokens = (videos * frames, height * width)
+    assert sorted(fused_backward) == sorted(
+        [("cat", (*tokens, 3 * channels))] * 2 + [("cat", (*tokens, 8 * channels))]
+    ), fused_backward
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+def test_kernels_read_and_write_the_stream_in_place(monkeypatch):
+    """GroupNorm statistics and proj_in read the stream's own memory, proj_out adds it as the
+    residual and writes the (B*F, C, H, W) output directly, and attention takes q, k, v as
+    slices of one projection."""
+    launches = []
+    original = kernels.launch
+
+    def spy(kernel, grid, *args, **constexprs):
+        launches.append((kernel, args))
+        return original(kernel, grid, *args, **constexprs)
+
+    monkeypatch.setattr(kernels, "launch", spy)
+    attention = []
+    original_attention = attention_kernels._launch
+
+    def attention_spy(kernel, tensors, *args):
+        attention.append(tensors)
+        return original_attention(kernel, tensors, *args)
+
+    monkeypatch.setattr(attention_kernels, "_launch", attention_spy)
+    videos, frames, channels, height, width, heads, head_dim = CASES[0]
+    g = torch.Generator().manual_seed(13)
+    x = _stream(videos, frames, channels, height, width, torch.float32, g)
+    with tk.backend("triton"):
+        out = _module(channels, heads, head_dim)(x, frames)
+
+    tokens = height * width
+    stats, _merge, proj_in, *_, proj_out = launches
+    assert stats[0] is kernels.group_norm_partial_stats_kernel and stats[1][0].data_ptr() == x.data_ptr()
+    assert proj_in[0] is kernels.strided_linear_kernel
+    assert (proj_in[1][0].data_ptr(), proj_in[1][0].stride()) == (x.data_ptr(), (channels * tokens, 1, tokens))
+    residual, written = proj_out[1][3], proj_out[1][6]
+    assert (residual.data_ptr(), residual.stride()) == (x.data_ptr(), (channels * tokens, 1, tokens))
+    assert written.data_ptr() == out.data_ptr() and out.is_contiguous()
+    for q, k, v, *_ in attention:
+        assert k.data_ptr() - q.data_ptr() == v.data_ptr() - k.data_ptr() == channels * q.element_size()
+        assert q.stride() == (tokens * 3 * channels, 3 * channels, 1)
+
+
+# ---- the kernels against their op references -------------------------------------------------------
+
+
+def _channels_first_tokens(rows, channels, tokens, dtype, g):
+    """(rows, tokens, channels) tokens as the stream holds them: a transposed (rows, channels,
+    tokens) tensor."""
+    return randn((rows, channels, tokens), dtype, g).transpose(1, 2)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "affine,bias,residual,channels_first_in,channels_first_out",
+    [(True, True, False, True, False), (False, True, True, False, True), (False, False, False, False, False)],
+    ids=["proj_in", "proj_out", "input-grad"],
+)
+def test_strided_linear_kernel(dtype, affine, bias, residual, channels_first_in, channels_first_out, chosen):
+    """Ragged tiles in every dimension (37 tokens, 40 input and 72 output features), 3 videos of
+    2 frames, a transposed weight view, each prologue and epilogue."""
+    g = torch.Generator().manual_seed(14)
+    frames, rows, tokens, k, j = 2, 6, 37, 40, 72
+    x = _channels_first_tokens(rows, k, tokens, dtype, g) if channels_first_in else randn((rows, tokens, k), dtype, g)
+    weight = (randn((k, j), dtype, g) / k**0.5).t()
+    out_shape = (rows, j, tokens) if channels_first_out else (rows, tokens, j)
+    args = [
+        x, weight,
+        randn((j,), dtype, g) if bias else None,
+        randn(out_shape, dtype, g) if residual else None,
+        randn((rows // frames, k), torch.float32, g) if affine else None,
+        randn((rows // frames, k), torch.float32, g) if affine else None,
+    ]
+    with tk.backend("triton"):
+        out = torch.ops.turbo_kernels.strided_linear(*args, frames, channels_first_out)
+    assert chosen == [("strided_linear", "triton")]
+    assert out.shape == out_shape and out.is_contiguous()
+
+    def reference(cast):
+        return ref.strided_linear(*(None if a is None else cast(a) for a in args), frames, channels_first_out)
+
+    assert_within_2x_of_reference(out, reference(lambda a: a), reference(lambda a: a.double()))
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_strided_linear_weight_grad_kernel(dtype, affine, chosen):
+    """5 frame rows split into ranges, 19 tokens, channels-first x, a transposed gradient view."""
+    g = torch.Generator().manual_seed(15)
+    frames, rows, tokens, k, j = 1, 5, 19, 24, 40
+    grad_out = randn((rows, j, tokens), dtype, g).transpose(1, 2)
+    x = _channels_first_tokens(rows, k, tokens, dtype, g)
+    scale, shift = (randn((rows, k), torch.float32, g) if affine else None for _ in range(2))
+    with tk.backend("triton"):
+        got = torch.ops.turbo_kernels.strided_linear_weight_grad(grad_out, x, scale, shift, frames)
+    assert chosen == [("strided_linear_weight_grad", "triton")]
+    assert kernels.weight_grad_splits(rows, j, k, dtype == torch.float32) > 1
+    want = ref.strided_linear_weight_grad(grad_out, x, scale, shift, frames)
+    want64 = ref.strided_linear_weight_grad(
+        grad_out.double(), x.double(), *(None if t is None else t.double() for t in (scale, shift)), frames
+    )
+    # The op returns float32 sums of storage-dtype products: hold it to the same-precision reference.
+    assert got.dtype == torch.float32
+    assert_within_2x_of_reference(got, want, want64)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("frames,channels,height,width", [(5, 64, 7, 9), (3, 32, 1, 1)], ids=["ragged", "1x1"])
+def test_group_norm_stats_kernel(dtype, frames, channels, height, width, chosen):
+    """Statistics span each video's frames; a mean of 1000 against a spread of 1 does not cancel
+    (a one-pass sum of squares in fp32 would lose the variance)."""
+    g = torch.Generator().manual_seed(16)
+    x = (1000 + randn((2 * frames, channels, height, width), torch.float64, g)).to(dtype)
+    with tk.backend("triton"):
+        mean, rstd = torch.ops.turbo_kernels.group_norm_stats(x, frames, 32, 1e-6)
+    assert chosen == [("group_norm_stats", "triton")]
+    want_mean, want_rstd = ref.group_norm_stats(x.double(), frames, 32, 1e-6)
+    assert mean.shape == rstd.shape == (2, 32) and mean.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rstd.double(), want_rstd, rtol=1e-4, atol=0)
+
+
+# ---- fallbacks and errors --------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+def test_a_channels_last_stream_falls_back_for_the_statistics(chosen):
+    """The statistics kernel walks a contiguous stream; a channels_last one runs that op's
+    reference (warned once), while the projections read it in place."""
+    videos, frames, channels, height, width, heads, head_dim = CASES[0]
+    g = torch.Generator().manual_seed(17)
+    x = _stream(videos, frames, channels, height, width, torch.float32, g)
+    module = _module(channels, heads, head_dim)
+    with tk.backend("triton"):
+        with pytest.warns(tk.TurboKernelsFallbackWarning, match="not a contiguous"):
+            out = module(x.contiguous(memory_format=torch.channels_last), frames)
+    assert ("group_norm_stats", "reference") in chosen and ("strided_linear", "triton") in chosen
+    torch.testing.assert_close(out, module.reference_forward(x, frames), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_on_cpu_runs_the_reference(chosen):
+    if DEVICE.type == "cuda":
+        pytest.skip("checks the CPU default; this machine has a GPU")
+    module = _module(32, 2, 16)
+    x = torch.randn(4, 32, 2, 2, requires_grad=True)
+    module(x, 2).sum().backward()
+    assert {name for _, name in chosen} == {"reference"}
+
+
+@pytest.mark.parametrize(
+    "shape,frames,match",
+    [((4, 48, 2, 2), 2, r"x must be the stream \(B\*F, C=64"), ((6, 64, 2), 2, "x must be the stream"),
+     ((6, 64, 2, 2), 4, "not divisible by num_frames=4"), ((4, 64, 2, 2), 0, "num_frames must be a positive int")],
+    ids=["channels", "3d", "frames-divide", "frames-zero"],
+)
+def test_errors_name_the_argument(shape, frames, match):
+    with pytest.raises(ValueError, match=match):
+        FusedTemporalTransformer(64, 2, 32)(torch.randn(shape), frames)
+
+
+def test_channels_must_split_into_32_groups():
+    with pytest.raises(ValueError, match="groups=32 does not divide the 48 channels"):
+        FusedTemporalTransformer(48, 2, 24)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_opcheck(backend_name):
+    """Schema, fake tensors, autograd registration and AOT dispatch of the three ops; the
+    strided_linear inputs are transposed views, as the stream's tokens are."""
+    g = torch.Generator().manual_seed(18)
+    frames, rows, tokens, k, j = 2, 4, 3, 16, 8
+
+    def leaf(t):
+        return t.detach().clone().requires_grad_(True)
+
+    x = _channels_first_tokens(rows, k, tokens, torch.float32, g)
+    weight = randn((j, k), torch.float32, g)
+    scale, shift = (randn((rows // frames, k), torch.float32, g) for _ in range(2))
+    residual = randn((rows, j, tokens), torch.float32, g)
+    stream = randn((rows, 32, 2, 2), torch.float32, g)
+    with tk.backend(backend_name):
+        for args in (
+            (leaf(x), leaf(weight), leaf(weight[:, 0]), None, leaf(scale), leaf(shift), frames, False),
+            (leaf(x), leaf(weight), None, leaf(residual), None, None, frames, True),
+        ):
+            torch.library.opcheck(torch.ops.turbo_kernels.strided_linear.default, args)
+        torch.library.opcheck(torch.ops.turbo_kernels.group_norm_stats.default, (leaf(stream), frames, 32, 1e-6))
+        torch.library.opcheck(
+            torch.ops.turbo_kernels.strided_linear_weight_grad.default,
+            (randn((rows, tokens, j), torch.float32, g), x, scale, shift, frames),
+        )
+
+
+def test_torch_compile_fullgraph_and_checkpointing_match_eager():
+    """One graph under torch.compile (the ops are opaque custom ops with fake implementations),
+    and activation checkpointing recomputes the forward to the same gradients (no hidden state)."""
+    module = _module(32, 2, 16)
+    x = randn((4, 32, 2, 3), torch.float32, torch.Generator().manual_seed(19)).requires_grad_(True)
+
+    def loss(forward):
+        out = forward(x)
+        return out, torch.autograd.grad(out.square().sum(), [x, *module.parameters()])
+
+    with tk.backend("reference"):
+        eager, eager_grads = loss(lambda x: module(x, 2))
+        torch.compiler.reset()
+        compiled, compiled_grads = loss(torch.compile(lambda x: module(x, 2), fullgraph=True, backend="aot_eager"))
+        _, checkpointed_grads = loss(lambda x: torch.utils.checkpoint.checkpoint(module, x, 2, use_reentrant=False))
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    for got_grads in (compiled_grads, checkpointed_grads):
+        for got, want in zip(got_grads, eager_grads):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

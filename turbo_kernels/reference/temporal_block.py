@@ -1,0 +1,152 @@
+"""The temporal transformer of VideoCrafter2's UNet (SPEC 1) in plain PyTorch, and the meaning of
+the ops its fused form (turbo_kernels.temporal_block) is built from.
+
+`temporal_transformer` follows the public release step by step, layout round trip included: the
+stream (B*F, C, H, W) is viewed as (B, C, F, H, W), group-normalised over (C/32, F, H, W) per
+video, rearranged to tokens (B*H*W, F, C), projected, run through the block (two temporal
+self-attentions and a GEGLU feed-forward, each pre-LayerNorm with a residual), projected back,
+rearranged to (B, C, F, H, W), added to the input and returned as (B*F, C, H, W). Each rearrange
+that the release follows with .contiguous() (or that a reshape cannot view) is a full-tensor copy;
+tests count them.
+
+Parameters are looked up by the release's state-dict names (norm, proj_in,
+transformer_blocks.{i}.{attn1, attn2, ff, norm1, norm2, norm3}, proj_out) and cast to the stream's
+dtype, so one set of float32 weights serves every precision.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GROUPS = 32
+GROUP_NORM_EPS = 1e-6
+LAYER_NORM_EPS = 1e-5
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _heads_first(t: Tensor, heads: int) -> Tensor:
+    """'b n (h d) -> (b h) n d'"""
+    b, n, inner = t.shape
+    return t.reshape(b, n, heads, inner // heads).permute(0, 2, 1, 3).reshape(b * heads, n, inner // heads)
+
+
+def _heads_last(t: Tensor, heads: int) -> Tensor:
+    """'(b h) n d -> b n (h d)'"""
+    bh, n, d = t.shape
+    return t.reshape(bh // heads, heads, n, d).permute(0, 2, 1, 3).reshape(bh // heads, n, heads * d)
+
+
+def self_attention(x: Tensor, heads: int, param: Callable[[str], Tensor]) -> Tensor:
+    """The release's CrossAttention without context: softmax(q k^T / sqrt(d)) v per head over the
+    sequence (here the F frames of one position), then to_out.0."""
+    q = F.linear(x, param("to_q.weight"))
+    k = F.linear(x, param("to_k.weight"))
+    v = F.linear(x, param("to_v.weight"))
+    q, k, v = (_heads_first(t, heads) for t in (q, k, v))
+    scale = (q.shape[-1]) ** -0.5
+    probs = (torch.einsum("b i d, b j d -> b i j", q, k) * scale).softmax(dim=-1)
+    out = _heads_last(torch.einsum("b i j, b j d -> b i d", probs, v), heads)
+    return F.linear(out, param("to_out.0.weight"), param("to_out.0.bias"))
+
+
+def geglu_feed_forward(x: Tensor, param: Callable[[str], Tensor]) -> Tensor:
+    """ff.net.0 (GEGLU: Linear to 2 x hidden, first half the value, second half the gate, exact GELU)
+    then ff.net.2 (Linear back)."""
+    value, gate = F.linear(x, param("net.0.proj.weight"), param("net.0.proj.bias")).chunk(2, dim=-1)
+    return F.linear(value * F.gelu(gate), param("net.2.weight"), param("net.2.bias"))
+
+
+def temporal_block(x: Tensor, heads: int, param: Callable[[str], Tensor]) -> Tensor:
+    """BasicTransformerBlock with temporal self-attention only: x (sequences, F, inner)."""
+    def layer_norm(h, name):
+        return F.layer_norm(h, h.shape[-1:], param(f"{name}.weight"), param(f"{name}.bias"), LAYER_NORM_EPS)
+
+    def sub(prefix):
+        return lambda name: param(f"{prefix}.{name}")
+
+    x = self_attention(layer_norm(x, "norm1"), heads, sub("attn1")) + x
+    x = self_attention(layer_norm(x, "norm2"), heads, sub("attn2")) + x
+    return geglu_feed_forward(layer_norm(x, "norm3"), sub("ff")) + x
+
+
+def temporal_transformer(
+    x: Tensor, num_frames: int, params: Mapping[str, Tensor], heads: int, depth: int = 1
+) -> Tensor:
+    """The TemporalTransformer (use_linear, temporal self-attention only) on the stream x
+    (B*F, C, H, W), frame-major (row b*F + f); returns the stream's shape, layout and dtype."""
+    def param(name):
+        return params[name].to(x.dtype)
+
+    rows, channels, height, width = x.shape
+    videos = rows // num_frames
+    # The UNet's rearrange '(b t) c h w -> b c t h w' (a view).
+    x_in = x.reshape(videos, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
+    h = F.group_norm(x_in, GROUPS, param("norm.weight"), param("norm.bias"), GROUP_NORM_EPS)
+    # 'b c t h w -> (b h w) c t', then 'bhw c t -> bhw t c', each made contiguous by the release.
+    h = h.permute(0, 3, 4, 1, 2).reshape(videos * height * width, channels, num_frames).contiguous()
+    h = h.transpose(1, 2).contiguous()
+    h = F.linear(h, param("proj_in.weight"), param("proj_in.bias"))
+    for i in range(depth):
+        h = temporal_block(h, heads, lambda name, prefix=f"transformer_blocks.{i}": param(f"{prefix}.{name}"))
+    h = F.linear(h, param("proj_out.weight"), param("proj_out.bias"))
+    # 'b (h w) t c -> b c t h w', made contiguous by the release.
+    h = h.reshape(videos, height, width, num_frames, channels).permute(0, 4, 3, 1, 2).contiguous()
+    out = h + x_in
+    # The UNet's rearrange 'b c t h w -> (b t) c h w'.
+    return out.permute(0, 2, 1, 3, 4).reshape(rows, channels, height, width)
+
+
+# ---- the ops of the fused form -----------------------------------------------------------------
+
+
+def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, rstd) of each video's channel groups over (C/groups, F, H, W) of the stream x
+    (B*F, C, H, W): each (B, groups), float32 (float64 for float64 x); biased variance."""
+    per_group = x.reshape(x.shape[0] // num_frames, num_frames, groups, -1).to(_compute_dtype(x))
+    variance, mean = torch.var_mean(per_group, dim=(1, 3), correction=0)
+    return mean, torch.rsqrt(variance + eps)
+
+
+def channel_affine(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], num_frames: int) -> Tensor:
+    """x (B*F, M, K) -> x*scale[b] + shift[b] with (B, K) scale and shift, rounded to x's dtype (a
+    normalisation's output), or x itself without them."""
+    if scale is None:
+        return x
+    per_video = x.unflatten(0, (-1, num_frames)).to(scale.dtype)
+    return (per_video * scale[:, None, None, :] + shift[:, None, None, :]).flatten(0, 1).to(x.dtype)
+
+
+def strided_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], scale: Optional[Tensor],
+    shift: Optional[Tensor], num_frames: int, channels_first_out: bool,
+) -> Tensor:
+    """out[r, m, j] = sum_k a[r, m, k] weight[j, k] + bias[j] + residual[r, m, j], with
+    a = channel_affine(x, scale, shift), x (R, M, K) in any strides. Returned contiguous as
+    (R, J, M) when channels_first_out (residual then has that shape too), else (R, M, J), in x's
+    dtype, rounded once from float32 (float64) maths."""
+    cdt = _compute_dtype(x)
+    out = torch.matmul(channel_affine(x, scale, shift, num_frames).to(cdt), weight.to(cdt).t())
+    if bias is not None:
+        out = out + bias.to(cdt)
+    if channels_first_out:
+        out = out.transpose(1, 2)
+    if residual is not None:
+        out = out + residual.to(cdt)
+    return out.to(x.dtype).contiguous()
+
+
+def strided_linear_weight_grad(
+    grad_out: Tensor, x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], num_frames: int
+) -> Tensor:
+    """The weight gradient of strided_linear: sum over r, m of grad_out[r, m, j] a[r, m, k], with
+    grad_out (R, M, J); (J, K) float32 (float64)."""
+    cdt = _compute_dtype(x)
+    a = channel_affine(x, scale, shift, num_frames).to(cdt)
+    return torch.einsum("rmj,rmk->jk", grad_out.to(cdt), a)

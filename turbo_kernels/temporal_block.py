@@ -1,0 +1,362 @@
+"""The temporal transformer of VideoCrafter2's UNet (SPEC 1), fused to run on the main stream's
+(B*F, C, H, W) layout without layout copies.
+
+The reference (reference.temporal_block.temporal_transformer, the release's code path) moves the
+stream into tokens (B*H*W, F, C) and back. At inner width = C the dispatcher sees 11
+full-activation copies a layer: two rearranges into tokens, the head split (q, k, v) and merge of
+each attention (8), and the rearrange back; GroupNorm also needs its permuted (B, C, F, H, W)
+input contiguous (in this torch that copy happens inside aten::native_group_norm). The UNet's
+return to (B*F, C, H, W) is a view, as the residual add takes the input's layout.
+tests/test_temporal_block.py counts them.
+
+The fused forward makes none. Every layout change is absorbed into the addressing of a GEMM:
+- GroupNorm statistics over (C/32, F, H, W) per video: a Triton reduction over the stream
+  (two passes over each chunk, the second from cache; deterministic partials per frame, merged
+  per video), `group_norm_stats`.
+- Normalisation is applied while proj_in loads its operand: the tokens of frame row r are the
+  stream's (C, H*W) slab read transposed (channel stride H*W), and GroupNorm is a per-(video,
+  channel) affine x*scale + shift of it, so `strided_linear` (triton_kernels/group_norm.py) reads
+  NCHW and writes proj_in's output (B*F, H*W, inner) row-major: the "frames" token layout. This
+  removes the GroupNorm output, its permuted copies and the proj_in input copy altogether; a
+  separate normalise-and-transpose kernel would still write and re-read one activation.
+- Temporal attention runs on that "frames" layout directly (turbo_kernels.temporal_attention),
+  with q, k, v strided slices of one fused [to_q; to_k; to_v] projection: no head split/merge.
+- to_out.0 and ff.net.2 add their residual in the GEMM epilogue.
+- proj_out writes its output transposed, i.e. straight into the stream's (B*F, C, H, W) layout,
+  with the stream itself added as the residual in the epilogue. torch.baddbmm into that layout
+  would copy the residual into the output first and needs a separate bias pass.
+The only copies left are of weights (the [to_q; to_k; to_v] concatenation, dtype casts). The
+backward copies 3 activations, autograd's concatenations of the gradients of the q/k/v and GEGLU
+value/gate slices (the reference's backward copies 10).
+
+Autograd: group_norm_stats, strided_linear and its weight gradient are torch.library custom ops
+(dispatch picks triton | reference per call), differentiable through composition: GroupNorm enters
+proj_in as scale = rstd*gamma and shift = beta - mean*scale, tiny (B, C) tensors built with plain
+PyTorch ops; strided_linear's backward returns the gradients of x, scale and shift, and the
+statistics op's backward (d mean, d rstd -> d x, elementwise PyTorch) completes GroupNorm's
+gradient. The backward GEMMs are strided_linear again (transposed weight views) and a
+deterministic weight-gradient kernel. No global state: gradient checkpointing can recompute.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from turbo_kernels import checks, dispatch
+from turbo_kernels.ops.attention import temporal_attention
+from turbo_kernels.reference import temporal_block as ref
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton():
+    from turbo_kernels.triton_kernels import group_norm
+
+    return group_norm
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ---- Triton backend: what its kernels cannot take ---------------------------------------------
+
+
+def _kernel_problem(storage: dict[str, Optional[Tensor]], fp32: dict[str, Optional[Tensor]]) -> Optional[str]:
+    """Why the kernels cannot take these tensors: `storage` tensors must share one kernel dtype,
+    `fp32` ones be float32, all on one device."""
+    storage = {name: t for name, t in storage.items() if t is not None}
+    fp32 = {name: t for name, t in fp32.items() if t is not None}
+    dtypes = {t.dtype for t in storage.values()}
+    if len(dtypes) > 1:
+        return f"mixed storage dtypes {sorted(str(d) for d in dtypes)}"
+    dtype = dtypes.pop()
+    if dtype not in KERNEL_DTYPES:
+        return f"storage dtype {dtype} (kernels take float32, float16, bfloat16)"
+    for name, t in fp32.items():
+        if t.dtype != torch.float32:
+            return f"{name} must be float32, got {t.dtype}"
+    if len({t.device for t in (*storage.values(), *fp32.values())}) > 1:
+        return "tensors on several devices"
+    return None
+
+
+def _stats_problem(x, num_frames, groups, eps):
+    if not x.is_contiguous():
+        return "x is not a contiguous (B*F, C, H, W) stream"
+    return _kernel_problem(dict(x=x), {})
+
+
+def _linear_problem(x, weight, bias, residual, scale, shift, num_frames, channels_first_out):
+    return _kernel_problem(dict(x=x, weight=weight, bias=bias, residual=residual), dict(scale=scale, shift=shift))
+
+
+def _weight_grad_problem(grad_out, x, scale, shift, num_frames):
+    return _kernel_problem(dict(grad_out=grad_out, x=x), dict(scale=scale, shift=shift))
+
+
+dispatch.register("group_norm_stats", "reference")(ref.group_norm_stats)
+dispatch.register("group_norm_stats", "triton", _stats_problem)(lambda *a: _triton().group_norm_stats(*a))
+dispatch.register("strided_linear", "reference")(ref.strided_linear)
+dispatch.register("strided_linear", "triton", _linear_problem)(lambda *a: _triton().strided_linear(*a))
+dispatch.register("strided_linear_weight_grad", "reference")(ref.strided_linear_weight_grad)
+dispatch.register("strided_linear_weight_grad", "triton", _weight_grad_problem)(
+    lambda *a: _triton().strided_linear_weight_grad(*a)
+)
+
+
+# ---- custom ops --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("turbo_kernels::group_norm_stats", mutates_args=())
+def _group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    return dispatch.run("group_norm_stats", x.device, x, num_frames, groups, eps)
+
+
+@_group_norm_stats.register_fake
+def _(x, num_frames, groups, eps):
+    shape = (x.shape[0] // num_frames, groups)
+    return x.new_empty(shape, dtype=_compute_dtype(x)), x.new_empty(shape, dtype=_compute_dtype(x))
+
+
+def _stats_setup(ctx, inputs, output):
+    x, num_frames, groups, _ = inputs
+    mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd)
+    ctx.grouping = (num_frames, groups)
+
+
+def _stats_backward(ctx, grad_mean, grad_rstd):
+    """mean = sum(x)/n and rstd = (sum((x - mean)^2)/n + eps)^-1/2 over each video's group, so
+    d x = (d mean + 2 (x - mean) d var)/n with d var = -rstd^3/2 d rstd."""
+    x, mean, rstd = ctx.saved_tensors
+    num_frames, groups = ctx.grouping
+    per_group = x.reshape(x.shape[0] // num_frames, num_frames, groups, -1).to(mean.dtype)
+    count = num_frames * per_group.shape[-1]
+    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+    grad_var = torch.zeros_like(rstd) if grad_rstd is None else -0.5 * grad_rstd * rstd**3
+    deviation = per_group - mean[:, None, :, None]
+    grad_x = (grad_mean[:, None, :, None] + 2 * grad_var[:, None, :, None] * deviation) / count
+    return grad_x.reshape(x.shape).to(x.dtype), None, None, None
+
+
+_group_norm_stats.register_autograd(_stats_backward, setup_context=_stats_setup)
+
+
+@torch.library.custom_op("turbo_kernels::strided_linear", mutates_args=())
+def _strided_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], scale: Optional[Tensor],
+    shift: Optional[Tensor], num_frames: int, channels_first_out: bool,
+) -> Tensor:
+    return dispatch.run(
+        "strided_linear", x.device, x, weight, bias, residual, scale, shift, num_frames, channels_first_out
+    )
+
+
+@_strided_linear.register_fake
+def _(x, weight, bias, residual, scale, shift, num_frames, channels_first_out):
+    rows, tokens, _ = x.shape
+    return x.new_empty((rows, weight.shape[0], tokens) if channels_first_out else (rows, tokens, weight.shape[0]))
+
+
+@torch.library.custom_op("turbo_kernels::strided_linear_weight_grad", mutates_args=())
+def _strided_linear_weight_grad(
+    grad_out: Tensor, x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], num_frames: int
+) -> Tensor:
+    return dispatch.run("strided_linear_weight_grad", x.device, grad_out, x, scale, shift, num_frames)
+
+
+@_strided_linear_weight_grad.register_fake
+def _(grad_out, x, scale, shift, num_frames):
+    return x.new_empty((grad_out.shape[2], x.shape[2]), dtype=_compute_dtype(x))
+
+
+def _is_channels_first(x: Tensor) -> bool:
+    """Whether the (R, M, K) tensor x is a view of (R, K, M) memory, as the stream's tokens are."""
+    return x.stride(1) < x.stride(2)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, _, _, scale, shift, num_frames, channels_first_out = inputs
+    ctx.save_for_backward(x, weight, scale, shift)
+    ctx.num_frames = num_frames
+    ctx.channels_first_out = channels_first_out
+
+
+def _linear_backward(ctx, grad_out):
+    x, weight, scale, shift = ctx.saved_tensors
+    needs_x, needs_weight, needs_bias, needs_residual, needs_scale, needs_shift = ctx.needs_input_grad[:6]
+    num_frames = ctx.num_frames
+    grad = grad_out.transpose(1, 2) if ctx.channels_first_out else grad_out  # (R, M, J), any strides
+    grad_x = grad_weight = grad_bias = grad_scale = grad_shift = None
+    if needs_x or needs_scale or needs_shift:
+        # The gradient of a = x*scale + shift, laid out as x is (the stream's layout for proj_in).
+        channels_first = _is_channels_first(x)
+        grad_a = _strided_linear(grad, weight.t(), None, None, None, None, num_frames, channels_first)
+        grad_a = grad_a.transpose(1, 2) if channels_first else grad_a
+        if scale is None:
+            grad_x = grad_a
+        else:
+            per_video = grad_a.unflatten(0, (-1, num_frames)).to(scale.dtype)
+            if needs_x:
+                grad_x = (per_video * scale[:, None, None, :]).flatten(0, 1).to(x.dtype)
+            if needs_scale:
+                grad_scale = (per_video * x.unflatten(0, (-1, num_frames)).to(scale.dtype)).sum(dim=(1, 2))
+            if needs_shift:
+                grad_shift = per_video.sum(dim=(1, 2))
+    if needs_weight:
+        grad_weight = _strided_linear_weight_grad(grad, x, scale, shift, num_frames).to(weight.dtype)
+    if needs_bias:
+        grad_bias = grad.sum(dim=(0, 1), dtype=_compute_dtype(grad)).to(weight.dtype)
+    return grad_x, grad_weight, grad_bias, grad_out if needs_residual else None, grad_scale, grad_shift, None, None
+
+
+_strided_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ---- the module --------------------------------------------------------------------------------
+
+
+class TemporalSelfAttention(nn.Module):
+    """The release's CrossAttention used as temporal self-attention: to_q, to_k, to_v (no bias),
+    to_out.0."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+
+    def fused_forward(self, x: Tensor, residual: Tensor, num_frames: int) -> Tensor:
+        """residual + to_out(attention(x)) on (B*F, N, dim) "frames" tokens."""
+        w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).to(x.dtype)
+        q, k, v = F.linear(x, w_qkv).chunk(3, dim=-1)
+        out = temporal_attention(q, k, v, num_frames, self.heads, layout="frames")
+        to_out = self.to_out[0]
+        return _strided_linear(
+            out, to_out.weight.to(x.dtype), to_out.bias.to(x.dtype), residual, None, None, num_frames, False
+        )
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * hidden)
+
+
+class FeedForward(nn.Module):
+    """net.0 = GEGLU (value = first half, gate = second half, exact GELU), net.2 = Linear back."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # Index 1 is the release's Dropout(p=0), kept so the checkpoint keys line up.
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
+
+    def fused_forward(self, x: Tensor, residual: Tensor, num_frames: int) -> Tensor:
+        proj = self.net[0].proj
+        value, gate = F.linear(x, proj.weight.to(x.dtype), proj.bias.to(x.dtype)).chunk(2, dim=-1)
+        out = self.net[2]
+        return _strided_linear(
+            value * F.gelu(gate), out.weight.to(x.dtype), out.bias.to(x.dtype), residual, None, None, num_frames, False
+        )
+
+
+class TemporalTransformerBlock(nn.Module):
+    """BasicTransformerBlock with temporal self-attention only (registration order as released)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.attn1 = TemporalSelfAttention(dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.attn2 = TemporalSelfAttention(dim, heads, head_dim)
+        self.norm1 = nn.LayerNorm(dim, eps=ref.LAYER_NORM_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=ref.LAYER_NORM_EPS)
+        self.norm3 = nn.LayerNorm(dim, eps=ref.LAYER_NORM_EPS)
+
+    def fused_forward(self, h: Tensor, num_frames: int) -> Tensor:
+        def layer_norm(norm):
+            return F.layer_norm(h, norm.normalized_shape, norm.weight.to(h.dtype), norm.bias.to(h.dtype), norm.eps)
+
+        h = self.attn1.fused_forward(layer_norm(self.norm1), h, num_frames)
+        h = self.attn2.fused_forward(layer_norm(self.norm2), h, num_frames)
+        return self.ff.fused_forward(layer_norm(self.norm3), h, num_frames)
+
+
+class FusedTemporalTransformer(nn.Module):
+    """VideoCrafter2's TemporalTransformer (use_linear, temporal self-attention only) on the main
+    stream x (B*F, C, H, W), frame-major; forward(x, num_frames) returns the same shape and dtype.
+
+    Parameters carry the release's state-dict names (norm, proj_in, transformer_blocks.{i}.{attn1,
+    ff, attn2, norm1, norm2, norm3}, proj_out), so a checkpoint's temporal transformer loads
+    strictly. The fused path (module docstring) runs by default; `use_reference=True`, or
+    `reference_forward`, runs the release's plain PyTorch path instead. Parameters are cast to the
+    stream's dtype, and autocast is off inside: the stream's dtype is the compute dtype.
+    """
+
+    def __init__(
+        self, in_channels: int, heads: int, head_dim: int, depth: int = 1, use_reference: bool = False
+    ):
+        super().__init__()
+        checks.group_count(ref.GROUPS, "groups", in_channels, "channels")
+        inner = heads * head_dim
+        self.heads = heads
+        self.depth = depth
+        self.use_reference = use_reference
+        self.norm = nn.GroupNorm(ref.GROUPS, in_channels, eps=ref.GROUP_NORM_EPS, affine=True)
+        self.proj_in = nn.Linear(in_channels, inner)
+        self.transformer_blocks = nn.ModuleList(TemporalTransformerBlock(inner, heads, head_dim) for _ in range(depth))
+        self.proj_out = nn.Linear(inner, in_channels)
+        # The release zero-initialises proj_out (zero_module), so a fresh layer is the identity.
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        if self.use_reference:
+            return self.reference_forward(x, num_frames)
+        self._check(x, num_frames)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.fused_forward(x, num_frames)
+
+    def reference_forward(self, x: Tensor, num_frames: int) -> Tensor:
+        self._check(x, num_frames)
+        return ref.temporal_transformer(x, num_frames, dict(self.named_parameters()), self.heads, self.depth)
+
+    def fused_forward(self, x: Tensor, num_frames: int) -> Tensor:
+        rows, channels, height, width = x.shape
+        scale, shift = self._group_norm_affine(x, num_frames)
+        stream = x.flatten(2)  # (B*F, C, H*W): a view of the stream
+        h = _strided_linear(
+            stream.transpose(1, 2), self.proj_in.weight.to(x.dtype), self.proj_in.bias.to(x.dtype), None,
+            scale, shift, num_frames, False,
+        )
+        for block in self.transformer_blocks:
+            h = block.fused_forward(h, num_frames)
+        out = _strided_linear(
+            h, self.proj_out.weight.to(x.dtype), self.proj_out.bias.to(x.dtype), stream, None, None, num_frames, True
+        )
+        return out.view(rows, channels, height, width)
+
+    def _group_norm_affine(self, x: Tensor, num_frames: int) -> tuple[Tensor, Tensor]:
+        """GroupNorm of video b as a per-channel affine of x: (scale, shift), each (B, C) float32."""
+        mean, rstd = _group_norm_stats(x, num_frames, self.norm.num_groups, self.norm.eps)
+        group_size = x.shape[1] // self.norm.num_groups
+        mean, rstd = (t.repeat_interleave(group_size, dim=1) for t in (mean, rstd))
+        scale = rstd * self.norm.weight.to(rstd.dtype)
+        return scale, self.norm.bias.to(rstd.dtype) - mean * scale
+
+    def _check(self, x, num_frames) -> None:
+        checks.floating_tensor(x, "x")
+        if x.dim() != 4 or x.shape[1] != self.norm.num_channels:
+            raise ValueError(
+                f"x must be the stream (B*F, C={self.norm.num_channels}, H, W), got shape {tuple(x.shape)}"
+            )
+        checks.positive_int(num_frames, "num_frames")
+        if x.shape[0] % num_frames:
+            raise ValueError(f"x's first dimension {x.shape[0]} (B*F) is not divisible by num_frames={num_frames}")

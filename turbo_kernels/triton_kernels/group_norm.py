@@ -1,0 +1,375 @@
+"""Triton kernels of the fused temporal transformer (SPEC 1): the GroupNorm statistics of a video's
+frames, and projections that read and write the main stream's (B*F, C, H, W) layout in place.
+
+GroupNorm statistics. The temporal transformer normalises each video's (C/groups, F, H, W) block,
+so its statistics span F frame rows of the stream. In one frame row a group is a contiguous run
+of (C/groups)*H*W elements; a program reduces a few consecutive groups of one row, reading each
+run twice (sum, then squared deviations from that run's mean; the second pass hits cache) into a
+partial (mean, M2). A second launch merges a video's F partials with Chan's formula for equal
+counts. Both are fixed-order fp32 reductions whose tiling depends on the shapes alone, so results
+are deterministic, and the two-pass form does not cancel when a group's mean is large against its
+spread (a one-pass sum of squares would).
+
+Strided linear. out[r, m, j] = sum_k a[r, m, k] W[j, k] (+ bias[j]) (+ residual[r, m, j]), where
+r is a frame row of the stream, m a token (spatial position) and every tensor is addressed
+through its own (row, token, channel) strides. That one GEMM covers the layout changes of the
+temporal transformer without copies:
+- proj_in reads the stream (B*F, C, H*W) as tokens (row, position, channel) with channel stride
+  H*W, and applies GroupNorm on load as a per-(video, channel) affine a = x*scale + shift,
+  rounded to the storage dtype as a GroupNorm output would be;
+- proj_out writes its (row, position, channel) output with channel stride H*W, i.e. straight into
+  the stream's layout, with the stream's residual added in the epilogue;
+- the backward GEMMs are the same kernel with W transposed (a strided view).
+A cuBLAS GEMM could take the transposed proj_in operand too, but not the per-video normalisation
+nor a transposed output with a residual. Programs walk output-channel tiles fastest, so the
+programs that share an input tile run together and re-read it from L2.
+
+The weight gradient sum_{r, m} grad[r, m, j] a[r, m, k] reduces over every token of the batch:
+programs split the frame rows into a fixed number of ranges (from the shapes only) and write fp32
+partials that are summed in a fixed order, so it is deterministic without atomics.
+
+Accumulation is fp32. fp32 storage multiplies exactly (input_precision="ieee") as the fp32
+reference does; 16-bit storage runs on tensor cores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from turbo_kernels.triton_kernels.launch_config import KernelConfig, storage_configs
+
+# GroupNorm statistics: programs stream at least 64K elements in tiles of 2048.
+STATS_MIN_ELEMENTS = 65536
+STATS_TILE_ELEMENTS = 2048
+STATS_NUM_WARPS = 4
+# The merge reads B*groups*F partials: one program per 64 (video, group) pairs.
+MERGE_TILE = 64
+MERGE_NUM_WARPS = 4
+# Weight-gradient programs: enough to fill an H100 (132 SMs) about twice.
+WEIGHT_GRAD_PROGRAMS = 264
+
+
+@triton.jit
+def group_norm_partial_stats_kernel(
+    x_ptr, mean_ptr, m2_ptr, frames, groups, group_numel, GROUP_TILE: tl.constexpr, BLOCK: tl.constexpr
+):
+    # In a contiguous (B*F, C, H, W) stream, group g of frame row r is the (r*groups + g)-th run of
+    # group_numel elements. A program reduces GROUP_TILE consecutive groups of one row, one a tile row.
+    tiles = tl.cdiv(groups, GROUP_TILE)
+    row = tl.program_id(0) // tiles
+    group = (tl.program_id(0) % tiles) * GROUP_TILE + tl.arange(0, GROUP_TILE)
+    group_mask = group < groups
+    starts = (row * groups + group).to(tl.int64) * group_numel
+    total = tl.zeros([GROUP_TILE, BLOCK], tl.float32)
+    for start in range(0, group_numel, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = group_mask[:, None] & (offsets < group_numel)[None, :]
+        total += tl.load(x_ptr + starts[:, None] + offsets[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(total, axis=1) / group_numel
+    squares = tl.zeros([GROUP_TILE, BLOCK], tl.float32)
+    for start in range(0, group_numel, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = group_mask[:, None] & (offsets < group_numel)[None, :]
+        values = tl.load(x_ptr + starts[:, None] + offsets[None, :], mask=mask, other=0.0).to(tl.float32)
+        deviation = tl.where(mask, values - mean[:, None], 0.0)
+        squares += deviation * deviation
+    # Partials are stored (video, group, frame), so the merge reads a video's frames contiguously.
+    index = ((row // frames) * groups + group) * frames + row % frames
+    tl.store(mean_ptr + index, mean, mask=group_mask)
+    tl.store(m2_ptr + index, tl.sum(squares, axis=1), mask=group_mask)
+
+
+@triton.jit
+def group_norm_merge_stats_kernel(
+    partial_mean_ptr, partial_m2_ptr, mean_ptr, rstd_ptr, video_groups, frames, group_numel, eps,
+    TILE: tl.constexpr, F_PAD: tl.constexpr,
+):
+    video_group = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    frame = tl.arange(0, F_PAD)
+    row_mask = video_group < video_groups
+    mask = row_mask[:, None] & (frame < frames)[None, :]
+    offsets = video_group[:, None] * frames + frame[None, :]
+    means = tl.load(partial_mean_ptr + offsets, mask=mask, other=0.0)
+    m2 = tl.load(partial_m2_ptr + offsets, mask=mask, other=0.0)
+    mean = tl.sum(means, axis=1) / frames
+    spread = tl.where(mask, means - mean[:, None], 0.0)
+    # Chan et al.: M2 = sum_f M2_f + n_f sum_f (mean_f - mean)^2, every frame holding n_f values.
+    variance = (tl.sum(m2, axis=1) + group_numel * tl.sum(spread * spread, axis=1)) / (frames * group_numel)
+    tl.store(mean_ptr + video_group, mean, mask=row_mask)
+    tl.store(rstd_ptr + video_group, tl.div_rn(1.0, tl.sqrt_rn(variance + eps)), mask=row_mask)
+
+
+@triton.jit
+def strided_linear_kernel(
+    x_ptr, w_ptr, bias_ptr, residual_ptr, scale_ptr, shift_ptr, out_ptr,
+    tokens, in_features, out_features, frames,
+    x_stride_r, x_stride_m, x_stride_k,
+    w_stride_j, w_stride_k,
+    residual_stride_r, residual_stride_m, residual_stride_j,
+    out_stride_r, out_stride_m, out_stride_j,
+    AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    tiles_n = tl.cdiv(out_features, BLOCK_N)
+    tiles_m = tl.cdiv(tokens, BLOCK_M)
+    tile = tl.program_id(0) // tiles_n
+    row = tile // tiles_m
+    m = (tile % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = (tl.program_id(0) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = m < tokens
+    j_mask = j < out_features
+    x_row = x_ptr + row.to(tl.int64) * x_stride_r
+    video_channels = (row // frames) * in_features
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, in_features, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < in_features
+        a = tl.load(
+            x_row + m[:, None] * x_stride_m + k[None, :] * x_stride_k, mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        if AFFINE:
+            # Padded channels load scale = shift = 0, so they stay 0; padded tokens are never stored.
+            scale = tl.load(scale_ptr + video_channels + k, mask=k_mask, other=0.0)
+            shift = tl.load(shift_ptr + video_channels + k, mask=k_mask, other=0.0)
+            a = (a.to(tl.float32) * scale[None, :] + shift[None, :]).to(x_ptr.dtype.element_ty)
+        w = tl.load(
+            w_ptr + j[None, :] * w_stride_j + k[:, None] * w_stride_k, mask=k_mask[:, None] & j_mask[None, :], other=0.0
+        )
+        acc = tl.dot(a, w, acc, input_precision="ieee")
+
+    out_mask = m_mask[:, None] & j_mask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        residual_row = residual_ptr + row.to(tl.int64) * residual_stride_r
+        residual_offsets = m[:, None] * residual_stride_m + j[None, :] * residual_stride_j
+        residual = tl.load(residual_row + residual_offsets, mask=out_mask)
+        acc += residual.to(tl.float32)
+    out_row = out_ptr + row.to(tl.int64) * out_stride_r
+    out_offsets = m[:, None] * out_stride_m + j[None, :] * out_stride_j
+    tl.store(out_row + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def strided_linear_weight_grad_kernel(
+    grad_ptr, x_ptr, scale_ptr, shift_ptr, partial_ptr,
+    rows, tokens, out_features, in_features, frames, rows_per_split,
+    grad_stride_r, grad_stride_m, grad_stride_j,
+    x_stride_r, x_stride_m, x_stride_k,
+    AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    tiles_k = tl.cdiv(in_features, BLOCK_K)
+    j = (tl.program_id(0) // tiles_k) * BLOCK_J + tl.arange(0, BLOCK_J)
+    k = (tl.program_id(0) % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    j_mask = j < out_features
+    k_mask = k < in_features
+    split = tl.program_id(1)
+
+    first_row = split * rows_per_split
+    acc = tl.zeros([BLOCK_J, BLOCK_K], tl.float32)
+    for i in range(0, tl.minimum(rows_per_split, rows - first_row)):
+        row = first_row + i
+        grad_row = grad_ptr + row.to(tl.int64) * grad_stride_r
+        x_row = x_ptr + row.to(tl.int64) * x_stride_r
+        if AFFINE:
+            video_channels = (row // frames) * in_features
+            scale = tl.load(scale_ptr + video_channels + k, mask=k_mask, other=0.0)
+            shift = tl.load(shift_ptr + video_channels + k, mask=k_mask, other=0.0)
+        for m0 in range(0, tokens, BLOCK_M):
+            m = m0 + tl.arange(0, BLOCK_M)
+            m_mask = m < tokens
+            # Padded tokens load grad = 0, so whatever a holds there contributes nothing.
+            grad = tl.load(
+                grad_row + m[:, None] * grad_stride_m + j[None, :] * grad_stride_j,
+                mask=m_mask[:, None] & j_mask[None, :], other=0.0,
+            )
+            a = tl.load(
+                x_row + m[:, None] * x_stride_m + k[None, :] * x_stride_k,
+                mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+            )
+            if AFFINE:
+                a = (a.to(tl.float32) * scale[None, :] + shift[None, :]).to(x_ptr.dtype.element_ty)
+            acc = tl.dot(tl.trans(grad), a, acc, input_precision="ieee")
+
+    partial = partial_ptr + split.to(tl.int64) * out_features * in_features
+    tl.store(partial + j[:, None] * in_features + k[None, :], acc, mask=j_mask[:, None] & k_mask[None, :])
+
+
+def stats_params(groups: int, group_numel: int) -> tuple[dict, int]:
+    """Groups a program reduces (enough that it streams at least STATS_MIN_ELEMENTS, e.g. 4 groups
+    of 10 channels x 2560 positions at VideoCrafter2's first level) and the tile width."""
+    groups_for_min_elements = triton.cdiv(STATS_MIN_ELEMENTS, max(group_numel, 1))
+    group_tile = min(triton.next_power_of_2(groups), triton.next_power_of_2(groups_for_min_elements))
+    return dict(GROUP_TILE=group_tile, BLOCK=max(16, STATS_TILE_ELEMENTS // group_tile)), STATS_NUM_WARPS
+
+
+def linear_params(fp32: bool) -> tuple[dict, int]:
+    """Tile sizes and warps of strided_linear_kernel. 16-bit: 64x64 output tiles on tensor cores.
+    fp32 multiplies exactly on CUDA cores, where a 32-token tile keeps the accumulator small."""
+    return dict(BLOCK_M=32 if fp32 else 64, BLOCK_N=64, BLOCK_K=32), 4
+
+
+def weight_grad_params(fp32: bool) -> tuple[dict, int]:
+    """Tile sizes and warps of strided_linear_weight_grad_kernel; fp32 halves the gradient tile to
+    stay well inside the register file."""
+    return dict(BLOCK_M=16, BLOCK_J=32, BLOCK_K=64) if fp32 else dict(BLOCK_M=32, BLOCK_J=64, BLOCK_K=64), 4
+
+
+# Production launch configurations (see launch_config.py), compiled ahead of time by the kernel
+# report: every combination of prologue and epilogue the temporal transformer launches.
+_LINEAR_ARGS = dict(
+    scale_ptr="*fp32", shift_ptr="*fp32", tokens="i32", in_features="i32", out_features="i32", frames="i32",
+    **{f"{name}_stride_{axis}": "i32" for name, axes in (("x", "rmk"), ("w", "jk"), ("residual", "rmj"), ("out", "rmj"))
+       for axis in axes},
+)
+_WEIGHT_GRAD_ARGS = dict(
+    scale_ptr="*fp32", shift_ptr="*fp32", partial_ptr="*fp32", rows="i32", tokens="i32", out_features="i32",
+    in_features="i32", frames="i32", rows_per_split="i32",
+    **{f"{name}_stride_{axis}": "i32" for name, axes in (("grad", "rmj"), ("x", "rmk")) for axis in axes},
+)
+_STATS_ARGS = dict(mean_ptr="*fp32", m2_ptr="*fp32", frames="i32", groups="i32", group_numel="i32")
+_MERGE_ARGS = dict(
+    partial_mean_ptr="*fp32", partial_m2_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32", video_groups="i32",
+    frames="i32", group_numel="i32", eps="fp32",
+)
+# (groups, channels a group x positions) at VideoCrafter2's three attention levels and the middle.
+_STATS_SHAPES = ((32, 10 * 2560), (32, 20 * 640), (32, 40 * 160), (32, 40 * 40))
+# (AFFINE, HAS_BIAS, HAS_RESIDUAL): proj_in; to_out / ff.net.2 / proj_out; backward input grads.
+_LINEAR_VARIANTS = ((True, True, False), (False, True, True), (False, False, False))
+
+
+def _linear_configs(dtype: str) -> list[KernelConfig]:
+    params, num_warps = linear_params(dtype == "fp32")
+    return [
+        config
+        for affine, has_bias, has_residual in _LINEAR_VARIANTS
+        for config in storage_configs(
+            strided_linear_kernel, _LINEAR_ARGS,
+            dict(AFFINE=affine, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, **params), num_warps,
+        )
+        if config.dtype == dtype
+    ]
+
+
+def _weight_grad_configs(dtype: str) -> list[KernelConfig]:
+    params, num_warps = weight_grad_params(dtype == "fp32")
+    return [
+        config
+        for affine in (True, False)
+        for config in storage_configs(
+            strided_linear_weight_grad_kernel, _WEIGHT_GRAD_ARGS, dict(AFFINE=affine, **params), num_warps
+        )
+        if config.dtype == dtype
+    ]
+
+
+REPORT_CONFIGS: list[KernelConfig] = (
+    [
+        config
+        for groups, group_numel in _STATS_SHAPES
+        for config in storage_configs(group_norm_partial_stats_kernel, _STATS_ARGS, *stats_params(groups, group_numel))
+    ]
+    # The merge reads only fp32 partials: one config (VideoCrafter2's 16 frames).
+    + storage_configs(group_norm_merge_stats_kernel, _MERGE_ARGS, dict(TILE=MERGE_TILE, F_PAD=16), MERGE_NUM_WARPS)[:1]
+    + [config for dtype in ("fp32", "fp16", "bf16") for config in _linear_configs(dtype) + _weight_grad_configs(dtype)]
+)
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every output buffer is allocated here (tests swap in a NaN-filled one to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def launch(kernel, grid: tuple, *args, **constexprs) -> None:
+    """Every kernel launch goes through here (tests record what each launch received)."""
+    kernel[grid](*args, **constexprs)
+
+
+def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, rstd), each (B, groups) float32, of every video's channel groups over (C/groups, F,
+    H, W); x is a contiguous (B*F, C, H, W) stream."""
+    rows = x.shape[0]
+    videos = rows // num_frames
+    group_numel = math.prod(x.shape[1:]) // groups
+    mean = new_output((videos, groups), torch.float32, x.device)
+    rstd = new_output((videos, groups), torch.float32, x.device)
+    if mean.numel() == 0:
+        return mean, rstd
+    partial_mean = new_output((videos, groups, num_frames), torch.float32, x.device)
+    partial_m2 = new_output((videos, groups, num_frames), torch.float32, x.device)
+    params, num_warps = stats_params(groups, group_numel)
+    launch(
+        group_norm_partial_stats_kernel, (rows * triton.cdiv(groups, params["GROUP_TILE"]),),
+        x, partial_mean, partial_m2, num_frames, groups, group_numel, num_warps=num_warps, **params,
+    )
+    launch(
+        group_norm_merge_stats_kernel, (triton.cdiv(videos * groups, MERGE_TILE),),
+        partial_mean, partial_m2, mean, rstd, videos * groups, num_frames, group_numel, float(eps),
+        TILE=MERGE_TILE, F_PAD=triton.next_power_of_2(num_frames), num_warps=MERGE_NUM_WARPS,
+    )
+    return mean, rstd
+
+
+def _token_major(t: Tensor, channels_first: bool) -> Tensor:
+    """The (rows, tokens, channels) view of a (rows, channels, tokens) tensor, or `t` itself."""
+    return t.transpose(1, 2) if channels_first else t
+
+
+def strided_linear(x, weight, bias, residual, scale, shift, num_frames, channels_first_out):
+    """x (R, M, K) in any strides, weight (J, K) in any strides -> out, contiguous (R, J, M) if
+    channels_first_out else (R, M, J). residual has out's shape; scale, shift are (R/F, K) fp32."""
+    rows, tokens, in_features = x.shape
+    out_features = weight.shape[0]
+    shape = (rows, out_features, tokens) if channels_first_out else (rows, tokens, out_features)
+    out = new_output(shape, x.dtype, x.device)
+    if out.numel() == 0:
+        return out
+    out_view = _token_major(out, channels_first_out)
+    residual_view = out_view if residual is None else _token_major(residual, channels_first_out)
+    params, num_warps = linear_params(x.dtype == torch.float32)
+    grid = (rows * triton.cdiv(tokens, params["BLOCK_M"]) * triton.cdiv(out_features, params["BLOCK_N"]),)
+    # Unused pointer arguments get `out`; their constexpr flags keep them unread.
+    launch(
+        strided_linear_kernel, grid,
+        x, weight, out if bias is None else bias, residual_view, out if scale is None else scale,
+        out if shift is None else shift, out,
+        tokens, in_features, out_features, num_frames,
+        *x.stride(), *weight.stride(), *residual_view.stride(), *out_view.stride(),
+        AFFINE=scale is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        num_warps=num_warps, **params,
+    )
+    return out
+
+
+def weight_grad_splits(rows: int, out_features: int, in_features: int, fp32: bool) -> int:
+    """How many frame-row ranges the weight gradient is split into (a function of shapes only)."""
+    params, _ = weight_grad_params(fp32)
+    tiles = triton.cdiv(out_features, params["BLOCK_J"]) * triton.cdiv(in_features, params["BLOCK_K"])
+    return max(1, min(rows, WEIGHT_GRAD_PROGRAMS // tiles))
+
+
+def strided_linear_weight_grad(grad_out, x, scale, shift, num_frames):
+    """sum over rows and tokens of grad_out[r, m, j] a[r, m, k], a = x (or x*scale + shift rounded
+    to x's dtype): (J, K) float32. grad_out (R, M, J) and x (R, M, K) in any strides."""
+    rows, tokens, in_features = x.shape
+    out_features = grad_out.shape[2]
+    splits = weight_grad_splits(rows, out_features, in_features, x.dtype == torch.float32)
+    partial = new_output((splits, out_features, in_features), torch.float32, x.device)
+    if partial.numel() == 0:
+        return partial.sum(0)
+    params, num_warps = weight_grad_params(x.dtype == torch.float32)
+    tiles = triton.cdiv(out_features, params["BLOCK_J"]) * triton.cdiv(in_features, params["BLOCK_K"])
+    launch(
+        strided_linear_weight_grad_kernel, (tiles, splits),
+        grad_out, x, partial if scale is None else scale, partial if shift is None else shift, partial,
+        rows, tokens, out_features, in_features, num_frames, triton.cdiv(rows, splits),
+        *grad_out.stride(), *x.stride(),
+        AFFINE=scale is not None, num_warps=num_warps, **params,
+    )
+    return partial.sum(0)
