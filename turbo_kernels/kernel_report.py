@@ -40,7 +40,7 @@ KERNEL_MODULES = (
     "turbo_kernels.triton_kernels.solver",
     "turbo_kernels.triton_kernels.temporal_attention",
     "turbo_kernels.triton_kernels.motion_energy",
-    "turbo_kernels.triton_kernels.spatial_attention",
+    "turbo_kernels.triton_kernels.group_norm",
 )
 
 CAPABILITY = 90
