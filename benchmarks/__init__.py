@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from benchmarks import attention, harness, solver
+from benchmarks import attention, harness, solver, spatial
 
-SUITES: tuple[harness.Suite, ...] = (solver.cases, attention.cases)
+SUITES: tuple[harness.Suite, ...] = (solver.cases, attention.cases, spatial.cases)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 Public ops (each a torch.library custom op with a plain PyTorch reference, a Triton kernel and,
 where it pays, a CUDA kernel, chosen per call by `turbo_kernels.dispatch`):
 guided_solver_step, consistency_output, consistency_sampler_step, pseudo_huber_loss,
-temporal_attention, temporal_attention_probs, motion_energy.
+temporal_attention, temporal_attention_probs, motion_energy, spatial_attention.
 """
 
 from turbo_kernels.dispatch import (
@@ -16,6 +16,7 @@ from turbo_kernels.dispatch import (
 from turbo_kernels.capture import capture_attention_inputs
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.ops.motion import motion_energy, temporal_attention_probs
+from turbo_kernels.ops.spatial import spatial_attention
 from turbo_kernels.patching import patch, unpatch
 from turbo_kernels.temporal_block import FusedTemporalTransformer
 from turbo_kernels.ops.solver import (
@@ -41,6 +42,7 @@ __all__ = [
     "motion_energy",
     "patch",
     "pseudo_huber_loss",
+    "spatial_attention",
     "temporal_attention",
     "temporal_attention_probs",
     "unpatch",

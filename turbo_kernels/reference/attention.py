@@ -1,5 +1,5 @@
-"""Plain PyTorch definitions of temporal attention, its probabilities and the motion energy
-(SPEC sections 1 and 4). The kernels are tested against these.
+"""Plain PyTorch definitions of temporal attention, its probabilities and the motion energy, and
+of spatial self- and cross-attention (SPEC sections 1 and 4). The kernels are tested against these.
 
 Layouts (the API names them; nothing is guessed from strides):
 - "frames": (B*F, N, heads*d), the main stream's token layout: row b*F + f, position n.
@@ -97,3 +97,43 @@ def motion_energy(
     if num_videos is None:
         return squared.mean()
     return squared.reshape(num_videos, -1).mean(dim=1)
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(rows, tokens, heads*d) -> (rows, heads, tokens, d), a view."""
+    rows, tokens, channels = x.shape
+    return x.reshape(rows, tokens, heads, channels // heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(rows, heads, tokens, d) -> (rows, tokens, heads*d)."""
+    rows, heads, tokens, d = x.shape
+    return x.transpose(1, 2).reshape(rows, tokens, heads * d)
+
+
+def spatial_attention_probs(
+    q: Tensor, k: Tensor, heads: int, scale: Optional[float] = None, kv_repeat: int = 1
+) -> Tensor:
+    """P = softmax_j(scale q_i . k_j) of spatial self- or cross-attention: (B_kv, kv_repeat, heads,
+    N, M) for q (B_kv*kv_repeat, N, heads*d) and k (B_kv, M, heads*d), in float32 (float64 for
+    float64 inputs). Query row r attends to key row r // kv_repeat, broadcast, never repeated."""
+    cdt = _compute_dtype(q)
+    q_h = split_heads(q, heads).to(cdt)
+    k_h = split_heads(k, heads).to(cdt)
+    q_h = q_h.reshape(k_h.shape[0], kv_repeat, *q_h.shape[1:])
+    scores = torch.matmul(q_h, k_h.unsqueeze(1).transpose(-1, -2)) * default_scale(q_h.shape[-1], scale)
+    return torch.softmax(scores, dim=-1)
+
+
+def spatial_attention(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, scale: Optional[float] = None, kv_repeat: int = 1
+) -> Tensor:
+    """softmax(scale q k^T) v per head over the M tokens of k (SPEC 1: the UNet's spatial
+    self-attention, and cross-attention to the 77 text tokens), returned in q's layout and dtype.
+
+    q: (B*F, N, heads*d); k, v: (B*F / kv_repeat, M, heads*d). Query row r attends to the keys of
+    row r // kv_repeat, so cross-attention can take one text context per video (B, 77, heads*d)
+    for its F frames with kv_repeat=F. Softmax and products in float32 (float64 for float64)."""
+    probs = spatial_attention_probs(q, k, heads, scale, kv_repeat)
+    out = torch.matmul(probs, split_heads(v, heads).to(probs.dtype).unsqueeze(1))
+    return merge_heads(out.flatten(0, 1)).to(q.dtype)
