@@ -41,10 +41,12 @@ def poisoned_triton_outputs(monkeypatch):
 
 
 def poison_cuda_allocator(device=DEVICE, mib: int = 256) -> None:
-    """Fill and free a block of the caching allocator so new CUDA buffers start as NaN."""
+    """Fill and free blocks of the caching allocator so new CUDA buffers start as NaN: one large
+    block, and many small ones for the pool that serves requests of 1 MiB or less."""
     if device.type == "cuda":
-        block = torch.full((mib * 2**20 // 4,), float("nan"), device=device)
-        del block
+        large = torch.full((mib * 2**20 // 4,), float("nan"), device=device)
+        small = [torch.full((2**18 // 4,), float("nan"), device=device) for _ in range(256)]
+        del large, small
 
 
 def assert_within_2x_of_reference(out, ref_same_precision, ref64, name: str = "output") -> None:

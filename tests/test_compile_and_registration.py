@@ -70,6 +70,18 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(got_grad, eager_grad, rtol=1e-6, atol=1e-9)
 
 
+def test_python_scalars_and_no_motion_compile_without_graph_breaks():
+    acp = alphas_cumprod()
+
+    def teacher_step(z_t, eps_c, eps_u):
+        return tk.guided_solver_step(z_t, eps_c, eps_u, 499, 494, 7.5, acp)
+
+    z, eps_c, eps_u = (torch.randn(2, 4, 2, 3, 5, device=DEVICE) for _ in range(3))
+    compiled = torch.compile(teacher_step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(z, eps_c, eps_u), teacher_step(z, eps_c, eps_u)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def _extension_expected() -> bool:
     try:
         has_cuda_torch = torch.version.cuda is not None

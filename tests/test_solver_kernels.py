@@ -211,3 +211,25 @@ def test_kernels_capture_in_cuda_graph(backend_name):
     torch.cuda.synchronize()
     for a, b in zip(eager, captured):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(), (70_000,)], ids=["0-d", "long-1d"])
+def test_pseudo_huber_kernel_takes_any_shape(shape, chosen):
+    p, q = torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE)
+    with tk.backend("triton"):
+        loss = tk.pseudo_huber_loss(p, q)
+    _assert_ran(chosen, "triton")
+    torch.testing.assert_close(loss, ref.pseudo_huber_loss(p, q), rtol=1e-5, atol=1e-7)
+
+
+def test_sampler_default_noise_follows_the_sample_layout(chosen):
+    sample = torch.randn(2, 4, 3, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
+    with tk.backend("triton"):
+        tk.consistency_sampler_step(sample, torch.randn_like(sample), 999, 749, alphas_cumprod())
+    _assert_ran(chosen, "triton")
+
+
+def test_pseudo_huber_gradients_keep_each_input_layout():
+    pred = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    target = torch.randn(2, 3, 4, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.turbo_kernels.pseudo_huber_loss.default, (pred, target, 1e-3))

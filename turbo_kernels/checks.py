@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -56,7 +57,21 @@ def schedule_table(alphas_cumprod, device: torch.device) -> Tensor:
             f"{tuple(alphas_cumprod.shape)} and dtype {alphas_cumprod.dtype}"
         )
     dtype = torch.float64 if alphas_cumprod.dtype == torch.float64 else torch.float32
-    return alphas_cumprod.to(device=device, dtype=dtype).contiguous()
+    if alphas_cumprod.device == device and alphas_cumprod.dtype == dtype and alphas_cumprod.is_contiguous():
+        return alphas_cumprod
+    if torch.compiler.is_compiling():
+        return alphas_cumprod.to(device=device, dtype=dtype).contiguous()
+    # A table kept on the CPU would otherwise be copied to the GPU on every call, and a host copy
+    # inside CUDA-graph capture fails; the cached copy is refreshed when the table is modified.
+    per_table = _device_tables.setdefault(alphas_cumprod, {})
+    cached = per_table.get((device, dtype))
+    if cached is None or cached[0] != alphas_cumprod._version:
+        cached = (alphas_cumprod._version, alphas_cumprod.to(device=device, dtype=dtype).contiguous())
+        per_table[(device, dtype)] = cached
+    return cached[1]
+
+
+_device_tables: "weakref.WeakKeyDictionary[Tensor, dict]" = weakref.WeakKeyDictionary()
 
 
 def timesteps(t, name: str, batch: int, device: torch.device, num_train_timesteps: int) -> Tensor:
@@ -83,7 +98,7 @@ def per_sample_scalar(x: Optional[Scalar], name: str, batch: int, device: torch.
     if isinstance(x, bool) or not isinstance(x, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(x).__name__}")
     if not isinstance(x, Tensor):
-        if not torch.isfinite(torch.tensor(float(x))):
+        if not math.isfinite(float(x)):
             raise ValueError(f"{name} must be finite, got {x}")
         return torch.full((batch,), float(x), dtype=torch.float32, device=device)
     if x.is_complex() or x.dtype == torch.bool:
@@ -102,11 +117,12 @@ def _per_sample_shape(x: Tensor, name: str, batch: int) -> Tensor:
     return x
 
 
-def kernel_layout_problem(*tensors: Tensor) -> Optional[str]:
+def kernel_layout_problem(*tensors: Tensor, batched: bool = True) -> Optional[str]:
     """Why the elementwise kernels cannot stream these tensors, or None.
 
     The kernels walk raw memory sample by sample, so every tensor needs the same dense layout with
     the batch outermost: contiguous, channels_last or channels_last_3d (all share their strides).
+    `batched=False` is for kernels that stream all elements as one run (the loss reduction).
     """
     first = tensors[0]
     dtypes = {t.dtype for t in tensors}
@@ -118,8 +134,18 @@ def kernel_layout_problem(*tensors: Tensor) -> Optional[str]:
         return "the tensors do not share one memory layout"
     if not any(first.is_contiguous(memory_format=f) for f in DENSE_FORMATS if _format_fits(f, first)):
         return f"non-dense layout (strides {first.stride()})"
-    if first.shape[0] > 65535:
+    if batched and first.shape[0] > 65535:
         return f"batch size {first.shape[0]} exceeds 65535"
+    return None
+
+
+def exact_layout_problem(*tensors: Tensor) -> Optional[str]:
+    """The CUDA kernels' stricter rule: identical strides, batch outermost in memory."""
+    first = tensors[0]
+    if any(t.stride() != first.stride() for t in tensors):
+        return "the CUDA kernels need identical strides (size-1 dimensions included)"
+    if first.dim() == 0 or first.stride(0) * first.shape[0] != first.numel():
+        return "the CUDA kernels need the batch outermost in memory"
     return None
 
 

@@ -80,6 +80,8 @@ def _kernel_problem(storage: dict[str, Optional[Tensor]], fp32: dict[str, Option
     for name, t in fp32.items():
         if t.dtype != torch.float32:
             return f"{name} must be float32, got {t.dtype}"
+        if not t.is_contiguous():
+            return f"{name} must be contiguous (the kernels index it as rows of channels)"
     if len({t.device for t in (*storage.values(), *fp32.values())}) > 1:
         return "tensors on several devices"
     return None

@@ -27,17 +27,21 @@ def _triton():
     return solver
 
 
-def _register_all(op: str, streamed, cuda_fn=None) -> None:
+def _register_all(op: str, streamed, cuda_fn=None, batched: bool = True) -> None:
     """Register the backends of `op`; `streamed(*args)` names the tensors its kernels stream."""
 
     def problem(*args):
         big = [a for a in streamed(*args) if a is not None and a.numel() > 0]
-        return checks.kernel_layout_problem(*big) if big else None
+        return checks.kernel_layout_problem(*big, batched=batched) if big else None
+
+    def cuda_problem(*args):
+        big = [a for a in streamed(*args) if a is not None and a.numel() > 0]
+        return (checks.kernel_layout_problem(*big) or checks.exact_layout_problem(*big)) if big else None
 
     dispatch.register(op, "reference")(getattr(ref, op))
     dispatch.register(op, "triton", problem)(lambda *args: getattr(_triton(), op)(*args))
     if cuda_fn is not None:
-        dispatch.register(op, "cuda", problem)(cuda_fn)
+        dispatch.register(op, "cuda", cuda_problem)(cuda_fn)
 
 
 def _cuda_guided_fwd(z_t, eps_cond, eps_uncond, score, t_hi, t_lo, w, motion_scale, acp, release_form):
@@ -70,9 +74,9 @@ _register_all("consistency_output", lambda *a: a[:2], _cuda_consistency_fwd)
 _register_all("consistency_output_backward", lambda *a: a[:1], _cuda_consistency_bwd)
 _register_all("consistency_sampler_step", lambda *a: a[:3])
 _register_all("consistency_sampler_step_backward", lambda *a: a[:2])
-_register_all("pseudo_huber_loss", lambda *a: a[:2])
+_register_all("pseudo_huber_loss", lambda *a: a[:2], batched=False)
 # The incoming grad is a 0-d scalar; only pred and target are streamed.
-_register_all("pseudo_huber_loss_backward", lambda *a: a[1:3])
+_register_all("pseudo_huber_loss_backward", lambda *a: a[1:3], batched=False)
 
 
 def _dense_grads(*grads: Tensor) -> tuple[Tensor, ...]:
@@ -330,7 +334,7 @@ def consistency_sampler_step(
     checks.floating_tensor(sample, "sample")
     checks.same_as(eps, "eps", sample, "sample")
     if noise is None:
-        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        noise = torch.empty_like(sample).normal_(generator=generator)  # in sample's layout, so kernels can stream both
     checks.same_as(noise, "noise", sample, "sample")
     batch, device = sample.shape[0], sample.device
     acp = checks.schedule_table(alphas_cumprod, device)

@@ -302,7 +302,7 @@ def consistency_sampler_step_backward(grad_denoised, grad_next, t, t_prev, alpha
 def pseudo_huber_loss(pred, target, c):
     n = pred.numel()
     n_blocks = max(triton.cdiv(n, REDUCE_BLOCK), 1)
-    partial = torch.empty(n_blocks, device=pred.device, dtype=torch.float32)
+    partial = new_output(torch.empty(n_blocks, device=pred.device, dtype=torch.float32))
     if n == 0:
         return torch.full((), float("nan"), device=pred.device, dtype=torch.float32)
     pseudo_huber_fwd_kernel[(n_blocks,)](pred, target, partial, n, float(c), BLOCK=REDUCE_BLOCK, num_warps=REDUCE_NUM_WARPS)
