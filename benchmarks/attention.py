@@ -10,7 +10,7 @@ in that layout, so the baselines pay for their layout round trips:
   matmul, permute back), eagerly and under torch.compile;
 - sdpa: the same permutes around torch's scaled_dot_product_attention (FlashAttention / memory-
   efficient kernels on a GPU);
-- triton: the public op, which reads and writes the frames layout in place.
+- triton, cuda: the public op on that backend, which reads and writes the frames layout in place.
 """
 
 from __future__ import annotations
@@ -84,18 +84,24 @@ def _timed(forward: Callable, with_grad: bool) -> Callable:
 def _impls(with_grad: bool, device: torch.device) -> tuple[Impl, ...]:
     compiled = torch.compile(ref.temporal_attention, dynamic=False)
 
-    def triton_call(x: SimpleNamespace):
-        # The backward dispatches too, so the whole call runs inside the backend's block.
-        with tk.backend("triton"):
-            return _timed(temporal_attention, with_grad)(x)
+    def kernel_call(backend_name: str) -> Callable:
+        def call(x: SimpleNamespace):
+            # The backward dispatches too, so the whole call runs inside the backend's block.
+            with tk.backend(backend_name):
+                return _timed(temporal_attention, with_grad)(x)
 
-    # The Triton interpreter (TRITON_INTERPRET=1) is a testing tool, never worth timing.
-    triton_unavailable = "no GPU" if device.type != "cuda" else dispatch.machine_unavailable_reason("triton", device)
+        return call
+
+    def unavailable(backend_name: str):
+        # The Triton interpreter (TRITON_INTERPRET=1) is a testing tool, never worth timing.
+        return "no GPU" if device.type != "cuda" else dispatch.machine_unavailable_reason(backend_name, device)
+
     return (
         Impl(EAGER, _timed(ref.temporal_attention, with_grad)),
         Impl(SDPA, _timed(_sdpa, with_grad)),
         Impl(COMPILED, _timed(compiled, with_grad), compiles=True),
-        Impl("triton", triton_call, unavailable=triton_unavailable),
+        Impl("triton", kernel_call("triton"), unavailable=unavailable("triton")),
+        Impl("cuda", kernel_call("cuda"), unavailable=unavailable("cuda")),
     )
 
 

@@ -18,6 +18,12 @@ TORCH_LIBRARY(turbo_kernels_cuda, m) {
   m.def(
       "consistency_output_bwd(Tensor grad_out, Tensor t, Tensor alphas_cumprod, float timestep_scaling, "
       "float sigma_data) -> (Tensor, Tensor)");
+  m.def(
+      "temporal_attention_fwd(Tensor q, Tensor k, Tensor v, int num_frames, int heads, str layout, float scale) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "temporal_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, int num_frames, int heads, "
+      "str layout, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

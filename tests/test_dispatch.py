@@ -109,3 +109,10 @@ def test_ops_without_a_cuda_kernel_fall_back_when_cuda_is_forced():
     x = torch.randn(2, 3, device=DEVICE)
     with tk.backend("cuda"), pytest.warns(tk.TurboKernelsFallbackWarning, match="no cuda implementation"):
         tk.pseudo_huber_loss(x, x)
+
+
+def test_auto_order_can_put_triton_first():
+    assert dispatch.auto_order("guided_solver_step") == ("cuda", "triton")
+    assert dispatch.auto_order("temporal_attention") == ("triton", "cuda")
+    with pytest.raises(ValueError, match="permutation"):
+        dispatch.set_auto_order("temporal_attention", ("triton",))
