@@ -48,21 +48,6 @@ def _poisoned(monkeypatch):
 
 
 @pytest.fixture
-def chosen(monkeypatch):
-    """Records the backend dispatch chose for every op call."""
-    record = []
-    original = dispatch.select
-
-    def spy(op, device, *args):
-        name = original(op, device, *args)
-        record.append((op, name))
-        return name
-
-    monkeypatch.setattr(dispatch, "select", spy)
-    return record
-
-
-@pytest.fixture
 def launched(monkeypatch):
     """Records the pointer arguments of every kernel launch."""
     record = []

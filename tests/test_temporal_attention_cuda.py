@@ -36,21 +36,6 @@ def _fresh_warnings():
 
 
 @pytest.fixture
-def chosen(monkeypatch):
-    """Records the backend dispatch chose for every op call."""
-    record = []
-    original = dispatch.select
-
-    def spy(op, device, *args):
-        name = original(op, device, *args)
-        record.append((op, name))
-        return name
-
-    monkeypatch.setattr(dispatch, "select", spy)
-    return record
-
-
-@pytest.fixture
 def cuda_calls(monkeypatch):
     """Records the arguments the CUDA implementation of each op received."""
     record = {op: [] for op in OPS}

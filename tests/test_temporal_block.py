@@ -67,21 +67,6 @@ def _poisoned(monkeypatch):
     monkeypatch.setattr(attention_kernels, "new_output", nan_filled)
 
 
-@pytest.fixture
-def chosen(monkeypatch):
-    """Records the backend dispatch chose for every op call."""
-    record = []
-    original = dispatch.select
-
-    def spy(op, device, *args):
-        name = original(op, device, *args)
-        record.append((op, name))
-        return name
-
-    monkeypatch.setattr(dispatch, "select", spy)
-    return record
-
-
 def _randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Non-zero weights as the release's tiny golden draws them: matrices N(0, 1/fan_in), norm
     scales 1 + 0.1 N(0, 1), biases 0.05 N(0, 1)."""
