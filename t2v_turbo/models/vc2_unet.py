@@ -1,0 +1,518 @@
+"""The VideoCrafter2 3D UNet with T2V-Turbo-v2's student conditioning (SPEC 1): the reference path.
+
+Module names reproduce the release's state-dict keys exactly (shared/vc2_reference/README.md), so its
+checkpoints load strictly. Numerics follow the release: embeddings, GroupNorm scopes and eps, the
+order of residuals. Attention is plain softmax(q kᵀ·d_head^-0.5)·v; temporal attention goes through
+`temporal_attention` alone, so a kernel can replace it in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GROUPS = 32
+# The release's ResBlock, TemporalConvBlock and output norms use torch's default eps; its
+# transformers' GroupNorms use 1e-6.
+GROUP_NORM_EPS = 1e-5
+TRANSFORMER_GROUP_NORM_EPS = 1e-6
+INIT_ATTN_HEADS = 8
+TEMPORAL_CONV_DROPOUT = 0.1
+COND_EMBED_DIM = 256
+MAX_PERIOD = 10000
+
+TINY_CONFIG: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "attention_resolutions": [1, 2],
+    "num_res_blocks": 2,
+    "channel_mult": [1, 2],
+    "num_head_channels": 8,
+    "transformer_depth": 1,
+    "context_dim": 32,
+    "use_linear": True,
+    "use_checkpoint": False,
+    "temporal_conv": True,
+    "temporal_attention": True,
+    "temporal_selfatt_only": True,
+    "use_relative_position": False,
+    "use_causal_attention": False,
+    "temporal_length": 4,
+    "addition_attention": True,
+    "fps_cond": True,
+    "time_cond_proj_dim": 256,
+    "motion_cond_proj_dim": 256,
+    "record_attn_probs": True,
+}
+VC2_CONFIG: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "attention_resolutions": [4, 2, 1],
+    "num_res_blocks": 2,
+    "channel_mult": [1, 2, 4, 4],
+    "num_head_channels": 64,
+    "transformer_depth": 1,
+    "context_dim": 1024,
+    "use_linear": True,
+    "use_checkpoint": True,
+    "temporal_conv": True,
+    "temporal_attention": True,
+    "temporal_selfatt_only": True,
+    "use_relative_position": False,
+    "use_causal_attention": False,
+    "temporal_length": 16,
+    "addition_attention": True,
+    "fps_cond": True,
+    "time_cond_proj_dim": 256,
+    "motion_cond_proj_dim": 256,
+}
+PRESETS = {"tiny": TINY_CONFIG, "vc2": VC2_CONFIG}
+
+# Constructor kwargs of the release that this implementation accepts only at the value it implements.
+_FIXED_KWARGS: dict[str, Any] = {
+    "transformer_depth": 1,
+    "use_linear": True,
+    "temporal_conv": True,
+    "temporal_attention": True,
+    "temporal_selfatt_only": True,
+    "use_relative_position": False,
+    "use_causal_attention": False,
+    "addition_attention": True,
+    "fps_cond": True,
+    "dims": 2,
+    "conv_resample": True,
+    "use_scale_shift_norm": False,
+    "resblock_updown": False,
+    "num_heads": -1,
+    "tempspatial_aware": False,
+    "use_image_attention": False,
+    "temporal_transformer_depth": 1,
+    "dropout": 0.0,
+    "use_fp16": False,
+}
+# Kwargs with no effect on parameters or values: checkpointing, the clip length (used only by
+# relative position / causal masks), and attention-probability recording.
+_IGNORED_KWARGS = ("use_checkpoint", "temporal_length", "record_attn_probs")
+
+
+def sinusoid_a(values: Tensor, dim: int) -> Tensor:
+    """The UNet's timestep / fps embedding: [cos, sin] of v·exp(-ln(10000)·k/half), in float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    args = values.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sinusoid_b(values: Tensor | float, dim: int = COND_EMBED_DIM, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The LCM guidance embedding of the release: [sin, cos] of (1000·v)·exp(-k·ln(10000)/(half-1))."""
+    values = torch.as_tensor(values, dtype=dtype).reshape(-1) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=dtype, device=values.device) * -(math.log(MAX_PERIOD) / (half - 1)))
+    args = values[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def guidance_embedding(w: Tensor | float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`timestep_cond` for CFG scale(s) w: (B, 256)."""
+    return sinusoid_b(w, dtype=dtype)
+
+
+def motion_embedding(m: Tensor | float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`motion_cond` for motion-guidance strength(s) m: (B, 256)."""
+    return sinusoid_b(m, dtype=dtype)
+
+
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    """(N, L, heads·d) -> (N, heads, L, d)."""
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def attention_probs(q: Tensor, k: Tensor, heads: int) -> Tensor:
+    """softmax(q kᵀ·d^-0.5) per head: (N, heads, Lq, Lk)."""
+    d = q.shape[-1] // heads
+    return (_split_heads(q, heads) @ _split_heads(k, heads).transpose(-1, -2) * d**-0.5).softmax(dim=-1)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """Multi-head softmax(q kᵀ·d^-0.5) v on (N, Lq, heads·d) / (N, Lk, heads·d) tokens."""
+    out = attention_probs(q, k, heads) @ _split_heads(v, heads)
+    return out.transpose(1, 2).flatten(2)
+
+
+def temporal_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """Self-attention over frames at each pixel, on (B·H·W, F, heads·d) tokens."""
+    return attention(q, k, v, heads)
+
+
+class CrossAttention(nn.Module):
+    """The release's CrossAttention; self-attention when context_dim is None or no context is passed."""
+
+    def __init__(
+        self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None, temporal: bool = False
+    ):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.temporal = temporal
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        source = x if context is None else context
+        core = temporal_attention if self.temporal else attention
+        return self.to_out(core(self.to_q(x), self.to_k(source), self.to_v(source), self.heads))
+
+    def probs(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The attention probabilities of forward(x, context), (N·heads, Lq, Lk) with the head fastest:
+        the layout of the release's record_attn_probs maps (motion guidance reads them)."""
+        source = x if context is None else context
+        return attention_probs(self.to_q(x), self.to_k(source), self.heads).flatten(0, 1)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """attn1 (self), attn2 (cross to context; self when context_dim is None), GEGLU feed-forward,
+    each pre-LayerNorm with a residual. Registration order as released: attn1, ff, attn2, norms."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, temporal: bool):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, head_dim, temporal=temporal)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, heads, head_dim, context_dim=context_dim, temporal=temporal)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Per-frame transformer on (B·F, C, H, W): tokens (B·F, H·W, C), cross-attention to the text."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, context_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = nn.GroupNorm(GROUPS, channels, eps=TRANSFORMER_GROUP_NORM_EPS)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, head_dim, context_dim, False)])
+        self.proj_out = nn.Linear(inner, channels)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        rows, channels, height, width = x.shape
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = self.proj_out(h).transpose(1, 2).reshape(rows, channels, height, width)
+        return h + x
+
+
+class TemporalTransformer(nn.Module):
+    """Temporal self-attention only (the text is never used) on (B·F, C, H, W): GroupNorm over each
+    video (C/32, F, H, W), tokens (B·H·W, F, C). init_attn uses Conv1d projections (the release
+    builds it without use_linear); the others use Linear."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, conv_proj: bool = False):
+        super().__init__()
+        inner = heads * head_dim
+        self.conv_proj = conv_proj
+        self.norm = nn.GroupNorm(GROUPS, channels, eps=TRANSFORMER_GROUP_NORM_EPS)
+        self.proj_in = nn.Conv1d(channels, inner, 1) if conv_proj else nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, head_dim, None, True)])
+        self.proj_out = nn.Conv1d(inner, channels, 1) if conv_proj else nn.Linear(inner, channels)
+
+    def _project(self, proj: nn.Module, tokens: Tensor) -> Tensor:
+        if self.conv_proj:
+            return proj(tokens.transpose(1, 2)).transpose(1, 2)
+        return proj(tokens)
+
+    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        rows, channels, height, width = x.shape
+        video = x.unflatten(0, (-1, num_frames)).transpose(1, 2)  # (B, C, F, H, W)
+        tokens = self.norm(video).permute(0, 3, 4, 2, 1).reshape(-1, num_frames, channels)
+        h = self._project(self.proj_in, tokens)
+        for block in self.transformer_blocks:
+            h = block(h)
+        h = self._project(self.proj_out, h)
+        h = (
+            h.reshape(-1, height, width, num_frames, channels)
+            .permute(0, 3, 4, 1, 2)
+            .reshape(rows, channels, height, width)
+        )
+        return h + x
+
+
+class TemporalConvBlock(nn.Module):
+    """Four GroupNorm-SiLU-(Dropout)-Conv3d (3,1,1) layers over each video, with an identity residual."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+
+        def layer(with_dropout: bool) -> nn.Sequential:
+            dropout = [nn.Dropout(TEMPORAL_CONV_DROPOUT)] if with_dropout else []
+            return nn.Sequential(
+                nn.GroupNorm(GROUPS, channels, eps=GROUP_NORM_EPS),
+                nn.SiLU(),
+                *dropout,
+                nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)),
+            )
+
+        self.conv1 = layer(False)
+        self.conv2 = layer(True)
+        self.conv3 = layer(True)
+        self.conv4 = layer(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(GROUPS, channels, eps=GROUP_NORM_EPS),
+            nn.SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(GROUPS, out_channels, eps=GROUP_NORM_EPS),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        # The release's spelling, kept for its checkpoint keys.
+        self.temopral_conv = TemporalConvBlock(out_channels)
+
+    def forward(self, x: Tensor, emb: Tensor, num_frames: int) -> Tensor:
+        h = self.in_layers(x) + self.emb_layers(emb).to(x.dtype)[:, :, None, None]
+        h = self.skip_connection(x) + self.out_layers(h)
+        video = h.unflatten(0, (-1, num_frames)).transpose(1, 2)
+        return self.temopral_conv(video).transpose(1, 2).flatten(0, 1)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class UNetBlock(nn.Sequential):
+    """The release's TimestepEmbedSequential: routes emb, context or the frame count to each layer."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, num_frames: int) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb, num_frames)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, TemporalTransformer):
+                x = layer(x, num_frames)
+            else:
+                x = layer(x)
+        return x
+
+
+def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+
+class VC2UNet(nn.Module):
+    """VideoCrafter2's UNetModel (lvdm openaimodel3d) with T2V-Turbo-v2's guidance and motion
+    conditioning. forward(x (B, C, T, H, W), timesteps (B,), context (B, L, D), fps) -> (B, C, T, H, W).
+    Dropout (in every temporal conv block) follows train()/eval()."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        model_channels: int,
+        attention_resolutions,
+        num_res_blocks: int,
+        channel_mult,
+        num_head_channels: int,
+        context_dim: int,
+        time_cond_proj_dim: int | None = None,
+        motion_cond_proj_dim: int | None = None,
+    ):
+        super().__init__()
+        if motion_cond_proj_dim is not None and time_cond_proj_dim is None:
+            raise ValueError("motion_cond_proj_dim needs time_cond_proj_dim")
+        self.model_channels = model_channels
+        emb_dim = 4 * model_channels
+        self.time_embed = _mlp(model_channels, emb_dim)
+        self.fps_embedding = _mlp(model_channels, emb_dim)
+        if time_cond_proj_dim is not None:
+            self.time_cond_proj = nn.Linear(time_cond_proj_dim, model_channels, bias=False)
+        if motion_cond_proj_dim is not None:
+            self.motion_cond_proj = nn.Linear(motion_cond_proj_dim, model_channels, bias=False)
+            self.combine_proj = nn.Linear(2 * model_channels, model_channels, bias=False)
+
+        def transformers(channels: int) -> list[nn.Module]:
+            heads = channels // num_head_channels
+            return [
+                SpatialTransformer(channels, heads, num_head_channels, context_dim),
+                TemporalTransformer(channels, heads, num_head_channels),
+            ]
+
+        input_blocks = [UNetBlock(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+        skip_channels = [model_channels]
+        channels, factor = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(channels, emb_dim, mult * model_channels)]
+                channels = mult * model_channels
+                if factor in attention_resolutions:
+                    layers += transformers(channels)
+                input_blocks.append(UNetBlock(*layers))
+                skip_channels.append(channels)
+            if level != len(channel_mult) - 1:
+                input_blocks.append(UNetBlock(Downsample(channels)))
+                skip_channels.append(channels)
+                factor *= 2
+        self.input_blocks = nn.ModuleList(input_blocks)
+        self.init_attn = UNetBlock(
+            TemporalTransformer(model_channels, INIT_ATTN_HEADS, num_head_channels, conv_proj=True)
+        )
+        self.middle_block = UNetBlock(
+            ResBlock(channels, emb_dim, channels), *transformers(channels), ResBlock(channels, emb_dim, channels)
+        )
+
+        output_blocks = []
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(channels + skip_channels.pop(), emb_dim, mult * model_channels)]
+                channels = mult * model_channels
+                if factor in attention_resolutions:
+                    layers += transformers(channels)
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(channels))
+                    factor //= 2
+                output_blocks.append(UNetBlock(*layers))
+        self.output_blocks = nn.ModuleList(output_blocks)
+        self.out = nn.Sequential(
+            nn.GroupNorm(GROUPS, channels, eps=GROUP_NORM_EPS),
+            nn.SiLU(),
+            nn.Conv2d(model_channels, out_channels, 3, padding=1),
+        )
+
+    @classmethod
+    def from_original_config(cls, kwargs: Mapping[str, Any]) -> VC2UNet:
+        """Builds from the release's UNetModel constructor kwargs (its yaml `unet_config.params`)."""
+        kwargs = dict(kwargs)
+        for name, value in _FIXED_KWARGS.items():
+            given = kwargs.pop(name, value)
+            if given != value and not (isinstance(value, bool) and bool(given) == value):
+                raise ValueError(f"{name}={given!r} is not supported (only {value!r})")
+        for name in _IGNORED_KWARGS:
+            kwargs.pop(name, None)
+        return cls(**kwargs)
+
+    @classmethod
+    def preset(cls, name: str) -> VC2UNet:
+        """'tiny' (the reference data's tiny golden) or 'vc2' (the full T2V-Turbo-v2 student)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls.from_original_config(PRESETS[name])
+
+    def load_original_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
+        """Loads a release checkpoint's bare UNet state dict (strip `model.diffusion_model.` first)."""
+        if strict:
+            expected, given = set(self.state_dict()), set(state_dict)
+            missing, unexpected = sorted(expected - given), sorted(given - expected)
+            if missing or unexpected:
+                raise KeyError(
+                    f"state dict does not match VC2UNet: {len(missing)} missing {missing[:20]}, "
+                    f"{len(unexpected)} unexpected {unexpected[:20]}"
+                )
+        return self.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def condition_embedding(self, timestep_cond: Tensor | None, motion_cond: Tensor | None, dtype) -> Tensor | None:
+        """c added to the timestep sinusoid: combine_proj of both projections, or the guidance one alone."""
+        if timestep_cond is None:
+            if motion_cond is not None:
+                raise ValueError("motion_cond needs timestep_cond")
+            return None
+        if not hasattr(self, "time_cond_proj"):
+            raise ValueError("this model has no time_cond_proj (built without time_cond_proj_dim)")
+        guidance = self.time_cond_proj(timestep_cond.to(dtype))
+        if motion_cond is None:
+            return guidance
+        if not hasattr(self, "motion_cond_proj"):
+            raise ValueError("this model has no motion_cond_proj (built without motion_cond_proj_dim)")
+        return self.combine_proj(torch.cat([guidance, self.motion_cond_proj(motion_cond.to(dtype))], dim=1))
+
+    def forward(
+        self,
+        x: Tensor,
+        timesteps: Tensor,
+        context: Tensor,
+        fps: Tensor | int,
+        timestep_cond: Tensor | None = None,
+        motion_cond: Tensor | None = None,
+    ) -> Tensor:
+        batch, _, num_frames, _, _ = x.shape
+        dtype = x.dtype
+        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(batch)
+        fps = torch.as_tensor(fps, device=x.device).reshape(-1).expand(batch)
+        t_emb = sinusoid_a(timesteps, self.model_channels).to(dtype)
+        c = self.condition_embedding(timestep_cond, motion_cond, dtype)
+        if c is not None:
+            t_emb = t_emb + c
+        emb = self.time_embed(t_emb) + self.fps_embedding(sinusoid_a(fps, self.model_channels).to(dtype))
+        emb = emb.repeat_interleave(num_frames, dim=0)
+        context = context.to(dtype).repeat_interleave(num_frames, dim=0)
+
+        h = x.transpose(1, 2).flatten(0, 1)  # (B·T, C, H, W), frame index fastest
+        skips = []
+        for index, block in enumerate(self.input_blocks):
+            h = block(h, emb, context, num_frames)
+            if index == 0:
+                h = self.init_attn(h, emb, context, num_frames)
+            skips.append(h)
+        h = self.middle_block(h, emb, context, num_frames)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, num_frames)
+        return self.out(h).unflatten(0, (batch, num_frames)).transpose(1, 2)
