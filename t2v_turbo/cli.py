@@ -24,7 +24,31 @@ def _add_bench(subparsers) -> None:
     parser.set_defaults(handler=benchmarks.run)
 
 
-SUBCOMMANDS = (_add_bench,)
+def _add_convert(subparsers) -> None:
+    from t2v_turbo.models import checkpoint
+
+    def convert(args) -> int:
+        if not args.output.endswith(checkpoint.SAFETENSORS_SUFFIX):
+            parser.error(f"OUTPUT must be a {checkpoint.SAFETENSORS_SUFFIX} file, got {args.output}")
+        state = checkpoint.load_state_dict_file(args.input)
+        checkpoint.save_state_dict_file(state, args.output)
+        params = sum(t.numel() for t in state.values())
+        print(f"wrote {args.output}: {len(state)} tensors, {params:,} parameters")
+        return 0
+
+    parser = subparsers.add_parser(
+        "convert",
+        help="copy a checkpoint's UNet state dict into a .safetensors file",
+        description="Load a .pt/.ckpt/.bin checkpoint with weights_only=True (or a .safetensors file), take its "
+        f"UNet state dict (under 'state_dict' if nested; keys under '{checkpoint.ORIGINAL_PREFIX}' with the "
+        "prefix stripped, if any carry it) and write it to OUTPUT atomically.",
+    )
+    parser.add_argument("input", help="checkpoint to read (.pt, .ckpt, .bin or .safetensors)")
+    parser.add_argument("output", help="the .safetensors file to write")
+    parser.set_defaults(handler=convert)
+
+
+SUBCOMMANDS = (_add_bench, _add_convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

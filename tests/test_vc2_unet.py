@@ -1,12 +1,15 @@
 """VC2UNet against the release's reference data (shared/vc2_reference): the full model's keys, shapes
-and parameter count, and the tiny golden's outputs and intermediates in float64 and float32."""
+and parameter count, and the tiny golden's outputs and intermediates in float64 and float32, with the
+temporal attention on turbo_kernels' reference and Triton backends and on plain PyTorch."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+import turbo_kernels
 from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
 from t2v_turbo.models.vc2_unet import sinusoid_a
 
@@ -37,11 +40,20 @@ def io():
     return _load("tiny_io.safetensors")
 
 
+def _tiny(use_kernels=True):
+    model = VC2UNet.preset("tiny", use_kernels=use_kernels)
+    model.load_original_state_dict(_load("tiny_unet.safetensors"))
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def tiny64():
-    model = VC2UNet.preset("tiny")
-    model.load_original_state_dict(_load("tiny_unet.safetensors"))
-    return model.eval().double()
+    return _tiny().double()
+
+
+@pytest.fixture(scope="module")
+def plain64():
+    return _tiny(use_kernels=False).double()
 
 
 def _run(model, io, dtype, timestep_cond=True, motion_cond=True):
@@ -114,7 +126,8 @@ def test_embeddings_match_the_release(io):
     [("out", True, True), ("out_no_motion_cond", True, False), ("out_no_timestep_cond", False, False)],
 )
 def test_tiny_float64_matches_golden(tiny64, io, golden, timestep_cond, motion_cond):
-    out = _run(tiny64, io, torch.float64, timestep_cond, motion_cond)
+    with turbo_kernels.backend("reference"):
+        out = _run(tiny64, io, torch.float64, timestep_cond, motion_cond)
     assert out.dtype == torch.float64 and out.shape == io[golden].shape
     assert _max_error(out, io[golden]) < FLOAT64_TOL
 
@@ -146,31 +159,74 @@ def test_tiny_float64_intermediates(tiny64, io):
     assert max(errors.values()) < FLOAT64_TOL, errors
 
 
-def test_decoder_temporal_attention_probs(tiny64, io):
-    """attn1.probs on the inputs attn1 saw reproduces the release's recorded maps."""
-    golden = _load("tiny_attn_probs.safetensors")
+def _run_recording_attn1_inputs(model, io, dtype, names):
+    """The output of one forward and the input each of the named attention layers saw."""
     inputs = {}
     hooks = [
-        tiny64.get_submodule(name).register_forward_hook(
+        model.get_submodule(name).register_forward_hook(
             lambda module, args, output, name=name: inputs.update({name: args[0]})
         )
-        for name in golden
+        for name in names
     ]
     try:
-        _run(tiny64, io, torch.float64)
+        return _run(model, io, dtype), inputs
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _temporal_attention_backends(chosen):
+    return {backend for op, backend in chosen if op.startswith("temporal_attention")}
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "plain"])
+def test_decoder_temporal_attention_probs(tiny64, plain64, io, use_kernels, chosen):
+    """attn1.probs on the inputs attn1 saw reproduces the release's recorded maps."""
+    model = tiny64 if use_kernels else plain64
+    golden = _load("tiny_attn_probs.safetensors")
+    with turbo_kernels.backend("reference"):
+        out, inputs = _run_recording_attn1_inputs(model, io, torch.float64, golden)
+        probs = {name: model.get_submodule(name).probs(inputs[name]) for name in golden}
+    assert _max_error(out, io["out"]) < FLOAT64_TOL
     for name, expected in golden.items():
-        probs = tiny64.get_submodule(name).probs(inputs[name])
-        assert probs.shape == expected.shape
-        assert _max_error(probs, expected) < FLOAT64_TOL, name
+        assert probs[name].shape == expected.shape
+        assert _max_error(probs[name], expected) < FLOAT64_TOL, name
+    assert _temporal_attention_backends(chosen) == ({"reference"} if use_kernels else set())
 
 
-def test_tiny_float32_matches_golden(io):
+def test_use_kernels_switches_every_temporal_attention():
     model = VC2UNet.preset("tiny")
-    model.load_original_state_dict(_load("tiny_unet.safetensors"))
-    out = _run(model.eval(), io, torch.float32)
+    temporal = [m for m in model.modules() if getattr(m, "temporal", None) is True]
+    assert model.use_kernels and all(m.use_kernels for m in temporal)
+    model.use_kernels = False
+    assert not any(m.use_kernels for m in temporal)
+    assert not VC2UNet.preset("tiny", use_kernels=False).use_kernels
+
+
+@pytest.mark.slow
+def test_tiny_float32_triton_matches_golden(io, chosen):
+    """One float32 forward of the first clip with the temporal attention on the Triton kernels (head
+    dim 8, F = 4), then attn1.probs on Triton, against the float64 goldens; no fallback allowed."""
+    golden = _load("tiny_attn_probs.safetensors")
+    first = {name: value[:1] for name, value in io.items() if value.dim()}
+    model = _tiny()
+    with turbo_kernels.backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("error", turbo_kernels.TurboKernelsFallbackWarning)
+        out, inputs = _run_recording_attn1_inputs(model, first, torch.float32, golden)
+        with torch.no_grad():
+            probs = {name: model.get_submodule(name).probs(inputs[name]) for name in golden}
+    assert out.dtype == torch.float32
+    assert _max_error(out, io["out"][:1]) < FLOAT32_TOL
+    for name, expected in golden.items():
+        rows = expected.shape[0] // 2  # the first clip's rows come first
+        assert probs[name].dtype == torch.float32
+        assert _max_error(probs[name], expected[:rows]) < FLOAT32_TOL, name
+    assert _temporal_attention_backends(chosen) == {"triton"}
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "plain"])
+def test_tiny_float32_matches_golden(io, use_kernels):
+    out = _run(_tiny(use_kernels), io, torch.float32)
     assert out.dtype == torch.float32
     assert _max_error(out, io["out"]) < FLOAT32_TOL
     assert _max_error(out, io["out_fp32"]) < FLOAT32_TOL

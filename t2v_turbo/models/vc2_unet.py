@@ -2,8 +2,9 @@
 
 Module names reproduce the release's state-dict keys exactly (shared/vc2_reference/README.md), so its
 checkpoints load strictly. Numerics follow the release: embeddings, GroupNorm scopes and eps, the
-order of residuals. Attention is plain softmax(q kᵀ·d_head^-0.5)·v; temporal attention goes through
-`temporal_attention` alone, so a kernel can replace it in one place.
+order of residuals. Attention is plain softmax(q kᵀ·d_head^-0.5)·v; temporal attention (and its
+probabilities) goes through `temporal_attention` / `temporal_attention_probs` alone, which run
+turbo_kernels' ops when `use_kernels` is on and plain PyTorch when it is off.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import turbo_kernels
 
 GROUPS = 32
 # The release's ResBlock, TemporalConvBlock and output norms use torch's default eps; its
@@ -146,13 +149,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     return out.transpose(1, 2).flatten(2)
 
 
-def temporal_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+def temporal_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, use_kernels: bool) -> Tensor:
     """Self-attention over frames at each pixel, on (B·H·W, F, heads·d) tokens."""
+    if use_kernels:
+        return turbo_kernels.temporal_attention(q, k, v, q.shape[1], heads, layout="sequences")
     return attention(q, k, v, heads)
 
 
+def temporal_attention_probs(q: Tensor, k: Tensor, heads: int, use_kernels: bool) -> Tensor:
+    """The probabilities of temporal_attention: (B·H·W, heads, F, F)."""
+    if use_kernels:
+        return turbo_kernels.temporal_attention_probs(q, k, q.shape[1], heads, layout="sequences")
+    return attention_probs(q, k, heads)
+
+
 class CrossAttention(nn.Module):
-    """The release's CrossAttention; self-attention when context_dim is None or no context is passed."""
+    """The release's CrossAttention; self-attention when context_dim is None or no context is passed.
+    A temporal one attends over frames, through turbo_kernels' ops while `use_kernels` is set."""
 
     def __init__(
         self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None, temporal: bool = False
@@ -161,6 +174,7 @@ class CrossAttention(nn.Module):
         inner = heads * head_dim
         self.heads = heads
         self.temporal = temporal
+        self.use_kernels = False
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
@@ -168,14 +182,19 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         source = x if context is None else context
-        core = temporal_attention if self.temporal else attention
-        return self.to_out(core(self.to_q(x), self.to_k(source), self.to_v(source), self.heads))
+        q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
+        if self.temporal:
+            return self.to_out(temporal_attention(q, k, v, self.heads, self.use_kernels))
+        return self.to_out(attention(q, k, v, self.heads))
 
     def probs(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """The attention probabilities of forward(x, context), (N·heads, Lq, Lk) with the head fastest:
         the layout of the release's record_attn_probs maps (motion guidance reads them)."""
         source = x if context is None else context
-        return attention_probs(self.to_q(x), self.to_k(source), self.heads).flatten(0, 1)
+        q, k = self.to_q(x), self.to_k(source)
+        if self.temporal:
+            return temporal_attention_probs(q, k, self.heads, self.use_kernels).flatten(0, 1)
+        return attention_probs(q, k, self.heads).flatten(0, 1)
 
 
 class GEGLU(nn.Module):
@@ -362,7 +381,9 @@ def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
 class VC2UNet(nn.Module):
     """VideoCrafter2's UNetModel (lvdm openaimodel3d) with T2V-Turbo-v2's guidance and motion
     conditioning. forward(x (B, C, T, H, W), timesteps (B,), context (B, L, D), fps) -> (B, C, T, H, W).
-    Dropout (in every temporal conv block) follows train()/eval()."""
+    Dropout (in every temporal conv block) follows train()/eval(). `use_kernels` (settable at any
+    time) runs the temporal attention through turbo_kernels' ops; off, it is plain PyTorch.
+    `config` holds the architecture kwargs, enough to rebuild the model."""
 
     def __init__(
         self,
@@ -376,10 +397,23 @@ class VC2UNet(nn.Module):
         context_dim: int,
         time_cond_proj_dim: int | None = None,
         motion_cond_proj_dim: int | None = None,
+        use_kernels: bool = True,
     ):
         super().__init__()
         if motion_cond_proj_dim is not None and time_cond_proj_dim is None:
             raise ValueError("motion_cond_proj_dim needs time_cond_proj_dim")
+        self.config = {
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "model_channels": model_channels,
+            "attention_resolutions": list(attention_resolutions),
+            "num_res_blocks": num_res_blocks,
+            "channel_mult": list(channel_mult),
+            "num_head_channels": num_head_channels,
+            "context_dim": context_dim,
+            "time_cond_proj_dim": time_cond_proj_dim,
+            "motion_cond_proj_dim": motion_cond_proj_dim,
+        }
         self.model_channels = model_channels
         emb_dim = 4 * model_channels
         self.time_embed = _mlp(model_channels, emb_dim)
@@ -437,6 +471,18 @@ class VC2UNet(nn.Module):
             nn.SiLU(),
             nn.Conv2d(model_channels, out_channels, 3, padding=1),
         )
+        self.use_kernels = use_kernels
+
+    @property
+    def use_kernels(self) -> bool:
+        return self._use_kernels
+
+    @use_kernels.setter
+    def use_kernels(self, value: bool) -> None:
+        self._use_kernels = bool(value)
+        for module in self.modules():
+            if isinstance(module, CrossAttention) and module.temporal:
+                module.use_kernels = self._use_kernels
 
     @classmethod
     def from_original_config(cls, kwargs: Mapping[str, Any]) -> VC2UNet:
@@ -451,11 +497,11 @@ class VC2UNet(nn.Module):
         return cls(**kwargs)
 
     @classmethod
-    def preset(cls, name: str) -> VC2UNet:
+    def preset(cls, name: str, use_kernels: bool = True) -> VC2UNet:
         """'tiny' (the reference data's tiny golden) or 'vc2' (the full T2V-Turbo-v2 student)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls.from_original_config(PRESETS[name])
+        return cls.from_original_config({**PRESETS[name], "use_kernels": use_kernels})
 
     def load_original_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
         """Loads a release checkpoint's bare UNet state dict (strip `model.diffusion_model.` first)."""

@@ -1,0 +1,108 @@
+"""VC2UNet weights on disk: the release's checkpoints (.ckpt / .pt / .bin, read with
+weights_only=True), safetensors files, and a pretrained directory (config.json + model.safetensors).
+Every file is written atomically: to a temporary file in the same directory, then os.replace."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from t2v_turbo.models.vc2_unet import VC2UNet
+
+# VideoCrafter2's model.ckpt holds the whole LatentDiffusion; the UNet's keys carry this prefix.
+ORIGINAL_PREFIX = "model.diffusion_model."
+PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def unet_state_dict(checkpoint: Mapping[str, object]) -> dict[str, Tensor]:
+    """The bare UNet state dict inside a checkpoint: under its "state_dict" key if it has one, and
+    only the keys under `model.diffusion_model.` (prefix stripped) when any key carries it."""
+    state = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state, Mapping):
+        raise TypeError(f"the checkpoint's 'state_dict' is a {type(state).__name__}, not a mapping")
+    if any(key.startswith(ORIGINAL_PREFIX) for key in state):
+        state = {
+            key.removeprefix(ORIGINAL_PREFIX): value for key, value in state.items() if key.startswith(ORIGINAL_PREFIX)
+        }
+    not_tensors = sorted(key for key, value in state.items() if not isinstance(value, Tensor))
+    if not_tensors:
+        raise TypeError(f"{len(not_tensors)} state dict entries are not tensors: {not_tensors[:20]}")
+    return dict(state)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The UNet state dict of a .safetensors, .pt, .ckpt or .bin file, on the CPU (see unet_state_dict)."""
+    path = Path(path)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        checkpoint = load_file(str(path))
+    elif path.suffix in PICKLE_SUFFIXES:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        expected = ", ".join((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
+        raise ValueError(f"{path}: unknown checkpoint format (expected one of {expected})")
+    return unet_state_dict(checkpoint)
+
+
+def load_checkpoint(model: VC2UNet, path: str | os.PathLike) -> VC2UNet:
+    """Loads a checkpoint file into `model` strictly; a mismatch names the missing and unexpected keys."""
+    state = load_state_dict_file(path)
+    try:
+        model.load_original_state_dict(state)
+    except KeyError as error:
+        raise KeyError(f"{path}: {error.args[0]}") from None
+    return model
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """write(temporary path) in path's directory, then moves the result onto path."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_state_dict_file(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Writes a state dict as safetensors, atomically."""
+    path = Path(path)
+    if path.suffix != SAFETENSORS_SUFFIX:
+        raise ValueError(f"{path}: the output must be a {SAFETENSORS_SUFFIX} file")
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    _write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata={"format": "pt"}))
+
+
+def save_pretrained(model: VC2UNet, directory: str | os.PathLike) -> None:
+    """Writes config.json (the constructor kwargs) and model.safetensors into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = json.dumps(model.config, indent=2) + "\n"
+    _write_atomically(directory / CONFIG_NAME, lambda temporary: temporary.write_text(config))
+    save_state_dict_file(model.state_dict(), directory / WEIGHTS_NAME)
+
+
+def from_pretrained(directory: str | os.PathLike, use_kernels: bool = True) -> VC2UNet:
+    """The model save_pretrained wrote, in eval mode, in the saved dtype, on the CPU."""
+    directory = Path(directory)
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    with torch.device("meta"):
+        model = VC2UNet(**config, use_kernels=use_kernels)
+    # Fresh (allocator-aligned) copies: CPU kernels on the file's buffer can round differently.
+    state = {key: value.clone() for key, value in load_file(str(directory / WEIGHTS_NAME)).items()}
+    try:
+        model.load_original_state_dict(state, assign=True)
+    except KeyError as error:
+        raise KeyError(f"{directory / WEIGHTS_NAME}: {error.args[0]}") from None
+    return model.eval()

@@ -1,0 +1,160 @@
+"""Checkpoint files and pretrained directories for VC2UNet, with the tiny golden's weights
+(shared/vc2_reference/tiny_unet.safetensors)."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from t2v_turbo.cli import main
+from t2v_turbo.models import VC2UNet
+from t2v_turbo.models import checkpoint
+from t2v_turbo.models.checkpoint import (
+    ORIGINAL_PREFIX,
+    from_pretrained,
+    load_checkpoint,
+    load_state_dict_file,
+    save_pretrained,
+    save_state_dict_file,
+)
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
+TINY_WEIGHTS = GOLDEN / "tiny_unet.safetensors"
+
+pytestmark = pytest.mark.skipif(
+    not TINY_WEIGHTS.is_file(), reason=f"VC2 reference data not found at {GOLDEN} (shared/vc2_reference is absent)"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    return load_file(str(TINY_WEIGHTS))
+
+
+def _release_checkpoint(state):
+    """The layout of VideoCrafter2's model.ckpt: a nested state_dict holding the whole LatentDiffusion."""
+    return {
+        "epoch": 3,
+        "state_dict": {
+            **{ORIGINAL_PREFIX + key: value for key, value in state.items()},
+            "first_stage_model.decoder.conv_in.weight": torch.ones(2, 2),
+            "cond_stage_model.model.token_embedding.weight": torch.ones(3),
+        },
+    }
+
+
+def _assert_identical(actual, expected):
+    assert sorted(actual) == sorted(expected)
+    for key, value in expected.items():
+        assert actual[key].dtype == value.dtype and torch.equal(actual[key], value), key
+
+
+def _no_temporary_files(directory):
+    return not [path.name for path in Path(directory).iterdir() if path.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
+def test_release_checkpoint_loads_the_unet_alone(tmp_path, tiny_state, suffix):
+    path = tmp_path / f"model{suffix}"
+    torch.save(_release_checkpoint(tiny_state), path)
+    _assert_identical(load_state_dict_file(path), tiny_state)
+
+
+def test_bare_state_dicts_load_as_they_are(tmp_path, tiny_state):
+    torch.save(tiny_state, tmp_path / "unet_mg.pt")
+    torch.save({"state_dict": tiny_state}, tmp_path / "nested.pt")
+    _assert_identical(load_state_dict_file(tmp_path / "unet_mg.pt"), tiny_state)
+    _assert_identical(load_state_dict_file(tmp_path / "nested.pt"), tiny_state)
+    _assert_identical(load_state_dict_file(TINY_WEIGHTS), tiny_state)
+
+
+def test_pickled_objects_are_refused(tmp_path, tiny_state):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": tiny_state, "hyper_parameters": argparse.Namespace(lr=1e-4)}, path)
+    with pytest.raises(Exception, match="weights_only"):
+        load_state_dict_file(path)
+
+
+def test_non_tensor_entries_and_unknown_formats_are_refused(tmp_path, tiny_state):
+    torch.save({**tiny_state, "epoch": 3}, tmp_path / "model.pt")
+    with pytest.raises(TypeError, match=r"1 state dict entries are not tensors: \['epoch'\]"):
+        load_state_dict_file(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        load_state_dict_file(tmp_path / "model.npz")
+
+
+def test_load_checkpoint_names_missing_and_unexpected_keys(tmp_path, tiny_state):
+    state = dict(tiny_state)
+    state["extra.weight"] = state.pop("out.2.weight")
+    path = tmp_path / "model.ckpt"
+    torch.save(_release_checkpoint(state), path)
+    with pytest.raises(KeyError, match=r"model.ckpt: .*1 missing \['out.2.weight'\], 1 unexpected \['extra.weight'\]"):
+        load_checkpoint(VC2UNet.preset("tiny"), path)
+
+
+def test_load_checkpoint_fills_the_model(tmp_path, tiny_state):
+    path = tmp_path / "model.ckpt"
+    torch.save(_release_checkpoint(tiny_state), path)
+    _assert_identical(load_checkpoint(VC2UNet.preset("tiny"), path).state_dict(), tiny_state)
+
+
+def test_save_pretrained_round_trip_reproduces_outputs(tmp_path, tiny_state):
+    model = VC2UNet.preset("tiny", use_kernels=False)
+    model.load_original_state_dict(tiny_state)
+    save_pretrained(model.eval(), tmp_path / "tiny")
+    config = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    assert config == model.config and config["model_channels"] == 32
+    assert _no_temporary_files(tmp_path / "tiny")
+
+    loaded = from_pretrained(tmp_path / "tiny", use_kernels=False)
+    assert not loaded.training and not loaded.use_kernels
+    _assert_identical(loaded.state_dict(), model.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 77, 32, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 500, context, 8), model(x, 500, context, 8))
+
+
+def test_from_pretrained_keeps_the_saved_dtype(tmp_path, tiny_state):
+    model = VC2UNet.preset("tiny")
+    model.load_original_state_dict(tiny_state)
+    save_pretrained(model.double(), tmp_path)
+    loaded = from_pretrained(tmp_path)
+    assert loaded.use_kernels
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, tiny_state, monkeypatch):
+    path = tmp_path / "unet.safetensors"
+    save_state_dict_file(tiny_state, path)
+
+    def fail(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_state_dict_file({"x": torch.zeros(1)}, path)
+    _assert_identical(load_file(str(path)), tiny_state)
+    assert _no_temporary_files(tmp_path)
+
+
+def test_convert_cli_writes_the_unet_as_safetensors(tmp_path, tiny_state, capsys):
+    source, output = tmp_path / "model.ckpt", tmp_path / "unet.safetensors"
+    torch.save(_release_checkpoint(tiny_state), source)
+    assert main(["convert", str(source), str(output)]) == 0
+    assert f"{len(tiny_state)} tensors" in capsys.readouterr().out
+    _assert_identical(load_file(str(output)), tiny_state)
+    assert _no_temporary_files(tmp_path)
+
+
+def test_convert_cli_refuses_other_outputs(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(TINY_WEIGHTS), str(tmp_path / "unet.pt")])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "unet.pt").exists()
