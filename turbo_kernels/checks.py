@@ -18,6 +18,7 @@ from torch import Tensor
 Scalar = Union[float, int, Tensor]
 
 DENSE_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def value_checks_enabled() -> bool:
@@ -117,6 +118,18 @@ def _per_sample_shape(x: Tensor, name: str, batch: int) -> Tensor:
     return x
 
 
+def storage_problem(*tensors: Tensor) -> Optional[str]:
+    """Why kernels cannot take these tensors' storage: they need one kernel dtype on one device."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        return f"mixed storage dtypes {sorted(str(d) for d in dtypes)}"
+    if tensors[0].dtype not in KERNEL_DTYPES:
+        return f"storage dtype {tensors[0].dtype} (kernels take float32, float16, bfloat16)"
+    if len({t.device for t in tensors}) > 1:
+        return "tensors on several devices"
+    return None
+
+
 def kernel_layout_problem(*tensors: Tensor, batched: bool = True) -> Optional[str]:
     """Why the elementwise kernels cannot stream these tensors, or None.
 
@@ -125,11 +138,9 @@ def kernel_layout_problem(*tensors: Tensor, batched: bool = True) -> Optional[st
     `batched=False` is for kernels that stream all elements as one run (the loss reduction).
     """
     first = tensors[0]
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) > 1:
-        return f"mixed storage dtypes {sorted(str(d) for d in dtypes)}"
-    if first.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"storage dtype {first.dtype} (kernels take float32, float16, bfloat16)"
+    problem = storage_problem(*tensors)
+    if problem:
+        return problem
     if any(_effective_strides(t) != _effective_strides(first) for t in tensors):
         return "the tensors do not share one memory layout"
     if not any(first.is_contiguous(memory_format=f) for f in DENSE_FORMATS if _format_fits(f, first)):

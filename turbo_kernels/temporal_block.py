@@ -50,7 +50,6 @@ from turbo_kernels import checks, dispatch
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.reference import temporal_block as ref
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _triton():
@@ -71,12 +70,9 @@ def _kernel_problem(storage: dict[str, Optional[Tensor]], fp32: dict[str, Option
     `fp32` ones be float32, all on one device."""
     storage = {name: t for name, t in storage.items() if t is not None}
     fp32 = {name: t for name, t in fp32.items() if t is not None}
-    dtypes = {t.dtype for t in storage.values()}
-    if len(dtypes) > 1:
-        return f"mixed storage dtypes {sorted(str(d) for d in dtypes)}"
-    dtype = dtypes.pop()
-    if dtype not in KERNEL_DTYPES:
-        return f"storage dtype {dtype} (kernels take float32, float16, bfloat16)"
+    problem = checks.storage_problem(*storage.values())
+    if problem:
+        return problem
     for name, t in fp32.items():
         if t.dtype != torch.float32:
             return f"{name} must be float32, got {t.dtype}"

@@ -16,7 +16,6 @@ from torch import Tensor
 from turbo_kernels import _cuda_ext, checks, dispatch
 from turbo_kernels.reference import attention as ref
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _triton():
@@ -66,13 +65,9 @@ def _kernel_problem(tensors: dict[str, Tensor], num_frames: int, heads: int) -> 
     """Why the Triton kernels cannot take these tensors (all of one layout and shape), or None."""
     kernels = _triton()
     first = next(iter(tensors.values()))
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) > 1:
-        return f"mixed storage dtypes {sorted(str(d) for d in dtypes)}"
-    if first.dtype not in KERNEL_DTYPES:
-        return f"storage dtype {first.dtype} (kernels take float32, float16, bfloat16)"
-    if len({t.device for t in tensors.values()}) > 1:
-        return "tensors on several devices"
+    problem = checks.storage_problem(*tensors.values())
+    if problem:
+        return problem
     if num_frames > kernels.MAX_FRAMES:
         return f"num_frames={num_frames} exceeds {kernels.MAX_FRAMES}"
     head_dim = first.shape[-1] // heads
@@ -107,13 +102,9 @@ def _cuda_problem(tensors: dict[str, Tensor], num_frames: int, heads: int) -> Op
     first = next(iter(tensors.values()))
     if not all(t.is_cuda for t in tensors.values()):
         return "CUDA kernels need CUDA tensors"
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) > 1:
-        return f"mixed storage dtypes {sorted(str(d) for d in dtypes)}"
-    if first.dtype not in KERNEL_DTYPES:
-        return f"storage dtype {first.dtype} (kernels take float32, float16, bfloat16)"
-    if len({t.device for t in tensors.values()}) > 1:
-        return "tensors on several devices"
+    problem = checks.storage_problem(*tensors.values())
+    if problem:
+        return problem
     if num_frames > CUDA_MAX_FRAMES:
         return f"num_frames={num_frames} exceeds {CUDA_MAX_FRAMES}"
     head_dim = first.shape[-1] // heads

@@ -18,7 +18,6 @@ from torch import Tensor
 from turbo_kernels import checks, dispatch
 from turbo_kernels.reference import attention as ref
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _triton():
@@ -74,10 +73,9 @@ def _reference_energy_backward(grad, q, k, ref_probs, num_frames, heads, layout,
 
 def _kernel_problem(q: Tensor, k: Tensor, num_frames: int) -> Optional[str]:
     """Why the Triton kernels cannot take q and k, or None."""
-    if q.dtype != k.dtype:
-        return f"mixed storage dtypes {sorted(str(d) for d in (q.dtype, k.dtype))}"
-    if q.dtype not in KERNEL_DTYPES:
-        return f"storage dtype {q.dtype} (kernels take float32, float16, bfloat16)"
+    problem = checks.storage_problem(q, k)
+    if problem:
+        return problem
     if num_frames > _triton().MAX_FRAMES:
         return f"num_frames={num_frames} exceeds {_triton().MAX_FRAMES}"
     for name, t in (("q", q), ("k", k)):

@@ -19,7 +19,6 @@ from torch import Tensor
 from turbo_kernels import checks, dispatch
 from turbo_kernels.reference import attention as ref
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _triton():
@@ -101,13 +100,9 @@ def _reference_backward(grad_out, q, k, v, out, lse, heads, scale, kv_repeat):
 def _kernel_problem(tensors: dict[str, Tensor], heads: int) -> Optional[str]:
     """Why the Triton kernels cannot take these tensors, or None."""
     first = next(iter(tensors.values()))
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) > 1:
-        return f"mixed storage dtypes {sorted(str(d) for d in dtypes)}"
-    if first.dtype not in KERNEL_DTYPES:
-        return f"storage dtype {first.dtype} (kernels take float32, float16, bfloat16)"
-    if len({t.device for t in tensors.values()}) > 1:
-        return "tensors on several devices"
+    problem = checks.storage_problem(*tensors.values())
+    if problem:
+        return problem
     head_dim = first.shape[-1] // heads
     if head_dim > _triton().MAX_HEAD_DIM:
         return f"head dim {head_dim} exceeds {_triton().MAX_HEAD_DIM}"
