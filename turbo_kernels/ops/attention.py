@@ -84,11 +84,17 @@ def _forward_problem(q, k, v, num_frames, heads, layout, scale):
     return _kernel_problem(dict(q=q, k=k, v=v), num_frames, heads)
 
 
-def _backward_problem(grad_out, q, k, v, lse, num_frames, heads, layout, scale):
+def _lse_problem(q, lse, num_frames, heads, layout):
     expected = (_num_sequences(q, num_frames, layout), heads, num_frames)
-    if lse.dtype != torch.float32 or lse.shape != expected or not lse.is_contiguous():
-        return f"lse must be a contiguous float32 tensor of shape {expected}"
-    return _kernel_problem(dict(grad_out=grad_out, q=q, k=k, v=v), num_frames, heads)
+    if lse.dtype != torch.float32 or lse.shape != expected or not lse.is_contiguous() or lse.device != q.device:
+        return f"lse must be a contiguous float32 tensor of shape {expected} on {q.device}"
+    return None
+
+
+def _backward_problem(grad_out, q, k, v, lse, num_frames, heads, layout, scale):
+    return _lse_problem(q, lse, num_frames, heads, layout) or _kernel_problem(
+        dict(grad_out=grad_out, q=q, k=k, v=v), num_frames, heads
+    )
 
 
 # ---- CUDA backend (csrc/temporal_attention.cu): what its kernels cannot take -------------------
@@ -128,10 +134,9 @@ def _cuda_forward_problem(q, k, v, num_frames, heads, layout, scale):
 
 
 def _cuda_backward_problem(grad_out, q, k, v, lse, num_frames, heads, layout, scale):
-    expected = (_num_sequences(q, num_frames, layout), heads, num_frames)
-    if lse.dtype != torch.float32 or lse.shape != expected or not lse.is_contiguous() or lse.device != q.device:
-        return f"lse must be a contiguous float32 tensor of shape {expected} on {q.device}"
-    return _cuda_problem(dict(grad_out=grad_out, q=q, k=k, v=v), num_frames, heads)
+    return _lse_problem(q, lse, num_frames, heads, layout) or _cuda_problem(
+        dict(grad_out=grad_out, q=q, k=k, v=v), num_frames, heads
+    )
 
 
 def _cuda_forward(q, k, v, num_frames, heads, layout, scale):
