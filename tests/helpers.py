@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from t2v_turbo import schedule
+from turbo_kernels.reference import attention as attention_reference
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
@@ -62,3 +63,17 @@ def assert_within_2x_of_reference(out, ref_same_precision, ref64, name: str = "o
     scale = ref64.abs().max().item() if ref64.numel() else 0.0
     budget = 2 * ref_err + STORAGE_EPS[out.dtype] * max(scale, 1.0)
     assert kernel_err <= budget, f"{name}: max error {kernel_err:.3e} > budget {budget:.3e} (reference error {ref_err:.3e})"
+
+
+def check_temporal_attention(q, k, v, grad_out, out, grads, frames, heads, layout, scale=None):
+    """out and grads (of q, k, v) against the reference in q's dtype and in float64."""
+    def reference(dtype):
+        inputs = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]
+        expected = attention_reference.temporal_attention(*inputs, frames, heads, layout, scale)
+        return expected, torch.autograd.grad(expected, inputs, grad_out.to(dtype))
+
+    out_lp, grads_lp = reference(q.dtype)
+    out64, grads64 = reference(torch.float64)
+    assert_within_2x_of_reference(out, out_lp, out64, "out")
+    for name, got, lp, want in zip(("d q", "d k", "d v"), grads, grads_lp, grads64):
+        assert_within_2x_of_reference(got, lp, want, name)

@@ -19,7 +19,7 @@ from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.reference import attention as ref
 from turbo_kernels.triton_kernels import temporal_attention as kernels
 
-from .helpers import DEVICE, HAS_GPU, KERNEL_DTYPES, assert_within_2x_of_reference, randn
+from .helpers import DEVICE, HAS_GPU, KERNEL_DTYPES, assert_within_2x_of_reference, check_temporal_attention, randn
 
 TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
 OPS = ("temporal_attention", "temporal_attention_backward")
@@ -58,20 +58,6 @@ def _assert_triton_ran_forward_and_backward(chosen):
     assert sorted(set(chosen)) == [(op, "triton") for op in OPS], chosen
 
 
-def _check_against_reference(q, k, v, grad_out, out, grads, frames, heads, layout, scale=None):
-    """out and grads (of q, k, v) against the reference in q's dtype and in float64."""
-    def reference(dtype):
-        inputs = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]
-        expected = ref.temporal_attention(*inputs, frames, heads, layout, scale)
-        return expected, torch.autograd.grad(expected, inputs, grad_out.to(dtype))
-
-    out_lp, grads_lp = reference(q.dtype)
-    out64, grads64 = reference(torch.float64)
-    assert_within_2x_of_reference(out, out_lp, out64, "out")
-    for name, got, lp, want in zip(("d q", "d k", "d v"), grads, grads_lp, grads64):
-        assert_within_2x_of_reference(got, lp, want, name)
-
-
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout,batch,frames,positions,heads,head_dim", CASES, ids=CASE_IDS)
@@ -84,7 +70,7 @@ def test_matches_reference(layout, batch, frames, positions, heads, head_dim, dt
         out = temporal_attention(*inputs, frames, heads, layout=layout)
         grads = torch.autograd.grad(out, inputs, grad_out)
     _assert_triton_ran_forward_and_backward(chosen)
-    _check_against_reference(q, k, v, grad_out, out, grads, frames, heads, layout)
+    check_temporal_attention(q, k, v, grad_out, out, grads, frames, heads, layout)
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
@@ -168,7 +154,7 @@ def test_strided_views_run_without_copies(views, launched, chosen):
     # q, k, v are forward's first three kernel arguments, and backward's second to fourth.
     for got, view in zip(forward[:3] + backward[1:4], (q, k, v) * 2):
         assert (got.data_ptr(), got.stride()) == (view.data_ptr(), view.stride())
-    _check_against_reference(q, k, v, grad_out, out, grads, frames, heads, layout)
+    check_temporal_attention(q, k, v, grad_out, out, grads, frames, heads, layout)
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
@@ -180,7 +166,7 @@ def test_expanded_upstream_gradient(chosen):
         out = temporal_attention(q, k, v, 2, 1)
         grads = torch.autograd.grad(out.sum(), (q, k, v))
     _assert_triton_ran_forward_and_backward(chosen)
-    _check_against_reference(q, k, v, torch.ones(q.shape), out, grads, 2, 1, "frames")
+    check_temporal_attention(q, k, v, torch.ones(q.shape), out, grads, 2, 1, "frames")
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
@@ -238,7 +224,7 @@ def test_each_backend_with_an_explicit_scale(backend_name, chosen):
         out = temporal_attention(*inputs, 3, 2, layout="frames", scale=0.2)
         grads = torch.autograd.grad(out, inputs, grad_out)
     assert {name for _, name in chosen} == {backend_name}
-    _check_against_reference(q, k, v, grad_out, out, grads, 3, 2, "frames", scale=0.2)
+    check_temporal_attention(q, k, v, grad_out, out, grads, 3, 2, "frames", scale=0.2)
 
 
 def _qkv(*shape, dtype=torch.float32, device="cpu"):
@@ -323,4 +309,4 @@ def test_more_sequences_than_a_grid_axis_holds(layout, chosen):
         out = temporal_attention(*inputs, frames, heads, layout=layout)
         grads = torch.autograd.grad(out, inputs, grad_out)
     _assert_triton_ran_forward_and_backward(chosen)
-    _check_against_reference(q, k, v, grad_out, out, grads, frames, heads, layout)
+    check_temporal_attention(q, k, v, grad_out, out, grads, frames, heads, layout)

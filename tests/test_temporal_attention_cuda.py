@@ -18,7 +18,7 @@ from turbo_kernels import _cuda_ext, dispatch
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.reference import attention as ref
 
-from .helpers import DEVICE, assert_within_2x_of_reference, poison_cuda_allocator, randn
+from .helpers import DEVICE, check_temporal_attention, poison_cuda_allocator, randn
 
 OPS = ("temporal_attention", "temporal_attention_backward")
 HEAD_DIM = 64
@@ -65,21 +65,6 @@ def _run(q, k, v, grad_out, frames, heads, layout, scale=None):
     return out, grads
 
 
-def _check_against_reference(q, k, v, grad_out, out, grads, frames, heads, layout, scale=None):
-    """out and grads (of q, k, v) against the reference in q's dtype and in float64."""
-
-    def reference(dtype):
-        inputs = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]
-        expected = ref.temporal_attention(*inputs, frames, heads, layout, scale)
-        return expected, torch.autograd.grad(expected, inputs, grad_out.to(dtype))
-
-    out_lp, grads_lp = reference(q.dtype)
-    out64, grads64 = reference(torch.float64)
-    assert_within_2x_of_reference(out, out_lp, out64, "out")
-    for name, got, lp, want in zip(("d q", "d k", "d v"), grads, grads_lp, grads64):
-        assert_within_2x_of_reference(got, lp, want, name)
-
-
 # ---- CPU: the extension registers the ops ------------------------------------------------------
 
 
@@ -117,7 +102,7 @@ def test_matches_reference(layout, frames, dtype, chosen):
     q, k, v, grad_out = (randn(shape, dtype, g) for _ in range(4))
     out, grads = _run(q, k, v, grad_out, frames, heads, layout)
     _assert_cuda_ran_forward_and_backward(chosen)
-    _check_against_reference(q, k, v, grad_out, out, grads, frames, heads, layout)
+    check_temporal_attention(q, k, v, grad_out, out, grads, frames, heads, layout)
 
 
 @pytest.mark.gpu
@@ -166,7 +151,7 @@ def test_strided_views_run_without_copies(views, dtype, cuda_calls, chosen):
     # q, k, v are the forward's first three arguments, and the backward's second to fourth.
     for got, view in zip(forward[:3] + backward[1:4], (q, k, v) * 2):
         assert (got.data_ptr(), got.stride()) == (view.data_ptr(), view.stride())
-    _check_against_reference(q, k, v, grad_out, out, grads, frames, heads, layout)
+    check_temporal_attention(q, k, v, grad_out, out, grads, frames, heads, layout)
 
 
 @pytest.mark.gpu
@@ -180,7 +165,7 @@ def test_more_sequences_than_a_grid_axis_holds(layout, chosen):
     q, k, v, grad_out = (randn(shape, torch.bfloat16, g) for _ in range(4))
     out, grads = _run(q, k, v, grad_out, frames, heads, layout)
     _assert_cuda_ran_forward_and_backward(chosen)
-    _check_against_reference(q, k, v, grad_out, out, grads, frames, heads, layout)
+    check_temporal_attention(q, k, v, grad_out, out, grads, frames, heads, layout)
 
 
 @pytest.mark.gpu
@@ -193,7 +178,7 @@ def test_cuda_takes_an_expanded_gradient(chosen):
         out = temporal_attention(q, k, v, 4, 2)
         grads = torch.autograd.grad(out.sum(), (q, k, v))
     _assert_cuda_ran_forward_and_backward(chosen)
-    _check_against_reference(q, k, v, torch.ones_like(q), out, grads, 4, 2, "frames")
+    check_temporal_attention(q, k, v, torch.ones_like(q), out, grads, 4, 2, "frames")
 
 
 @pytest.mark.gpu
