@@ -1,0 +1,178 @@
+"""Video-text datasets on tiny mp4 files written here with PyAV: frames are sampled at the requested fps
+(the encoded frames carry their index as brightness), resized by cover-and-centre-crop, scaled to
+[-1, 1]; a too-short and a corrupt file are skipped and counted through DataLoaders with and without
+worker processes; manifests without their required columns give clear errors; build_dataset routes
+"synthetic", directories and manifest files."""
+
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from t2v_turbo.data.videos import (
+    SyntheticVideoText,
+    VideoTextDataset,
+    build_dataset,
+    collate_skipping,
+    decode_clip,
+)
+
+av = pytest.importorskip("av")
+
+SOURCE_FPS = 24
+VALID_FRAMES = 30
+SHORT_FRAMES = 6
+# Frame i has brightness i * BRIGHTNESS_STEP on its right two thirds; the left third stays black so the
+# centre crop's position shows. YUV round trips move a grey level by at most ~2.
+BRIGHTNESS_STEP = 8
+HEIGHT, WIDTH = 32, 48
+BLACK_COLUMNS = 16
+
+
+def _write_video(path, num_frames, fps=SOURCE_FPS):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"qp": "0", "preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for index in range(num_frames):
+            image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+            image[:, BLACK_COLUMNS:] = index * BRIGHTNESS_STEP
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def video_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    (root / "clips").mkdir()
+    _write_video(root / "clips" / "valid.mp4", VALID_FRAMES)
+    _write_video(root / "clips" / "short.mp4", SHORT_FRAMES)
+    (root / "clips" / "corrupt.mp4").write_bytes(random.Random(0).randbytes(4096))
+    rows = [
+        {"path": "clips/valid.mp4", "caption": "a grey ramp brightening", "short_caption": "ramp",
+         "use_motion": "true"},
+        {"path": "clips/short.mp4", "caption": "too short", "short_caption": "", "use_motion": ""},
+        {"path": "clips/corrupt.mp4", "caption": "random bytes", "short_caption": "", "use_motion": "0"},
+        {"path": "clips/valid.mp4", "caption": "the same ramp again", "short_caption": "", "use_motion": "no"},
+    ]
+    with (root / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "caption", "short_caption", "use_motion"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with (root / "manifest.jsonl").open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps({k: v for k, v in row.items() if v}) + "\n")
+    return root
+
+
+def _frame_indices(frames):
+    """Source frame indices from an item's frames (3, F, H, W) in [-1, 1]."""
+    brightness = (frames[:, :, :, -4:] + 1) * 127.5
+    return [round(float(v) / BRIGHTNESS_STEP) for v in brightness.mean(dim=(0, 2, 3))]
+
+
+@pytest.mark.parametrize("manifest", ["manifest.csv", "manifest.jsonl"])
+def test_valid_item_shape_range_and_fields(video_root, manifest):
+    dataset = VideoTextDataset(video_root, manifest=video_root / manifest, num_frames=4, fps=8, size=(16, 16))
+    item = dataset[0]
+    assert item["frames"].shape == (3, 4, 16, 16) and item["frames"].dtype == torch.float32
+    assert float(item["frames"].min()) >= -1.0 and float(item["frames"].max()) <= 1.0
+    assert (item["caption"], item["short_caption"], item["use_motion"], item["path"]) == (
+        "a grey ramp brightening", "ramp", True, "clips/valid.mp4")
+    again = dataset[3]
+    assert (again["short_caption"], again["use_motion"]) == ("the same ramp again", False)
+    # Cover-and-crop: 32x48 scales to 16x24, the crop drops 4 columns a side, so the black third
+    # (16 of 48 source columns = 8 scaled columns) leaves 4 black columns on the left.
+    columns = item["frames"][:, -1].mean(dim=(0, 1))
+    assert bool((columns[:4] == -1.0).all()) and bool((columns[4:] > -1.0).all())
+
+
+@pytest.mark.parametrize("fps,step", [(8, 3), (12, 2), (24, 1)])
+def test_frames_are_sampled_at_the_requested_fps(video_root, fps, step):
+    starts = set()
+    for epoch in range(6):
+        dataset = VideoTextDataset(video_root, num_frames=5, fps=fps, size=(8, 12), seed=1)
+        dataset.set_epoch(epoch)
+        indices = _frame_indices(dataset[0]["frames"])
+        start = indices[0]
+        assert indices == [start + step * k for k in range(5)], (fps, indices)
+        assert 0 <= start <= VALID_FRAMES - 1 - 4 * step
+        assert _frame_indices(dataset[0]["frames"]) == indices, "the same epoch must give the same clip"
+        starts.add(start)
+    assert len(starts) > 1, "the start should vary with the epoch"
+
+
+def test_decode_clip_nearest_frame_for_non_integer_ratio(video_root):
+    # 24 -> 10 fps: target k sits at 2.4 k source frames from the start; the nearest frame is chosen.
+    frames = decode_clip(video_root / "clips" / "valid.mp4", 6, 10, (8, 12), random.Random(3))
+    indices = _frame_indices(frames.permute(3, 0, 1, 2).float() / 127.5 - 1)
+    start = indices[0]
+    assert [i - start for i in indices] == [round(2.4 * k) for k in range(6)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_short_and_corrupt_files_are_skipped_and_counted(video_root, num_workers):
+    dataset = VideoTextDataset(video_root, num_frames=4, fps=8, size=(8, 8))
+    loader = DataLoader(dataset, batch_size=2, num_workers=num_workers, collate_fn=collate_skipping)
+    skipped, kept_paths = 0, []
+    for batch in loader:
+        skipped += batch["skipped"]
+        kept_paths += batch["path"]
+        if batch["frames"] is not None:
+            assert batch["frames"].shape == (len(batch["path"]), 3, 4, 8, 8)
+            assert batch["use_motion"].dtype == torch.bool
+    assert skipped == 2
+    assert kept_paths == ["clips/valid.mp4", "clips/valid.mp4"]
+    if num_workers == 0:
+        assert set(dataset.skipped) == {"clips/short.mp4", "clips/corrupt.mp4"}
+        assert dataset.skipped["clips/short.mp4"].startswith("too short")
+        assert dataset.skipped["clips/corrupt.mp4"].startswith("cannot decode")
+
+
+def test_skip_is_logged(video_root, caplog):
+    dataset = VideoTextDataset(video_root, num_frames=4, fps=8, size=(8, 8))
+    with caplog.at_level("WARNING", logger="t2v_turbo.data.videos"):
+        assert dataset[1] is None
+    assert "short.mp4" in caplog.text and "too short" in caplog.text
+
+
+def test_collate_of_only_skipped_items():
+    batch = collate_skipping([None, None])
+    assert batch["frames"] is None and batch["skipped"] == 2 and batch["caption"] == []
+
+
+def test_missing_manifest_columns_raise_clear_errors(tmp_path):
+    (tmp_path / "no_caption.csv").write_text("path,short_caption\na.mp4,x\n")
+    with pytest.raises(ValueError, match=r"no_caption\.csv.*\['caption'\]"):
+        VideoTextDataset(tmp_path, manifest=tmp_path / "no_caption.csv")
+    (tmp_path / "no_path.jsonl").write_text('{"path": "a.mp4", "caption": "x"}\n{"caption": "y"}\n')
+    with pytest.raises(ValueError, match=r"no_path\.jsonl:2.*\['path'\]"):
+        VideoTextDataset(tmp_path, manifest=tmp_path / "no_path.jsonl")
+    (tmp_path / "bad_flag.jsonl").write_text('{"path": "a.mp4", "caption": "x", "use_motion": "maybe"}\n')
+    with pytest.raises(ValueError, match="use_motion"):
+        VideoTextDataset(tmp_path, manifest=tmp_path / "bad_flag.jsonl")
+    with pytest.raises(ValueError, match="manifest"):
+        VideoTextDataset(tmp_path)
+
+
+def test_synthetic_source_and_build_dataset(video_root):
+    synthetic = build_dataset("synthetic", num_frames=6, size=(24, 40), num_clips=3, seed=2)
+    assert isinstance(synthetic, SyntheticVideoText) and len(synthetic) == 3
+    item = synthetic[1]
+    assert item["frames"].shape == (3, 6, 24, 40) and item["frames"].dtype == torch.float32
+    assert float(item["frames"].min()) >= -1.0 and float(item["frames"].max()) <= 1.0
+    assert set(item) == {"frames", "caption", "short_caption", "use_motion", "path"}
+    assert item["path"] == "synthetic/train/1"
+    batch = collate_skipping([synthetic[0], synthetic[2]])
+    assert batch["frames"].shape == (2, 3, 6, 24, 40) and batch["skipped"] == 0
+    from_dir = build_dataset(video_root, num_frames=4, size=(8, 8))
+    from_file = build_dataset(str(video_root / "manifest.jsonl"), num_frames=4, size=(8, 8))
+    assert isinstance(from_dir, VideoTextDataset) and isinstance(from_file, VideoTextDataset)
+    assert len(from_dir) == len(from_file) == 4
+    with pytest.raises(ValueError, match="data spec"):
+        build_dataset(video_root / "missing.csv")
