@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from t2v_turbo.rewards.base import RewardModel
 from t2v_turbo.rewards.internvideo2 import (
     InternVideo2Config,
     InternVideo2Reward,
@@ -118,6 +119,13 @@ def test_full_model_loads_the_release_keys_strictly_on_meta():
     assert stored == reference["total_parameters"]
     held = sum(p.numel() for p in model.parameters())
     assert held == stored - UNUSED_VISION_PARAMS - UNUSED_TEXT_PARAMS
+
+
+def test_reward_model_interface(tiny64, io):
+    assert isinstance(tiny64, RewardModel)
+    assert tiny64.kind == "video" and tiny64.num_frames == 4
+    pixels = io["pixel_values"].double()
+    assert torch.equal(tiny64.embed_visual(pixels), tiny64.embed_video(pixels))
 
 
 def test_tiny_intermediates_match_the_golden(tiny64, io):

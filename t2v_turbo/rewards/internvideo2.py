@@ -26,13 +26,15 @@ import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from t2v_turbo.rewards.base import RewardModel
 
 MLP_ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 # The release's training checkpoint keeps the text tower under this prefix (BertForMaskedLM's `bert`);
@@ -585,12 +587,14 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     raise ValueError(f"{path}: unknown checkpoint format (expected one of {expected})")
 
 
-class InternVideo2Reward(nn.Module):
+class InternVideo2Reward(RewardModel):
     """InternVideo2-stage2's video and text towers and their projections, frozen, in eval mode.
 
-    `embed_video` takes frames already preprocessed as the release does (short side to 224, one shared
-    224 crop, ImageNet mean/std), laid out (B, T, 3, H, W) with T = config.num_frames.
+    `embed_video` / `embed_visual` take frames already preprocessed as the release does (short side to
+    224, one shared 224 crop, ImageNet mean/std), laid out (B, T, 3, H, W) with T = config.num_frames.
     """
+
+    kind: ClassVar[str] = "video"
 
     def __init__(self, config: InternVideo2Config | None = None, vocab_path: str | os.PathLike | None = None):
         super().__init__()
@@ -602,6 +606,10 @@ class InternVideo2Reward(nn.Module):
         self.tokenizer = None if vocab_path is None else load_tokenizer(vocab_path)
         self.requires_grad_(False)
         self.eval()
+
+    @property
+    def num_frames(self) -> int:  # type: ignore[override]
+        return self.config.num_frames
 
     @property
     def dtype(self) -> torch.dtype:
@@ -694,6 +702,10 @@ class InternVideo2Reward(nn.Module):
         self._check_frames(frames)
         embedding = self.vision_proj(self.vision_encoder(frames.to(self.dtype)))
         return _normalize(embedding) if normalize else embedding
+
+    def embed_visual(self, pixels: Tensor) -> Tensor:
+        """(B, T, 3, H, W) preprocessed frames -> (B, embed_dim), L2-normalised (embed_video)."""
+        return self.embed_video(pixels)
 
     def tokenize(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
         """(input_ids, attention_mask), each (B, text_max_length): the release's tokenizer call."""
