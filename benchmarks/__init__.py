@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from benchmarks import attention, harness, solver, spatial
+from benchmarks import attention, harness, preprocess, solver, spatial
 
-SUITES: tuple[harness.Suite, ...] = (solver.cases, attention.cases, spatial.cases)
+SUITES: tuple[harness.Suite, ...] = (solver.cases, attention.cases, spatial.cases, preprocess.cases)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import attention, harness, solver, spatial
+from benchmarks import attention, harness, preprocess, solver, spatial
 from t2v_turbo.cli import main
 
 TOP_LEVEL = {
@@ -63,7 +63,7 @@ def test_quick_run_keeps_the_json_contract(tmp_path):
         assert row["pass"] in harness.PASSES
         assert row["median_ms"] > 0
         assert math.isclose(row["gbps"], harness.gbps(row["bytes"], row["median_ms"]))
-    assert {row["op"] for row in result["rows"]} == {op.name for op in solver.OPS} | {attention.OP} | set(spatial.OPS)
+    assert {row["op"] for row in result["rows"]} == {op.name for op in solver.OPS} | {attention.OP} | set(spatial.OPS) | {preprocess.OP}
     assert all(row["impl"] != harness.COMPILED for row in result["rows"]), "--quick compiles nothing"
 
     assert result["skipped"], "--quick skips torch.compile, so some rows are always skipped"

@@ -3,7 +3,7 @@
 Public ops (each a torch.library custom op with a plain PyTorch reference, a Triton kernel and,
 where it pays, a CUDA kernel, chosen per call by `turbo_kernels.dispatch`):
 guided_solver_step, consistency_output, consistency_sampler_step, pseudo_huber_loss,
-temporal_attention, temporal_attention_probs, motion_energy, spatial_attention.
+temporal_attention, temporal_attention_probs, motion_energy, spatial_attention, reward_preprocess.
 """
 
 from turbo_kernels.dispatch import (
@@ -16,6 +16,8 @@ from turbo_kernels.dispatch import (
 from turbo_kernels.capture import capture_attention_inputs
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.ops.motion import motion_energy, temporal_attention_probs
+from turbo_kernels.ops.preprocess import PreprocessSpec, reward_preprocess
+from turbo_kernels.reference.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from turbo_kernels.ops.spatial import spatial_attention
 from turbo_kernels.patching import patch, unpatch
 from turbo_kernels.temporal_block import FusedTemporalTransformer
@@ -31,6 +33,11 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "FusedTemporalTransformer",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "PreprocessSpec",
     "TurboKernelsFallbackWarning",
     "backend",
     "backend_report",
@@ -42,6 +49,7 @@ __all__ = [
     "motion_energy",
     "patch",
     "pseudo_huber_loss",
+    "reward_preprocess",
     "spatial_attention",
     "temporal_attention",
     "temporal_attention_probs",
