@@ -1,0 +1,465 @@
+"""The batched reward mixture of T2V-Turbo-v2 (SPEC 3.7 and 5).
+
+The release scores the student's decoded one-step prediction model by model and clip by clip, on
+separate ranks. `RewardMixture` makes that one differentiable pass:
+
+1. `select_frames` draws, once a step, the frames every entry scores (image rewards: random frames
+   of each clip; video rewards: `num_frames` frames strided over the clip from a random start, as
+   the release does), so the caller VAE-decodes only their union;
+2. `forward` runs every entry's preprocessing in one `reward_preprocess` call, feeds each model all
+   its frames of all clips at once, and runs models of one architecture with the same parameter
+   shapes (HPSv2.1 and CLIP-H) as one forward over stacked weights (`torch.func.vmap` over the
+   model axis of `functional_call`), then scores each against its caption's cached text embedding.
+
+Per clip, an entry's score is the mean over its frames; the total is sum(weight * mean over clips).
+Scores pair clip b with caption b (the release tiles texts by `k mod N_txt`, which differs only with
+several prompts a step). Reward models are frozen: gradients reach only the frames.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.utils.checkpoint import checkpoint
+
+from t2v_turbo.rewards import image_text
+from t2v_turbo.rewards.base import KINDS, RewardModel
+from turbo_kernels import checks
+from turbo_kernels import PreprocessSpec, reward_preprocess
+
+__all__ = [
+    "RELEASE_IMAGE_WEIGHT",
+    "RELEASE_VIDEO_WEIGHT",
+    "RewardEntry",
+    "RewardMixture",
+    "default_mixture",
+]
+
+FRAME_RULES = ("random", "strided")
+CAPTION_KINDS = ("short", "dense")
+# The release's reward weights relative to L_CD, once DDP averages its 6 image-reward ranks with
+# its 2 video-reward ranks (SPEC 3.7): 0.2 on HPS + CLIP, 0.5 * 2/6 on the video reward.
+RELEASE_IMAGE_WEIGHT = 0.2
+RELEASE_VIDEO_WEIGHT = 0.5 * 2 / 6
+RELEASE_IMAGE_FRAMES = 2
+
+
+@dataclass
+class RewardEntry:
+    """One reward in the mixture.
+
+    frames: "random" (`num_frames` distinct random frames of the clip), "strided" (`num_frames`
+    frames at stride clip_frames // num_frames from a random start below the stride) or a fixed
+    list of frame indices. num_frames defaults to 2 for image models (SPEC 5) and to the model's
+    own `num_frames` for video models, which must score exactly that many. caption: "short" (the
+    image rewards' short_txt) or "dense" (the video reward's txt)."""
+
+    name: str
+    model: RewardModel
+    spec: PreprocessSpec
+    frames: str | Sequence[int] = "random"
+    num_frames: int | None = None
+    weight: float = 1.0
+    caption: str = "short"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"RewardEntry name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.model, RewardModel):
+            raise TypeError(f"RewardEntry {self.name!r}: model must be a RewardModel, got {type(self.model).__name__}")
+        if self.model.kind not in KINDS:
+            raise ValueError(f"RewardEntry {self.name!r}: model.kind must be one of {KINDS}, got {self.model.kind!r}")
+        if not isinstance(self.spec, PreprocessSpec):
+            raise TypeError(f"RewardEntry {self.name!r}: spec must be a PreprocessSpec, got {type(self.spec).__name__}")
+        if isinstance(self.frames, str):
+            if self.frames not in FRAME_RULES:
+                raise ValueError(f"RewardEntry {self.name!r}: frames must be one of {FRAME_RULES} or a list of ints, got {self.frames!r}")
+        else:
+            self.frames = self._fixed_frames(self.frames)
+        self.num_frames = self._resolve_num_frames()
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+            raise ValueError(f"RewardEntry {self.name!r}: weight must be a finite number, got {self.weight!r}")
+        self.weight = float(self.weight)
+        if self.caption not in CAPTION_KINDS:
+            raise ValueError(f"RewardEntry {self.name!r}: caption must be one of {CAPTION_KINDS}, got {self.caption!r}")
+
+    def _fixed_frames(self, frames) -> tuple[int, ...]:
+        if not isinstance(frames, Sequence) or not frames:
+            raise ValueError(f"RewardEntry {self.name!r}: frames must be a non-empty list of ints, got {frames!r}")
+        if any(isinstance(f, bool) or not isinstance(f, int) or f < 0 for f in frames) or len(set(frames)) != len(frames):
+            raise ValueError(f"RewardEntry {self.name!r}: frames must be distinct ints >= 0, got {list(frames)}")
+        return tuple(frames)
+
+    def _resolve_num_frames(self) -> int:
+        if isinstance(self.frames, tuple):
+            count = len(self.frames)
+        elif self.num_frames is None:
+            count = self.model.num_frames if self.model.kind == "video" else RELEASE_IMAGE_FRAMES
+        else:
+            count = self.num_frames
+        if self.num_frames is not None and self.num_frames != count:
+            raise ValueError(f"RewardEntry {self.name!r}: num_frames={self.num_frames} but frames lists {count} frames")
+        checks.positive_int(count, f"RewardEntry {self.name!r} num_frames")
+        if self.model.kind == "video" and count != self.model.num_frames:
+            raise ValueError(
+                f"RewardEntry {self.name!r}: the video model scores clips of {self.model.num_frames} frames, "
+                f"got num_frames={count}"
+            )
+        return count
+
+    @property
+    def frame_rule(self) -> tuple:
+        """Entries with equal rules share one draw a step (the release scores HPS and CLIP on the same frames)."""
+        return (self.frames, self.num_frames)
+
+
+@dataclass
+class _Selection:
+    clip_frames: int
+    per_entry: list[tuple[int, ...]]
+    union: list[int] = field(default_factory=list)
+
+
+class _Scorer(nn.Module):
+    """A reward model's score as its forward, so `functional_call` can swap in stacked weights."""
+
+    def __init__(self, model: RewardModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: Tensor, text_embeddings: Tensor) -> Tensor:
+        return self.model.score(pixels, text_embeddings)
+
+
+def _stack_key(entry: RewardEntry) -> tuple:
+    """Models run as one stacked forward only when the same code with either's weights is each of
+    them: same class, config, kind and parameter/buffer names, shapes and dtypes; same input size
+    and frame count, so their pixels stack."""
+    model = entry.model
+    tensors = tuple(
+        (name, tuple(t.shape), t.dtype, t.device) for name, t in [*model.named_parameters(), *model.named_buffers()]
+    )
+    return (type(model), repr(getattr(model, "config", None)), model.kind, entry.spec.size, entry.num_frames, tensors)
+
+
+@contextmanager
+def _vmappable_attention() -> Iterator[None]:
+    """nn.MultiheadAttention's eval fast path (`_native_multi_head_attention`) has no vmap batching
+    rule and no derivative, so it is switched off while the stacked forward runs. functorch warns
+    on every call that SDPA's CPU kernel runs per model in a loop (correct, only slower): silenced."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+class RewardMixture(nn.Module):
+    """A weighted mixture of frozen reward models scored in one batched, differentiable pass.
+
+    text_cache: keep each (model, caption) text embedding on the CPU and reuse it.
+    stack_same_architecture: run entries whose models share architecture and parameter shapes as
+    one vmapped forward over stacked weights (the members' parameters become views of the stack,
+    so weights are not held twice).
+    gradient_checkpointing: recompute activations in the backward pass; per block for models with
+    a `gradient_checkpointing` switch, else (and for stacked groups) per model call.
+    Cast the mixture (`.to(torch.bfloat16)`) to run the models in bf16; preprocessing still
+    computes in float32 and writes the models' dtype."""
+
+    def __init__(
+        self,
+        entries: Sequence[RewardEntry],
+        text_cache: bool = True,
+        stack_same_architecture: bool = True,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(entries, RewardEntry) or not isinstance(entries, Sequence) or not entries:
+            raise ValueError("entries must be a non-empty list of RewardEntry")
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, RewardEntry):
+                raise TypeError(f"entries[{index}] must be a RewardEntry, got {type(entry).__name__}")
+        names = [entry.name for entry in entries]
+        if len(set(names)) != len(names):
+            raise ValueError(f"entries must have distinct names, got {names}")
+        self.entries = list(entries)
+        unique_models: list[RewardModel] = []
+        for entry in self.entries:
+            if not any(entry.model is model for model in unique_models):
+                unique_models.append(entry.model)
+        self.models = nn.ModuleList(model.freeze() for model in unique_models)
+        self._model_index = [next(i for i, m in enumerate(unique_models) if m is e.model) for e in self.entries]
+        self.specs = list(dict.fromkeys(entry.spec for entry in self.entries))
+        self.text_cache = bool(text_cache)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.groups = self._group_entries(bool(stack_same_architecture))
+        self._stacked: dict[tuple[int, ...], tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
+        self._text: dict[tuple[int, str], Tensor] = {}
+        self._cache_hits = 0
+        self._cache_misses = 0
+        self._selection: _Selection | None = None
+        stacked = {id(self.entries[i].model) for group in self.groups if len(group) > 1 for i in group}
+        for model in unique_models:
+            if hasattr(model, "gradient_checkpointing"):
+                # Block-wise checkpoints cannot run inside vmap; stacked groups checkpoint as a whole.
+                model.gradient_checkpointing = self.gradient_checkpointing and id(model) not in stacked
+
+    def _group_entries(self, stack: bool) -> list[tuple[int, ...]]:
+        """Entry indices, grouped: a group of several runs as one stacked forward."""
+        groups: dict[tuple, list[int]] = {}
+        for index, entry in enumerate(self.entries):
+            model_ids = [id(self.entries[i].model) for i in groups.get(_stack_key(entry), [])]
+            if stack and id(entry.model) not in model_ids:
+                groups.setdefault(_stack_key(entry), []).append(index)
+            else:
+                groups[("alone", index)] = [index]
+        return [tuple(group) for group in groups.values()]
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting the models invalidates the stacked weights; they are rebuilt on use.
+        self._stacked.clear()
+        return super()._apply(fn, recurse)
+
+    # ---- frame selection -------------------------------------------------------------------------
+
+    def select_frames(self, num_frames: int, generator: torch.Generator | None = None) -> list[int]:
+        """Draws this step's frames of a `num_frames`-frame clip for every entry (entries with the
+        same rule share a draw; random draws use `generator`) and returns their sorted union, the
+        frames to decode. `forward` then scores exactly these selections."""
+        checks.positive_int(num_frames, "num_frames")
+        draws: dict[tuple, tuple[int, ...]] = {}
+        for entry in self.entries:
+            if entry.frame_rule not in draws:
+                draws[entry.frame_rule] = self._draw(entry, num_frames, generator)
+        per_entry = [draws[entry.frame_rule] for entry in self.entries]
+        union = sorted(set().union(*per_entry))
+        self._selection = _Selection(num_frames, per_entry, union)
+        return list(union)
+
+    @property
+    def entry_frames(self) -> dict[str, tuple[int, ...]]:
+        """The frames each entry scores this step (the last select_frames); empty before the first."""
+        if self._selection is None:
+            return {}
+        return {entry.name: frames for entry, frames in zip(self.entries, self._selection.per_entry)}
+
+    @staticmethod
+    def _draw(entry: RewardEntry, clip_frames: int, generator: torch.Generator | None) -> tuple[int, ...]:
+        count = entry.num_frames
+        if isinstance(entry.frames, tuple):
+            if max(entry.frames) >= clip_frames:
+                raise ValueError(f"num_frames={clip_frames} is too short for entry {entry.name!r}'s frames {list(entry.frames)}")
+            return entry.frames
+        if count > clip_frames:
+            raise ValueError(f"num_frames={clip_frames} is fewer than the {count} frames entry {entry.name!r} scores")
+        if entry.frames == "random":
+            return tuple(sorted(torch.randperm(clip_frames, generator=generator)[:count].tolist()))
+        stride = clip_frames // count
+        start = int(torch.randint(0, stride, (1,), generator=generator))
+        return tuple(start + stride * i for i in range(count))
+
+    # ---- text embeddings -------------------------------------------------------------------------
+
+    def _text_embeddings(self, model_index: int, captions: Sequence[str], device: torch.device) -> Tensor:
+        """(len(captions), D) for one model; computed for the missing captions only, in one call."""
+        model = self.models[model_index]
+        if not self.text_cache:
+            self._cache_misses += len(captions)
+            return model.embed_text(list(captions)).detach().to(device)
+        missing = list(dict.fromkeys(c for c in captions if (model_index, c) not in self._text))
+        self._cache_hits += len(captions) - len([c for c in captions if c in missing])
+        self._cache_misses += len([c for c in captions if c in missing])
+        if missing:
+            embedded = model.embed_text(missing).detach().cpu()
+            for caption, row in zip(missing, embedded):
+                self._text[(model_index, caption)] = row
+        return torch.stack([self._text[(model_index, c)] for c in captions]).to(device)
+
+    def cache_info(self) -> dict[str, int]:
+        """hits and misses (one a caption looked up) and the number of cached embeddings."""
+        return {"hits": self._cache_hits, "misses": self._cache_misses, "size": len(self._text)}
+
+    def clear_text_cache(self) -> None:
+        self._text.clear()
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def _check_inputs(self, frames, frame_indices, captions, short_captions) -> _Selection:
+        checks.floating_tensor(frames, "frames", min_dim=0)
+        if frames.dim() != 5 or frames.shape[1] != 3:
+            raise ValueError(f"frames must be (B, 3, k, H, W) decoded RGB frames, got shape {tuple(frames.shape)}")
+        batch = frames.shape[0]
+        if isinstance(frame_indices, Tensor):
+            frame_indices = frame_indices.tolist()
+        if not isinstance(frame_indices, Sequence) or any(isinstance(i, bool) or not isinstance(i, int) for i in frame_indices):
+            raise TypeError(f"frame_indices must be a list of ints, got {frame_indices!r}")
+        if len(frame_indices) != frames.shape[2]:
+            raise ValueError(f"frame_indices lists {len(frame_indices)} frames but frames holds k={frames.shape[2]}")
+        if any(b <= a for a, b in itertools.pairwise(frame_indices)):
+            raise ValueError(f"frame_indices must be sorted and distinct, got {list(frame_indices)}")
+        selection = self._selection
+        if selection is None:
+            raise RuntimeError("no frames selected: call select_frames(num_frames) for this step before forward")
+        if frame_indices and (frame_indices[0] < 0 or frame_indices[-1] >= selection.clip_frames):
+            raise ValueError(f"frame_indices {list(frame_indices)} out of range [0, {selection.clip_frames}) of the selected clip")
+        missing = sorted(set(selection.union) - set(frame_indices))
+        if missing:
+            raise ValueError(f"frame_indices lacks the selected frames {missing} (select_frames chose {selection.union})")
+        for name, texts in (("captions", captions), ("short_captions", short_captions)):
+            if texts is None and name == "short_captions":
+                continue
+            if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+                raise TypeError(f"{name} must be a list of strings")
+            if len(texts) != batch:
+                raise ValueError(f"{name} holds {len(texts)} prompts for {batch} clips")
+        if checks.value_checks_enabled() and not bool(torch.isfinite(frames).all()):
+            raise ValueError("frames holds NaN or infinite values")
+        return selection
+
+    def forward(
+        self,
+        frames: Tensor,
+        frame_indices: Sequence[int],
+        captions: Sequence[str],
+        short_captions: Sequence[str] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """frames (B, 3, k, H, W) in [0, 1]: the clips' frames `frame_indices` (sorted, a superset
+        of the last select_frames). captions / short_captions: one a clip (short_captions default to
+        captions). Returns (sum of weight * mean over clips of each entry's score, a float32 scalar;
+        {entry name: (B,) float32 per-clip scores}), differentiable with respect to `frames`."""
+        selection = self._check_inputs(frames, frame_indices, captions, short_captions)
+        frame_indices = [int(i) for i in frame_indices]
+        batch = frames.shape[0]
+        model_dtypes = {p.dtype for p in self.models.parameters()}
+        out_dtype = model_dtypes.pop() if len(model_dtypes) == 1 else None
+        preprocessed = reward_preprocess(frames.transpose(1, 2), self.specs, out_dtype=out_dtype)
+        position = {frame: i for i, frame in enumerate(frame_indices)}
+
+        def entry_inputs(index: int) -> tuple[Tensor, Tensor]:
+            entry = self.entries[index]
+            pixels = preprocessed[self.specs.index(entry.spec)][:, [position[f] for f in selection.per_entry[index]]]
+            texts = short_captions if entry.caption == "short" and short_captions is not None else captions
+            text = self._text_embeddings(self._model_index[index], texts, frames.device)
+            if entry.model.kind == "image":
+                return pixels.reshape(-1, *pixels.shape[2:]), text.repeat_interleave(entry.num_frames, dim=0)
+            return pixels, text
+
+        row_scores: dict[int, Tensor] = {}
+        for group in list(self.groups):
+            inputs = [entry_inputs(index) for index in group]
+            row_scores.update(zip(group, self._score_group(group, inputs)))
+
+        scores: dict[str, Tensor] = {}
+        total = frames.new_zeros((), dtype=torch.float32)
+        for index, entry in enumerate(self.entries):
+            per_clip = row_scores[index].float().reshape(batch, -1).mean(dim=1)
+            scores[entry.name] = per_clip
+            total = total + entry.weight * per_clip.mean()
+        return total, scores
+
+    def _score_group(self, group: tuple[int, ...], inputs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        if len(group) > 1:
+            try:
+                return list(self._stacked_scores(group, inputs).unbind(0))
+            except RuntimeError as error:
+                names = [self.entries[i].name for i in group]
+                warnings.warn(
+                    f"reward models {names} cannot run as one stacked forward ({error}); running them one "
+                    "after the other from now on",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                position = self.groups.index(group)
+                self.groups[position:position + 1] = [(i,) for i in group]
+                self._stacked.pop(group, None)
+        return [self._single_scores(self.entries[index].model, *inputs[k]) for k, index in enumerate(group)]
+
+    def _single_scores(self, model: RewardModel, pixels: Tensor, text: Tensor) -> Tensor:
+        if self.gradient_checkpointing and not hasattr(model, "gradient_checkpointing") and torch.is_grad_enabled():
+            return checkpoint(model.score, pixels, text, use_reentrant=False)
+        return model.score(pixels, text)
+
+    def _stacked_scores(self, group: tuple[int, ...], inputs: list[tuple[Tensor, Tensor]]) -> Tensor:
+        params, buffers = self._stacked_state(group)
+        scorer = _Scorer(self.entries[group[0]].model)
+        pixels = torch.stack([p for p, _ in inputs])
+        text = torch.stack([t for _, t in inputs])
+
+        def one_model(model_params, model_buffers, model_pixels, model_text):
+            return functional_call(scorer, (model_params, model_buffers), (model_pixels, model_text))
+
+        def all_models(*args):
+            # Entered here, not around the checkpoint, so that its recomputation runs the same way.
+            with _vmappable_attention():
+                return vmap(one_model)(*args)
+
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # Block-wise checkpoints cannot run inside vmap: recompute the whole stacked call.
+            return checkpoint(all_models, params, buffers, pixels, text, use_reentrant=False)
+        return all_models(params, buffers, pixels, text)
+
+    def _stacked_state(self, group: tuple[int, ...]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The group's parameters and buffers stacked on a leading model axis, keyed as `_Scorer`'s.
+        Each member's parameters are then rebound to views of the stack, so the weights are held
+        once; built on first use and after every move or cast."""
+        if group not in self._stacked:
+            models = [self.entries[index].model for index in group]
+            with torch.no_grad():
+                params = {
+                    f"model.{name}": torch.stack([dict(m.named_parameters())[name] for m in models])
+                    for name, _ in models[0].named_parameters()
+                }
+                buffers = {
+                    f"model.{name}": torch.stack([dict(m.named_buffers())[name] for m in models])
+                    for name, _ in models[0].named_buffers()
+                }
+            for position, model in enumerate(models):
+                for name, parameter in model.named_parameters():
+                    parameter.data = params[f"model.{name}"][position]
+            self._stacked[group] = (params, buffers)
+        return self._stacked[group]
+
+
+def default_mixture(
+    hps: RewardModel | None,
+    clip: RewardModel | None,
+    video: RewardModel | None,
+    hps_spec: PreprocessSpec | None = None,
+    clip_spec: PreprocessSpec | None = None,
+    video_spec: PreprocessSpec | None = None,
+    image_weight: float = RELEASE_IMAGE_WEIGHT,
+    video_weight: float = RELEASE_VIDEO_WEIGHT,
+    hps_weight: float = 1.0,
+    clip_weight: float = 1.0,
+    image_frames: int = RELEASE_IMAGE_FRAMES,
+    **mixture_options,
+) -> RewardMixture:
+    """The release's reward objective as one mixture: HPSv2.1 and CLIP on `image_frames` random
+    frames with the short caption, weighted image_weight * (hps_weight, clip_weight); the video
+    model on its own frame count strided over the clip with the dense caption, weighted
+    video_weight (defaults: the release-equivalent effective weights, SPEC 3.7). Specs default to
+    the release's pipelines at 224 px; any model may be None to leave it out."""
+    entries = []
+    if hps is not None:
+        entries.append(RewardEntry("hpsv2", hps, hps_spec or image_text.hpsv2_spec(), "random", image_frames,
+                                   image_weight * hps_weight, "short"))
+    if clip is not None:
+        entries.append(RewardEntry("clip", clip, clip_spec or image_text.clip_spec(), "random", image_frames,
+                                   image_weight * clip_weight, "short"))
+    if video is not None:
+        entries.append(RewardEntry("video", video, video_spec or image_text.video_spec(), "strided", None,
+                                   video_weight, "dense"))
+    if not entries:
+        raise ValueError("default_mixture needs at least one of hps, clip, video")
+    return RewardMixture(entries, **mixture_options)

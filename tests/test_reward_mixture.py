@@ -1,0 +1,354 @@
+"""OpenCLIPReward and RewardMixture on tiny random open_clip models and a tiny video stand-in:
+the batched, stacked mixture against each model run separately clip by clip (values and frame
+gradients), the text cache, a reward-ascent step, frame selection, input errors, checkpoint loading
+(.pt, nested 'state_dict', .safetensors) and the release specs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from t2v_turbo.rewards.base import RewardModel, l2_normalize
+from t2v_turbo.rewards.image_text import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OpenCLIPReward,
+    clip_spec,
+    hpsv2_spec,
+    video_spec,
+)
+from t2v_turbo.rewards.mixture import (
+    RELEASE_IMAGE_WEIGHT,
+    RELEASE_VIDEO_WEIGHT,
+    RewardEntry,
+    RewardMixture,
+    default_mixture,
+)
+from turbo_kernels.ops.preprocess import reward_preprocess
+
+TINY_SIZE = 32
+TINY_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": TINY_SIZE, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+# float32 end to end; the stacked (vmapped) and the per-clip paths sum in different orders.
+SCORE_TOL = 2e-6
+GRAD_TOL = 1e-6
+CLIP_FRAMES, HEIGHT, WIDTH = 6, 24, 40
+CAPTIONS = ["a red fox runs through snow", "two boats on a calm lake"]
+SHORT_CAPTIONS = ["fox in snow", "boats"]
+
+
+def tiny_clip(seed: int) -> OpenCLIPReward:
+    torch.manual_seed(seed)
+    model = OpenCLIPReward(TINY_CONFIG)
+    # open_clip initialises some tensors to constants (class/positional scales, zero biases):
+    # randomise everything so two instances differ everywhere.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+class TinyVideoReward(RewardModel):
+    """A video-text stand-in: a linear map of the flattened clip; captions embedded from their bytes."""
+
+    kind = "video"
+
+    def __init__(self, num_frames: int = 2, size: int = TINY_SIZE, dim: int = 8, seed: int = 3) -> None:
+        super().__init__()
+        self.num_frames = num_frames
+        generator = torch.Generator().manual_seed(seed)
+        self.visual = nn.Linear(num_frames * 3 * size * size, dim)
+        self.text = nn.Linear(32, dim)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        self.text_calls = 0
+
+    def embed_visual(self, pixels):
+        return l2_normalize(self.visual(pixels.flatten(1).to(self.visual.weight.dtype)))
+
+    def embed_text(self, captions):
+        self.text_calls += 1
+        codes = torch.zeros(len(captions), 32)
+        for row, caption in enumerate(captions):
+            data = caption.encode()[:32]
+            codes[row, : len(data)] = torch.tensor(list(data), dtype=torch.float32) / 128
+        with torch.no_grad():
+            return l2_normalize(self.text(codes.to(self.text.weight.dtype)))
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """These shapes are tiny: intra-op threads cost far more than they save (100x on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_clip(1), tiny_clip(2), TinyVideoReward()
+
+
+def make_mixture(models, **options) -> RewardMixture:
+    hps, clip, video = models
+    return RewardMixture(
+        [
+            RewardEntry("hpsv2", hps, hpsv2_spec(TINY_SIZE), "random", 2, 0.2, "short"),
+            RewardEntry("clip", clip, clip_spec(TINY_SIZE), "random", 2, 0.3, "short"),
+            RewardEntry("video", video, video_spec(TINY_SIZE), "strided", None, 0.5, "dense"),
+        ],
+        **options,
+    )
+
+
+def decoded_frames(seed: int, frame_count: int, batch: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, frame_count, HEIGHT, WIDTH, generator=generator)
+
+
+def separate_reference(mixture, frames_by_index, captions, short_captions):
+    """The release's path: every model, clip and frame on its own, preprocessed spec by spec."""
+    total = 0.0
+    scores = {}
+    for entry in mixture.entries:
+        texts = short_captions if entry.caption == "short" else captions
+        per_clip = []
+        for b, caption in enumerate(texts):
+            text = entry.model.embed_text([caption])
+            chosen = torch.stack([frames_by_index[f][b] for f in mixture.entry_frames[entry.name]])  # (n, 3, H, W)
+            pixels = reward_preprocess(chosen[None], [entry.spec])[0]  # (1, n, 3, S, S)
+            if entry.model.kind == "image":
+                frame_scores = torch.cat([entry.model.score(pixels[:, j], text) for j in range(pixels.shape[1])])
+                per_clip.append(frame_scores.mean())
+            else:
+                per_clip.append(entry.model.score(pixels, text)[0])
+        scores[entry.name] = torch.stack(per_clip)
+        total = total + entry.weight * scores[entry.name].mean()
+    return total, scores
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_stacked_mixture_matches_each_model_run_separately(models, checkpointing):
+    mixture = make_mixture(models, gradient_checkpointing=checkpointing)
+    assert (0, 1) in mixture.groups, "HPS and CLIP (same tiny architecture) should form one stacked group"
+    indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(5))
+    frames = decoded_frames(0, len(indices)).requires_grad_()
+    total, scores = mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    (grad,) = torch.autograd.grad(total, frames)
+    assert (0, 1) in mixture.groups, "the stacked forward fell back to running the models one by one"
+
+    leaf = frames.detach().clone().requires_grad_()
+    by_index = {f: leaf[:, :, i] for i, f in enumerate(indices)}
+    expected_total, expected = separate_reference(mixture, by_index, CAPTIONS, SHORT_CAPTIONS)
+    (expected_grad,) = torch.autograd.grad(expected_total, leaf)
+
+    assert set(scores) == {"hpsv2", "clip", "video"}
+    for name, value in scores.items():
+        assert value.shape == (2,) and value.dtype == torch.float32
+        assert torch.allclose(value, expected[name], atol=SCORE_TOL, rtol=0), name
+    assert abs(total.item() - expected_total.item()) < SCORE_TOL
+    assert grad.abs().max() > 1e-4, "the reward should depend on the frames"
+    assert torch.allclose(grad, expected_grad, atol=GRAD_TOL, rtol=1e-4)
+    # The stacked and sequential mixtures agree too, and no model picked up a parameter gradient.
+    sequential = make_mixture(models, stack_same_architecture=False)
+    assert all(len(group) == 1 for group in sequential.groups)
+    sequential._selection = mixture._selection
+    seq_total, _ = sequential(frames.detach(), indices, CAPTIONS, SHORT_CAPTIONS)
+    assert abs(seq_total.item() - total.item()) < SCORE_TOL
+    assert all(p.grad is None and not p.requires_grad for m in models for p in m.parameters())
+
+
+def test_stacking_shares_weights_and_survives_a_cast(models):
+    hps, clip, _ = models
+    mixture = make_mixture(models)
+    indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(1))
+    frames = decoded_frames(2, len(indices))
+    reference, _ = mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    hps_weight = hps.clip.visual.conv1.weight
+    clip_weight = clip.clip.visual.conv1.weight
+    assert hps_weight.untyped_storage().data_ptr() == clip_weight.untyped_storage().data_ptr(), "one stacked copy"
+    mixture.to(torch.float64)
+    total, _ = mixture(frames.double(), indices, CAPTIONS, SHORT_CAPTIONS)
+    mixture.to(torch.float32)
+    assert abs(total.item() - reference.item()) < 1e-5
+
+
+def test_bf16_models_score_close_to_float32():
+    # Own models: casting to bf16 and back would round the shared fixture's weights.
+    mixture = make_mixture((tiny_clip(1), tiny_clip(2), TinyVideoReward()))
+    indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(4))
+    frames = decoded_frames(3, len(indices))
+    _, ref_scores = mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    mixture.clear_text_cache()
+    mixture.to(torch.bfloat16)
+    leaf = frames.clone().requires_grad_()
+    total, scores = mixture(leaf, indices, CAPTIONS, SHORT_CAPTIONS)
+    total.backward()
+    assert leaf.grad.dtype == torch.float32 and torch.isfinite(leaf.grad).all()
+    for name in scores:
+        assert torch.allclose(scores[name], ref_scores[name], atol=3e-2), name
+
+
+def test_text_cache_reuses_embeddings_without_recomputing(models):
+    hps, _, video = models
+    mixture = make_mixture(models)
+    indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(0))
+    frames = decoded_frames(1, len(indices))
+    video.text_calls = 0
+    first_total, _ = mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    assert video.text_calls == 1
+    info = mixture.cache_info()
+    assert info == {"hits": 0, "misses": 6, "size": 6}
+    second_total, _ = mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    assert video.text_calls == 1, "cached captions must not be embedded again"
+    assert mixture.cache_info() == {"hits": 6, "misses": 6, "size": 6}
+    assert second_total.item() == first_total.item()
+    cached = mixture._text_embeddings(mixture._model_index[0], SHORT_CAPTIONS, torch.device("cpu"))
+    assert torch.equal(cached, hps.embed_text(SHORT_CAPTIONS))
+
+    uncached = make_mixture(models, text_cache=False)
+    uncached._selection = mixture._selection
+    uncached(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    uncached(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    assert video.text_calls == 3 and uncached.cache_info()["size"] == 0
+
+
+def test_gradient_ascent_step_increases_the_reward(models):
+    _, clip, _ = models
+    mixture = RewardMixture([RewardEntry("clip", clip, clip_spec(TINY_SIZE), [0], weight=1.0)])
+    indices = mixture.select_frames(1)
+    image = decoded_frames(7, 1, batch=1).requires_grad_()
+    before, _ = mixture(image, indices, ["a photo of a cat"])
+    (grad,) = torch.autograd.grad(before, image)
+    step = 1e-2
+    with torch.no_grad():
+        after, _ = mixture(image + step * grad / grad.norm(), indices, ["a photo of a cat"])
+    predicted = step * grad.norm().item()
+    assert after.item() - before.item() > 0.5 * predicted > 0
+
+
+def test_select_frames_covers_entries_and_is_reproducible(models):
+    mixture = make_mixture(models)
+    first = mixture.select_frames(16, torch.Generator().manual_seed(11))
+    first_entries = mixture.entry_frames
+    again = mixture.select_frames(16, torch.Generator().manual_seed(11))
+    assert first == again and mixture.entry_frames == first_entries
+    assert first == sorted(set().union(*first_entries.values()))
+    hps, clip, video = first_entries["hpsv2"], first_entries["clip"], first_entries["video"]
+    assert hps == clip, "entries with the same frame rule share one draw"
+    assert len(set(hps)) == 2 and all(0 <= f < 16 for f in hps)
+    assert len(video) == 2 and video[1] - video[0] == 8 and 0 <= video[0] < 8
+    draws = {tuple(mixture.select_frames(16, torch.Generator().manual_seed(seed))) for seed in range(8)}
+    assert len(draws) > 1, "different seeds should draw different frames"
+    with pytest.raises(ValueError, match="num_frames"):
+        mixture.select_frames(1)
+
+
+def test_errors_name_the_argument(models):
+    mixture = make_mixture(models)
+    frames = decoded_frames(0, CLIP_FRAMES)
+    with pytest.raises(RuntimeError, match="select_frames"):
+        mixture(frames, list(range(CLIP_FRAMES)), CAPTIONS, SHORT_CAPTIONS)
+    indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(0))
+    everything = list(range(CLIP_FRAMES))
+    with pytest.raises(ValueError, match="captions holds 1 prompts for 2 clips"):
+        mixture(frames, everything, CAPTIONS[:1], SHORT_CAPTIONS)
+    with pytest.raises(ValueError, match="short_captions holds 3"):
+        mixture(frames, everything, CAPTIONS, SHORT_CAPTIONS + ["x"])
+    with pytest.raises(ValueError, match="out of range"):
+        mixture(frames, [f + 1 for f in everything], CAPTIONS, SHORT_CAPTIONS)
+    with pytest.raises(ValueError, match="sorted"):
+        mixture(frames, everything[::-1], CAPTIONS, SHORT_CAPTIONS)
+    with pytest.raises(ValueError, match="frame_indices lists"):
+        mixture(frames, indices[:-1], CAPTIONS, SHORT_CAPTIONS)
+    with pytest.raises(ValueError, match="lacks the selected frames"):
+        mixture(frames[:, :, :1], [f for f in everything if f not in indices][:1], CAPTIONS, SHORT_CAPTIONS)
+    bad = frames.clone()
+    bad[1, 0, 2, 3, 4] = math.nan
+    with pytest.raises(ValueError, match="frames holds NaN"):
+        mixture(bad, everything, CAPTIONS, SHORT_CAPTIONS)
+    with pytest.raises(ValueError, match="video model scores clips of 2 frames"):
+        RewardEntry("video", models[2], video_spec(TINY_SIZE), "strided", 4)
+    with pytest.raises(ValueError, match="distinct names"):
+        RewardMixture([RewardEntry("a", models[0], clip_spec(TINY_SIZE)), RewardEntry("a", models[1], clip_spec(TINY_SIZE))])
+
+
+@pytest.mark.parametrize("layout", ["pt", "nested_pt", "safetensors"])
+def test_loads_weights_from_a_file(tmp_path, models, layout):
+    source = models[0]
+    state = {key: value.clone() for key, value in source.clip.state_dict().items()}
+    path = tmp_path / ("weights.safetensors" if layout == "safetensors" else "weights.pt")
+    if layout == "safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state, "epoch": 3} if layout == "nested_pt" else state, path)
+    loaded = OpenCLIPReward.from_weights(TINY_CONFIG, path)
+    pixels = torch.rand(3, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded.embed_visual(pixels), source.embed_visual(pixels))
+    # Text features also check the causal mask, which the file does not hold and loading rebuilds.
+    assert torch.equal(loaded.embed_text(CAPTIONS), source.embed_text(CAPTIONS))
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_loading_errors_and_logit_scale(tmp_path, models):
+    state = dict(models[0].clip.state_dict())
+    state.pop("logit_scale")
+    path = tmp_path / "partial.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(KeyError, match="logit_scale"):
+        OpenCLIPReward.from_weights(TINY_CONFIG, path)
+    with pytest.raises(ValueError, match="not a built-in open_clip config"):
+        OpenCLIPReward("no-such-model")
+    plain = models[0]
+    scaled = OpenCLIPReward(TINY_CONFIG, use_logit_scale=True)
+    scaled.load_state_dict(plain.state_dict())
+    pixels = torch.rand(2, 3, TINY_SIZE, TINY_SIZE)
+    text = plain.embed_text(SHORT_CAPTIONS)
+    cosine = plain.score(pixels, text)
+    assert torch.allclose(scaled.score(pixels, text), cosine * scaled.clip.logit_scale.exp())
+    assert cosine.abs().max() <= 1 + 1e-6
+
+
+def test_release_specs_and_vit_h_on_meta():
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073) and CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+    hps, clip, video = hpsv2_spec(), clip_spec(), video_spec(crop_offset=(0, 111))
+    assert (hps.size, hps.mode, hps.interpolation, hps.antialias, hps.mean) == (224, "pad", "bicubic", True, CLIP_MEAN)
+    assert (clip.size, clip.mode, clip.std) == (224, "squash", CLIP_STD)
+    assert (video.size, video.mode, video.mean, video.crop_offset) == (224, "crop", IMAGENET_MEAN, (0, 111))
+    # HPS pads before normalising: a letterboxed frame's padding rows become -mean/std.
+    frame = torch.rand(1, 1, 3, 20, 40)
+    out = reward_preprocess(frame, [hpsv2_spec(16)])[0]
+    padded = -torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)
+    assert torch.allclose(out[0, 0, :, 0, 0], padded, atol=1e-6)
+    squashed = reward_preprocess(frame, [clip_spec(16)])[0]
+    expected = F.interpolate(frame[0], size=(16, 16), mode="bicubic", align_corners=False, antialias=True)
+    expected = (expected - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    assert torch.allclose(squashed[0], expected, atol=1e-5)
+    with torch.device("meta"):
+        vit_h = OpenCLIPReward("ViT-H-14")
+    assert sum(p.numel() for p in vit_h.parameters()) == 986_109_441
+    assert vit_h.image_size == 224 and vit_h.context_length == 77
+
+
+def test_default_mixture_uses_the_release_weights(models):
+    hps, clip, video = models
+    mixture = default_mixture(hps, clip, video, hps_spec=hpsv2_spec(TINY_SIZE), clip_spec=clip_spec(TINY_SIZE),
+                              video_spec=video_spec(TINY_SIZE))
+    weights = {entry.name: entry.weight for entry in mixture.entries}
+    assert weights == {"hpsv2": 0.2, "clip": 0.2, "video": pytest.approx(0.5 * 2 / 6)}
+    assert RELEASE_IMAGE_WEIGHT == 0.2 and RELEASE_VIDEO_WEIGHT == pytest.approx(1 / 6)
+    captions = {entry.name: entry.caption for entry in mixture.entries}
+    assert captions == {"hpsv2": "short", "clip": "short", "video": "dense"}
+    assert [entry.num_frames for entry in mixture.entries] == [2, 2, video.num_frames]
+    assert default_mixture(None, clip, None, clip_spec=clip_spec(TINY_SIZE), image_weight=1.0).entries[0].weight == 1.0
