@@ -1,0 +1,346 @@
+"""Sampling (t2v_turbo.pipeline), the noise-predictor adapter, video files and `t2v-turbo generate`.
+
+The samplers are checked analytically: a stand-in "UNet" returns the exact noise of a point-mass
+target x0*, so DDIM must return x0* (with CFG: the guided mix of the two targets) and the
+consistency sampler must return the LCM boundary-scaled mix c_skip(t) x + c_out(t) x0* of its last
+step. The real tiny VC2UNet (and a tiny diffusers UNet3DConditionModel) run at 4 frames of 8x8 or
+16x16 for seeding, spying and the end-to-end command.
+"""
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from t2v_turbo import schedule
+from t2v_turbo.commands.generate import add_generate_command, main
+from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
+from t2v_turbo.models.adapter import NoisePredictor
+from t2v_turbo.models.vc2_unet import TINY_CONFIG
+from t2v_turbo.pipeline import T2VTurboPipeline, teacher_timesteps
+from t2v_turbo.video_io import read_video, write_gif_grid, write_video
+
+CONTEXT_DIM = 32
+# One attention level, one res block: the VC2 architecture at its smallest. 64 channels, because
+# with one channel a GroupNorm(32) group the timestep (and guidance) embedding, a per-channel shift,
+# would be normalised away.
+SMALL_CONFIG = {
+    **TINY_CONFIG,
+    "model_channels": 64,
+    "channel_mult": [1],
+    "num_res_blocks": 1,
+    "attention_resolutions": [1],
+    "num_head_channels": 32,
+    "context_dim": CONTEXT_DIM,
+}
+FRAMES, SIZE = 4, 8
+
+
+class LatentsAsPixels:
+    """VAE stand-in: the first three latent channels are the frames (downsample 1)."""
+
+    latent_channels, downsample, scaling_factor = 4, 1, 1.0
+
+    def decode(self, latents, decode_chunk_size=8, frame_indices=None):
+        return latents[:, :3]
+
+
+class PromptLength:
+    """Text-encoder stand-in: every entry of a prompt's (4, D) context is len(prompt) / 10."""
+
+    context_dim = CONTEXT_DIM
+
+    def encode(self, prompts):
+        return torch.stack([torch.full((4, CONTEXT_DIM), len(prompt) / 10) for prompt in prompts])
+
+
+class PointMassPredictor:
+    """A noise predictor whose data distribution is one point, x0* = context[:, 0, 0] * pattern:
+    it returns the exact noise eps = (x - alpha_t x0*) / sigma_t, and records every call."""
+
+    accepts_guidance = accepts_motion = True
+    in_channels, dtype, device = 4, torch.float32, torch.device("cpu")
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+        self.calls = []
+
+    def target(self, context):
+        return context[:, 0, 0].double().reshape(-1, 1, 1, 1, 1) * self.pattern
+
+    def __call__(self, x, t, context, fps=8, guidance=None, motion=None):
+        self.calls.append({"x": x.clone(), "t": int(t), "guidance": guidance, "motion": motion})
+        abar = schedule.alphas_cumprod(torch.float64)[int(t)]
+        eps = (x.double() - abar.sqrt() * self.target(context)) / (1 - abar).sqrt()
+        return eps.float()
+
+
+class SpyPredictor(NoisePredictor):
+    """The real adapter, recording (t, guidance, motion) of every call."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.calls = []
+
+    def __call__(self, x, t, context, fps=8, guidance=None, motion=None):
+        self.calls.append((int(t), guidance, motion))
+        return super().__call__(x, t, context, fps, guidance=guidance, motion=motion)
+
+
+def randomize(model, seed=0):
+    """Random weights everywhere: the release zero-initialises output convolutions, which would
+    hide the conditioning's effect on a freshly built model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+def small_unet(seed=0, in_channels=4, context_dim=CONTEXT_DIM):
+    config = {**SMALL_CONFIG, "in_channels": in_channels, "out_channels": in_channels, "context_dim": context_dim}
+    return randomize(VC2UNet.from_original_config({**config, "use_kernels": False}), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return small_unet()
+
+
+def point_mass_pipeline(unet):
+    pipeline = T2VTurboPipeline(unet, LatentsAsPixels(), PromptLength())
+    pipeline.noise_predictor = PointMassPredictor(torch.randn(1, 4, FRAMES, SIZE, SIZE, dtype=torch.float64))
+    return pipeline
+
+
+# ---- timesteps ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "num_steps, expected",
+    [
+        (4, [999, 749, 499, 249]),
+        (8, [999, 874, 749, 624, 499, 374, 249, 124]),
+        (16, list(range(999, 98, -60))),
+    ],
+)
+def test_sampler_timesteps_are_spec_6(num_steps, expected):
+    assert schedule.sampler_timesteps(num_steps) == expected
+
+
+def test_teacher_timesteps_are_videocrafter_ddim():
+    assert teacher_timesteps(50) == list(range(981, 0, -20))
+    assert teacher_timesteps(3) == [667, 334, 1]
+
+
+# ---- analytic sampler checks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 4])
+def test_consistency_sampler_returns_boundary_scaled_point_mass(unet, num_steps):
+    pipeline = point_mass_pipeline(unet)
+    predictor = pipeline.noise_predictor
+    prompts = ["a cat", "a big dog"]
+    out = pipeline.generate(prompts, num_steps=num_steps, num_frames=FRAMES, height=SIZE, width=SIZE, seed=1, progress=False)
+
+    x0_star = predictor.target(PromptLength().encode(prompts))
+    t_last = predictor.calls[-1]["t"]
+    s = 10.0 * t_last
+    c_skip, c_out = 0.25 / (s**2 + 0.25), s / math.sqrt(s**2 + 0.25)
+    expected = c_skip * predictor.calls[-1]["x"].double() + c_out * x0_star
+    assert [call["t"] for call in predictor.calls] == schedule.sampler_timesteps(num_steps)
+    torch.testing.assert_close(out.latents.double(), expected, rtol=0, atol=2e-5)
+    # c_skip(t) <= 4e-8 at t >= 249, so the result is x0* up to float32 rounding.
+    torch.testing.assert_close(out.latents.double(), x0_star.expand_as(expected), rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.frames, (out.latents[:, :3] / 2 + 0.5).clamp(0, 1))
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_teacher_ddim_with_cfg_recovers_guided_point_mass(unet, eta):
+    """eps_c and eps_u are exact for targets x0_c and x0_u, so eps_u + s (eps_c - eps_u) is exact
+    for x0_u + s (x0_c - x0_u), and DDIM (any eta) must land on it."""
+    pipeline = point_mass_pipeline(unet)
+    predictor = pipeline.noise_predictor
+    scale = 7.5
+    out = pipeline.sample_teacher(
+        ["a cat"], num_steps=5, guidance_scale=scale, eta=eta, num_frames=FRAMES, height=SIZE, width=SIZE, seed=2,
+        progress=False,
+    )
+    encoder = PromptLength()
+    x0_cond, x0_uncond = predictor.target(encoder.encode(["a cat"])), predictor.target(encoder.encode([""]))
+    expected = x0_uncond + scale * (x0_cond - x0_uncond)
+    torch.testing.assert_close(out.latents.double(), expected, rtol=0, atol=1e-4)
+    assert [call["t"] for call in predictor.calls] == teacher_timesteps(5)
+    assert all(call["guidance"] is None and call["motion"] is None for call in predictor.calls)
+    assert predictor.calls[0]["x"].shape[0] == 2  # unconditional and conditional in one pass
+
+
+# ---- the real tiny UNet ------------------------------------------------------------------------
+
+
+def test_seeded_runs_reproduce_and_seeds_differ(unet):
+    pipeline = T2VTurboPipeline(unet, LatentsAsPixels(), PromptLength())
+    kwargs = dict(num_steps=2, num_frames=FRAMES, height=SIZE, width=SIZE, progress=False)
+    first = pipeline.generate(["a cat", "a dog"], seed=0, **kwargs)
+    again = pipeline.generate(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), **kwargs)
+    other = pipeline.generate(["a cat", "a dog"], seed=1, **{**kwargs, "num_steps": 1})
+    assert first.frames.shape == (2, 3, FRAMES, SIZE, SIZE)
+    assert 0 <= first.frames.min() and first.frames.max() <= 1
+    assert set(first.timings) == {"unet_s", "vae_s", "text_s", "total_s"}
+    assert first.timings["total_s"] >= first.timings["unet_s"] > 0
+    assert torch.equal(first.latents, again.latents)
+    assert (first.latents - other.latents).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="seed or generator"):
+        pipeline.generate(["a cat"], seed=0, generator=torch.Generator(), **kwargs)
+
+
+def test_motion_embedding_only_on_early_steps(unet):
+    pipeline = T2VTurboPipeline(unet, LatentsAsPixels(), PromptLength())
+    spy = pipeline.noise_predictor = SpyPredictor(unet)
+    pipeline.generate(
+        ["a cat"], num_steps=4, guidance_scale=6.0, motion_strength=0.05, num_frames=FRAMES, height=SIZE, width=SIZE,
+        seed=0, progress=False,
+    )
+    assert spy.calls == [(999, 6.0, 0.05), (749, 6.0, 0.05), (499, 6.0, 0.0), (249, 6.0, 0.0)]
+
+
+@pytest.mark.parametrize("fraction, motions", [(0.25, [0.1, 0.1] + [0] * 6), (0.75, [0.1] * 6 + [0, 0])])
+def test_motion_fraction_sets_the_threshold(unet, fraction, motions):
+    """m applies for t >= 1000 (1 - fraction): 750 and 250 with the 8-step timesteps 999, 874, ..., 124."""
+    pipeline = point_mass_pipeline(unet)
+    pipeline.generate(
+        ["a cat"], num_steps=8, motion_strength=0.1, motion_fraction=fraction, num_frames=FRAMES, height=SIZE,
+        width=SIZE, seed=0, progress=False,
+    )
+    assert [call["motion"] for call in pipeline.noise_predictor.calls] == motions
+
+
+def test_adapter_feeds_vc2_unet_the_sinusoid_embeddings(unet):
+    x, context = torch.randn(2, 4, FRAMES, SIZE, SIZE), torch.randn(2, 4, CONTEXT_DIM)
+    t, w, m = torch.tensor([999, 500]), torch.tensor([7.5, 3.0]), torch.tensor([0.05, 0.0])
+    with torch.no_grad():
+        eps = NoisePredictor(unet)(x, t, context, 8, guidance=w, motion=m)
+        direct = unet(x, t, context, 8, timestep_cond=guidance_embedding(w), motion_cond=motion_embedding(m))
+        teacher = NoisePredictor(unet)(x, t, context, 8)
+    torch.testing.assert_close(eps, direct, rtol=0, atol=0)
+    assert (eps - teacher).abs().max() > 1e-3
+
+
+def tiny_diffusers_unet():
+    from diffusers import UNet3DConditionModel
+
+    return randomize(UNet3DConditionModel(
+        block_out_channels=(32, 32),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=CONTEXT_DIM,
+        attention_head_dim=8,
+        time_cond_proj_dim=256,
+    )).eval()
+
+
+def test_adapter_runs_diffusers_unet3d_with_lcm_guidance_embedding():
+    from diffusers import LatentConsistencyModelPipeline
+
+    model = tiny_diffusers_unet()
+    predictor = NoisePredictor(model)
+    assert predictor.accepts_guidance and not predictor.accepts_motion and predictor.in_channels == 4
+    x, context = torch.randn(1, 4, FRAMES, SIZE, SIZE), torch.randn(1, 4, CONTEXT_DIM)
+    with torch.no_grad():
+        eps_w7 = predictor(x, 500, context, guidance=7.5)
+        eps_w3 = predictor(x, 500, context, guidance=3.0)
+        eps_m0 = predictor(x, 500, context, guidance=7.5, motion=0.0)
+        # diffusers' own LCM guidance embedding, independent of ours.
+        w_emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.tensor([7.5]), 256)
+        direct = model(x, torch.tensor([500]), context, timestep_cond=w_emb).sample
+    assert eps_w7.shape == x.shape
+    torch.testing.assert_close(eps_w7, direct, rtol=0, atol=1e-6)
+    assert (eps_w7 - eps_w3).abs().max() > 1e-3
+    torch.testing.assert_close(eps_m0, eps_w7, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no motion conditioning"):
+        predictor(x, 500, context, guidance=7.5, motion=0.05)
+
+
+def test_adapter_rejects_other_models_and_bad_strengths(unet):
+    with pytest.raises(TypeError, match="VC2UNet or a diffusers"):
+        NoisePredictor(torch.nn.Linear(2, 2))
+    x, context = torch.randn(2, 4, FRAMES, SIZE, SIZE), torch.randn(2, 4, CONTEXT_DIM)
+    with pytest.raises(ValueError, match="guidance must hold 1 or 2"):
+        NoisePredictor(unet)(x, 999, context, guidance=torch.ones(3))
+
+
+# ---- video files -------------------------------------------------------------------------------
+
+
+def test_video_files_round_trip(tmp_path):
+    clip = torch.rand(5, 3, 10, 14)
+    write_video(clip, tmp_path / "clip.mp4", fps=8)
+    video = read_video(tmp_path / "clip.mp4")
+    assert video.shape == (5, 10, 14, 3) and video.dtype == torch.uint8
+    # Lossy H.264/MPEG-4 of noise: the mean survives, to a few levels.
+    assert abs(video.float().mean() - clip.mean() * 255) < 8
+
+    odd = (torch.rand(2, 3, 3, 9, 7) * 255).to(torch.uint8)  # a batch of two, odd sizes
+    write_video(odd, tmp_path / "odd.mp4")
+    assert read_video(tmp_path / "odd.mp4").shape == (3, 10, 14, 3)
+    write_video(odd, tmp_path / "grid.png")
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (3 * 7, 2 * 9)
+        assert torch.equal(torch.as_tensor(list(grid.getpixel((7, 9)))), odd[1, 1, :, 0, 0].long())
+    write_gif_grid([clip, clip[:3]], tmp_path / "pair.gif", labels=["a", "b"])
+    gif = read_video(tmp_path / "pair.gif")
+    assert gif.shape[0] == 5 and gif.shape[2] == 28
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+    with pytest.raises(ValueError, match="path must end in"):
+        write_video(clip, tmp_path / "clip.avi")
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def test_generate_command_writes_readable_videos(tmp_path, capsys):
+    vae_module = pytest.importorskip("t2v_turbo.models.vae", reason="t2v_turbo.models.vae is not there yet")
+    text_module = pytest.importorskip(
+        "t2v_turbo.models.text_encoder", reason="t2v_turbo.models.text_encoder is not there yet"
+    )
+    from t2v_turbo.pipeline import GenerationDefaults
+
+    torch.manual_seed(0)
+    vae = vae_module.VideoVAE.preset("tiny")
+    encoder = text_module.OpenCLIPTextEncoder("tiny")
+    model = small_unet(in_channels=vae.latent_channels, context_dim=encoder.context_dim)
+    defaults = GenerationDefaults(num_steps=2, num_frames=FRAMES, height=16, width=16)
+    T2VTurboPipeline(model, vae, encoder, defaults=defaults).save_pretrained(tmp_path / "model")
+
+    common = ["--model", str(tmp_path / "model"), "--no-kernels", "--no-progress", "--device", "cpu"]
+    assert main(["a red ball", *common, "--out", str(tmp_path / "clip.mp4")]) == 0  # the model's 2 steps
+    video = read_video(tmp_path / "clip.mp4")
+    assert video.shape == (FRAMES, 16, 16, 3)
+    printed = capsys.readouterr().out
+    assert "UNet" in printed and "VAE" in printed and "total" in printed
+
+    parser = argparse.ArgumentParser()
+    add_generate_command(parser.add_subparsers())
+    args = parser.parse_args(["generate", "one", "two", *common, "--steps", "1", "--out", str(tmp_path / "c.gif")])
+    assert args.handler(args) == 0
+    assert [read_video(tmp_path / f"c_{i}.gif").shape for i in (0, 1)] == [(FRAMES, 16, 16, 3)] * 2
+    assert main(["a red ball", *common, "--teacher", "--steps", "1", "--out", str(tmp_path / "grid.png")]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (FRAMES * 16, 16)
+
+
+def test_bad_model_paths_fail_clearly(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        T2VTurboPipeline.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "partial" / "unet").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="missing vae, text_encoder, pipeline.json"):
+        T2VTurboPipeline.from_pretrained(tmp_path / "partial")
+    assert main(["a cat", "--model", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
