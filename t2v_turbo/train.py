@@ -1,0 +1,791 @@
+"""Consistency distillation of the T2V-Turbo-v2 student from the teacher cache (SPEC 3 and 5).
+
+One training step, per sample of the cache: w ~ U[w_min, w_max]; m = motion_strength for motion
+clips on the noisier half of the grid (n >= 100), else 0; the student's one-step output
+f_theta = consistency_output(z_t, eps_theta, t_hi); the teacher's guided DDIM step from the cached
+eps_c, eps_u and score (no teacher UNet); the self-target, the online student (or its EMA) under
+no_grad at t_lo with the same w and m; pseudo-Huber (or L2) loss; optionally minus the reward
+mixture's weighted total on VAE-decoded frames of f_theta. `accelerate` drives devices, processes
+and mixed precision.
+
+Reproducibility: the data order is a seeded permutation per epoch, w is drawn for the whole global
+batch from a generator seeded by (seed, step), and checkpoints hold every RNG state, so a run
+resumed from a checkpoint continues bit for bit (on the CPU) and one process with batch B·P makes
+the same update as P processes with batch B each (up to the reduction order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import time
+import tomllib
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+import turbo_kernels
+from t2v_turbo import schedule
+from t2v_turbo.cache import PREPROCESS_HINT, TeacherCache, collate_samples
+from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
+from t2v_turbo.models import checkpoint as unet_checkpoint
+from t2v_turbo.models.checkpoint import _write_atomically
+from turbo_kernels.ops.solver import MOTION_FORMS
+
+FPS = 8
+# Motion guidance applies on the noisier half of the 200-step grid (SPEC 3.2).
+MOTION_GRID_START = schedule.DDIM_GRID_STEPS // 2
+PRESETS = ("tiny", "vc2")
+LOSSES = ("huber", "l2")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+KERNEL_SWITCHES = ("on", "off")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Layers that the teacher does not have (SPEC 1): with LoRA they are trained in full.
+CONDITIONING_LAYERS = ("time_cond_proj", "motion_cond_proj", "combine_proj")
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_NAME = "trainer_state.json"
+METRICS_NAME = "metrics.csv"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run reads. Load with `TrainConfig.load(file, overrides)`."""
+
+    preset: str = "tiny"
+    teacher: Optional[str] = None  # a save_pretrained UNet directory; None: random init from the preset
+    cache: Optional[str] = None
+    data: str = "synthetic"  # what `t2v-turbo preprocess` reads; training reads only the cache
+    vae: Optional[str] = None  # for the reward path, when no VAE object is handed to train()
+    output_dir: str = "runs/train"
+    resume: Optional[str] = None  # "latest" or a checkpoint directory
+    max_steps: int = 100
+    batch_size: int = 1  # per process
+    lr: float = 1e-5
+    lr_warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = True  # bitsandbytes AdamW8bit when installed and on CUDA
+    grad_clip: float = 1.0
+    w_min: float = 5.0
+    w_max: float = 15.0
+    motion_strength: float = 0.05
+    motion_form: str = "release"
+    huber_c: float = 1e-3
+    loss: str = "huber"
+    ema_decay: Optional[float] = None  # None: the online student is its own target (the release)
+    # Weights of the reward mixture, relative to the distillation loss: the release's effective
+    # weights (SPEC 3.7). The mixture applies them; the loop subtracts its weighted total.
+    image_reward_weight: float = 0.2
+    video_reward_weight: float = 0.5 * 2 / 6
+    decode_chunk_size: int = 8
+    temporal_conv_dropout: float = 0.1
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0  # 0: full fine-tune
+    cpu: bool = False  # force the CPU even when a GPU is present
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    seed: int = 0
+    kernels: str = "on"
+    log_every: int = 1
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        choices = {
+            "preset": PRESETS, "loss": LOSSES, "mixed_precision": MIXED_PRECISIONS,
+            "motion_form": MOTION_FORMS, "kernels": KERNEL_SWITCHES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("max_steps", "batch_size", "keep_last", "log_every", "decode_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "lora_rank", "num_workers", "lr_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.w_min <= self.w_max:
+            raise ValueError(f"w_min must be <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1) or be None, got {self.ema_decay}")
+        if not 0.0 <= self.temporal_conv_dropout < 1.0:
+            raise ValueError(f"temporal_conv_dropout must lie in [0, 1), got {self.temporal_conv_dropout}")
+        for name in ("lr", "huber_c", "grad_clip", "adam_epsilon"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """A config from a mapping; values are converted to each field's type (so "1e-5" works)."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainConfig:
+        """Reads a .yaml/.yml/.toml file (when given), then applies overrides: a mapping or `key=value` strings."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            values.update(_read_config_file(Path(path)))
+        if isinstance(overrides, Mapping):
+            values.update(overrides)
+        else:
+            values.update(parse_overrides(overrides))
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix in (".yaml", ".yml"):
+        values = yaml.safe_load(path.read_text()) or {}
+    elif path.suffix == ".toml":
+        values = tomllib.loads(path.read_text())
+    else:
+        raise ValueError(f"config file {path}: expected a .yaml, .yml or .toml file")
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values, got {type(values).__name__}")
+    return values
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`key=value` strings -> {key: value}; values are parsed as YAML scalars."""
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value")
+        values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+    return values
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """`value` as the type of config field `name` (hint), or a ValueError naming the field."""
+    optional = type(None) in typing.get_args(hint)
+    base = next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ValueError(f"{name} must not be empty")
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "on", "off", "yes", "no", "1", "0"):
+                    raise ValueError(value)
+                return lowered in ("true", "on", "yes", "1")
+            return bool(value)
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if base is float:
+            return float(value)
+        if base is str and isinstance(value, bool):
+            # YAML 1.1 reads on/off as booleans: `kernels: on` means the string "on".
+            return "on" if value else "off"
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a {getattr(base, '__name__', base)}, got {value!r}") from None
+
+
+class RewardMixture(Protocol):
+    """What train() asks of the reward mixture (t2v_turbo.rewards)."""
+
+    def select_frames(self, num_frames: int, generator: torch.Generator) -> list[int]: ...
+
+    def __call__(
+        self, frames: Tensor, frame_indices: Sequence[int], captions: Sequence[str], short_captions: Sequence[str]
+    ) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term went NaN or inf; the last good state was checkpointed before this was raised."""
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps completed, counting those before a resume
+    losses: list[float]  # total loss of each step this call ran (mean over processes)
+    student_dir: Path
+    last_checkpoint: Optional[Path]
+    metrics_path: Path
+    history: list[dict[str, float]] = field(default_factory=list)  # every logged row of this call
+
+
+# ---- data order -------------------------------------------------------------------------------
+
+
+def _step_seed(seed: int, *keys: int) -> int:
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """This process's sample indices for steps start_step .. max_steps - 1.
+
+    Epoch e visits the cache in the order torch.randperm(N) under seed (seed, e), in global batches
+    of batch_size·num_processes (the tail that does not fill one is dropped); process r takes its
+    slice of each. The order is a function of (seed, epoch, step) alone, so resuming at a step
+    skips exactly the consumed batches."""
+
+    def __init__(
+        self, num_samples: int, batch_size: int, seed: int, start_step: int, max_steps: int,
+        process_index: int = 0, num_processes: int = 1,
+    ):
+        self.global_batch = batch_size * num_processes
+        if num_samples < self.global_batch:
+            raise ValueError(
+                f"the cache holds {num_samples} samples, fewer than one global batch "
+                f"(batch_size {batch_size} x {num_processes} processes)"
+            )
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.start_step, self.max_steps = start_step, max_steps
+        self.process_index = process_index
+        self.steps_per_epoch = num_samples // self.global_batch
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of a step."""
+        return divmod(step, self.steps_per_epoch)
+
+    def _permutation(self, epoch: int) -> Tensor:
+        generator = torch.Generator().manual_seed(_step_seed(self.seed, 0, epoch))
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, permutation = None, None
+        for step in range(self.start_step, self.max_steps):
+            step_epoch, batch = self.position(step)
+            if step_epoch != epoch:
+                epoch, permutation = step_epoch, self._permutation(step_epoch)
+            start = batch * self.global_batch + self.process_index * self.batch_size
+            yield permutation[start : start + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return max(self.max_steps - self.start_step, 0)
+
+
+def draw_guidance_scales(config: TrainConfig, step: int, global_batch: int, process_index: int) -> Tensor:
+    """w ~ U[w_min, w_max] for this process's samples of a step, drawn for the whole global batch
+    from a generator seeded by (seed, step)."""
+    generator = torch.Generator().manual_seed(_step_seed(config.seed, 1, step))
+    w = torch.rand(global_batch, generator=generator, dtype=torch.float64) * (config.w_max - config.w_min) + config.w_min
+    return w[process_index * config.batch_size : (process_index + 1) * config.batch_size].float()
+
+
+def motion_strengths(grid_index: Tensor, use_motion: Tensor, strength: float) -> Tensor:
+    """m of SPEC 3.2: `strength` for motion clips whose grid index lies in the noisier half, else 0."""
+    on = use_motion.bool() & (grid_index >= MOTION_GRID_START)
+    return torch.where(on, strength, 0.0).float()
+
+
+# ---- the step ---------------------------------------------------------------------------------
+
+
+@dataclass
+class StepOutput:
+    loss_cd: Tensor
+    f_theta: Tensor
+
+
+def distillation_loss(
+    student: nn.Module, target_net: nn.Module, batch: Mapping[str, Tensor], w: Tensor, m: Tensor,
+    alphas_cumprod: Tensor, config: TrainConfig,
+) -> StepOutput:
+    """L_CD of SPEC 3.3-3.6 for a batch of cached samples (tensors on the model's device)."""
+    z_t = batch["z_t"].float()
+    context = batch["context"].float()
+    t_hi, t_lo = schedule.solver_timesteps(batch["grid_index"].cpu())
+    t_hi, t_lo = t_hi.to(z_t.device), t_lo.to(z_t.device)
+    w_emb, m_emb = guidance_embedding(w).to(z_t.device), motion_embedding(m).to(z_t.device)
+
+    # The UNet returns a (B, F, C, h, w)-ordered view; the solver kernels stream one shared layout.
+    eps_theta = student(z_t, t_hi, context, FPS, w_emb, m_emb).float().contiguous()
+    f_theta = turbo_kernels.consistency_output(z_t, eps_theta, t_hi, alphas_cumprod)
+    with torch.no_grad():
+        z_lo, _ = turbo_kernels.guided_solver_step(
+            z_t, batch["eps_cond"].float(), batch["eps_uncond"].float(), t_hi, t_lo, w, alphas_cumprod,
+            score=batch["score"].float(), motion_scale=m, motion_form=config.motion_form,
+        )
+        eps_target = target_net(z_lo, t_lo, context, FPS, w_emb, m_emb).float().contiguous()
+        target = turbo_kernels.consistency_output(z_lo, eps_target, t_lo, alphas_cumprod)
+    if config.loss == "huber":
+        loss = turbo_kernels.pseudo_huber_loss(f_theta, target, config.huber_c)
+    else:
+        loss = F.mse_loss(f_theta, target)
+    return StepOutput(loss, f_theta)
+
+
+# ---- model setup ------------------------------------------------------------------------------
+
+
+def build_student(config: TrainConfig) -> VC2UNet:
+    """The student in float32 (master weights): the teacher's weights, or a seeded random init."""
+    use_kernels = config.kernels == "on"
+    if config.teacher is not None:
+        if not (Path(config.teacher) / unet_checkpoint.CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"teacher {config.teacher} is not a save_pretrained UNet directory")
+        student = unet_checkpoint.from_pretrained(config.teacher, use_kernels=use_kernels)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            student = VC2UNet.preset(config.preset, use_kernels=use_kernels)
+    for module in student.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p = config.temporal_conv_dropout
+    return student.float().train()
+
+
+def apply_lora(student: VC2UNet, rank: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), modules_to_save=list(CONDITIONING_LAYERS)
+    )
+    return get_peft_model(student, lora)
+
+
+def _make_optimizer(parameters, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = dict(
+        lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
+        eps=config.adam_epsilon,
+    )
+    if config.use_8bit_adam and device.type == "cuda":
+        try:
+            import bitsandbytes
+        except ImportError:
+            pass
+        else:
+            return bitsandbytes.optim.AdamW8bit(parameters, **kwargs)
+    return torch.optim.AdamW(parameters, **kwargs)
+
+
+def _warmup_factor(warmup_steps: int, step: int) -> float:
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+
+def _trainable_state(model: nn.Module, lora: bool) -> dict[str, Tensor]:
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model)
+    return model.state_dict()
+
+
+def _load_trainable_state(model: nn.Module, state: dict[str, Tensor], lora: bool) -> None:
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys:
+            raise KeyError(f"adapter weights do not match the model: unexpected {result.unexpected_keys[:20]}")
+    else:
+        model.load_state_dict(state)
+
+
+def _rng_state() -> tuple[dict[str, Tensor], dict[str, str]]:
+    python_version, python_internal, python_gauss = random.getstate()
+    numpy_kind, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(python_internal, dtype=torch.int64),
+        "numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
+    }
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{index}"] = state
+    metadata = {
+        "python": json.dumps([python_version, python_gauss]),
+        "numpy": json.dumps([numpy_kind, int(numpy_pos), int(numpy_has_gauss), float(numpy_gauss)]),
+    }
+    return tensors, metadata
+
+
+def _set_rng_state(tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    python_version, python_gauss = json.loads(metadata["python"])
+    random.setstate((python_version, tuple(tensors["python"].tolist()), python_gauss))
+    numpy_kind, numpy_pos, numpy_has_gauss, numpy_gauss = json.loads(metadata["numpy"])
+    np.random.set_state((numpy_kind, tensors["numpy"].numpy().astype(np.uint32), numpy_pos, numpy_has_gauss, numpy_gauss))
+    cuda_states = [tensors[f"cuda{i}"] for i in range(len(tensors)) if f"cuda{i}" in tensors]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under output_dir, oldest first (temporary directories are ignored)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [
+        path for path in output_dir.iterdir()
+        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX):].isdigit()
+        and (path / STATE_NAME).is_file()
+    ]
+    return sorted(found, key=_checkpoint_step)
+
+
+def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint directory `resume` names: "latest" (None when there is none yet) or a path."""
+    if resume == "latest":
+        found = checkpoint_dirs(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        raise FileNotFoundError(f"resume: {path} is not a checkpoint directory (no {STATE_NAME})")
+    return path
+
+
+class _Trainer:
+    """The state of one run: models, optimizer, data position, logging."""
+
+    def __init__(self, config: TrainConfig, reward, vae, accelerator):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.reward = reward
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+        self.output_dir = Path(config.output_dir)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.device = self.accelerator.device
+        # Dropout and other global draws differ per process; data order and w do not (see module doc).
+        seed_all(config.seed + self.rank)
+
+        if config.cache is None:
+            raise ValueError(f"config.cache is not set: training reads a teacher cache; {PREPROCESS_HINT}")
+        self.dataset = TeacherCache(config.cache)
+        self.lora = config.lora_rank > 0
+        if self.lora and config.ema_decay is not None:
+            raise ValueError("ema_decay is not supported with lora_rank > 0 (the EMA target is a full network)")
+        student = build_student(config)
+        self._check_cache_fits(student)
+        self.vae = self._reward_vae(vae)
+        self.ema = None
+        if config.ema_decay is not None:
+            self.ema = copy.deepcopy(student).requires_grad_(False)
+        if config.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        if self.lora:
+            student = apply_lora(student, config.lora_rank)
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        optimizer = _make_optimizer(trainable, config, self.device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_warmup_factor, config.lr_warmup_steps))
+        # The scheduler stays unprepared: accelerate would step it once per process per step.
+        self.model, self.optimizer = self.accelerator.prepare(student, optimizer)
+        self.scheduler = scheduler
+        if self.ema is not None:
+            self.ema.to(self.device)
+        self.alphas_cumprod = schedule.alphas_cumprod(device=self.device)
+        self.step = 0
+
+    def _check_cache_fits(self, student: VC2UNet) -> None:
+        sample = self.dataset[0]
+        channels, context_dim = student.config["in_channels"], student.config["context_dim"]
+        if sample["z_t"].shape[0] != channels or sample["context"].shape[-1] != context_dim:
+            raise ValueError(
+                f"cache {self.config.cache} holds latents with {sample['z_t'].shape[0]} channels and context width "
+                f"{sample['context'].shape[-1]}; the student expects {channels} and {context_dim}"
+            )
+
+    def _reward_vae(self, vae):
+        if self.reward is None:
+            return None
+        if vae is None:
+            if self.config.vae is None:
+                raise ValueError("a reward mixture needs a VAE: pass vae= or set config.vae")
+            from t2v_turbo.models.vae import load_vae
+
+            vae = load_vae(self.config.vae, gradient_checkpointing=self.config.gradient_checkpointing)
+        return vae.to(self.device).requires_grad_(False)
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    # -- checkpoints --
+
+    def save_checkpoint(self) -> Path:
+        """checkpoint-{step:06d}: weights (safetensors), optimizer and scheduler (torch.save, read
+        back with weights_only=True), every process's RNG states, the data position."""
+        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        temporary = self.output_dir / f".{final.name}.tmp"
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        rng_tensors, rng_metadata = _rng_state()
+        save_file(rng_tensors, str(temporary / f"rng-p{self.rank}.safetensors"), metadata=rng_metadata)
+        weights = _trainable_state(self.unwrapped, True) if self.lora else accelerator.get_state_dict(self.model)
+        if accelerator.is_main_process:
+            name = "adapter.safetensors" if self.lora else "model.safetensors"
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(temporary / name))
+            if self.ema is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()},
+                          str(temporary / "ema.safetensors"))
+            torch.save(self.optimizer.state_dict(), temporary / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), temporary / "scheduler.pt")
+            epoch, batch = self.sampler.position(self.step)
+            state = {
+                "step": self.step, "epoch": epoch, "batch_in_epoch": batch, "seed": self.config.seed,
+                "num_processes": self.world, "batch_size": self.config.batch_size, "lora": self.lora,
+                "config": self.config.to_dict(),
+            }
+            (temporary / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+            for old in checkpoint_dirs(self.output_dir)[: -self.config.keep_last]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / STATE_NAME).read_text())
+        expected = {"seed": self.config.seed, "num_processes": self.world, "batch_size": self.config.batch_size,
+                    "lora": self.lora}
+        differing = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if differing:
+            raise ValueError(f"cannot resume {path} exactly: (checkpoint, now) differ for {differing}")
+        name = "adapter.safetensors" if self.lora else "model.safetensors"
+        _load_trainable_state(self.unwrapped, load_file(str(path / name)), self.lora)
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng_path = path / f"rng-p{self.rank}.safetensors"
+        with safe_open(str(rng_path), framework="pt") as handle:
+            metadata = handle.metadata()
+        _set_rng_state(load_file(str(rng_path)), metadata)
+        self.step = int(state["step"])
+
+    # -- the loop --
+
+    def run(self) -> TrainResult:
+        config, accelerator = self.config, self.accelerator
+        self.sampler = StepBatchSampler(
+            len(self.dataset), config.batch_size, config.seed, self.step, config.max_steps, self.rank, self.world
+        )
+        # The loader's own generator keeps its worker seeding off the global RNG, which resuming restores.
+        loader = DataLoader(
+            self.dataset, batch_sampler=self.sampler, collate_fn=collate_samples, num_workers=config.num_workers,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        logger = _MetricsLogger(self.output_dir, accelerator.is_main_process, self.step)
+        progress = tqdm(
+            total=config.max_steps, initial=self.step, desc="train",
+            disable=not (config.progress and accelerator.is_main_process),
+        )
+        losses: list[float] = []
+        last_checkpoint = checkpoint_dirs(self.output_dir)[-1] if checkpoint_dirs(self.output_dir) else None
+        # "on" leaves the choice to turbo_kernels' dispatch; "off" forces the plain PyTorch references.
+        kernels = turbo_kernels.backend("reference") if config.kernels == "off" else contextlib.nullcontext()
+        try:
+            with kernels:
+                for batch in loader:
+                    started = time.perf_counter()
+                    if self.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(self.device)
+                    try:
+                        metrics = self.train_step(batch)
+                    except NonFiniteLossError as error:
+                        if last_checkpoint is None or _checkpoint_step(last_checkpoint) != self.step:
+                            last_checkpoint = self.save_checkpoint()
+                        raise NonFiniteLossError(f"{error}; the last good state is in {last_checkpoint}") from None
+                    self.step += 1
+                    metrics["step_time"] = time.perf_counter() - started
+                    if self.device.type == "cuda":
+                        metrics["peak_memory_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+                    losses.append(metrics["loss"])
+                    if self.step % config.log_every == 0 or self.step == config.max_steps:
+                        logger.log(self.step, metrics)
+                    progress.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "reward_total", "step_time")})
+                    progress.update(1)
+                    if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                        last_checkpoint = self.save_checkpoint()
+        finally:
+            progress.close()
+            logger.close()
+        student_dir = self.output_dir / "student"
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            final = self.unwrapped
+            if self.lora:
+                final = copy.deepcopy(final).merge_and_unload()
+            unet_checkpoint.save_pretrained(final, student_dir)
+        accelerator.wait_for_everyone()
+        return TrainResult(self.step, losses, student_dir, last_checkpoint, logger.path, logger.history)
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One optimizer step; NonFiniteLossError (before any update) when a loss term or the
+        gradient is not finite on any process."""
+        config, accelerator = self.config, self.accelerator
+        tensors = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, Tensor)}
+        w = draw_guidance_scales(config, self.step, config.batch_size * self.world, self.rank).to(self.device)
+        m = motion_strengths(tensors["grid_index"], tensors["use_motion"], config.motion_strength)
+        target_net = self.ema if self.ema is not None else self.unwrapped
+        terms: dict[str, Tensor] = {}
+        with accelerator.autocast():
+            out = distillation_loss(self.model, target_net, tensors, w, m, self.alphas_cumprod, config)
+            terms["loss_cd"] = out.loss_cd
+            total = out.loss_cd
+            if self.reward is not None:
+                reward_total, scores = self._reward(out.f_theta, batch)
+                terms["reward_total"] = reward_total
+                terms.update({f"reward_{name}": score.float().mean() for name, score in scores.items()})
+                total = total - reward_total
+        terms["loss"] = total
+        reduced = {name: accelerator.reduce(value.detach().float(), "mean") for name, value in terms.items()}
+        self._check_finite(reduced, "loss term")
+        self.optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(total)
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        reduced["grad_norm"] = torch.as_tensor(grad_norm).float()
+        self._check_finite({"grad_norm": reduced["grad_norm"]}, "gradient")
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            _ema_update(self.ema, self.unwrapped, config.ema_decay)
+        metrics = {name: float(value) for name, value in reduced.items()}
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def _check_finite(self, values: dict[str, Tensor], what: str) -> None:
+        # The values are already averaged over processes, so every process stops together.
+        bad = [name for name, value in values.items() if not torch.isfinite(value).all()]
+        if bad:
+            shown = ", ".join(f"{name}={float(values[name])}" for name in bad)
+            raise NonFiniteLossError(f"step {self.step + 1}: non-finite {what} {shown}")
+
+    def _reward(self, f_theta: Tensor, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        generator = torch.Generator().manual_seed(_step_seed(self.config.seed, 2, self.step))
+        frame_indices = list(self.reward.select_frames(f_theta.shape[2], generator))
+        decoded = self.vae.decode(f_theta, decode_chunk_size=self.config.decode_chunk_size, frame_indices=frame_indices)
+        frames = (decoded.float() / 2 + 0.5).clamp(0, 1)
+        total, scores = self.reward(frames, frame_indices, batch["caption"], batch["short_caption"])
+        return total.float(), scores
+
+
+def _ema_update(ema: nn.Module, online: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for target, source in zip(ema.parameters(), online.parameters()):
+            target.lerp_(source.detach(), 1.0 - decay)
+
+
+class _MetricsLogger:
+    """metrics.csv (always; rows past the resume step are dropped) and TensorBoard when installed."""
+
+    BASE_COLUMNS = ("step", "loss", "loss_cd", "reward_total", "grad_norm", "lr", "step_time", "peak_memory_mib")
+
+    def __init__(self, output_dir: Path, enabled: bool, start_step: int):
+        self.path = output_dir / METRICS_NAME
+        self.enabled = enabled
+        self.history: list[dict[str, float]] = []
+        self.columns: list[str] | None = None
+        self.tensorboard = None
+        if not enabled:
+            return
+        if self.path.exists():
+            with self.path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            kept = [row for row in rows if row.get("step") and int(row["step"]) <= start_step]
+            self.columns = list(rows[0].keys()) if rows else None
+            if self.columns:
+                self._rewrite(kept)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        columns = self.columns
+
+        def write(temporary: Path) -> None:
+            with temporary.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns, restval="", extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+        _write_atomically(self.path, write)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **metrics}
+        self.history.append(row)
+        if not self.enabled:
+            return
+        if self.columns is None:
+            extra = sorted(set(metrics) - set(self.BASE_COLUMNS))
+            self.columns = list(self.BASE_COLUMNS) + extra
+            self._rewrite([])
+        with self.path.open("a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self.columns, restval="", extrasaction="ignore").writerow(row)
+        if self.tensorboard is not None:
+            for name, value in metrics.items():
+                if math.isfinite(value):
+                    self.tensorboard.add_scalar(f"train/{name}", value, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(config: TrainConfig, reward: RewardMixture | None = None, vae: nn.Module | None = None, accelerator=None) -> TrainResult:
+    """Runs consistency distillation for config.max_steps optimizer steps in all (SPEC 3), with the
+    reward path when `reward` (and a VAE: `vae` or config.vae) is given. Resumes from
+    config.resume ("latest" or a checkpoint directory). Writes checkpoints, metrics.csv and the
+    final student (output_dir/student, a save_pretrained directory)."""
+    config.validate()
+    trainer = _Trainer(config, reward, vae, accelerator)
+    if config.resume is not None:
+        path = resolve_resume(config.resume, config.output_dir)
+        if path is not None:
+            trainer.load_checkpoint(path)
+    return trainer.run()

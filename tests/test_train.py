@@ -1,0 +1,346 @@
+"""The consistency-distillation loop (t2v_turbo.train) on a small VC2UNet and a synthetic cache:
+the first step's loss against SPEC 3 written out here, kernels vs references, exact resume,
+a loss that falls on a fixed batch, NaN handling, LoRA, configuration and 2-process DDP."""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import turbo_kernels
+from t2v_turbo import train as train_module
+from t2v_turbo import schedule
+from t2v_turbo.cache import CacheWriter
+from t2v_turbo.commands.train import add_train_command
+from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
+from t2v_turbo.models.checkpoint import from_pretrained, save_pretrained
+from t2v_turbo.train import (
+    NonFiniteLossError,
+    StepBatchSampler,
+    TrainConfig,
+    draw_guidance_scales,
+    train,
+)
+
+SMALL_UNET = dict(
+    in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1], num_res_blocks=1,
+    channel_mult=[1], num_head_channels=8, context_dim=16, time_cond_proj_dim=256, motion_cond_proj_dim=256,
+)
+LATENT = (4, 2, 4, 4)  # C, F, h, w
+NUM_SAMPLES = 4
+# Grid indices cover both halves; samples 1 and 2 are motion clips, only 1 on the noisier half.
+GRID_INDEX = [0, 150, 40, 199]
+USE_MOTION = [False, True, True, False]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two threads on a shared 2-core machine spin against each other; one is several times faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_cache(directory: Path, num_samples: int = NUM_SAMPLES, seed: int = 0, dtype=torch.float16) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    grid = (GRID_INDEX * num_samples)[:num_samples]
+    motion = (USE_MOTION * num_samples)[:num_samples]
+    with CacheWriter(directory, shard_size=3, dtype=dtype) as writer:
+        writer.add({
+            "z_t": torch.randn(num_samples, *LATENT, generator=g),
+            "eps_cond": torch.randn(num_samples, *LATENT, generator=g),
+            "eps_uncond": torch.randn(num_samples, *LATENT, generator=g),
+            "score": torch.randn(num_samples, *LATENT, generator=g),
+            "context": torch.randn(num_samples, 6, 16, generator=g),
+            "grid_index": torch.tensor(grid),
+            "use_motion": torch.tensor(motion),
+            "caption": [f"clip {i}" for i in range(num_samples)],
+        })
+    return directory
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_assets")
+    torch.manual_seed(0)
+    teacher = VC2UNet(**SMALL_UNET)
+    # The conditioning projections start random here (the release starts them from zero or the
+    # teacher), so w and m visibly change the student's output.
+    save_pretrained(teacher, root / "teacher")
+    return {"teacher": str(root / "teacher"), "cache": str(write_cache(root / "cache"))}
+
+
+def config(assets, output_dir, **overrides) -> TrainConfig:
+    values = dict(
+        teacher=assets["teacher"], cache=assets["cache"], output_dir=str(output_dir), max_steps=2, batch_size=2,
+        checkpoint_every=0, kernels="off", progress=False, seed=3,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def expected_first_loss(assets, cfg: TrainConfig) -> float:
+    """SPEC 3.1-3.6 in float64 from the teacher's weights (dropout off)."""
+    acp = schedule.alphas_cumprod(torch.float64)
+    unet = from_pretrained(assets["teacher"], use_kernels=False).train()
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    indices = next(iter(StepBatchSampler(NUM_SAMPLES, cfg.batch_size, cfg.seed, 0, 1)))
+    from t2v_turbo.cache import TeacherCache, collate_samples
+
+    batch = collate_samples([TeacherCache(cfg.cache)[i] for i in indices])
+    w = draw_guidance_scales(cfg, 0, cfg.batch_size, 0).double()
+    n = batch["grid_index"]
+    m = torch.tensor([cfg.motion_strength if bool(u) and int(k) >= 100 else 0.0 for u, k in zip(batch["use_motion"], n)])
+    t_hi = 5 * (n + 1) - 1
+    t_lo = (t_hi - 5).clamp(min=0)
+
+    def per_sample(values):
+        return values.double().reshape(-1, 1, 1, 1, 1)
+
+    def a(t):
+        return per_sample(acp[t].sqrt())
+
+    def s(t):
+        return per_sample((1 - acp[t]).sqrt())
+
+    def boundary(sample, eps, t):
+        scaled = per_sample(10.0 * t)
+        c_skip, c_out = 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25).sqrt()
+        return c_skip * sample + c_out * (sample - s(t) * eps) / a(t)
+
+    z_t, ctx = batch["z_t"].float(), batch["context"].float()
+    z64 = z_t.double()
+    with torch.no_grad():
+        eps_theta = unet(z_t, t_hi, ctx, 8, guidance_embedding(w.float()), motion_embedding(m)).double()
+        eps_c, eps_u, score = (batch[k].double() for k in ("eps_cond", "eps_uncond", "score"))
+        x0_c, x0_u = (z64 - s(t_hi) * eps_c) / a(t_hi), (z64 - s(t_hi) * eps_u) / a(t_hi)
+        x0 = x0_c + per_sample(w) * (x0_c - x0_u)
+        g = (1 - a(t_hi)).sqrt()  # the release's g(t) = sqrt(1 - sqrt(abar))
+        eps_hat = eps_c + per_sample(w) * (eps_c - eps_u) - per_sample(m) * g * score
+        z_lo = a(t_lo) * x0 + s(t_lo) * eps_hat
+        eps_target = unet(z_lo.float(), t_lo, ctx, 8, guidance_embedding(w.float()), motion_embedding(m)).double()
+        diff = boundary(z64, eps_theta, t_hi) - boundary(z_lo, eps_target, t_lo)
+    return float((diff.square() + 1e-6).sqrt().sub(1e-3).mean())
+
+
+def test_end_to_end_first_loss_follows_spec_and_writes_outputs(assets, tmp_path):
+    cfg = config(assets, tmp_path / "run", max_steps=3, checkpoint_every=2, keep_last=1, temporal_conv_dropout=0.0)
+    result = train(cfg)
+    assert result.steps == 3 and len(result.losses) == 3
+    # float32 model and ops vs float64 maths on the same weights.
+    assert result.losses[0] == pytest.approx(expected_first_loss(assets, cfg), rel=1e-4)
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-000002"]
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss,loss_cd") and len(rows) == 4
+    student, teacher = from_pretrained(result.student_dir), from_pretrained(assets["teacher"])
+    assert student.config == teacher.config
+    moved = [k for k, v in student.state_dict().items() if not torch.equal(v, teacher.state_dict()[k])]
+    assert len(moved) > len(teacher.state_dict()) // 2
+
+
+def test_kernel_path_matches_reference_path(assets, tmp_path, monkeypatch, chosen):
+    # The loop's own ops (solver step, boundary output, loss, and their backwards) on Triton; the
+    # UNet keeps plain PyTorch attention here, because Triton's interpreter would take minutes on
+    # its kernels (test_vc2_unet checks those against the goldens).
+    build = train_module.build_student
+
+    def student_without_unet_kernels(cfg):
+        student = build(cfg)
+        student.use_kernels = False
+        return student
+
+    reference = train(config(assets, tmp_path / "reference", kernels="off"))
+    assert chosen and {backend for _, backend in chosen} == {"reference"}
+    chosen.clear()
+    monkeypatch.setattr(train_module, "build_student", student_without_unet_kernels)
+    with turbo_kernels.backend("triton"):
+        kernels = train(config(assets, tmp_path / "kernels", kernels="on"))
+    ran = {op for op, backend in chosen if backend == "triton"}
+    assert {"guided_solver_step", "consistency_output", "consistency_output_backward", "pseudo_huber_loss",
+            "pseudo_huber_loss_backward"} <= ran, chosen
+    # Same dropout masks (same seed); the ops differ only in float32 rounding.
+    assert kernels.losses == pytest.approx(reference.losses, rel=1e-5)
+    for mine, theirs in zip(kernels.history, reference.history):
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
+
+
+def test_resume_continues_bit_for_bit(assets, tmp_path):
+    straight = train(config(assets, tmp_path / "straight", max_steps=6, checkpoint_every=2))
+    train(config(assets, tmp_path / "killed", max_steps=4, checkpoint_every=2))
+    resumed = train(config(assets, tmp_path / "killed", max_steps=6, checkpoint_every=2, resume="latest"))
+    assert resumed.steps == 6 and resumed.losses == straight.losses[4:]
+    for name in ("model.safetensors", "rng-p0.safetensors"):
+        a = load_file(str(tmp_path / "straight" / "checkpoint-000006" / name))
+        b = load_file(str(tmp_path / "killed" / "checkpoint-000006" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    opt_a = torch.load(tmp_path / "straight" / "checkpoint-000006" / "optimizer.pt", weights_only=True)
+    opt_b = torch.load(tmp_path / "killed" / "checkpoint-000006" / "optimizer.pt", weights_only=True)
+    for index, state in opt_a["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, opt_b["state"][index][key]), (index, key)
+    state = json.loads((tmp_path / "killed" / "checkpoint-000006" / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (6, 3, 0)
+    steps = [line.split(",")[0] for line in (tmp_path / "killed" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_loss_decreases_on_a_fixed_batch(assets, tmp_path):
+    cache = write_cache(tmp_path / "cache2", num_samples=2, seed=5)
+    cfg = config(
+        assets, tmp_path / "fit", cache=str(cache), max_steps=15, lr=3e-3, w_min=7.5, w_max=7.5,
+        temporal_conv_dropout=0.0,
+    )
+    losses = train(cfg).losses
+    # The random teacher targets leave a floor near 0.48 (from 0.58); a wrong sign or a dead update stays above 0.9x.
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+
+
+class LatentPreview(torch.nn.Module):
+    """A stand-in VAE: the first three latent channels of the selected frames, squashed to [-1, 1]."""
+
+    def decode(self, latents, decode_chunk_size=8, frame_indices=None):
+        frames = latents[:, :3] if frame_indices is None else latents[:, :3, list(frame_indices)]
+        return torch.tanh(frames)
+
+
+class ToyReward:
+    """Mean brightness as the reward, times `weight`; NaN from call `nan_at` on."""
+
+    def __init__(self, weight=0.1, nan_at=None):
+        self.calls, self.weight, self.nan_at = 0, weight, nan_at
+
+    def select_frames(self, num_frames, generator):
+        return [int(torch.randint(num_frames, (1,), generator=generator))]
+
+    def __call__(self, frames, frame_indices, captions, short_captions):
+        self.calls += 1
+        assert frames.shape[2] == len(frame_indices) and 0 <= frames.min() and frames.max() <= 1
+        assert len(captions) == len(short_captions) == frames.shape[0]
+        brightness = frames.mean(dim=(1, 2, 3, 4))
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            brightness = brightness * float("nan")
+        return self.weight * brightness.mean(), {"brightness": brightness}
+
+
+def test_reward_path_changes_the_update(assets, tmp_path):
+    plain = train(config(assets, tmp_path / "plain", max_steps=1))
+    rewarded = train(config(assets, tmp_path / "reward", max_steps=1), reward=ToyReward(100.0), vae=LatentPreview())
+    row = rewarded.history[0]
+    assert row["loss"] == pytest.approx(row["loss_cd"] - row["reward_total"], rel=1e-6)
+    assert row["loss_cd"] == pytest.approx(plain.history[0]["loss_cd"], rel=1e-6)
+    assert row["reward_total"] == pytest.approx(100.0 * row["reward_brightness"], rel=1e-5)
+    # The reward's gradient reaches the student through the decoded frames.
+    assert row["grad_norm"] != pytest.approx(plain.history[0]["grad_norm"], rel=0.05)
+    assert "reward_brightness" in (tmp_path / "reward" / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(assets, tmp_path):
+    cfg = config(assets, tmp_path / "nan", max_steps=5)
+    with pytest.raises(NonFiniteLossError, match=r"step 3: non-finite loss term .*reward_total=nan") as caught:
+        train(cfg, reward=ToyReward(nan_at=3), vae=LatentPreview())
+    assert "checkpoint-000002" in str(caught.value)
+    good = train(config(assets, tmp_path / "good", max_steps=2), reward=ToyReward(), vae=LatentPreview())
+    saved = load_file(str(tmp_path / "nan" / "checkpoint-000002" / "model.safetensors"))
+    final = load_file(str(good.student_dir / "model.safetensors"))
+    assert all(torch.equal(saved[k], final[k]) for k in final)
+
+
+def test_lora_trains_adapters_and_saves_a_merged_student(assets, tmp_path):
+    result = train(config(assets, tmp_path / "lora", max_steps=2, checkpoint_every=2, lora_rank=4, lr=1e-3))
+    adapter = load_file(str(tmp_path / "lora" / "checkpoint-000002" / "adapter.safetensors"))
+    assert any("lora_A" in key for key in adapter) and any("time_cond_proj" in key for key in adapter)
+    assert not any("in_layers" in key for key in adapter)
+    student, teacher = from_pretrained(result.student_dir), from_pretrained(assets["teacher"])
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, teacher.state_dict()[k])}
+    assert any("to_q" in k for k in changed) and not any("in_layers" in k for k in changed)
+
+
+def test_config_files_overrides_and_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("lr: 1e-5\nkernels: off\nema_decay: null\nmax_steps: 7\n")
+    cfg = TrainConfig.load(tmp_path / "a.yaml", ["max_steps=9", "ema_decay=0.95", "loss=l2"])
+    assert (cfg.lr, cfg.kernels, cfg.max_steps, cfg.ema_decay, cfg.loss) == (1e-5, "off", 9, 0.95, "l2")
+    (tmp_path / "b.toml").write_text('preset = "vc2"\nw_min = 6\n')
+    cfg = TrainConfig.load(tmp_path / "b.toml")
+    assert cfg.preset == "vc2" and cfg.w_min == 6.0 and cfg.video_reward_weight == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="unknown config keys"):
+        TrainConfig.load(overrides=["learning_rate=1"])
+    with pytest.raises(ValueError, match="loss must be one of"):
+        TrainConfig(loss="l1")
+    with pytest.raises(ValueError, match="max_steps must be a int"):
+        TrainConfig.load(overrides=["max_steps=many"])
+    with pytest.raises(ValueError, match="w_min must be <= w_max"):
+        TrainConfig(w_min=9, w_max=5)
+
+
+def test_train_command_points_to_preprocess_without_a_cache(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_train_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--cache", str(tmp_path / "none"), "--max-steps", "3", "lr=2e-5"])
+    assert args.handler(args) == 2
+    assert "t2v-turbo preprocess --data synthetic --cache" in capsys.readouterr().err
+
+
+# A large Adam epsilon makes each update nearly proportional to the gradient, so the comparison
+# sees the gradient's scale (a sum instead of a mean across processes would show) and is not
+# dominated by parameters whose gradient is ~0 (where lr·g/(|g| + eps) amplifies rounding).
+OPTIMIZER = dict(lr=1e-2, adam_epsilon=1.0)
+DDP_SCRIPT = textwrap.dedent(
+    f"""
+    import sys, torch
+    torch.set_num_threads(1)
+    from t2v_turbo.train import TrainConfig, train
+    teacher, cache, out = sys.argv[1:4]
+    OPTIMIZER = {OPTIMIZER!r}
+    from accelerate import PartialState
+    assert PartialState(cpu=True).num_processes == 2
+    train(TrainConfig(teacher=teacher, cache=cache, output_dir=out, max_steps=2, batch_size=1, kernels="off",
+                      progress=False, seed=3, temporal_conv_dropout=0.0, checkpoint_every=0, cpu=True, **OPTIMIZER))
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(assets, tmp_path):
+    single = train(config(assets, tmp_path / "single", batch_size=2, temporal_conv_dropout=0.0, cpu=True, **OPTIMIZER))
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    # torchrun sets the variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) that accelerate reads to run
+    # MULTI_CPU over gloo; `accelerate launch --cpu` starts several CPU processes only through mpirun.
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        str(script), assets["teacher"], assets["cache"], str(tmp_path / "ddp"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [line.split(",") for line in (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()]
+    header = rows[0]
+    ddp = [dict(zip(header, row)) for row in rows[1:]]
+    assert len(ddp) == len(single.history) == 2
+    for mine, theirs in zip(single.history, ddp):
+        assert float(theirs["loss"]) == pytest.approx(mine["loss"], rel=1e-5)
+        assert float(theirs["grad_norm"]) == pytest.approx(mine["grad_norm"], rel=1e-4)
+    start = load_file(str(Path(assets["teacher"]) / "model.safetensors"))
+    one = load_file(str(single.student_dir / "model.safetensors"))
+    two = load_file(str(tmp_path / "ddp" / "student" / "model.safetensors"))
+    largest = max(float((one[key] - start[key]).abs().max()) for key in one)
+    assert largest > 1e-4
+    for key in one:
+        torch.testing.assert_close(two[key] - start[key], one[key] - start[key], rtol=1e-3, atol=1e-4 * largest)
