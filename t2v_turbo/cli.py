@@ -48,7 +48,25 @@ def _add_convert(subparsers) -> None:
     parser.set_defaults(handler=convert)
 
 
-SUBCOMMANDS = (_add_bench, _add_convert)
+def _add_generate(subparsers) -> None:
+    from t2v_turbo.commands.generate import add_generate_command
+
+    add_generate_command(subparsers)
+
+
+def _add_train(subparsers) -> None:
+    from t2v_turbo.commands.train import add_train_command
+
+    add_train_command(subparsers)
+
+
+def _add_pretrain(subparsers) -> None:
+    from t2v_turbo.pretrain import add_pretrain_command
+
+    add_pretrain_command(subparsers)
+
+
+SUBCOMMANDS = (_add_bench, _add_convert, _add_generate, _add_pretrain, _add_train)
 
 
 def build_parser() -> argparse.ArgumentParser:

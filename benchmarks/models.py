@@ -1,0 +1,364 @@
+"""End-to-end benchmarks of VideoCrafter2 sampling (issue 4), and the pieces the other end-to-end
+suites (benchmarks.training, benchmarks.rewards) share.
+
+The full `vc2` VC2UNet (1.41 B parameters) with random weights, built directly on the device
+(timing only), in the run's dtype, on 16-frame 320x512 clips (latents 4x16x40x64):
+
+- `unet_forward`: one forward of the student (guidance and motion embeddings) at batch 1 and 4;
+- `generate`: 4-step and 16-step consistency sampling of one clip with T2VTurboPipeline, VAE
+  decode included (the `ldm` VideoVAE). The text encoder is a stand-in returning random (B, 77,
+  1024) contexts: the real OpenCLIP ViT-H text tower runs once a prompt, before the sampling loop,
+  so its cost is not in these numbers.
+
+Each row is one variant (`impl`): reference-eager (use_kernels off, solver ops on the reference
+backend), reference-compile (the same under torch.compile), kernels (use_kernels on, ops on the
+best backend) and kernels-compile. `bytes` is the weight bytes one call must read (the traffic
+floor of batch-1 sampling). Peak memory per row needs the harness's `peak_mem_mb` field.
+
+End-to-end calls take seconds: run them with few iterations, e.g.
+`python -m benchmarks.models --warmup 1 --iters 5`, which also prints the targets of issue 4
+(`summary`). Without a GPU only `--quick` runs, on the tiny configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+import turbo_kernels as tk
+from benchmarks import harness
+from benchmarks.harness import COMPILED, EAGER, Case, Impl, SuiteOptions
+from t2v_turbo.models import VC2UNet, VideoVAE, guidance_embedding, motion_embedding
+from t2v_turbo.pipeline import T2VTurboPipeline
+from turbo_kernels import dispatch
+
+KERNELS = "kernels"
+KERNELS_COMPILED = "kernels-compile"
+GPU_ONLY = "full-size end-to-end cases need a GPU (--quick runs the tiny configuration on the CPU)"
+MIB = harness.MIB
+
+FPS = 8
+GUIDANCE_SCALE = 7.5
+MOTION_STRENGTH = 0.05
+TEXT_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The model sizes of a run: the release's, or the tiny test configuration (--quick)."""
+
+    unet_preset: str
+    vae_preset: str
+    frames: int
+    height: int
+    width: int
+    context_dim: int
+    downsample: int  # the VAE's spatial factor between frames and latents
+
+    @property
+    def video(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+    def latent_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, 4, self.frames, self.height // self.downsample, self.width // self.downsample)
+
+
+FULL = Scale("vc2", "ldm", 16, 320, 512, 1024, 8)
+TINY = Scale("tiny", "tiny", 4, 16, 16, 32, 2)
+UNET_BATCH_SIZES = (1, 4)
+GENERATE_STEPS = (4, 16)
+GENERATE_BATCH = 1
+QUICK_GENERATE_STEPS = (2,)
+
+
+def scale_of(options: SuiteOptions) -> Scale:
+    return TINY if options.quick else FULL
+
+
+def full_size_unavailable(options: SuiteOptions) -> Optional[str]:
+    """Why this run cannot time the suite's sizes here (full size on a CPU), or None."""
+    return None if options.quick or options.device.type == "cuda" else GPU_ONLY
+
+
+def kernels_unavailable(device: torch.device) -> Optional[str]:
+    # The Triton interpreter (TRITON_INTERPRET=1) is a testing tool, never worth timing.
+    return "no GPU" if device.type != "cuda" else dispatch.machine_unavailable_reason("triton", device)
+
+
+# ---- the four variants ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    use_kernels: bool
+    compiled: bool
+
+
+VARIANTS = (
+    Variant(EAGER, use_kernels=False, compiled=False),
+    Variant(COMPILED, use_kernels=False, compiled=True),
+    Variant(KERNELS, use_kernels=True, compiled=False),
+    Variant(KERNELS_COMPILED, use_kernels=True, compiled=True),
+)
+
+
+def variant_impls(options: SuiteOptions, call: Callable[[Variant], Callable[[Any], Any]]) -> tuple[Impl, ...]:
+    """One Impl a variant; kernel variants are unavailable without a GPU, every variant is at full
+    size on a CPU."""
+    size_reason = full_size_unavailable(options)
+    return tuple(
+        Impl(
+            variant.name,
+            call(variant),
+            compiles=variant.compiled,
+            unavailable=size_reason or (kernels_unavailable(options.device) if variant.use_kernels else None),
+        )
+        for variant in VARIANTS
+    )
+
+
+def ops_backend(use_kernels: bool) -> contextlib.AbstractContextManager:
+    """The turbo_kernels backend of a variant's solver and loss ops (forward and backward)."""
+    return contextlib.nullcontext() if use_kernels else tk.backend("reference")
+
+
+def set_kernels(unet: VC2UNet, use_kernels: bool) -> None:
+    # The setter walks every module: only when the value changes.
+    if unet.use_kernels != use_kernels:
+        unet.use_kernels = use_kernels
+
+
+def compiled_module(cache: dict, module: nn.Module) -> nn.Module:
+    """One torch.compile wrapper of `module` an input set (the harness resets dynamo's caches
+    before each compiled variant, so each starts from a clean compile)."""
+    if "compiled" not in cache:
+        cache["compiled"] = torch.compile(module, dynamic=False)
+    return cache["compiled"]
+
+
+# ---- building models ------------------------------------------------------------------------------
+
+
+def build(factory: Callable[[], nn.Module], device: torch.device, dtype: Optional[torch.dtype], seed: int) -> nn.Module:
+    """factory()'s module with its default random initialisation run on `device` (no CPU init and
+    copy of a billion parameters), then cast to `dtype` (None: kept)."""
+    if device.type == "cuda":
+        # The previous case's compiled graphs may still hold its models.
+        torch.compiler.reset()
+        torch.cuda.empty_cache()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        module = factory()
+    return module if dtype is None else module.to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def parameter_count(factory: Callable[[], nn.Module]) -> int:
+    """Parameters of factory()'s module, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in factory().parameters())
+
+
+def unet_factory(scale: Scale) -> Callable[[], nn.Module]:
+    return functools.partial(VC2UNet.preset, scale.unet_preset)
+
+
+def vae_factory(scale: Scale) -> Callable[[], nn.Module]:
+    return functools.partial(VideoVAE.preset, scale.vae_preset)
+
+
+def random_context(batch: int, scale: Scale, device: torch.device, dtype: torch.dtype, seed: int) -> Tensor:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(batch, TEXT_TOKENS, scale.context_dim, generator=generator, device=device, dtype=dtype)
+
+
+class RandomTextEncoder:
+    """Stand-in text encoder: encode(prompts) -> seeded random (len(prompts), 77, width) contexts.
+    The real text tower runs once a prompt, before sampling, so it is left out of the timing."""
+
+    def __init__(self, scale: Scale, device: torch.device, dtype: torch.dtype, seed: int):
+        self.scale, self.device, self.dtype, self.seed = scale, device, dtype, seed
+
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        return random_context(len(prompts), self.scale, self.device, self.dtype, self.seed)
+
+
+# ---- cases ----------------------------------------------------------------------------------------
+
+
+def _unet_inputs(batch: int, scale: Scale, options: SuiteOptions) -> Callable[[], SimpleNamespace]:
+    def make_inputs() -> SimpleNamespace:
+        device, dtype = options.device, options.dtype
+        unet = build(unet_factory(scale), device, dtype, options.seed).eval()
+        generator = torch.Generator(device=device).manual_seed(options.seed)
+        latents = torch.randn(scale.latent_shape(batch), generator=generator, device=device, dtype=dtype)
+        return SimpleNamespace(
+            unet=unet,
+            args=(
+                latents,
+                torch.full((batch,), 999, device=device),
+                random_context(batch, scale, device, dtype, options.seed),
+                FPS,
+                guidance_embedding(torch.full((batch,), GUIDANCE_SCALE)).to(device),
+                motion_embedding(torch.full((batch,), MOTION_STRENGTH)).to(device),
+            ),
+            cache={},
+        )
+
+    return make_inputs
+
+
+def _unet_call(variant: Variant) -> Callable[[SimpleNamespace], Tensor]:
+    @torch.no_grad()
+    def call(x: SimpleNamespace) -> Tensor:
+        set_kernels(x.unet, variant.use_kernels)
+        model = compiled_module(x.cache, x.unet) if variant.compiled else x.unet
+        return model(*x.args)
+
+    return call
+
+
+def _pipeline_inputs(scale: Scale, options: SuiteOptions) -> Callable[[], SimpleNamespace]:
+    def make_inputs() -> SimpleNamespace:
+        device, dtype = options.device, options.dtype
+        unet = build(unet_factory(scale), device, dtype, options.seed)
+        vae = build(vae_factory(scale), device, dtype, options.seed)
+        text_encoder = RandomTextEncoder(scale, device, dtype, options.seed)
+        pipeline = T2VTurboPipeline(unet, vae, text_encoder, fps=FPS)
+        return SimpleNamespace(pipeline=pipeline, unet=unet, cache={})
+
+    return make_inputs
+
+
+def _generate_call(variant: Variant, steps: int, batch: int, scale: Scale) -> Callable[[SimpleNamespace], Tensor]:
+    def call(x: SimpleNamespace) -> Tensor:
+        pipeline = x.pipeline
+        if pipeline.use_kernels != variant.use_kernels:
+            pipeline.use_kernels = variant.use_kernels
+        pipeline.noise_predictor.model = compiled_module(x.cache, x.unet) if variant.compiled else x.unet
+        output = pipeline.generate(
+            ["a stand-in prompt"] * batch, num_steps=steps, guidance_scale=GUIDANCE_SCALE,
+            motion_strength=MOTION_STRENGTH, num_frames=scale.frames, height=scale.height, width=scale.width,
+            seed=0, progress=False,
+        )
+        return output.frames
+
+    return call
+
+
+def cases(options: SuiteOptions) -> Iterator[Case]:
+    """UNet forward at batch 1 and 4, and 4- and 16-step generation with VAE decode, in four variants."""
+    scale = scale_of(options)
+    element_size = torch.empty((), dtype=options.dtype).element_size()
+    unet_bytes = parameter_count(unet_factory(scale)) * element_size
+    vae_bytes = parameter_count(vae_factory(scale)) * element_size
+    for batch in options.batch_sizes or ((1,) if options.quick else UNET_BATCH_SIZES):
+        yield Case(
+            op="unet_forward",
+            case=f"b{batch}-{scale.video}",
+            pass_name="fwd",
+            make_inputs=_unet_inputs(batch, scale, options),
+            impls=variant_impls(options, _unet_call),
+            bytes_moved=unet_bytes,
+            dtype=options.dtype,
+            shape=(batch, 4, scale.frames, scale.height, scale.width),
+        )
+    for steps in QUICK_GENERATE_STEPS if options.quick else GENERATE_STEPS:
+        yield Case(
+            op="generate",
+            case=f"steps{steps}-b{GENERATE_BATCH}-{scale.video}",
+            pass_name="fwd",
+            make_inputs=_pipeline_inputs(scale, options),
+            impls=variant_impls(options, lambda v, steps=steps: _generate_call(v, steps, GENERATE_BATCH, scale)),
+            bytes_moved=steps * unet_bytes + vae_bytes,
+            dtype=options.dtype,
+            shape=(GENERATE_BATCH, 3, scale.frames, scale.height, scale.width),
+        )
+
+
+# ---- targets and the summary ----------------------------------------------------------------------
+
+
+def rows_by(result: dict, op: str) -> dict[tuple[str, str], dict]:
+    """(case, impl) -> row of one op's measured rows."""
+    return {(row["case"], row["impl"]): row for row in result["rows"] if row["op"] == op}
+
+
+def skip_reasons(result: dict, op: str) -> dict[tuple[str, str], str]:
+    return {(s["case"], s["impl"]): s["reason"] for s in result["skipped"] if s["op"] == op}
+
+
+def speedup_line(label: str, rows: dict, case: str, fast: str, slow: str, target: float) -> str:
+    """'PASS'/'FAIL' with the measured speed-up of `fast` over `slow`, or why it cannot be judged."""
+    if (case, fast) not in rows or (case, slow) not in rows:
+        missing = [impl for impl in (fast, slow) if (case, impl) not in rows]
+        return f"n/a   {label}: {', '.join(missing)} not measured"
+    speedup = rows[(case, slow)]["median_ms"] / rows[(case, fast)]["median_ms"]
+    verdict = "PASS" if speedup >= target else "FAIL"
+    return f"{verdict}  {label}: {fast} {speedup:.2f}x {slow} (target >= {target:g}x)"
+
+
+def memory_line(label: str, rows: dict, case: str, impl: str, baseline: str) -> str:
+    """'PASS'/'FAIL' for `impl`'s peak memory no higher than `baseline`'s, from rows' peak_mem_mb."""
+    peaks = [rows.get((case, name), {}).get("peak_mem_mb") for name in (impl, baseline)]
+    if None in peaks:
+        return f"n/a   {label}: peak memory not recorded for {impl} and {baseline} (needs GPU rows with peak_mem_mb)"
+    verdict = "PASS" if peaks[0] <= peaks[1] else "FAIL"
+    return f"{verdict}  {label}: {impl} {peaks[0]:.0f} MiB vs {baseline} {peaks[1]:.0f} MiB (target: no higher)"
+
+
+def variant_targets(result: dict, op: str, case: str, label: str) -> list[str]:
+    """The three targets issues 4 and 6 set for kernels + compile on one case."""
+    rows = rows_by(result, op)
+    return [
+        speedup_line(f"{label} vs reference eager", rows, case, KERNELS_COMPILED, EAGER, 1.5),
+        speedup_line(f"{label} vs reference compile", rows, case, KERNELS_COMPILED, COMPILED, 1.15),
+        memory_line(f"{label} peak memory", rows, case, KERNELS_COMPILED, EAGER),
+    ]
+
+
+def summary(result: dict) -> list[str]:
+    """Issue 4's targets for 4-step generation end to end, judged on a harness result."""
+    cases_4_step = [row["case"] for row in result["rows"] if row["op"] == "generate" and row["case"].startswith("steps4-")]
+    case = cases_4_step[0] if cases_4_step else f"steps4-b{GENERATE_BATCH}-{FULL.video}"
+    return variant_targets(result, "generate", case, f"4-step generation ({case})")
+
+
+# ---- running one suite on its own -------------------------------------------------------------------
+
+
+def run_suite(suite: harness.Suite, summarize: Callable[[dict], list[str]], argv: Optional[Sequence[str]], prog: str) -> int:
+    """The harness on one suite (its usual options), then the suite's target lines from the JSON it wrote."""
+    parser = argparse.ArgumentParser(prog=prog, description=harness.__doc__.splitlines()[0])
+    harness.add_arguments(parser)
+    args = parser.parse_args(argv)
+    before = set(Path(args.out).glob("*.json")) if Path(args.out).is_dir() else set()
+    started = time.time()
+    status = harness.run(args, [suite])
+    written = [p for p in set(Path(args.out).glob("*.json")) - before if p.stat().st_mtime >= started - 1]
+    if written:
+        result = json.loads(max(written, key=lambda p: p.stat().st_mtime).read_text())
+        print()
+        print("targets:")
+        for line in summarize(result):
+            print(f"  {line}")
+    return status
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_suite(cases, summary, argv, "python -m benchmarks.models")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,301 @@
+"""`t2v-turbo pretrain`: the toy world's models, trained from scratch on the world's clips.
+
+The demo needs a teacher whose CFG samples follow captions and reward models that can tell a good
+clip from a bad one, and no public weights can be downloaded here. This module trains, in order:
+1. a tiny VAE (diffusers AutoencoderKL, 32x32 frames -> 4x8x8 latents), reconstruction + a small KL;
+   its latent scaling factor is measured as 1/std of the training latents, as LDM's 0.18215 was;
+2. the teacher: a VC2UNet (the project's VideoCrafter2 architecture at a small preset) on those
+   latents, epsilon prediction on SPEC 1's schedule, captions embedded by the frozen MiniLM sentence
+   encoder, the caption dropped 10% of the time so classifier-free guidance works; the weights kept
+   are an exponential moving average;
+3. the image-text and video-text reward models (rewards/toy.py), contrastively (symmetric InfoNCE).
+Everything is seeded; `recipe.json` in the output records the command, seeds and final losses so
+the shipped weights can be re-created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from t2v_turbo import schedule
+from t2v_turbo.data.world import WorldConfig, WorldDataset
+from t2v_turbo.models.text_encoder import MiniLMTextEncoder, PromptCache
+from t2v_turbo.models.vae import VideoVAE
+from t2v_turbo.models.vc2_unet import VC2UNet
+from t2v_turbo.rewards.toy import ToyImageReward, ToyVideoReward
+
+WORLD = WorldConfig(num_frames=8, size=32)
+WORLD_FPS = 8
+WORLD_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 16,
+    "sample_size": 32,
+}
+WORLD_UNET_CONFIG = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "attention_resolutions": [2],
+    "num_res_blocks": 1,
+    "channel_mult": [1, 2],
+    "num_head_channels": 16,
+    "context_dim": 384,
+    "time_cond_proj_dim": 256,
+    "motion_cond_proj_dim": 256,
+}
+CAPTION_DROPOUT = 0.1
+KL_WEIGHT = 1e-6
+REWARD_DIRS = {"image": "rewards/image", "video": "rewards/video"}
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = "world-pretrain"
+    seed: int = 0
+    pool_size: int = 4096
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    teacher_steps: int = 4000
+    teacher_batch: int = 16
+    teacher_lr: float = 5e-4
+    ema_decay: float = 0.999
+    reward_steps: int = 1000
+    reward_batch: int = 64
+    reward_lr: float = 1e-3
+    threads: int = 0
+    progress: bool = True
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def world_pool(size: int, seed: int) -> dict:
+    """`size` training clips: frames (N, 3, F, H, W) in [-1, 1] and their captions."""
+    dataset = WorldDataset("train", size=size, seed=seed, config=WORLD)
+    items = [dataset[i] for i in tqdm(range(size), desc="rendering world clips", leave=False)]
+    return {
+        "frames": torch.stack([item["frames"] for item in items]),
+        "caption": [item["caption"] for item in items],
+        "short_caption": [item["short_caption"] for item in items],
+    }
+
+
+def _log(progress: tqdm, **values: float) -> None:
+    progress.set_postfix({k: f"{v:.4f}" for k, v in values.items()}, refresh=False)
+
+
+def pretrain_vae(frames: Tensor, config: PretrainConfig, generator: torch.Generator) -> tuple[VideoVAE, dict]:
+    vae = VideoVAE(WORLD_VAE_CONFIG)
+    autoencoder = vae.autoencoder
+    autoencoder.requires_grad_(True).train()
+    images = frames.transpose(1, 2).flatten(0, 1)  # (N·F, 3, H, W)
+    optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=config.vae_lr)
+    progress = tqdm(range(config.vae_steps), desc="VAE", disable=not config.progress)
+    for _ in progress:
+        batch = images[torch.randint(len(images), (config.vae_batch,), generator=generator)]
+        posterior = autoencoder.encode(batch).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        reconstruction = autoencoder.decode(latents).sample
+        recon_loss = F.mse_loss(reconstruction, batch)
+        kl = posterior.kl().mean() / batch[0].numel()
+        loss = recon_loss + KL_WEIGHT * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _log(progress, mse=recon_loss.item(), kl=kl.item())
+    autoencoder.requires_grad_(False).eval()
+    with torch.no_grad():
+        sample = images[torch.randint(len(images), (512,), generator=generator)]
+        latent_std = autoencoder.encode(sample).latent_dist.mean.std().item()
+        recon_mse = F.mse_loss(autoencoder.decode(autoencoder.encode(sample).latent_dist.mean).sample, sample).item()
+    autoencoder.register_to_config(scaling_factor=1.0 / latent_std)
+    vae = VideoVAE(dict(autoencoder.config))
+    vae.autoencoder.load_state_dict(autoencoder.state_dict())
+    return vae, {"vae_reconstruction_mse": recon_mse, "vae_scaling_factor": 1.0 / latent_std}
+
+
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for target, source in zip(ema.parameters(), model.parameters()):
+            target.lerp_(source, 1.0 - decay)
+
+
+def pretrain_teacher(
+    latents: Tensor, contexts: Tensor, empty_context: Tensor, config: PretrainConfig, generator: torch.Generator
+) -> tuple[VC2UNet, dict]:
+    """Epsilon-prediction training of the world teacher on the teacher path (no guidance or motion
+    embedding), caption dropout for CFG. Returns the EMA network."""
+    unet = VC2UNet(**WORLD_UNET_CONFIG, use_kernels=torch.cuda.is_available())
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    abar = schedule.alphas_cumprod(torch.float32)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.teacher_lr, weight_decay=0.0)
+    warmup = max(1, config.teacher_steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    unet.train()
+    progress = tqdm(range(config.teacher_steps), desc="teacher", disable=not config.progress)
+    running = None
+    for _ in progress:
+        index = torch.randint(len(latents), (config.teacher_batch,), generator=generator)
+        z0, context = latents[index], contexts[index].clone()
+        dropped = torch.rand(len(index), generator=generator) < CAPTION_DROPOUT
+        context[dropped] = empty_context
+        t = torch.randint(schedule.NUM_TRAIN_TIMESTEPS, (len(index),), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        a = abar[t].view(-1, 1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(z_t, t, context, WORLD_FPS), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        _ema_update(ema, unet, config.ema_decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        _log(progress, loss=running)
+    return ema.eval(), {"teacher_loss_ema": running}
+
+
+def _info_nce(visual: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
+    logits = logit_scale.exp().clamp(max=100) * visual @ text.T
+    labels = torch.arange(len(visual))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def pretrain_rewards(
+    frames: Tensor,
+    dense_sentences: Tensor,
+    short_sentences: Tensor,
+    config: PretrainConfig,
+    generator: torch.Generator,
+) -> tuple[ToyImageReward, ToyVideoReward, dict]:
+    """Contrastive training: the image model on one random frame per clip against the short caption,
+    the video model on the whole clip against the dense caption. Pixels are normalised to [-1, 1],
+    what their preprocessing spec (mean 0.5, std 0.5) gives."""
+    image_model, video_model = ToyImageReward(), ToyVideoReward(num_frames=WORLD.num_frames)
+    metrics = {}
+    for name, model, sentences in (("image", image_model, short_sentences), ("video", video_model, dense_sentences)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.reward_lr, weight_decay=1e-4)
+        progress = tqdm(range(config.reward_steps), desc=f"{name} reward", disable=not config.progress)
+        model.train()
+        for _ in progress:
+            index = torch.randint(len(frames), (config.reward_batch,), generator=generator)
+            clips = frames[index].transpose(1, 2)  # (B, F, 3, H, W) in [-1, 1]
+            if name == "image":
+                frame = torch.randint(clips.shape[1], (len(index),), generator=generator)
+                pixels = clips[torch.arange(len(index)), frame]
+            else:
+                pixels = clips
+            loss = _info_nce(model.embed_visual(pixels), model.embed_sentences(sentences[index]), model.logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _log(progress, loss=loss.item())
+        metrics[f"{name}_reward_loss"] = loss.item()
+        model.freeze()
+    return image_model, video_model, metrics
+
+
+def _to_half_storage(module: nn.Module) -> None:
+    """Shipped weights are stored in float16 to fit the repository's size budget; loading upcasts."""
+    module.half()
+
+
+def pretrain(config: PretrainConfig) -> Path:
+    """Trains every world model and writes a model directory (unet/, vae/, text_encoder/,
+    pipeline.json: T2VTurboPipeline.from_pretrained reads it), rewards/image, rewards/video and
+    recipe.json into config.output_dir."""
+    from t2v_turbo.pipeline import GenerationDefaults, T2VTurboPipeline
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    started = time.time()
+    output = Path(config.output_dir)
+    generator = _seed_everything(config.seed)
+    pool = world_pool(config.pool_size, config.seed)
+    text_encoder = MiniLMTextEncoder()
+    cache = PromptCache(text_encoder)
+
+    vae, metrics = pretrain_vae(pool["frames"], config, generator)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk, sample=False) for chunk in pool["frames"].split(256)])
+        contexts = torch.cat([cache.encode(chunk) for chunk in _chunks(pool["caption"], 256)])
+        empty_context = cache.encode([""])[0]
+    teacher, teacher_metrics = pretrain_teacher(latents, contexts, empty_context, config, generator)
+    metrics.update(teacher_metrics)
+    with torch.no_grad():
+        dense = torch.cat([text_encoder.pooled(chunk) for chunk in _chunks(pool["caption"], 256)])
+        short = torch.cat([text_encoder.pooled(chunk) for chunk in _chunks(pool["short_caption"], 256)])
+    image_model, video_model, reward_metrics = pretrain_rewards(
+        pool["frames"], dense, short, config, generator
+    )
+    metrics.update(reward_metrics)
+
+    defaults = GenerationDefaults(num_frames=WORLD.num_frames, height=WORLD.frame_shape[0], width=WORLD.frame_shape[1])
+    pipeline = T2VTurboPipeline(teacher, vae, text_encoder, fps=WORLD_FPS, defaults=defaults)
+    for module in (teacher, vae, image_model, video_model):
+        _to_half_storage(module)
+    pipeline.save_pretrained(output)
+    image_model.save_pretrained(output / REWARD_DIRS["image"])
+    video_model.save_pretrained(output / REWARD_DIRS["video"])
+    recipe = {
+        "command": "t2v-turbo pretrain " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "t2v-turbo pretrain",
+        "config": asdict(config),
+        "world": asdict(WORLD),
+        "torch": torch.__version__,
+        "minutes": round((time.time() - started) / 60, 1),
+        "metrics": metrics,
+    }
+    (output / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    return output
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def add_pretrain_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="train the toy world's VAE, teacher and reward models from scratch",
+        description="Train, from nothing but the procedural world, the models the demo distils from: a tiny VAE, "
+        "the VC2-architecture teacher and the image-text and video-text reward models. Writes a model directory "
+        "that `generate` and `demo` read, and recipe.json with the seeds and losses.",
+    )
+    defaults = PretrainConfig()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+
+    def run(args) -> int:
+        config = PretrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
+        output = pretrain(config)
+        print(f"wrote the world models to {output}")
+        return 0
+
+    parser.set_defaults(handler=run)
