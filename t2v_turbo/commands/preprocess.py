@@ -1,0 +1,70 @@
+"""`t2v-turbo preprocess`: run the frozen teacher once per clip and write the teacher cache that
+`t2v-turbo train` reads (SPEC 2 and 4). Rerunning the same command continues a killed run; run it
+under `accelerate launch` to split the clips over several processes or GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    from t2v_turbo.preprocess import PreprocessConfig, preprocess
+
+    try:
+        config = PreprocessConfig(
+            cache=args.cache, data=args.data, model=args.model, preset=args.preset, num_frames=args.frames,
+            fps=args.fps, size=(args.height, args.width), batch_size=args.batch_size, shard_size=args.shard_size,
+            dtype=args.dtype, seed=args.seed, motion_grid_range=tuple(args.motion_grid_range),
+            grid_range=tuple(args.grid_range), motion=not args.no_motion, kernels=args.kernels, limit=args.limit,
+            num_workers=args.num_workers, cpu=args.cpu, progress=not args.no_progress,
+        )
+        result = preprocess(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"t2v-turbo preprocess: error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {result.written} samples ({result.motion_clips} with motion priors) to {result.cache} in "
+        f"{result.seconds:.1f} s ({result.clips_per_second:.3g} clips/s); {result.already_stored} were already "
+        f"stored; {result.skipped} unreadable clips skipped ({result.skipped_total} in all)"
+    )
+    return 0
+
+
+def add_preprocess_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "preprocess",
+        help="run the teacher once per clip and write the teacher cache that `train` reads",
+        description="The offline teacher pass: per clip the VAE latent, a grid index, z_t, the teacher's "
+        "conditional and unconditional noise, the prompt embedding and, for motion clips, the motion score. "
+        "Writes sharded safetensors with a manifest; rerun the same command to continue a killed run; use "
+        "`accelerate launch` for several processes or GPUs.",
+    )
+    teacher = parser.add_mutually_exclusive_group(required=True)
+    teacher.add_argument("--model", default=None, help="a T2V-Turbo model directory (T2VTurboPipeline.save_pretrained)")
+    teacher.add_argument("--preset", choices=("tiny", "vc2"), default=None,
+                         help="random weights of this architecture, seeded by --seed as `train` seeds its student")
+    parser.add_argument("--data", default="synthetic", help="synthetic, a directory of videos or a .csv/.jsonl manifest")
+    parser.add_argument("--cache", required=True, help="the cache directory to write (or continue)")
+    parser.add_argument("--frames", type=int, default=16, help="frames a clip")
+    parser.add_argument("--fps", type=int, default=8, help="frame rate of the clips and the teacher's fps conditioning")
+    parser.add_argument("--height", type=int, default=320, help="frame height in pixels")
+    parser.add_argument("--width", type=int, default=512, help="frame width in pixels")
+    parser.add_argument("--batch-size", type=int, default=4, help="clips a teacher batch")
+    parser.add_argument("--shard-size", type=int, default=64, help="samples a cache shard")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the UNet and the VAE")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every per-clip draw (grid index, noise)")
+    parser.add_argument("--no-motion", action="store_true", help="no motion priors: every clip is a plain clip")
+    parser.add_argument("--motion-grid-range", type=int, nargs=2, default=(100, 200), metavar=("LO", "HI"),
+                        help="grid indices [LO, HI) of motion clips")
+    parser.add_argument("--grid-range", type=int, nargs=2, default=(0, 200), metavar=("LO", "HI"),
+                        help="grid indices [LO, HI) of the other clips")
+    parser.add_argument("--kernels", choices=("on", "off"), default="on", help="turbo_kernels ops (on) or plain PyTorch (off)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N clips of the data")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=run_preprocess)

@@ -1,0 +1,286 @@
+"""The offline teacher pass (t2v_turbo.preprocess) on a small VC2UNet, the tiny VAE and the tiny
+OpenCLIP text tower: stored values against direct teacher calls and solo motion priors, corrupt
+clips, resuming after a limit or a kill, per-process shards, bf16, the command line, and a cache
+that `train` reads."""
+
+import argparse
+import copy
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from t2v_turbo.cache import TeacherCache
+from t2v_turbo.commands.preprocess import add_preprocess_command
+from t2v_turbo.models import OpenCLIPTextEncoder, VC2UNet, VideoVAE
+from t2v_turbo.models.checkpoint import save_pretrained
+from t2v_turbo.motion import compute_motion_prior
+from t2v_turbo.preprocess import PreprocessConfig, clip_generator, preprocess, skip_record_name
+from t2v_turbo.train import TrainConfig, train
+
+SMALL_UNET = dict(
+    in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1], num_res_blocks=1,
+    channel_mult=[1], num_head_channels=8, context_dim=32, time_cond_proj_dim=256, motion_cond_proj_dim=256,
+)
+NUM_FRAMES, SIZE = 4, (16, 16)
+SEED = 5
+# A short inversion (n + 1 <= 4 teacher passes) keeps the motion path cheap.
+MOTION_RANGE = (1, 4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two threads on a shared 2-core machine spin against each other; one is several times faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Clips(Dataset):
+    """Random clips with distinct captions; `corrupt` items are None (an unreadable file) and
+    reading item `kill_at` raises, as a killed process would stop."""
+
+    def __init__(self, count: int, motion=(), corrupt=(), kill_at=None):
+        self.count, self.motion, self.corrupt, self.kill_at = count, set(motion), set(corrupt), kill_at
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        if index == self.kill_at:
+            raise RuntimeError("killed")
+        if index in self.corrupt:
+            return None
+        generator = torch.Generator().manual_seed(1000 + index)
+        return {
+            "frames": torch.rand(3, NUM_FRAMES, *SIZE, generator=generator) * 2 - 1,
+            "caption": f"a dense caption of clip {index}",
+            "short_caption": f"clip {index}",
+            "use_motion": index in self.motion,
+        }
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return VC2UNet(**SMALL_UNET).eval(), VideoVAE.preset("tiny"), OpenCLIPTextEncoder("tiny")
+
+
+def make_config(cache, **overrides) -> PreprocessConfig:
+    values = dict(
+        cache=str(cache), preset="tiny", num_frames=NUM_FRAMES, size=SIZE, batch_size=2, shard_size=2,
+        dtype="float32", seed=SEED, motion_grid_range=MOTION_RANGE, progress=False, cpu=True,
+    )
+    values.update(overrides)
+    return PreprocessConfig(**values)
+
+
+def samples_by_caption(directory) -> dict:
+    cache = TeacherCache(directory)
+    return {sample["caption"]: sample for sample in (cache[i] for i in range(len(cache)))}
+
+
+def release_alphas_cumprod() -> torch.Tensor:
+    # The release scheduler's table: betas, 1 - betas and their product in float32.
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    return torch.cumprod(1 - betas, 0).double()
+
+
+def expected_clip(models, item, clip_index, motion_range=MOTION_RANGE):
+    """SPEC 2 for one clip, with the draws in the documented order from the clip's generator."""
+    unet, vae, text_encoder = models
+    generator = clip_generator(SEED, clip_index)
+    low, high = motion_range if item["use_motion"] else (0, 200)
+    n = int(torch.randint(low, high, (1,), generator=generator))
+    with torch.no_grad():
+        z0 = vae.encode(item["frames"][None], generator=generator)
+    noise = torch.randn(z0.shape, generator=generator)
+    t_hi = 5 * (n + 1) - 1
+    abar = release_alphas_cumprod()[t_hi]
+    z_t = (abar.sqrt() * z0.double() + (1 - abar).sqrt() * noise.double()).float()
+    context, uncond = text_encoder.encode([item["caption"]]), text_encoder.encode([""])
+    with torch.no_grad():
+        eps_cond = unet(z_t, torch.tensor([t_hi]), context, 8)
+        eps_uncond = unet(z_t, torch.tensor([t_hi]), uncond, 8)
+    expected = {"n": n, "z_t": z_t[0], "context": context[0], "eps_cond": eps_cond[0], "eps_uncond": eps_uncond[0]}
+    if item["use_motion"]:
+        prior = compute_motion_prior(unet, z0, torch.tensor([n]), noise, context)
+        expected["score"], expected["prior_eps_cond"] = prior["score"][0], prior["eps_cond"][0]
+    return expected
+
+
+def test_stored_values_match_direct_teacher_calls_and_solo_motion_priors(models, tmp_path):
+    dataset = Clips(6, motion={0, 3, 5}, corrupt={4})
+    # Batches [0, 1, 2] and [3, 4, 5]: the second holds two motion clips, solved together, and a corrupt one.
+    config = make_config(tmp_path, batch_size=3, shard_size=4, storage_dtype="float32")
+    result = preprocess(config, dataset, models)
+    assert (result.written, result.skipped, result.motion_clips, result.already_stored) == (5, 1, 3, 0)
+    assert json.loads((tmp_path / skip_record_name(0, 1)).read_text()) == {"skipped_clip_indices": [4]}
+    stored = samples_by_caption(tmp_path)
+    assert len(stored) == 5
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["config"]["motion_grid_range"] == list(MOTION_RANGE) and manifest["config"]["seed"] == SEED
+
+    for index in (0, 1, 2, 3, 5):
+        item = dataset[index]
+        sample = stored[item["caption"]]
+        expected = expected_clip(models, item, index)
+        assert int(sample["grid_index"]) == expected["n"]
+        assert bool(sample["use_motion"]) == item["use_motion"]
+        assert sample["short_caption"] == item["short_caption"]
+        # z_t is elementwise (float32 rounding of the float64 formula); the prompts were encoded together.
+        torch.testing.assert_close(sample["z_t"], expected["z_t"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sample["context"], expected["context"], rtol=1e-5, atol=1e-5)
+        # Batched vs single-clip UNet calls in float32.
+        torch.testing.assert_close(sample["eps_uncond"], expected["eps_uncond"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sample["eps_cond"], expected["eps_cond"], rtol=1e-5, atol=1e-5)
+        if item["use_motion"]:
+            assert MOTION_RANGE[0] <= expected["n"] < MOTION_RANGE[1]
+            score = expected["score"]
+            assert score.abs().max() > 0
+            torch.testing.assert_close(sample["score"], score, rtol=1e-4, atol=1e-5 * float(score.abs().max()))
+            torch.testing.assert_close(sample["eps_cond"], expected["prior_eps_cond"], rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.count_nonzero(sample["score"]) == 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(models, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    result = preprocess(make_config(directory), Clips(6, motion={2, 5}, corrupt={1}), models)
+    assert (result.written, result.skipped) == (5, 1)
+    return directory
+
+
+def assert_same_cache(directory, reference, exact=True):
+    got, expected = samples_by_caption(directory), samples_by_caption(reference)
+    assert sorted(got) == sorted(expected)
+    for caption, sample in expected.items():
+        for name, value in sample.items():
+            if not isinstance(value, torch.Tensor):
+                assert got[caption][name] == value
+            elif exact:
+                assert torch.equal(got[caption][name], value), (caption, name)
+            else:
+                # Another batch grouping: float32 differences of ~1e-6, at most one float16 step apart.
+                torch.testing.assert_close(got[caption][name], value, rtol=2**-10, atol=1e-3)
+
+
+def test_a_limited_run_continued_equals_an_uninterrupted_one(models, uninterrupted, tmp_path):
+    dataset = Clips(6, motion={2, 5}, corrupt={1})
+    first = preprocess(make_config(tmp_path, limit=4), dataset, models)
+    assert (first.written, first.skipped) == (3, 1)
+    # The corrupt clip 1 makes the 3 stored samples end at clip 3; the skip record says so.
+    second = preprocess(make_config(tmp_path), dataset, models)
+    assert (second.already_stored, second.written, second.skipped, second.skipped_total) == (3, 2, 0, 1)
+    assert_same_cache(tmp_path, uninterrupted)
+    again = preprocess(make_config(tmp_path), dataset, models)
+    assert (again.already_stored, again.written) == (5, 0)
+
+
+def test_a_killed_run_continued_equals_an_uninterrupted_one(models, uninterrupted, tmp_path):
+    with pytest.raises(RuntimeError, match="killed"):
+        preprocess(make_config(tmp_path), Clips(6, motion={2, 5}, corrupt={1}, kill_at=5), models)
+    # Shard 0 holds clips 0 and 2; clip 3 was in the buffer that the kill dropped.
+    assert TeacherCache(tmp_path).shards == [("shard-00000.safetensors", 2)]
+    resumed = preprocess(make_config(tmp_path), Clips(6, motion={2, 5}, corrupt={1}), models)
+    assert (resumed.already_stored, resumed.written) == (2, 3)
+    assert_same_cache(tmp_path, uninterrupted, exact=False)
+
+
+def test_two_processes_split_the_clips_and_write_their_own_shards(models, uninterrupted, tmp_path):
+    dataset = Clips(6, motion={2, 5}, corrupt={1})
+    for rank in (0, 1):
+        accelerator = SimpleNamespace(
+            process_index=rank, num_processes=2, device=torch.device("cpu"), is_main_process=rank == 0,
+            wait_for_everyone=lambda: None,
+        )
+        result = preprocess(make_config(tmp_path), dataset, models, accelerator=accelerator)
+        # Process 0 takes clips 0, 2, 4; process 1 takes 1 (corrupt), 3, 5.
+        assert (result.num_clips, result.written, result.skipped) == ((3, 3, 0) if rank == 0 else (3, 2, 1))
+    assert sorted(p.name for p in tmp_path.glob("manifest*.json")) == ["manifest-p0.json", "manifest-p1.json"]
+    assert_same_cache(tmp_path, uninterrupted, exact=False)
+    with pytest.raises(ValueError, match="another number of processes"):
+        preprocess(make_config(tmp_path), dataset, models)
+
+
+def test_bfloat16_pass_agrees_with_float32(models, tmp_path):
+    dataset = Clips(2, motion={0})
+    reference = preprocess(make_config(tmp_path / "fp32", storage_dtype="float32"), dataset, models)
+    assert reference.motion_clips == 1
+    bf16_models = copy.deepcopy(models)
+    preprocess(make_config(tmp_path / "bf16", dtype="bfloat16", storage_dtype="float32"), dataset, bf16_models)
+    assert next(bf16_models[0].parameters()).dtype == torch.bfloat16
+    fp32, bf16 = samples_by_caption(tmp_path / "fp32"), samples_by_caption(tmp_path / "bf16")
+    for caption, expected in fp32.items():
+        got = bf16[caption]
+        assert int(got["grid_index"]) == int(expected["grid_index"])
+        for name in ("z_t", "eps_cond", "eps_uncond"):
+            error = (got[name] - expected[name]).norm() / expected[name].norm()
+            assert error < 0.05, (caption, name, float(error))
+    motion = next(sample for sample in fp32.values() if sample["use_motion"])
+    got_score = bf16[motion["caption"]]["score"].flatten()
+    cosine = torch.nn.functional.cosine_similarity(got_score, motion["score"].flatten(), dim=0)
+    assert cosine > 0.9, float(cosine)
+
+
+def test_preprocess_then_train(uninterrupted, models, tmp_path):
+    cache = TeacherCache(uninterrupted)
+    assert cache.dtype == torch.float16 and len(cache) == 5
+    save_pretrained(models[0], tmp_path / "teacher")
+    config = TrainConfig(
+        teacher=str(tmp_path / "teacher"), cache=str(uninterrupted), output_dir=str(tmp_path / "run"), max_steps=2,
+        batch_size=2, checkpoint_every=0, kernels="off", progress=False,
+    )
+    result = train(config)
+    assert result.steps == 2 and len(result.losses) == 2
+    assert all(math.isfinite(loss) and loss > 0 for loss in result.losses)
+    assert (result.student_dir / "config.json").is_file()
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    add_preprocess_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["preprocess", *argv])
+    return args.handler(args)
+
+
+def test_command_line_synthetic_tiny_preset(tmp_path, capsys):
+    # The synthetic world needs a 24-pixel short side.
+    common = ["--preset", "tiny", "--frames", "4", "--height", "24", "--width", "24", "--batch-size", "2",
+              "--dtype", "float32", "--cpu", "--no-progress"]
+    status = run_cli(["--data", "synthetic", "--cache", str(tmp_path / "cache"), "--limit", "2", "--no-motion", *common])
+    assert status == 0
+    assert "wrote 2 samples" in capsys.readouterr().out
+    cache = TeacherCache(tmp_path / "cache")
+    assert len(cache) == 2
+    sample = cache[0]
+    assert sample["z_t"].shape == (4, 4, 12, 12) and sample["context"].shape == (77, 32)
+    assert not bool(sample["use_motion"]) and torch.count_nonzero(sample["score"]) == 0
+    assert cache.config["preset"] == "tiny" and cache.config["motion"] is False
+
+    status = run_cli(["--model", str(tmp_path / "missing"), "--cache", str(tmp_path / "other"), "--frames", "4"])
+    assert status == 2
+    assert "missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(model="somewhere"), "exactly one of model"),
+        (dict(preset=None), "exactly one of model"),
+        (dict(preset="huge"), "preset must be one of"),
+        (dict(motion_grid_range=(150, 100)), "motion_grid_range"),
+        (dict(grid_range=(0, 201)), "grid_range"),
+        (dict(dtype="float64"), "dtype must be one of"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(limit=0), "limit"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_field_named(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **overrides)
