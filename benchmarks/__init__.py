@@ -9,9 +9,18 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from benchmarks import attention, harness, preprocess, solver, spatial
+from benchmarks import attention, harness, models, preprocess, rewards, solver, spatial, training
 
-SUITES: tuple[harness.Suite, ...] = (solver.cases, attention.cases, spatial.cases, preprocess.cases)
+SUITES: tuple[harness.Suite, ...] = (
+    solver.cases,
+    attention.cases,
+    spatial.cases,
+    preprocess.cases,
+    models.cases,
+    training.cases,
+    rewards.cases,
+)
+SUMMARIES = (models.summary, training.summary, rewards.summary)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return harness.run(args, SUITES)
+    return harness.run(args, SUITES, SUMMARIES)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

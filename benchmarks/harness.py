@@ -285,6 +285,9 @@ class _Runner:
             # recompile limit, after which it silently runs eager code.
             torch.compiler.reset()
         begin = time.perf_counter()
+        on_gpu = settings.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(settings.device)
         try:
             timing = time_fn(impl.fn, input_sets, settings.device, settings.warmup, settings.iters)
         except Exception as exc:
@@ -306,6 +309,7 @@ class _Runner:
                 "bytes": case.bytes_moved,
                 "dtype": str(case.dtype).removeprefix("torch."),
                 "shape": list(case.shape),
+                "peak_mem_mb": torch.cuda.max_memory_allocated(settings.device) / MIB if on_gpu else None,
             }
         )
 
@@ -541,8 +545,11 @@ def _notes(on_gpu: bool) -> list[str]:
     return notes + ["median_ms is wall time on the CPU"]
 
 
-def run(args: argparse.Namespace, suites: Sequence[Suite]) -> int:
-    """Time every case of `suites` as `args` (from add_arguments) say; print, write JSON and PNG.
+def run(
+    args: argparse.Namespace, suites: Sequence[Suite], summaries: Sequence[Callable[[dict], list[str]]] = ()
+) -> int:
+    """Time every case of `suites` as `args` (from add_arguments) say; print, write JSON and PNG,
+    then each summary's lines (end-to-end targets, computed from the rows, never asserted).
     Returns the exit status: 1 when no row could be measured."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
@@ -593,6 +600,11 @@ def run(args: argparse.Namespace, suites: Sequence[Suite]) -> int:
     if result["skipped"]:
         print()
         print(format_skipped(result["skipped"]))
+    target_lines = [line for summary in summaries for line in summary(result)]
+    if target_lines:
+        print()
+        print("targets:")
+        print("\n".join(target_lines))
     path = write_result(result, args.out, created)
     print(f"wrote {path}")
     if not args.no_plot and result["rows"]:

@@ -48,6 +48,18 @@ def _add_convert(subparsers) -> None:
     parser.set_defaults(handler=convert)
 
 
+def _add_demo(subparsers) -> None:
+    from t2v_turbo.demo import add_demo_command
+
+    add_demo_command(subparsers)
+
+
+def _add_preprocess(subparsers) -> None:
+    from t2v_turbo.commands.preprocess import add_preprocess_command
+
+    add_preprocess_command(subparsers)
+
+
 def _add_generate(subparsers) -> None:
     from t2v_turbo.commands.generate import add_generate_command
 
@@ -66,7 +78,7 @@ def _add_pretrain(subparsers) -> None:
     add_pretrain_command(subparsers)
 
 
-SUBCOMMANDS = (_add_bench, _add_convert, _add_generate, _add_pretrain, _add_train)
+SUBCOMMANDS = (_add_bench, _add_convert, _add_demo, _add_generate, _add_pretrain, _add_preprocess, _add_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
