@@ -175,7 +175,17 @@ def pretrain_teacher(
         _ema_update(ema, unet, config.ema_decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         _log(progress, loss=running)
+    _zero_student_conditioning(ema)
     return ema.eval(), {"teacher_loss_ema": running}
+
+
+def _zero_student_conditioning(unet: VC2UNet) -> None:
+    """The teacher path never uses the guidance and motion projections; zeroed, a student
+    initialised from this teacher starts as the teacher whatever w and m it is given, and
+    combine_proj (left random) still passes them gradient."""
+    with torch.no_grad():
+        unet.time_cond_proj.weight.zero_()
+        unet.motion_cond_proj.weight.zero_()
 
 
 def _info_nce(visual: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
