@@ -314,7 +314,7 @@ def _report_text(config: DemoConfig, eval_prompts: list[str], table: str, timing
     timing_lines = "\n".join(f"- {name}: {value:.1f} s" for name, value in timings.items())
     return f"""# T2V-Turbo-v2 on the toy world
 
-Teacher: the world's VC2-architecture UNet, 50-step DDIM with classifier-free guidance.
+Teacher: the world's VC2-architecture UNet, {config.teacher_steps}-step DDIM with classifier-free guidance {config.guidance_scale}.
 Students: 4-step consistency models distilled from it for {config.train_steps} steps of batch {config.batch_size}
 on {config.train_clips} training clips (the same cache and seed for every row).
 

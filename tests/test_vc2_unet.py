@@ -1,6 +1,7 @@
 """VC2UNet against the release's reference data (shared/vc2_reference): the full model's keys, shapes
 and parameter count, and the tiny golden's outputs and intermediates in float64 and float32, with the
-temporal attention on turbo_kernels' reference and Triton backends and on plain PyTorch."""
+temporal transformers fused on turbo_kernels' reference and Triton backends and on plain PyTorch;
+q/k capture for motion guidance, gradient checkpointing and forward_guided."""
 
 import json
 import warnings
@@ -11,7 +12,7 @@ import torch
 
 import turbo_kernels
 from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
-from t2v_turbo.models.vc2_unet import sinusoid_a
+from t2v_turbo.models.vc2_unet import TemporalTransformer, attention_probs, sinusoid_a
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
 
@@ -27,6 +28,10 @@ BLOCKS = (
     [f"input_blocks.{i}" for i in range(6)] + ["init_attn", "middle_block"] + [f"output_blocks.{i}" for i in range(6)]
 )
 PROJECTIONS = ["time_cond_proj", "motion_cond_proj", "combine_proj", "time_embed", "fps_embedding"]
+FUSED_OPS = ("group_norm_stats", "strided_linear", "temporal_attention")
+# init_attn, 2 + 2 in the encoder, 1 in the middle and 6 in the decoder.
+TEMPORAL_TRANSFORMERS = 12
+TINY_DECODER_ATTN1 = [f"output_blocks.{i}.2.transformer_blocks.0.attn1" for i in range(6)]
 
 
 def _load(name):
@@ -125,11 +130,16 @@ def test_embeddings_match_the_release(io):
     "golden, timestep_cond, motion_cond",
     [("out", True, True), ("out_no_motion_cond", True, False), ("out_no_timestep_cond", False, False)],
 )
-def test_tiny_float64_matches_golden(tiny64, io, golden, timestep_cond, motion_cond):
+def test_tiny_float64_matches_golden(tiny64, io, golden, timestep_cond, motion_cond, chosen):
+    """With use_kernels on, float64 takes the fused path on the reference ops (the Triton kernels
+    take no float64): every temporal transformer, init_attn included, runs fused."""
     with turbo_kernels.backend("reference"):
         out = _run(tiny64, io, torch.float64, timestep_cond, motion_cond)
     assert out.dtype == torch.float64 and out.shape == io[golden].shape
     assert _max_error(out, io[golden]) < FLOAT64_TOL
+    assert _fused_layer_calls(chosen) == TEMPORAL_TRANSFORMERS
+    assert {op for op, _ in chosen} == set(FUSED_OPS)
+    assert {backend for _, backend in chosen} == {"reference"}
 
 
 def test_tiny_float64_intermediates(tiny64, io):
@@ -175,6 +185,11 @@ def _run_recording_attn1_inputs(model, io, dtype, names):
             hook.remove()
 
 
+def _fused_layer_calls(chosen):
+    """How many temporal transformers ran fused: each computes its GroupNorm statistics once."""
+    return sum(op == "group_norm_stats" for op, _ in chosen)
+
+
 def _temporal_attention_backends(chosen):
     return {backend for op, backend in chosen if op.startswith("temporal_attention")}
 
@@ -197,9 +212,13 @@ def test_decoder_temporal_attention_probs(tiny64, plain64, io, use_kernels, chos
 def test_use_kernels_switches_every_temporal_attention():
     model = VC2UNet.preset("tiny")
     temporal = [m for m in model.modules() if getattr(m, "temporal", None) is True]
-    assert model.use_kernels and all(m.use_kernels for m in temporal)
+    transformers = [m for m in model.modules() if isinstance(m, TemporalTransformer)]
+    assert len(transformers) == TEMPORAL_TRANSFORMERS
+    assert model.use_kernels and all(m.use_kernels for m in temporal + transformers)
+    assert all(m.runs_fused() for m in transformers)
     model.use_kernels = False
-    assert not any(m.use_kernels for m in temporal)
+    assert not any(m.use_kernels for m in temporal + transformers)
+    assert not any(m.runs_fused() for m in transformers)
     assert not VC2UNet.preset("tiny", use_kernels=False).use_kernels
 
 
@@ -222,6 +241,9 @@ def test_tiny_float32_triton_matches_golden(io, chosen):
         assert probs[name].dtype == torch.float32
         assert _max_error(probs[name], expected[:rows]) < FLOAT32_TOL, name
     assert _temporal_attention_backends(chosen) == {"triton"}
+    assert {backend for _, backend in chosen} == {"triton"}
+    # The hooked decoder layers run unfused, the other temporal transformers fused.
+    assert _fused_layer_calls(chosen) == TEMPORAL_TRANSFORMERS - len(golden)
 
 
 @pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "plain"])
@@ -258,3 +280,154 @@ def test_dropout_follows_train_mode(io):
     torch.manual_seed(0)
     trained = _run(model.train(), io, torch.float32)
     assert _max_error(trained, io["out"]) > 1e-3
+
+
+# ---- the fused temporal transformers, capture, checkpointing, forward_guided ---------------------
+
+
+def _crop(io, batch=slice(None), size=8):
+    """The inputs of the golden cut to `batch` and size x size pixels: a cheaper, equally valid input."""
+    return {
+        "x": io["x"][batch, :, :, :size, :size],
+        "context": io["context"][batch],
+        "timesteps": io["timesteps"][batch],
+        "fps": io["fps"][batch],
+        "timestep_cond": io["timestep_cond"][batch],
+        "motion_cond": io["motion_cond"][batch],
+    }
+
+
+def test_decoder_temporal_attention_names():
+    with torch.device("meta"):
+        full = VC2UNet.preset("vc2")
+        tiny = VC2UNet.preset("tiny")
+    assert tiny.decoder_temporal_attention_names() == TINY_DECODER_ATTN1
+    assert full.decoder_temporal_attention_names() == [
+        f"output_blocks.{i}.2.transformer_blocks.0.attn1" for i in range(3, 12)
+    ]
+    for name in full.decoder_temporal_attention_names():
+        assert full.get_submodule(name).temporal
+
+
+def test_fused_block_on_triton_matches_golden_intermediates(io, chosen):
+    """The middle block (ResBlock, spatial transformer, fused temporal transformer at 8x8 with 8
+    heads of 8, ResBlock) of the first clip in float32, with the fused temporal transformer on the
+    Triton kernels, reproduces the release's float64 activations. (A whole-model forward on the
+    interpreter takes minutes; test_tiny_float32_triton_matches_golden does that one, marked slow.)"""
+    intermediates = _load("tiny_intermediates.safetensors")
+    frames = io["x"].shape[2]
+    emb = (intermediates["time_embed_output"] + intermediates["fps_embedding_output"])[:1]
+    block = _tiny().middle_block
+    with turbo_kernels.backend("triton"), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", turbo_kernels.TurboKernelsFallbackWarning)
+        out = block(
+            intermediates["input_blocks.5"][:frames].float(),
+            emb.float().repeat_interleave(frames, dim=0),
+            io["context"][:1].float().repeat_interleave(frames, dim=0),
+            frames,
+        )
+    expected = intermediates["middle_block"][:frames]
+    # float32 activations up to ~25 through two ResBlocks and two transformers.
+    assert _max_error(out, expected) < 1e-4 * expected.abs().max().item()
+    assert {op for op, _ in chosen} == set(FUSED_OPS)
+    assert {backend for _, backend in chosen} == {"triton"}
+    assert _fused_layer_calls(chosen) == 1
+
+
+def test_capture_under_kernels_runs_hooked_layers_unfused(tiny64, plain64, io, chosen):
+    """capture_attention_inputs on the decoder attn1 layers with use_kernels=True records q and k of
+    every one, in the "sequences" layout, equal to the plain model's, and the motion score through
+    them (a loss on their attention probabilities, back to the input) equals the plain model's.
+    The hooked layers run unfused; the others stay fused."""
+    crop = _crop(io, slice(0, 1))
+    names = tiny64.decoder_temporal_attention_names()
+    results = {}
+    for label, model in (("fused", tiny64), ("plain", plain64)):
+        chosen.clear()
+        x = crop["x"].clone().requires_grad_(True)
+        with turbo_kernels.capture_attention_inputs({n: model.get_submodule(n) for n in names}) as qk:
+            out = model(x, crop["timesteps"], crop["context"], crop["fps"])
+        heads = {n: model.get_submodule(n).heads for n in names}
+        energy = sum((attention_probs(*qk[n], heads[n]) ** 2).mean() for n in names)
+        (score,) = torch.autograd.grad(energy, x)
+        results[label] = out.detach(), {n: qk[n] for n in names}, score, _fused_layer_calls(chosen)
+        assert not any(m._forward_hooks for m in model.modules()), "capture left hooks behind"
+    (out, qk, score, fused_calls), (plain_out, plain_qk, plain_score, plain_calls) = results["fused"], results["plain"]
+    assert (fused_calls, plain_calls) == (TEMPORAL_TRANSFORMERS - len(names), 0)
+    assert list(qk) == names
+    _, _, frames, height, width = crop["x"].shape
+    for index, name in enumerate(names):
+        q, k = qk[name]
+        # "sequences": (B*H*W, F, heads*d); blocks 0-2 run at half resolution.
+        pixels = height * width // (4 if index < 3 else 1)
+        assert q.shape == k.shape == (pixels, frames, tiny64.get_submodule(name).to_q.out_features)
+        assert _max_error(q, plain_qk[name][0]) < FLOAT64_TOL and _max_error(k, plain_qk[name][1]) < FLOAT64_TOL
+    assert _max_error(out, plain_out) < FLOAT64_TOL
+    assert _max_error(score, plain_score) < FLOAT64_TOL * score.abs().max().item()
+    assert score.abs().max() > 0
+
+
+def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients_and_dropout(io):
+    """In train mode (dropout 0.1 in every temporal conv block) with a fixed seed, float64: with
+    checkpointing every block runs again in the backward pass, and the output and the gradients of
+    the input and of every parameter equal those without it, which needs the recomputation to
+    redraw the same dropout masks (non-reentrant checkpoint restores the RNG state)."""
+    model = _tiny().double().train()
+    crop = _crop(io, slice(0, 1))
+    block_calls = []
+    hook = model.middle_block.register_forward_pre_hook(lambda *_: block_calls.append(1))
+
+    def forward_backward(checkpointing):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        block_calls.clear()
+        x = crop["x"].clone().requires_grad_(True)
+        torch.manual_seed(7)
+        out = model(x, crop["timesteps"], crop["context"], crop["fps"], crop["timestep_cond"], crop["motion_cond"])
+        out.pow(2).mean().backward()
+        return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}, len(block_calls)
+
+    try:
+        model.enable_gradient_checkpointing()
+        assert model.gradient_checkpointing
+        model.disable_gradient_checkpointing()
+        assert not model.gradient_checkpointing
+        out, grad_x, grads, calls = forward_backward(False)
+        ck_out, ck_grad_x, ck_grads, ck_calls = forward_backward(True)
+        eval_out = _run(model.eval(), crop, torch.float64)
+    finally:
+        hook.remove()
+    assert (calls, ck_calls) == (1, 2)
+    assert _max_error(out, eval_out) > 1e-3, "dropout was not active, so the test proves nothing about it"
+    assert _max_error(ck_out, out) == 0
+    assert _max_error(ck_grad_x, grad_x) < FLOAT64_TOL * grad_x.abs().max().item()
+    assert grads.keys() == ck_grads.keys()
+    for name, grad in grads.items():
+        assert grad is not None and ck_grads[name] is not None, name
+        assert _max_error(ck_grads[name], grad) <= FLOAT64_TOL * grad.abs().max().item(), name
+
+
+def test_forward_guided_builds_the_release_embeddings(tiny64, io):
+    crop = _crop(io)
+    args = (crop["x"], crop["timesteps"], crop["context"], crop["fps"])
+    with torch.no_grad():
+        for w, m in ((io["w"], io["motion_gs"]), (io["w"], None), (None, None)):
+            guided = tiny64.forward_guided(*args, guidance_scale=w, motion_strength=m)
+            explicit = tiny64(
+                *args,
+                timestep_cond=None if w is None else crop["timestep_cond"],
+                motion_cond=None if m is None else crop["motion_cond"],
+            )
+            assert torch.equal(guided, explicit)
+        # Scalars broadcast over the batch: the first clip's golden from w = 7.5, m = 0.05.
+        first = tiny64.forward_guided(io["x"][:1], 999, io["context"][:1], 8, 7.5, 0.05)
+    assert _max_error(first, io["out"][:1]) < FLOAT64_TOL
+
+
+def test_forward_guided_rejects_bad_scales(tiny64, io):
+    crop = _crop(io)
+    args = (crop["x"], crop["timesteps"], crop["context"])
+    with pytest.raises(ValueError, match="motion_strength needs guidance_scale"):
+        tiny64.forward_guided(*args, motion_strength=0.05)
+    with pytest.raises(ValueError, match=r"guidance_scale must be a scalar or a \(2,\) tensor"):
+        tiny64.forward_guided(*args, guidance_scale=torch.tensor([7.5, 2.0, 1.0]))

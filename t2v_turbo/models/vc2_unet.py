@@ -2,9 +2,13 @@
 
 Module names reproduce the release's state-dict keys exactly (shared/vc2_reference/README.md), so its
 checkpoints load strictly. Numerics follow the release: embeddings, GroupNorm scopes and eps, the
-order of residuals. Attention is plain softmax(q kᵀ·d_head^-0.5)·v; temporal attention (and its
-probabilities) goes through `temporal_attention` / `temporal_attention_probs` alone, which run
-turbo_kernels' ops when `use_kernels` is on and plain PyTorch when it is off.
+order of residuals. Attention is plain softmax(q kᵀ·d_head^-0.5)·v.
+
+With `use_kernels` on, each temporal transformer runs turbo_kernels.FusedTemporalTransformer's fused
+path on its own parameters, and the unfused temporal attention (and its probabilities) runs
+turbo_kernels' ops through `temporal_attention` / `temporal_attention_probs`; with it off,
+everything is plain PyTorch. Gradient checkpointing, when enabled, recomputes each UNet block in
+the backward pass.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import turbo_kernels
 
@@ -130,6 +135,17 @@ def guidance_embedding(w: Tensor | float, dtype: torch.dtype = torch.float32) ->
 def motion_embedding(m: Tensor | float, dtype: torch.dtype = torch.float32) -> Tensor:
     """`motion_cond` for motion-guidance strength(s) m: (B, 256)."""
     return sinusoid_b(m, dtype=dtype)
+
+
+def _per_sample(value: Tensor | float, name: str, x: Tensor) -> Tensor:
+    """A scalar or (B,) conditioning value as a (B,) float32 tensor on x's device."""
+    batch = x.shape[0]
+    value = torch.as_tensor(value, dtype=torch.float32, device=x.device)
+    if value.dim() > 1 or value.numel() not in (1, batch):
+        raise ValueError(
+            f"{name} must be a scalar or a ({batch},) tensor (one per sample), got shape {tuple(value.shape)}"
+        )
+    return value.reshape(-1).expand(batch)
 
 
 def _split_heads(t: Tensor, heads: int) -> Tensor:
@@ -252,22 +268,57 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context)
         h = self.proj_out(h).transpose(1, 2).reshape(rows, channels, height, width)
-        return h + x
+        # x first: the sum then takes x's contiguous layout rather than h's transposed one, and the
+        # temporal transformer that follows needs a contiguous stream for its fused kernels.
+        return x + h
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
+    )
 
 
 class TemporalTransformer(nn.Module):
     """Temporal self-attention only (the text is never used) on (B·F, C, H, W): GroupNorm over each
     video (C/32, F, H, W), tokens (B·H·W, F, C). init_attn uses Conv1d projections (the release
-    builds it without use_linear); the others use Linear."""
+    builds it without use_linear); the others use Linear.
+
+    While `use_kernels` is set, forward runs turbo_kernels.FusedTemporalTransformer's fused path on
+    this module's parameters (torch.func.functional_call: both carry the release's parameter names;
+    init_attn's Conv1d(k=1) weights enter as the equivalent Linear weights). The fused path reads
+    the weights directly and never calls the submodules, so a hook on any submodule would silently
+    not fire: capture_attention_inputs' hooks on attn1/attn2's to_q / to_k, for one. A layer with
+    such a hook therefore runs the unfused path, which calls every submodule (its temporal attention
+    still on turbo_kernels' ops). Inside the fused path autocast is off (the stream's dtype is the
+    compute dtype, FusedTemporalTransformer's contract). Neither path has dropout."""
 
     def __init__(self, channels: int, heads: int, head_dim: int, conv_proj: bool = False):
         super().__init__()
         inner = heads * head_dim
         self.conv_proj = conv_proj
+        self.use_kernels = False
         self.norm = nn.GroupNorm(GROUPS, channels, eps=TRANSFORMER_GROUP_NORM_EPS)
         self.proj_in = nn.Conv1d(channels, inner, 1) if conv_proj else nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, head_dim, None, True)])
         self.proj_out = nn.Conv1d(inner, channels, 1) if conv_proj else nn.Linear(inner, channels)
+        with torch.device("meta"):
+            fused = turbo_kernels.FusedTemporalTransformer(channels, heads, head_dim)
+        # Set past nn.Module.__setattr__ so that it stays out of the module tree (state dict, .to(),
+        # parameters()): its meta parameters are placeholders, replaced by this module's own on
+        # every call.
+        object.__setattr__(self, "_fused", fused)
+
+    def _fused_parameters(self) -> dict[str, Tensor]:
+        params = dict(self.named_parameters())
+        if self.conv_proj:
+            for name in ("proj_in.weight", "proj_out.weight"):
+                params[name] = params[name].squeeze(-1)
+        return params
+
+    def runs_fused(self) -> bool:
+        """Whether forward takes the fused path now: `use_kernels` is set and no submodule has hooks."""
+        return self.use_kernels and not any(_has_hooks(m) for m in self.modules() if m is not self)
 
     def _project(self, proj: nn.Module, tokens: Tensor) -> Tensor:
         if self.conv_proj:
@@ -275,6 +326,8 @@ class TemporalTransformer(nn.Module):
         return proj(tokens)
 
     def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        if self.runs_fused():
+            return torch.func.functional_call(self._fused, self._fused_parameters(), (x, num_frames), strict=True)
         rows, channels, height, width = x.shape
         video = x.unflatten(0, (-1, num_frames)).transpose(1, 2)  # (B, C, F, H, W)
         tokens = self.norm(video).permute(0, 3, 4, 2, 1).reshape(-1, num_frames, channels)
@@ -382,8 +435,10 @@ class VC2UNet(nn.Module):
     """VideoCrafter2's UNetModel (lvdm openaimodel3d) with T2V-Turbo-v2's guidance and motion
     conditioning. forward(x (B, C, T, H, W), timesteps (B,), context (B, L, D), fps) -> (B, C, T, H, W).
     Dropout (in every temporal conv block) follows train()/eval(). `use_kernels` (settable at any
-    time) runs the temporal attention through turbo_kernels' ops; off, it is plain PyTorch.
-    `config` holds the architecture kwargs, enough to rebuild the model."""
+    time) runs the temporal transformers fused and the temporal attention through turbo_kernels'
+    ops; off, it is plain PyTorch. `gradient_checkpointing` (enable_/disable_gradient_checkpointing)
+    recomputes each block in the backward pass while training. `config` holds the architecture
+    kwargs, enough to rebuild the model."""
 
     def __init__(
         self,
@@ -472,6 +527,7 @@ class VC2UNet(nn.Module):
             nn.Conv2d(model_channels, out_channels, 3, padding=1),
         )
         self.use_kernels = use_kernels
+        self.gradient_checkpointing = False
 
     @property
     def use_kernels(self) -> bool:
@@ -481,8 +537,27 @@ class VC2UNet(nn.Module):
     def use_kernels(self, value: bool) -> None:
         self._use_kernels = bool(value)
         for module in self.modules():
-            if isinstance(module, CrossAttention) and module.temporal:
+            if isinstance(module, TemporalTransformer) or (isinstance(module, CrossAttention) and module.temporal):
                 module.use_kernels = self._use_kernels
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute every block (input, init_attn, middle, output) in the backward pass instead of
+        keeping its activations, whenever the model is in train mode with grad enabled
+        (torch.utils.checkpoint, non-reentrant, which restores the RNG state, so dropout masks
+        are the same in the recomputation)."""
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
+
+    def decoder_temporal_attention_names(self) -> list[str]:
+        """Module names of the first temporal self-attention (attn1) of every temporal transformer
+        in output_blocks, in order: the layers whose q/k motion guidance captures."""
+        return [
+            f"{name}.transformer_blocks.0.attn1"
+            for name, module in self.output_blocks.named_modules(prefix="output_blocks")
+            if isinstance(module, TemporalTransformer)
+        ]
 
     @classmethod
     def from_original_config(cls, kwargs: Mapping[str, Any]) -> VC2UNet:
@@ -530,6 +605,34 @@ class VC2UNet(nn.Module):
             raise ValueError("this model has no motion_cond_proj (built without motion_cond_proj_dim)")
         return self.combine_proj(torch.cat([guidance, self.motion_cond_proj(motion_cond.to(dtype))], dim=1))
 
+    def forward_guided(
+        self,
+        x: Tensor,
+        timesteps: Tensor | int,
+        context: Tensor,
+        fps: Tensor | int = 8,
+        guidance_scale: Tensor | float | None = None,
+        motion_strength: Tensor | float | None = None,
+    ) -> Tensor:
+        """forward with the conditioning embeddings built here from the CFG scale w
+        (`guidance_scale`) and the motion-guidance strength m (`motion_strength`), each a scalar
+        or a (B,) tensor, as the release builds them (guidance_embedding / motion_embedding, in
+        float32). Without motion_strength only w conditions the model; without either it is the
+        teacher path."""
+        if motion_strength is not None and guidance_scale is None:
+            raise ValueError("motion_strength needs guidance_scale (the release has no motion-only conditioning)")
+        timestep_cond = motion_cond = None
+        if guidance_scale is not None:
+            timestep_cond = guidance_embedding(_per_sample(guidance_scale, "guidance_scale", x))
+        if motion_strength is not None:
+            motion_cond = motion_embedding(_per_sample(motion_strength, "motion_strength", x))
+        return self(x, timesteps, context, fps, timestep_cond=timestep_cond, motion_cond=motion_cond)
+
+    def _run_block(self, block: UNetBlock, h: Tensor, emb: Tensor, context: Tensor, num_frames: int) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, num_frames, use_reentrant=False)
+        return block(h, emb, context, num_frames)
+
     def forward(
         self,
         x: Tensor,
@@ -554,11 +657,11 @@ class VC2UNet(nn.Module):
         h = x.transpose(1, 2).flatten(0, 1)  # (B·T, C, H, W), frame index fastest
         skips = []
         for index, block in enumerate(self.input_blocks):
-            h = block(h, emb, context, num_frames)
+            h = self._run_block(block, h, emb, context, num_frames)
             if index == 0:
-                h = self.init_attn(h, emb, context, num_frames)
+                h = self._run_block(self.init_attn, h, emb, context, num_frames)
             skips.append(h)
-        h = self.middle_block(h, emb, context, num_frames)
+        h = self._run_block(self.middle_block, h, emb, context, num_frames)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, num_frames)
+            h = self._run_block(block, torch.cat([h, skips.pop()], dim=1), emb, context, num_frames)
         return self.out(h).unflatten(0, (batch, num_frames)).transpose(1, 2)
