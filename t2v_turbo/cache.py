@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from t2v_turbo.models.checkpoint import _write_atomically
+from t2v_turbo.models.checkpoint import write_atomically
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -43,6 +43,9 @@ TENSOR_FIELDS = FLOAT_FIELDS + ("grid_index", "use_motion")
 TEXT_FIELDS = ("caption", "short_caption")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 PREPROCESS_HINT = "build it with `t2v-turbo preprocess --cache DIR`"
+# Set in a cache's producing config when preprocess() was handed its models: its model / preset
+# fields then do not name the teacher.
+MODELS_HANDED_IN_KEY = "models_handed_in"
 
 
 def manifest_name(process_index: int, num_processes: int) -> str:
@@ -167,7 +170,7 @@ class CacheWriter:
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         text = json.dumps(manifest, indent=2) + "\n"
-        _write_atomically(self.manifest_path, lambda temporary: temporary.write_text(text))
+        write_atomically(self.manifest_path, lambda temporary: temporary.write_text(text))
 
     @staticmethod
     def resume_point(directory: str | os.PathLike, process_index: int = 0, num_processes: int = 1) -> int:
@@ -230,7 +233,7 @@ class CacheWriter:
         path = self.directory / shard_name(len(self.manifest["shards"]), self.process_index, self.num_processes)
         if path.exists():
             raise FileExistsError(f"{path} exists but is not in {self.manifest_path}; refusing to overwrite a shard")
-        _write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+        write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
         self._append_shard(self.manifest, len(self._pending))
         self._write_manifest(self.manifest)
         self._pending = []

@@ -10,7 +10,12 @@ For a clip with clean latent z_0 and grid index n (t_hi = ddim_timesteps[n]):
 3. `compute_motion_prior` glues both with z_t = α_{t_hi}·z_0 + σ_{t_hi}·ε.
 
 The teacher is any callable teacher(x (B, C, F, H, W), t (B,), context (B, L, D), fps) -> ε on the
-teacher path (no guidance or motion conditioning): a VC2UNet is one as it is. The attention ops run
+teacher path (no guidance or motion conditioning). By default a VC2UNet or a diffusers
+UNet3DConditionModel is called through `NoisePredictor` (which drops fps for the latter); any other
+module is called as it is. Both networks' decoder temporal attn1 layers see "sequences"
+(B·H·W, F, channels): diffusers' TransformerTemporalModel permutes (B·F, C, H, W) to
+(B·H·W, F, C) before its blocks, as VC2's temporal transformer does, so their captured to_q / to_k
+outputs share the (B·H·W, F, heads·d) layout that motion_energy reads. The attention ops run
 on whatever backend `turbo_kernels.backend(...)` selects. Conventions (ε at the destination timestep,
 ᾱ_0 = 0.99915 for the first step, the release's float32-built ᾱ table, per-clip means) are those of
 shared/vc2_reference/README.md, "Motion-score golden".
@@ -28,6 +33,9 @@ from tqdm.auto import tqdm
 
 import turbo_kernels
 from t2v_turbo import schedule
+from t2v_turbo.models.adapter import NoisePredictor, is_diffusers_unet3d
+from t2v_turbo.models.vc2_unet import VC2UNet
+from t2v_turbo.schedule import release_alphas_cumprod
 
 # compute_temp_loss's ×100 times the release's temp_loss_scale of 100.
 ENERGY_SCALE = 1e4
@@ -71,19 +79,6 @@ def decoder_temporal_attention_names(unet: nn.Module) -> list[str]:
             "output_blocks.*.transformer_blocks.0.attn1 (temporal) or up_blocks.*.temp_attentions.*.transformer_blocks.0.attn1"
         )
     return names
-
-
-def release_alphas_cumprod(dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
-    """The release scheduler's ᾱ table: betas, 1 − betas and the cumulative product all in float32,
-    then cast to `dtype`. It differs from `schedule.alphas_cumprod` (built in float64) by up to
-    4.8e-7, which moves the motion score by ~1.5e-6 relative; the motion golden uses this one."""
-    betas = (
-        torch.linspace(
-            schedule.BETA_START**0.5, schedule.BETA_END**0.5, schedule.NUM_TRAIN_TIMESTEPS, dtype=torch.float32
-        )
-        ** 2
-    )
-    return torch.cumprod(1.0 - betas, dim=0).to(dtype=dtype, device=device)
 
 
 def _coefficient_dtype(latent_dtype: torch.dtype) -> torch.dtype:
@@ -148,6 +143,14 @@ def _per_clip(value: Tensor | int, rows: Tensor) -> Tensor | int:
     return value
 
 
+def teacher_path(unet: nn.Module) -> Teacher:
+    """How to call `unet` on the teacher path: through NoisePredictor for a VC2UNet or a diffusers
+    UNet3DConditionModel (no guidance, no motion), else the module itself."""
+    if isinstance(unet, VC2UNet) or is_diffusers_unet3d(unet):
+        return NoisePredictor(unet)
+    return unet
+
+
 def _require_eval(unet: object) -> None:
     if isinstance(unet, nn.Module) and unet.training:
         raise ValueError("unet is in train mode (its dropout would randomise the teacher): call unet.eval() first")
@@ -166,6 +169,7 @@ def ddim_inversion(
     """DDIM inversion of clean latents z0 (B, C, F, H, W) up the 200-step grid to each clip's
     t_hi = ddim_timesteps[grid_index[b]], under no_grad (SPEC 4.1).
 
+    unet_fn: a teacher callable; a module goes through `teacher_path`.
     Step i (t = 5(i+1) − 1, p = max(t − 5, 0)): ε = unet_fn(x, t, context, fps), at the destination
     timestep t; x ← (x − σ_p·ε)·sqrt(ᾱ_t/ᾱ_p) + σ_t·ε. The first step starts from z0 as the sample
     at t = 0 (ᾱ_0 = 0.99915, not 1). Clip b takes steps 0..n_b; at step i the teacher runs on the
@@ -178,6 +182,8 @@ def ddim_inversion(
     (B, max n + 1, C, F, H, W), where entry i of a clip with n_b < i repeats its z_ref.
     """
     z0 = _checked_latents(z0, "z0")
+    if isinstance(unet_fn, nn.Module):
+        unet_fn = teacher_path(unet_fn)
     batch = z0.shape[0]
     grid_index = _checked_grid_index(grid_index, batch, z0.device)
     context = _checked_context(context, batch)
@@ -287,7 +293,7 @@ def reference_attention_probs(
     batch, num_frames = z_ref.shape[0], z_ref.shape[2]
     context = _checked_context(context, batch)
     t_hi = _checked_timesteps(t_hi, batch, z_ref.device, "t_hi")
-    teacher = unet if teacher is None else teacher
+    teacher = teacher_path(unet) if teacher is None else teacher
     modules = _attention_modules(unet, layer_names)
     with torch.no_grad():
         with turbo_kernels.capture_attention_inputs(modules) as reference_qk:
@@ -312,7 +318,7 @@ def motion_score(
     clip's score is its solo score.
 
     unet: the module holding the attention layers (eval mode); teacher: how to call it on the teacher
-    path, teacher(x, t, context, fps) -> ε (default: unet itself, as for a VC2UNet). layer_names:
+    path, teacher(x, t, context, fps) -> ε (default: `teacher_path(unet)`). layer_names:
     default `decoder_temporal_attention_names(unet)`. A no-grad forward on z_ref gives the
     reference probabilities (turbo_kernels.temporal_attention_probs of the captured q, k); a forward
     on z_t with gradients gives the live q, k; energies through turbo_kernels.motion_energy.
@@ -326,7 +332,7 @@ def motion_score(
     batch, num_frames = z_t.shape[0], z_t.shape[2]
     context = _checked_context(context, batch)
     t_hi = _checked_timesteps(t_hi, batch, z_t.device, "t_hi")
-    teacher = unet if teacher is None else teacher
+    teacher = teacher_path(unet) if teacher is None else teacher
     modules = _attention_modules(unet, layer_names)
     heads = {name: module.heads for name, module in modules.items()}
 
@@ -366,7 +372,7 @@ def compute_motion_prior(
     """
     _require_eval(unet)
     z0 = _checked_latents(z0, "z0")
-    teacher = unet if teacher is None else teacher
+    teacher = teacher_path(unet) if teacher is None else teacher
     table = _checked_table(alphas_cumprod, z0)
     grid_index = _checked_grid_index(grid_index, z0.shape[0], z0.device)
     t_hi, _ = schedule.solver_timesteps(grid_index.cpu())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -128,17 +127,6 @@ def _prompt_list(prompts: str | Sequence[str]) -> list[str]:
     if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
         raise TypeError("prompts must be a string or a non-empty sequence of strings")
     return prompts
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class T2VTurboPipeline:
@@ -342,7 +330,8 @@ class T2VTurboPipeline:
         self.vae.save_pretrained(model_dir / VAE_DIR)
         save_text_encoder(self.text_encoder, model_dir / TEXT_ENCODER_DIR)
         config = {"fps": self.fps, **asdict(self.defaults)}
-        _write_text_atomically(model_dir / PIPELINE_CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+        text = json.dumps(config, indent=2) + "\n"
+        checkpoint.write_atomically(model_dir / PIPELINE_CONFIG_NAME, lambda temporary: temporary.write_text(text))
 
     @classmethod
     def from_pretrained(

@@ -44,11 +44,12 @@ from tqdm.auto import tqdm
 
 import turbo_kernels
 from t2v_turbo import schedule
-from t2v_turbo.cache import STORAGE_DTYPES, CacheWriter, manifest_name
+from t2v_turbo.cache import MODELS_HANDED_IN_KEY, STORAGE_DTYPES, CacheWriter, manifest_name
 from t2v_turbo.data.videos import build_dataset
 from t2v_turbo.models import OpenCLIPTextEncoder, PromptCache, VC2UNet, VideoVAE
-from t2v_turbo.models.checkpoint import _write_atomically
-from t2v_turbo.motion import compute_motion_prior, noised_latents, release_alphas_cumprod
+from t2v_turbo.models.adapter import NoisePredictor
+from t2v_turbo.models.checkpoint import write_atomically
+from t2v_turbo.motion import compute_motion_prior, noised_latents
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ class _SkipRecord:
             return
         self.indices |= new
         text = json.dumps({SKIP_RECORD_KEY: sorted(self.indices)}) + "\n"
-        _write_atomically(self.path, lambda temporary: temporary.write_text(text))
+        write_atomically(self.path, lambda temporary: temporary.write_text(text))
 
 
 @contextlib.contextmanager
@@ -304,16 +305,18 @@ def _teacher_mode(unet: nn.Module, use_kernels: bool) -> Iterator[None]:
 
 class TeacherPass:
     """The teacher's outputs for batches of clips: call it with frames (B, 3, F, H, W) in [-1, 1],
-    captions, use_motion flags and clip indices; it returns what CacheWriter.add takes."""
+    captions, use_motion flags and clip indices; it returns what CacheWriter.add takes.
+    unet: a VC2UNet or a diffusers UNet3DConditionModel, called through NoisePredictor."""
 
     def __init__(self, unet: nn.Module, vae: Any, text_encoder: Any, config: PreprocessConfig, device: torch.device):
         self.unet = unet
+        self.teacher = NoisePredictor(unet)
         self.vae = vae
         self.prompts = PromptCache(text_encoder, device=device)
         self.config = config
         self.device = device
         self.dtype = MODEL_DTYPES[config.dtype]
-        self.alphas_cumprod = release_alphas_cumprod(torch.float64, device)
+        self.alphas_cumprod = schedule.release_alphas_cumprod(torch.float64, device)
 
     def _clip_latents(self, frames: Tensor, motion: bool, clip_index: int) -> tuple[int, Tensor, Tensor]:
         """(n, z0 (1, C, F, h, w) in the model dtype, ε (float32)) of one clip, from its own generator."""
@@ -355,7 +358,7 @@ class TeacherPass:
         moving = motion.nonzero().squeeze(1).to(self.device)
         with torch.no_grad():
             # ε_c of the plain clips and ε_u of every clip in one forward of (plain + B) clips.
-            eps = self.unet(
+            eps = self.teacher(
                 torch.cat([z_t[plain], z_t]), torch.cat([t_hi[plain], t_hi]),
                 torch.cat([context[plain], uncond]), self.config.fps,
             )
@@ -366,7 +369,7 @@ class TeacherPass:
         if moving.numel():
             prior = compute_motion_prior(
                 self.unet, z0[moving], grid_index[moving.cpu()].to(self.device), noise[moving], context[moving],
-                alphas_cumprod=self.alphas_cumprod, fps=self.config.fps,
+                alphas_cumprod=self.alphas_cumprod, fps=self.config.fps, teacher=self.teacher,
             )
             eps_cond[moving] = prior["eps_cond"].to(z_t.dtype)
             score[moving] = prior["score"].to(z_t.dtype)
@@ -427,7 +430,10 @@ def preprocess(
     )
     written = motion_clips = skipped = 0
     started = time.perf_counter()
-    writer = CacheWriter(cache_dir, config.shard_size, STORAGE_DTYPES[config.storage_dtype], config.content(), rank, world)
+    content = config.content()
+    if models is not None:
+        content[MODELS_HANDED_IN_KEY] = True
+    writer = CacheWriter(cache_dir, config.shard_size, STORAGE_DTYPES[config.storage_dtype], content, rank, world)
     try:
         with writer, _teacher_mode(unet, config.kernels == "on"):
             for batch in loader:

@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from t2v_turbo.models.text_encoder import MiniLMTextEncoder, PromptCache
 from t2v_turbo.models.vae import VideoVAE
 from t2v_turbo.models.vc2_unet import VC2UNet
 from t2v_turbo.rewards.toy import ToyImageReward, ToyVideoReward
+from t2v_turbo.train import ema_update
 
 WORLD = WorldConfig(num_frames=8, size=32)
 WORLD_FPS = 8
@@ -72,14 +72,14 @@ class PretrainConfig:
     output_dir: str = "world-pretrain"
     seed: int = 0
     pool_size: int = 4096
-    vae_steps: int = 1500
-    vae_batch: int = 32
+    vae_steps: int = 800
+    vae_batch: int = 16
     vae_lr: float = 1e-3
-    teacher_steps: int = 4000
-    teacher_batch: int = 16
+    teacher_steps: int = 2500
+    teacher_batch: int = 8
     teacher_lr: float = 5e-4
     ema_decay: float = 0.999
-    reward_steps: int = 1000
+    reward_steps: int = 400
     reward_batch: int = 64
     reward_lr: float = 1e-3
     threads: int = 0
@@ -137,12 +137,6 @@ def pretrain_vae(frames: Tensor, config: PretrainConfig, generator: torch.Genera
     return vae, {"vae_reconstruction_mse": recon_mse, "vae_scaling_factor": 1.0 / latent_std}
 
 
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for target, source in zip(ema.parameters(), model.parameters()):
-            target.lerp_(source, 1.0 - decay)
-
-
 def pretrain_teacher(
     latents: Tensor, contexts: Tensor, empty_context: Tensor, config: PretrainConfig, generator: torch.Generator
 ) -> tuple[VC2UNet, dict]:
@@ -172,7 +166,7 @@ def pretrain_teacher(
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        _ema_update(ema, unet, config.ema_decay)
+        ema_update(ema, unet, config.ema_decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         _log(progress, loss=running)
     _zero_student_conditioning(ema)
@@ -271,7 +265,7 @@ def pretrain(config: PretrainConfig) -> Path:
     image_model.save_pretrained(output / REWARD_DIRS["image"])
     video_model.save_pretrained(output / REWARD_DIRS["video"])
     recipe = {
-        "command": "t2v-turbo pretrain " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "t2v-turbo pretrain",
+        "command": command_line(config),
         "config": asdict(config),
         "world": asdict(WORLD),
         "torch": torch.__version__,
@@ -280,6 +274,17 @@ def pretrain(config: PretrainConfig) -> Path:
     }
     (output / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     return output
+
+
+def command_line(config: PretrainConfig) -> str:
+    """The `t2v-turbo pretrain` invocation that reproduces `config`."""
+    defaults = asdict(PretrainConfig())
+    flags = [
+        f"--{name.replace('_', '-')} {value}" if not isinstance(value, bool) else f"--{'' if value else 'no-'}{name.replace('_', '-')}"
+        for name, value in asdict(config).items()
+        if value != defaults[name] and name != "progress"
+    ]
+    return " ".join(["t2v-turbo pretrain", *flags])
 
 
 def _chunks(items: list, size: int) -> list[list]:

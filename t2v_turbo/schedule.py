@@ -23,6 +23,15 @@ def alphas_cumprod(dtype: torch.dtype = torch.float32, device: torch.device | st
     return torch.cumprod(1.0 - betas, dim=0).to(dtype=dtype, device=device)
 
 
+def release_alphas_cumprod(dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+    """The release scheduler's abar table: betas, 1 - betas and the cumulative product all in
+    float32, then cast to `dtype`. It differs from `alphas_cumprod` (built in float64) by up to
+    4.8e-7. The teacher cache's z_t, the motion prior (its golden uses this table) and the
+    training solver that rebuilds x0 from z_t all use this one, so they agree on alpha."""
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).to(dtype=dtype, device=device)
+
+
 def ddim_timesteps() -> torch.Tensor:
     """The 200-step grid: ddim_timesteps[i] = 5 (i + 1) - 1 = 4, 9, ..., 999."""
     return torch.arange(1, DDIM_GRID_STEPS + 1, dtype=torch.int64) * SOLVER_SKIP - 1

@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -46,13 +47,18 @@ from tqdm.auto import tqdm
 
 import turbo_kernels
 from t2v_turbo import schedule
-from t2v_turbo.cache import PREPROCESS_HINT, TeacherCache, collate_samples
-from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
+from t2v_turbo.cache import MODELS_HANDED_IN_KEY, PREPROCESS_HINT, TeacherCache, collate_samples
+from t2v_turbo.models import VC2UNet
 from t2v_turbo.models import checkpoint as unet_checkpoint
-from t2v_turbo.models.checkpoint import _write_atomically
-from turbo_kernels.ops.solver import MOTION_FORMS
+from t2v_turbo.models.adapter import NoisePredictor, is_diffusers_unet3d
+from t2v_turbo.models.checkpoint import write_atomically
+from turbo_kernels import MOTION_FORMS
 
-FPS = 8
+logger = logging.getLogger(__name__)
+
+# The fps conditioning for caches whose config does not record the fps they were made with.
+DEFAULT_FPS = 8
+DIFFUSERS_UNET_CLASS = "UNet3DConditionModel"
 # Motion guidance applies on the noisier half of the 200-step grid (SPEC 3.2).
 MOTION_GRID_START = schedule.DDIM_GRID_STEPS // 2
 PRESETS = ("tiny", "vc2")
@@ -72,7 +78,8 @@ class TrainConfig:
     """Everything a training run reads. Load with `TrainConfig.load(file, overrides)`."""
 
     preset: str = "tiny"
-    teacher: Optional[str] = None  # a save_pretrained UNet directory; None: random init from the preset
+    # A save_pretrained VC2UNet directory or a diffusers UNet3DConditionModel one; None: random init from the preset.
+    teacher: Optional[str] = None
     cache: Optional[str] = None
     data: str = "synthetic"  # what `t2v-turbo preprocess` reads; training reads only the cache
     vae: Optional[str] = None  # for the reward path, when no VAE object is handed to train()
@@ -86,11 +93,11 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    use_8bit_adam: bool = True  # bitsandbytes AdamW8bit when installed and on CUDA
+    use_8bit_adam: bool = True  # bitsandbytes AdamW8bit when installed and on CUDA; else AdamW, with a warning
     grad_clip: float = 1.0
     w_min: float = 5.0
     w_max: float = 15.0
-    motion_strength: float = 0.05
+    motion_strength: float = 0.05  # must be 0 for a student without motion conditioning (a diffusers UNet)
     motion_form: str = "release"
     huber_c: float = 1e-3
     loss: str = "huber"
@@ -321,24 +328,26 @@ class StepOutput:
 
 def distillation_loss(
     student: nn.Module, target_net: nn.Module, batch: Mapping[str, Tensor], w: Tensor, m: Tensor,
-    alphas_cumprod: Tensor, config: TrainConfig,
+    alphas_cumprod: Tensor, config: TrainConfig, fps: int | Tensor = DEFAULT_FPS,
 ) -> StepOutput:
-    """L_CD of SPEC 3.3-3.6 for a batch of cached samples (tensors on the model's device)."""
+    """L_CD of SPEC 3.3-3.6 for a batch of cached samples (tensors on the model's device).
+    student and target_net: VC2UNets or diffusers UNet3DConditionModels (possibly wrapped by
+    DDP / peft), called through NoisePredictor; fps: the fps conditioning the cache was made with."""
     z_t = batch["z_t"].float()
     context = batch["context"].float()
     t_hi, t_lo = schedule.solver_timesteps(batch["grid_index"].cpu())
     t_hi, t_lo = t_hi.to(z_t.device), t_lo.to(z_t.device)
-    w_emb, m_emb = guidance_embedding(w).to(z_t.device), motion_embedding(m).to(z_t.device)
+    w, m = w.to(z_t.device), m.to(z_t.device)
 
     # The UNet returns a (B, F, C, h, w)-ordered view; the solver kernels stream one shared layout.
-    eps_theta = student(z_t, t_hi, context, FPS, w_emb, m_emb).float().contiguous()
+    eps_theta = NoisePredictor(student)(z_t, t_hi, context, fps, guidance=w, motion=m).float().contiguous()
     f_theta = turbo_kernels.consistency_output(z_t, eps_theta, t_hi, alphas_cumprod)
     with torch.no_grad():
         z_lo, _ = turbo_kernels.guided_solver_step(
             z_t, batch["eps_cond"].float(), batch["eps_uncond"].float(), t_hi, t_lo, w, alphas_cumprod,
             score=batch["score"].float(), motion_scale=m, motion_form=config.motion_form,
         )
-        eps_target = target_net(z_lo, t_lo, context, FPS, w_emb, m_emb).float().contiguous()
+        eps_target = NoisePredictor(target_net)(z_lo, t_lo, context, fps, guidance=w, motion=m).float().contiguous()
         target = turbo_kernels.consistency_output(z_lo, eps_target, t_lo, alphas_cumprod)
     if config.loss == "huber":
         loss = turbo_kernels.pseudo_huber_loss(f_theta, target, config.huber_c)
@@ -350,13 +359,27 @@ def distillation_loss(
 # ---- model setup ------------------------------------------------------------------------------
 
 
-def build_student(config: TrainConfig) -> VC2UNet:
-    """The student in float32 (master weights): the teacher's weights, or a seeded random init."""
+def is_diffusers_unet_dir(directory: str | os.PathLike) -> bool:
+    """Whether a model directory's config.json was written by diffusers' UNet3DConditionModel.save_pretrained."""
+    config_path = Path(directory) / unet_checkpoint.CONFIG_NAME
+    if not config_path.is_file():
+        return False
+    return json.loads(config_path.read_text()).get("_class_name") == DIFFUSERS_UNET_CLASS
+
+
+def build_student(config: TrainConfig) -> nn.Module:
+    """The student in float32 (master weights): the teacher's weights (a VC2UNet directory or a
+    diffusers UNet3DConditionModel one, told apart by its config.json), or a seeded random init."""
     use_kernels = config.kernels == "on"
     if config.teacher is not None:
         if not (Path(config.teacher) / unet_checkpoint.CONFIG_NAME).is_file():
             raise FileNotFoundError(f"teacher {config.teacher} is not a save_pretrained UNet directory")
-        student = unet_checkpoint.from_pretrained(config.teacher, use_kernels=use_kernels)
+        if is_diffusers_unet_dir(config.teacher):
+            from diffusers import UNet3DConditionModel
+
+            student = UNet3DConditionModel.from_pretrained(config.teacher)
+        else:
+            student = unet_checkpoint.from_pretrained(config.teacher, use_kernels=use_kernels)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -367,7 +390,7 @@ def build_student(config: TrainConfig) -> VC2UNet:
     return student.float().train()
 
 
-def apply_lora(student: VC2UNet, rank: int) -> nn.Module:
+def apply_lora(student: nn.Module, rank: int) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
@@ -381,14 +404,22 @@ def _make_optimizer(parameters, config: TrainConfig, device: torch.device) -> to
         lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
         eps=config.adam_epsilon,
     )
-    if config.use_8bit_adam and device.type == "cuda":
-        try:
-            import bitsandbytes
-        except ImportError:
-            pass
+    if config.use_8bit_adam:
+        if device.type != "cuda":
+            _warn_once(f"use_8bit_adam is set but the device is {device.type}, not CUDA: using torch.optim.AdamW")
         else:
-            return bitsandbytes.optim.AdamW8bit(parameters, **kwargs)
+            try:
+                import bitsandbytes
+            except ImportError:
+                _warn_once("use_8bit_adam is set but bitsandbytes is not installed: using torch.optim.AdamW")
+            else:
+                return bitsandbytes.optim.AdamW8bit(parameters, **kwargs)
     return torch.optim.AdamW(parameters, **kwargs)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def _warmup_factor(warmup_steps: int, step: int) -> float:
@@ -489,17 +520,21 @@ class _Trainer:
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.device = self.accelerator.device
+        if isinstance(reward, nn.Module):
+            reward.to(self.device)
         # Dropout and other global draws differ per process; data order and w do not (see module doc).
         seed_all(config.seed + self.rank)
 
         if config.cache is None:
             raise ValueError(f"config.cache is not set: training reads a teacher cache; {PREPROCESS_HINT}")
         self.dataset = TeacherCache(config.cache)
+        check_cache_teacher(self.dataset.config, config)
+        self.fps = int(self.dataset.config.get("fps", DEFAULT_FPS))
         self.lora = config.lora_rank > 0
         if self.lora and config.ema_decay is not None:
             raise ValueError("ema_decay is not supported with lora_rank > 0 (the EMA target is a full network)")
         student = build_student(config)
-        self._check_cache_fits(student)
+        self._check_student_fits(NoisePredictor(student))
         self.vae = self._reward_vae(vae)
         self.ema = None
         if config.ema_decay is not None:
@@ -516,12 +551,21 @@ class _Trainer:
         self.scheduler = scheduler
         if self.ema is not None:
             self.ema.to(self.device)
-        self.alphas_cumprod = schedule.alphas_cumprod(device=self.device)
+        # The table preprocess built z_t with, so x0 is rebuilt from z_t with the same alpha.
+        self.alphas_cumprod = schedule.release_alphas_cumprod(torch.float32, self.device)
         self.step = 0
 
-    def _check_cache_fits(self, student: VC2UNet) -> None:
+    def _check_student_fits(self, student: NoisePredictor) -> None:
+        if not student.accepts_guidance:
+            raise ValueError(f"the student ({type(student.network).__name__}) has no time_cond_proj_dim: it cannot "
+                             "take the guidance embedding that consistency distillation conditions on")
+        if not student.accepts_motion and self.config.motion_strength != 0:
+            raise ValueError(
+                f"motion_strength is {self.config.motion_strength}, but the student ({type(student.network).__name__}) "
+                "has no motion conditioning: set motion_strength=0"
+            )
         sample = self.dataset[0]
-        channels, context_dim = student.config["in_channels"], student.config["context_dim"]
+        channels, context_dim = student.in_channels, student.context_dim
         if sample["z_t"].shape[0] != channels or sample["context"].shape[-1] != context_dim:
             raise ValueError(
                 f"cache {self.config.cache} holds latents with {sample['z_t'].shape[0]} channels and context width "
@@ -545,9 +589,10 @@ class _Trainer:
 
     # -- checkpoints --
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, rng_state: tuple[dict[str, Tensor], dict[str, str]] | None = None) -> Path:
         """checkpoint-{step:06d}: weights (safetensors), optimizer and scheduler (torch.save, read
-        back with weights_only=True), every process's RNG states, the data position."""
+        back with weights_only=True), every process's RNG states (`rng_state`, an `_rng_state()`
+        snapshot, instead of the current ones when given), the data position."""
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         temporary = self.output_dir / f".{final.name}.tmp"
         accelerator = self.accelerator
@@ -555,7 +600,7 @@ class _Trainer:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        rng_tensors, rng_metadata = _rng_state()
+        rng_tensors, rng_metadata = _rng_state() if rng_state is None else rng_state
         save_file(rng_tensors, str(temporary / f"rng-p{self.rank}.safetensors"), metadata=rng_metadata)
         weights = _trainable_state(self.unwrapped, True) if self.lora else accelerator.get_state_dict(self.model)
         if accelerator.is_main_process:
@@ -627,11 +672,13 @@ class _Trainer:
                     started = time.perf_counter()
                     if self.device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(self.device)
+                    # A failed step has drawn from the RNGs (dropout): its checkpoint keeps them as before it.
+                    rng_before_step = _rng_state()
                     try:
                         metrics = self.train_step(batch)
                     except NonFiniteLossError as error:
                         if last_checkpoint is None or _checkpoint_step(last_checkpoint) != self.step:
-                            last_checkpoint = self.save_checkpoint()
+                            last_checkpoint = self.save_checkpoint(rng_before_step)
                         raise NonFiniteLossError(f"{error}; the last good state is in {last_checkpoint}") from None
                     self.step += 1
                     metrics["step_time"] = time.perf_counter() - started
@@ -653,7 +700,10 @@ class _Trainer:
             final = self.unwrapped
             if self.lora:
                 final = copy.deepcopy(final).merge_and_unload()
-            unet_checkpoint.save_pretrained(final, student_dir)
+            if is_diffusers_unet3d(final):
+                final.save_pretrained(student_dir)
+            else:
+                unet_checkpoint.save_pretrained(final, student_dir)
         accelerator.wait_for_everyone()
         return TrainResult(self.step, losses, student_dir, last_checkpoint, logger.path, logger.history)
 
@@ -667,7 +717,7 @@ class _Trainer:
         target_net = self.ema if self.ema is not None else self.unwrapped
         terms: dict[str, Tensor] = {}
         with accelerator.autocast():
-            out = distillation_loss(self.model, target_net, tensors, w, m, self.alphas_cumprod, config)
+            out = distillation_loss(self.model, target_net, tensors, w, m, self.alphas_cumprod, config, self.fps)
             terms["loss_cd"] = out.loss_cd
             total = out.loss_cd
             if self.reward is not None:
@@ -686,7 +736,7 @@ class _Trainer:
         self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
-            _ema_update(self.ema, self.unwrapped, config.ema_decay)
+            ema_update(self.ema, self.unwrapped, config.ema_decay)
         metrics = {name: float(value) for name, value in reduced.items()}
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
@@ -707,7 +757,8 @@ class _Trainer:
         return total.float(), scores
 
 
-def _ema_update(ema: nn.Module, online: nn.Module, decay: float) -> None:
+def ema_update(ema: nn.Module, online: nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·online, parameter by parameter, in place."""
     with torch.no_grad():
         for target, source in zip(ema.parameters(), online.parameters()):
             target.lerp_(source.detach(), 1.0 - decay)
@@ -748,7 +799,7 @@ class _MetricsLogger:
                 writer.writeheader()
                 writer.writerows(rows)
 
-        _write_atomically(self.path, write)
+        write_atomically(self.path, write)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **metrics}
@@ -769,6 +820,22 @@ class _MetricsLogger:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def check_cache_teacher(cache_config: Mapping[str, Any], config: TrainConfig) -> None:
+    """A cache made from a seeded random preset teacher must be trained with that same teacher
+    (no teacher directory, the same preset and seed), or the student would be distilled from an
+    unrelated network's outputs. Caches from a model directory, from handed-in models or without
+    these fields (older caches) are not checked."""
+    preset, seed = cache_config.get("preset"), cache_config.get("seed")
+    if preset is None or seed is None or cache_config.get(MODELS_HANDED_IN_KEY):
+        return
+    if config.teacher is not None or config.preset != preset or config.seed != seed:
+        raise ValueError(
+            f"cache {config.cache} was made by the random {preset!r} preset teacher with seed {seed}, but training "
+            f"builds its student from teacher={config.teacher!r}, preset={config.preset!r}, seed={config.seed}: "
+            f"set teacher=None, preset={preset!r} and seed={seed}"
+        )
 
 
 def seed_all(seed: int) -> None:

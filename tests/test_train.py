@@ -16,8 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 import turbo_kernels
+from t2v_turbo import motion as motion_module
 from t2v_turbo import train as train_module
 from t2v_turbo import schedule
+from t2v_turbo.models import adapter
 from t2v_turbo.cache import CacheWriter
 from t2v_turbo.commands.train import add_train_command
 from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
@@ -50,11 +52,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def write_cache(directory: Path, num_samples: int = NUM_SAMPLES, seed: int = 0, dtype=torch.float16) -> Path:
+def write_cache(
+    directory: Path, num_samples: int = NUM_SAMPLES, seed: int = 0, dtype=torch.float16, producing_config=None
+) -> Path:
     g = torch.Generator().manual_seed(seed)
     grid = (GRID_INDEX * num_samples)[:num_samples]
     motion = (USE_MOTION * num_samples)[:num_samples]
-    with CacheWriter(directory, shard_size=3, dtype=dtype) as writer:
+    with CacheWriter(directory, shard_size=3, dtype=dtype, config=producing_config) as writer:
         writer.add({
             "z_t": torch.randn(num_samples, *LATENT, generator=g),
             "eps_cond": torch.randn(num_samples, *LATENT, generator=g),
@@ -254,6 +258,67 @@ def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(assets, tmp_pat
     saved = load_file(str(tmp_path / "nan" / "checkpoint-000002" / "model.safetensors"))
     final = load_file(str(good.student_dir / "model.safetensors"))
     assert all(torch.equal(saved[k], final[k]) for k in final)
+
+
+def test_nan_stop_checkpoint_holds_the_rng_from_before_the_failed_step(assets, tmp_path):
+    # Dropout (0.1) draws from the global RNG in every step, the failed one included.
+    with pytest.raises(NonFiniteLossError):
+        train(config(assets, tmp_path / "nan", max_steps=4), reward=ToyReward(nan_at=3), vae=LatentPreview())
+    train(config(assets, tmp_path / "good", max_steps=2, checkpoint_every=2), reward=ToyReward(), vae=LatentPreview())
+    saved = load_file(str(tmp_path / "nan" / "checkpoint-000002" / "rng-p0.safetensors"))
+    good = load_file(str(tmp_path / "good" / "checkpoint-000002" / "rng-p0.safetensors"))
+    assert saved.keys() == good.keys() and all(torch.equal(saved[k], good[k]) for k in good)
+    straight = train(config(assets, tmp_path / "straight", max_steps=3), reward=ToyReward(), vae=LatentPreview())
+    resumed = train(
+        config(assets, tmp_path / "nan", max_steps=3, resume="latest"), reward=ToyReward(), vae=LatentPreview()
+    )
+    assert resumed.losses == straight.losses[2:]
+
+
+def test_fps_comes_from_the_cache_config(assets, tmp_path, monkeypatch):
+    cache = write_cache(tmp_path / "cache", producing_config={"fps": 4, "num_frames": 2})
+    seen = []
+    original = adapter.NoisePredictor.__call__
+
+    def recording(self, x, t, context, fps=8, guidance=None, motion=None):
+        seen.append(fps)
+        return original(self, x, t, context, fps, guidance=guidance, motion=motion)
+
+    monkeypatch.setattr(adapter.NoisePredictor, "__call__", recording)
+    train(config(assets, tmp_path / "run", cache=str(cache), max_steps=1))
+    assert seen == [4, 4]  # the student and its self-target
+
+
+def test_a_preset_cache_refuses_another_teacher(assets, tmp_path):
+    cache = write_cache(tmp_path / "cache", producing_config={"preset": "tiny", "seed": 7, "model": None})
+    with pytest.raises(ValueError, match="random 'tiny' preset teacher with seed 7"):
+        train(config(assets, tmp_path / "run", cache=str(cache), max_steps=1))
+    produced = {"preset": "tiny", "seed": 7}
+    train_module.check_cache_teacher(produced, TrainConfig(preset="tiny", seed=7))
+    with pytest.raises(ValueError, match="set teacher=None, preset='tiny' and seed=7"):
+        train_module.check_cache_teacher(produced, TrainConfig(preset="tiny", seed=8))
+    train_module.check_cache_teacher({**produced, "models_handed_in": True}, TrainConfig(seed=8))
+    train_module.check_cache_teacher({}, TrainConfig(seed=8))  # an older cache without these fields
+
+
+def test_training_solver_uses_the_release_table():
+    assert motion_module.release_alphas_cumprod is schedule.release_alphas_cumprod
+    release = schedule.release_alphas_cumprod(torch.float64)
+    # The float32-built table, within float32 rounding of the float64 maths.
+    assert 0 < float((release - schedule.alphas_cumprod(torch.float64)).abs().max()) < 1e-6
+
+
+def test_8bit_adam_without_cuda_warns_once(caplog):
+    train_module._warn_once.cache_clear()
+    cfg = TrainConfig(use_8bit_adam=True)
+    parameters = [torch.nn.Parameter(torch.zeros(2))]
+    with caplog.at_level("WARNING", logger="t2v_turbo.train"):
+        first = train_module._make_optimizer(parameters, cfg, torch.device("cpu"))
+        train_module._make_optimizer(parameters, cfg, torch.device("cpu"))
+    assert isinstance(first, torch.optim.AdamW)
+    assert [r.getMessage() for r in caplog.records].count(
+        "use_8bit_adam is set but the device is cpu, not CUDA: using torch.optim.AdamW"
+    ) == 1
 
 
 def test_lora_trains_adapters_and_saves_a_merged_student(assets, tmp_path):

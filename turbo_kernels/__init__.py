@@ -21,7 +21,9 @@ from turbo_kernels.reference.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPEN
 from turbo_kernels.ops.spatial import spatial_attention
 from turbo_kernels.patching import patch, unpatch
 from turbo_kernels.temporal_block import FusedTemporalTransformer
+from turbo_kernels.checks import value_checks_enabled
 from turbo_kernels.ops.solver import (
+    MOTION_FORMS,
     consistency_output,
     consistency_sampler_step,
     guided_solver_step,
@@ -35,6 +37,7 @@ __all__ = [
     "FusedTemporalTransformer",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MOTION_FORMS",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "PreprocessSpec",
@@ -54,4 +57,5 @@ __all__ = [
     "temporal_attention",
     "temporal_attention_probs",
     "unpatch",
+    "value_checks_enabled",
 ]

@@ -2,6 +2,8 @@
 
 The configuration is a YAML or TOML file (TrainConfig's fields), then the named flags, then
 `key=value` overrides, later ones winning. Run it under `accelerate launch` for several processes.
+Reward flags (--hps, --clip, --toy-image-reward, --video-reward) add the reward mixture on
+VAE-decoded frames (--vae), weighted by the config's image_reward_weight and video_reward_weight.
 """
 
 from __future__ import annotations
@@ -9,8 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from t2v_turbo.cache import MANIFEST_NAME
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from t2v_turbo.rewards import RewardMixture
+    from t2v_turbo.train import TrainConfig
 
 # Named flags and the TrainConfig field each one sets.
 FLAG_FIELDS = {
@@ -22,12 +31,54 @@ FLAG_FIELDS = {
     "resume": "resume",
     "seed": "seed",
     "kernels": "kernels",
+    "vae": "vae",
 }
+REWARD_FLAGS = ("hps", "clip", "toy_image_reward", "video_reward")
+REWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _has_manifest(cache: str) -> bool:
     directory = Path(cache)
     return directory.is_dir() and any(directory.glob("manifest*.json"))
+
+
+def _error_text(error: Exception) -> str:
+    # A KeyError's str() is the repr of its message.
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+
+
+def _load_rewards(args: argparse.Namespace, config: TrainConfig) -> tuple[RewardMixture | None, nn.Module | None]:
+    """(mixture, VAE) for the reward flags, or (None, None) when none is given; the reward models
+    are placed on this process's device (train() moves the VAE there)."""
+    if not any(getattr(args, flag) is not None for flag in REWARD_FLAGS):
+        return None, None
+    import torch
+    from accelerate import PartialState
+
+    from t2v_turbo.models.vae import load_vae
+    from t2v_turbo.rewards.loading import build_reward_mixture
+
+    if config.vae is None:
+        raise ValueError(
+            "rewards score VAE-decoded frames: give --vae DIR (a VAE save_pretrained directory) or set vae in the config"
+        )
+    mixture = build_reward_mixture(
+        hps=args.hps, clip=args.clip, video=args.video_reward, toy_image=args.toy_image_reward,
+        image_weight=config.image_reward_weight, video_weight=config.video_reward_weight,
+        dtype=None if args.reward_dtype == "auto" else getattr(torch, args.reward_dtype),
+        device=PartialState(cpu=config.cpu).device, gradient_checkpointing=config.gradient_checkpointing,
+    )
+    vae = load_vae(config.vae, gradient_checkpointing=config.gradient_checkpointing)
+    return mixture, vae
+
+
+def _describe(mixture: RewardMixture) -> str:
+    entries = ", ".join(
+        f"{entry.name} ({type(entry.model).__name__}) weight {entry.weight:.4g}" for entry in mixture.entries
+    )
+    model = mixture.models[0]
+    parameter = next(model.parameters())
+    return f"rewards: {entries}; {parameter.dtype} on {parameter.device}"
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -49,7 +100,13 @@ def run_train(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        result = train(config)
+        reward, vae = _load_rewards(args, config)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as error:
+        print(f"t2v-turbo train: error: {_error_text(error)}", file=sys.stderr)
+        return 2
+    print(_describe(reward) if reward is not None else "rewards: none (consistency distillation only)")
+    try:
+        result = train(config, reward=reward, vae=vae)
     except NonFiniteLossError as error:
         print(f"t2v-turbo train: stopped: {error}", file=sys.stderr)
         return 1
@@ -64,7 +121,8 @@ def add_train_command(subparsers) -> None:
         help="distil the T2V-Turbo-v2 student from a teacher cache (consistency distillation + rewards)",
         description="Consistency distillation of the student UNet from a teacher cache written by "
         "`t2v-turbo preprocess`. Settings come from --config (YAML/TOML, the fields of "
-        "t2v_turbo.train.TrainConfig), then the flags below, then key=value overrides. "
+        "t2v_turbo.train.TrainConfig), then the flags below, then key=value overrides. Reward flags add "
+        "the reward mixture on VAE-decoded frames (needs --vae). "
         "Use `accelerate launch` for several processes or GPUs.",
     )
     parser.add_argument("--config", default=None, help="YAML or TOML file of TrainConfig fields")
@@ -76,5 +134,18 @@ def add_train_command(subparsers) -> None:
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     parser.add_argument("--seed", type=int, default=None, help="seed of the data order, w draws and dropout")
     parser.add_argument("--kernels", choices=("on", "off"), default=None, help="turbo_kernels ops (on) or plain PyTorch (off)")
+    parser.add_argument("--vae", default=None, help="VAE directory (save_pretrained) decoding frames for the rewards")
+    parser.add_argument("--hps", default=None, metavar="PATH", help="HPSv2.1 weights (OpenCLIP ViT-H-14 file)")
+    parser.add_argument("--clip", default=None, metavar="PATH", help="CLIP-H weights (OpenCLIP ViT-H-14 file)")
+    parser.add_argument(
+        "--video-reward", default=None, metavar="KIND:PATH",
+        help="internvideo2:PATH[:VOCAB] (VOCAB: the BERT vocab.txt or its directory; default beside PATH), "
+        "viclip:PATH or toy:DIR",
+    )
+    parser.add_argument("--toy-image-reward", default=None, metavar="DIR", help="the toy world's image reward directory")
+    parser.add_argument(
+        "--reward-dtype", choices=REWARD_DTYPES, default="auto",
+        help="dtype of the reward models (auto: bfloat16 on CUDA, float32 on the CPU)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any other TrainConfig field, e.g. lr=2e-5")
     parser.set_defaults(handler=run_train)

@@ -9,6 +9,10 @@
   input and no motion conditioning.
 
 `guidance=None` leaves `timestep_cond` out: the teacher path.
+
+A model wrapped for training (accelerate/DDP's `.module`, peft's `get_base_model()`) is called
+through its wrapper, so gradient synchronisation and adapters stay in the forward; the wrapped
+network decides the convention.
 """
 
 from __future__ import annotations
@@ -45,29 +49,52 @@ def _strengths(values: Strength, name: str, batch: int, device: torch.device) ->
     return values
 
 
+def is_diffusers_unet3d(model: object) -> bool:
+    """Whether `model` is a diffusers UNet3DConditionModel (False when diffusers is not installed)."""
+    diffusers_class = _diffusers_unet3d_class()
+    return diffusers_class is not None and isinstance(model, diffusers_class)
+
+
+def _wrapped_network(model: nn.Module) -> nn.Module:
+    """The VC2UNet or UNet3DConditionModel inside DDP / accelerate (`.module`) and peft
+    (`get_base_model()`) wrappers; `model` itself when it is one."""
+    network = model
+    while not (isinstance(network, VC2UNet) or is_diffusers_unet3d(network)):
+        if callable(getattr(network, "get_base_model", None)):
+            network = network.get_base_model()
+        elif isinstance(getattr(network, "module", None), nn.Module):
+            network = network.module
+        else:
+            raise TypeError(
+                f"model must be a VC2UNet or a diffusers UNet3DConditionModel (or one wrapped by DDP, accelerate "
+                f"or peft), got {type(model).__name__}"
+            )
+    return network
+
+
 class NoisePredictor:
     """eps = predictor(x (B, C, F, H, W), t, context (B, L, D), fps, guidance=w, motion=m).
 
     x and context are cast to the model's dtype; eps comes back in it. t is an int or a (B,) tensor.
+    `model` may be a training wrapper around either network: it is what gets called.
     """
 
     def __init__(self, model: nn.Module):
-        diffusers_class = _diffusers_unet3d_class()
-        if isinstance(model, VC2UNet):
+        network = _wrapped_network(model)
+        if isinstance(network, VC2UNet):
             self.kind = "vc2"
-            self._guidance_dim = model.config["time_cond_proj_dim"]
-            self._has_motion = model.config["motion_cond_proj_dim"] is not None
-            self._in_channels = model.config["in_channels"]
-        elif diffusers_class is not None and isinstance(model, diffusers_class):
-            self.kind = "diffusers"
-            self._guidance_dim = model.config.time_cond_proj_dim
-            self._has_motion = False
-            self._in_channels = model.config.in_channels
+            self._guidance_dim = network.config["time_cond_proj_dim"]
+            self._has_motion = network.config["motion_cond_proj_dim"] is not None
+            self._in_channels = network.config["in_channels"]
+            self._context_dim = network.config["context_dim"]
         else:
-            raise TypeError(
-                f"model must be a VC2UNet or a diffusers UNet3DConditionModel, got {type(model).__name__}"
-            )
+            self.kind = "diffusers"
+            self._guidance_dim = network.config.time_cond_proj_dim
+            self._has_motion = False
+            self._in_channels = network.config.in_channels
+            self._context_dim = network.config.cross_attention_dim
         self.model = model
+        self.network = network
 
     @property
     def accepts_guidance(self) -> bool:
@@ -80,6 +107,10 @@ class NoisePredictor:
     @property
     def in_channels(self) -> int:
         return self._in_channels
+
+    @property
+    def context_dim(self) -> int:
+        return self._context_dim
 
     @property
     def dtype(self) -> torch.dtype:
@@ -104,10 +135,10 @@ class NoisePredictor:
         w = _strengths(guidance, "guidance", batch, device)
         m = _strengths(motion, "motion", batch, device)
         if w is not None and not self.accepts_guidance:
-            raise ValueError(f"guidance was given but this {type(self.model).__name__} has no time_cond_proj_dim")
+            raise ValueError(f"guidance was given but this {type(self.network).__name__} has no time_cond_proj_dim")
         if m is not None and not self.accepts_motion:
             if bool((m != 0).any()):
-                raise ValueError(f"motion was given but this {type(self.model).__name__} has no motion conditioning")
+                raise ValueError(f"motion was given but this {type(self.network).__name__} has no motion conditioning")
             m = None
         if m is not None and w is None:
             raise ValueError("motion needs guidance: the model mixes the two embeddings")

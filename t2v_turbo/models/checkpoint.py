@@ -63,7 +63,7 @@ def load_checkpoint(model: VC2UNet, path: str | os.PathLike) -> VC2UNet:
     return model
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """write(temporary path) in path's directory, then moves the result onto path."""
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(descriptor)
@@ -81,7 +81,7 @@ def save_state_dict_file(state: Mapping[str, Tensor], path: str | os.PathLike) -
     if path.suffix != SAFETENSORS_SUFFIX:
         raise ValueError(f"{path}: the output must be a {SAFETENSORS_SUFFIX} file")
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    _write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata={"format": "pt"}))
+    write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata={"format": "pt"}))
 
 
 def save_pretrained(model: VC2UNet, directory: str | os.PathLike) -> None:
@@ -89,7 +89,7 @@ def save_pretrained(model: VC2UNet, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = json.dumps(model.config, indent=2) + "\n"
-    _write_atomically(directory / CONFIG_NAME, lambda temporary: temporary.write_text(config))
+    write_atomically(directory / CONFIG_NAME, lambda temporary: temporary.write_text(config))
     save_state_dict_file(model.state_dict(), directory / WEIGHTS_NAME)
 
 

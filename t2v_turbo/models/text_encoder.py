@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from t2v_turbo.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _write_atomically, save_state_dict_file
+from t2v_turbo.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, write_atomically, save_state_dict_file
 from t2v_turbo.models.vae import read_checkpoint
 
 # VideoCrafter2's FrozenOpenCLIPEmbedder keeps the open_clip model under this prefix.
@@ -70,7 +70,7 @@ def _module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 def _write_config(directory: Path, config: Mapping[str, Any]) -> None:
     text = json.dumps(dict(config), indent=2) + "\n"
-    _write_atomically(directory / CONFIG_NAME, lambda temporary: temporary.write_text(text))
+    write_atomically(directory / CONFIG_NAME, lambda temporary: temporary.write_text(text))
 
 
 class OpenCLIPTextEncoder(nn.Module):
@@ -285,7 +285,7 @@ class PromptCache:
         prompts = list(self._embeddings)
         tensors = {CACHE_EMBEDDINGS_KEY: torch.stack([self._embeddings[prompt] for prompt in prompts]).contiguous()}
         metadata = {CACHE_PROMPTS_KEY: json.dumps(prompts)}
-        _write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+        write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
     def load(self, path: str | os.PathLike) -> None:
         """Adds the embeddings that save() wrote; they must have the shape of this encoder's outputs."""

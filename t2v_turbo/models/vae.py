@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from t2v_turbo.models.checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, _write_atomically
+from t2v_turbo.models.checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, write_atomically
 from t2v_turbo.schedule import VAE_SCALE_FACTOR
 
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -397,7 +397,7 @@ class PixelSpace(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = json.dumps({"kind": PIXEL_KIND}, indent=2) + "\n"
-        _write_atomically(directory / CONFIG_NAME, lambda temporary: temporary.write_text(config))
+        write_atomically(directory / CONFIG_NAME, lambda temporary: temporary.write_text(config))
 
 
 def load_vae(directory: str | os.PathLike, gradient_checkpointing: bool = False) -> VideoVAE | PixelSpace:

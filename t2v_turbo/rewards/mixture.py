@@ -32,8 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from t2v_turbo.rewards import image_text
 from t2v_turbo.rewards.base import KINDS, RewardModel
-from turbo_kernels import checks
-from turbo_kernels import PreprocessSpec, reward_preprocess
+from turbo_kernels import PreprocessSpec, reward_preprocess, value_checks_enabled
 
 __all__ = [
     "RELEASE_IMAGE_WEIGHT",
@@ -50,6 +49,18 @@ CAPTION_KINDS = ("short", "dense")
 RELEASE_IMAGE_WEIGHT = 0.2
 RELEASE_VIDEO_WEIGHT = 0.5 * 2 / 6
 RELEASE_IMAGE_FRAMES = 2
+
+
+def _check_positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_floating_tensor(value: object, name: str) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
 
 
 @dataclass
@@ -107,7 +118,7 @@ class RewardEntry:
             count = self.num_frames
         if self.num_frames is not None and self.num_frames != count:
             raise ValueError(f"RewardEntry {self.name!r}: num_frames={self.num_frames} but frames lists {count} frames")
-        checks.positive_int(count, f"RewardEntry {self.name!r} num_frames")
+        _check_positive_int(count, f"RewardEntry {self.name!r} num_frames")
         if self.model.kind == "video" and count != self.model.num_frames:
             raise ValueError(
                 f"RewardEntry {self.name!r}: the video model scores clips of {self.model.num_frames} frames, "
@@ -237,7 +248,7 @@ class RewardMixture(nn.Module):
         """Draws this step's frames of a `num_frames`-frame clip for every entry (entries with the
         same rule share a draw; random draws use `generator`) and returns their sorted union, the
         frames to decode. `forward` then scores exactly these selections."""
-        checks.positive_int(num_frames, "num_frames")
+        _check_positive_int(num_frames, "num_frames")
         draws: dict[tuple, tuple[int, ...]] = {}
         for entry in self.entries:
             if entry.frame_rule not in draws:
@@ -296,7 +307,7 @@ class RewardMixture(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
 
     def _check_inputs(self, frames, frame_indices, captions, short_captions) -> _Selection:
-        checks.floating_tensor(frames, "frames", min_dim=0)
+        _check_floating_tensor(frames, "frames")
         if frames.dim() != 5 or frames.shape[1] != 3:
             raise ValueError(f"frames must be (B, 3, k, H, W) decoded RGB frames, got shape {tuple(frames.shape)}")
         batch = frames.shape[0]
@@ -323,7 +334,7 @@ class RewardMixture(nn.Module):
                 raise TypeError(f"{name} must be a list of strings")
             if len(texts) != batch:
                 raise ValueError(f"{name} holds {len(texts)} prompts for {batch} clips")
-        if checks.value_checks_enabled() and not bool(torch.isfinite(frames).all()):
+        if value_checks_enabled() and not bool(torch.isfinite(frames).all()):
             raise ValueError("frames holds NaN or infinite values")
         return selection
 

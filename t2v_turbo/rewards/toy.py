@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from t2v_turbo.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_state_dict_file
+from t2v_turbo.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_state_dict_file, write_atomically
 from t2v_turbo.rewards.base import RewardModel, l2_normalize
 
 SENTENCE_DIM = 384
@@ -76,7 +76,8 @@ class _ToyReward(RewardModel):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_state_dict_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_NAME)
-        (directory / CONFIG_NAME).write_text(json.dumps({"kind": self.kind, **self.config}, indent=2))
+        text = json.dumps({"kind": self.kind, **self.config}, indent=2) + "\n"
+        write_atomically(directory / CONFIG_NAME, lambda temporary: temporary.write_text(text))
 
 
 class ToyImageReward(_ToyReward):
