@@ -74,6 +74,8 @@ class DemoConfig:
     eval_prompts: int = 8
     teacher_steps: int = 50
     student_steps: int = 4
+    # w in the LCM convention the students are distilled in; the teacher samples with the classic
+    # CFG scale it equals, w + 1 (SPEC 3.1), so both rows aim at the same guided distribution.
     guidance_scale: float = 7.5
     variants: str = "abcd"
     threads: int = 0
@@ -186,7 +188,7 @@ def run_demo(config: DemoConfig) -> Path:
     models_dir = Path(config.models)
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    teacher = T2VTurboPipeline.from_pretrained(models_dir)
+    teacher = T2VTurboPipeline.from_pretrained(models_dir, use_kernels=torch.cuda.is_available())
     image_model, video_model = _reward_models(models_dir)
     timings: dict[str, float] = {}
 
@@ -200,7 +202,9 @@ def run_demo(config: DemoConfig) -> Path:
             num_frames=WORLD.num_frames,
             size=WORLD.frame_shape,
             batch_size=16,
-            dtype="bfloat16" if torch.cuda.is_available() else "float32",
+            # float32 even on a GPU: preprocess casts the models it is handed in place, and these
+            # also sample the teacher row and decode the reward path afterwards.
+            dtype="float32",
             motion_grid_range=tuple(config.motion_grid_range),
             seed=config.seed,
             progress=config.progress,
@@ -241,14 +245,14 @@ def run_demo(config: DemoConfig) -> Path:
     eval_prompts = prompts("heldout", config.eval_prompts, seed=config.seed, config=WORLD)
     scorer = evaluation_mixture(image_model, video_model)
     teacher_out = teacher.sample_teacher(
-        eval_prompts, num_steps=config.teacher_steps, guidance_scale=config.guidance_scale, seed=config.seed,
+        eval_prompts, num_steps=config.teacher_steps, guidance_scale=config.guidance_scale + 1, seed=config.seed,
         progress=config.progress,
     )
     rows: list[tuple[str, dict[str, float]]] = []
     teacher_scores = score_samples(teacher_out.frames, eval_prompts, scorer)
     rows.append(
         (
-            f"teacher (DDIM {config.teacher_steps} steps, CFG {config.guidance_scale})",
+            f"teacher (DDIM {config.teacher_steps} steps, CFG {config.guidance_scale + 1:g})",
             {
                 "sampling_steps": config.teacher_steps,
                 "psnr_vs_teacher": None,
@@ -260,7 +264,10 @@ def run_demo(config: DemoConfig) -> Path:
     samples = {"teacher": teacher_out.frames}
     for name, student_dir in student_dirs.items():
         unet = checkpoint.from_pretrained(student_dir, use_kernels=torch.cuda.is_available())
-        student = T2VTurboPipeline(unet, teacher.vae, teacher.text_encoder, fps=WORLD_FPS, defaults=teacher.defaults)
+        student = T2VTurboPipeline(
+            unet, teacher.vae, teacher.text_encoder, fps=WORLD_FPS, defaults=teacher.defaults,
+            use_kernels=torch.cuda.is_available(),
+        )
         variant = next(v for v in VARIANTS if v.name == name)
         out = student.generate(
             eval_prompts,
@@ -314,7 +321,8 @@ def _report_text(config: DemoConfig, eval_prompts: list[str], table: str, timing
     timing_lines = "\n".join(f"- {name}: {value:.1f} s" for name, value in timings.items())
     return f"""# T2V-Turbo-v2 on the toy world
 
-Teacher: the world's VC2-architecture UNet, {config.teacher_steps}-step DDIM with classifier-free guidance {config.guidance_scale}.
+Teacher: the world's VC2-architecture UNet, {config.teacher_steps}-step DDIM with classifier-free guidance
+{config.guidance_scale + 1:g} (classic scale; the students' w = {config.guidance_scale:g} in the LCM convention is the same guidance).
 Students: 4-step consistency models distilled from it for {config.train_steps} steps of batch {config.batch_size}
 on {config.train_clips} training clips (the same cache and seed for every row).
 
