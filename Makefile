@@ -1,5 +1,5 @@
 # Two entry points set up a fresh machine from nothing (see README):
-#   make run    the main job (for now: the benchmark harness)
+#   make run    the main job: the T2V-Turbo-v2 demo on the toy world (report in demo-report/)
 #   make test   the whole test suite
 # Both create or refresh .venv and install the package there, with the CUDA extension when a
 # CUDA toolkit is present.
@@ -23,7 +23,8 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
-run: bench
+run: $(STAMP)
+	$(VENV)/bin/t2v-turbo demo --output-dir demo-report
 
 bench: $(STAMP)
 	$(VENV)/bin/t2v-turbo bench

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from t2v_turbo.data.world import WorldDataset, parse_caption, prompts
@@ -39,6 +40,10 @@ WORLD_MODELS = Path(__file__).resolve().parent / "assets" / "world"
 TOY_SPEC = PreprocessSpec(
     size=WORLD.frame_shape[0], mode="squash", interpolation="bilinear", antialias=False, mean=(0.5,) * 3, std=(0.5,) * 3
 )
+
+
+GIF_SCALE = 3
+GIF_LABELS = {"a": "(a) CD", "b": "(b) +reward", "c": "(c) +motion", "d": "(d) both"}
 
 
 @dataclass(frozen=True)
@@ -292,9 +297,13 @@ def run_demo(config: DemoConfig) -> Path:
     # 4. The report.
     gifs = output / "samples"
     gifs.mkdir(exist_ok=True)
-    labels = ["teacher"] + [results[name].label for name in student_dirs]
+    labels = ["teacher"] + [GIF_LABELS[name] for name in student_dirs]
     for index, prompt in enumerate(tqdm(eval_prompts, desc="report", disable=not config.progress)):
-        clips = [samples[key][index].transpose(0, 1) for key in ["teacher", *student_dirs]]
+        # Enlarged (nearest neighbour) so a 32-pixel clip is wide enough to carry its label.
+        clips = [
+            F.interpolate(samples[key][index].transpose(0, 1), scale_factor=GIF_SCALE, mode="nearest")
+            for key in ["teacher", *student_dirs]
+        ]
         write_gif_grid(clips, gifs / f"prompt_{index:02d}.gif", labels=labels, fps=WORLD_FPS)
     _plot_curves(results, output / "curves.png")
     timings["total_s"] = time.perf_counter() - started

@@ -1,0 +1,111 @@
+"""The toy world's shipped models, `t2v-turbo pretrain` and a shortened `t2v-turbo demo` run."""
+
+import json
+
+import pytest
+import torch
+
+from t2v_turbo.data.world import WorldDataset, dense_caption, parse_caption, short_caption
+from t2v_turbo.demo import WORLD_MODELS, DemoConfig, run_demo
+from t2v_turbo.pretrain import REWARD_DIRS, WORLD, WORLD_UNET_CONFIG, WORLD_VAE_CONFIG, PretrainConfig, pretrain
+from t2v_turbo.rewards.toy import load_toy_reward
+
+SIZE_BUDGET_BYTES = 20 * 2**20
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_shipped_models_fit_the_budget_and_say_how_they_were_made():
+    files = [path for path in WORLD_MODELS.rglob("*") if path.is_file()]
+    assert sum(path.stat().st_size for path in files) <= SIZE_BUDGET_BYTES
+    recipe = json.loads((WORLD_MODELS / "recipe.json").read_text())
+    assert recipe["command"].startswith("t2v-turbo pretrain")
+    assert isinstance(recipe["config"]["seed"], int)
+    assert recipe["world"]["num_frames"] == WORLD.num_frames
+
+
+def test_shipped_models_load_as_built():
+    from t2v_turbo.pipeline import T2VTurboPipeline
+
+    pipeline = T2VTurboPipeline.from_pretrained(WORLD_MODELS)
+    for name, value in WORLD_UNET_CONFIG.items():
+        assert pipeline.unet.config[name] == value, name
+    assert list(pipeline.vae.config["block_out_channels"]) == WORLD_VAE_CONFIG["block_out_channels"]
+    assert pipeline.vae.scaling_factor != pytest.approx(0.18215)  # measured on the world's latents
+    # The student conditioning starts at zero, so a student initialised from the teacher is the teacher.
+    assert not pipeline.unet.time_cond_proj.weight.any() and not pipeline.unet.motion_cond_proj.weight.any()
+    for kind, directory in REWARD_DIRS.items():
+        assert load_toy_reward(WORLD_MODELS / directory).kind == kind
+
+
+def test_shipped_reward_models_prefer_the_true_caption():
+    """On held-out clips, each reward model scores a clip's own caption above the same caption with
+    the colour changed (image model) or the direction reversed (video model)."""
+    from dataclasses import replace
+
+    image = load_toy_reward(WORLD_MODELS / REWARD_DIRS["image"])
+    video = load_toy_reward(WORLD_MODELS / REWARD_DIRS["video"])
+    dataset = WorldDataset("heldout", size=24, seed=7, config=WORLD)
+    clips = [dataset.clip(i) for i in range(len(dataset))]
+    moving = [clip for clip in clips if clip.attributes.direction != "static"]
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    other_colour = {"red": "green", "green": "blue", "blue": "yellow", "yellow": "white", "white": "red"}
+
+    pixels = torch.stack([clip.frames for clip in clips]) * 2 - 1  # (N, F, 3, H, W), the toy spec's range
+    true_short = image.embed_text([clip.short_caption for clip in clips])
+    wrong_short = image.embed_text(
+        [short_caption(replace(c.attributes, colour=other_colour[c.attributes.colour])) for c in clips]
+    )
+    with torch.no_grad():
+        frames = pixels[:, 0]
+        assert (image.score(frames, true_short) > image.score(frames, wrong_short)).float().mean() >= 0.75
+
+    motion_pixels = torch.stack([clip.frames for clip in moving]) * 2 - 1
+    true_dense = video.embed_text([clip.caption for clip in moving])
+    reversed_dense = video.embed_text(
+        [dense_caption(replace(c.attributes, direction=opposite[c.attributes.direction])) for c in moving]
+    )
+    with torch.no_grad():
+        assert (video.score(motion_pixels, true_dense) > video.score(motion_pixels, reversed_dense)).float().mean() >= 0.75
+    assert parse_caption(moving[0].caption).direction == moving[0].attributes.direction
+
+
+def test_pretrain_writes_a_loadable_model_directory(tmp_path):
+    from t2v_turbo.pipeline import T2VTurboPipeline
+
+    config = PretrainConfig(
+        output_dir=str(tmp_path / "world"), pool_size=8, vae_steps=2, vae_batch=4, teacher_steps=2,
+        teacher_batch=2, reward_steps=2, reward_batch=4, progress=False,
+    )
+    output = pretrain(config)
+    pipeline = T2VTurboPipeline.from_pretrained(output)
+    assert pipeline.unet.config["context_dim"] == pipeline.text_encoder.context_dim
+    recipe = json.loads((output / "recipe.json").read_text())
+    assert recipe["config"]["teacher_steps"] == 2
+    for directory in REWARD_DIRS.values():
+        load_toy_reward(output / directory)
+
+
+def test_short_demo_run_writes_the_report(tmp_path):
+    config = DemoConfig(
+        output_dir=str(tmp_path / "report"), train_clips=6, train_steps=2, batch_size=2, eval_prompts=2,
+        teacher_steps=3, motion_grid_range=(1, 3), variants="ad", progress=False,
+    )
+    output = run_demo(config)
+    results = json.loads((output / "results.json").read_text())
+    models = [row["model"] for row in results["rows"]]
+    assert len(models) == 3 and models[0].startswith("teacher")
+    for row in results["rows"]:
+        for column in ("image_reward", "video_reward", "motion_fidelity", "seconds_per_clip"):
+            assert torch.isfinite(torch.tensor(row[column])), (row["model"], column)
+    assert all(row["psnr_vs_teacher"] is not None for row in results["rows"][1:])
+    assert sorted(p.name for p in (output / "samples").glob("*.gif")) == ["prompt_00.gif", "prompt_01.gif"]
+    assert (output / "curves.png").is_file()
+    report = (output / "README.md").read_text()
+    assert report.count("\n| ") == 2 + len(models)  # the header, its rule and one row a model
