@@ -84,6 +84,9 @@ class PretrainConfig:
     reward_lr: float = 1e-3
     threads: int = 0
     progress: bool = True
+    # A directory an earlier pretrain wrote: its models are the starting point, the teacher trains
+    # on from its weights, and a VAE or reward stage given 0 steps keeps the loaded model.
+    init_from: str = ""
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -138,11 +141,18 @@ def pretrain_vae(frames: Tensor, config: PretrainConfig, generator: torch.Genera
 
 
 def pretrain_teacher(
-    latents: Tensor, contexts: Tensor, empty_context: Tensor, config: PretrainConfig, generator: torch.Generator
+    latents: Tensor,
+    contexts: Tensor,
+    empty_context: Tensor,
+    config: PretrainConfig,
+    generator: torch.Generator,
+    initial: VC2UNet | None = None,
 ) -> tuple[VC2UNet, dict]:
     """Epsilon-prediction training of the world teacher on the teacher path (no guidance or motion
-    embedding), caption dropout for CFG. Returns the EMA network."""
+    embedding), caption dropout for CFG, from `initial`'s weights when given. Returns the EMA network."""
     unet = VC2UNet(**WORLD_UNET_CONFIG, use_kernels=torch.cuda.is_available())
+    if initial is not None:
+        unet.load_state_dict(initial.state_dict())
     ema = copy.deepcopy(unet).requires_grad_(False)
     abar = schedule.alphas_cumprod(torch.float32)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.teacher_lr, weight_decay=0.0)
@@ -242,20 +252,27 @@ def pretrain(config: PretrainConfig) -> Path:
     text_encoder = MiniLMTextEncoder()
     cache = PromptCache(text_encoder)
 
-    vae, metrics = pretrain_vae(pool["frames"], config, generator)
+    loaded = _load_world_models(config.init_from) if config.init_from else None
+    if loaded is not None and config.vae_steps == 0:
+        vae, metrics = loaded["vae"], {}
+    else:
+        vae, metrics = pretrain_vae(pool["frames"], config, generator)
     with torch.no_grad():
         latents = torch.cat([vae.encode(chunk, sample=False) for chunk in pool["frames"].split(256)])
         contexts = torch.cat([cache.encode(chunk) for chunk in _chunks(pool["caption"], 256)])
         empty_context = cache.encode([""])[0]
-    teacher, teacher_metrics = pretrain_teacher(latents, contexts, empty_context, config, generator)
+    teacher, teacher_metrics = pretrain_teacher(
+        latents, contexts, empty_context, config, generator, initial=None if loaded is None else loaded["unet"]
+    )
     metrics.update(teacher_metrics)
     with torch.no_grad():
         dense = torch.cat([text_encoder.pooled(chunk) for chunk in _chunks(pool["caption"], 256)])
         short = torch.cat([text_encoder.pooled(chunk) for chunk in _chunks(pool["short_caption"], 256)])
-    image_model, video_model, reward_metrics = pretrain_rewards(
-        pool["frames"], dense, short, config, generator
-    )
-    metrics.update(reward_metrics)
+    if loaded is not None and config.reward_steps == 0:
+        image_model, video_model = loaded["image"], loaded["video"]
+    else:
+        image_model, video_model, reward_metrics = pretrain_rewards(pool["frames"], dense, short, config, generator)
+        metrics.update(reward_metrics)
 
     defaults = GenerationDefaults(num_frames=WORLD.num_frames, height=WORLD.frame_shape[0], width=WORLD.frame_shape[1])
     pipeline = T2VTurboPipeline(teacher, vae, text_encoder, fps=WORLD_FPS, defaults=defaults)
@@ -272,8 +289,29 @@ def pretrain(config: PretrainConfig) -> Path:
         "minutes": round((time.time() - started) / 60, 1),
         "metrics": metrics,
     }
+    if loaded is not None:
+        recipe["continues"] = loaded["recipe"]
     (output / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     return output
+
+
+def _load_world_models(directory: str) -> dict:
+    """The models and recipe an earlier pretrain wrote into `directory`, in float32."""
+    from t2v_turbo.pipeline import T2VTurboPipeline
+    from t2v_turbo.rewards.toy import load_toy_reward
+
+    directory = Path(directory)
+    recipe_path = directory / "recipe.json"
+    if not recipe_path.is_file():
+        raise FileNotFoundError(f"init_from: {directory} holds no recipe.json (not a directory pretrain wrote)")
+    pipeline = T2VTurboPipeline.from_pretrained(directory, use_kernels=False)
+    return {
+        "unet": pipeline.unet.float(),
+        "vae": pipeline.vae.float(),
+        "image": load_toy_reward(directory / REWARD_DIRS["image"]),
+        "video": load_toy_reward(directory / REWARD_DIRS["video"]),
+        "recipe": json.loads(recipe_path.read_text()),
+    }
 
 
 def command_line(config: PretrainConfig) -> str:
