@@ -32,16 +32,11 @@ from t2v_turbo.data.world import WorldDataset, parse_caption, prompts
 from t2v_turbo.models import checkpoint
 from t2v_turbo.pretrain import REWARD_DIRS, WORLD, WORLD_FPS
 from t2v_turbo.rewards.mixture import RewardEntry, RewardMixture
+from t2v_turbo.rewards.loading import toy_spec
 from t2v_turbo.rewards.toy import load_toy_reward
-from turbo_kernels import PreprocessSpec
 
 WORLD_MODELS = Path(__file__).resolve().parent / "assets" / "world"
-# The toy reward models read frames normalised to [-1, 1] at the world's own size.
-TOY_SPEC = PreprocessSpec(
-    size=WORLD.frame_shape[0], mode="squash", interpolation="bilinear", antialias=False, mean=(0.5,) * 3, std=(0.5,) * 3
-)
-
-
+TOY_SPEC = toy_spec(WORLD.frame_shape[0])
 GIF_SCALE = 3
 GIF_LABELS = {"a": "(a) CD", "b": "(b) +reward", "c": "(c) +motion", "d": "(d) both"}
 
