@@ -79,6 +79,11 @@ class PretrainConfig:
     teacher_batch: int = 8
     teacher_lr: float = 5e-4
     ema_decay: float = 0.999
+    # Share of each teacher batch whose timestep is drawn from the noisier half of the schedule
+    # (the rest uniformly from all of it). Layout and motion direction are settled there, where the
+    # epsilon loss weighs an x0 error by only abar / (1 - abar), so a uniform draw gives them little
+    # gradient.
+    teacher_noisy_fraction: float = 0.0
     reward_steps: int = 400
     reward_batch: int = 64
     reward_lr: float = 1e-3
@@ -87,6 +92,10 @@ class PretrainConfig:
     # A directory an earlier pretrain wrote: its models are the starting point, the teacher trains
     # on from its weights, and a VAE or reward stage given 0 steps keeps the loaded model.
     init_from: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.teacher_noisy_fraction <= 1.0:
+            raise ValueError(f"teacher_noisy_fraction must be in [0, 1], got {self.teacher_noisy_fraction}")
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -140,6 +149,17 @@ def pretrain_vae(frames: Tensor, config: PretrainConfig, generator: torch.Genera
     return vae, {"vae_reconstruction_mse": recon_mse, "vae_scaling_factor": 1.0 / latent_std}
 
 
+def teacher_timesteps(batch: int, noisy_fraction: float, generator: torch.Generator) -> Tensor:
+    """Training timesteps: uniform over the schedule, except that each one is, with probability
+    `noisy_fraction`, uniform over its noisier half instead. With noisy_fraction 0 the generator is
+    used exactly as a plain uniform draw, so earlier recipes reproduce."""
+    t = torch.randint(schedule.NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
+    if noisy_fraction > 0:
+        noisier = torch.rand(batch, generator=generator) < noisy_fraction
+        t = torch.where(noisier, schedule.NUM_TRAIN_TIMESTEPS // 2 + t // 2, t)
+    return t
+
+
 def pretrain_teacher(
     latents: Tensor,
     contexts: Tensor,
@@ -166,7 +186,7 @@ def pretrain_teacher(
         z0, context = latents[index], contexts[index].clone()
         dropped = torch.rand(len(index), generator=generator) < CAPTION_DROPOUT
         context[dropped] = empty_context
-        t = torch.randint(schedule.NUM_TRAIN_TIMESTEPS, (len(index),), generator=generator)
+        t = teacher_timesteps(len(index), config.teacher_noisy_fraction, generator)
         noise = torch.randn(z0.shape, generator=generator)
         a = abar[t].view(-1, 1, 1, 1, 1)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise

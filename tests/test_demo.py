@@ -7,7 +7,15 @@ import torch
 
 from t2v_turbo.data.world import WorldDataset, dense_caption, parse_caption, short_caption
 from t2v_turbo.demo import WORLD_MODELS, DemoConfig, run_demo
-from t2v_turbo.pretrain import REWARD_DIRS, WORLD, WORLD_UNET_CONFIG, WORLD_VAE_CONFIG, PretrainConfig, pretrain
+from t2v_turbo.pretrain import (
+    REWARD_DIRS,
+    WORLD,
+    WORLD_UNET_CONFIG,
+    WORLD_VAE_CONFIG,
+    PretrainConfig,
+    pretrain,
+    teacher_timesteps,
+)
 from t2v_turbo.rewards.toy import load_toy_reward
 
 SIZE_BUDGET_BYTES = 20 * 2**20
@@ -72,8 +80,22 @@ def test_shipped_reward_models_prefer_the_true_caption():
         [dense_caption(replace(c.attributes, direction=opposite[c.attributes.direction])) for c in moving]
     )
     with torch.no_grad():
-        assert (video.score(motion_pixels, true_dense) > video.score(motion_pixels, reversed_dense)).float().mean() >= 0.75
+        # 0.9: the direction is a word of its own in the dense captions (48 of 48 held-out clips measured).
+        assert (video.score(motion_pixels, true_dense) > video.score(motion_pixels, reversed_dense)).float().mean() >= 0.9
     assert parse_caption(moving[0].caption).direction == moving[0].attributes.direction
+
+
+def test_teacher_timesteps_favour_the_noisier_half_as_asked():
+    def draw(fraction: float) -> torch.Tensor:
+        return teacher_timesteps(20000, fraction, torch.Generator().manual_seed(0))
+
+    plain = torch.randint(1000, (20000,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draw(0.0), plain)  # recipes written before the option still reproduce
+    assert draw(1.0).min() >= 500 and draw(1.0).max() <= 999
+    assert (draw(0.5) >= 500).float().mean() == pytest.approx(0.75, abs=0.02)
+    assert (draw(0.0) >= 500).float().mean() == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(ValueError, match="teacher_noisy_fraction"):
+        PretrainConfig(teacher_noisy_fraction=1.5)
 
 
 def test_pretrain_writes_a_loadable_model_directory(tmp_path):

@@ -5,6 +5,7 @@ and parse_caption inverts the captions."""
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -221,11 +222,22 @@ def test_parse_caption_round_trips():
     clip = make_clip(3)
     assert (clip.caption, clip.short_caption) == (dense_caption(clip.attributes), short_caption(clip.attributes))
     assert seen_counts == {1, 2}
-    assert parse_caption("a large white triangle moves from top to bottom slowly on a dark green background") == (
+    assert parse_caption("a large white triangle moves down slowly on a dark green background") == (
         Attributes("white", "triangle", "large", "down", "slow", 1, "dark green"))
     assert parse_caption("two blue squares moving left") == Attributes("blue", "square", None, "left", None, 2, None)
     with pytest.raises(ValueError, match="caption"):
         parse_caption("a cat sits on a mat")
+
+
+def test_dense_captions_of_different_directions_differ_in_words_not_only_in_order():
+    """Cross-attention over a frozen encoder's tokens is blind to word order, so two directions must
+    not be the same words rearranged ("from left to right" / "from right to left")."""
+    rng = random.Random(4)
+    for _ in range(20):
+        truth = sample_attributes(rng, WorldConfig())
+        words = {direction: sorted(dense_caption(replace(truth, direction=direction, speed="slow")).split())
+                 for direction in DIRECTIONS}
+        assert len({" ".join(w) for w in words.values()}) == len(DIRECTIONS)
 
 
 def test_bad_inputs_raise_clear_errors():
