@@ -21,12 +21,7 @@ from t2v_turbo.rewards.toy import load_toy_reward
 SIZE_BUDGET_BYTES = 20 * 2**20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shipped_models_fit_the_budget_and_say_how_they_were_made():

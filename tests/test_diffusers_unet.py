@@ -24,13 +24,7 @@ CONTEXT_DIM = 32  # the tiny OpenCLIP text tower's width
 MOTION_RANGE = (0, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two threads on a shared 2-core machine spin against each other; one is several times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet() -> torch.nn.Module:

@@ -16,13 +16,7 @@ from benchmarks import harness, models, rewards, training
 ROW = {"op": str, "case": str, "impl": str, "pass": str, "median_ms": float, "gbps": float, "bytes": int}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These shapes are tiny: intra-op threads cost far more than they save on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path, suite, *options: str) -> dict:

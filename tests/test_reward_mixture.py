@@ -85,13 +85,7 @@ class TinyVideoReward(RewardModel):
             return l2_normalize(self.text(codes.to(self.text.weight.dtype)))
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These shapes are tiny: intra-op threads cost far more than they save (100x on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

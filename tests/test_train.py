@@ -43,13 +43,7 @@ GRID_INDEX = [0, 150, 40, 199]
 USE_MOTION = [False, True, True, False]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two threads on a shared 2-core machine spin against each other; one is several times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_cache(

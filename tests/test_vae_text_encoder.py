@@ -34,13 +34,7 @@ LDM_VAE_KEYS = 248
 LDM_VAE_PARAMS = 83_653_863
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """These shapes are tiny: intra-op threads cost far more than they save (100x on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
