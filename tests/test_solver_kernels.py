@@ -2,7 +2,11 @@
 against the reference, forward and backward, on odd shapes, layouts, dtypes and per-sample scalars.
 
 Tolerance: the kernel's error against float64 maths is at most twice that of the reference run in
-the same storage dtype, plus one rounding of that dtype (helpers.assert_within_2x_of_reference).
+the same storage dtype, plus one rounding of that dtype (helpers.assert_within_2x_of_reference); for
+the solver step's outputs, one rounding of the largest term they are summed from, since they cancel
+terms up to ~200 times larger and a five-element reference error is too small a sample to bound the
+kernel's (over 60 draws the old budget failed 8% of the time on that case; the new one leaves a
+margin of 1.7x).
 Output buffers are poisoned with NaN first, so an element a kernel never writes fails.
 """
 
@@ -23,6 +27,7 @@ from .helpers import (
     poisoned_triton_outputs,
     randn,
     random_timesteps,
+    stable_seed,
 )
 
 KERNEL_BACKENDS = ["triton"] + (["cuda"] if HAS_GPU and dispatch.machine_unavailable_reason("cuda", DEVICE) is None else [])
@@ -62,12 +67,25 @@ def _per_sample(batch, g):
     )
 
 
+def _largest_summed_terms(z, eps_cond, eps_uncond, score, t_hi, t_lo, w, acp):
+    """Bounds, in float64, on the terms z_lo and x0 are summed from. At large t they reach
+    (1 + w) sigma / alpha ~ 200 times the inputs and cancel to outputs of order 1."""
+    alpha_hi, sigma_hi = ref.alpha_sigma(acp.double(), t_hi, z)
+    alpha_lo, sigma_lo = ref.alpha_sigma(acp.double(), t_lo, z)
+    w = w.double().reshape(alpha_hi.shape)
+    z, eps_cond, eps_uncond = z.double().abs(), eps_cond.double().abs(), eps_uncond.double().abs()
+    x0_terms = ((1 + w) * (z + sigma_hi * eps_cond) + w * (z + sigma_hi * eps_uncond)) / alpha_hi
+    eps_terms = (1 + w) * eps_cond + w * eps_uncond + (0 if score is None else score.double().abs())
+    z_lo_terms = alpha_lo * x0_terms + sigma_lo * eps_terms
+    return z_lo_terms.max().item(), x0_terms.max().item()
+
+
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape,memory_format", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("motion", ["release", "classic", None])
 def test_guided_solver_step(backend_name, dtype, shape, memory_format, motion, chosen):
-    g = torch.Generator().manual_seed(hash((shape, str(dtype), motion)) % 2**31)
+    g = torch.Generator().manual_seed(stable_seed(shape, str(dtype), motion))
     z, ec, eu, sc = (randn(shape, dtype, g, memory_format=memory_format) for _ in range(4))
     gz, gx = (randn(shape, dtype, g, memory_format=memory_format) for _ in range(2))
     s = _per_sample(shape[0], g)
@@ -90,8 +108,9 @@ def test_guided_solver_step(backend_name, dtype, shape, memory_format, motion, c
         per_sample[3] = torch.zeros_like(per_sample[3])
     want64 = ref.guided_solver_step(z.double(), ec.double(), eu.double(), None if score is None else sc.double(), *per_sample, acp.double(), release)
     want_lp = ref.guided_solver_step(z, ec, eu, score, *per_sample, acp, release)
-    for name, out, lp, w64 in zip(("z_lo", "x0"), (z_lo, x0), want_lp, want64):
-        assert_within_2x_of_reference(out, lp, w64, name)
+    magnitudes = _largest_summed_terms(z, ec, eu, score, *per_sample[:3], acp)
+    for name, out, lp, w64, magnitude in zip(("z_lo", "x0"), (z_lo, x0), want_lp, want64, magnitudes):
+        assert_within_2x_of_reference(out, lp, w64, name, magnitude)
 
     grad64 = ref.guided_solver_step_backward(gz.double(), gx.double(), *per_sample, acp.double(), release, bool(motion))
     grad_lp = ref.guided_solver_step_backward(gz, gx, *per_sample, acp, release, bool(motion))
@@ -103,7 +122,7 @@ def test_guided_solver_step(backend_name, dtype, shape, memory_format, motion, c
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape,memory_format", CASES, ids=CASE_IDS)
 def test_consistency_output(backend_name, dtype, shape, memory_format, chosen):
-    g = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
+    g = torch.Generator().manual_seed(stable_seed(shape, str(dtype)))
     x, eps, grad = (randn(shape, dtype, g, memory_format=memory_format) for _ in range(3))
     t = random_timesteps(shape[0], g)
     t[0] = 0  # the boundary, where c_out = 0
@@ -124,7 +143,7 @@ def test_consistency_output(backend_name, dtype, shape, memory_format, chosen):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape,memory_format", CASES[:3], ids=CASE_IDS[:3])
 def test_consistency_sampler_step(dtype, shape, memory_format, chosen):
-    g = torch.Generator().manual_seed(hash((shape, str(dtype), "sampler")) % 2**31)
+    g = torch.Generator().manual_seed(stable_seed(shape, str(dtype), "sampler"))
     x, eps, noise, gd, gn = (randn(shape, dtype, g, memory_format=memory_format) for _ in range(5))
     t = random_timesteps(shape[0], g, low=250)
     t_prev = t - 250
@@ -149,7 +168,7 @@ def test_consistency_sampler_step(dtype, shape, memory_format, chosen):
 @pytest.mark.parametrize("shape", [(1, 7), (3, 4, 5, 6, 7), (2, 4, 16, 12, 20)], ids=["tiny", "odd", "several-blocks"])
 @pytest.mark.parametrize("scale", [1.0, 1e-3], ids=["d>>c", "d~c"])
 def test_pseudo_huber_loss(dtype, shape, scale, chosen):
-    g = torch.Generator().manual_seed(hash((shape, str(dtype), scale)) % 2**31)
+    g = torch.Generator().manual_seed(stable_seed(shape, str(dtype), scale))
     p, q = (randn(shape, torch.float64, g) * scale for _ in range(2))
     p, q = p.to(dtype), q.to(dtype)
     inputs = [p.clone().requires_grad_(True), q.clone().requires_grad_(True)]
