@@ -10,8 +10,9 @@ model receives pixels already at its input size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +46,43 @@ class RewardModel(nn.Module):
         self.eval()
         self.requires_grad_(False)
         return self
+
+
+class VisionTextConfig:
+    """What the config dataclasses of the vision-text reward models share: building from a dict of
+    field names, named presets (the subclass's `presets`, set where its module defines them), the
+    patch grid, and the check that attention heads divide their widths."""
+
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    image_size: int
+    patch_size: int
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Any:
+        """From this class's field names (e.g. `dataclasses.asdict` of a config); unknown names fail."""
+        unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+        return cls(**values)
+
+    @classmethod
+    def preset(cls, name: str) -> Any:
+        """The release's model at full size, or the reference data's tiny one."""
+        if name not in cls.presets:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(cls.presets)}")
+        return cls.from_dict(cls.presets[name])
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    def _check_sizes(self, heads_of_widths: Sequence[tuple[int, int, str]]) -> None:
+        """(width, heads, name of the heads field) triples; also that patches tile the image."""
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        for width, heads, name in heads_of_widths:
+            if width % heads:
+                raise ValueError(f"{name}={heads} does not divide the width {width}")
 
 
 def l2_normalize(x: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from t2v_turbo.rewards.base import RewardModel
+from t2v_turbo.rewards.base import RewardModel, VisionTextConfig
 
 MLP_ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 # The release's training checkpoint keeps the text tower under this prefix (BertForMaskedLM's `bert`);
@@ -52,7 +52,7 @@ MASK_VALUE = -10000.0
 
 
 @dataclass(frozen=True)
-class InternVideo2Config:
+class InternVideo2Config(VisionTextConfig):
     """Sizes of the reward model; the field names are this module's, `from_release_hparams` maps the
     release's constructor arguments onto them."""
 
@@ -95,44 +95,21 @@ class InternVideo2Config:
     def __post_init__(self) -> None:
         if self.mlp_activation not in MLP_ACTIVATIONS:
             raise ValueError(f"mlp_activation={self.mlp_activation!r}; expected one of {sorted(MLP_ACTIVATIONS)}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
-        if self.num_frames % self.tubelet_size:
-            raise ValueError(f"num_frames={self.num_frames} is not a multiple of tubelet_size={self.tubelet_size}")
-        for width, heads, name in (
+        self._check_sizes([
             (self.vision_width, self.vision_heads, "vision_heads"),
             (self.vision_width, self.pool_heads, "pool_heads"),
             (self.text_width, self.text_heads, "text_heads"),
-        ):
-            if width % heads:
-                raise ValueError(f"{name}={heads} does not divide the width {width}")
+        ])
+        if self.num_frames % self.tubelet_size:
+            raise ValueError(f"num_frames={self.num_frames} is not a multiple of tubelet_size={self.tubelet_size}")
         if not 1 <= self.text_fusion_layer <= self.text_layers:
             raise ValueError(f"text_fusion_layer={self.text_fusion_layer} must lie in [1, {self.text_layers}]")
         if not 1 <= self.text_max_length <= self.text_max_positions:
             raise ValueError(f"text_max_length={self.text_max_length} must lie in [1, {self.text_max_positions}]")
 
     @property
-    def grid_size(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
     def num_patches(self) -> int:
         return (self.num_frames // self.tubelet_size) * self.grid_size**2
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> InternVideo2Config:
-        """From this class's field names (e.g. `dataclasses.asdict` of a config); unknown names fail."""
-        unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown InternVideo2Config fields: {unknown}")
-        return cls(**values)
-
-    @classmethod
-    def preset(cls, name: str) -> InternVideo2Config:
-        """'stage2-1b' (the release's reward model) or 'tiny' (the reference data's tiny model)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls.from_dict(PRESETS[name])
 
     @classmethod
     def from_release_hparams(
@@ -209,6 +186,7 @@ TINY: dict[str, Any] = {
     "embed_dim": 16,
 }
 PRESETS: dict[str, dict[str, Any]] = {"stage2-1b": STAGE2_1B, "tiny": TINY}
+InternVideo2Config.presets = PRESETS
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

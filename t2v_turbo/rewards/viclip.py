@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from t2v_turbo.rewards.base import RewardModel, l2_normalize
+from t2v_turbo.rewards.base import RewardModel, VisionTextConfig, l2_normalize
 from t2v_turbo.rewards.internvideo2 import read_state_dict_file
 
 # Stored by the release (the contrastive temperature), never used by its reward.
@@ -41,7 +41,7 @@ QUICK_GELU_SLOPE = 1.702
 
 
 @dataclass(frozen=True)
-class ViCLIPConfig:
+class ViCLIPConfig(VisionTextConfig):
     """Sizes of the reward model; `from_release_hparams` maps the release's constructor arguments
     (`VisionTransformer`, `CLIP_TEXT`) onto these fields."""
 
@@ -61,36 +61,10 @@ class ViCLIPConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
-        for width, heads, name in (
-            (self.vision_width, self.vision_heads, "vision_heads"),
-            (self.text_width, self.text_heads, "text_heads"),
-        ):
-            if width % heads:
-                raise ValueError(f"{name}={heads} does not divide the width {width}")
+        self._check_sizes([(self.vision_width, self.vision_heads, "vision_heads"), (self.text_width, self.text_heads, "text_heads")])
         for name in ("num_frames", "vision_layers", "text_layers", "text_context_length", "embed_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.patch_size
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> ViCLIPConfig:
-        """From this class's field names (e.g. `dataclasses.asdict` of a config); unknown names fail."""
-        unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown ViCLIPConfig fields: {unknown}")
-        return cls(**values)
-
-    @classmethod
-    def preset(cls, name: str) -> ViCLIPConfig:
-        """'viclip-l' (the release's reward model) or 'tiny' (the reference data's tiny model)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls.from_dict(PRESETS[name])
 
     @classmethod
     def from_release_hparams(cls, vision: Mapping[str, Any], text: Mapping[str, Any]) -> ViCLIPConfig:
@@ -133,6 +107,7 @@ TINY: dict[str, Any] = {
     "embed_dim": 24,
 }
 PRESETS: dict[str, dict[str, Any]] = {"viclip-l": VICLIP_L, "tiny": TINY}
+ViCLIPConfig.presets = PRESETS
 
 
 def _random(*shape: int, std: float) -> nn.Parameter:
