@@ -34,12 +34,11 @@ from tqdm.auto import tqdm
 import turbo_kernels
 from t2v_turbo import schedule
 from t2v_turbo.models.adapter import NoisePredictor, is_diffusers_unet3d
-from t2v_turbo.models.vc2_unet import VC2UNet
+from t2v_turbo.models.vc2_unet import DEFAULT_FPS, VC2UNet
 from t2v_turbo.schedule import release_alphas_cumprod
 
 # compute_temp_loss's ×100 times the release's temp_loss_scale of 100.
 ENERGY_SCALE = 1e4
-DEFAULT_FPS = 8
 
 Teacher = Callable[[Tensor, Tensor, Tensor, Tensor | int], Tensor]
 

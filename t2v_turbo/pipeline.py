@@ -25,11 +25,10 @@ import turbo_kernels
 from t2v_turbo import schedule
 from t2v_turbo.models import checkpoint
 from t2v_turbo.models.adapter import NoisePredictor
-from t2v_turbo.models.vc2_unet import VC2UNet
+from t2v_turbo.models.vc2_unet import DEFAULT_FPS, VC2UNet
 
 PIPELINE_CONFIG_NAME = "pipeline.json"
 UNET_DIR, VAE_DIR, TEXT_ENCODER_DIR = "unet", "vae", "text_encoder"
-DEFAULT_FPS = 8
 TEACHER_STEPS = 50
 # VideoCrafter's DDIM adds this offset to its evenly spaced timesteps (1, 21, ..., 981 for 50 steps).
 DDIM_STEP_OFFSET = 1

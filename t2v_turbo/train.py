@@ -52,12 +52,11 @@ from t2v_turbo.models import VC2UNet
 from t2v_turbo.models import checkpoint as unet_checkpoint
 from t2v_turbo.models.adapter import NoisePredictor, is_diffusers_unet3d
 from t2v_turbo.models.checkpoint import write_atomically
+from t2v_turbo.models.vc2_unet import DEFAULT_FPS
 from turbo_kernels import MOTION_FORMS
 
 logger = logging.getLogger(__name__)
 
-# The fps conditioning for caches whose config does not record the fps they were made with.
-DEFAULT_FPS = 8
 DIFFUSERS_UNET_CLASS = "UNet3DConditionModel"
 # Motion guidance applies on the noisier half of the 200-step grid (SPEC 3.2).
 MOTION_GRID_START = schedule.DDIM_GRID_STEPS // 2

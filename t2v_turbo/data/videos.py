@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from t2v_turbo.data.world import WorldConfig, WorldDataset
+from t2v_turbo.models.vc2_unet import DEFAULT_FPS
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class VideoTextDataset(Dataset):
         root: str | Path,
         manifest: str | Path | None = None,
         num_frames: int = 16,
-        fps: float = 8,
+        fps: float = DEFAULT_FPS,
         size: tuple[int, int] = (320, 512),
         seed: int = 0,
     ):
@@ -293,7 +294,7 @@ def collate_skipping(batch: list[dict | None]) -> dict:
 def build_dataset(
     spec: str | Path,
     num_frames: int = 16,
-    fps: float = 8,
+    fps: float = DEFAULT_FPS,
     size: tuple[int, int] = (320, 512),
     seed: int = 0,
     num_clips: int = 1024,

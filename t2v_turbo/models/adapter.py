@@ -22,7 +22,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from t2v_turbo.models.vc2_unet import COND_EMBED_DIM, VC2UNet, sinusoid_b
+from t2v_turbo.models.vc2_unet import COND_EMBED_DIM, DEFAULT_FPS, VC2UNet, sinusoid_b
 
 Strength = Union[None, float, Tensor]
 
@@ -125,7 +125,7 @@ class NoisePredictor:
         x: Tensor,
         t: int | Tensor,
         context: Tensor,
-        fps: int | Tensor = 8,
+        fps: int | Tensor = DEFAULT_FPS,
         guidance: Strength = None,
         motion: Strength = None,
     ) -> Tensor:

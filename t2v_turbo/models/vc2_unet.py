@@ -33,6 +33,9 @@ INIT_ATTN_HEADS = 8
 TEMPORAL_CONV_DROPOUT = 0.1
 COND_EMBED_DIM = 256
 MAX_PERIOD = 10000
+# The fps conditioning VideoCrafter2 and T2V-Turbo-v2 train and sample with (SPEC 1); clips are
+# sampled at this rate to match it.
+DEFAULT_FPS = 8
 
 TINY_CONFIG: dict[str, Any] = {
     "in_channels": 4,
@@ -610,7 +613,7 @@ class VC2UNet(nn.Module):
         x: Tensor,
         timesteps: Tensor | int,
         context: Tensor,
-        fps: Tensor | int = 8,
+        fps: Tensor | int = DEFAULT_FPS,
         guidance_scale: Tensor | float | None = None,
         motion_strength: Tensor | float | None = None,
     ) -> Tensor:
