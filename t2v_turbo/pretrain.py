@@ -65,7 +65,6 @@ WORLD_UNET_CONFIG = {
 CAPTION_DROPOUT = 0.1
 KL_WEIGHT = 1e-6
 REWARD_DIRS = {"image": "rewards/image", "video": "rewards/video"}
-TEACHER_LOSSES = ("epsilon", "v")
 
 
 @dataclass
@@ -85,11 +84,6 @@ class PretrainConfig:
     # epsilon loss weighs an x0 error by only abar / (1 - abar), so a uniform draw gives them little
     # gradient.
     teacher_noisy_fraction: float = 0.0
-    # "epsilon": the plain epsilon MSE. "v": the same network's error in v = alpha eps - sigma x0,
-    # the epsilon MSE divided by abar_t, which weighs an x0 error by 1 + SNR instead of SNR: at
-    # t = 900 (abar 0.02) fifty times more, so the layout a caption implies (where the object is in
-    # each frame) is learnt where it is decided.
-    teacher_loss: str = "epsilon"
     reward_steps: int = 400
     reward_batch: int = 64
     reward_lr: float = 1e-3
@@ -102,8 +96,6 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.teacher_noisy_fraction <= 1.0:
             raise ValueError(f"teacher_noisy_fraction must be in [0, 1], got {self.teacher_noisy_fraction}")
-        if self.teacher_loss not in TEACHER_LOSSES:
-            raise ValueError(f"teacher_loss must be one of {TEACHER_LOSSES}, got {self.teacher_loss!r}")
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -168,14 +160,6 @@ def teacher_timesteps(batch: int, noisy_fraction: float, generator: torch.Genera
     return t
 
 
-def teacher_loss(predicted_noise: Tensor, noise: Tensor, abar_t: Tensor, kind: str) -> Tensor:
-    """The epsilon MSE, or with `kind` "v" each clip's epsilon MSE divided by its abar_t (see
-    PretrainConfig.teacher_loss)."""
-    if kind == "epsilon":
-        return F.mse_loss(predicted_noise, noise)
-    return ((predicted_noise - noise).square().flatten(1).mean(1) / abar_t).mean()
-
-
 def pretrain_teacher(
     latents: Tensor,
     contexts: Tensor,
@@ -206,7 +190,7 @@ def pretrain_teacher(
         noise = torch.randn(z0.shape, generator=generator)
         a = abar[t].view(-1, 1, 1, 1, 1)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        loss = teacher_loss(unet(z_t, t, context, WORLD_FPS), noise, abar[t], config.teacher_loss)
+        loss = F.mse_loss(unet(z_t, t, context, WORLD_FPS), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from t2v_turbo import schedule
 from t2v_turbo.data.world import WorldDataset, dense_caption, parse_caption, short_caption
 from t2v_turbo.demo import WORLD_MODELS, DemoConfig, run_demo
 from t2v_turbo.pretrain import (
@@ -15,7 +14,6 @@ from t2v_turbo.pretrain import (
     WORLD_VAE_CONFIG,
     PretrainConfig,
     pretrain,
-    teacher_loss,
     teacher_timesteps,
 )
 from t2v_turbo.rewards.toy import load_toy_reward
@@ -93,23 +91,6 @@ def test_teacher_timesteps_favour_the_noisier_half_as_asked():
     assert (draw(0.0) >= 500).float().mean() == pytest.approx(0.5, abs=0.02)
     with pytest.raises(ValueError, match="teacher_noisy_fraction"):
         PretrainConfig(teacher_noisy_fraction=1.5)
-
-
-def test_teacher_loss_v_is_the_error_in_v():
-    g = torch.Generator().manual_seed(0)
-    clean, noise, predicted = (torch.randn(3, 4, 2, 5, 5, generator=g, dtype=torch.float64) for _ in range(3))
-    abar = schedule.alphas_cumprod(torch.float64)[torch.tensor([10, 500, 990])]
-    a = abar.sqrt().view(-1, 1, 1, 1, 1)
-    s = (1 - abar).sqrt().view(-1, 1, 1, 1, 1)
-    z_t = a * clean + s * noise
-    # The network's v follows from its epsilon: x0 = (z_t - s eps) / a and v = a eps - s x0.
-    predicted_x0 = (z_t - s * predicted) / a
-    v_error = (a * predicted - s * predicted_x0) - (a * noise - s * clean)
-    want = v_error.square().flatten(1).mean(1).mean()
-    assert teacher_loss(predicted, noise, abar, "v").item() == pytest.approx(want.item(), rel=1e-12)
-    assert teacher_loss(predicted, noise, abar, "epsilon").item() == pytest.approx((predicted - noise).square().mean().item(), rel=1e-12)
-    with pytest.raises(ValueError, match="teacher_loss"):
-        PretrainConfig(teacher_loss="x0")
 
 
 def test_pretrain_writes_a_loadable_model_directory(tmp_path):
