@@ -65,8 +65,10 @@ LOSSES = ("huber", "l2")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 KERNEL_SWITCHES = ("on", "off")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-# Layers that the teacher does not have (SPEC 1): with LoRA they are trained in full.
-CONDITIONING_LAYERS = ("time_cond_proj", "motion_cond_proj", "combine_proj")
+# Layers that the teacher does not have (SPEC 1): with LoRA they are trained in full. The first
+# three are VC2UNet's; diffusers' UNet3DConditionModel takes the guidance embedding through
+# time_embedding.cond_proj.
+CONDITIONING_LAYERS = ("time_cond_proj", "motion_cond_proj", "combine_proj", "time_embedding.cond_proj")
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"
 METRICS_NAME = "metrics.csv"

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from t2v_turbo.cache import TeacherCache
@@ -114,7 +115,7 @@ def test_batched_motion_prior_equals_solo_priors(predictor_calls):
         assert float((batched["score"][b] - solo["score"][0]).abs().max()) < 1e-4 * float(scale)
 
 
-def test_preprocess_with_motion_then_train_two_steps(tmp_path, predictor_calls):
+def test_preprocess_with_motion_then_train_two_steps_in_full_and_with_lora(tmp_path, predictor_calls):
     unet = tiny_unet()
     teacher_dir = tmp_path / "teacher"
     unet.save_pretrained(teacher_dir)
@@ -149,3 +150,13 @@ def test_preprocess_with_motion_then_train_two_steps(tmp_path, predictor_calls):
     teacher = diffusers.UNet3DConditionModel.from_pretrained(teacher_dir)
     moved = [k for k, v in student.state_dict().items() if not torch.equal(v, teacher.state_dict()[k])]
     assert len(moved) > len(teacher.state_dict()) // 2
+
+    # LoRA: adapters on the attention projections, and the guidance projection (absent from a real
+    # teacher) trained in full, saved with the adapter and moved in the merged student.
+    lora = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "lora"), "checkpoint_every": 2},
+                             motion_strength=0.0, lora_rank=4, lr=1e-3, ema_decay=None))
+    adapter = load_file(str(tmp_path / "lora" / "checkpoint-000002" / "adapter.safetensors"))
+    assert any("lora_A" in key for key in adapter) and any("time_embedding.cond_proj" in key for key in adapter)
+    student = diffusers.UNet3DConditionModel.from_pretrained(lora.student_dir)
+    moved = {k for k, v in student.state_dict().items() if not torch.equal(v, teacher.state_dict()[k])}
+    assert "time_embedding.cond_proj.weight" in moved and any("to_q" in k for k in moved)
