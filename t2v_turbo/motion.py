@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 import turbo_kernels
 from t2v_turbo import schedule
 from t2v_turbo.models.adapter import NoisePredictor, is_diffusers_unet3d
-from t2v_turbo.models.vc2_unet import DEFAULT_FPS, VC2UNet
+from t2v_turbo.models.vc2_unet import VC2UNet
 from t2v_turbo.schedule import release_alphas_cumprod
 
 # compute_temp_loss's ×100 times the release's temp_loss_scale of 100.
@@ -161,7 +161,7 @@ def ddim_inversion(
     grid_index: Tensor,
     context: Tensor,
     alphas_cumprod: Tensor | None = None,
-    fps: Tensor | int = DEFAULT_FPS,
+    fps: Tensor | int = schedule.DEFAULT_FPS,
     return_trajectory: bool = False,
     progress: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -281,7 +281,7 @@ def reference_attention_probs(
     t_hi: Tensor | int,
     context: Tensor,
     layer_names: Sequence[str] | None = None,
-    fps: Tensor | int = DEFAULT_FPS,
+    fps: Tensor | int = schedule.DEFAULT_FPS,
     teacher: Teacher | None = None,
 ) -> dict[str, Tensor]:
     """The reference maps A_ref of SPEC 4.2: one no-grad teacher forward on z_ref at t_hi, and
@@ -310,7 +310,7 @@ def motion_score(
     z_ref: Tensor,
     context: Tensor,
     layer_names: Sequence[str] | None = None,
-    fps: Tensor | int = DEFAULT_FPS,
+    fps: Tensor | int = schedule.DEFAULT_FPS,
     teacher: Teacher | None = None,
 ) -> MotionScore:
     """The motion score of SPEC 4.2-4.5 for a batch of clips: score = d(sum_b E_b)/dz_t, so each
@@ -354,7 +354,7 @@ def compute_motion_prior(
     noise: Tensor,
     context: Tensor,
     alphas_cumprod: Tensor | None = None,
-    fps: Tensor | int = DEFAULT_FPS,
+    fps: Tensor | int = schedule.DEFAULT_FPS,
     layer_names: Sequence[str] | None = None,
     teacher: Teacher | None = None,
     return_trajectory: bool = False,

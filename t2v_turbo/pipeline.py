@@ -25,7 +25,7 @@ import turbo_kernels
 from t2v_turbo import schedule
 from t2v_turbo.models import checkpoint
 from t2v_turbo.models.adapter import NoisePredictor
-from t2v_turbo.models.vc2_unet import DEFAULT_FPS, VC2UNet
+from t2v_turbo.models.vc2_unet import VC2UNet
 
 PIPELINE_CONFIG_NAME = "pipeline.json"
 UNET_DIR, VAE_DIR, TEXT_ENCODER_DIR = "unet", "vae", "text_encoder"
@@ -142,7 +142,7 @@ class T2VTurboPipeline:
         unet: nn.Module,
         vae: Any,
         text_encoder: Any,
-        fps: int = DEFAULT_FPS,
+        fps: int = schedule.DEFAULT_FPS,
         defaults: GenerationDefaults | None = None,
         use_kernels: bool = True,
     ):
@@ -368,7 +368,7 @@ class T2VTurboPipeline:
             unet,
             load_vae(parts[VAE_DIR]),
             load_text_encoder(parts[TEXT_ENCODER_DIR]),
-            fps=config.get("fps", DEFAULT_FPS),
+            fps=config.get("fps", schedule.DEFAULT_FPS),
             defaults=defaults,
             use_kernels=use_kernels,
         )

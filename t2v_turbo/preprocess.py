@@ -49,7 +49,6 @@ from t2v_turbo.data.videos import build_dataset
 from t2v_turbo.models import OpenCLIPTextEncoder, PromptCache, VC2UNet, VideoVAE
 from t2v_turbo.models.adapter import NoisePredictor
 from t2v_turbo.models.checkpoint import write_atomically
-from t2v_turbo.models.vc2_unet import DEFAULT_FPS
 from t2v_turbo.motion import compute_motion_prior, noised_latents
 
 logger = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ class PreprocessConfig:
     model: Optional[str] = None
     preset: Optional[str] = None
     num_frames: int = 16
-    fps: int = DEFAULT_FPS  # sampling rate of the clips and the teacher's fps conditioning
+    fps: int = schedule.DEFAULT_FPS  # sampling rate of the clips and the teacher's fps conditioning
     size: tuple[int, int] = (320, 512)  # (height, width) in pixels
     batch_size: int = 4
     shard_size: int = 64

@@ -1,4 +1,5 @@
-"""The diffusion schedule of VideoCrafter2 and the timestep grids of T2V-Turbo-v2 (SPEC 1, 2, 6).
+"""The diffusion schedule of VideoCrafter2, its latent scale and fps conditioning, and the timestep
+grids of T2V-Turbo-v2 (SPEC 1, 2, 6).
 
 The one place that holds these tables: everything else asks here.
 """
@@ -14,6 +15,9 @@ DDIM_GRID_STEPS = 200
 # One grid step of the 200-step DDIM grid, in raw timesteps.
 SOLVER_SKIP = NUM_TRAIN_TIMESTEPS // DDIM_GRID_STEPS
 VAE_SCALE_FACTOR = 0.18215
+# The fps conditioning VideoCrafter2 and T2V-Turbo-v2 train and sample with (SPEC 1); clips are
+# sampled at this rate to match it.
+DEFAULT_FPS = 8
 
 
 def alphas_cumprod(dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:

@@ -52,7 +52,6 @@ from t2v_turbo.models import VC2UNet
 from t2v_turbo.models import checkpoint as unet_checkpoint
 from t2v_turbo.models.adapter import NoisePredictor, is_diffusers_unet3d
 from t2v_turbo.models.checkpoint import write_atomically
-from t2v_turbo.models.vc2_unet import DEFAULT_FPS
 from turbo_kernels import MOTION_FORMS
 
 logger = logging.getLogger(__name__)
@@ -329,7 +328,7 @@ class StepOutput:
 
 def distillation_loss(
     student: nn.Module, target_net: nn.Module, batch: Mapping[str, Tensor], w: Tensor, m: Tensor,
-    alphas_cumprod: Tensor, config: TrainConfig, fps: int | Tensor = DEFAULT_FPS,
+    alphas_cumprod: Tensor, config: TrainConfig, fps: int | Tensor = schedule.DEFAULT_FPS,
 ) -> StepOutput:
     """L_CD of SPEC 3.3-3.6 for a batch of cached samples (tensors on the model's device).
     student and target_net: VC2UNets or diffusers UNet3DConditionModels (possibly wrapped by
@@ -530,7 +529,7 @@ class _Trainer:
             raise ValueError(f"config.cache is not set: training reads a teacher cache; {PREPROCESS_HINT}")
         self.dataset = TeacherCache(config.cache)
         check_cache_teacher(self.dataset.config, config)
-        self.fps = int(self.dataset.config.get("fps", DEFAULT_FPS))
+        self.fps = int(self.dataset.config.get("fps", schedule.DEFAULT_FPS))
         self.lora = config.lora_rank > 0
         if self.lora and config.ema_decay is not None:
             raise ValueError("ema_decay is not supported with lora_rank > 0 (the EMA target is a full network)")

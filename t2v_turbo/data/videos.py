@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from t2v_turbo.data.world import WorldConfig, WorldDataset
-from t2v_turbo.models.vc2_unet import DEFAULT_FPS
+from t2v_turbo.schedule import DEFAULT_FPS
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from t2v_turbo.models.vc2_unet import COND_EMBED_DIM, DEFAULT_FPS, VC2UNet, sinusoid_b
+from t2v_turbo.models.vc2_unet import COND_EMBED_DIM, VC2UNet, sinusoid_b
+from t2v_turbo.schedule import DEFAULT_FPS
 
 Strength = Union[None, float, Tensor]
 

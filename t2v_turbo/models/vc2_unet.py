@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import turbo_kernels
+from t2v_turbo.schedule import DEFAULT_FPS
 
 GROUPS = 32
 # The release's ResBlock, TemporalConvBlock and output norms use torch's default eps; its
@@ -33,9 +34,6 @@ INIT_ATTN_HEADS = 8
 TEMPORAL_CONV_DROPOUT = 0.1
 COND_EMBED_DIM = 256
 MAX_PERIOD = 10000
-# The fps conditioning VideoCrafter2 and T2V-Turbo-v2 train and sample with (SPEC 1); clips are
-# sampled at this rate to match it.
-DEFAULT_FPS = 8
 
 TINY_CONFIG: dict[str, Any] = {
     "in_channels": 4,
