@@ -20,10 +20,10 @@ KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU el
 STORAGE_EPS = {torch.float32: 2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def stable_seed(*parts) -> int:
-    """A generator seed from the test's parameters that is the same in every process (Python's
-    hash() of a string is salted per process, so seeds drawn from it change from run to run)."""
-    return zlib.crc32(repr(parts).encode())
+def seeded_generator(*parts) -> torch.Generator:
+    """A CPU generator seeded from the test's parameters, the same in every process (Python's hash()
+    of a string is salted per process, so seeds drawn from it change from run to run)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
 
 
 def alphas_cumprod(device=DEVICE, dtype=torch.float32) -> torch.Tensor:

@@ -27,7 +27,7 @@ from .helpers import (
     poisoned_triton_outputs,
     randn,
     random_timesteps,
-    stable_seed,
+    seeded_generator,
 )
 
 KERNEL_BACKENDS = ["triton"] + (["cuda"] if HAS_GPU and dispatch.machine_unavailable_reason("cuda", DEVICE) is None else [])
@@ -85,7 +85,7 @@ def _largest_summed_terms(z, eps_cond, eps_uncond, score, t_hi, t_lo, w, acp):
 @pytest.mark.parametrize("shape,memory_format", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("motion", ["release", "classic", None])
 def test_guided_solver_step(backend_name, dtype, shape, memory_format, motion, chosen):
-    g = torch.Generator().manual_seed(stable_seed(shape, str(dtype), motion))
+    g = seeded_generator(shape, str(dtype), motion)
     z, ec, eu, sc = (randn(shape, dtype, g, memory_format=memory_format) for _ in range(4))
     gz, gx = (randn(shape, dtype, g, memory_format=memory_format) for _ in range(2))
     s = _per_sample(shape[0], g)
@@ -122,7 +122,7 @@ def test_guided_solver_step(backend_name, dtype, shape, memory_format, motion, c
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape,memory_format", CASES, ids=CASE_IDS)
 def test_consistency_output(backend_name, dtype, shape, memory_format, chosen):
-    g = torch.Generator().manual_seed(stable_seed(shape, str(dtype)))
+    g = seeded_generator(shape, str(dtype))
     x, eps, grad = (randn(shape, dtype, g, memory_format=memory_format) for _ in range(3))
     t = random_timesteps(shape[0], g)
     t[0] = 0  # the boundary, where c_out = 0
@@ -143,7 +143,7 @@ def test_consistency_output(backend_name, dtype, shape, memory_format, chosen):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape,memory_format", CASES[:3], ids=CASE_IDS[:3])
 def test_consistency_sampler_step(dtype, shape, memory_format, chosen):
-    g = torch.Generator().manual_seed(stable_seed(shape, str(dtype), "sampler"))
+    g = seeded_generator(shape, str(dtype), "sampler")
     x, eps, noise, gd, gn = (randn(shape, dtype, g, memory_format=memory_format) for _ in range(5))
     t = random_timesteps(shape[0], g, low=250)
     t_prev = t - 250
@@ -168,7 +168,7 @@ def test_consistency_sampler_step(dtype, shape, memory_format, chosen):
 @pytest.mark.parametrize("shape", [(1, 7), (3, 4, 5, 6, 7), (2, 4, 16, 12, 20)], ids=["tiny", "odd", "several-blocks"])
 @pytest.mark.parametrize("scale", [1.0, 1e-3], ids=["d>>c", "d~c"])
 def test_pseudo_huber_loss(dtype, shape, scale, chosen):
-    g = torch.Generator().manual_seed(stable_seed(shape, str(dtype), scale))
+    g = seeded_generator(shape, str(dtype), scale)
     p, q = (randn(shape, torch.float64, g) * scale for _ in range(2))
     p, q = p.to(dtype), q.to(dtype)
     inputs = [p.clone().requires_grad_(True), q.clone().requires_grad_(True)]

@@ -20,7 +20,7 @@ from turbo_kernels.ops.spatial import spatial_attention
 from turbo_kernels.reference import attention as ref
 from turbo_kernels.triton_kernels import spatial_attention as kernels
 
-from .helpers import DEVICE, HAS_GPU, KERNEL_DTYPES, assert_within_2x_of_reference, randn, stable_seed
+from .helpers import DEVICE, HAS_GPU, KERNEL_DTYPES, assert_within_2x_of_reference, randn, seeded_generator
 
 TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
 OPS = ("spatial_attention", "spatial_attention_backward")
@@ -99,7 +99,7 @@ def _run_triton(q, k, v, grad_out, heads, **kwargs):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("rows,queries,keys,heads,head_dim,kv_repeat", CASES, ids=CASE_IDS)
 def test_matches_reference(rows, queries, keys, heads, head_dim, kv_repeat, dtype, chosen):
-    g = torch.Generator().manual_seed(stable_seed(rows, queries, keys, head_dim, str(dtype)))
+    g = seeded_generator(rows, queries, keys, head_dim, str(dtype))
     q, k, v, grad_out = _inputs(rows, queries, keys, heads, head_dim, kv_repeat, dtype, g)
     out, grads = _run_triton(q, k, v, grad_out, heads, kv_repeat=kv_repeat)
     _assert_triton_ran_forward_and_backward(chosen)

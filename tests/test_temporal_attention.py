@@ -19,7 +19,7 @@ from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.reference import attention as ref
 from turbo_kernels.triton_kernels import temporal_attention as kernels
 
-from .helpers import DEVICE, HAS_GPU, KERNEL_DTYPES, assert_within_2x_of_reference, check_temporal_attention, randn, stable_seed
+from .helpers import DEVICE, HAS_GPU, KERNEL_DTYPES, assert_within_2x_of_reference, check_temporal_attention, randn, seeded_generator
 
 TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
 OPS = ("temporal_attention", "temporal_attention_backward")
@@ -62,7 +62,7 @@ def _assert_triton_ran_forward_and_backward(chosen):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout,batch,frames,positions,heads,head_dim", CASES, ids=CASE_IDS)
 def test_matches_reference(layout, batch, frames, positions, heads, head_dim, dtype, chosen):
-    g = torch.Generator().manual_seed(stable_seed(layout, frames, positions, head_dim, str(dtype)))
+    g = seeded_generator(layout, frames, positions, head_dim, str(dtype))
     shape = _shape(layout, batch, frames, positions, heads, head_dim)
     q, k, v, grad_out = (randn(shape, dtype, g) for _ in range(4))
     inputs = [x.clone().requires_grad_(True) for x in (q, k, v)]

@@ -18,7 +18,7 @@ from turbo_kernels import _cuda_ext, dispatch
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.reference import attention as ref
 
-from .helpers import DEVICE, check_temporal_attention, poison_cuda_allocator, randn, stable_seed
+from .helpers import DEVICE, check_temporal_attention, poison_cuda_allocator, randn, seeded_generator
 
 OPS = ("temporal_attention", "temporal_attention_backward")
 HEAD_DIM = 64
@@ -96,7 +96,7 @@ def test_schemas_are_registered_when_the_extension_is_built():
 @pytest.mark.parametrize("frames", [1, 8, 16, 17, 32])
 @pytest.mark.parametrize("layout", ref.LAYOUTS)
 def test_matches_reference(layout, frames, dtype, chosen):
-    g = torch.Generator().manual_seed(stable_seed(layout, frames, str(dtype)))
+    g = seeded_generator(layout, frames, str(dtype))
     heads = 3
     shape = _shape(layout, 2, frames, 7, heads)
     q, k, v, grad_out = (randn(shape, dtype, g) for _ in range(4))
