@@ -1,19 +1,80 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU machine (torch and triton preinstalled, no network): build the
-# CUDA extension, run the whole test suite (the GPU tier included), then the benchmark harness.
-# Logs and the harness's JSON/PNG go to $OUT (default: benchmarks/results).
+# One prepared run for a lent GPU machine (torch and triton preinstalled, no network), sized for a
+# short lease: build the CUDA extension, run the kernel tests (the GPU tier included), then the
+# benchmark harness, kernel ops first and the end-to-end suites last. Every stage has its own time
+# limit, so a slow stage costs only itself; the harness rewrites its JSON after every case, so a
+# stopped run keeps what it measured.
+#
+#   benchmarks/device_check.sh            # all stages
+#   STAGES="build bench_kernels" benchmarks/device_check.sh
+#   STAGES=bench_rewards BENCH_ARGS=--quick OUT=/tmp/dry benchmarks/device_check.sh   # a dry run on the CPU
+#
+# $OUT (default: benchmarks/results) gets device.log (this script's own output), build.log, tests.log,
+# bench.log and the harness's JSON files: seven files at most, inside the lent machine's limit of eight.
 # Packages the machine lacks (diffusers, open_clip_torch, ...) travel as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
+STAGES="${STAGES:-build tests bench_kernels bench_rewards bench_models}"
 mkdir -p "$OUT"
+exec > >(tee -a "$OUT/device.log") 2>&1
+
+# The extension takes ~2-3 minutes to compile (one nvcc process does most of it), so the tests that
+# cannot reach it run beside the build; those of the ops with a CUDA backend wait for it.
+TRITON_ONLY_TESTS=(
+    tests/test_spatial_attention.py tests/test_motion_energy.py tests/test_temporal_block.py
+    tests/test_reward_preprocess.py
+)
+CUDA_BACKEND_TESTS=(
+    tests/test_temporal_attention.py tests/test_temporal_attention_cuda.py tests/test_solver_kernels.py
+    tests/test_dispatch.py tests/test_patching.py tests/test_compile_and_registration.py tests/test_bench.py
+)
+KERNEL_OPS=guided_solver_step,consistency_output,consistency_sampler_step,pseudo_huber_loss
+KERNEL_OPS+=,temporal_attention,spatial_self_attention,spatial_cross_attention,reward_preprocess
+REWARD_OPS=bf16_matmul,reward_mixture
+MODEL_OPS=unet_forward,generate,distillation_step,motion_prior,whole_recipe
+read -r -a BENCH <<< "python3 -m benchmarks --out $OUT --no-plot ${BENCH_ARGS:-}"
+
+say() { echo "== $* ($(date -u +%T))"; }
+
+# stage NAME SECONDS LOG COMMAND...: runs COMMAND when NAME is in $STAGES, its output appended to $OUT/LOG,
+# killed after SECONDS or at the run's deadline (BUDGET_S after the start), whichever comes first;
+# SECONDS=rest runs to the deadline.
+DEADLINE=$(( SECONDS + ${BUDGET_S:-560} ))
+stage() {
+    local name=$1 seconds=$2 log=$OUT/$3
+    shift 3
+    [[ " $STAGES " == *" $name "* ]] || return 0
+    local left=$(( DEADLINE - SECONDS ))
+    if [[ $seconds == rest ]] || (( seconds > left )); then seconds=$left; fi
+    if (( seconds < 10 )); then say "$name: skipped, the run's time is spent"; return 0; fi
+    say "$name: at most ${seconds}s"
+    timeout --kill-after=10 "$seconds" "$@" >> "$log" 2>&1
+    say "$name: exit $? (log: $log)"
+}
+
 if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { say "wheel install failed"; exit 1; }
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-TURBO_KERNELS_BUILD_CUDA=1 MAX_JOBS="$(nproc)" python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
-    || { tail -30 "$OUT/build.log"; exit 1; }
-python3 -m pytest -q -rs tests 2>&1 | tee "$OUT/tests.log"
-python3 -m benchmarks --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+stage build 240 build.log env TURBO_KERNELS_BUILD_CUDA=1 MAX_JOBS="$(nproc)" python3 setup.py build_ext --inplace &
+building=$!
+# Each test prints its own line as it ends (-v), so a log cut short by the limit still says which passed.
+PYTEST=(python3 -m pytest -v -rfEs -p no:cacheprovider --timeout 120)
+stage tests 150 tests.log "${PYTEST[@]}" -n "$(( $(nproc) - 4 ))" "${TRITON_ONLY_TESTS[@]}"
+wait "$building"
+tail -3 "$OUT/build.log"
+python3 -c "import turbo_kernels as tk; print('backends on cuda:', tk.backends('cuda'))"
+stage tests 120 tests.log "${PYTEST[@]}" -n "$(( $(nproc) * 3 / 4 ))" "${CUDA_BACKEND_TESTS[@]}"
+grep -E "^=+ .*(passed|failed|error)" "$OUT/tests.log"
+
+stage bench_kernels 140 bench.log "${BENCH[@]}" --compile-budget 90 --ops "$KERNEL_OPS"
+stage bench_rewards 60 bench.log "${BENCH[@]}" --warmup 2 --iters 5 --compile-budget 0 --ops "$REWARD_OPS"
+stage bench_models rest bench.log "${BENCH[@]}" --warmup 1 --iters 3 --compile-budget 0 --ops "$MODEL_OPS"
+grep -E "^(PASS|FAIL|n/a|info) " "$OUT/bench.log"
+say "done"

@@ -340,6 +340,7 @@ def assemble(
     skipped: list[dict],
     settings: dict,
     notes: list[str],
+    complete: bool = True,
 ) -> dict:
     """The run's record, in the contract of benchmarks/results/README.md."""
     return {
@@ -354,6 +355,7 @@ def assemble(
         "notes": notes,
         "rows": rows,
         "skipped": skipped,
+        "complete": complete,
     }
 
 
@@ -416,7 +418,9 @@ def write_result(result: dict, out_dir: Path, created: datetime.datetime) -> Pat
     """benchmarks/results/<device-slug>-<UTC timestamp>.json (CPU runs are "cpu-*", kept out of git)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{device_slug(result['device'])}-{created.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(partial, path)
     return path
 
 
@@ -581,19 +585,27 @@ def run(
         copy_gbps = measure_copy_gbps(device, copy_bytes)
         print(f"copy ceiling: {copy_gbps:.1f} GB/s ({copy_bytes // MIB} MiB device-to-device copy, read + write)")
         runner = _Runner(settings)
+
+        def result_so_far(complete: bool) -> dict:
+            run_settings = {
+                "dtype": str(dtype).removeprefix("torch."),
+                "warmup": settings.warmup,
+                "iters": settings.iters,
+                "quick": args.quick,
+                "compile_budget_s": None if math.isinf(settings.compile_budget_s) else settings.compile_budget_s,
+            }
+            return assemble(
+                device, created, copy_gbps, runner.rows, runner.skipped, run_settings, _notes(on_gpu), complete
+            )
+
         for case in cases:
             if args.ops is None or case.op in args.ops:
                 print(f"  timing {case.op} {case.case} {case.pass_name}", file=sys.stderr, flush=True)
                 runner.run(case)
+                # Rewritten after every case, so a run stopped part-way keeps what it measured.
+                write_result(result_so_far(complete=False), args.out, created)
 
-    run_settings = {
-        "dtype": str(dtype).removeprefix("torch."),
-        "warmup": settings.warmup,
-        "iters": settings.iters,
-        "quick": args.quick,
-        "compile_budget_s": None if math.isinf(settings.compile_budget_s) else settings.compile_budget_s,
-    }
-    result = assemble(device, created, copy_gbps, runner.rows, runner.skipped, run_settings, _notes(on_gpu))
+    result = result_so_far(complete=True)
 
     print()
     print(format_table(result) if result["rows"] else "no row could be measured")

@@ -23,6 +23,7 @@ TOP_LEVEL = {
     "validation": bool,
     "rows": list,
     "skipped": list,
+    "complete": bool,
 }
 ROW = {
     "op": str,
@@ -117,6 +118,32 @@ def test_a_failing_impl_is_skipped_with_its_reason(tmp_path):
     assert [row["impl"] for row in result["rows"]] == ["works"]
     reasons = {s["impl"]: s["reason"] for s in result["skipped"]}
     assert reasons == {"broken": "RuntimeError: kernel exploded", "absent": "not here"}
+
+
+def test_a_run_stopped_part_way_keeps_the_cases_it_measured(tmp_path):
+    class Stopped(BaseException):
+        """Stands for the SIGTERM of a time limit: not an Exception, so no row catches it."""
+
+    def stop(_):
+        raise Stopped
+
+    def suite(options: harness.SuiteOptions):
+        for name, call in (("first", lambda x: x + 1), ("second", stop)):
+            yield harness.Case(
+                op=name, case="4", pass_name="fwd",
+                make_inputs=lambda: torch.zeros(4, device=options.device),
+                impls=(harness.Impl("only", call),),
+                bytes_moved=32, dtype=torch.float32, shape=(4,),
+            )
+
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    with pytest.raises(Stopped):
+        harness.run(parser.parse_args(["--quick", "--out", str(tmp_path), "--no-plot"]), [suite])
+    (path,) = tmp_path.glob("*")
+    result = json.loads(path.read_text())
+    assert result["complete"] is False
+    assert [row["op"] for row in result["rows"]] == ["first"]
 
 
 def test_unknown_op_is_refused():
