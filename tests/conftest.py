@@ -36,8 +36,8 @@ def chosen(monkeypatch):
     record = []
     original = dispatch.select
 
-    def spy(op, device, *args):
-        name = original(op, device, *args)
+    def spy(op, device, *args, **kwargs):
+        name = original(op, device, *args, **kwargs)
         record.append((op, name))
         return name
 

@@ -1,5 +1,6 @@
 """The dispatch seam: requested backend, auto order, fallbacks with one warning, clear errors."""
 
+import threading
 import warnings
 
 import pytest
@@ -116,3 +117,53 @@ def test_auto_order_can_put_triton_first():
     assert dispatch.auto_order("temporal_attention") == ("triton", "cuda")
     with pytest.raises(ValueError, match="permutation"):
         dispatch.set_auto_order("temporal_attention", ("triton",))
+
+
+def _differentiable_calls():
+    """name -> (leaf inputs, call returning a scalar) for every op with a dispatched backward."""
+    g = torch.Generator().manual_seed(5)
+
+    def leaves(*shapes):
+        return [torch.randn(shape, generator=g).to(DEVICE).requires_grad_(True) for shape in shapes]
+
+    acp = alphas_cumprod()
+    latent = (2, 4, 2, 4, 4)
+    tokens = (2 * 4, 3, 2 * 16)  # (B*F, N, heads*d) with F = 4, 2 heads of 16
+    calls = {
+        "guided_solver_step": (leaves(latent, latent, latent), lambda z, c, u: sum(
+            out.sum() for out in tk.guided_solver_step(z, c, u, 700, 500, 7.5, acp))),
+        "consistency_output": (leaves(latent, latent), lambda x, e: tk.consistency_output(x, e, 500, acp).sum()),
+        "consistency_sampler_step": (leaves(latent, latent, latent), lambda x, e, n: sum(
+            out.sum() for out in tk.consistency_sampler_step(x, e, 500, 300, acp, noise=n))),
+        "pseudo_huber_loss": (leaves(latent, latent), tk.pseudo_huber_loss),
+        "temporal_attention": (leaves(tokens, tokens, tokens), lambda q, k, v: tk.temporal_attention(
+            q, k, v, 4, 2).square().sum()),
+        "temporal_attention_probs": (leaves(tokens, tokens), lambda q, k: tk.temporal_attention_probs(
+            q, k, 4, 2).square().sum()),
+        "motion_energy": (leaves(tokens, tokens), lambda q, k: tk.motion_energy(
+            q, k, torch.rand(2 * 3, 2, 4, 4, generator=g).to(DEVICE), 4, 2)),
+        "spatial_attention": (leaves(tokens, tokens, tokens), lambda q, k, v: tk.spatial_attention(
+            q, k, v, 2).square().sum()),
+        "reward_preprocess": (leaves((1, 2, 3, 6, 8)), lambda frames: sum(
+            out.square().sum() for out in tk.reward_preprocess(frames, [tk.PreprocessSpec(4, "squash")]))),
+        "strided_linear": (leaves((2, 3, 8), (5, 8)), lambda x, weight: torch.ops.turbo_kernels.strided_linear(
+            x, weight, None, None, None, None, 1, False).square().sum()),
+    }
+    return calls
+
+
+@pytest.mark.skipif(dispatch.machine_unavailable_reason("triton", DEVICE) is not None, reason="Triton not usable here")
+@pytest.mark.parametrize("op", sorted(_differentiable_calls()))
+def test_a_backward_follows_its_forwards_request_on_any_thread(op, chosen):
+    """On CUDA tensors autograd runs backwards on a worker thread, outside the caller's backend()
+    block; here the backward runs after the block has closed, on a thread of its own."""
+    inputs, call = _differentiable_calls()[op]
+    with tk.backend("triton"):
+        loss = call(*inputs)
+    grads = []
+    worker = threading.Thread(target=lambda: grads.extend(torch.autograd.grad(loss, inputs)))
+    worker.start()
+    worker.join()
+    assert len(grads) == len(inputs)
+    assert chosen and {name for _, name in chosen} == {"triton"}, chosen
+    assert any(called.endswith(("_backward", "_grad")) or called == "strided_linear" for called, _ in chosen[1:])

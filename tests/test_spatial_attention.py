@@ -206,7 +206,7 @@ def test_expanded_upstream_gradient(chosen):
         out = spatial_attention(*inputs, 1)
         grads = torch.autograd.grad(out.sum(), inputs)
     _assert_triton_ran_forward_and_backward(chosen)
-    _check_against_reference(q, k, v, torch.ones(q.shape), out, grads, 1)
+    _check_against_reference(q, k, v, torch.ones_like(q), out, grads, 1)
 
 
 @needs_triton
@@ -316,7 +316,8 @@ def test_opcheck(backend_name):
             torch.library.opcheck(torch.ops.turbo_kernels.spatial_attention.default, args + (1, 0.25, 2))
         out, lse = torch.ops.turbo_kernels.spatial_attention(q, k, v, 1, 0.25, 2)
         torch.library.opcheck(
-            torch.ops.turbo_kernels.spatial_attention_backward.default, (grad_out, q, k, v, out, lse, 1, 0.25, 2)
+            torch.ops.turbo_kernels.spatial_attention_backward.default,
+            (grad_out, q, k, v, out, lse, 1, 0.25, 2, backend_name),
         )
 
 

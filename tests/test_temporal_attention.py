@@ -166,7 +166,7 @@ def test_expanded_upstream_gradient(chosen):
         out = temporal_attention(q, k, v, 2, 1)
         grads = torch.autograd.grad(out.sum(), (q, k, v))
     _assert_triton_ran_forward_and_backward(chosen)
-    check_temporal_attention(q, k, v, torch.ones(q.shape), out, grads, 2, 1, "frames")
+    check_temporal_attention(q, k, v, torch.ones_like(q), out, grads, 2, 1, "frames")
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
@@ -272,7 +272,7 @@ def test_opcheck(backend_name, layout):
         _, lse = torch.ops.turbo_kernels.temporal_attention(q, k, v, 4, 2, layout, 0.25)
         torch.library.opcheck(
             torch.ops.turbo_kernels.temporal_attention_backward.default,
-            (grad_out, q, k, v, lse, 4, 2, layout, 0.25),
+            (grad_out, q, k, v, lse, 4, 2, layout, 0.25, backend_name),
         )
 
 

@@ -15,6 +15,11 @@ None or the reason it cannot take these inputs. The choice:
 
 The choice is made inside the registered custom ops, at run time, so `torch.compile` traces one
 opaque op and the choice follows the context in force when the compiled code runs.
+
+A backward follows the request in force when its forward ran (saved by the op's setup_context and
+passed to the backward op as an argument), not the context of the thread that runs it: on CUDA
+tensors autograd runs backwards on a worker thread of its own, outside any `backend()` block of the
+caller. Under torch.compile the forward's request is read when the graph is traced.
 """
 
 from __future__ import annotations
@@ -154,10 +159,11 @@ def _warn_once(op: str, backend_name: str, reason: str) -> None:
     )
 
 
-def select(op: str, device: torch.device, *args) -> str:
-    """The backend that runs `op` on these arguments (see the module docstring for the rules)."""
+def select(op: str, device: torch.device, *args, requested: Optional[str] = None) -> str:
+    """The backend that runs `op` on these arguments (see the module docstring for the rules);
+    `requested` replaces the backend requested in this context (a backward passes its forward's)."""
     impls = _registry[op]
-    requested = requested_backend()
+    requested = requested_backend() if requested is None else _check_name(requested, "requested")
     if requested == "reference":
         return "reference"
     if requested == "auto":
@@ -188,9 +194,9 @@ def select(op: str, device: torch.device, *args) -> str:
     return requested
 
 
-def run(op: str, device: torch.device, *args):
-    """Select a backend for these arguments and call its implementation."""
-    return _registry[op][select(op, device, *args)].fn(*args)
+def run(op: str, device: torch.device, *args, requested: Optional[str] = None):
+    """Select a backend for these arguments (see `select`) and call its implementation."""
+    return _registry[op][select(op, device, *args, requested=requested)].fn(*args)
 
 
 def implementation(op: str, backend_name: str) -> Callable:

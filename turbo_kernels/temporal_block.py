@@ -148,28 +148,32 @@ _group_norm_stats.register_autograd(_stats_backward, setup_context=_stats_setup)
 @torch.library.custom_op("turbo_kernels::strided_linear", mutates_args=())
 def _strided_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], scale: Optional[Tensor],
-    shift: Optional[Tensor], num_frames: int, channels_first_out: bool,
+    shift: Optional[Tensor], num_frames: int, channels_first_out: bool, backend: Optional[str] = None,
 ) -> Tensor:
     return dispatch.run(
-        "strided_linear", x.device, x, weight, bias, residual, scale, shift, num_frames, channels_first_out
+        "strided_linear", x.device, x, weight, bias, residual, scale, shift, num_frames, channels_first_out,
+        requested=backend,
     )
 
 
 @_strided_linear.register_fake
-def _(x, weight, bias, residual, scale, shift, num_frames, channels_first_out):
+def _(x, weight, bias, residual, scale, shift, num_frames, channels_first_out, backend=None):
     rows, tokens, _ = x.shape
     return x.new_empty((rows, weight.shape[0], tokens) if channels_first_out else (rows, tokens, weight.shape[0]))
 
 
 @torch.library.custom_op("turbo_kernels::strided_linear_weight_grad", mutates_args=())
 def _strided_linear_weight_grad(
-    grad_out: Tensor, x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], num_frames: int
+    grad_out: Tensor, x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], num_frames: int,
+    backend: Optional[str] = None,
 ) -> Tensor:
-    return dispatch.run("strided_linear_weight_grad", x.device, grad_out, x, scale, shift, num_frames)
+    return dispatch.run(
+        "strided_linear_weight_grad", x.device, grad_out, x, scale, shift, num_frames, requested=backend
+    )
 
 
 @_strided_linear_weight_grad.register_fake
-def _(grad_out, x, scale, shift, num_frames):
+def _(grad_out, x, scale, shift, num_frames, backend=None):
     return x.new_empty((grad_out.shape[2], x.shape[2]), dtype=_compute_dtype(x))
 
 
@@ -179,10 +183,11 @@ def _is_channels_first(x: Tensor) -> bool:
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, _, _, scale, shift, num_frames, channels_first_out = inputs
+    x, weight, _, _, scale, shift, num_frames, channels_first_out, backend = inputs
     ctx.save_for_backward(x, weight, scale, shift)
     ctx.num_frames = num_frames
     ctx.channels_first_out = channels_first_out
+    ctx.backend = dispatch.requested_backend() if backend is None else backend
 
 
 def _linear_backward(ctx, grad_out):
@@ -194,7 +199,7 @@ def _linear_backward(ctx, grad_out):
     if needs_x or needs_scale or needs_shift:
         # The gradient of a = x*scale + shift, laid out as x is (the stream's layout for proj_in).
         channels_first = _is_channels_first(x)
-        grad_a = _strided_linear(grad, weight.t(), None, None, None, None, num_frames, channels_first)
+        grad_a = _strided_linear(grad, weight.t(), None, None, None, None, num_frames, channels_first, ctx.backend)
         grad_a = grad_a.transpose(1, 2) if channels_first else grad_a
         if scale is None:
             grad_x = grad_a
@@ -207,10 +212,12 @@ def _linear_backward(ctx, grad_out):
             if needs_shift:
                 grad_shift = per_video.sum(dim=(1, 2))
     if needs_weight:
-        grad_weight = _strided_linear_weight_grad(grad, x, scale, shift, num_frames).to(weight.dtype)
+        grad_weight = _strided_linear_weight_grad(grad, x, scale, shift, num_frames, ctx.backend).to(weight.dtype)
     if needs_bias:
         grad_bias = grad.sum(dim=(0, 1), dtype=_compute_dtype(grad)).to(weight.dtype)
-    return grad_x, grad_weight, grad_bias, grad_out if needs_residual else None, grad_scale, grad_shift, None, None
+    return (
+        grad_x, grad_weight, grad_bias, grad_out if needs_residual else None, grad_scale, grad_shift, None, None, None
+    )
 
 
 _strided_linear.register_autograd(_linear_backward, setup_context=_linear_setup)

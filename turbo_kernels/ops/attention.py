@@ -180,15 +180,16 @@ def _(q, k, v, num_frames, heads, layout, scale):
 @torch.library.custom_op("turbo_kernels::temporal_attention_backward", mutates_args=())
 def _temporal_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, num_frames: int, heads: int, layout: str,
-    scale: float,
+    scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return dispatch.run(
-        "temporal_attention_backward", q.device, grad_out, q, k, v, lse, num_frames, heads, layout, scale
+        "temporal_attention_backward", q.device, grad_out, q, k, v, lse, num_frames, heads, layout, scale,
+        requested=backend,
     )
 
 
 @_temporal_attention_backward.register_fake
-def _(grad_out, q, k, v, lse, num_frames, heads, layout, scale):
+def _(grad_out, q, k, v, lse, num_frames, heads, layout, scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -198,6 +199,7 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, lse)
     ctx.mark_non_differentiable(lse)
     ctx.attention = (num_frames, heads, layout, scale)
+    ctx.backend = dispatch.requested_backend()
 
 
 def _backward(ctx, grad_out, _grad_lse):
@@ -205,7 +207,7 @@ def _backward(ctx, grad_out, _grad_lse):
     # Autograd may hand in an expanded grad (e.g. from .sum()); the kernels need unit channel stride.
     if grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    grad_q, grad_k, grad_v = _temporal_attention_backward(grad_out, q, k, v, lse, *ctx.attention)
+    grad_q, grad_k, grad_v = _temporal_attention_backward(grad_out, q, k, v, lse, *ctx.attention, ctx.backend)
     return grad_q, grad_k, grad_v, None, None, None, None
 
 

@@ -124,13 +124,16 @@ def _(q, k, num_frames, heads, layout, scale):
 
 @torch.library.custom_op("turbo_kernels::temporal_attention_probs_backward", mutates_args=())
 def _temporal_attention_probs_backward(
-    grad: Tensor, q: Tensor, k: Tensor, num_frames: int, heads: int, layout: str, scale: float
+    grad: Tensor, q: Tensor, k: Tensor, num_frames: int, heads: int, layout: str, scale: float, backend: str
 ) -> tuple[Tensor, Tensor]:
-    return dispatch.run("temporal_attention_probs_backward", q.device, grad, q, k, num_frames, heads, layout, scale)
+    return dispatch.run(
+        "temporal_attention_probs_backward", q.device, grad, q, k, num_frames, heads, layout, scale,
+        requested=backend,
+    )
 
 
 @_temporal_attention_probs_backward.register_fake
-def _(grad, q, k, num_frames, heads, layout, scale):
+def _(grad, q, k, num_frames, heads, layout, scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
@@ -138,11 +141,12 @@ def _probs_setup(ctx, inputs, output):
     q, k, num_frames, heads, layout, scale = inputs
     ctx.save_for_backward(q, k)
     ctx.attention = (num_frames, heads, layout, scale)
+    ctx.backend = dispatch.requested_backend()
 
 
 def _probs_backward(ctx, grad):
     q, k = ctx.saved_tensors
-    grad_q, grad_k = _temporal_attention_probs_backward(grad, q, k, *ctx.attention)
+    grad_q, grad_k = _temporal_attention_probs_backward(grad, q, k, *ctx.attention, ctx.backend)
     return grad_q, grad_k, None, None, None, None
 
 
@@ -191,15 +195,16 @@ def _(q, k, ref_probs, num_frames, heads, layout, scale, num_videos):
 @torch.library.custom_op("turbo_kernels::motion_energy_backward", mutates_args=())
 def _motion_energy_backward(
     grad: Tensor, q: Tensor, k: Tensor, ref_probs: Tensor, num_frames: int, heads: int, layout: str, scale: float,
-    num_videos: Optional[int],
+    num_videos: Optional[int], backend: str,
 ) -> tuple[Tensor, Tensor]:
     return dispatch.run(
-        "motion_energy_backward", q.device, grad, q, k, ref_probs, num_frames, heads, layout, scale, num_videos
+        "motion_energy_backward", q.device, grad, q, k, ref_probs, num_frames, heads, layout, scale, num_videos,
+        requested=backend,
     )
 
 
 @_motion_energy_backward.register_fake
-def _(grad, q, k, ref_probs, num_frames, heads, layout, scale, num_videos):
+def _(grad, q, k, ref_probs, num_frames, heads, layout, scale, num_videos, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
@@ -207,11 +212,12 @@ def _energy_setup(ctx, inputs, output):
     q, k, ref_probs, num_frames, heads, layout, scale, num_videos = inputs
     ctx.save_for_backward(q, k, ref_probs)
     ctx.energy = (num_frames, heads, layout, scale, num_videos)
+    ctx.backend = dispatch.requested_backend()
 
 
 def _energy_backward(ctx, grad):
     q, k, ref_probs = ctx.saved_tensors
-    grad_q, grad_k = _motion_energy_backward(grad, q, k, ref_probs, *ctx.energy)
+    grad_q, grad_k = _motion_energy_backward(grad, q, k, ref_probs, *ctx.energy, ctx.backend)
     # ref_probs is held constant (SPEC 4: the reference pass has no gradient).
     return grad_q, grad_k, None, None, None, None, None, None
 

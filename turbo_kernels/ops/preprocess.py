@@ -203,17 +203,21 @@ def _(frames, sizes, modes, interpolations, antialias, statistics, crop_offsets,
 def _reward_preprocess_backward(
     grad: Tensor, sizes: list[int], modes: list[int], interpolations: list[int], antialias: list[bool],
     statistics: list[float], crop_offsets: list[int], frames_shape: list[int], frames_dtype: torch.dtype,
-    in_scale: float,
+    in_scale: float, backend: str,
 ) -> Tensor:
     specs = _specs_from_args(sizes, modes, interpolations, antialias, statistics, crop_offsets)
     plan = _plan(specs, frames_shape[3], frames_shape[4], grad.device, _compute_dtype(frames_dtype))
     return dispatch.run(
-        "reward_preprocess_backward", grad.device, grad, plan, sizes, frames_shape, frames_dtype, in_scale
+        "reward_preprocess_backward", grad.device, grad, plan, sizes, frames_shape, frames_dtype, in_scale,
+        requested=backend,
     )
 
 
 @_reward_preprocess_backward.register_fake
-def _(grad, sizes, modes, interpolations, antialias, statistics, crop_offsets, frames_shape, frames_dtype, in_scale):
+def _(
+    grad, sizes, modes, interpolations, antialias, statistics, crop_offsets, frames_shape, frames_dtype, in_scale,
+    backend,
+):
     return grad.new_empty(frames_shape, dtype=frames_dtype)
 
 
@@ -223,11 +227,12 @@ def _setup(ctx, inputs, output):
     ctx.frames_shape = list(frames.shape)
     ctx.frames_dtype = frames.dtype
     ctx.in_scale = in_scale
+    ctx.backend = dispatch.requested_backend()
 
 
 def _backward(ctx, grad):
     grad_frames = _reward_preprocess_backward(
-        grad.contiguous(), *ctx.spec_args, ctx.frames_shape, ctx.frames_dtype, ctx.in_scale
+        grad.contiguous(), *ctx.spec_args, ctx.frames_shape, ctx.frames_dtype, ctx.in_scale, ctx.backend
     )
     return (grad_frames,) + (None,) * (len(ctx.spec_args) + 3)
 

@@ -113,16 +113,17 @@ def _(z_t, eps_cond, eps_uncond, score, t_hi, t_lo, w, motion_scale, alphas_cump
 @torch.library.custom_op("turbo_kernels::guided_solver_step_backward", mutates_args=())
 def _guided_solver_step_backward(
     grad_z_lo: Tensor, grad_x0: Tensor, t_hi: Tensor, t_lo: Tensor, w: Tensor, motion_scale: Tensor,
-    alphas_cumprod: Tensor, release_form: bool, has_score: bool,
+    alphas_cumprod: Tensor, release_form: bool, has_score: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return dispatch.run(
         "guided_solver_step_backward", grad_z_lo.device,
         grad_z_lo, grad_x0, t_hi, t_lo, w, motion_scale, alphas_cumprod, release_form, has_score,
+        requested=backend,
     )
 
 
 @_guided_solver_step_backward.register_fake
-def _(grad_z_lo, grad_x0, t_hi, t_lo, w, motion_scale, alphas_cumprod, release_form, has_score):
+def _(grad_z_lo, grad_x0, t_hi, t_lo, w, motion_scale, alphas_cumprod, release_form, has_score, backend):
     grad_score = torch.empty_like(grad_z_lo) if has_score else grad_z_lo.new_empty(0)
     return torch.empty_like(grad_z_lo), torch.empty_like(grad_z_lo), torch.empty_like(grad_z_lo), grad_score
 
@@ -132,6 +133,7 @@ def _guided_setup(ctx, inputs, output):
     ctx.save_for_backward(t_hi, t_lo, w, motion_scale, alphas_cumprod)
     ctx.release_form = release_form
     ctx.has_score = score is not None
+    ctx.backend = dispatch.requested_backend()
     ctx.like = (z_t.shape, z_t.dtype, z_t.device)
 
 
@@ -140,7 +142,8 @@ def _guided_backward(ctx, grad_z_lo, grad_x0):
     like = ctx.like
     grad_z_lo, grad_x0 = _dense_grads(_zeros_if_none(grad_z_lo, like), _zeros_if_none(grad_x0, like))
     g_z_t, g_eps_c, g_eps_u, g_score = _guided_solver_step_backward(
-        grad_z_lo, grad_x0, t_hi, t_lo, w, motion_scale, alphas_cumprod, ctx.release_form, ctx.has_score
+        grad_z_lo, grad_x0, t_hi, t_lo, w, motion_scale, alphas_cumprod, ctx.release_form, ctx.has_score,
+        ctx.backend,
     )
     return g_z_t, g_eps_c, g_eps_u, (g_score if ctx.has_score else None), None, None, None, None, None, None
 
@@ -211,15 +214,16 @@ def _(sample, eps, t, alphas_cumprod, timestep_scaling, sigma_data):
 
 @torch.library.custom_op("turbo_kernels::consistency_output_backward", mutates_args=())
 def _consistency_output_backward(
-    grad_out: Tensor, t: Tensor, alphas_cumprod: Tensor, timestep_scaling: float, sigma_data: float
+    grad_out: Tensor, t: Tensor, alphas_cumprod: Tensor, timestep_scaling: float, sigma_data: float, backend: str
 ) -> tuple[Tensor, Tensor]:
     return dispatch.run(
-        "consistency_output_backward", grad_out.device, grad_out, t, alphas_cumprod, timestep_scaling, sigma_data
+        "consistency_output_backward", grad_out.device, grad_out, t, alphas_cumprod, timestep_scaling, sigma_data,
+        requested=backend,
     )
 
 
 @_consistency_output_backward.register_fake
-def _(grad_out, t, alphas_cumprod, timestep_scaling, sigma_data):
+def _(grad_out, t, alphas_cumprod, timestep_scaling, sigma_data, backend):
     return torch.empty_like(grad_out), torch.empty_like(grad_out)
 
 
@@ -227,12 +231,13 @@ def _consistency_setup(ctx, inputs, output):
     _, _, t, alphas_cumprod, timestep_scaling, sigma_data = inputs
     ctx.save_for_backward(t, alphas_cumprod)
     ctx.scalings = (timestep_scaling, sigma_data)
+    ctx.backend = dispatch.requested_backend()
 
 
 def _consistency_backward(ctx, grad_out):
     t, alphas_cumprod = ctx.saved_tensors
     (grad_out,) = _dense_grads(grad_out)
-    g_sample, g_eps = _consistency_output_backward(grad_out, t, alphas_cumprod, *ctx.scalings)
+    g_sample, g_eps = _consistency_output_backward(grad_out, t, alphas_cumprod, *ctx.scalings, ctx.backend)
     return g_sample, g_eps, None, None, None, None
 
 
@@ -283,16 +288,17 @@ def _(sample, eps, noise, t, t_prev, alphas_cumprod, timestep_scaling, sigma_dat
 @torch.library.custom_op("turbo_kernels::consistency_sampler_step_backward", mutates_args=())
 def _consistency_sampler_step_backward(
     grad_denoised: Tensor, grad_next: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor,
-    timestep_scaling: float, sigma_data: float,
+    timestep_scaling: float, sigma_data: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return dispatch.run(
         "consistency_sampler_step_backward", grad_denoised.device,
         grad_denoised, grad_next, t, t_prev, alphas_cumprod, timestep_scaling, sigma_data,
+        requested=backend,
     )
 
 
 @_consistency_sampler_step_backward.register_fake
-def _(grad_denoised, grad_next, t, t_prev, alphas_cumprod, timestep_scaling, sigma_data):
+def _(grad_denoised, grad_next, t, t_prev, alphas_cumprod, timestep_scaling, sigma_data, backend):
     return tuple(torch.empty_like(grad_denoised) for _ in range(3))
 
 
@@ -301,6 +307,7 @@ def _sampler_setup(ctx, inputs, output):
     ctx.save_for_backward(t, t_prev, alphas_cumprod)
     ctx.scalings = (timestep_scaling, sigma_data)
     ctx.like = (sample.shape, sample.dtype, sample.device)
+    ctx.backend = dispatch.requested_backend()
 
 
 def _sampler_backward(ctx, grad_denoised, grad_next):
@@ -308,7 +315,7 @@ def _sampler_backward(ctx, grad_denoised, grad_next):
     like = ctx.like
     grad_denoised, grad_next = _dense_grads(_zeros_if_none(grad_denoised, like), _zeros_if_none(grad_next, like))
     g_sample, g_eps, g_noise = _consistency_sampler_step_backward(
-        grad_denoised, grad_next, t, t_prev, alphas_cumprod, *ctx.scalings
+        grad_denoised, grad_next, t, t_prev, alphas_cumprod, *ctx.scalings, ctx.backend
     )
     return g_sample, g_eps, g_noise, None, None, None, None, None
 
@@ -360,12 +367,14 @@ def _(pred, target, c):
 
 
 @torch.library.custom_op("turbo_kernels::pseudo_huber_loss_backward", mutates_args=())
-def _pseudo_huber_loss_backward(grad: Tensor, pred: Tensor, target: Tensor, c: float) -> tuple[Tensor, Tensor]:
-    return dispatch.run("pseudo_huber_loss_backward", pred.device, grad, pred, target, c)
+def _pseudo_huber_loss_backward(
+    grad: Tensor, pred: Tensor, target: Tensor, c: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    return dispatch.run("pseudo_huber_loss_backward", pred.device, grad, pred, target, c, requested=backend)
 
 
 @_pseudo_huber_loss_backward.register_fake
-def _(grad, pred, target, c):
+def _(grad, pred, target, c, backend):
     return torch.empty_like(pred), torch.empty_like(target)
 
 
@@ -373,11 +382,12 @@ def _huber_setup(ctx, inputs, output):
     pred, target, c = inputs
     ctx.save_for_backward(pred, target)
     ctx.c = c
+    ctx.backend = dispatch.requested_backend()
 
 
 def _huber_backward(ctx, grad):
     pred, target = ctx.saved_tensors
-    g_pred, g_target = _pseudo_huber_loss_backward(grad.contiguous(), pred, target, ctx.c)
+    g_pred, g_target = _pseudo_huber_loss_backward(grad.contiguous(), pred, target, ctx.c, ctx.backend)
     return g_pred, g_target, None
 
 

@@ -151,15 +151,16 @@ def _(q, k, v, heads, scale, kv_repeat):
 @torch.library.custom_op("turbo_kernels::spatial_attention_backward", mutates_args=())
 def _spatial_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, heads: int, scale: float,
-    kv_repeat: int,
+    kv_repeat: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return dispatch.run(
-        "spatial_attention_backward", q.device, grad_out, q, k, v, out, lse, heads, scale, kv_repeat
+        "spatial_attention_backward", q.device, grad_out, q, k, v, out, lse, heads, scale, kv_repeat,
+        requested=backend,
     )
 
 
 @_spatial_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, heads, scale, kv_repeat):
+def _(grad_out, q, k, v, out, lse, heads, scale, kv_repeat, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -169,6 +170,7 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.mark_non_differentiable(lse)
     ctx.attention = (heads, scale, kv_repeat)
+    ctx.backend = dispatch.requested_backend()
 
 
 def _backward(ctx, grad_out, _grad_lse):
@@ -176,7 +178,7 @@ def _backward(ctx, grad_out, _grad_lse):
     # Autograd may hand in an expanded grad (e.g. from .sum()); the kernels need unit channel stride.
     if grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    grad_q, grad_k, grad_v = _spatial_attention_backward(grad_out, q, k, v, out, lse, *ctx.attention)
+    grad_q, grad_k, grad_v = _spatial_attention_backward(grad_out, q, k, v, out, lse, *ctx.attention, ctx.backend)
     return grad_q, grad_k, grad_v, None, None, None
 
 
