@@ -14,8 +14,8 @@ Two paths, chosen by the launcher from the key count M:
   every program holds all keys, so the forward is a single-pass softmax (row max, exp, row sum,
   one P V product; no online rescaling), and the backward is one fused kernel that has whole rows
   of P: delta = rowsum(P * dP) comes from fp32 tiles at hand (no read of O, no storage rounding),
-  dq is written directly, and dk, dv accumulate over a run of query blocks (of all kv_repeat
-  frames) into one fp32 partial per program, summed by the launcher. 16-bit storage only.
+  dq is written directly, and dk, dv accumulate in fp32 over every query block of the kv_repeat
+  rows that attend to the program's (kv row, head). 16-bit storage only.
 - blocked (self-attention, and fp32 storage at every M): FlashAttention-2. The forward walks KV
   blocks with an online softmax; the backward is a dq kernel (one program per query block, which
   also writes delta = rowsum(dO * O) = rowsum(P * dP) of its rows) then a dk/dv kernel (one
@@ -48,13 +48,12 @@ MAX_HEAD_DIM = 64
 MIN_DOT = 16
 # The largest padded key count one program holds whole: the 77 text tokens pad to 128.
 WHOLE_KV_MAX = 128
-# The fused whole-KV backward spreads the query blocks that attend to each (kv row, head) over
-# programs: about TARGET_PROGRAMS in all (two waves of an H100's 132 SMs, which hold one such
-# program each at ~200 registers x 256 threads), each with at least MIN_QUERY_BLOCKS_PER_PROGRAM
-# blocks, as every program writes fp32 dk, dv partials of all keys (39 KiB at M = 77, d = 64)
-# against 12 KiB of q, dO and dq a 32-query block.
-TARGET_PROGRAMS = 264
-MIN_QUERY_BLOCKS_PER_PROGRAM = 8
+# The fused whole-KV backward runs one program per (kv row, head), walking every query block that
+# attends to it. Spreading those blocks over several programs whose fp32 dk, dv partials the
+# launcher sums (to fill the GPU when B*F/kv_repeat x heads is small) computed dq and dv right but
+# dk wrong on an H100 under Triton 3.6 (max error 0.5-1.2 on |dk| <= 20 at the VideoCrafter2
+# cross-attention shapes, in fp16 and bf16, while the interpreter's dk was right), so that variant
+# is gone until it is understood and tested on a GPU.
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -197,16 +196,17 @@ def blocked_fwd_kernel(
 
 @triton.jit
 def whole_kv_bwd_kernel(
-    grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, grad_q_ptr, grad_k_partial_ptr, grad_v_partial_ptr,
-    num_queries, num_keys, heads, kv_repeat, num_query_blocks, blocks_per_program, num_splits, scale,
+    grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, grad_q_ptr, grad_k_fp32_ptr, grad_v_fp32_ptr,
+    num_queries, num_keys, heads, kv_repeat, num_query_blocks, scale,
     grad_out_stride_b, grad_out_stride_n, q_stride_b, q_stride_n, k_stride_b, k_stride_n,
     v_stride_b, v_stride_n, grad_q_stride_b, grad_q_stride_n,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, KV_PAD: tl.constexpr,
 ):
-    """One program: one (kv row, head) and a run of `blocks_per_program` query blocks out of the
-    kv_repeat * num_query_blocks that attend to that kv row; writes their dq and its share of dk,
-    dv to partial (kv row, split) of the fp32 (B*F / kv_repeat, num_splits, M, heads*d) buffers."""
-    split, kv_row, head = _program_tile(num_splits, heads)
+    """One program: one (kv row, head) and the kv_repeat * num_query_blocks query blocks that
+    attend to it; writes their dq, and dk, dv of that (kv row, head) to the fp32
+    (B*F / kv_repeat, M, heads*d) buffers."""
+    kv_row = tl.program_id(0) // heads
+    head = tl.program_id(0) % heads
     channels, channel_valid = _head_channels(head, HEAD_DIM, D_PAD)
     keys = tl.arange(0, KV_PAD)
     key_valid = keys < num_keys
@@ -218,9 +218,7 @@ def whole_kv_bwd_kernel(
     grad_k = tl.zeros((KV_PAD, D_PAD), dtype=tl.float32)
     grad_v = tl.zeros((KV_PAD, D_PAD), dtype=tl.float32)
 
-    first = split * blocks_per_program
-    last = tl.minimum(first + blocks_per_program, kv_repeat * num_query_blocks)
-    for block in range(first, last):
+    for block in range(0, kv_repeat * num_query_blocks):
         row = kv_row * kv_repeat + block // num_query_blocks
         queries = (block % num_query_blocks) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         # Padded query rows load q = 0, dO = 0 and lse = 0: finite probabilities that, times
@@ -244,11 +242,11 @@ def whole_kv_bwd_kernel(
         tl.store(grad_q_ptr + grad_q_offsets, grad_q.to(grad_q_ptr.dtype.element_ty), mask=query_mask)
         grad_k += tl.dot(tl.trans(grad_logits), q, input_precision="ieee")
 
-    # The partial buffers are contiguous (.., M, heads*d).
+    # The fp32 buffers are contiguous (B*F / kv_repeat, M, heads*d).
     stride_n = heads * HEAD_DIM
-    partial_offsets = _tile_offsets(kv_row * num_splits + split, keys, channels, num_keys * stride_n, stride_n)
-    tl.store(grad_k_partial_ptr + partial_offsets, grad_k * scale, mask=kv_mask)
-    tl.store(grad_v_partial_ptr + partial_offsets, grad_v, mask=kv_mask)
+    kv_offsets = _tile_offsets(kv_row, keys, channels, num_keys * stride_n, stride_n)
+    tl.store(grad_k_fp32_ptr + kv_offsets, grad_k * scale, mask=kv_mask)
+    tl.store(grad_v_fp32_ptr + kv_offsets, grad_v, mask=kv_mask)
 
 
 @triton.jit
@@ -394,20 +392,11 @@ def whole_kv_pad(num_keys: int, dtype: torch.dtype) -> int:
     return pad if pad <= WHOLE_KV_MAX and dtype != torch.float32 else 0
 
 
-def backward_splits(query_blocks: int, kv_rows_heads: int) -> tuple[int, int]:
-    """(blocks_per_program, num_splits) of the whole-KV backward for `query_blocks` query blocks a
-    (kv row, head) and `kv_rows_heads` such pairs."""
-    wanted = triton.cdiv(TARGET_PROGRAMS, kv_rows_heads)
-    splits = min(wanted, triton.cdiv(query_blocks, MIN_QUERY_BLOCKS_PER_PROGRAM))
-    blocks_per_program = triton.cdiv(query_blocks, splits)
-    return blocks_per_program, triton.cdiv(query_blocks, blocks_per_program)
-
-
 # ---- production configurations for the kernel report (see launch_config.py) ----------------------
 # VideoCrafter2: head dim 64 in every storage dtype; in 16-bit storage the 77 text tokens (padded
 # to 128) on the whole-KV path and self-attention on the blocked one, fp32 all on the blocked
 # path, and the 40-token middle block (padded to 64) in bf16, the training dtype. The whole-KV
-# backward's partials are fp32 whatever the storage.
+# backward's dk, dv buffers are fp32 whatever the storage.
 
 _SIZES = dict(num_queries="i32", num_keys="i32", heads="i32", kv_repeat="i32", scale="fp32")
 
@@ -418,8 +407,8 @@ def _strides(*names: str) -> dict:
 
 _FWD_ARGS = dict(_SIZES, lse_ptr="*fp32", num_query_blocks="i32", **_strides("q", "k", "v", "out"))
 _WHOLE_KV_BWD_ARGS = dict(
-    _SIZES, lse_ptr="*fp32", grad_k_partial_ptr="*fp32", grad_v_partial_ptr="*fp32", num_query_blocks="i32",
-    blocks_per_program="i32", num_splits="i32", **_strides("grad_out", "q", "k", "v", "grad_q"),
+    _SIZES, lse_ptr="*fp32", grad_k_fp32_ptr="*fp32", grad_v_fp32_ptr="*fp32", num_query_blocks="i32",
+    **_strides("grad_out", "q", "k", "v", "grad_q"),
 )
 _ROW_STATS = dict(lse_ptr="*fp32", delta_ptr="*fp32", row_scale_ptr="*fp32")
 _DQ_ARGS = dict(
@@ -537,16 +526,14 @@ def spatial_attention_backward(grad_out, q, k, v, out, lse, heads: int, scale: f
     if kv_pad:
         constexprs, num_warps = whole_kv_constexprs(WHOLE_KV_BWD, head_dim, kv_pad)
         num_query_blocks = triton.cdiv(num_queries, constexprs["BLOCK_Q"])
-        blocks_per_program, splits = backward_splits(kv_repeat * num_query_blocks, kv_rows * heads)
-        partial_shape = (kv_rows, splits, num_keys, channels)
-        grad_k_partial, grad_v_partial = (new_output(partial_shape, torch.float32, q.device) for _ in range(2))
+        grad_k_fp32, grad_v_fp32 = (new_output(k.shape, torch.float32, q.device) for _ in range(2))
         _launch(
-            whole_kv_bwd_kernel, splits * kv_rows * heads,
-            [grad_out, q, k, v, lse, grad_q, grad_k_partial, grad_v_partial],
-            sizes + [num_query_blocks, blocks_per_program, splits, float(scale)], [grad_out, q, k, v, grad_q],
+            whole_kv_bwd_kernel, kv_rows * heads,
+            [grad_out, q, k, v, lse, grad_q, grad_k_fp32, grad_v_fp32],
+            sizes + [num_query_blocks, float(scale)], [grad_out, q, k, v, grad_q],
             constexprs, num_warps,
         )
-        return grad_q, grad_k_partial.sum(1).to(k.dtype), grad_v_partial.sum(1).to(v.dtype)
+        return grad_q, grad_k_fp32.to(k.dtype), grad_v_fp32.to(v.dtype)
 
     delta = new_output(lse.shape, torch.float32, q.device)
     # Without RENORMALISE the kernels never touch row_scale; delta stands in for the pointer.
