@@ -112,11 +112,11 @@ def test_ops_without_a_cuda_kernel_fall_back_when_cuda_is_forced():
         tk.pseudo_huber_loss(x, x)
 
 
-def test_auto_order_can_put_triton_first():
-    assert dispatch.auto_order("guided_solver_step") == ("cuda", "triton")
-    assert dispatch.auto_order("temporal_attention") == ("triton", "cuda")
-    with pytest.raises(ValueError, match="permutation"):
-        dispatch.set_auto_order("temporal_attention", ("triton",))
+def test_auto_tries_triton_before_cuda():
+    """The order the H100 harness run measured (every Triton kernel ahead of its CUDA one)."""
+    assert dispatch.AUTO_ORDER == ("triton", "cuda")
+    listed = tk.backends("cuda")["guided_solver_step"]
+    assert listed[0] == "triton" and listed == [n for n in ("triton", "cuda", "reference") if n in listed]
 
 
 def _differentiable_calls():

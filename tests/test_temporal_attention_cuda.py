@@ -188,7 +188,7 @@ def test_empty_input(layout):
     q = torch.empty(shape, device=DEVICE, dtype=torch.bfloat16)
     with tk.backend("cuda"):
         out, lse = torch.ops.turbo_kernels.temporal_attention(q, q, q, 4, 2, layout, 0.5)
-        grads = torch.ops.turbo_kernels.temporal_attention_backward(q, q, q, q, lse, 4, 2, layout, 0.5)
+        grads = torch.ops.turbo_kernels.temporal_attention_backward(q, q, q, q, lse, 4, 2, layout, 0.5, "cuda")
     assert out.shape == q.shape and lse.shape == (0, 2, 4)
     assert all(grad.shape == q.shape for grad in grads)
 

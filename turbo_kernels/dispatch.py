@@ -6,9 +6,10 @@ None or the reason it cannot take these inputs. The choice:
 
 - the requested backend comes from `with turbo_kernels.backend(name):`, else the environment
   variable TURBO_KERNELS_BACKEND, else "auto";
-- "auto" tries cuda > triton on CUDA tensors (an op may reverse that with `set_auto_order` until
-  the harness shows its CUDA kernel ahead) and takes the first whose check passes; CPU tensors run
-  the reference (the Triton interpreter is a testing tool, never an automatic choice);
+- "auto" tries triton > cuda on CUDA tensors and takes the first whose check passes (on an H100
+  in bf16 the harness measured every Triton kernel ahead of its CUDA counterpart:
+  benchmarks/results/nvidia-h100-80gb-hbm3-20261126T090637Z.json); CPU tensors run the reference
+  (the Triton interpreter is a testing tool, never an automatic choice);
 - a forced backend that cannot run on this machine or device raises BackendUnavailableError;
 - inputs that the chosen kernels do not support fall back to the reference with a warning that is
   given once per (op, backend, reason).
@@ -59,8 +60,7 @@ class Implementation:
 _registry: dict[str, dict[str, Implementation]] = {}
 _override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("turbo_kernels_backend", default=None)
 _warned: set[tuple[str, str, str]] = set()
-_auto_order: dict[str, tuple[str, ...]] = {}
-DEFAULT_AUTO_ORDER = ("cuda", "triton")
+AUTO_ORDER = ("triton", "cuda")
 
 
 def register(op: str, backend_name: str, supports: SupportsCheck | None = None) -> Callable:
@@ -73,17 +73,6 @@ def register(op: str, backend_name: str, supports: SupportsCheck | None = None) 
         return fn
 
     return decorator
-
-
-def set_auto_order(op: str, order: tuple[str, ...]) -> None:
-    """The kernel backends "auto" tries for `op` on CUDA tensors, best first."""
-    if sorted(order) != sorted(DEFAULT_AUTO_ORDER):
-        raise ValueError(f"order must be a permutation of {DEFAULT_AUTO_ORDER}, got {order!r}")
-    _auto_order[op] = tuple(order)
-
-
-def auto_order(op: str) -> tuple[str, ...]:
-    return _auto_order.get(op, DEFAULT_AUTO_ORDER)
 
 
 def _check_name(name: str, what: str) -> str:
@@ -167,7 +156,7 @@ def select(op: str, device: torch.device, *args, requested: Optional[str] = None
     if requested == "reference":
         return "reference"
     if requested == "auto":
-        candidates = auto_order(op) if device.type == "cuda" else ()
+        candidates = AUTO_ORDER if device.type == "cuda" else ()
         rejections = []
         for name in candidates:
             impl = impls.get(name)
@@ -217,7 +206,7 @@ def backends(device: str | torch.device | None = None) -> dict[str, list[str]]:
     return {
         op: [
             name
-            for name in auto_order(op) + ("reference",)
+            for name in AUTO_ORDER + ("reference",)
             if name in impls and machine_unavailable_reason(name, device) is None
         ]
         for op, impls in sorted(_registry.items())

@@ -155,10 +155,6 @@ dispatch.register("temporal_attention_backward", "triton", _backward_problem)(
 )
 dispatch.register("temporal_attention", "cuda", _cuda_forward_problem)(_cuda_forward)
 dispatch.register("temporal_attention_backward", "cuda", _cuda_backward_problem)(_cuda_backward)
-# The CUDA kernel has not yet been measured against the Triton one on a GPU: until the harness
-# shows it ahead, "auto" keeps Triton first and the CUDA kernel runs when forced.
-for _op in ("temporal_attention", "temporal_attention_backward"):
-    dispatch.set_auto_order(_op, ("triton", "cuda"))
 
 
 # ---- custom ops --------------------------------------------------------------------------------
