@@ -9,18 +9,19 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from benchmarks import attention, harness, models, preprocess, rewards, solver, spatial, training
+from benchmarks import attention, harness, models, preprocess, rewards, solver, spatial, temporal_block, training
 
 SUITES: tuple[harness.Suite, ...] = (
     solver.cases,
     attention.cases,
+    temporal_block.cases,
     spatial.cases,
     preprocess.cases,
     models.cases,
     training.cases,
     rewards.cases,
 )
-SUMMARIES = (models.summary, training.summary, rewards.summary)
+SUMMARIES = (temporal_block.summary, models.summary, training.summary, rewards.summary)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

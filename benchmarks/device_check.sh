@@ -30,7 +30,7 @@ CUDA_BACKEND_TESTS=(
     tests/test_dispatch.py tests/test_patching.py tests/test_compile_and_registration.py tests/test_bench.py
 )
 KERNEL_OPS=guided_solver_step,consistency_output,consistency_sampler_step,pseudo_huber_loss
-KERNEL_OPS+=,temporal_attention,spatial_self_attention,spatial_cross_attention,reward_preprocess
+KERNEL_OPS+=,temporal_attention,temporal_block,spatial_self_attention,spatial_cross_attention,reward_preprocess
 REWARD_OPS=bf16_matmul,reward_mixture
 MODEL_OPS=unet_forward,generate,distillation_step,motion_prior,whole_recipe
 read -r -a BENCH <<< "python3 -m benchmarks --out $OUT --no-plot ${BENCH_ARGS:-}"

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import attention, harness, preprocess, solver, spatial
+from benchmarks import attention, harness, preprocess, solver, spatial, temporal_block
 from t2v_turbo.cli import main
 
 TOP_LEVEL = {
@@ -52,7 +52,7 @@ def _check_fields(record: dict, fields: dict) -> None:
         assert isinstance(record[name], kind), (name, record[name])
 
 
-KERNEL_OPS = [op.name for op in solver.OPS] + [attention.OP] + list(spatial.OPS) + [preprocess.OP]
+KERNEL_OPS = [op.name for op in solver.OPS] + [attention.OP, temporal_block.OP] + list(spatial.OPS) + [preprocess.OP]
 
 
 def test_quick_run_keeps_the_json_contract(tmp_path):

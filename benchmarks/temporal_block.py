@@ -1,0 +1,138 @@
+"""Benchmark cases of the fused temporal transformer (SPEC 1; turbo_kernels.FusedTemporalTransformer)
+at VideoCrafter2 shapes, against the release's code path (reference.temporal_block) eagerly and
+under torch.compile.
+
+Every level of the UNet runs one temporal transformer on its (B*F, C, H, W) stream: C = 320, 640,
+1280, 1280 channels on 40x64, 20x32, 10x16 and 5x8 latents, with 5, 10, 20, 20 heads of 64. The
+input is the stream; forward+backward takes the gradients of the stream and of every parameter
+from a fixed upstream gradient, as training does. The forward alone runs under no_grad, as sampling
+does.
+
+    python -m benchmarks.temporal_block [--warmup N --iters N ...]
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+import turbo_kernels as tk
+from benchmarks import models
+from benchmarks.harness import COMPILED, EAGER, Case, Impl, SuiteOptions
+from turbo_kernels import FusedTemporalTransformer
+
+OP = "temporal_block"
+FRAMES = 16
+HEAD_DIM = 64
+# (channels, height, width, heads) of the UNet's levels: 40x64, 20x32, 10x16 latents and the middle block.
+LEVELS = ((320, 40, 64, 5), (640, 20, 32, 10), (1280, 10, 16, 20), (1280, 5, 8, 20))
+QUICK_FRAMES = 4
+QUICK_HEAD_DIM = 16
+QUICK_LEVELS = ((64, 4, 4, 2),)
+GPU_BATCH_SIZES = (1, 4)
+CPU_BATCH_SIZES = (1,)
+# Ideal traffic in stream-sized tensors: the forward reads x and writes out; the backward reads x
+# and dO and writes dx. Parameters: read once forward; read again and their gradients written backward.
+STREAM_TRAFFIC = {"fwd": 2, "fwd+bwd": 5}
+PARAMETER_TRAFFIC = {"fwd": 1, "fwd+bwd": 3}
+# Issue 3's target: the fused block at least this much faster than the reference block.
+TARGET_SPEEDUP = 1.5
+
+
+def _inputs(shape, pass_name: str, make_module: Callable[[], FusedTemporalTransformer], options: SuiteOptions):
+    generator = torch.Generator(device=options.device).manual_seed(options.seed)
+    with_grad = pass_name == "fwd+bwd"
+
+    def make_inputs() -> SimpleNamespace:
+        module = make_module()
+        x = torch.randn(shape, generator=generator, device=options.device, dtype=options.dtype)
+        return SimpleNamespace(
+            module=module,
+            x=x.requires_grad_(with_grad),
+            differentiable=(x, *module.parameters()) if with_grad else (),
+            grad_out=torch.randn(shape, generator=generator, device=options.device, dtype=options.dtype)
+            if with_grad else None,
+        )
+
+    return make_inputs
+
+
+def _timed(forward: Callable[[SimpleNamespace], torch.Tensor], with_grad: bool) -> Callable:
+    def call(inputs: SimpleNamespace):
+        if not with_grad:
+            with torch.no_grad():
+                return forward(inputs)
+        return torch.autograd.grad(forward(inputs), inputs.differentiable, inputs.grad_out)
+
+    return call
+
+
+def _impls(frames: int, with_grad: bool, device: torch.device) -> tuple[Impl, ...]:
+    compiled = torch.compile(lambda module, x: module.reference_forward(x, frames), dynamic=False)
+
+    def fused(inputs: SimpleNamespace) -> torch.Tensor:
+        with tk.backend("triton"):
+            return inputs.module(inputs.x, frames)
+
+    return (
+        Impl(EAGER, _timed(lambda inputs: inputs.module.reference_forward(inputs.x, frames), with_grad)),
+        Impl(COMPILED, _timed(lambda inputs: compiled(inputs.module, inputs.x), with_grad), compiles=True),
+        Impl("triton", _timed(fused, with_grad), unavailable=models.kernels_unavailable(device)),
+    )
+
+
+def cases(options: SuiteOptions) -> Iterator[Case]:
+    """The fused temporal transformer forward and forward+backward at every level of the UNet."""
+    frames, head_dim, levels = (
+        (QUICK_FRAMES, QUICK_HEAD_DIM, QUICK_LEVELS) if options.quick else (FRAMES, HEAD_DIM, LEVELS)
+    )
+    on_gpu = options.device.type == "cuda"
+    batch_sizes = options.batch_sizes or (GPU_BATCH_SIZES if on_gpu and not options.quick else CPU_BATCH_SIZES)
+    element_size = torch.empty((), dtype=options.dtype).element_size()
+    for pass_name in ("fwd", "fwd+bwd"):
+        for batch in batch_sizes:
+            for channels, height, width, heads in levels:
+                # One module a case, shared by its input sets (built on first use).
+                make_module = functools.cache(
+                    lambda channels=channels, heads=heads: FusedTemporalTransformer(channels, heads, head_dim)
+                    .to(options.device, options.dtype)
+                )
+                shape = (batch * frames, channels, height, width)
+                parameters = models.parameter_count(functools.partial(FusedTemporalTransformer, channels, heads, head_dim))
+                yield Case(
+                    op=OP,
+                    case=f"b{batch}-c{channels}-{height}x{width}-h{heads}",
+                    pass_name=pass_name,
+                    make_inputs=_inputs(shape, pass_name, make_module, options),
+                    impls=_impls(frames, pass_name == "fwd+bwd", options.device),
+                    bytes_moved=(STREAM_TRAFFIC[pass_name] * torch.Size(shape).numel()
+                                 + PARAMETER_TRAFFIC[pass_name] * parameters) * element_size,
+                    dtype=options.dtype,
+                    shape=shape,
+                )
+
+
+def summary(result: dict) -> list[str]:
+    """Issue 3's target for the fused block (>= 1.5x the reference block), per measured case and pass."""
+    lines = []
+    for pass_name in ("fwd", "fwd+bwd"):
+        rows = {
+            (row["case"], row["impl"]): row
+            for row in result["rows"]
+            if row["op"] == OP and row["pass"] == pass_name
+        }
+        for case in dict.fromkeys(case for case, _ in rows):
+            label = f"temporal block {case} {pass_name}"
+            lines.append(models.speedup_line(label, rows, case, "triton", EAGER, TARGET_SPEEDUP))
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return models.run_suite(cases, summary, argv, "python -m benchmarks.temporal_block")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
