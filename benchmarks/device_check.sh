@@ -8,6 +8,7 @@
 #   benchmarks/device_check.sh            # all stages
 #   STAGES="build bench_kernels" benchmarks/device_check.sh
 #   STAGES=bench_rewards BENCH_ARGS=--quick OUT=/tmp/dry benchmarks/device_check.sh   # a dry run on the CPU
+#   KERNEL_OPS=temporal_block,spatial_cross_attention benchmarks/device_check.sh
 #
 # $OUT (default: benchmarks/results) gets device.log (this script's own output), build.log, tests.log,
 # bench.log and the harness's JSON files: seven files at most, inside the lent machine's limit of eight.
@@ -19,8 +20,8 @@ STAGES="${STAGES:-build tests bench_kernels bench_rewards bench_models}"
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/device.log") 2>&1
 
-# The extension takes ~2-3 minutes to compile (one nvcc process does most of it), so the tests that
-# cannot reach it run beside the build; those of the ops with a CUDA backend wait for it.
+# The extension takes about a minute to compile on the lent machine (one nvcc process does most of
+# it), so the tests that cannot reach it run beside the build; those of ops with a CUDA backend wait.
 TRITON_ONLY_TESTS=(
     tests/test_spatial_attention.py tests/test_motion_energy.py tests/test_temporal_block.py
     tests/test_reward_preprocess.py
@@ -29,10 +30,12 @@ CUDA_BACKEND_TESTS=(
     tests/test_temporal_attention.py tests/test_temporal_attention_cuda.py tests/test_solver_kernels.py
     tests/test_dispatch.py tests/test_patching.py tests/test_compile_and_registration.py tests/test_bench.py
 )
-KERNEL_OPS=guided_solver_step,consistency_output,consistency_sampler_step,pseudo_huber_loss
-KERNEL_OPS+=,temporal_attention,temporal_block,spatial_self_attention,spatial_cross_attention,reward_preprocess
-REWARD_OPS=bf16_matmul,reward_mixture
-MODEL_OPS=unet_forward,generate,distillation_step,motion_prior,whole_recipe
+# Each stage's ops (override to time only what a previous lease left unmeasured).
+ALL_KERNEL_OPS=guided_solver_step,consistency_output,consistency_sampler_step,pseudo_huber_loss
+ALL_KERNEL_OPS+=,temporal_attention,temporal_block,spatial_self_attention,spatial_cross_attention,reward_preprocess
+KERNEL_OPS=${KERNEL_OPS:-$ALL_KERNEL_OPS}
+REWARD_OPS=${REWARD_OPS:-bf16_matmul,reward_mixture}
+MODEL_OPS=${MODEL_OPS:-unet_forward,generate,distillation_step,motion_prior,whole_recipe}
 read -r -a BENCH <<< "python3 -m benchmarks --out $OUT --no-plot ${BENCH_ARGS:-}"
 
 say() { echo "== $* ($(date -u +%T))"; }
