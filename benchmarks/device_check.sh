@@ -12,7 +12,10 @@
 #
 # $OUT (default: benchmarks/results) gets device.log (this script's own output), build.log, tests.log,
 # bench.log and the harness's JSON files: seven files at most, inside the lent machine's limit of eight.
-# Packages the machine lacks (diffusers, open_clip_torch, ...) travel as wheels in .whl/.
+# Packages the machine lacks travel as wheels in .whl/ (git-ignored; carry it). For its Python 3.12:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
