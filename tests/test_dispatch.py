@@ -166,4 +166,4 @@ def test_a_backward_follows_its_forwards_request_on_any_thread(op, chosen):
     worker.join()
     assert len(grads) == len(inputs)
     assert chosen and {name for _, name in chosen} == {"triton"}, chosen
-    assert any(called.endswith(("_backward", "_grad")) or called == "strided_linear" for called, _ in chosen[1:])
+    assert any(called.endswith(("_backward", "_grad")) for called, _ in chosen), "the backward went through dispatch"
