@@ -7,7 +7,7 @@ None or the reason it cannot take these inputs. The choice:
 - the requested backend comes from `with turbo_kernels.backend(name):`, else the environment
   variable TURBO_KERNELS_BACKEND, else "auto";
 - "auto" tries triton > cuda on CUDA tensors and takes the first whose check passes (on an H100
-  in bf16 the harness measured every Triton kernel ahead of its CUDA counterpart:
+  in bf16 the harness measured the Triton kernels ahead of the CUDA ones in all but one case:
   benchmarks/results/nvidia-h100-80gb-hbm3-20261126T090637Z.json); CPU tensors run the reference
   (the Triton interpreter is a testing tool, never an automatic choice);
 - a forced backend that cannot run on this machine or device raises BackendUnavailableError;
