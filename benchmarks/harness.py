@@ -585,15 +585,15 @@ def run(
         copy_gbps = measure_copy_gbps(device, copy_bytes)
         print(f"copy ceiling: {copy_gbps:.1f} GB/s ({copy_bytes // MIB} MiB device-to-device copy, read + write)")
         runner = _Runner(settings)
+        run_settings = {
+            "dtype": str(dtype).removeprefix("torch."),
+            "warmup": settings.warmup,
+            "iters": settings.iters,
+            "quick": args.quick,
+            "compile_budget_s": None if math.isinf(settings.compile_budget_s) else settings.compile_budget_s,
+        }
 
         def result_so_far(complete: bool) -> dict:
-            run_settings = {
-                "dtype": str(dtype).removeprefix("torch."),
-                "warmup": settings.warmup,
-                "iters": settings.iters,
-                "quick": args.quick,
-                "compile_budget_s": None if math.isinf(settings.compile_budget_s) else settings.compile_budget_s,
-            }
             return assemble(
                 device, created, copy_gbps, runner.rows, runner.skipped, run_settings, _notes(on_gpu), complete
             )

@@ -290,9 +290,13 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
 # ---- targets and the summary ----------------------------------------------------------------------
 
 
-def rows_by(result: dict, op: str) -> dict[tuple[str, str], dict]:
-    """(case, impl) -> row of one op's measured rows."""
-    return {(row["case"], row["impl"]): row for row in result["rows"] if row["op"] == op}
+def rows_by(result: dict, op: str, pass_name: Optional[str] = None) -> dict[tuple[str, str], dict]:
+    """(case, impl) -> row of one op's measured rows (of one pass, when `pass_name` is given)."""
+    return {
+        (row["case"], row["impl"]): row
+        for row in result["rows"]
+        if row["op"] == op and pass_name in (None, row["pass"])
+    }
 
 
 def skip_reasons(result: dict, op: str) -> dict[tuple[str, str], str]:

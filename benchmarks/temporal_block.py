@@ -119,11 +119,7 @@ def summary(result: dict) -> list[str]:
     """Issue 3's target for the fused block (>= 1.5x the reference block), per measured case and pass."""
     lines = []
     for pass_name in ("fwd", "fwd+bwd"):
-        rows = {
-            (row["case"], row["impl"]): row
-            for row in result["rows"]
-            if row["op"] == OP and row["pass"] == pass_name
-        }
+        rows = models.rows_by(result, OP, pass_name)
         for case in dict.fromkeys(case for case, _ in rows):
             label = f"temporal block {case} {pass_name}"
             lines.append(models.speedup_line(label, rows, case, "triton", EAGER, TARGET_SPEEDUP))
