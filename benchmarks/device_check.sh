@@ -9,6 +9,7 @@
 #   STAGES="build bench_kernels" benchmarks/device_check.sh
 #   STAGES=bench_rewards BENCH_ARGS=--quick OUT=/tmp/dry benchmarks/device_check.sh   # a dry run on the CPU
 #   KERNEL_OPS=temporal_block,spatial_cross_attention benchmarks/device_check.sh
+#   STAGES="build profile" PROFILE_OPS=distillation_step benchmarks/device_check.sh   # where the time goes
 #
 # $OUT (default: benchmarks/results) gets device.log (this script's own output), build.log, tests.log,
 # bench.log and the harness's JSON files: seven files at most, inside the lent machine's limit of eight.
@@ -33,12 +34,16 @@ CUDA_BACKEND_TESTS=(
     tests/test_temporal_attention.py tests/test_temporal_attention_cuda.py tests/test_solver_kernels.py
     tests/test_dispatch.py tests/test_patching.py tests/test_compile_and_registration.py tests/test_bench.py
 )
-# Each stage's ops (override to time only what a previous lease left unmeasured).
+# Each stage's ops (override to time only what a previous lease left unmeasured); KERNEL_S=rest gives
+# the kernel stage all the time the tests leave.
 ALL_KERNEL_OPS=guided_solver_step,consistency_output,consistency_sampler_step,pseudo_huber_loss
 ALL_KERNEL_OPS+=,temporal_attention,temporal_block,spatial_self_attention,spatial_cross_attention,reward_preprocess
 KERNEL_OPS=${KERNEL_OPS:-$ALL_KERNEL_OPS}
 REWARD_OPS=${REWARD_OPS:-bf16_matmul,reward_mixture}
 MODEL_OPS=${MODEL_OPS:-unet_forward,generate,distillation_step,motion_prior,whole_recipe}
+# The profile stage (only when STAGES names it): the costliest kernels of one call of each
+# end-to-end op at batch 1, reference eager against kernels.
+PROFILE_OPS=${PROFILE_OPS:-unet_forward,distillation_step}
 read -r -a BENCH <<< "python3 -m benchmarks --out $OUT --no-plot ${BENCH_ARGS:-}"
 
 say() { echo "== $* ($(date -u +%T))"; }
@@ -79,7 +84,9 @@ python3 -c "import turbo_kernels as tk; print('backends on cuda:', tk.backends('
 stage tests 120 tests.log "${PYTEST[@]}" -n "$(( $(nproc) * 3 / 4 ))" "${CUDA_BACKEND_TESTS[@]}"
 grep -E "^=+ .*(passed|failed|error)" "$OUT/tests.log"
 
-stage bench_kernels 140 bench.log "${BENCH[@]}" --compile-budget 90 --ops "$KERNEL_OPS"
+stage profile 120 bench.log "${BENCH[@]}" --warmup 1 --iters 2 --compile-budget 0 --batch-sizes 1 \
+    --impls reference-eager,kernels --profile 30 --ops "$PROFILE_OPS"
+stage bench_kernels "${KERNEL_S:-140}" bench.log "${BENCH[@]}" --compile-budget 90 --ops "$KERNEL_OPS"
 stage bench_rewards 60 bench.log "${BENCH[@]}" --warmup 2 --iters 5 --compile-budget 0 --ops "$REWARD_OPS"
 stage bench_models rest bench.log "${BENCH[@]}" --warmup 1 --iters 3 --compile-budget 0 --ops "$MODEL_OPS"
 grep -E "^(PASS|FAIL|n/a|info) " "$OUT/bench.log"

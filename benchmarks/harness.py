@@ -197,6 +197,28 @@ def measure_copy_gbps(device: torch.device, nbytes: int, warmup: int = 3, iters:
     return gbps(2 * nbytes, timing.median_ms)
 
 
+def top_kernels(fn: Callable, inputs: Any, device: torch.device, top: int) -> list[dict]:
+    """The `top` kernels (GPU) or operators (CPU) of one profiled call `fn(inputs)` by their own
+    time: where an implementation spends its time, to read beside its median."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        fn(inputs)
+        if on_gpu:
+            torch.cuda.synchronize(device)
+    own_us = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    events = sorted((e for e in prof.key_averages() if own_us(e) > 0), key=own_us, reverse=True)
+    return [{"name": e.key, "ms": own_us(e) / 1e3, "calls": e.count} for e in events[:top]]
+
+
+def format_top_kernels(case: Case, impl: Impl, top: list[dict]) -> str:
+    total_ms = sum(k["ms"] for k in top)
+    lines = [f"top {len(top)} kernels of {case.op} {case.case} {case.pass_name} [{impl.name}]: {total_ms:.3f} ms"]
+    lines += [f"  {k['ms']:9.3f} ms {k['calls']:6d}x  {k['name'][:150]}" for k in top]
+    return "\n".join(lines)
+
+
 # ---- running cases ---------------------------------------------------------------------------
 
 
@@ -237,6 +259,7 @@ class RunSettings:
     iters: int
     impls: Optional[frozenset[str]]
     compile_budget_s: float
+    profile_top: int = 0
 
 
 class _Runner:
@@ -312,6 +335,10 @@ class _Runner:
                 "peak_mem_mb": torch.cuda.max_memory_allocated(settings.device) / MIB if on_gpu else None,
             }
         )
+        if settings.profile_top:
+            top = top_kernels(impl.fn, input_sets[0], settings.device, settings.profile_top)
+            self.rows[-1]["top_kernels"] = top
+            print(format_top_kernels(case, impl, top), flush=True)
 
 
 # ---- the run's record: JSON, table, plot --------------------------------------------------------
@@ -513,6 +540,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds the run may spend compiling; later compiled rows are skipped (default: unlimited on a GPU, "
         "60 on the CPU, 0 with --quick)",
     )
+    parser.add_argument(
+        "--profile", type=_positive_int, metavar="N", default=0,
+        help="after timing each row, profile one more call and record its N costliest kernels (GPU) or operators "
+        "(CPU) in the row's top_kernels, and print them",
+    )
 
 
 def _check_names(option: str, requested: Optional[frozenset[str]], known: set[str]) -> None:
@@ -570,6 +602,7 @@ def run(
         iters=default(args.iters, quick=3, cpu=10, gpu=100),
         impls=args.impls,
         compile_budget_s=default(args.compile_budget, quick=0.0, cpu=60.0, gpu=math.inf),
+        profile_top=args.profile,
     )
     copy_bytes = default(None, quick=COPY_BYTES_QUICK, cpu=COPY_BYTES_CPU, gpu=COPY_BYTES_GPU)
     created = datetime.datetime.now(datetime.timezone.utc)
@@ -591,6 +624,7 @@ def run(
             "iters": settings.iters,
             "quick": args.quick,
             "compile_budget_s": None if math.isinf(settings.compile_budget_s) else settings.compile_budget_s,
+            "profile_top": settings.profile_top,
         }
 
         def result_so_far(complete: bool) -> dict:

@@ -146,6 +146,28 @@ def test_a_run_stopped_part_way_keeps_the_cases_it_measured(tmp_path):
     assert [row["op"] for row in result["rows"]] == ["first"]
 
 
+def test_profile_records_where_each_row_spends_its_time(tmp_path, capsys):
+    def suite(options: harness.SuiteOptions):
+        yield harness.Case(
+            op="matmul_then_add", case="64", pass_name="fwd",
+            make_inputs=lambda: torch.randn(64, 64, device=options.device),
+            impls=(harness.Impl("only", lambda x: (x @ x) + 1),),
+            bytes_moved=64 * 64 * 4 * 2, dtype=torch.float32, shape=(64, 64),
+        )
+
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    args = ["--quick", "--out", str(tmp_path), "--no-plot", "--profile", "1"]
+    assert harness.run(parser.parse_args(args), [suite]) == 0
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["settings"]["profile_top"] == 1
+    (row,) = result["rows"]
+    (kernel,) = row["top_kernels"]
+    assert kernel["ms"] > 0 and kernel["calls"] >= 1
+    assert kernel["name"] in capsys.readouterr().out
+
+
 def test_unknown_op_is_refused():
     with pytest.raises(SystemExit, match="unknown no_such_op"):
         main(["bench", "--quick", "--ops", "no_such_op"])
