@@ -43,3 +43,13 @@ def chosen(monkeypatch):
 
     monkeypatch.setattr(dispatch, "select", spy)
     return record
+
+
+@pytest.fixture(autouse=True)
+def fused_temporal_layers_at_every_size(monkeypatch):
+    """The tiny configurations' latent frames are far below the size where VC2UNet's temporal layers
+    switch to the fused path (TemporalTransformer.fused_min_positions, a GPU measurement): the tests
+    run the fused path at every size, except where one sets the threshold back."""
+    from t2v_turbo.models.vc2_unet import TemporalTransformer
+
+    monkeypatch.setattr(TemporalTransformer, "fused_min_positions", 0)

@@ -215,11 +215,19 @@ def test_use_kernels_switches_every_temporal_attention():
     transformers = [m for m in model.modules() if isinstance(m, TemporalTransformer)]
     assert len(transformers) == TEMPORAL_TRANSFORMERS
     assert model.use_kernels and all(m.use_kernels for m in temporal + transformers)
-    assert all(m.runs_fused() for m in transformers)
+    stream = torch.empty(4, 1, 4, 4)
+    assert all(m.runs_fused(stream) for m in transformers)
     model.use_kernels = False
     assert not any(m.use_kernels for m in temporal + transformers)
-    assert not any(m.runs_fused() for m in transformers)
+    assert not any(m.runs_fused(stream) for m in transformers)
     assert not VC2UNet.preset("tiny", use_kernels=False).use_kernels
+
+
+def test_temporal_layers_fuse_only_from_the_measured_size(monkeypatch):
+    monkeypatch.setattr(TemporalTransformer, "fused_min_positions", 640)
+    layer = next(m for m in VC2UNet.preset("tiny").modules() if isinstance(m, TemporalTransformer))
+    assert layer.runs_fused(torch.empty(16, 1, 20, 32))
+    assert not layer.runs_fused(torch.empty(16, 1, 10, 16))
 
 
 @pytest.mark.slow

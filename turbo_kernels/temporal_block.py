@@ -239,15 +239,6 @@ class TemporalSelfAttention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
-    def fused_forward(self, x: Tensor, residual: Tensor, num_frames: int) -> Tensor:
-        """residual + to_out(attention(x)) on (B*F, N, dim) "frames" tokens."""
-        w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).to(x.dtype)
-        q, k, v = F.linear(x, w_qkv).chunk(3, dim=-1)
-        out = temporal_attention(q, k, v, num_frames, self.heads, layout="frames")
-        to_out = self.to_out[0]
-        return _strided_linear(
-            out, to_out.weight.to(x.dtype), to_out.bias.to(x.dtype), residual, None, None, num_frames, False
-        )
 
 
 class GEGLU(nn.Module):
@@ -264,14 +255,6 @@ class FeedForward(nn.Module):
         # Index 1 is the release's Dropout(p=0), kept so the checkpoint keys line up.
         self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
 
-    def fused_forward(self, x: Tensor, residual: Tensor, num_frames: int) -> Tensor:
-        proj = self.net[0].proj
-        value, gate = F.linear(x, proj.weight.to(x.dtype), proj.bias.to(x.dtype)).chunk(2, dim=-1)
-        out = self.net[2]
-        return _strided_linear(
-            value * F.gelu(gate), out.weight.to(x.dtype), out.bias.to(x.dtype), residual, None, None, num_frames, False
-        )
-
 
 class TemporalTransformerBlock(nn.Module):
     """BasicTransformerBlock with temporal self-attention only (registration order as released)."""
@@ -284,14 +267,6 @@ class TemporalTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=ref.LAYER_NORM_EPS)
         self.norm2 = nn.LayerNorm(dim, eps=ref.LAYER_NORM_EPS)
         self.norm3 = nn.LayerNorm(dim, eps=ref.LAYER_NORM_EPS)
-
-    def fused_forward(self, h: Tensor, num_frames: int) -> Tensor:
-        def layer_norm(norm):
-            return F.layer_norm(h, norm.normalized_shape, norm.weight.to(h.dtype), norm.bias.to(h.dtype), norm.eps)
-
-        h = self.attn1.fused_forward(layer_norm(self.norm1), h, num_frames)
-        h = self.attn2.fused_forward(layer_norm(self.norm2), h, num_frames)
-        return self.ff.fused_forward(layer_norm(self.norm3), h, num_frames)
 
 
 class FusedTemporalTransformer(nn.Module):
@@ -325,43 +300,88 @@ class FusedTemporalTransformer(nn.Module):
     def forward(self, x: Tensor, num_frames: int) -> Tensor:
         if self.use_reference:
             return self.reference_forward(x, num_frames)
-        self._check(x, num_frames)
-        with torch.autocast(x.device.type, enabled=False):
-            return self.fused_forward(x, num_frames)
+        return fused_temporal_transformer(self, x, num_frames)
 
     def reference_forward(self, x: Tensor, num_frames: int) -> Tensor:
-        self._check(x, num_frames)
+        _check_stream(self.norm, x, num_frames)
         return ref.temporal_transformer(x, num_frames, dict(self.named_parameters()), self.heads, self.depth)
 
-    def fused_forward(self, x: Tensor, num_frames: int) -> Tensor:
-        rows, channels, height, width = x.shape
-        scale, shift = self._group_norm_affine(x, num_frames)
+
+def fused_temporal_transformer(
+    layer: nn.Module,
+    x: Tensor,
+    num_frames: int,
+    proj_in_weight: Optional[Tensor] = None,
+    proj_out_weight: Optional[Tensor] = None,
+) -> Tensor:
+    """The fused path (module docstring) on `layer`'s own parameters: a FusedTemporalTransformer, or
+    any module with its structure and the release's names (norm, proj_in, transformer_blocks.{i}.
+    {norm1, attn1, norm2, attn2, norm3, ff}, proj_out; attn1/attn2 carry `heads`), as VC2UNet's
+    temporal layers are. proj_in_weight / proj_out_weight stand in for layer.proj_in / proj_out's
+    weights where those are not (out, in) matrices (the release's init_attn uses Conv1d(k=1)).
+    Parameters are cast to the stream's dtype and autocast is off inside."""
+    _check_stream(layer.norm, x, num_frames)
+    proj_in_weight = layer.proj_in.weight if proj_in_weight is None else proj_in_weight
+    proj_out_weight = layer.proj_out.weight if proj_out_weight is None else proj_out_weight
+    rows, channels, height, width = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        scale, shift = _group_norm_affine(layer.norm, x, num_frames)
         stream = x.flatten(2)  # (B*F, C, H*W): a view of the stream
         h = _strided_linear(
-            stream.transpose(1, 2), self.proj_in.weight.to(x.dtype), self.proj_in.bias.to(x.dtype), None,
+            stream.transpose(1, 2), proj_in_weight.to(x.dtype), layer.proj_in.bias.to(x.dtype), None,
             scale, shift, num_frames, False,
         )
-        for block in self.transformer_blocks:
-            h = block.fused_forward(h, num_frames)
+        for block in layer.transformer_blocks:
+            h = _fused_block(block, h, num_frames)
         out = _strided_linear(
-            h, self.proj_out.weight.to(x.dtype), self.proj_out.bias.to(x.dtype), stream, None, None, num_frames, True
+            h, proj_out_weight.to(x.dtype), layer.proj_out.bias.to(x.dtype), stream, None, None, num_frames, True
         )
-        return out.view(rows, channels, height, width)
+    return out.view(rows, channels, height, width)
 
-    def _group_norm_affine(self, x: Tensor, num_frames: int) -> tuple[Tensor, Tensor]:
-        """GroupNorm of video b as a per-channel affine of x: (scale, shift), each (B, C) float32."""
-        mean, rstd = _group_norm_stats(x, num_frames, self.norm.num_groups, self.norm.eps)
-        group_size = x.shape[1] // self.norm.num_groups
-        mean, rstd = (t.repeat_interleave(group_size, dim=1) for t in (mean, rstd))
-        scale = rstd * self.norm.weight.to(rstd.dtype)
-        return scale, self.norm.bias.to(rstd.dtype) - mean * scale
 
-    def _check(self, x, num_frames) -> None:
-        checks.floating_tensor(x, "x")
-        if x.dim() != 4 or x.shape[1] != self.norm.num_channels:
-            raise ValueError(
-                f"x must be the stream (B*F, C={self.norm.num_channels}, H, W), got shape {tuple(x.shape)}"
-            )
-        checks.positive_int(num_frames, "num_frames")
-        if x.shape[0] % num_frames:
-            raise ValueError(f"x's first dimension {x.shape[0]} (B*F) is not divisible by num_frames={num_frames}")
+def _fused_block(block: nn.Module, h: Tensor, num_frames: int) -> Tensor:
+    def layer_norm(norm):
+        return F.layer_norm(h, norm.normalized_shape, norm.weight.to(h.dtype), norm.bias.to(h.dtype), norm.eps)
+
+    h = _fused_attention(block.attn1, layer_norm(block.norm1), h, num_frames)
+    h = _fused_attention(block.attn2, layer_norm(block.norm2), h, num_frames)
+    return _fused_feed_forward(block.ff, layer_norm(block.norm3), h, num_frames)
+
+
+def _fused_attention(attn: nn.Module, x: Tensor, residual: Tensor, num_frames: int) -> Tensor:
+    """residual + to_out(attention(x)) on (B*F, N, dim) "frames" tokens."""
+    w_qkv = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).to(x.dtype)
+    q, k, v = F.linear(x, w_qkv).chunk(3, dim=-1)
+    out = temporal_attention(q, k, v, num_frames, attn.heads, layout="frames")
+    to_out = attn.to_out[0]
+    return _strided_linear(
+        out, to_out.weight.to(x.dtype), to_out.bias.to(x.dtype), residual, None, None, num_frames, False
+    )
+
+
+def _fused_feed_forward(ff: nn.Module, x: Tensor, residual: Tensor, num_frames: int) -> Tensor:
+    """residual + net.2(GEGLU(x)): value = first half of net.0.proj, gate = second half, exact GELU."""
+    proj = ff.net[0].proj
+    value, gate = F.linear(x, proj.weight.to(x.dtype), proj.bias.to(x.dtype)).chunk(2, dim=-1)
+    out = ff.net[2]
+    return _strided_linear(
+        value * F.gelu(gate), out.weight.to(x.dtype), out.bias.to(x.dtype), residual, None, None, num_frames, False
+    )
+
+
+def _group_norm_affine(norm: nn.GroupNorm, x: Tensor, num_frames: int) -> tuple[Tensor, Tensor]:
+    """GroupNorm of video b as a per-channel affine of x: (scale, shift), each (B, C) float32."""
+    mean, rstd = _group_norm_stats(x, num_frames, norm.num_groups, norm.eps)
+    group_size = x.shape[1] // norm.num_groups
+    mean, rstd = (t.repeat_interleave(group_size, dim=1) for t in (mean, rstd))
+    scale = rstd * norm.weight.to(rstd.dtype)
+    return scale, norm.bias.to(rstd.dtype) - mean * scale
+
+
+def _check_stream(norm: nn.GroupNorm, x: Tensor, num_frames: int) -> None:
+    checks.floating_tensor(x, "x")
+    if x.dim() != 4 or x.shape[1] != norm.num_channels:
+        raise ValueError(f"x must be the stream (B*F, C={norm.num_channels}, H, W), got shape {tuple(x.shape)}")
+    checks.positive_int(num_frames, "num_frames")
+    if x.shape[0] % num_frames:
+        raise ValueError(f"x's first dimension {x.shape[0]} (B*F) is not divisible by num_frames={num_frames}")

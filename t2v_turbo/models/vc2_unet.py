@@ -2,7 +2,9 @@
 
 Module names reproduce the release's state-dict keys exactly (shared/vc2_reference/README.md), so its
 checkpoints load strictly. Numerics follow the release: embeddings, GroupNorm scopes and eps, the
-order of residuals. Attention is plain softmax(q kᵀ·d_head^-0.5)·v.
+order of residuals. Attention is softmax(q kᵀ·d_head^-0.5)·v: spatial attention through PyTorch's
+scaled_dot_product_attention (its backends never materialise the 2560x2560 score matrices; the
+release likewise uses xformers when installed), temporal attention written out.
 
 With `use_kernels` on, each temporal transformer runs turbo_kernels.FusedTemporalTransformer's fused
 path on its own parameters, and the unfused temporal attention (and its probabilities) runs
@@ -24,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 import turbo_kernels
 from t2v_turbo.schedule import DEFAULT_FPS
+from turbo_kernels.temporal_block import fused_temporal_transformer
 
 GROUPS = 32
 # The release's ResBlock, TemporalConvBlock and output norms use torch's default eps; its
@@ -166,6 +169,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     return out.transpose(1, 2).flatten(2)
 
 
+def spatial_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """`attention` through scaled_dot_product_attention (default scale d^-0.5, no mask). Under
+    autocast it runs in the low precision, where the written-out softmax would run in float32."""
+    out = F.scaled_dot_product_attention(*(_split_heads(t, heads) for t in (q, k, v)))
+    return out.transpose(1, 2).flatten(2)
+
+
 def temporal_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, use_kernels: bool) -> Tensor:
     """Self-attention over frames at each pixel, on (B·H·W, F, heads·d) tokens."""
     if use_kernels:
@@ -202,7 +212,7 @@ class CrossAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
         if self.temporal:
             return self.to_out(temporal_attention(q, k, v, self.heads, self.use_kernels))
-        return self.to_out(attention(q, k, v, self.heads))
+        return self.to_out(spatial_attention(q, k, v, self.heads))
 
     def probs(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """The attention probabilities of forward(x, context), (N·heads, Lq, Lk) with the head fastest:
@@ -286,13 +296,20 @@ class TemporalTransformer(nn.Module):
     builds it without use_linear); the others use Linear.
 
     While `use_kernels` is set, forward runs turbo_kernels.FusedTemporalTransformer's fused path on
-    this module's parameters (torch.func.functional_call: both carry the release's parameter names;
-    init_attn's Conv1d(k=1) weights enter as the equivalent Linear weights). The fused path reads
-    the weights directly and never calls the submodules, so a hook on any submodule would silently
-    not fire: capture_attention_inputs' hooks on attn1/attn2's to_q / to_k, for one. A layer with
-    such a hook therefore runs the unfused path, which calls every submodule (its temporal attention
-    still on turbo_kernels' ops). Inside the fused path autocast is off (the stream's dtype is the
-    compute dtype, FusedTemporalTransformer's contract). Neither path has dropout."""
+    this module's parameters (turbo_kernels.temporal_block.fused_temporal_transformer: both carry the
+    release's structure and names; init_attn's Conv1d(k=1) weights enter as the equivalent Linear
+    weights), at the levels where it measured faster than the release's path: frames of at least
+    `fused_min_positions` latent pixels. The fused path reads the weights directly and never calls
+    the submodules, so a hook on any submodule would silently not fire: capture_attention_inputs'
+    hooks on attn1/attn2's to_q / to_k, for one. A layer with such a hook, or below the size, runs
+    the unfused path, which calls every submodule (its temporal attention still on turbo_kernels'
+    ops). Inside the fused path autocast is off (the stream's dtype is the compute dtype,
+    FusedTemporalTransformer's contract). Neither path has dropout."""
+
+    # On an H100 (bf16, benchmarks.temporal_block, 2026-11-26) the fused block beat the reference
+    # block forward+backward by 1.03-1.21x at 40x64 and 20x32 latent frames, and lost by 0.69-0.90x
+    # at 10x16 and 5x8, where its fixed per-launch costs outweigh the copies it saves.
+    fused_min_positions = 640
 
     def __init__(self, channels: int, heads: int, head_dim: int, conv_proj: bool = False):
         super().__init__()
@@ -303,23 +320,15 @@ class TemporalTransformer(nn.Module):
         self.proj_in = nn.Conv1d(channels, inner, 1) if conv_proj else nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, head_dim, None, True)])
         self.proj_out = nn.Conv1d(inner, channels, 1) if conv_proj else nn.Linear(inner, channels)
-        with torch.device("meta"):
-            fused = turbo_kernels.FusedTemporalTransformer(channels, heads, head_dim)
-        # Set past nn.Module.__setattr__ so that it stays out of the module tree (state dict, .to(),
-        # parameters()): its meta parameters are placeholders, replaced by this module's own on
-        # every call.
-        object.__setattr__(self, "_fused", fused)
 
-    def _fused_parameters(self) -> dict[str, Tensor]:
-        params = dict(self.named_parameters())
-        if self.conv_proj:
-            for name in ("proj_in.weight", "proj_out.weight"):
-                params[name] = params[name].squeeze(-1)
-        return params
-
-    def runs_fused(self) -> bool:
-        """Whether forward takes the fused path now: `use_kernels` is set and no submodule has hooks."""
-        return self.use_kernels and not any(_has_hooks(m) for m in self.modules() if m is not self)
+    def runs_fused(self, x: Tensor) -> bool:
+        """Whether forward(x) takes the fused path now: `use_kernels` is set, x's frames have at
+        least `fused_min_positions` pixels, and no submodule has hooks."""
+        return (
+            self.use_kernels
+            and x.shape[-2] * x.shape[-1] >= self.fused_min_positions
+            and not any(_has_hooks(m) for m in self.modules() if m is not self)
+        )
 
     def _project(self, proj: nn.Module, tokens: Tensor) -> Tensor:
         if self.conv_proj:
@@ -327,8 +336,11 @@ class TemporalTransformer(nn.Module):
         return proj(tokens)
 
     def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        if self.runs_fused():
-            return torch.func.functional_call(self._fused, self._fused_parameters(), (x, num_frames), strict=True)
+        if self.runs_fused(x):
+            if self.conv_proj:
+                weights = self.proj_in.weight.squeeze(-1), self.proj_out.weight.squeeze(-1)
+                return fused_temporal_transformer(self, x, num_frames, *weights)
+            return fused_temporal_transformer(self, x, num_frames)
         rows, channels, height, width = x.shape
         video = x.unflatten(0, (-1, num_frames)).transpose(1, 2)  # (B, C, F, H, W)
         tokens = self.norm(video).permute(0, 3, 4, 2, 1).reshape(-1, num_frames, channels)
