@@ -77,7 +77,9 @@ class Impl:
 class Case:
     """One op at one shape for one pass. `make_inputs()` builds one fresh input set; `bytes_moved`
     is what an ideal kernel reads and writes a call, `flops` its arithmetic where that means
-    something (None for memory-bound ops)."""
+    something (None for memory-bound ops). `rotate_inputs`: the run builds enough input sets to
+    read them from DRAM (L2_MULTIPLE); False for inputs that hold models, whose weights alone are
+    far beyond any cache and which would each be built again."""
 
     op: str
     case: str
@@ -88,6 +90,7 @@ class Case:
     dtype: torch.dtype
     shape: tuple[int, ...]
     flops: Optional[int] = None
+    rotate_inputs: bool = True
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ def format_top_kernels(case: Case, impl: Impl, top: list[dict]) -> str:
 
 
 def _input_set_count(case: Case, device: torch.device) -> int:
-    if device.type != "cuda":
+    if device.type != "cuda" or not case.rotate_inputs:
         return 1
     l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
     return max(1, min(MAX_INPUT_SETS, math.ceil(L2_MULTIPLE * l2_bytes / case.bytes_moved)))
@@ -575,7 +578,9 @@ def _notes(on_gpu: bool) -> list[str]:
     if on_gpu:
         return notes + [
             "median_ms is device time: a spin kernel ahead of each timed call keeps the GPU from waiting on the "
-            "host; host_ms is the host's time to issue one call (above median_ms: launch-bound on its own)",
+            "host; host_ms is the host's time to issue one call (above median_ms: launch-bound on its own); a call "
+            "of more than about a thousand kernels (the end-to-end ops) fills the launch queue behind the spin "
+            "kernel, and its host_ms then includes that wait: an upper bound",
             f"inputs rotate over enough sets ({L2_MULTIPLE}x the L2, at most {MAX_INPUT_SETS}) to come from DRAM",
         ]
     return notes + ["median_ms is wall time on the CPU"]

@@ -273,6 +273,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             bytes_moved=unet_bytes,
             dtype=options.dtype,
             shape=(batch, 4, scale.frames, scale.height, scale.width),
+            rotate_inputs=False,
         )
     for steps in QUICK_GENERATE_STEPS if options.quick else GENERATE_STEPS:
         yield Case(
@@ -284,6 +285,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             bytes_moved=steps * unet_bytes + vae_bytes,
             dtype=options.dtype,
             shape=(GENERATE_BATCH, 3, scale.frames, scale.height, scale.width),
+            rotate_inputs=False,
         )
 
 

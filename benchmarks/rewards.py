@@ -271,6 +271,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
                 dtype=options.dtype,
                 shape=(clips, 3, scale.clip_frames, scale.height, scale.width),
                 flops=None if flops_per_clip is None else clips * flops_per_clip,
+                rotate_inputs=False,
             )
 
 

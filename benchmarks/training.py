@@ -274,6 +274,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             bytes_moved=unet_params * 4 * (3 + 6),
             dtype=options.dtype,
             shape=scale.latent_shape(batch),
+            rotate_inputs=False,
         )
     motion_reason = _motion_unavailable()
     for clips in QUICK_MOTION_CLIPS if options.quick else GPU_MOTION_CLIPS:
@@ -292,6 +293,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             bytes_moved=unet_params * torch.empty((), dtype=options.dtype).element_size(),
             dtype=options.dtype,
             shape=scale.latent_shape(clips),
+            rotate_inputs=False,
         )
     batch = 1 if options.quick else RECIPE_BATCH
     rewards_reason = rewards.towers_unavailable() or rewards.mixture_unavailable()
@@ -311,6 +313,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
         bytes_moved=unet_params * 4 * (3 + 6),
         dtype=options.dtype,
         shape=scale.latent_shape(batch),
+        rotate_inputs=False,
     )
 
 

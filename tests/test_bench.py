@@ -7,11 +7,12 @@ import argparse
 import datetime
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from benchmarks import attention, harness, preprocess, solver, spatial, temporal_block
+from benchmarks import attention, harness, models, preprocess, rewards, solver, spatial, temporal_block, training
 from t2v_turbo.cli import main
 
 TOP_LEVEL = {
@@ -166,6 +167,23 @@ def test_profile_records_where_each_row_spends_its_time(tmp_path, capsys):
     (kernel,) = row["top_kernels"]
     assert kernel["ms"] > 0 and kernel["calls"] >= 1
     assert kernel["name"] in capsys.readouterr().out
+
+
+def test_inputs_rotate_out_of_l2_unless_they_hold_models(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=50 * 2**20))
+    gpu = torch.device("cuda")
+
+    def case(rotate_inputs: bool) -> harness.Case:
+        return harness.Case(
+            op="op", case="1KiB", pass_name="fwd", make_inputs=lambda: None, impls=(), bytes_moved=1024,
+            dtype=torch.float32, shape=(256,), rotate_inputs=rotate_inputs,
+        )
+
+    assert harness._input_set_count(case(True), gpu) == harness.MAX_INPUT_SETS
+    assert harness._input_set_count(case(False), gpu) == 1
+    options = harness.SuiteOptions(torch.device("cpu"), torch.float32, None, quick=True)
+    model_cases = [c for suite in (models.cases, training.cases, rewards.cases) for c in suite(options)]
+    assert all(not c.rotate_inputs for c in model_cases if c.op != rewards.MATMUL_OP)
 
 
 def test_unknown_op_is_refused():
