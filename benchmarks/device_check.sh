@@ -10,6 +10,7 @@
 #   STAGES=bench_rewards BENCH_ARGS=--quick OUT=/tmp/dry benchmarks/device_check.sh   # a dry run on the CPU
 #   KERNEL_OPS=temporal_block,spatial_cross_attention benchmarks/device_check.sh
 #   STAGES="build profile" PROFILE_OPS=distillation_step benchmarks/device_check.sh   # where the time goes
+#   STAGES=profile PROFILE_OPS=reward_mixture PROFILE_IMPLS=sequential,batched PROFILE_S=rest benchmarks/device_check.sh
 #
 # $OUT (default: benchmarks/results) gets device.log (this script's own output), build.log, tests.log,
 # bench.log and the harness's JSON files: seven files at most, inside the lent machine's limit of eight.
@@ -34,8 +35,8 @@ CUDA_BACKEND_TESTS=(
     tests/test_temporal_attention.py tests/test_temporal_attention_cuda.py tests/test_solver_kernels.py
     tests/test_dispatch.py tests/test_patching.py tests/test_compile_and_registration.py tests/test_bench.py
 )
-# Each stage's ops (override to time only what a previous lease left unmeasured); KERNEL_S=rest gives
-# the kernel stage all the time the tests leave.
+# Each stage's ops (override to time only what a previous lease left unmeasured). A stage's time
+# limit can be overridden too, as <STAGE>_S in capitals (BENCH_KERNELS_S=300; rest: up to the deadline).
 ALL_KERNEL_OPS=guided_solver_step,consistency_output,consistency_sampler_step,pseudo_huber_loss
 ALL_KERNEL_OPS+=,temporal_attention,temporal_block,spatial_self_attention,spatial_cross_attention,reward_preprocess
 KERNEL_OPS=${KERNEL_OPS:-$ALL_KERNEL_OPS}
@@ -44,16 +45,18 @@ MODEL_OPS=${MODEL_OPS:-unet_forward,generate,distillation_step,motion_prior,whol
 # The profile stage (only when STAGES names it): the costliest kernels of one call of each
 # end-to-end op at batch 1, reference eager against kernels.
 PROFILE_OPS=${PROFILE_OPS:-unet_forward,distillation_step}
+PROFILE_IMPLS=${PROFILE_IMPLS:-reference-eager,kernels}
 read -r -a BENCH <<< "python3 -m benchmarks --out $OUT --no-plot ${BENCH_ARGS:-}"
 
 say() { echo "== $* ($(date -u +%T))"; }
 
 # stage NAME SECONDS LOG COMMAND...: runs COMMAND when NAME is in $STAGES, its output appended to $OUT/LOG,
-# killed after SECONDS or at the run's deadline (BUDGET_S after the start), whichever comes first;
-# SECONDS=rest runs to the deadline.
+# killed after SECONDS (or $<NAME>_S when set) or at the run's deadline (BUDGET_S after the start),
+# whichever comes first; rest runs to the deadline.
 DEADLINE=$(( SECONDS + ${BUDGET_S:-560} ))
 stage() {
-    local name=$1 seconds=$2 log=$OUT/$3
+    local name=$1 log=$OUT/$3 limit_var="${1^^}_S"
+    local seconds=${!limit_var:-$2}
     shift 3
     [[ " $STAGES " == *" $name "* ]] || return 0
     local left=$(( DEADLINE - SECONDS ))
@@ -85,8 +88,8 @@ stage tests 120 tests.log "${PYTEST[@]}" -n "$(( $(nproc) * 3 / 4 ))" "${CUDA_BA
 grep -E "^=+ .*(passed|failed|error)" "$OUT/tests.log"
 
 stage profile 120 bench.log "${BENCH[@]}" --warmup 1 --iters 2 --compile-budget 0 --batch-sizes 1 \
-    --impls reference-eager,kernels --profile 30 --ops "$PROFILE_OPS"
-stage bench_kernels "${KERNEL_S:-140}" bench.log "${BENCH[@]}" --compile-budget 90 --ops "$KERNEL_OPS"
+    --impls "$PROFILE_IMPLS" --profile 30 --ops "$PROFILE_OPS"
+stage bench_kernels 140 bench.log "${BENCH[@]}" --compile-budget 90 --ops "$KERNEL_OPS"
 stage bench_rewards 60 bench.log "${BENCH[@]}" --warmup 2 --iters 5 --compile-budget 0 --ops "$REWARD_OPS"
 stage bench_models rest bench.log "${BENCH[@]}" --warmup 1 --iters 3 --compile-budget 0 --ops "$MODEL_OPS"
 grep -E "^(PASS|FAIL|n/a|info) " "$OUT/bench.log"
