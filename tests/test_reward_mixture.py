@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from t2v_turbo.rewards.base import RewardModel, l2_normalize
 from t2v_turbo.rewards.image_text import (
@@ -175,6 +177,34 @@ def test_stacking_shares_weights_and_survives_a_cast(models):
     total, _ = mixture(frames.double(), indices, CAPTIONS, SHORT_CAPTIONS)
     mixture.to(torch.float32)
     assert abs(total.item() - reference.item()) < 1e-5
+
+
+def test_stacked_forward_never_copies_a_weight_per_token(models):
+    """Under vmap, F.linear on (L, N, E) tokens with stacked weights broadcast the weight over L and
+    materialised one copy a token (nn.MultiheadAttention's in-projection): the stacked path's
+    largest tensor must stay far below that size."""
+    hps, _, _ = models
+    mixture = make_mixture(models)
+    indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(2))
+    frames = decoded_frames(4, len(indices)).requires_grad_()
+    torch.autograd.grad(mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)[0], frames)  # stacks the weights
+
+    largest = 0
+
+    class LargestOutput(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal largest
+            out = func(*args, **(kwargs or {}))
+            for tensor in pytree.tree_leaves(out):
+                if isinstance(tensor, torch.Tensor):
+                    largest = max(largest, tensor.numel())
+            return out
+
+    with LargestOutput():
+        torch.autograd.grad(mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)[0], frames)
+    tokens = (TINY_SIZE // TINY_CONFIG["vision_cfg"]["patch_size"]) ** 2 + 1
+    in_projection = hps.clip.visual.transformer.resblocks[0].attn.in_proj_weight
+    assert largest < 2 * tokens * in_projection.numel() // 2
 
 
 def test_bf16_models_score_close_to_float32():
