@@ -240,7 +240,6 @@ class TemporalSelfAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
 
-
 class GEGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()

@@ -6,9 +6,9 @@ order of residuals. Attention is softmax(q kᵀ·d_head^-0.5)·v: spatial attent
 scaled_dot_product_attention (its backends never materialise the 2560x2560 score matrices; the
 release likewise uses xformers when installed), temporal attention written out.
 
-With `use_kernels` on, each temporal transformer runs turbo_kernels.FusedTemporalTransformer's fused
-path on its own parameters, and the unfused temporal attention (and its probabilities) runs
-turbo_kernels' ops through `temporal_attention` / `temporal_attention_probs`; with it off,
+With `use_kernels` on, the temporal transformers of the finer levels run
+turbo_kernels.FusedTemporalTransformer's fused path on their own parameters (TemporalTransformer
+says where), and the unfused temporal attention (and its probabilities) runs turbo_kernels' ops through `temporal_attention` / `temporal_attention_probs`; with it off,
 everything is plain PyTorch. Gradient checkpointing, when enabled, recomputes each UNet block in
 the backward pass.
 """
