@@ -223,6 +223,25 @@ def test_use_kernels_switches_every_temporal_attention():
     assert not VC2UNet.preset("tiny", use_kernels=False).use_kernels
 
 
+def test_compiled_model_runs_temporal_layers_unfused_with_the_attention_op():
+    """Under torch.compile the temporal layers leave norms and layout copies to inductor (fused
+    ops would hide them from it) but keep their attention on turbo_kernels' op."""
+    model = VC2UNet.preset("tiny").eval()
+    traced_ops = set()
+
+    def record(graph_module, example_inputs):
+        traced_ops.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    x, context = torch.randn(1, 4, 4, 8, 8), torch.randn(1, 6, 32)  # the tiny preset's context_dim
+    torch._dynamo.reset()
+    with torch.no_grad(), turbo_kernels.backend("reference"):
+        torch.compile(model, backend=record, fullgraph=True)(x, torch.tensor([500]), context, 8)
+    torch._dynamo.reset()
+    assert any("temporal_attention" in op for op in traced_ops)
+    assert not any("strided_linear" in op or "group_norm_stats" in op for op in traced_ops)
+
+
 def test_temporal_layers_fuse_only_from_the_measured_size(monkeypatch):
     monkeypatch.setattr(TemporalTransformer, "fused_min_positions", 640)
     layer = next(m for m in VC2UNet.preset("tiny").modules() if isinstance(m, TemporalTransformer))

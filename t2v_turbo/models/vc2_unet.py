@@ -299,7 +299,7 @@ class TemporalTransformer(nn.Module):
     this module's parameters (turbo_kernels.temporal_block.fused_temporal_transformer: both carry the
     release's structure and names; init_attn's Conv1d(k=1) weights enter as the equivalent Linear
     weights), at the levels where it measured faster than the release's path: frames of at least
-    `fused_min_positions` latent pixels. The fused path reads the weights directly and never calls
+    `fused_min_positions` latent pixels, outside torch.compile. The fused path reads the weights directly and never calls
     the submodules, so a hook on any submodule would silently not fire: capture_attention_inputs'
     hooks on attn1/attn2's to_q / to_k, for one. A layer with such a hook, or below the size, runs
     the unfused path, which calls every submodule (its temporal attention still on turbo_kernels'
@@ -308,7 +308,10 @@ class TemporalTransformer(nn.Module):
 
     # On an H100 (bf16, benchmarks.temporal_block, 2026-11-26) the fused block beat the reference
     # block forward+backward by 1.03-1.21x at 40x64 and 20x32 latent frames, and lost by 0.69-0.90x
-    # at 10x16 and 5x8, where its fixed per-launch costs outweigh the copies it saves.
+    # at 10x16 and 5x8, where its fixed per-launch costs outweigh the copies it saves. torch.compile
+    # of the reference block beat it at every level it measured, so under torch.compile the layers
+    # run unfused: inductor fuses the norms and layout copies, and the temporal attention stays on
+    # turbo_kernels' op (6.7x the compiled attention at 2560 positions, batch 8).
     fused_min_positions = 640
 
     def __init__(self, channels: int, heads: int, head_dim: int, conv_proj: bool = False):
@@ -322,10 +325,11 @@ class TemporalTransformer(nn.Module):
         self.proj_out = nn.Conv1d(inner, channels, 1) if conv_proj else nn.Linear(inner, channels)
 
     def runs_fused(self, x: Tensor) -> bool:
-        """Whether forward(x) takes the fused path now: `use_kernels` is set, x's frames have at
-        least `fused_min_positions` pixels, and no submodule has hooks."""
+        """Whether forward(x) takes the fused path now: `use_kernels` is set, torch.compile is not
+        tracing, x's frames have at least `fused_min_positions` pixels, and no submodule has hooks."""
         return (
             self.use_kernels
+            and not torch.compiler.is_compiling()
             and x.shape[-2] * x.shape[-1] >= self.fused_min_positions
             and not any(_has_hooks(m) for m in self.modules() if m is not self)
         )
@@ -448,8 +452,8 @@ class VC2UNet(nn.Module):
     """VideoCrafter2's UNetModel (lvdm openaimodel3d) with T2V-Turbo-v2's guidance and motion
     conditioning. forward(x (B, C, T, H, W), timesteps (B,), context (B, L, D), fps) -> (B, C, T, H, W).
     Dropout (in every temporal conv block) follows train()/eval(). `use_kernels` (settable at any
-    time) runs the temporal transformers fused and the temporal attention through turbo_kernels'
-    ops; off, it is plain PyTorch. `gradient_checkpointing` (enable_/disable_gradient_checkpointing)
+    time) runs the temporal transformers fused (where TemporalTransformer measured it faster) and
+    the temporal attention through turbo_kernels' ops; off, it is plain PyTorch. `gradient_checkpointing` (enable_/disable_gradient_checkpointing)
     recomputes each block in the backward pass while training. `config` holds the architecture
     kwargs, enough to rebuild the model."""
 
