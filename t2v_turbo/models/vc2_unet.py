@@ -453,8 +453,9 @@ class VC2UNet(nn.Module):
     conditioning. forward(x (B, C, T, H, W), timesteps (B,), context (B, L, D), fps) -> (B, C, T, H, W).
     Dropout (in every temporal conv block) follows train()/eval(). `use_kernels` (settable at any
     time) runs the temporal transformers fused (where TemporalTransformer measured it faster) and
-    the temporal attention through turbo_kernels' ops; off, it is plain PyTorch. `gradient_checkpointing` (enable_/disable_gradient_checkpointing)
-    recomputes each block in the backward pass while training. `config` holds the architecture
+    the temporal attention through turbo_kernels' ops; off, it is plain PyTorch.
+    `gradient_checkpointing` (enable_/disable_gradient_checkpointing) recomputes each block in the
+    backward pass while training. `config` holds the architecture
     kwargs, enough to rebuild the model."""
 
     def __init__(
