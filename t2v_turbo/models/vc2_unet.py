@@ -455,8 +455,8 @@ class VC2UNet(nn.Module):
     time) runs the temporal transformers fused (where TemporalTransformer measured it faster) and
     the temporal attention through turbo_kernels' ops; off, it is plain PyTorch.
     `gradient_checkpointing` (enable_/disable_gradient_checkpointing) recomputes each block in the
-    backward pass while training. `config` holds the architecture
-    kwargs, enough to rebuild the model."""
+    backward pass while training. `config` holds the architecture kwargs, enough to rebuild the
+    model."""
 
     def __init__(
         self,
