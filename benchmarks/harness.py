@@ -200,9 +200,26 @@ def measure_copy_gbps(device: torch.device, nbytes: int, warmup: int = 3, iters:
     return gbps(2 * nbytes, timing.median_ms)
 
 
-def top_kernels(fn: Callable, inputs: Any, device: torch.device, top: int) -> list[dict]:
-    """The `top` kernels (GPU) or operators (CPU) of one profiled call `fn(inputs)` by their own
-    time: where an implementation spends its time, to read beside its median."""
+def busy_fraction(intervals: Iterable[tuple[float, float]]) -> Optional[float]:
+    """The share of the span from the first start to the last end that the (start, end) intervals
+    cover (overlaps counted once); None without intervals."""
+    covered, span_start, reach = 0.0, None, None
+    for start, end in sorted(intervals):
+        if span_start is None:
+            span_start, reach = start, start
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    if span_start is None:
+        return None
+    return covered / (reach - span_start) if reach > span_start else 1.0
+
+
+def profile_call(fn: Callable, inputs: Any, device: torch.device, top: int) -> tuple[list[dict], Optional[float]]:
+    """One profiled call `fn(inputs)`: its `top` kernels (GPU) or operators (CPU) by their own time,
+    and on a GPU the share of the call's span in which some kernel ran (below 1: the GPU waited on
+    the host)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
@@ -212,14 +229,20 @@ def top_kernels(fn: Callable, inputs: Any, device: torch.device, top: int) -> li
             torch.cuda.synchronize(device)
     own_us = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
     events = sorted((e for e in prof.key_averages() if own_us(e) > 0), key=own_us, reverse=True)
-    return [{"name": e.key, "ms": own_us(e) / 1e3, "calls": e.count} for e in events[:top]]
+    kernels = [{"name": e.key, "ms": own_us(e) / 1e3, "calls": e.count} for e in events[:top]]
+    busy = None
+    if on_gpu:
+        device_events = (e for e in prof.events() if e.device_type == DeviceType.CUDA)
+        busy = busy_fraction((e.time_range.start, e.time_range.end) for e in device_events)
+    return kernels, busy
 
 
-def format_top_kernels(case: Case, impl: Impl, top: list[dict]) -> str:
-    total_ms = sum(k["ms"] for k in top)
-    lines = [f"top {len(top)} kernels of {case.op} {case.case} {case.pass_name} [{impl.name}]: {total_ms:.3f} ms"]
-    lines += [f"  {k['ms']:9.3f} ms {k['calls']:6d}x  {k['name'][:150]}" for k in top]
-    return "\n".join(lines)
+def format_profile(case: Case, impl: Impl, kernels: list[dict], busy: Optional[float]) -> str:
+    total_ms = sum(k["ms"] for k in kernels)
+    head = f"top {len(kernels)} kernels of {case.op} {case.case} {case.pass_name} [{impl.name}]: {total_ms:.3f} ms"
+    if busy is not None:
+        head += f"; the GPU ran kernels {100 * busy:.0f}% of the call's span"
+    return "\n".join([head] + [f"  {k['ms']:9.3f} ms {k['calls']:6d}x  {k['name'][:150]}" for k in kernels])
 
 
 # ---- running cases ---------------------------------------------------------------------------
@@ -339,9 +362,9 @@ class _Runner:
             }
         )
         if settings.profile_top:
-            top = top_kernels(impl.fn, input_sets[0], settings.device, settings.profile_top)
-            self.rows[-1]["top_kernels"] = top
-            print(format_top_kernels(case, impl, top), flush=True)
+            kernels, busy = profile_call(impl.fn, input_sets[0], settings.device, settings.profile_top)
+            self.rows[-1].update(top_kernels=kernels, gpu_busy=busy)
+            print(format_profile(case, impl, kernels, busy), flush=True)
 
 
 # ---- the run's record: JSON, table, plot --------------------------------------------------------
@@ -546,7 +569,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile", type=_positive_int, metavar="N", default=0,
         help="after timing each row, profile one more call and record its N costliest kernels (GPU) or operators "
-        "(CPU) in the row's top_kernels, and print them",
+        "(CPU) in the row's top_kernels and, on a GPU, the share of the call the GPU was busy (gpu_busy); print them",
     )
 
 

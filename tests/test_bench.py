@@ -167,6 +167,15 @@ def test_profile_records_where_each_row_spends_its_time(tmp_path, capsys):
     (kernel,) = row["top_kernels"]
     assert kernel["ms"] > 0 and kernel["calls"] >= 1
     assert kernel["name"] in capsys.readouterr().out
+    assert (row["gpu_busy"] is None) == (not torch.cuda.is_available())
+
+
+def test_busy_fraction_counts_overlaps_once_and_gaps_not_at_all():
+    assert harness.busy_fraction([]) is None
+    assert harness.busy_fraction([(0, 10)]) == 1.0
+    assert harness.busy_fraction([(0, 4), (6, 10)]) == 0.8
+    assert harness.busy_fraction([(6, 10), (0, 5), (2, 4), (3, 7)]) == 1.0
+    assert harness.busy_fraction([(0, 2), (1, 3), (8, 10)]) == 0.5
 
 
 def test_inputs_rotate_out_of_l2_unless_they_hold_models(monkeypatch):
