@@ -8,27 +8,31 @@ in that layout, so the baselines pay for their layout round trips:
 
 - reference-eager / reference-compile: the reference (permute to sequences, matmul, softmax,
   matmul, permute back), eagerly and under torch.compile;
-- sdpa: the same permutes around torch's scaled_dot_product_attention (FlashAttention / memory-
-  efficient kernels on a GPU);
+- sdpa-flash / sdpa-efficient / sdpa-cudnn: the same permutes around torch's
+  scaled_dot_product_attention forced to one backend; xformers: around xformers'
+  memory_efficient_attention, when installed. Backends that cannot take a case (their grid limit
+  of 65,535 blocks, for one) are skipped with their error;
 - triton, cuda: the public op on that backend, which reads and writes the frames layout in place.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import turbo_kernels as tk
 from benchmarks.harness import COMPILED, EAGER, Case, Impl, SuiteOptions
+from benchmarks.spatial import SDPA_BACKENDS, sdpa_unavailable
 from turbo_kernels import dispatch
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.reference import attention as ref
 
 OP = "temporal_attention"
-SDPA = "sdpa"
+XFORMERS = "xformers"
 FRAMES = 16
 HEAD_DIM = 64
 # (positions h*w, heads) of the attention levels: 40x64, 20x32, 10x16 latents, and the middle block.
@@ -46,10 +50,33 @@ FWD_TRAFFIC = 4
 BWD_TRAFFIC = 7
 
 
-def _sdpa(q, k, v, num_frames: int, heads: int, layout: str) -> torch.Tensor:
-    q_s, k_s, v_s = (ref.to_sequences(x, num_frames, heads, layout) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q_s, k_s, v_s)
+def _sdpa(backend: SDPBackend) -> Callable:
+    def forward(q, k, v, num_frames: int, heads: int, layout: str) -> torch.Tensor:
+        q_s, k_s, v_s = (ref.to_sequences(x, num_frames, heads, layout) for x in (q, k, v))
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(q_s, k_s, v_s)
+        return ref.from_sequences(out, ref.num_positions(q, num_frames, layout), layout)
+
+    return forward
+
+
+def _xformers(q, k, v, num_frames: int, heads: int, layout: str) -> torch.Tensor:
+    import xformers.ops
+
+    # xformers takes (batch, tokens, heads, d): the sequences with frames ahead of heads.
+    q_s, k_s, v_s = (ref.to_sequences(x, num_frames, heads, layout).transpose(1, 2) for x in (q, k, v))
+    out = xformers.ops.memory_efficient_attention(q_s, k_s, v_s).transpose(1, 2)
     return ref.from_sequences(out, ref.num_positions(q, num_frames, layout), layout)
+
+
+def _xformers_unavailable(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return "no GPU"
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError as error:
+        return f"xformers not installed: {error}"
+    return None
 
 
 def _input_maker(shape, frames: int, heads: int, options: SuiteOptions, with_grad: bool) -> Callable:
@@ -81,7 +108,7 @@ def _timed(forward: Callable, with_grad: bool) -> Callable:
     return call
 
 
-def _impls(with_grad: bool, device: torch.device) -> tuple[Impl, ...]:
+def _impls(with_grad: bool, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[Impl, ...]:
     compiled = torch.compile(ref.temporal_attention, dynamic=False)
 
     def kernel_call(backend_name: str) -> Callable:
@@ -96,9 +123,14 @@ def _impls(with_grad: bool, device: torch.device) -> tuple[Impl, ...]:
         # The Triton interpreter (TRITON_INTERPRET=1) is a testing tool, never worth timing.
         return "no GPU" if device.type != "cuda" else dispatch.machine_unavailable_reason(backend_name, device)
 
+    sdpa = tuple(
+        Impl(name, _timed(_sdpa(backend), with_grad), unavailable=sdpa_unavailable(name, device, dtype, head_dim))
+        for name, backend in SDPA_BACKENDS.items()
+    )
     return (
         Impl(EAGER, _timed(ref.temporal_attention, with_grad)),
-        Impl(SDPA, _timed(_sdpa, with_grad)),
+        *sdpa,
+        Impl(XFORMERS, _timed(_xformers, with_grad), unavailable=_xformers_unavailable(device)),
         Impl(COMPILED, _timed(compiled, with_grad), compiles=True),
         Impl("triton", kernel_call("triton"), unavailable=unavailable("triton")),
         Impl("cuda", kernel_call("cuda"), unavailable=unavailable("cuda")),
@@ -125,7 +157,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
                     case=f"b{batch}-n{positions}-h{heads}",
                     pass_name=pass_name,
                     make_inputs=_input_maker(shape, frames, heads, options, with_grad),
-                    impls=_impls(with_grad, options.device),
+                    impls=_impls(with_grad, options.device, options.dtype, head_dim),
                     bytes_moved=traffic * torch.Size(shape).numel() * element_size,
                     dtype=options.dtype,
                     shape=shape,

@@ -132,7 +132,7 @@ def _sdpa(backend: SDPBackend) -> Callable:
 
 
 @functools.lru_cache(maxsize=None)
-def _sdpa_unavailable(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+def sdpa_unavailable(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
     """Why this SDPA backend cannot run here at this dtype and head dim (a small probe call), or None."""
     probe = torch.zeros(1, 1, 16, head_dim, device=device, dtype=dtype)
     with warnings.catch_warnings(record=True) as caught:
@@ -162,7 +162,7 @@ def _impls(with_grad: bool, device: torch.device, dtype: torch.dtype, head_dim: 
     # The Triton interpreter (TRITON_INTERPRET=1) is a testing tool, never worth timing.
     triton_unavailable = "no GPU" if device.type != "cuda" else dispatch.machine_unavailable_reason("triton", device)
     sdpa = tuple(
-        Impl(name, _timed(_sdpa(backend), with_grad), unavailable=_sdpa_unavailable(name, device, dtype, head_dim))
+        Impl(name, _timed(_sdpa(backend), with_grad), unavailable=sdpa_unavailable(name, device, dtype, head_dim))
         for name, backend in SDPA_BACKENDS.items()
     )
     return (
