@@ -45,11 +45,14 @@ def chosen(monkeypatch):
     return record
 
 
-@pytest.fixture(autouse=True)
-def fused_temporal_layers_at_every_size(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def fused_temporal_layers_at_every_size():
     """The tiny configurations' latent frames are far below the size where VC2UNet's temporal layers
     switch to the fused path (TemporalTransformer.fused_min_positions, a GPU measurement): the tests
-    run the fused path at every size, except where one sets the threshold back."""
+    run the fused path at every size, except where one sets the threshold back. Session-wide, so
+    that module-scoped fixtures (a cache written once, then compared) see it too."""
     from t2v_turbo.models.vc2_unet import TemporalTransformer
 
-    monkeypatch.setattr(TemporalTransformer, "fused_min_positions", 0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TemporalTransformer, "fused_min_positions", 0)
+        yield
