@@ -446,18 +446,21 @@ class RewardMixture(nn.Module):
         once; built on first use and after every move or cast."""
         if group not in self._stacked:
             models = [self.entries[index].model for index in group]
+            member_params = [dict(m.named_parameters()) for m in models]
+            member_buffers = [dict(m.named_buffers()) for m in models]
+            params = {}
             with torch.no_grad():
-                params = {
-                    f"model.{name}": torch.stack([dict(m.named_parameters())[name] for m in models])
-                    for name, _ in models[0].named_parameters()
-                }
+                # One parameter at a time, rebound at once: each member's own copy is freed before
+                # the next is stacked, so building the stack never holds the weights twice.
+                for name in member_params[0]:
+                    stacked = torch.stack([named[name] for named in member_params])
+                    for position, named in enumerate(member_params):
+                        named[name].data = stacked[position]
+                    params[f"model.{name}"] = stacked
                 buffers = {
-                    f"model.{name}": torch.stack([dict(m.named_buffers())[name] for m in models])
-                    for name, _ in models[0].named_buffers()
+                    f"model.{name}": torch.stack([named[name] for named in member_buffers])
+                    for name in member_buffers[0]
                 }
-            for position, model in enumerate(models):
-                for name, parameter in model.named_parameters():
-                    parameter.data = params[f"model.{name}"][position]
             self._stacked[group] = (params, buffers)
         return self._stacked[group]
 
