@@ -13,7 +13,8 @@
 #   STAGES=profile PROFILE_OPS=reward_mixture PROFILE_IMPLS=sequential,batched PROFILE_S=rest benchmarks/device_check.sh
 #
 # $OUT (default: benchmarks/results) gets device.log (this script's own output), build.log, tests.log,
-# bench.log and the harness's JSON files: seven files at most, inside the lent machine's limit of eight.
+# bench.log and one harness JSON file a bench or profile stage: eight files at most, the lent machine's
+# limit.
 # Packages the machine lacks travel as wheels in .whl/ (git-ignored; carry it). For its Python 3.12:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -36,7 +37,8 @@ CUDA_BACKEND_TESTS=(
     tests/test_dispatch.py tests/test_patching.py tests/test_compile_and_registration.py tests/test_bench.py
 )
 # Each stage's ops (override to time only what a previous lease left unmeasured). A stage's time
-# limit can be overridden too, as <STAGE>_S in capitals (BENCH_KERNELS_S=300; rest: up to the deadline).
+# limit can be overridden too, as <STAGE>_S in capitals (BENCH_KERNELS_S=300; rest: up to the deadline;
+# TESTS_S sets both test stages).
 ALL_KERNEL_OPS=guided_solver_step,consistency_output,consistency_sampler_step,pseudo_huber_loss
 ALL_KERNEL_OPS+=,temporal_attention,temporal_block,spatial_self_attention,spatial_cross_attention,reward_preprocess
 KERNEL_OPS=${KERNEL_OPS:-$ALL_KERNEL_OPS}
@@ -59,6 +61,7 @@ stage() {
     local seconds=${!limit_var:-$2}
     shift 3
     [[ " $STAGES " == *" $name "* ]] || return 0
+    if ! [[ $seconds =~ ^([0-9]+|rest)$ ]]; then say "$name: skipped, $limit_var=$seconds is neither seconds nor rest"; return 0; fi
     local left=$(( DEADLINE - SECONDS ))
     if [[ $seconds == rest ]] || (( seconds > left )); then seconds=$left; fi
     if (( seconds < 10 )); then say "$name: skipped, the run's time is spent"; return 0; fi

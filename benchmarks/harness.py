@@ -363,9 +363,15 @@ class _Runner:
             }
         )
         if settings.profile_top:
-            kernels, busy = profile_call(impl.fn, input_sets[0], settings.device, settings.profile_top)
-            self.rows[-1].update(top_kernels=kernels, gpu_busy=busy)
-            print(format_profile(case, impl, kernels, busy), flush=True)
+            # The timing stands whatever happens to the extra, profiled call.
+            try:
+                kernels, busy = profile_call(impl.fn, input_sets[0], settings.device, settings.profile_top)
+            except Exception as exc:
+                self.rows[-1]["profile_error"] = _reason(exc)
+                _release_memory(settings.device)
+            else:
+                self.rows[-1].update(top_kernels=kernels, gpu_busy=busy)
+                print(format_profile(case, impl, kernels, busy), flush=True)
 
 
 # ---- the run's record: JSON, table, plot --------------------------------------------------------

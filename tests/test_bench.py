@@ -170,6 +170,32 @@ def test_profile_records_where_each_row_spends_its_time(tmp_path, capsys):
     assert (row["gpu_busy"] is None) == (not torch.cuda.is_available())
 
 
+def test_a_failing_profiled_call_keeps_the_rows_timing(tmp_path):
+    timed_calls = 1 + 1 + 3  # first, --quick's warm-up and timed calls
+
+    def fails_when_profiled(x, calls=[]):
+        calls.append(None)
+        if len(calls) > timed_calls:
+            raise RuntimeError("profiler out of memory")
+        return x + 1
+
+    def suite(options: harness.SuiteOptions):
+        yield harness.Case(
+            op="add_one", case="4", pass_name="fwd", make_inputs=lambda: torch.zeros(4, device=options.device),
+            impls=(harness.Impl("only", fails_when_profiled),), bytes_moved=32, dtype=torch.float32, shape=(4,),
+        )
+
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    args = ["--quick", "--out", str(tmp_path), "--no-plot", "--profile", "3"]
+    assert harness.run(parser.parse_args(args), [suite]) == 0
+    (path,) = tmp_path.glob("*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["median_ms"] > 0
+    assert row["profile_error"] == "RuntimeError: profiler out of memory"
+    assert "top_kernels" not in row
+
+
 def test_busy_fraction_counts_overlaps_once_and_gaps_not_at_all():
     assert harness.busy_fraction([]) is None
     assert harness.busy_fraction([(0, 10)]) == 1.0

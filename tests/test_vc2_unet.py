@@ -12,7 +12,7 @@ import torch
 
 import turbo_kernels
 from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
-from t2v_turbo.models.vc2_unet import TemporalTransformer, attention_probs, sinusoid_a
+from t2v_turbo.models.vc2_unet import FUSED_MIN_POSITIONS, TemporalTransformer, attention_probs, sinusoid_a
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
 
@@ -243,7 +243,7 @@ def test_compiled_model_runs_temporal_layers_unfused_with_the_attention_op():
 
 
 def test_temporal_layers_fuse_only_from_the_measured_size(monkeypatch):
-    monkeypatch.setattr(TemporalTransformer, "fused_min_positions", 640)
+    monkeypatch.setattr(TemporalTransformer, "fused_min_positions", FUSED_MIN_POSITIONS)
     layer = next(m for m in VC2UNet.preset("tiny").modules() if isinstance(m, TemporalTransformer))
     assert layer.runs_fused(torch.empty(16, 1, 20, 32))
     assert not layer.runs_fused(torch.empty(16, 1, 10, 16))

@@ -29,6 +29,14 @@ from t2v_turbo.schedule import DEFAULT_FPS
 from turbo_kernels.temporal_block import fused_temporal_transformer
 
 GROUPS = 32
+# On an H100 (bf16, benchmarks.temporal_block, 2026-11-26) the fused block beat the reference
+# block forward+backward by 1.03-1.21x at 40x64 and 20x32 latent frames, and lost by 0.69-0.90x
+# at 10x16 and 5x8, where its fixed per-launch costs outweigh the copies it saves. torch.compile
+# of the reference block beat it at every level it measured, so under torch.compile the layers
+# run unfused: inductor fuses the norms and layout copies, and the temporal attention stays on
+# turbo_kernels' op (6.7x the compiled attention at 2560 positions, batch 8).
+FUSED_MIN_POSITIONS = 640
+
 # The release's ResBlock, TemporalConvBlock and output norms use torch's default eps; its
 # transformers' GroupNorms use 1e-6.
 GROUP_NORM_EPS = 1e-5
@@ -306,13 +314,7 @@ class TemporalTransformer(nn.Module):
     ops). Inside the fused path autocast is off (the stream's dtype is the compute dtype,
     FusedTemporalTransformer's contract). Neither path has dropout."""
 
-    # On an H100 (bf16, benchmarks.temporal_block, 2026-11-26) the fused block beat the reference
-    # block forward+backward by 1.03-1.21x at 40x64 and 20x32 latent frames, and lost by 0.69-0.90x
-    # at 10x16 and 5x8, where its fixed per-launch costs outweigh the copies it saves. torch.compile
-    # of the reference block beat it at every level it measured, so under torch.compile the layers
-    # run unfused: inductor fuses the norms and layout copies, and the temporal attention stays on
-    # turbo_kernels' op (6.7x the compiled attention at 2560 positions, batch 8).
-    fused_min_positions = 640
+    fused_min_positions = FUSED_MIN_POSITIONS
 
     def __init__(self, channels: int, heads: int, head_dim: int, conv_proj: bool = False):
         super().__init__()

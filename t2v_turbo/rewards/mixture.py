@@ -162,37 +162,40 @@ def _stack_key(entry: RewardEntry) -> tuple:
     return (type(model), repr(getattr(model, "config", None)), model.kind, entry.spec.size, entry.num_frames, tensors)
 
 
-def _linear_on_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear with its input flattened to rows first. Under vmap with stacked weights, F.linear on
-    an input of three or more dimensions per model (nn.MultiheadAttention's in-projection of its
-    (L, N, E) tokens) broadcasts the weight over the leading dimension and copies it once a token:
-    with ViT-H towers the batched mixture ran 5x slower than the release's model-by-model path on an
-    H100 (2026-11-26), and 16x slower on a CPU with three such layers. Rows make it one batched
-    matrix product over the models."""
-    if x.dim() <= 2:
-        return _F_LINEAR(x, weight, bias)
-    return _F_LINEAR(x.flatten(0, -2), weight, bias).unflatten(0, x.shape[:-1])
+def _linear_on_rows(linear):
+    """`linear` (F.linear) with its input flattened to rows first. Under vmap with stacked weights,
+    F.linear on an input of three or more dimensions per model (nn.MultiheadAttention's
+    in-projection of its (L, N, E) tokens) broadcasts the weight over the leading dimension and
+    copies it once a token: with ViT-H towers the batched mixture ran 5x slower than the release's
+    model-by-model path on an H100 (2026-11-26), and 16x slower on a CPU with three such layers.
+    Rows make it one batched matrix product over the models."""
 
+    def linear_on_rows(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if input.dim() <= 2:
+            return linear(input, weight, bias)
+        return linear(input.flatten(0, -2), weight, bias).unflatten(0, input.shape[:-1])
 
-_F_LINEAR = F.linear
+    return linear_on_rows
 
 
 @contextmanager
 def _vmappable_forward() -> Iterator[None]:
-    """What the stacked forward needs from torch while it runs: nn.MultiheadAttention's eval fast
+    """What the stacked forward needs from torch while it runs, as process-wide switches restored on
+    exit (no other thread should run torch.nn code meanwhile): nn.MultiheadAttention's eval fast
     path (`_native_multi_head_attention`) has no vmap batching rule and no derivative, so it is
-    switched off; F.linear runs on rows (_linear_on_rows). Both are process-wide switches, undone on
-    exit. functorch warns on every call that SDPA's CPU kernel runs per model in a loop (correct,
-    only slower): silenced."""
+    off; F.linear runs on rows (`_linear_on_rows`; the attribute is replaced, since a torch function
+    mode would not reach the calls inside F.multi_head_attention_forward). functorch warns on every
+    call that SDPA's CPU kernel runs per model in a loop (correct, only slower): silenced."""
     enabled = torch.backends.mha.get_fastpath_enabled()
+    linear = F.linear
     torch.backends.mha.set_fastpath_enabled(False)
-    F.linear = _linear_on_rows
+    F.linear = _linear_on_rows(linear)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
             yield
     finally:
-        F.linear = _F_LINEAR
+        F.linear = linear
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
