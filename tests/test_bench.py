@@ -48,6 +48,18 @@ def _bench(tmp_path, *options: str) -> dict:
     return result
 
 
+def _run_harness(tmp_path, suite, *options: str) -> int:
+    """harness.run on one suite, --quick, its JSON in tmp_path."""
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    return harness.run(parser.parse_args(["--quick", "--out", str(tmp_path), "--no-plot", *options]), [suite])
+
+
+def _written(tmp_path) -> dict:
+    (path,) = tmp_path.glob("*")
+    return json.loads(path.read_text())
+
+
 def _check_fields(record: dict, fields: dict) -> None:
     for name, kind in fields.items():
         assert isinstance(record[name], kind), (name, record[name])
@@ -111,11 +123,8 @@ def test_a_failing_impl_is_skipped_with_its_reason(tmp_path):
             bytes_moved=32, dtype=torch.float32, shape=(4,),
         )
 
-    parser = argparse.ArgumentParser()
-    harness.add_arguments(parser)
-    assert harness.run(parser.parse_args(["--quick", "--out", str(tmp_path), "--no-plot"]), [suite]) == 0
-    (path,) = tmp_path.glob("*.json")
-    result = json.loads(path.read_text())
+    assert _run_harness(tmp_path, suite) == 0
+    result = _written(tmp_path)
     assert [row["impl"] for row in result["rows"]] == ["works"]
     reasons = {s["impl"]: s["reason"] for s in result["skipped"]}
     assert reasons == {"broken": "RuntimeError: kernel exploded", "absent": "not here"}
@@ -137,12 +146,9 @@ def test_a_run_stopped_part_way_keeps_the_cases_it_measured(tmp_path):
                 bytes_moved=32, dtype=torch.float32, shape=(4,),
             )
 
-    parser = argparse.ArgumentParser()
-    harness.add_arguments(parser)
     with pytest.raises(Stopped):
-        harness.run(parser.parse_args(["--quick", "--out", str(tmp_path), "--no-plot"]), [suite])
-    (path,) = tmp_path.glob("*")
-    result = json.loads(path.read_text())
+        _run_harness(tmp_path, suite)
+    result = _written(tmp_path)
     assert result["complete"] is False
     assert [row["op"] for row in result["rows"]] == ["first"]
 
@@ -156,12 +162,8 @@ def test_profile_records_where_each_row_spends_its_time(tmp_path, capsys):
             bytes_moved=64 * 64 * 4 * 2, dtype=torch.float32, shape=(64, 64),
         )
 
-    parser = argparse.ArgumentParser()
-    harness.add_arguments(parser)
-    args = ["--quick", "--out", str(tmp_path), "--no-plot", "--profile", "1"]
-    assert harness.run(parser.parse_args(args), [suite]) == 0
-    (path,) = tmp_path.glob("*.json")
-    result = json.loads(path.read_text())
+    assert _run_harness(tmp_path, suite, "--profile", "1") == 0
+    result = _written(tmp_path)
     assert result["settings"]["profile_top"] == 1
     (row,) = result["rows"]
     (kernel,) = row["top_kernels"]
@@ -185,12 +187,8 @@ def test_a_failing_profiled_call_keeps_the_rows_timing(tmp_path):
             impls=(harness.Impl("only", fails_when_profiled),), bytes_moved=32, dtype=torch.float32, shape=(4,),
         )
 
-    parser = argparse.ArgumentParser()
-    harness.add_arguments(parser)
-    args = ["--quick", "--out", str(tmp_path), "--no-plot", "--profile", "3"]
-    assert harness.run(parser.parse_args(args), [suite]) == 0
-    (path,) = tmp_path.glob("*.json")
-    (row,) = json.loads(path.read_text())["rows"]
+    assert _run_harness(tmp_path, suite, "--profile", "3") == 0
+    (row,) = _written(tmp_path)["rows"]
     assert row["median_ms"] > 0
     assert row["profile_error"] == "RuntimeError: profiler out of memory"
     assert "top_kernels" not in row
