@@ -10,7 +10,8 @@ From the shipped world models (`t2v-turbo pretrain` made them; see assets/world/
 3. sample the teacher (50 DDIM steps with CFG, 2 UNet passes a step) and every student (4 steps)
    from the same held-out prompts and seeds, and score them: agreement with the teacher's samples
    (PSNR), the image-text and video-text reward scores, motion fidelity (the centroid track of the
-   object against the caption's direction: no learned model) and sampling time;
+   object against the caption's direction: no learned model), how many clips move the captioned way
+   rather than the opposite one, and sampling time;
 4. write a report folder: a GIF grid per prompt (teacher | a | b | c | d), loss and reward curves,
    a markdown table and the numbers as JSON.
 The numbers are whatever the run measures; the report says so.
@@ -71,7 +72,7 @@ class DemoConfig:
     motion_strength: float = 0.05
     # Grid indices of motion clips: SPEC 2's noisier half; the inversion runs n + 1 teacher steps.
     motion_grid_range: tuple[int, int] = (100, 200)
-    eval_prompts: int = 8
+    eval_prompts: int = 16
     teacher_steps: int = 50
     student_steps: int = 4
     # w in the LCM convention the students are distilled in; the teacher samples with the classic
@@ -124,16 +125,34 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def score_samples(frames: torch.Tensor, captions: list[str], scorer: RewardMixture) -> dict[str, torch.Tensor]:
-    """Per clip: image and video reward scores and motion fidelity; frames (B, 3, F, H, W) in [0, 1]."""
-    from t2v_turbo.data.world import motion_fidelity, short_caption
+    """Per clip: image and video reward scores, motion fidelity and whether it moves as captioned
+    rather than the opposite way (NaN for static captions); frames (B, 3, F, H, W) in [0, 1]."""
+    from t2v_turbo.data.world import motion_fidelity, moves_as_captioned, short_caption
 
     attributes = [parse_caption(caption) for caption in captions]
     shorts = [short_caption(a) for a in attributes]
     frame_indices = scorer.select_frames(frames.shape[2])
     with torch.no_grad():
         _, scores = scorer(frames[:, :, frame_indices], frame_indices, captions, shorts)
-    fidelity = motion_fidelity(frames, [a.direction for a in attributes], [a.background for a in attributes])
-    return {"image_reward": scores["image"], "video_reward": scores["video"], "motion_fidelity": fidelity}
+    directions = [a.direction for a in attributes]
+    backgrounds = [a.background for a in attributes]
+    return {
+        "image_reward": scores["image"],
+        "video_reward": scores["video"],
+        "motion_fidelity": motion_fidelity(frames, directions, backgrounds),
+        "moves_as_captioned": moves_as_captioned(frames, directions, backgrounds),
+    }
+
+
+def summarise_scores(scores: dict[str, torch.Tensor]) -> dict[str, float | int | None]:
+    """Means over the clips; `moves_as_captioned` is the share of the clips with a moving caption
+    (None when there are none), and `moving_prompts` their count."""
+    follows = scores["moves_as_captioned"]
+    moving = follows[~follows.isnan()]
+    summary = {k: float(v.mean()) for k, v in scores.items() if k != "moves_as_captioned"}
+    summary["moves_as_captioned"] = float(moving.mean()) if len(moving) else None
+    summary["moving_prompts"] = len(moving)
+    return summary
 
 
 def _plot_curves(results: dict[str, VariantResult], path: Path) -> None:
@@ -160,15 +179,19 @@ def _plot_curves(results: dict[str, VariantResult], path: Path) -> None:
 
 def _table(rows: list[tuple[str, dict[str, float]]]) -> str:
     header = (
-        "| model | steps | PSNR vs teacher (dB) | image reward | video reward | motion fidelity | s / clip |\n"
-        "| --- | --- | --- | --- | --- | --- | --- |\n"
+        "| model | steps | PSNR vs teacher (dB) | image reward | video reward | motion fidelity | moves as captioned "
+        "| s / clip |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
     lines = []
     for label, m in rows:
         psnr = "—" if m.get("psnr_vs_teacher") is None else f"{m['psnr_vs_teacher']:.2f}"
+        follows = "—" if m["moves_as_captioned"] is None else (
+            f"{round(m['moves_as_captioned'] * m['moving_prompts'])}/{m['moving_prompts']}"
+        )
         lines.append(
             f"| {label} | {m['sampling_steps']} | {psnr} | {m['image_reward']:.4f} | {m['video_reward']:.4f} | "
-            f"{m['motion_fidelity']:.3f} | {m['seconds_per_clip']:.3f} |"
+            f"{m['motion_fidelity']:.3f} | {follows} | {m['seconds_per_clip']:.3f} |"
         )
     return header + "\n".join(lines) + "\n"
 
@@ -256,7 +279,7 @@ def run_demo(config: DemoConfig) -> Path:
             {
                 "sampling_steps": config.teacher_steps,
                 "psnr_vs_teacher": None,
-                **{k: float(v.mean()) for k, v in teacher_scores.items()},
+                **summarise_scores(teacher_scores),
                 "seconds_per_clip": teacher_out.timings["total_s"] / len(eval_prompts),
             },
         )
@@ -281,7 +304,7 @@ def run_demo(config: DemoConfig) -> Path:
         metrics = {
             "sampling_steps": config.student_steps,
             "psnr_vs_teacher": float(_psnr(out.frames, teacher_out.frames).mean()),
-            **{k: float(v.mean()) for k, v in scores.items()},
+            **summarise_scores(scores),
             "seconds_per_clip": out.timings["total_s"] / len(eval_prompts),
         }
         results[name].metrics = metrics
@@ -333,8 +356,10 @@ on {config.train_clips} training clips (the same cache and seed for every row).
 {table}
 Columns: PSNR of the student's clip against the teacher's clip from the same prompt and seed
 (higher: closer to the teacher); the toy image-text and video-text reward models' cosine scores;
-motion fidelity (centroid track against the caption's direction, 1 = moves as captioned); wall
-time per clip. Held-out prompts (attribute combinations never seen in training):
+motion fidelity (centroid track against the caption's direction, 1 = moves as captioned); of the
+prompts that name a direction, how many clips move more the captioned way than the opposite way
+(a sampler blind to the direction word gets about half); wall time per clip. Held-out prompts
+(attribute combinations never seen in training):
 
 {prompt_lines}
 

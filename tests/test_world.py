@@ -24,6 +24,7 @@ from t2v_turbo.data.world import (
     is_heldout,
     make_clip,
     motion_fidelity,
+    moves_as_captioned,
     parse_caption,
     prompts,
     sample_attributes,
@@ -147,6 +148,21 @@ def test_motion_fidelity_scores_real_high_reversed_and_frozen_low(clips):
             # The caption's background colour gives the same estimate as the border median.
             named = motion_fidelity(clip.frames, direction, clip.attributes.background)
             assert named == pytest.approx(real, abs=1e-3)
+
+
+def test_moves_as_captioned_tells_real_from_time_reversed_clips(clips):
+    _, by_direction = clips
+    found = [clip for direction, group in by_direction.items() for clip in group]
+    batch = torch.stack([clip.frames.permute(1, 0, 2, 3) for clip in found])
+    directions = [clip.attributes.direction for clip in found]
+    moving = torch.tensor([d != "static" for d in directions])
+    assert bool(moving.any()) and not bool(moving.all())
+    forward = moves_as_captioned(batch, directions)
+    backward = moves_as_captioned(batch.flip(2), directions)
+    assert bool(forward.isnan().eq(~moving).all()) and bool(backward.isnan().eq(~moving).all())
+    assert bool((forward[moving] == 1).all()) and bool((backward[moving] == 0).all())
+    with pytest.raises(ValueError, match="frames"):
+        moves_as_captioned(found[0].frames, directions[0])
 
 
 def test_motion_fidelity_batch_matches_single_clips():

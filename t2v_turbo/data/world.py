@@ -55,6 +55,7 @@ DIRECTION_VECTORS: dict[str, tuple[float, float]] = {
     "down": (0.0, 1.0),
     "static": (0.0, 0.0),
 }
+OPPOSITE_DIRECTIONS = {"left": "right", "right": "left", "up": "down", "down": "up"}
 # Object radius as a fraction of the frame's short side.
 SIZE_RADIUS = {"small": 0.09, "large": 0.16}
 # Distance travelled over the whole clip as a fraction of the frame's short side.
@@ -466,3 +467,20 @@ def motion_fidelity(frames: Tensor, direction: str | Sequence[str], background_c
         cosine = float(displacement @ unit) / magnitude if magnitude > 0 else 0.0
         scores.append((1.0 + cosine) / 2.0 * (1.0 - math.exp(-magnitude / MOTION_SCALE)))
     return scores[0] if single else torch.tensor(scores, dtype=torch.float32)
+
+
+def moves_as_captioned(frames: Tensor, direction: str | Sequence[str], background_colour=None) -> Tensor:
+    """Does each clip move the captioned way rather than the opposite one? frames (B, 3, F, H, W) in
+    [0, 1]; direction and background_colour as in `motion_fidelity`. Returns (B,) float32: 1 where
+    the motion fidelity under the captioned direction exceeds that under the opposite direction, 0
+    where it does not, NaN for "static" captions (no opposite). A sampler that ignores the direction
+    word scores about 0.5 over many clips."""
+    if not isinstance(frames, Tensor) or frames.dim() != 5:
+        raise ValueError(f"frames must be a (B, 3, F, H, W) tensor, got {getattr(frames, 'shape', frames)}")
+    directions = _as_per_clip(direction, frames.shape[0], "direction")
+    moving = [d != "static" for d in directions]
+    opposites = [OPPOSITE_DIRECTIONS.get(d, d) for d in directions]
+    captioned = motion_fidelity(frames, directions, background_colour)
+    opposite = motion_fidelity(frames, opposites, background_colour)
+    follows = (captioned > opposite).float()
+    return torch.where(torch.tensor(moving), follows, torch.full_like(follows, float("nan")))
