@@ -1,11 +1,20 @@
 """The toy world's shipped models, `t2v-turbo pretrain` and a shortened `t2v-turbo demo` run."""
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from t2v_turbo.data.world import WorldDataset, dense_caption, parse_caption, short_caption
+from t2v_turbo.data.world import (
+    WorldDataset,
+    dense_caption,
+    make_clip,
+    parse_caption,
+    short_caption,
+    swap_direction,
+)
 from t2v_turbo.demo import WORLD_MODELS, DemoConfig, run_demo
 from t2v_turbo.pretrain import (
     REWARD_DIRS,
@@ -14,6 +23,7 @@ from t2v_turbo.pretrain import (
     WORLD_VAE_CONFIG,
     PretrainConfig,
     pretrain,
+    teacher_direction_ranking,
     teacher_timesteps,
 )
 from t2v_turbo.rewards.toy import load_toy_reward
@@ -50,7 +60,6 @@ def test_shipped_models_load_as_built():
 def test_shipped_reward_models_prefer_the_true_caption():
     """On held-out clips, each reward model scores a clip's own caption above the same caption with
     the colour changed (image model) or the direction reversed (video model)."""
-    from dataclasses import replace
 
     image = load_toy_reward(WORLD_MODELS / REWARD_DIRS["image"])
     video = load_toy_reward(WORLD_MODELS / REWARD_DIRS["video"])
@@ -93,18 +102,45 @@ def test_teacher_timesteps_favour_the_noisier_half_as_asked():
         PretrainConfig(teacher_noisy_fraction=1.5)
 
 
+def test_swap_direction_swaps_only_the_direction_word():
+    clips = [make_clip(seed) for seed in range(40)]
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up", "static": "static"}
+    assert {c.attributes.direction for c in clips} == {"left", "right", "up", "down", "static"}
+    for clip in clips:
+        for caption in (clip.caption, clip.short_caption):
+            swapped = swap_direction(caption)
+            assert swap_direction(swapped) == caption
+            assert parse_caption(swapped) == replace(parse_caption(caption), direction=opposite[clip.attributes.direction])
+
+
+def test_direction_ranking_is_zero_only_past_the_margin_and_pushes_the_right_way():
+    true = torch.tensor([0.010, 0.020], requires_grad=True)
+    far = torch.tensor([0.0106, 0.0211], requires_grad=True)  # 6% and 5.5% above: past a 5% margin
+    assert teacher_direction_ranking(true, far, 0.05).item() == 0.0
+    near = torch.tensor([0.0102, 0.0300], requires_grad=True)  # only the first clip inside the margin
+    value = teacher_direction_ranking(true, near, 0.05)
+    assert value.item() == pytest.approx((1.05 * 0.010 - 0.0102) / 2 / 0.015, rel=1e-5)
+    value.backward()
+    assert float(true.grad[0]) > 0 and float(near.grad[0]) < 0  # lower the true loss, raise the swapped one
+    assert float(true.grad[1]) == 0 and float(near.grad[1]) == 0
+    with pytest.raises(ValueError, match="teacher_direction_ranking"):
+        PretrainConfig(teacher_direction_ranking=-1.0)
+
+
 def test_pretrain_writes_a_loadable_model_directory(tmp_path):
     from t2v_turbo.pipeline import T2VTurboPipeline
 
     config = PretrainConfig(
         output_dir=str(tmp_path / "world"), pool_size=8, vae_steps=2, vae_batch=4, teacher_steps=2,
-        teacher_batch=2, reward_steps=2, reward_batch=4, progress=False,
+        teacher_batch=4, teacher_direction_ranking=0.5, reward_steps=2, reward_batch=4, progress=False,
     )
     output = pretrain(config)
     pipeline = T2VTurboPipeline.from_pretrained(output)
     assert pipeline.unet.config["context_dim"] == pipeline.text_encoder.context_dim
     recipe = json.loads((output / "recipe.json").read_text())
     assert recipe["config"]["teacher_steps"] == 2
+    assert "--teacher-direction-ranking 0.5" in recipe["command"]
+    assert math.isfinite(recipe["metrics"]["teacher_direction_ranking_ema"])
     for directory in REWARD_DIRS.values():
         load_toy_reward(output / directory)
 

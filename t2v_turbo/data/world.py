@@ -469,6 +469,16 @@ def motion_fidelity(frames: Tensor, direction: str | Sequence[str], background_c
     return scores[0] if single else torch.tensor(scores, dtype=torch.float32)
 
 
+_DIRECTION_WORD = re.compile(r"\b(" + "|".join(OPPOSITE_DIRECTIONS) + r")\b")
+
+
+def swap_direction(caption: str) -> str:
+    """The caption with its direction word replaced by the opposite one ("moves right" -> "moves
+    left"); a static caption comes back unchanged. Colour, shape, size and background names of this
+    world contain no direction word, so only the direction changes."""
+    return _DIRECTION_WORD.sub(lambda match: OPPOSITE_DIRECTIONS[match.group(1)], caption)
+
+
 def moves_as_captioned(frames: Tensor, direction: str | Sequence[str], background_colour=None) -> Tensor:
     """Does each clip move the captioned way rather than the opposite one? frames (B, 3, F, H, W) in
     [0, 1]; direction and background_colour as in `motion_fidelity`. Returns (B,) float32: 1 where
