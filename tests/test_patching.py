@@ -333,10 +333,31 @@ UNSUPPORTED = {
 def test_unsupported_models_raise(builder):
     model = builder()
     before = model.attn_processors if hasattr(model, "attn_processors") else None
-    with pytest.raises(TypeError, match=f"{type(model).__name__}.*UNet3DConditionModel.*UNetMotionModel"):
+    with pytest.raises(TypeError, match=f"{type(model).__name__}.*UNet3DConditionModel.*UNetMotionModel.*VC2UNet"):
         patch(model)
     if before is not None:
         assert all(model.attn_processors[name] is p for name, p in before.items())
+
+
+def test_patch_switches_vc2_unet_kernels_and_unpatch_restores_them():
+    from t2v_turbo.models.vc2_unet import TemporalTransformer, VC2UNet
+
+    model = VC2UNet.preset("tiny", use_kernels=False)
+    temporal_layers = [m for m in model.modules() if isinstance(m, TemporalTransformer)]
+    assert temporal_layers and not any(layer.use_kernels for layer in temporal_layers)
+    assert patch(model) is model and model.use_kernels
+    assert all(layer.use_kernels for layer in temporal_layers)
+    patch(model, temporal=False)  # a second patch starts again from the unpatched value
+    assert not model.use_kernels
+    patch(model)
+    assert unpatch(model) is model and not model.use_kernels
+    assert not any(layer.use_kernels for layer in temporal_layers)
+    model.use_kernels = True
+    patch(model, temporal=False)
+    assert not model.use_kernels
+    unpatch(model)
+    unpatch(model)  # unpatching an unpatched model leaves it as it is
+    assert model.use_kernels
 
 
 @pytest.mark.slow

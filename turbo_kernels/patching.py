@@ -9,6 +9,10 @@ Supported models and what `patch` replaces (only attention modules that run diff
   (the blocks' `temp_attentions` and `transformer_in`) get `TemporalAttnProcessor`.
 - `UNetMotionModel` (AnimateDiff): likewise, its `AnimateDiffTransformer3D` motion modules being the
   temporal transformers.
+- The project's own VideoCrafter2 UNet (`t2v_turbo.models.VC2UNet`, or any model with a settable
+  `use_kernels` property): it runs its fused temporal transformer blocks and kernel temporal
+  attention itself while `use_kernels` is set, and its spatial attention is always SDPA, so `patch`
+  sets `use_kernels = temporal` and `unpatch` restores the value it had.
 
 Both temporal transformers hand their attention processors hidden states of shape (B*H*W, F, C):
 they permute the (B*F, C, H, W) feature map to (B, H, W, F, C) and flatten, so every row is the
@@ -29,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from turbo_kernels.ops.attention import temporal_attention
 
 _ORIGINAL_PROCESSORS = "_turbo_kernels_original_processors"
+_ORIGINAL_USE_KERNELS = "_turbo_kernels_original_use_kernels"
 
 # cuDNN, the default SDPA backend on H100/H200, has returned NaN grad_q for calls with an explicit
 # mask, a key length of 64 mod 128 and a query row whose logsumexp is below about -88.7
@@ -175,6 +180,7 @@ def _temporal_transformer_classes(model: torch.nn.Module) -> tuple[type, ...]:
         if isinstance(model, model_class):
             return temporal_classes
     supported = ", ".join(f"diffusers.{cls.__name__}" for cls in _supported_models())
+    supported += ", models with a settable use_kernels property (t2v_turbo's VC2UNet)"
     model_class = f"{type(model).__module__}.{type(model).__qualname__}"
     raise TypeError(f"turbo_kernels.patch does not support {model_class}; supported models: {supported}")
 
@@ -193,13 +199,26 @@ def _temporal_processor_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
+def _has_kernel_switch(model: torch.nn.Module) -> bool:
+    """Whether the model switches its kernels itself (VC2UNet's `use_kernels` property)."""
+    switch = getattr(type(model), "use_kernels", None)
+    return isinstance(switch, property) and switch.fset is not None
+
+
 def patch(model: torch.nn.Module, spatial: bool = True, temporal: bool = True) -> torch.nn.Module:
     """Install kernel-backed attention processors on a diffusers `UNet3DConditionModel` or
     `UNetMotionModel` (in place; returns the model): `TemporalAttnProcessor` on the temporal
     self-attentions when `temporal`, `SpatialAttnProcessor` on the spatial self- and
     cross-attentions when `spatial`. Only modules running diffusers' plain attention processors are
     replaced. Patching a patched model starts again from the processors it had before the first
-    patch; `unpatch` restores those. Raises TypeError for other models."""
+    patch; `unpatch` restores those. On a model with a settable `use_kernels` property (VC2UNet) it
+    sets `use_kernels = temporal` instead (its spatial attention is SDPA either way). Raises
+    TypeError for other models."""
+    if _has_kernel_switch(model):
+        unpatch(model)
+        setattr(model, _ORIGINAL_USE_KERNELS, model.use_kernels)
+        model.use_kernels = temporal
+        return model
     temporal_names = _temporal_processor_names(model)
     unpatch(model)
     originals = model.attn_processors
@@ -219,8 +238,12 @@ def patch(model: torch.nn.Module, spatial: bool = True, temporal: bool = True) -
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the attention processors `model` had before `patch` (the same objects); a model that
-    is not patched is left as it is. Returns the model."""
+    """Restore the attention processors `model` had before `patch` (the same objects), or its
+    `use_kernels` value; a model that is not patched is left as it is. Returns the model."""
+    if hasattr(model, _ORIGINAL_USE_KERNELS):
+        model.use_kernels = getattr(model, _ORIGINAL_USE_KERNELS)
+        delattr(model, _ORIGINAL_USE_KERNELS)
+        return model
     originals = getattr(model, _ORIGINAL_PROCESSORS, None)
     if originals is not None:
         model.set_attn_processor(dict(originals))
