@@ -8,6 +8,7 @@ in SUBCOMMANDS.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional, Sequence
 
 
@@ -28,10 +29,16 @@ def _add_convert(subparsers) -> None:
     from t2v_turbo.models import checkpoint
 
     def convert(args) -> int:
+        from t2v_turbo.commands import error_text
+
         if not args.output.endswith(checkpoint.SAFETENSORS_SUFFIX):
             parser.error(f"OUTPUT must be a {checkpoint.SAFETENSORS_SUFFIX} file, got {args.output}")
-        state = checkpoint.load_state_dict_file(args.input)
-        checkpoint.save_state_dict_file(state, args.output)
+        try:
+            state = checkpoint.load_state_dict_file(args.input)
+            checkpoint.save_state_dict_file(state, args.output)
+        except (FileNotFoundError, ValueError, TypeError) as error:
+            print(f"t2v-turbo convert: error: {error_text(error)}", file=sys.stderr)
+            return 2
         params = sum(t.numel() for t in state.values())
         print(f"wrote {args.output}: {len(state)} tensors, {params:,} parameters")
         return 0

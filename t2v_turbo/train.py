@@ -81,7 +81,9 @@ class TrainConfig:
     # A save_pretrained VC2UNet directory or a diffusers UNet3DConditionModel one; None: random init from the preset.
     teacher: Optional[str] = None
     cache: Optional[str] = None
-    data: str = "synthetic"  # what `t2v-turbo preprocess` reads; training reads only the cache
+    # What the cache must have been built from (`t2v-turbo preprocess --data`); None: not checked.
+    # Training reads only the cache.
+    data: Optional[str] = None
     vae: Optional[str] = None  # for the reward path, when no VAE object is handed to train()
     output_dir: str = "runs/train"
     resume: Optional[str] = None  # "latest" or a checkpoint directory
@@ -529,6 +531,7 @@ class _Trainer:
             raise ValueError(f"config.cache is not set: training reads a teacher cache; {PREPROCESS_HINT}")
         self.dataset = TeacherCache(config.cache)
         check_cache_teacher(self.dataset.config, config)
+        check_cache_data(self.dataset.config, config)
         self.fps = int(self.dataset.config.get("fps", schedule.DEFAULT_FPS))
         self.lora = config.lora_rank > 0
         if self.lora and config.ema_decay is not None:
@@ -836,6 +839,18 @@ def check_cache_teacher(cache_config: Mapping[str, Any], config: TrainConfig) ->
             f"builds its student from teacher={config.teacher!r}, preset={config.preset!r}, seed={config.seed}: "
             f"set teacher=None, preset={preset!r} and seed={seed}"
         )
+
+
+def check_cache_data(cache_config: Mapping[str, Any], config: TrainConfig) -> None:
+    """With config.data set, the cache must have been built from that data: the same string, or
+    paths that resolve to the same place. Caches that do not record their data are not checked."""
+    built_from = cache_config.get("data")
+    if config.data is None or built_from is None or built_from == config.data:
+        return
+    if built_from != "synthetic" and config.data != "synthetic":
+        if Path(built_from).resolve() == Path(config.data).resolve():
+            return
+    raise ValueError(f"cache {config.cache} was built from data {built_from!r}, not from data={config.data!r}")
 
 
 def seed_all(seed: int) -> None:

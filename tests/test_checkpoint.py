@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,34 @@ def test_load_checkpoint_names_missing_and_unexpected_keys(tmp_path, tiny_state)
     torch.save(_release_checkpoint(state), path)
     with pytest.raises(KeyError, match=r"model.ckpt: .*1 missing \['out.2.weight'\], 1 unexpected \['extra.weight'\]"):
         load_checkpoint(VC2UNet.preset("tiny"), path)
+
+
+def test_absent_unreadable_and_misshapen_checkpoints_fail_clearly(tmp_path, tiny_state):
+    with pytest.raises(FileNotFoundError, match="absent.ckpt does not exist"):
+        load_state_dict_file(tmp_path / "absent.ckpt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    for name in ("junk.pt", "junk.safetensors"):
+        with pytest.raises(ValueError, match=f"{name}: not a readable"):
+            load_state_dict_file(tmp_path / name)
+    state = dict(tiny_state)
+    state["out.2.weight"] = state["out.2.weight"][:1]
+    torch.save(state, tmp_path / "narrow.pt")
+    shape = tuple(tiny_state["out.2.weight"].shape)
+    with pytest.raises(ValueError, match=r"1 with other shapes \(out.2.weight: \(1, .* in the state dict, " + re.escape(str(shape))):
+        load_checkpoint(VC2UNet.preset("tiny"), tmp_path / "narrow.pt")
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        from_pretrained(tmp_path)
+
+
+def test_convert_cli_reports_unreadable_inputs(tmp_path, capsys):
+    output = tmp_path / "out.safetensors"
+    assert main(["convert", str(tmp_path / "absent.ckpt"), str(output)]) == 2
+    assert "t2v-turbo convert: error:" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert main(["convert", str(tmp_path / "junk.pt"), str(output)]) == 2
+    assert "not a readable .pt checkpoint" in capsys.readouterr().err
+    assert not output.exists()
 
 
 def test_load_checkpoint_fills_the_model(tmp_path, tiny_state):

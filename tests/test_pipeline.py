@@ -344,3 +344,25 @@ def test_bad_model_paths_fail_clearly(tmp_path, capsys):
         T2VTurboPipeline.from_pretrained(tmp_path / "partial")
     assert main(["a cat", "--model", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     assert "nowhere does not exist" in capsys.readouterr().err
+
+
+def test_generate_reports_missing_and_misshapen_weights(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from t2v_turbo.models.text_encoder import OpenCLIPTextEncoder
+    from t2v_turbo.models.vae import VideoVAE
+
+    vae, encoder = VideoVAE.preset("tiny"), OpenCLIPTextEncoder("tiny")
+    model = small_unet(in_channels=vae.latent_channels, context_dim=encoder.context_dim)
+    T2VTurboPipeline(model, vae, encoder).save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "unet" / "model.safetensors"
+    state = load_file(str(weights))
+    command = ["a cat", "--model", str(tmp_path / "model"), "--device", "cpu", "--out", str(tmp_path / "c.gif")]
+
+    save_file({k: v for k, v in state.items() if k != "out.2.bias"}, str(weights))
+    assert main(command) == 2
+    assert "1 missing ['out.2.bias']" in capsys.readouterr().err
+    save_file({**state, "out.2.bias": state["out.2.bias"][:1].clone()}, str(weights))
+    assert main(command) == 2
+    assert "out.2.bias: (1,) in the state dict" in capsys.readouterr().err
+    assert not (tmp_path / "c.gif").exists()

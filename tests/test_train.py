@@ -295,6 +295,30 @@ def test_a_preset_cache_refuses_another_teacher(assets, tmp_path):
     train_module.check_cache_teacher({}, TrainConfig(seed=8))  # an older cache without these fields
 
 
+def test_a_cache_built_from_other_data_is_refused(assets, tmp_path):
+    cache = write_cache(tmp_path / "cache", producing_config={"data": "videos/manifest.csv"})
+    with pytest.raises(ValueError, match="built from data 'videos/manifest.csv', not from data='synthetic'"):
+        train(config(assets, tmp_path / "run", cache=str(cache), max_steps=1, data="synthetic"))
+    check = train_module.check_cache_data
+    check({"data": "videos/manifest.csv"}, TrainConfig(data=None))  # data not named: not checked
+    check({"data": "videos/manifest.csv"}, TrainConfig(data=str(Path("videos/manifest.csv").resolve())))
+    check({}, TrainConfig(data="synthetic"))  # a cache that does not record its data
+
+
+def test_train_command_reports_unusable_settings(assets, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_train_command(parser.add_subparsers(dest="command"))
+    cache = write_cache(tmp_path / "cache", producing_config={"data": "synthetic"})
+    overrides = [f"teacher={assets['teacher']}", "kernels=off", "progress=false", "checkpoint_every=0", "max_steps=1"]
+    run = ["train", "--cache", str(cache), "--output-dir", str(tmp_path / "run")]
+    args = parser.parse_args([*run, "--resume", str(tmp_path / "no-checkpoint"), *overrides])
+    assert args.handler(args) == 2
+    assert "no-checkpoint" in capsys.readouterr().err
+    args = parser.parse_args([*run, "--data", str(tmp_path / "other-videos"), *overrides])
+    assert args.handler(args) == 2
+    assert "built from data 'synthetic'" in capsys.readouterr().err
+
+
 def test_training_solver_uses_the_release_table():
     assert motion_module.release_alphas_cumprod is schedule.release_alphas_cumprod
     release = schedule.release_alphas_cumprod(torch.float64)

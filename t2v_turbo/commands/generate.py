@@ -27,14 +27,16 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from t2v_turbo import video_io
+    from t2v_turbo.commands import error_text
     from t2v_turbo.pipeline import TEACHER_STEPS, T2VTurboPipeline
 
     try:
         pipeline = T2VTurboPipeline.from_pretrained(
             args.model, device=args.device, dtype=getattr(torch, args.dtype), use_kernels=not args.no_kernels
         )
-    except FileNotFoundError as error:
-        print(f"t2v-turbo generate: error: {error}", file=sys.stderr)
+    # A missing directory or file, missing or unexpected weights, or weights of other shapes.
+    except (FileNotFoundError, KeyError, ValueError) as error:
+        print(f"t2v-turbo generate: error: {error_text(error)}", file=sys.stderr)
         return 2
     common = dict(
         num_frames=args.frames, height=args.height, width=args.width, seed=args.seed, progress=not args.no_progress

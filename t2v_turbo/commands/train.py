@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from t2v_turbo.cache import MANIFEST_NAME
+from t2v_turbo.commands import error_text
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,11 +41,6 @@ REWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 def _has_manifest(cache: str) -> bool:
     directory = Path(cache)
     return directory.is_dir() and any(directory.glob("manifest*.json"))
-
-
-def _error_text(error: Exception) -> str:
-    # A KeyError's str() is the repr of its message.
-    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
 def _load_rewards(args: argparse.Namespace, config: TrainConfig) -> tuple[RewardMixture | None, nn.Module | None]:
@@ -95,14 +91,14 @@ def run_train(args: argparse.Namespace) -> int:
         where = config.cache or "DIR"
         print(
             f"t2v-turbo train: error: no teacher cache at {where} (no {MANIFEST_NAME}); build it first with "
-            f"`t2v-turbo preprocess --data {config.data} --cache {where}`",
+            f"`t2v-turbo preprocess --data {config.data or 'synthetic'} --cache {where}`",
             file=sys.stderr,
         )
         return 2
     try:
         reward, vae = _load_rewards(args, config)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as error:
-        print(f"t2v-turbo train: error: {_error_text(error)}", file=sys.stderr)
+        print(f"t2v-turbo train: error: {error_text(error)}", file=sys.stderr)
         return 2
     print(_describe(reward) if reward is not None else "rewards: none (consistency distillation only)")
     try:
@@ -110,6 +106,11 @@ def run_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as error:
         print(f"t2v-turbo train: stopped: {error}", file=sys.stderr)
         return 1
+    # What a run's settings can get wrong: a --resume path, a teacher directory, a cache made by
+    # another teacher or from other data.
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        print(f"t2v-turbo train: error: {error_text(error)}", file=sys.stderr)
+        return 2
     last = result.losses[-1] if result.losses else float("nan")
     print(f"trained {result.steps} steps (last loss {last:.5g}); student in {result.student_dir}, metrics in {result.metrics_path}")
     return 0
@@ -127,7 +128,10 @@ def add_train_command(subparsers) -> None:
     )
     parser.add_argument("--config", default=None, help="YAML or TOML file of TrainConfig fields")
     parser.add_argument("--preset", choices=("tiny", "vc2"), default=None, help="student architecture without --teacher")
-    parser.add_argument("--data", default=None, help="synthetic or a dataset path (read by `t2v-turbo preprocess`)")
+    parser.add_argument(
+        "--data", default=None,
+        help="synthetic or a dataset path: what the cache must have been built from (checked against its manifest)",
+    )
     parser.add_argument("--cache", default=None, help="teacher cache directory")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps in all (a resumed run included)")
     parser.add_argument("--output-dir", default=None, help="where checkpoints, metrics.csv and the student go")

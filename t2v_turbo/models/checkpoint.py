@@ -43,13 +43,22 @@ def unet_state_dict(checkpoint: Mapping[str, object]) -> dict[str, Tensor]:
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """The UNet state dict of a .safetensors, .pt, .ckpt or .bin file, on the CPU (see unet_state_dict)."""
     path = Path(path)
-    if path.suffix == SAFETENSORS_SUFFIX:
-        checkpoint = load_file(str(path))
-    elif path.suffix in PICKLE_SUFFIXES:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    else:
+    if path.suffix not in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
         expected = ", ".join((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
         raise ValueError(f"{path}: unknown checkpoint format (expected one of {expected})")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == SAFETENSORS_SUFFIX:
+            checkpoint = load_file(str(path))
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    # A truncated or foreign file fails inside the unpickler or the safetensors parser with errors
+    # of many types (KeyError, EOFError, UnpicklingError, SafetensorError, ...); all mean the same.
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable {path.suffix} checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict")
     return unet_state_dict(checkpoint)
 
 
@@ -96,6 +105,9 @@ def save_pretrained(model: VC2UNet, directory: str | os.PathLike) -> None:
 def from_pretrained(directory: str | os.PathLike, use_kernels: bool = True) -> VC2UNet:
     """The model save_pretrained wrote, in eval mode, in the saved dtype, on the CPU."""
     directory = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} holds no {name} (a VC2UNet directory has {CONFIG_NAME} and {WEIGHTS_NAME})")
     config = json.loads((directory / CONFIG_NAME).read_text())
     with torch.device("meta"):
         model = VC2UNet(**config, use_kernels=use_kernels)

@@ -599,15 +599,28 @@ class VC2UNet(nn.Module):
         return cls.from_original_config({**PRESETS[name], "use_kernels": use_kernels})
 
     def load_original_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
-        """Loads a release checkpoint's bare UNet state dict (strip `model.diffusion_model.` first)."""
+        """Loads a release checkpoint's bare UNet state dict (strip `model.diffusion_model.` first).
+        Raises KeyError naming the missing and unexpected keys (strict), and ValueError naming the
+        tensors whose shapes differ from this configuration's."""
+        own = self.state_dict()
         if strict:
-            expected, given = set(self.state_dict()), set(state_dict)
+            expected, given = set(own), set(state_dict)
             missing, unexpected = sorted(expected - given), sorted(given - expected)
             if missing or unexpected:
                 raise KeyError(
                     f"state dict does not match VC2UNet: {len(missing)} missing {missing[:20]}, "
                     f"{len(unexpected)} unexpected {unexpected[:20]}"
                 )
+        mismatched = [
+            f"{key}: {tuple(value.shape)} in the state dict, {tuple(own[key].shape)} in the model"
+            for key, value in state_dict.items()
+            if key in own and value.shape != own[key].shape
+        ]
+        if mismatched:
+            raise ValueError(
+                f"state dict does not match this VC2UNet configuration: {len(mismatched)} with other shapes "
+                f"({'; '.join(mismatched[:10])})"
+            )
         return self.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def condition_embedding(self, timestep_cond: Tensor | None, motion_cond: Tensor | None, dtype) -> Tensor | None:
