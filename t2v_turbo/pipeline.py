@@ -318,14 +318,13 @@ class T2VTurboPipeline:
     # ---- saving and loading ------------------------------------------------------------------
 
     def save_pretrained(self, model_dir: str | os.PathLike) -> None:
-        """Writes unet/ (checkpoint.save_pretrained), vae/, text_encoder/ and pipeline.json."""
+        """Writes unet/ (a VC2UNet or a diffusers UNet3DConditionModel: checkpoint.save_unet_dir),
+        vae/, text_encoder/ and pipeline.json."""
         from t2v_turbo.models.text_encoder import save_text_encoder
 
-        if not isinstance(self.unet, VC2UNet):
-            raise TypeError(f"save_pretrained saves a VC2UNet, this pipeline holds a {type(self.unet).__name__}")
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_pretrained(self.unet, model_dir / UNET_DIR)
+        checkpoint.save_unet_dir(self.unet, model_dir / UNET_DIR)
         self.vae.save_pretrained(model_dir / VAE_DIR)
         save_text_encoder(self.text_encoder, model_dir / TEXT_ENCODER_DIR)
         config = {"fps": self.fps, **asdict(self.defaults)}
@@ -363,7 +362,7 @@ class T2VTurboPipeline:
         config = json.loads(parts[PIPELINE_CONFIG_NAME].read_text())
         known = {f.name for f in fields(GenerationDefaults)}
         defaults = GenerationDefaults(**{key: value for key, value in config.items() if key in known})
-        unet = checkpoint.from_pretrained(parts[UNET_DIR], use_kernels=use_kernels)
+        unet = checkpoint.load_unet_dir(parts[UNET_DIR], use_kernels=use_kernels)
         pipeline = cls(
             unet,
             load_vae(parts[VAE_DIR]),

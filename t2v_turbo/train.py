@@ -50,13 +50,12 @@ from t2v_turbo import schedule
 from t2v_turbo.cache import MODELS_HANDED_IN_KEY, PREPROCESS_HINT, TeacherCache, collate_samples
 from t2v_turbo.models import VC2UNet
 from t2v_turbo.models import checkpoint as unet_checkpoint
-from t2v_turbo.models.adapter import NoisePredictor, is_diffusers_unet3d
+from t2v_turbo.models.adapter import NoisePredictor
 from t2v_turbo.models.checkpoint import write_atomically
 from turbo_kernels import MOTION_FORMS
 
 logger = logging.getLogger(__name__)
 
-DIFFUSERS_UNET_CLASS = "UNet3DConditionModel"
 # Motion guidance applies on the noisier half of the 200-step grid (SPEC 3.2).
 MOTION_GRID_START = schedule.DDIM_GRID_STEPS // 2
 PRESETS = ("tiny", "vc2")
@@ -361,14 +360,6 @@ def distillation_loss(
 # ---- model setup ------------------------------------------------------------------------------
 
 
-def is_diffusers_unet_dir(directory: str | os.PathLike) -> bool:
-    """Whether a model directory's config.json was written by diffusers' UNet3DConditionModel.save_pretrained."""
-    config_path = Path(directory) / unet_checkpoint.CONFIG_NAME
-    if not config_path.is_file():
-        return False
-    return json.loads(config_path.read_text()).get("_class_name") == DIFFUSERS_UNET_CLASS
-
-
 def build_student(config: TrainConfig) -> nn.Module:
     """The student in float32 (master weights): the teacher's weights (a VC2UNet directory or a
     diffusers UNet3DConditionModel one, told apart by its config.json), or a seeded random init."""
@@ -376,12 +367,7 @@ def build_student(config: TrainConfig) -> nn.Module:
     if config.teacher is not None:
         if not (Path(config.teacher) / unet_checkpoint.CONFIG_NAME).is_file():
             raise FileNotFoundError(f"teacher {config.teacher} is not a save_pretrained UNet directory")
-        if is_diffusers_unet_dir(config.teacher):
-            from diffusers import UNet3DConditionModel
-
-            student = UNet3DConditionModel.from_pretrained(config.teacher)
-        else:
-            student = unet_checkpoint.from_pretrained(config.teacher, use_kernels=use_kernels)
+        student = unet_checkpoint.load_unet_dir(config.teacher, use_kernels=use_kernels)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -703,10 +689,7 @@ class _Trainer:
             final = self.unwrapped
             if self.lora:
                 final = copy.deepcopy(final).merge_and_unload()
-            if is_diffusers_unet3d(final):
-                final.save_pretrained(student_dir)
-            else:
-                unet_checkpoint.save_pretrained(final, student_dir)
+            unet_checkpoint.save_unet_dir(final, student_dir)
         accelerator.wait_for_everyone()
         return TrainResult(self.step, losses, student_dir, last_checkpoint, logger.path, logger.history)
 

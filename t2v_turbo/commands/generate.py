@@ -28,12 +28,18 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from t2v_turbo import video_io
     from t2v_turbo.commands import error_text
+    from t2v_turbo.models import checkpoint
     from t2v_turbo.pipeline import TEACHER_STEPS, T2VTurboPipeline
 
+    dtype, use_kernels = getattr(torch, args.dtype), not args.no_kernels
     try:
-        pipeline = T2VTurboPipeline.from_pretrained(
-            args.model, device=args.device, dtype=getattr(torch, args.dtype), use_kernels=not args.no_kernels
-        )
+        pipeline = T2VTurboPipeline.from_pretrained(args.model, device=args.device, dtype=dtype, use_kernels=use_kernels)
+        if args.unet is not None:
+            unet = checkpoint.load_unet_dir(args.unet, use_kernels=use_kernels)
+            pipeline = T2VTurboPipeline(
+                unet, pipeline.vae, pipeline.text_encoder, fps=pipeline.fps, defaults=pipeline.defaults,
+                use_kernels=use_kernels,
+            ).to(device=args.device, dtype=dtype)
     # A missing directory or file, missing or unexpected weights, or weights of other shapes.
     except (FileNotFoundError, KeyError, ValueError) as error:
         print(f"t2v-turbo generate: error: {error_text(error)}", file=sys.stderr)
@@ -66,6 +72,10 @@ def run_generate(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="one video a prompt")
     parser.add_argument("--model", required=True, help="model directory (as T2VTurboPipeline.save_pretrained writes)")
+    parser.add_argument(
+        "--unet", default=None, metavar="DIR",
+        help="a UNet directory to sample with instead of the model's (e.g. the student/ that `t2v-turbo train` writes)",
+    )
     parser.add_argument(
         "--steps", type=int, default=None, help="sampling steps (default: the model's, usually 4; 50 with --teacher)"
     )

@@ -22,6 +22,7 @@ PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+DIFFUSERS_UNET_CLASS = "UNet3DConditionModel"
 
 
 def unet_state_dict(checkpoint: Mapping[str, object]) -> dict[str, Tensor]:
@@ -118,3 +119,37 @@ def from_pretrained(directory: str | os.PathLike, use_kernels: bool = True) -> V
     except KeyError as error:
         raise KeyError(f"{directory / WEIGHTS_NAME}: {error.args[0]}") from None
     return model.eval()
+
+
+def is_diffusers_unet_dir(directory: str | os.PathLike) -> bool:
+    """Whether a directory's config.json was written by diffusers' UNet3DConditionModel.save_pretrained."""
+    config_path = Path(directory) / CONFIG_NAME
+    if not config_path.is_file():
+        return False
+    return json.loads(config_path.read_text()).get("_class_name") == DIFFUSERS_UNET_CLASS
+
+
+def load_unet_dir(directory: str | os.PathLike, use_kernels: bool = True) -> torch.nn.Module:
+    """The UNet a save_pretrained directory holds, told apart by its config.json: a VC2UNet
+    (`from_pretrained`) or a diffusers UNet3DConditionModel (diffusers' own from_pretrained), in
+    eval mode on the CPU."""
+    if not (Path(directory) / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{directory} is not a save_pretrained UNet directory (no {CONFIG_NAME})")
+    if is_diffusers_unet_dir(directory):
+        from diffusers import UNet3DConditionModel
+
+        return UNet3DConditionModel.from_pretrained(directory).eval()
+    return from_pretrained(directory, use_kernels=use_kernels)
+
+
+def save_unet_dir(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Writes a VC2UNet with `save_pretrained`, a diffusers UNet with its own save_pretrained
+    (safetensors); `load_unet_dir` reads either."""
+    from t2v_turbo.models.adapter import is_diffusers_unet3d
+
+    if isinstance(unet, VC2UNet):
+        save_pretrained(unet, directory)
+    elif is_diffusers_unet3d(unet):
+        unet.save_pretrained(directory, safe_serialization=True)
+    else:
+        raise TypeError(f"can save a VC2UNet or a diffusers {DIFFUSERS_UNET_CLASS}, not a {type(unet).__name__}")
