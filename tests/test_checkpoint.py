@@ -140,6 +140,8 @@ def test_save_pretrained_round_trip_reproduces_outputs(tmp_path, tiny_state):
 
     loaded = from_pretrained(tmp_path / "tiny", use_kernels=False)
     assert not loaded.training and not loaded.use_kernels
+    model.save_pretrained(tmp_path / "by-method")  # the methods are the same functions
+    _assert_identical(VC2UNet.from_pretrained(tmp_path / "by-method").state_dict(), model.state_dict())
     _assert_identical(loaded.state_dict(), model.state_dict())
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 4, 8, 8, generator=generator)

@@ -560,6 +560,20 @@ class VC2UNet(nn.Module):
             if isinstance(module, TemporalTransformer) or (isinstance(module, CrossAttention) and module.temporal):
                 module.use_kernels = self._use_kernels
 
+    def save_pretrained(self, directory) -> None:
+        """config.json (the constructor kwargs) and model.safetensors in `directory`, written
+        atomically (t2v_turbo.models.checkpoint.save_pretrained)."""
+        from t2v_turbo.models.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, use_kernels: bool = True) -> VC2UNet:
+        """The model `save_pretrained` wrote, in eval mode, in the saved dtype, on the CPU."""
+        from t2v_turbo.models.checkpoint import from_pretrained
+
+        return from_pretrained(directory, use_kernels=use_kernels)
+
     def enable_gradient_checkpointing(self) -> None:
         """Recompute every block (input, init_attn, middle, output) in the backward pass instead of
         keeping its activations, whenever the model is in train mode with grad enabled
