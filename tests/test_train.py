@@ -319,6 +319,16 @@ def test_train_command_reports_unusable_settings(assets, tmp_path, capsys):
     assert "built from data 'synthetic'" in capsys.readouterr().err
 
 
+def test_fsdp_runs_stop_before_training(assets, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    with pytest.raises(NotImplementedError, match="does not support FSDP yet"):
+        train(config(assets, tmp_path / "run", max_steps=1))
+    assert not (tmp_path / "run" / "student").exists()
+
+
 def test_training_solver_uses_the_release_table():
     assert motion_module.release_alphas_cumprod is schedule.release_alphas_cumprod
     release = schedule.release_alphas_cumprod(torch.float64)

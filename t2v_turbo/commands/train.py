@@ -107,8 +107,8 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"t2v-turbo train: stopped: {error}", file=sys.stderr)
         return 1
     # What a run's settings can get wrong: a --resume path, a teacher directory, a cache made by
-    # another teacher or from other data.
-    except (ValueError, KeyError, FileNotFoundError) as error:
+    # another teacher or from other data, an accelerate config asking for FSDP.
+    except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as error:
         print(f"t2v-turbo train: error: {error_text(error)}", file=sys.stderr)
         return 2
     last = result.losses[-1] if result.losses else float("nan")
