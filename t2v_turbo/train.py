@@ -692,7 +692,7 @@ class _Trainer:
                     losses.append(metrics["loss"])
                     if self.step % config.log_every == 0 or self.step == config.max_steps:
                         logger.log(self.step, metrics)
-                    progress.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "reward_total", "step_time")})
+                    progress.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in PROGRESS_COLUMNS})
                     progress.update(1)
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                         last_checkpoint = self.save_checkpoint()
@@ -764,6 +764,10 @@ def ema_update(ema: nn.Module, online: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for target, source in zip(ema.parameters(), online.parameters()):
             target.lerp_(source.detach(), 1.0 - decay)
+
+
+# What the progress bar shows of each logged step (peak memory only where it is measured, on CUDA).
+PROGRESS_COLUMNS = ("loss", "reward_total", "step_time", "peak_memory_mib")
 
 
 class _MetricsLogger:
