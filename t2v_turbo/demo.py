@@ -145,13 +145,13 @@ def score_samples(frames: torch.Tensor, captions: list[str], scorer: RewardMixtu
 
 
 def summarise_scores(scores: dict[str, torch.Tensor]) -> dict[str, float | int | None]:
-    """Means over the clips; `moves_as_captioned` is the share of the clips with a moving caption
-    (None when there are none), and `moving_prompts` their count."""
+    """Means over the clips; `moves_as_captioned` is the share of the clips whose caption names a
+    direction (None when none does), and `clips_with_direction` their count."""
     follows = scores["moves_as_captioned"]
     moving = follows[~follows.isnan()]
     summary = {k: float(v.mean()) for k, v in scores.items() if k != "moves_as_captioned"}
     summary["moves_as_captioned"] = float(moving.mean()) if len(moving) else None
-    summary["moving_prompts"] = len(moving)
+    summary["clips_with_direction"] = len(moving)
     return summary
 
 
@@ -187,7 +187,7 @@ def _table(rows: list[tuple[str, dict[str, float]]]) -> str:
     for label, m in rows:
         psnr = "—" if m.get("psnr_vs_teacher") is None else f"{m['psnr_vs_teacher']:.2f}"
         follows = "—" if m["moves_as_captioned"] is None else (
-            f"{round(m['moves_as_captioned'] * m['moving_prompts'])}/{m['moving_prompts']}"
+            f"{round(m['moves_as_captioned'] * m['clips_with_direction'])}/{m['clips_with_direction']}"
         )
         lines.append(
             f"| {label} | {m['sampling_steps']} | {psnr} | {m['image_reward']:.4f} | {m['video_reward']:.4f} | "

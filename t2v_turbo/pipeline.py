@@ -320,8 +320,11 @@ class T2VTurboPipeline:
     def save_pretrained(self, model_dir: str | os.PathLike) -> None:
         """Writes unet/ (a VC2UNet or a diffusers UNet3DConditionModel: checkpoint.save_unet_dir),
         vae/, text_encoder/ and pipeline.json."""
+        from t2v_turbo.models.adapter import is_diffusers_unet3d
         from t2v_turbo.models.text_encoder import save_text_encoder
 
+        if not (isinstance(self.unet, VC2UNet) or is_diffusers_unet3d(self.unet)):
+            raise TypeError(f"save_pretrained saves a VC2UNet or a diffusers UNet3DConditionModel, not a {type(self.unet).__name__}")
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.save_unet_dir(self.unet, model_dir / UNET_DIR)

@@ -174,8 +174,8 @@ def teacher_timesteps(batch: int, noisy_fraction: float, generator: torch.Genera
 def teacher_direction_ranking(loss_true: Tensor, loss_swapped: Tensor, margin: float) -> Tensor:
     """mean(relu((1 + margin) L_true - L_swapped)) / mean(L_true): zero once every clip's epsilon
     loss under its direction-swapped caption exceeds the loss under its true caption by `margin`
-    (relative). Dividing by the (detached) true loss keeps the term's scale the same at every noise
-    level and as the epsilon loss falls.
+    (relative). Dividing by the batch's mean true loss (detached) makes the term a relative shortfall,
+    whose size does not shrink as the epsilon loss falls during training.
 
     Why it exists: where the frames of z_t still show the motion, the caption's direction word is
     redundant, and where they do not, the epsilon loss weighs an x0 error by abar / (1 - abar), so

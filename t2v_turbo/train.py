@@ -365,8 +365,6 @@ def build_student(config: TrainConfig) -> nn.Module:
     diffusers UNet3DConditionModel one, told apart by its config.json), or a seeded random init."""
     use_kernels = config.kernels == "on"
     if config.teacher is not None:
-        if not (Path(config.teacher) / unet_checkpoint.CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"teacher {config.teacher} is not a save_pretrained UNet directory")
         student = unet_checkpoint.load_unet_dir(config.teacher, use_kernels=use_kernels)
     else:
         with torch.random.fork_rng(devices=[]):
@@ -493,18 +491,20 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
     return path
 
 
-def refuse_fsdp(accelerator) -> None:
-    """FSDP shards the weights and the optimizer state across processes; checkpoints, resuming,
-    the NaN stop and the final student here read and write them whole from the main process, which
-    under FSDP would save one shard of the optimizer and load whole weights into sharded modules.
-    Until those go through sharded state dicts, FSDP runs stop before training instead of writing
-    checkpoints that cannot resume."""
+def refuse_sharded_training(accelerator) -> None:
+    """FSDP and DeepSpeed (and Megatron-LM) shard the weights and the optimizer state across
+    processes; checkpoints, resuming, the NaN stop and the final student here read and write them
+    whole from the main process, which would save one shard of the optimizer and load whole
+    weights into sharded modules. Until those go through sharded state dicts, such runs stop before
+    training instead of writing checkpoints that cannot resume."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.FSDP:
+    sharding = {getattr(DistributedType, name, None) for name in ("FSDP", "DEEPSPEED", "MEGATRON_LM")} - {None}
+    if accelerator.distributed_type in sharding:
         raise NotImplementedError(
-            "t2v-turbo train does not support FSDP yet (its checkpoints, resume and student save assume whole, "
-            "unsharded state): choose multi-GPU data parallelism (DDP) in `accelerate config`"
+            f"t2v-turbo train does not support {accelerator.distributed_type} yet (its checkpoints, resume and "
+            "student save assume whole, unsharded state): choose multi-GPU data parallelism (DDP) in "
+            "`accelerate config`"
         )
 
 
@@ -517,10 +517,8 @@ class _Trainer:
         self.config = config
         self.reward = reward
         self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
-        refuse_fsdp(self.accelerator)
+        refuse_sharded_training(self.accelerator)
         self.output_dir = Path(config.output_dir)
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.device = self.accelerator.device
@@ -534,6 +532,8 @@ class _Trainer:
         self.dataset = TeacherCache(config.cache)
         check_cache_teacher(self.dataset.config, config)
         check_cache_data(self.dataset.config, config)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         self.fps = int(self.dataset.config.get("fps", schedule.DEFAULT_FPS))
         self.lora = config.lora_rank > 0
         if self.lora and config.ema_decay is not None:
@@ -850,10 +850,21 @@ def check_cache_data(cache_config: Mapping[str, Any], config: TrainConfig) -> No
     built_from = cache_config.get("data")
     if config.data is None or built_from is None or built_from == config.data:
         return
-    if built_from != "synthetic" and config.data != "synthetic":
-        if Path(built_from).resolve() == Path(config.data).resolve():
-            return
+    if built_from != "synthetic" and config.data != "synthetic" and _same_path(built_from, config.data):
+        return
     raise ValueError(f"cache {config.cache} was built from data {built_from!r}, not from data={config.data!r}")
+
+
+def _same_path(recorded: str, given: str) -> bool:
+    """Whether `given` names the file or folder the cache recorded. The cache records the path as
+    preprocess was given it; a relative one is compared by its trailing components, since the
+    folder preprocess ran in is not known."""
+    given_path = Path(given).resolve()
+    recorded_path = Path(recorded)
+    if recorded_path.is_absolute() or ".." in recorded_path.parts:
+        return recorded_path.resolve() == given_path
+    tail = Path(*[part for part in recorded_path.parts if part != "."]).parts
+    return given_path.parts[-len(tail):] == tail if tail else False
 
 
 def seed_all(seed: int) -> None:
@@ -867,10 +878,18 @@ def train(config: TrainConfig, reward: RewardMixture | None = None, vae: nn.Modu
     reward path when `reward` (and a VAE: `vae` or config.vae) is given. Resumes from
     config.resume ("latest" or a checkpoint directory). Writes checkpoints, metrics.csv and the
     final student (output_dir/student, a save_pretrained directory)."""
+    return prepare_training(config, reward, vae, accelerator).run()
+
+
+def prepare_training(
+    config: TrainConfig, reward: RewardMixture | None = None, vae: nn.Module | None = None, accelerator=None
+) -> _Trainer:
+    """Everything `train` does before the first step: checks the config, finds the checkpoint to
+    resume, checks the cache against the run, builds the student, optimizer and reward path and
+    loads the checkpoint. What fails here is the run's settings; `.run()` then trains."""
     config.validate()
+    resume = None if config.resume is None else resolve_resume(config.resume, config.output_dir)
     trainer = _Trainer(config, reward, vae, accelerator)
-    if config.resume is not None:
-        path = resolve_resume(config.resume, config.output_dir)
-        if path is not None:
-            trainer.load_checkpoint(path)
-    return trainer.run()
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+    return trainer

@@ -15,7 +15,7 @@ from t2v_turbo.data.world import (
     short_caption,
     swap_direction,
 )
-from t2v_turbo.demo import WORLD_MODELS, DemoConfig, run_demo
+from t2v_turbo.demo import WORLD_MODELS, DemoConfig, _table, run_demo, summarise_scores
 from t2v_turbo.pretrain import (
     REWARD_DIRS,
     WORLD,
@@ -157,8 +157,30 @@ def test_short_demo_run_writes_the_report(tmp_path):
     for row in results["rows"]:
         for column in ("image_reward", "video_reward", "motion_fidelity", "seconds_per_clip"):
             assert torch.isfinite(torch.tensor(row[column])), (row["model"], column)
+        assert 0 <= row["clips_with_direction"] <= 2
+        assert (row["moves_as_captioned"] is None) == (row["clips_with_direction"] == 0)
     assert all(row["psnr_vs_teacher"] is not None for row in results["rows"][1:])
     assert sorted(p.name for p in (output / "samples").glob("*.gif")) == ["prompt_00.gif", "prompt_01.gif"]
     assert (output / "curves.png").is_file()
     report = (output / "README.md").read_text()
     assert report.count("\n| ") == 2 + len(models)  # the header, its rule and one row a model
+
+
+def test_scores_summary_and_table_count_only_clips_with_a_direction():
+    nan = float("nan")
+    scores = {
+        "image_reward": torch.tensor([0.5, 0.7, 0.9]),
+        "video_reward": torch.tensor([0.1, 0.2, 0.3]),
+        "motion_fidelity": torch.tensor([0.2, 0.4, 0.6]),
+        "moves_as_captioned": torch.tensor([1.0, nan, 0.0]),
+    }
+    summary = summarise_scores(scores)
+    assert summary["moves_as_captioned"] == 0.5 and summary["clips_with_direction"] == 2
+    assert summary["image_reward"] == pytest.approx(0.7)
+    static = summarise_scores({**scores, "moves_as_captioned": torch.full((3,), nan)})
+    assert static["moves_as_captioned"] is None and static["clips_with_direction"] == 0
+    rows = [(name, {**s, "sampling_steps": 4, "psnr_vs_teacher": None, "seconds_per_clip": 0.1})
+            for name, s in (("mixed", summary), ("static", static))]
+    table = _table(rows)
+    assert "| mixed | 4 | — | 0.7000 | 0.2000 | 0.400 | 1/2 | 0.100 |" in table
+    assert "| static | 4 | — | 0.7000 | 0.2000 | 0.400 | — | 0.100 |" in table

@@ -388,7 +388,13 @@ def test_diffusers_unets_save_load_and_sample_through_generate(tmp_path):
     command = ["a cat", "--model", str(tmp_path / "model"), "--no-kernels", "--no-progress", "--device", "cpu"]
     assert main([*command, "--unet", str(tmp_path / "student"), "--out", str(tmp_path / "s.gif")]) == 0
     assert read_video(tmp_path / "s.gif").shape == (FRAMES, 16, 16, 3)
-    assert main([*command, "--unet", str(tmp_path / "nowhere"), "--out", str(tmp_path / "n.gif")]) == 2
+    # Directories that hold no usable UNet: missing, another model's config, no weights file.
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text((tmp_path / "student" / "config.json").read_text())
+    for unet_dir in (tmp_path / "nowhere", tmp_path / "model" / "text_encoder", weightless):
+        assert main([*command, "--unet", str(unet_dir), "--out", str(tmp_path / "n.gif")]) == 2
+    assert not (tmp_path / "n.gif").exists()
 
     # A model directory holding the diffusers UNet round-trips and samples the same clip.
     pipeline = T2VTurboPipeline(student, vae, encoder, defaults=defaults, use_kernels=False)

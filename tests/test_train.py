@@ -303,6 +303,12 @@ def test_a_cache_built_from_other_data_is_refused(assets, tmp_path):
     check({"data": "videos/manifest.csv"}, TrainConfig(data=None))  # data not named: not checked
     check({"data": "videos/manifest.csv"}, TrainConfig(data=str(Path("videos/manifest.csv").resolve())))
     check({}, TrainConfig(data="synthetic"))  # a cache that does not record its data
+    # A relative path was recorded where preprocess ran: any path ending in it is the same data.
+    check({"data": "./videos/manifest.csv"}, TrainConfig(data="/elsewhere/videos/manifest.csv"))
+    with pytest.raises(ValueError, match="built from data"):
+        check({"data": "videos/manifest.csv"}, TrainConfig(data="/elsewhere/other/manifest.csv"))
+    with pytest.raises(ValueError, match="built from data 'synthetic'"):
+        check({"data": "synthetic"}, TrainConfig(data="videos"))
 
 
 def test_train_command_reports_unusable_settings(assets, tmp_path, capsys):
@@ -319,14 +325,15 @@ def test_train_command_reports_unusable_settings(assets, tmp_path, capsys):
     assert "built from data 'synthetic'" in capsys.readouterr().err
 
 
-def test_fsdp_runs_stop_before_training(assets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_runs_stop_before_training(assets, tmp_path, monkeypatch, kind):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
-    with pytest.raises(NotImplementedError, match="does not support FSDP yet"):
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType[kind]))
+    with pytest.raises(NotImplementedError, match="does not support .*" + kind):
         train(config(assets, tmp_path / "run", max_steps=1))
-    assert not (tmp_path / "run" / "student").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_training_solver_uses_the_release_table():

@@ -33,12 +33,14 @@ def run_generate(args: argparse.Namespace) -> int:
 
     dtype, use_kernels = getattr(torch, args.dtype), not args.no_kernels
     try:
-        pipeline = T2VTurboPipeline.from_pretrained(args.model, device=args.device, dtype=dtype, use_kernels=use_kernels)
-        if args.unet is not None:
-            unet = checkpoint.load_unet_dir(args.unet, use_kernels=use_kernels)
+        if args.unet is None:
+            pipeline = T2VTurboPipeline.from_pretrained(args.model, device=args.device, dtype=dtype, use_kernels=use_kernels)
+        else:
+            # Loaded on the CPU first, so only the UNet that samples reaches the device.
+            parts = T2VTurboPipeline.from_pretrained(args.model, use_kernels=use_kernels)
             pipeline = T2VTurboPipeline(
-                unet, pipeline.vae, pipeline.text_encoder, fps=pipeline.fps, defaults=pipeline.defaults,
-                use_kernels=use_kernels,
+                checkpoint.load_unet_dir(args.unet, use_kernels=use_kernels), parts.vae, parts.text_encoder,
+                fps=parts.fps, defaults=parts.defaults, use_kernels=use_kernels,
             ).to(device=args.device, dtype=dtype)
     # A missing directory or file, missing or unexpected weights, or weights of other shapes.
     except (FileNotFoundError, KeyError, ValueError) as error:

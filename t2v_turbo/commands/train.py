@@ -78,7 +78,7 @@ def _describe(mixture: RewardMixture) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from t2v_turbo.train import NonFiniteLossError, TrainConfig, parse_overrides, train
+    from t2v_turbo.train import NonFiniteLossError, TrainConfig, parse_overrides, prepare_training
 
     try:
         values = parse_overrides(args.overrides)
@@ -101,16 +101,19 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"t2v-turbo train: error: {error_text(error)}", file=sys.stderr)
         return 2
     print(_describe(reward) if reward is not None else "rewards: none (consistency distillation only)")
-    try:
-        result = train(config, reward=reward, vae=vae)
-    except NonFiniteLossError as error:
-        print(f"t2v-turbo train: stopped: {error}", file=sys.stderr)
-        return 1
     # What a run's settings can get wrong: a --resume path, a teacher directory, a cache made by
-    # another teacher or from other data, an accelerate config asking for FSDP.
+    # another teacher or from other data, an accelerate config asking for FSDP. Errors of the
+    # training loop itself keep their traceback.
+    try:
+        trainer = prepare_training(config, reward=reward, vae=vae)
     except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as error:
         print(f"t2v-turbo train: error: {error_text(error)}", file=sys.stderr)
         return 2
+    try:
+        result = trainer.run()
+    except NonFiniteLossError as error:
+        print(f"t2v-turbo train: stopped: {error}", file=sys.stderr)
+        return 1
     last = result.losses[-1] if result.losses else float("nan")
     print(f"trained {result.steps} steps (last loss {last:.5g}); student in {result.student_dir}, metrics in {result.metrics_path}")
     return 0

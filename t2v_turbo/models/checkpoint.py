@@ -68,8 +68,8 @@ def load_checkpoint(model: VC2UNet, path: str | os.PathLike) -> VC2UNet:
     state = load_state_dict_file(path)
     try:
         model.load_original_state_dict(state)
-    except KeyError as error:
-        raise KeyError(f"{path}: {error.args[0]}") from None
+    except (KeyError, ValueError) as error:
+        raise type(error)(f"{path}: {error.args[0]}") from None
     return model
 
 
@@ -110,14 +110,17 @@ def from_pretrained(directory: str | os.PathLike, use_kernels: bool = True) -> V
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} holds no {name} (a VC2UNet directory has {CONFIG_NAME} and {WEIGHTS_NAME})")
     config = json.loads((directory / CONFIG_NAME).read_text())
-    with torch.device("meta"):
-        model = VC2UNet(**config, use_kernels=use_kernels)
+    try:
+        with torch.device("meta"):
+            model = VC2UNet(**config, use_kernels=use_kernels)
+    except TypeError as error:
+        raise ValueError(f"{directory / CONFIG_NAME} is not a VC2UNet configuration ({error})") from None
     # Fresh (allocator-aligned) copies: CPU kernels on the file's buffer can round differently.
     state = {key: value.clone() for key, value in load_file(str(directory / WEIGHTS_NAME)).items()}
     try:
         model.load_original_state_dict(state, assign=True)
-    except KeyError as error:
-        raise KeyError(f"{directory / WEIGHTS_NAME}: {error.args[0]}") from None
+    except (KeyError, ValueError) as error:
+        raise type(error)(f"{directory / WEIGHTS_NAME}: {error.args[0]}") from None
     return model.eval()
 
 
@@ -138,7 +141,11 @@ def load_unet_dir(directory: str | os.PathLike, use_kernels: bool = True) -> tor
     if is_diffusers_unet_dir(directory):
         from diffusers import UNet3DConditionModel
 
-        return UNet3DConditionModel.from_pretrained(directory).eval()
+        try:
+            return UNet3DConditionModel.from_pretrained(directory).eval()
+        # diffusers reports a directory without its weights file as an OSError.
+        except OSError as error:
+            raise FileNotFoundError(f"{directory}: {error}") from None
     return from_pretrained(directory, use_kernels=use_kernels)
 
 
