@@ -6,8 +6,9 @@ clip from a bad one, and no public weights can be downloaded here. This module t
    its latent scaling factor is measured as 1/std of the training latents, as LDM's 0.18215 was;
 2. the teacher: a VC2UNet (the project's VideoCrafter2 architecture at a small preset) on those
    latents, epsilon prediction on SPEC 1's schedule, captions embedded by the frozen MiniLM sentence
-   encoder, the caption dropped 10% of the time so classifier-free guidance works; the weights kept
-   are an exponential moving average;
+   encoder, the caption dropped 10% of the time so classifier-free guidance works, optionally with
+   a ranking term that makes the loss under the direction-swapped caption exceed the true one's
+   (`teacher_direction_ranking`); the weights kept are an exponential moving average;
 3. the image-text and video-text reward models (rewards/toy.py), contrastively (symmetric InfoNCE).
 Everything is seeded; `recipe.json` in the output records the command, seeds and final losses so
 the shipped weights can be re-created.
