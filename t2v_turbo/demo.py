@@ -171,7 +171,8 @@ def _plot_curves(results: dict[str, VariantResult], path: Path) -> None:
                 axis.plot(steps, values, label=result.label)
         axis.set_title(title)
         axis.set_xlabel("step")
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:  # reward panels stay empty for students without rewards
+            axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
