@@ -135,9 +135,8 @@ def is_diffusers_unet_dir(directory: str | os.PathLike) -> bool:
 def load_unet_dir(directory: str | os.PathLike, use_kernels: bool = True) -> torch.nn.Module:
     """The UNet a save_pretrained directory holds, told apart by its config.json: a VC2UNet
     (`from_pretrained`) or a diffusers UNet3DConditionModel (diffusers' own from_pretrained), in
-    eval mode on the CPU."""
-    if not (Path(directory) / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{directory} is not a save_pretrained UNet directory (no {CONFIG_NAME})")
+    eval mode on the CPU. A directory without config.json reaches `from_pretrained`, which names
+    what is missing."""
     if is_diffusers_unet_dir(directory):
         from diffusers import UNet3DConditionModel
 
