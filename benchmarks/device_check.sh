@@ -42,7 +42,7 @@ CUDA_BACKEND_TESTS=(
 ALL_KERNEL_OPS=guided_solver_step,consistency_output,consistency_sampler_step,pseudo_huber_loss
 ALL_KERNEL_OPS+=,temporal_attention,temporal_block,spatial_self_attention,spatial_cross_attention,reward_preprocess
 KERNEL_OPS=${KERNEL_OPS:-$ALL_KERNEL_OPS}
-REWARD_OPS=${REWARD_OPS:-bf16_matmul,reward_mixture}
+REWARD_OPS=${REWARD_OPS:-bf16_matmul,reward_mixture,reward_mixture_growth}
 MODEL_OPS=${MODEL_OPS:-unet_forward,generate,distillation_step,motion_prior,whole_recipe}
 # The profile stage (only when STAGES names it): the costliest kernels of one call of each
 # end-to-end op at batch 1, reference eager against kernels.

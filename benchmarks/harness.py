@@ -25,11 +25,14 @@ import re
 import statistics
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 PASSES = ("fwd", "fwd+bwd")
 # The baselines every suite times and the table compares against.
@@ -79,7 +82,8 @@ class Case:
     is what an ideal kernel reads and writes a call, `flops` its arithmetic where that means
     something (None for memory-bound ops). `rotate_inputs`: the run builds enough input sets to
     read them from DRAM (L2_MULTIPLE); False for inputs that hold models, whose weights alone are
-    far beyond any cache and which would each be built again."""
+    far beyond any cache and which would each be built again. `measure_working_memory`: one more
+    call measures the memory the call itself allocates (`working_memory_bytes`), on any device."""
 
     op: str
     case: str
@@ -91,6 +95,7 @@ class Case:
     shape: tuple[int, ...]
     flops: Optional[int] = None
     rotate_inputs: bool = True
+    measure_working_memory: bool = False
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,69 @@ def format_profile(case: Case, impl: Impl, kernels: list[dict], busy: Optional[f
     return "\n".join([head] + [f"  {k['ms']:9.3f} ms {k['calls']:6d}x  {k['name'][:150]}" for k in kernels])
 
 
+# ---- memory ----------------------------------------------------------------------------------
+
+
+class TensorMemoryMeter(TorchDispatchMode):
+    """Bytes of the tensor storages that ops create on `device` while the mode is active: the
+    level now (`current`) and its maximum (`peak`). A storage counts from the op that creates it
+    until it is freed; storages that existed before (inputs, weights, in-place results) never
+    count. Works where the allocator keeps no statistics (the CPU); it sees every op that reaches
+    the dispatcher, backward and recomputation included, but not memory that kernels allocate
+    outside tensors."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = torch.device(device)
+        self.current = 0
+        self.peak = 0
+        self._seen: weakref.WeakSet = weakref.WeakSet()
+        self._watchers: dict[int, weakref.ref] = {}
+
+    def _on_device(self, tensor: torch.Tensor) -> bool:
+        device = tensor.device
+        return device.type == self.device.type and (self.device.index is None or device.index == self.device.index)
+
+    def _freed(self, watcher: weakref.ref, nbytes: int) -> None:
+        self._watchers.pop(id(watcher), None)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for value in tree_leaves((args, kwargs)):
+            if isinstance(value, torch.Tensor):
+                self._seen.add(value.untyped_storage())
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if not isinstance(value, torch.Tensor) or not self._on_device(value):
+                continue
+            storage = value.untyped_storage()
+            if storage in self._seen:
+                continue
+            self._seen.add(storage)
+            nbytes = storage.nbytes()
+            # torch keeps one Python object per storage, so this fires when the storage is freed.
+            watcher = weakref.ref(storage, functools.partial(self._freed, nbytes=nbytes))
+            self._watchers[id(watcher)] = watcher
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        return out
+
+
+def working_memory_bytes(fn: Callable, inputs: Any, device: torch.device) -> int:
+    """The most memory `fn(inputs)` holds at once beyond what was allocated before the call: on a
+    GPU from the caching allocator's statistics, elsewhere from a TensorMemoryMeter."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn(inputs)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with TensorMemoryMeter(device) as meter:
+        fn(inputs)
+    return meter.peak
+
+
 # ---- running cases ---------------------------------------------------------------------------
 
 
@@ -362,6 +430,14 @@ class _Runner:
                 "peak_mem_mb": torch.cuda.max_memory_allocated(settings.device) / MIB if on_gpu else None,
             }
         )
+        if case.measure_working_memory:
+            try:
+                working = working_memory_bytes(impl.fn, input_sets[0], settings.device)
+            except Exception as exc:
+                self.rows[-1]["working_mem_error"] = _reason(exc)
+                _release_memory(settings.device)
+            else:
+                self.rows[-1]["working_mem_mb"] = working / MIB
         if settings.profile_top:
             # The timing stands whatever happens to the extra, profiled call.
             try:

@@ -10,6 +10,14 @@ frames for the video model).
   loop), forward and forward+backward (gradients to the frames). `flops` counts the towers'
   matmul and attention FLOPs (torch.utils.flop_counter on the meta device), so rows carry TFLOP/s.
 - `bf16_matmul`: one large square matmul, the measured matrix rate the summary divides by.
+- `reward_mixture_growth` rows: forward+backward of mixtures of 1, 2 and 4 image models (the
+  HPSv2.1 architecture and preprocessing, distinct random weights) plus the video model on 2 clips,
+  with `working_mem_mb`, the memory a call holds beyond the models and inputs (on any device):
+  `batched` (stacked, no checkpointing), `checkpointed` (gradient_checkpointing, models one after
+  the other with per-block checkpoints, the default with checkpointing on) and
+  `stacked+checkpointed` (the stacked forward checkpointed as a whole). Issue 5 asks that memory stay
+  bounded as the mixture grows; `summary` calls it bounded when each added model costs the
+  checkpointed pass under a quarter of what it costs the batched one.
 
 Images a clip: 2 + 2 + 4 = 8; `summary` turns rows into images/s, the 2x target and % of the
 matrix rate. Run alone: `python -m benchmarks.rewards --warmup 2 --iters 10`.
@@ -39,6 +47,18 @@ GPU_CLIPS = (2, 4, 8, 16)
 QUICK_CLIPS = (2,)
 IMAGE_FRAMES = 2
 CAPTION = "a stand-in caption"
+GROWTH_OP = "reward_mixture_growth"
+GROWTH_IMAGE_MODELS = (1, 2, 4)
+GROWTH_CLIPS = 2
+CHECKPOINTED = "checkpointed"
+STACKED_CHECKPOINTED = "stacked+checkpointed"
+# Growth a model of the checkpointed pass, as a share of the batched pass's, called bounded.
+BOUNDED_SHARE = 0.25
+GROWTH_IMPLS = {
+    BATCHED: {"gradient_checkpointing": False},
+    CHECKPOINTED: {"gradient_checkpointing": True},
+    STACKED_CHECKPOINTED: {"gradient_checkpointing": True, "stack_same_architecture": True},
+}
 
 
 @dataclass(frozen=True)
@@ -219,6 +239,50 @@ def _timed(forward: Callable[[SimpleNamespace], Tensor]) -> Callable[[SimpleName
     return call
 
 
+def _growth_inputs(image_models: int, scale: RewardScale, options: SuiteOptions) -> Callable[[], SimpleNamespace]:
+    """`image_models` image towers (HPSv2.1's architecture and preprocessing, distinct weights)
+    and the video tower, shared by one mixture per implementation (GROWTH_IMPLS)."""
+
+    def make_inputs() -> SimpleNamespace:
+        from t2v_turbo.rewards import image_text
+        from t2v_turbo.rewards.mixture import RELEASE_IMAGE_WEIGHT, RELEASE_VIDEO_WEIGHT, RewardEntry, RewardMixture
+
+        device, dtype = options.device, options.dtype
+        image, video = tower_factories(scale)
+        towers = [models.build(image, device, dtype, options.seed + i).freeze() for i in range(image_models)]
+        video_model = models.build(video, device, dtype, options.seed + image_models)
+        entries = [
+            RewardEntry(f"image{i}", tower, image_text.hpsv2_spec(tower.image_size), "random", IMAGE_FRAMES,
+                        RELEASE_IMAGE_WEIGHT, "short")
+            for i, tower in enumerate(towers)
+        ] + [
+            RewardEntry("video", video_model, image_text.video_spec(video_model.config.image_size), "strided", None,
+                        RELEASE_VIDEO_WEIGHT, "dense"),
+        ]
+        mixtures = {name: RewardMixture(entries, **settings).to(device=device, dtype=dtype)
+                    for name, settings in GROWTH_IMPLS.items()}
+        # Every mixture draws the same frames: one rule for all image entries, one for the video.
+        frame_indices = [
+            mixture.select_frames(scale.clip_frames, torch.Generator().manual_seed(options.seed))
+            for mixture in mixtures.values()
+        ][0]
+        frames = torch.rand(GROWTH_CLIPS, 3, len(frame_indices), scale.height, scale.width, device=device, dtype=dtype)
+        return SimpleNamespace(
+            mixtures=mixtures, frames=frames.requires_grad_(), frame_indices=frame_indices,
+            captions=[CAPTION] * GROWTH_CLIPS,
+        )
+
+    return make_inputs
+
+
+def _growth_call(impl: str) -> Callable[[SimpleNamespace], Any]:
+    def call(x: SimpleNamespace):
+        total, _ = x.mixtures[impl](x.frames, x.frame_indices, x.captions)
+        return torch.autograd.grad(total, x.frames)
+
+    return call
+
+
 def _matmul_inputs(size: int, options: SuiteOptions) -> Callable[[], tuple[Tensor, Tensor]]:
     def make_inputs() -> tuple[Tensor, Tensor]:
         generator = torch.Generator(device=options.device).manual_seed(options.seed)
@@ -273,6 +337,21 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
                 flops=None if flops_per_clip is None else clips * flops_per_clip,
                 rotate_inputs=False,
             )
+    unavailable = size_reason or towers_reason or mixture_reason
+    for image_models in GROWTH_IMAGE_MODELS:
+        frames = GROWTH_CLIPS * (image_models * IMAGE_FRAMES + video_frames)
+        yield Case(
+            op=GROWTH_OP,
+            case=f"m{image_models}-c{GROWTH_CLIPS}-{scale.video}",
+            pass_name="fwd+bwd",
+            make_inputs=_growth_inputs(image_models, scale, options),
+            impls=tuple(Impl(name, _growth_call(name), unavailable=unavailable) for name in GROWTH_IMPLS),
+            bytes_moved=2 * frames * 3 * scale.height * scale.width * element_size,
+            dtype=options.dtype,
+            shape=(GROWTH_CLIPS, 3, scale.clip_frames, scale.height, scale.width),
+            rotate_inputs=False,
+            measure_working_memory=True,
+        )
 
 
 # ---- targets -------------------------------------------------------------------------------------
@@ -299,6 +378,45 @@ def summary(result: dict) -> list[str]:
                     if matmul and row["tflops"] is not None else "matrix rate not measured"
                 )
                 lines.append(f"info  {label} {impl}: {1e3 * images / row['median_ms']:.1f} images/s, {share}")
+    return lines + growth_summary(result)
+
+
+def growth_summary(result: dict) -> list[str]:
+    """Working memory and time of each growth impl as image models join, and whether the
+    checkpointed pass stays bounded (each added model costs under BOUNDED_SHARE of what it costs
+    the batched pass)."""
+    rows = {}
+    for row in result["rows"]:
+        if row["op"] == GROWTH_OP and row.get("working_mem_mb") is not None:
+            rows[int(row["case"].split("-")[0].removeprefix("m")), row["impl"]] = row
+    counts = sorted({count for count, _ in rows})
+    lines = []
+    per_model = {}
+    for impl in GROWTH_IMPLS:
+        measured = [count for count in counts if (count, impl) in rows]
+        if not measured:
+            continue
+        shown = ", ".join(
+            f"{count}: {rows[count, impl]['working_mem_mb']:.1f} MiB {rows[count, impl]['median_ms']:.1f} ms"
+            for count in measured
+        )
+        if len(measured) > 1:
+            first, last = measured[0], measured[-1]
+            per_model[impl] = (rows[last, impl]["working_mem_mb"] - rows[first, impl]["working_mem_mb"]) / (last - first)
+            shown += f"; {per_model[impl]:+.1f} MiB an added image model"
+        lines.append(f"info  {GROWTH_OP} {impl} (image models: working memory, time): {shown}")
+    label = f"{GROWTH_OP} memory bounded (checkpointed)"
+    if CHECKPOINTED not in per_model or BATCHED not in per_model:
+        lines.append(f"n/a   {label}: needs working_mem_mb of {CHECKPOINTED} and {BATCHED} at two mixture sizes")
+    elif per_model[BATCHED] <= 0:
+        lines.append(f"n/a   {label}: the batched pass did not grow ({per_model[BATCHED]:+.1f} MiB a model)")
+    else:
+        share = per_model[CHECKPOINTED] / per_model[BATCHED]
+        verdict = "PASS" if share < BOUNDED_SHARE else "FAIL"
+        lines.append(
+            f"{verdict}  {label}: an added image model costs {per_model[CHECKPOINTED]:+.1f} MiB checkpointed vs "
+            f"{per_model[BATCHED]:+.1f} MiB batched ({100 * share:.0f}%; target: under {100 * BOUNDED_SHARE:.0f}%)"
+        )
     return lines
 
 

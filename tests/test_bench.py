@@ -202,6 +202,48 @@ def test_busy_fraction_counts_overlaps_once_and_gaps_not_at_all():
     assert harness.busy_fraction([(0, 2), (1, 3), (8, 10)]) == 0.5
 
 
+def test_memory_meter_counts_what_a_call_allocates_while_it_lives():
+    weights = torch.ones(1024)  # 4 KiB that exist before: never counted, even when updated in place
+    kib = 256  # float32 elements in 1 KiB
+    with harness.TensorMemoryMeter(torch.device("cpu")) as meter:
+        a = torch.zeros(4 * kib)
+        b = torch.zeros(8 * kib)
+        view = b[: kib]  # a view allocates nothing
+        weights.add_(1)
+        del a
+        c = torch.zeros(2 * kib)
+        assert meter.current == 10 * 1024
+        del b
+        assert meter.current == 10 * 1024, "b's storage lives on in its view"
+        del view
+        assert meter.current == 2 * 1024
+    assert meter.peak == 12 * 1024
+    assert c.numel() == 2 * kib
+
+
+def test_working_memory_is_measured_through_backward_and_recorded(tmp_path):
+    x = torch.randn(64, 64, requires_grad=True)
+
+    def step(x):
+        hidden = (x @ x).tanh()  # 16 KiB, saved for backward
+        return torch.autograd.grad((hidden @ hidden).sum(), x)
+
+    # Every intermediate is 16 KiB; the forward holds two at once, the backward more
+    # (measured: 4 x 16 KiB and a scalar).
+    working = harness.working_memory_bytes(step, x, torch.device("cpu"))
+    assert 3 * 16 * 1024 <= working <= 5 * 16 * 1024
+
+    def suite(options: harness.SuiteOptions):
+        yield harness.Case(
+            op="step", case="64", pass_name="fwd+bwd", make_inputs=lambda: x, impls=(harness.Impl("torch", step),),
+            bytes_moved=2 * 16 * 1024, dtype=torch.float32, shape=(64, 64), measure_working_memory=True,
+        )
+
+    assert _run_harness(tmp_path, suite) == 0
+    (row,) = _written(tmp_path)["rows"]
+    assert row["working_mem_mb"] * harness.MIB >= 3 * 16 * 1024
+
+
 def test_inputs_rotate_out_of_l2_unless_they_hold_models(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=50 * 2**20))
     gpu = torch.device("cuda")

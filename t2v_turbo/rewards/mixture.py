@@ -205,9 +205,12 @@ class RewardMixture(nn.Module):
     text_cache: keep each (model, caption) text embedding on the CPU and reuse it.
     stack_same_architecture: run entries whose models share architecture and parameter shapes as
     one vmapped forward over stacked weights (the members' parameters become views of the stack,
-    so weights are not held twice).
+    so weights are not held twice). None (the default): stack unless gradient_checkpointing is on.
     gradient_checkpointing: recompute activations in the backward pass; per block for models with
-    a `gradient_checkpointing` switch, else (and for stacked groups) per model call.
+    a `gradient_checkpointing` switch, else (and for stacked groups) per model call. Unstacked,
+    each added model then costs its inputs and its blocks' inputs, not its activations, so the
+    memory the pass holds stays near that of its largest model however many models join; a
+    stacked group recomputes all its members at once and holds all their activations.
     Cast the mixture (`.to(torch.bfloat16)`) to run the models in bf16; preprocessing still
     computes in float32 and writes the models' dtype."""
 
@@ -215,7 +218,7 @@ class RewardMixture(nn.Module):
         self,
         entries: Sequence[RewardEntry],
         text_cache: bool = True,
-        stack_same_architecture: bool = True,
+        stack_same_architecture: bool | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -237,17 +240,14 @@ class RewardMixture(nn.Module):
         self.specs = list(dict.fromkeys(entry.spec for entry in self.entries))
         self.text_cache = bool(text_cache)
         self.gradient_checkpointing = bool(gradient_checkpointing)
+        if stack_same_architecture is None:
+            stack_same_architecture = not self.gradient_checkpointing
         self.groups = self._group_entries(bool(stack_same_architecture))
         self._stacked: dict[tuple[int, ...], tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
         self._text: dict[tuple[int, str], Tensor] = {}
         self._cache_hits = 0
         self._cache_misses = 0
         self._selection: _Selection | None = None
-        stacked = {id(self.entries[i].model) for group in self.groups if len(group) > 1 for i in group}
-        for model in unique_models:
-            if hasattr(model, "gradient_checkpointing"):
-                # Block-wise checkpoints cannot run inside vmap; stacked groups checkpoint as a whole.
-                model.gradient_checkpointing = self.gradient_checkpointing and id(model) not in stacked
 
     def _group_entries(self, stack: bool) -> list[tuple[int, ...]]:
         """Entry indices, grouped: a group of several runs as one stacked forward."""
@@ -259,6 +259,22 @@ class RewardMixture(nn.Module):
             else:
                 groups[("alone", index)] = [index]
         return [tuple(group) for group in groups.values()]
+
+    @contextmanager
+    def _block_checkpointing(self) -> Iterator[None]:
+        """Sets the models' own per-block checkpoint switches for one pass and restores them after,
+        so a model shared by mixtures with different settings follows the mixture that runs it.
+        Block-wise checkpoints cannot run inside vmap: stacked groups checkpoint as a whole."""
+        stacked = {id(self.entries[i].model) for group in self.groups if len(group) > 1 for i in group}
+        switched = [model for model in self.models if hasattr(model, "gradient_checkpointing")]
+        before = [model.gradient_checkpointing for model in switched]
+        for model in switched:
+            model.gradient_checkpointing = self.gradient_checkpointing and id(model) not in stacked
+        try:
+            yield
+        finally:
+            for model, enabled in zip(switched, before):
+                model.gradient_checkpointing = enabled
 
     def _apply(self, fn, recurse=True):
         # Moving or casting the models invalidates the stacked weights; they are rebuilt on use.
@@ -390,9 +406,10 @@ class RewardMixture(nn.Module):
             return pixels, text
 
         row_scores: dict[int, Tensor] = {}
-        for group in list(self.groups):
-            inputs = [entry_inputs(index) for index in group]
-            row_scores.update(zip(group, self._score_group(group, inputs)))
+        with self._block_checkpointing():
+            for group in list(self.groups):
+                inputs = [entry_inputs(index) for index in group]
+                row_scores.update(zip(group, self._score_group(group, inputs)))
 
         scores: dict[str, Tensor] = {}
         total = frames.new_zeros((), dtype=torch.float32)
@@ -417,6 +434,10 @@ class RewardMixture(nn.Module):
                 position = self.groups.index(group)
                 self.groups[position:position + 1] = [(i,) for i in group]
                 self._stacked.pop(group, None)
+                for index in group:
+                    model = self.entries[index].model
+                    if hasattr(model, "gradient_checkpointing"):
+                        model.gradient_checkpointing = self.gradient_checkpointing
         return [self._single_scores(self.entries[index].model, *inputs[k]) for k, index in enumerate(group)]
 
     def _single_scores(self, model: RewardModel, pixels: Tensor, text: Tensor) -> Tensor:
