@@ -362,13 +362,15 @@ def distillation_loss(
 
 def build_student(config: TrainConfig) -> nn.Module:
     """The student in float32 (master weights): the teacher's weights (a VC2UNet directory or a
-    diffusers UNet3DConditionModel one, told apart by its config.json), or a seeded random init."""
+    diffusers UNet3DConditionModel one, told apart by its config.json), or a seeded random init.
+    Whatever is drawn (a random preset, layers a diffusers teacher lacks) comes from config.seed
+    alone, so every process builds the same student: FSDP shards it without a broadcast."""
     use_kernels = config.kernels == "on"
-    if config.teacher is not None:
-        student = unet_checkpoint.load_unet_dir(config.teacher, use_kernels=use_kernels)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if config.teacher is not None:
+            student = unet_checkpoint.load_unet_dir(config.teacher, use_kernels=use_kernels)
+        else:
             student = VC2UNet.preset(config.preset, use_kernels=use_kernels)
     for module in student.modules():
         if isinstance(module, nn.Dropout) and module.p > 0:
@@ -376,22 +378,29 @@ def build_student(config: TrainConfig) -> nn.Module:
     return student.float().train()
 
 
-def apply_lora(student: nn.Module, rank: int) -> nn.Module:
+def apply_lora(student: nn.Module, rank: int, seed: int) -> nn.Module:
+    """peft LoRA on LORA_TARGETS, the CONDITIONING_LAYERS trained in full; the adapters' random
+    init drawn from `seed` alone, the same on every process."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
         r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), modules_to_save=list(CONDITIONING_LAYERS)
     )
-    return get_peft_model(student, lora)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(student, lora)
 
 
-def _make_optimizer(parameters, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def _make_optimizer(parameters, config: TrainConfig, device: torch.device, sharded: bool = False) -> torch.optim.Optimizer:
     kwargs = dict(
         lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
         eps=config.adam_epsilon,
     )
     if config.use_8bit_adam:
-        if device.type != "cuda":
+        if sharded:
+            # bitsandbytes' 8-bit states are not known to work on FSDP2's sharded parameters.
+            _warn_once("use_8bit_adam is set but the run shards its optimizer state with FSDP: using torch.optim.AdamW")
+        elif device.type != "cuda":
             _warn_once(f"use_8bit_adam is set but the device is {device.type}, not CUDA: using torch.optim.AdamW")
         else:
             try:
@@ -491,21 +500,42 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
     return path
 
 
-def refuse_sharded_training(accelerator) -> None:
-    """FSDP and DeepSpeed (and Megatron-LM) shard the weights and the optimizer state across
-    processes; checkpoints, resuming, the NaN stop and the final student here read and write them
-    whole from the main process, which would save one shard of the optimizer and load whole
-    weights into sharded modules. Until those go through sharded state dicts, such runs stop before
+def check_distribution(accelerator) -> bool:
+    """Whether the run shards the student and its optimizer state across processes (FSDP2); such
+    runs save and load whole state dicts gathered through torch.distributed.checkpoint. FSDP1,
+    DeepSpeed and Megatron-LM shard in ways the checkpoints here do not handle: they stop before
     training instead of writing checkpoints that cannot resume."""
     from accelerate.utils import DistributedType
 
-    sharding = {getattr(DistributedType, name, None) for name in ("FSDP", "DEEPSPEED", "MEGATRON_LM")} - {None}
-    if accelerator.distributed_type in sharding:
+    refused = {getattr(DistributedType, name, None) for name in ("DEEPSPEED", "MEGATRON_LM")} - {None}
+    if accelerator.distributed_type in refused:
         raise NotImplementedError(
-            f"t2v-turbo train does not support {accelerator.distributed_type} yet (its checkpoints, resume and "
-            "student save assume whole, unsharded state): choose multi-GPU data parallelism (DDP) in "
-            "`accelerate config`"
+            f"t2v-turbo train does not support {accelerator.distributed_type.value}: choose data parallelism (DDP) or "
+            "FSDP version 2 in `accelerate config`"
         )
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    if not accelerator.is_fsdp2:
+        raise NotImplementedError(
+            "t2v-turbo train does not support FSDP version 1: set fsdp_version: 2 in `accelerate config` (or "
+            "--fsdp_version 2 for `accelerate launch`)"
+        )
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+
+    policy = accelerator.state.fsdp_plugin.auto_wrap_policy
+    if getattr(policy, "func", policy) is size_based_auto_wrap_policy:
+        # accelerate's FSDP2 size-based policy also picks ModuleList containers, which fully_shard refuses.
+        raise ValueError(
+            "fsdp_auto_wrap_policy SIZE_BASED_WRAP does not work with FSDP2 on these UNets (it shards "
+            "ModuleList containers): choose TRANSFORMER_BASED_WRAP (VC2UNet names its blocks) or NO_WRAP"
+        )
+    return True
+
+
+def _whole_state_options(**options):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **options)
 
 
 class _Trainer:
@@ -517,7 +547,10 @@ class _Trainer:
         self.config = config
         self.reward = reward
         self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
-        refuse_sharded_training(self.accelerator)
+        self.sharded = check_distribution(self.accelerator)
+        if self.sharded and config.ema_decay is not None:
+            raise ValueError("ema_decay is not supported with FSDP (the EMA target would be a whole network on every "
+                             "process): set ema_decay=null or train with DDP")
         self.output_dir = Path(config.output_dir)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
@@ -547,9 +580,10 @@ class _Trainer:
         if config.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         if self.lora:
-            student = apply_lora(student, config.lora_rank)
+            student = apply_lora(student, config.lora_rank, config.seed)
+        self.trainable_names = [name for name, p in student.named_parameters() if p.requires_grad]
         trainable = [p for p in student.parameters() if p.requires_grad]
-        optimizer = _make_optimizer(trainable, config, self.device)
+        optimizer = _make_optimizer(trainable, config, self.device, self.sharded)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_warmup_factor, config.lr_warmup_steps))
         # The scheduler stays unprepared: accelerate would step it once per process per step.
         self.model, self.optimizer = self.accelerator.prepare(student, optimizer)
@@ -607,20 +641,20 @@ class _Trainer:
         accelerator.wait_for_everyone()
         rng_tensors, rng_metadata = _rng_state() if rng_state is None else rng_state
         save_file(rng_tensors, str(temporary / f"rng-p{self.rank}.safetensors"), metadata=rng_metadata)
-        weights = _trainable_state(self.unwrapped, True) if self.lora else accelerator.get_state_dict(self.model)
+        weights, optimizer_state = self._training_state()
         if accelerator.is_main_process:
             name = "adapter.safetensors" if self.lora else "model.safetensors"
             save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(temporary / name))
             if self.ema is not None:
                 save_file({k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()},
                           str(temporary / "ema.safetensors"))
-            torch.save(self.optimizer.state_dict(), temporary / "optimizer.pt")
+            torch.save(optimizer_state, temporary / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), temporary / "scheduler.pt")
             epoch, batch = self.sampler.position(self.step)
             state = {
                 "step": self.step, "epoch": epoch, "batch_in_epoch": batch, "seed": self.config.seed,
                 "num_processes": self.world, "batch_size": self.config.batch_size, "lora": self.lora,
-                "config": self.config.to_dict(),
+                "sharded": self.sharded, "config": self.config.to_dict(),
             }
             (temporary / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
             if final.exists():
@@ -631,18 +665,51 @@ class _Trainer:
         accelerator.wait_for_everyone()
         return final
 
+    def _training_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The weights a checkpoint keeps (only the trainable ones with LoRA) and the optimizer
+        state, whole; with FSDP gathered from every process (call it on all of them), whole on the
+        main process only."""
+        if not self.sharded:
+            weights = _trainable_state(self.unwrapped, True) if self.lora else self.accelerator.get_state_dict(self.model)
+            return weights, self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        options = _whole_state_options(cpu_offload=True)
+        weights = get_model_state_dict(self.model, options=options)
+        if self.lora:
+            weights = {name: weights[name] for name in self.trainable_names if name in weights}
+        return weights, get_optimizer_state_dict(self.model, self.optimizer, options=options)
+
+    def _load_training_state(self, weights: dict[str, Tensor], optimizer_state: dict[str, Any]) -> None:
+        if not self.sharded:
+            _load_trainable_state(self.unwrapped, weights, self.lora)
+            self.optimizer.load_state_dict(optimizer_state)
+            return
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        if self.lora:
+            unexpected = sorted(set(weights) - set(self.trainable_names))
+            if unexpected:
+                raise KeyError(f"adapter weights do not match the model: unexpected {unexpected[:20]}")
+        set_model_state_dict(self.model, weights, options=_whole_state_options(strict=not self.lora))
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=_whole_state_options())
+
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / STATE_NAME).read_text())
         expected = {"seed": self.config.seed, "num_processes": self.world, "batch_size": self.config.batch_size,
-                    "lora": self.lora}
-        differing = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+                    "lora": self.lora, "sharded": self.sharded}
+        recorded = {"sharded": False, **state}  # checkpoints from before FSDP support are unsharded
+        differing = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
         if differing:
             raise ValueError(f"cannot resume {path} exactly: (checkpoint, now) differ for {differing}")
         name = "adapter.safetensors" if self.lora else "model.safetensors"
-        _load_trainable_state(self.unwrapped, load_file(str(path / name)), self.lora)
+        # With FSDP the whole states stay on the CPU: set_*_state_dict moves each process's shards.
+        self._load_training_state(
+            load_file(str(path / name)),
+            torch.load(path / "optimizer.pt", map_location="cpu" if self.sharded else self.device, weights_only=True),
+        )
         if self.ema is not None:
             self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_path = path / f"rng-p{self.rank}.safetensors"
         with safe_open(str(rng_path), framework="pt") as handle:
@@ -701,13 +768,29 @@ class _Trainer:
             logger.close()
         student_dir = self.output_dir / "student"
         accelerator.wait_for_everyone()
+        final = self._whole_student()
         if accelerator.is_main_process:
-            final = self.unwrapped
             if self.lora:
                 final = copy.deepcopy(final).merge_and_unload()
             unet_checkpoint.save_unet_dir(final, student_dir)
         accelerator.wait_for_everyone()
         return TrainResult(self.step, losses, student_dir, last_checkpoint, logger.path, logger.history)
+
+    def _whole_student(self) -> nn.Module | None:
+        """The trained student as one unsharded module on the main process (None on the others
+        with FSDP, whose shards are gathered into a fresh copy: call it on every process)."""
+        if not self.sharded:
+            return self.unwrapped
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        weights = get_model_state_dict(self.model, options=_whole_state_options(cpu_offload=True))
+        if not self.accelerator.is_main_process:
+            return None
+        student = build_student(self.config)
+        if self.lora:
+            student = apply_lora(student, self.config.lora_rank, self.config.seed)
+        student.load_state_dict(weights)
+        return student
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One optimizer step; NonFiniteLossError (before any update) when a loss term or the
@@ -733,6 +816,8 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         accelerator.backward(total)
         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         reduced["grad_norm"] = torch.as_tensor(grad_norm).float()
         self._check_finite({"grad_norm": reduced["grad_norm"]}, "gradient")
         self.optimizer.step()

@@ -102,8 +102,8 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     print(_describe(reward) if reward is not None else "rewards: none (consistency distillation only)")
     # What a run's settings can get wrong: a --resume path, a teacher directory, a cache made by
-    # another teacher or from other data, an accelerate config asking for FSDP. Errors of the
-    # training loop itself keep their traceback.
+    # another teacher or from other data, an accelerate config asking for FSDP1 or DeepSpeed.
+    # Errors of the training loop itself keep their traceback.
     try:
         trainer = prepare_training(config, reward=reward, vae=vae)
     except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as error:

@@ -460,6 +460,9 @@ class VC2UNet(nn.Module):
     backward pass while training. `config` holds the architecture kwargs, enough to rebuild the
     model."""
 
+    # The units FSDP shards one by one (accelerate's TRANSFORMER_BASED_WRAP reads this name).
+    _no_split_modules = ("UNetBlock",)
+
     def __init__(
         self,
         in_channels: int,
