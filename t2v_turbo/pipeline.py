@@ -185,6 +185,15 @@ class T2VTurboPipeline:
         _move(self.text_encoder, device)
         return self
 
+    def compile(self, **options: Any) -> T2VTurboPipeline:
+        """Samples through `torch.compile(unet, **options)` (dynamic=False unless given) from now on.
+        Each new batch size, frame count or resolution compiles once and later calls reuse it, so
+        it pays off in a long-lived process, not for one clip. Set `use_kernels` first: with kernels
+        on, inductor fuses the norms and layout copies around turbo_kernels' ops (the
+        kernels-compile variant of `benchmarks.models`)."""
+        self.noise_predictor.model = torch.compile(self.unet, **{"dynamic": False, **options})
+        return self
+
     # ---- sampling ----------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -624,7 +624,16 @@ class _Trainer:
 
     @property
     def unwrapped(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        """The student itself: no DDP and no torch.compile wrapper (accelerate's dynamo_backend),
+        keyed as the checkpoints and the saved student are."""
+        model = self.accelerator.unwrap_model(self.model)
+        return getattr(model, "_orig_mod", model)
+
+    @property
+    def target_network(self) -> nn.Module:
+        """What computes the self-target: the EMA, else the online student, compiled when the run
+        compiles (outside DDP, which only the gradient-taking call needs)."""
+        return self.ema if self.ema is not None else self.accelerator.unwrap_model(self.model)
 
     # -- checkpoints --
 
@@ -670,8 +679,7 @@ class _Trainer:
         state, whole; with FSDP gathered from every process (call it on all of them), whole on the
         main process only."""
         if not self.sharded:
-            weights = _trainable_state(self.unwrapped, True) if self.lora else self.accelerator.get_state_dict(self.model)
-            return weights, self.optimizer.state_dict()
+            return _trainable_state(self.unwrapped, self.lora), self.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         options = _whole_state_options(cpu_offload=True)
@@ -799,10 +807,9 @@ class _Trainer:
         tensors = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, Tensor)}
         w = draw_guidance_scales(config, self.step, config.batch_size * self.world, self.rank).to(self.device)
         m = motion_strengths(tensors["grid_index"], tensors["use_motion"], config.motion_strength)
-        target_net = self.ema if self.ema is not None else self.unwrapped
         terms: dict[str, Tensor] = {}
         with accelerator.autocast():
-            out = distillation_loss(self.model, target_net, tensors, w, m, self.alphas_cumprod, config, self.fps)
+            out = distillation_loss(self.model, self.target_network, tensors, w, m, self.alphas_cumprod, config, self.fps)
             terms["loss_cd"] = out.loss_cd
             total = out.loss_cd
             if self.reward is not None:

@@ -195,6 +195,26 @@ def test_seeded_runs_reproduce_and_seeds_differ(unet):
         pipeline.generate(["a cat"], seed=0, generator=torch.Generator(), **kwargs)
 
 
+def test_compiled_pipeline_samples_as_eager_and_compiles_once_a_shape():
+    model = small_unet(seed=4)
+    compiles = []
+
+    def recording_backend(graph, example_inputs):
+        compiles.append(graph)
+        return graph.forward
+
+    kwargs = dict(num_steps=4, motion_strength=0.05, num_frames=FRAMES, height=SIZE, width=SIZE, seed=0, progress=False)
+    eager = T2VTurboPipeline(model, LatentsAsPixels(), PromptLength()).generate(["a cat"], **kwargs)
+    pipeline = T2VTurboPipeline(model, LatentsAsPixels(), PromptLength()).compile(backend=recording_backend, fullgraph=True)
+    compiled = pipeline.generate(["a cat"], **kwargs)
+    again = pipeline.generate(["a horse"], **kwargs)  # the stand-in text encoder reads prompt lengths
+    assert pipeline.noise_predictor.model is not model and pipeline.unet is model
+    # One graph: the steps with and without motion differ in values only, never in shapes or Python scalars.
+    assert len(compiles) == 1
+    torch.testing.assert_close(compiled.latents, eager.latents, rtol=1e-5, atol=1e-5)
+    assert (again.latents - compiled.latents).abs().max() > 0
+
+
 def test_motion_embedding_only_on_early_steps(unet):
     pipeline = T2VTurboPipeline(unet, LatentsAsPixels(), PromptLength())
     spy = pipeline.noise_predictor = SpyPredictor(unet)

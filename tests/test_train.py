@@ -29,6 +29,7 @@ from t2v_turbo.train import (
     StepBatchSampler,
     TrainConfig,
     draw_guidance_scales,
+    prepare_training,
     train,
 )
 
@@ -354,6 +355,33 @@ def test_fsdp2_is_accepted_with_block_units_and_refused_with_size_based_units():
     size_based = functools.partial(size_based_auto_wrap_policy, min_num_params=100)
     with pytest.raises(ValueError, match="SIZE_BASED_WRAP"):
         train_module.check_distribution(accelerator(DistributedType.FSDP, size_based))
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate reads its launch settings once a process, into a shared state: reset around the test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_accelerate_dynamo_backend_compiles_the_student(assets, tmp_path, monkeypatch, fresh_accelerate_state):
+    """`accelerate launch --dynamo_backend ...` compiles the student in prepare: the step runs the
+    compiled model, the target and the saved student the same weights (aot_eager: no codegen)."""
+    eager = train(config(assets, tmp_path / "eager", temporal_conv_dropout=0.0, cpu=True))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")
+    trainer = prepare_training(config(assets, tmp_path / "compiled", temporal_conv_dropout=0.0, cpu=True))
+    assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(trainer.target_network, torch._dynamo.eval_frame.OptimizedModule)
+    compiled = trainer.run()
+    assert [row["loss"] for row in compiled.history] == pytest.approx([row["loss"] for row in eager.history], rel=1e-6)
+    saved = load_file(str(compiled.student_dir / "model.safetensors"))
+    assert set(saved) == set(load_file(str(eager.student_dir / "model.safetensors")))
 
 
 def test_training_solver_uses_the_release_table():

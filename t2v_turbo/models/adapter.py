@@ -57,18 +57,20 @@ def is_diffusers_unet3d(model: object) -> bool:
 
 
 def _wrapped_network(model: nn.Module) -> nn.Module:
-    """The VC2UNet or UNet3DConditionModel inside DDP / accelerate (`.module`) and peft
-    (`get_base_model()`) wrappers; `model` itself when it is one."""
+    """The VC2UNet or UNet3DConditionModel inside DDP / accelerate (`.module`), torch.compile
+    (`._orig_mod`) and peft (`get_base_model()`) wrappers; `model` itself when it is one."""
     network = model
     while not (isinstance(network, VC2UNet) or is_diffusers_unet3d(network)):
         if callable(getattr(network, "get_base_model", None)):
             network = network.get_base_model()
+        elif isinstance(getattr(network, "_orig_mod", None), nn.Module):
+            network = network._orig_mod
         elif isinstance(getattr(network, "module", None), nn.Module):
             network = network.module
         else:
             raise TypeError(
-                f"model must be a VC2UNet or a diffusers UNet3DConditionModel (or one wrapped by DDP, accelerate "
-                f"or peft), got {type(model).__name__}"
+                f"model must be a VC2UNet or a diffusers UNet3DConditionModel (or one wrapped by DDP, accelerate, "
+                f"torch.compile or peft), got {type(model).__name__}"
             )
     return network
 
