@@ -261,8 +261,10 @@ class TensorMemoryMeter(TorchDispatchMode):
     level now (`current`) and its maximum (`peak`). A storage counts from the op that creates it
     until it is freed; storages that existed before (inputs, weights, in-place results) never
     count. Works where the allocator keeps no statistics (the CPU); it sees every op that reaches
-    the dispatcher, backward and recomputation included, but not memory that kernels allocate
-    outside tensors."""
+    the dispatcher, backward and recomputation included. Approximate: it misses memory kernels
+    allocate outside tensors and tensors made without an op (torch.tensor of data), counts a
+    storage at the size it was created with (not after resize_) and skips tensors without a
+    plain strided storage (sparse, nested)."""
 
     def __init__(self, device: torch.device):
         super().__init__()
@@ -280,15 +282,25 @@ class TensorMemoryMeter(TorchDispatchMode):
         self._watchers.pop(id(watcher), None)
         self.current -= nbytes
 
+    @staticmethod
+    def _storage(value: Any) -> Optional[torch.UntypedStorage]:
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+            return None
+        try:
+            return value.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage of their own
+            return None
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         for value in tree_leaves((args, kwargs)):
-            if isinstance(value, torch.Tensor):
-                self._seen.add(value.untyped_storage())
+            storage = self._storage(value)
+            if storage is not None:
+                self._seen.add(storage)
         out = func(*args, **(kwargs or {}))
         for value in tree_leaves(out):
-            if not isinstance(value, torch.Tensor) or not self._on_device(value):
+            storage = self._storage(value)
+            if storage is None or not self._on_device(value):
                 continue
-            storage = value.untyped_storage()
             if storage in self._seen:
                 continue
             self._seen.add(storage)
@@ -303,7 +315,8 @@ class TensorMemoryMeter(TorchDispatchMode):
 
 def working_memory_bytes(fn: Callable, inputs: Any, device: torch.device) -> int:
     """The most memory `fn(inputs)` holds at once beyond what was allocated before the call: on a
-    GPU from the caching allocator's statistics, elsewhere from a TensorMemoryMeter."""
+    GPU from the caching allocator's statistics (its rounding and workspaces included, less
+    whatever the call frees of what existed before), elsewhere from a TensorMemoryMeter."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -107,6 +107,10 @@ class TrainConfig:
     # weights (SPEC 3.7). The mixture applies them; the loop subtracts its weighted total.
     image_reward_weight: float = 0.2
     video_reward_weight: float = 0.5 * 2 / 6
+    # 0: every process scores its samples with the whole mixture. k >= 1: the release's split
+    # (SPEC 3.7): the last k processes score only the video reward and skip L_CD, the others
+    # compute L_CD and the image rewards; the weights stay the effective ones.
+    video_reward_processes: int = 0
     decode_chunk_size: int = 8
     temporal_conv_dropout: float = 0.1
     mixed_precision: str = "no"
@@ -135,7 +139,7 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "keep_last", "log_every", "decode_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "lora_rank", "num_workers", "lr_warmup_steps"):
+        for name in ("checkpoint_every", "lora_rank", "num_workers", "lr_warmup_steps", "video_reward_processes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.w_min <= self.w_max:
@@ -327,6 +331,20 @@ class StepOutput:
     f_theta: Tensor
 
 
+def student_prediction(
+    student: nn.Module, batch: Mapping[str, Tensor], w: Tensor, m: Tensor, alphas_cumprod: Tensor,
+    fps: int | Tensor = schedule.DEFAULT_FPS,
+) -> Tensor:
+    """f_theta, the student's one-step prediction of z_0 from the cached z_t at t_hi (SPEC 3.3)."""
+    z_t = batch["z_t"].float()
+    t_hi, _ = schedule.solver_timesteps(batch["grid_index"].cpu())
+    t_hi = t_hi.to(z_t.device)
+    predictor = NoisePredictor(student)
+    # The UNet returns a (B, F, C, h, w)-ordered view; the solver kernels stream one shared layout.
+    eps_theta = predictor(z_t, t_hi, batch["context"].float(), fps, guidance=w.to(z_t.device), motion=m.to(z_t.device))
+    return turbo_kernels.consistency_output(z_t, eps_theta.float().contiguous(), t_hi, alphas_cumprod)
+
+
 def distillation_loss(
     student: nn.Module, target_net: nn.Module, batch: Mapping[str, Tensor], w: Tensor, m: Tensor,
     alphas_cumprod: Tensor, config: TrainConfig, fps: int | Tensor = schedule.DEFAULT_FPS,
@@ -339,10 +357,7 @@ def distillation_loss(
     t_hi, t_lo = schedule.solver_timesteps(batch["grid_index"].cpu())
     t_hi, t_lo = t_hi.to(z_t.device), t_lo.to(z_t.device)
     w, m = w.to(z_t.device), m.to(z_t.device)
-
-    # The UNet returns a (B, F, C, h, w)-ordered view; the solver kernels stream one shared layout.
-    eps_theta = NoisePredictor(student)(z_t, t_hi, context, fps, guidance=w, motion=m).float().contiguous()
-    f_theta = turbo_kernels.consistency_output(z_t, eps_theta, t_hi, alphas_cumprod)
+    f_theta = student_prediction(student, batch, w, m, alphas_cumprod, fps)
     with torch.no_grad():
         z_lo, _ = turbo_kernels.guided_solver_step(
             z_t, batch["eps_cond"].float(), batch["eps_uncond"].float(), t_hi, t_lo, w, alphas_cumprod,
@@ -366,8 +381,10 @@ def build_student(config: TrainConfig) -> nn.Module:
     Whatever is drawn (a random preset, layers a diffusers teacher lacks) comes from config.seed
     alone, so every process builds the same student: FSDP shards it without a broadcast."""
     use_kernels = config.kernels == "on"
+    # The CPU generator only (torch.manual_seed would also reseed every GPU's, which fork_rng(devices=[])
+    # does not restore, and leave the same dropout draws on every process).
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        torch.random.default_generator.manual_seed(config.seed)
         if config.teacher is not None:
             student = unet_checkpoint.load_unet_dir(config.teacher, use_kernels=use_kernels)
         else:
@@ -387,7 +404,7 @@ def apply_lora(student: nn.Module, rank: int, seed: int) -> nn.Module:
         r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), modules_to_save=list(CONDITIONING_LAYERS)
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # the CPU's only, as in build_student
         return get_peft_model(student, lora)
 
 
@@ -500,6 +517,22 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def reward_role(process_index: int, num_processes: int, video_processes: int) -> str:
+    """"video" for the last `video_processes` of `num_processes` processes (they score only the
+    video reward), "main" for the others (L_CD and the image rewards; all of them when 0)."""
+    return "video" if process_index >= num_processes - video_processes else "main"
+
+
+ROLE_KINDS = {"main": ("image",), "video": ("video",)}
+
+
+def video_reward_scale(num_processes: int, video_processes: int) -> float:
+    """What a video process multiplies its reward by so that DDP's mean over processes gives it
+    its configured weight relative to L_CD: L_CD is averaged over num_processes - video_processes
+    processes' samples, the video reward over video_processes' (0.5 = 1/6 · 6/2 for the release)."""
+    return (num_processes - video_processes) / video_processes
+
+
 def check_distribution(accelerator) -> bool:
     """Whether the run shards the student and its optimizer state across processes (FSDP2); such
     runs save and load whole state dicts gathered through torch.distributed.checkpoint. FSDP1,
@@ -515,7 +548,7 @@ def check_distribution(accelerator) -> bool:
         )
     if accelerator.distributed_type != DistributedType.FSDP:
         return False
-    if not accelerator.is_fsdp2:
+    if not getattr(accelerator, "is_fsdp2", False):
         raise NotImplementedError(
             "t2v-turbo train does not support FSDP version 1: set fsdp_version: 2 in `accelerate config` (or "
             "--fsdp_version 2 for `accelerate launch`)"
@@ -545,7 +578,6 @@ class _Trainer:
         from accelerate import Accelerator
 
         self.config = config
-        self.reward = reward
         self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
         self.sharded = check_distribution(self.accelerator)
         if self.sharded and config.ema_decay is not None:
@@ -555,8 +587,16 @@ class _Trainer:
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.device = self.accelerator.device
+        self.role, self.reward_scale = self._reward_split(config)
+        if reward is not None and config.video_reward_processes:
+            if not callable(getattr(reward, "subset", None)):
+                raise TypeError("video_reward_processes splits the reward by model kind: pass a "
+                                f"t2v_turbo.rewards.RewardMixture, not a {type(reward).__name__}")
+            reward = reward.subset(ROLE_KINDS[self.role])
+        self.reward = reward
         if isinstance(reward, nn.Module):
             reward.to(self.device)
+        self.term_names = self._split_term_names() if config.video_reward_processes else None
         # Dropout and other global draws differ per process; data order and w do not (see module doc).
         seed_all(config.seed + self.rank)
 
@@ -594,6 +634,38 @@ class _Trainer:
         self.alphas_cumprod = schedule.release_alphas_cumprod(torch.float32, self.device)
         self.step = 0
 
+    def _reward_split(self, config: TrainConfig) -> tuple[str, float]:
+        """This process's role and the factor on its reward total (module doc, video_reward_processes)."""
+        video = config.video_reward_processes
+        if not video:
+            return "main", 1.0
+        if self.world <= video:
+            raise ValueError(
+                f"video_reward_processes={video} leaves no process for L_CD: the run has {self.world} process(es)"
+            )
+        role = reward_role(self.rank, self.world, video)
+        return role, video_reward_scale(self.world, video) if role == "video" else 1.0
+
+    def _split_term_names(self) -> list[str]:
+        """With split rewards, the loss terms logged, the same list on every process: the union of
+        what each computes (its own terms only), agreed on once. Every process that scores the
+        video reward must have a video model: one without stops them all."""
+        from accelerate.utils import gather_object
+
+        local = ["loss_cd"] if self.role == "main" else []
+        if self.reward is not None:
+            local += ["reward_total"] + [f"reward_{entry.name}" for entry in self.reward.entries]
+        problem = None
+        if self.role == "video" and self.reward is None:
+            problem = f"process {self.rank} scores the video reward (video_reward_processes), but its mixture has no video model"
+        gathered = gather_object([(local, problem)]) if self.world > 1 else [(local, problem)]
+        problems = [p for _, p in gathered if p is not None]
+        if problems:
+            raise ValueError(problems[0])
+        names = set().union(*(names for names, _ in gathered))
+        order = ["loss_cd", "reward_total"]
+        return [n for n in order if n in names] + sorted(names - set(order)) + ["loss"]
+
     def _check_student_fits(self, student: NoisePredictor) -> None:
         if not student.accepts_guidance:
             raise ValueError(f"the student ({type(student.network).__name__}) has no time_cond_proj_dim: it cannot "
@@ -626,14 +698,15 @@ class _Trainer:
     def unwrapped(self) -> nn.Module:
         """The student itself: no DDP and no torch.compile wrapper (accelerate's dynamo_backend),
         keyed as the checkpoints and the saved student are."""
-        model = self.accelerator.unwrap_model(self.model)
-        return getattr(model, "_orig_mod", model)
+        # keep_torch_compile=True would rebind the compiled wrapper's _orig_mod to the bare student.
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     @property
     def target_network(self) -> nn.Module:
-        """What computes the self-target: the EMA, else the online student, compiled when the run
-        compiles (outside DDP, which only the gradient-taking call needs)."""
-        return self.ema if self.ema is not None else self.accelerator.unwrap_model(self.model)
+        """What computes the self-target under no_grad: the EMA, else the bare online student
+        (eager: outside DDP, which only the gradient-taking call needs, and outside its compiled
+        wrapper, which accelerate compiles around DDP)."""
+        return self.ema if self.ema is not None else self.unwrapped
 
     # -- checkpoints --
 
@@ -684,9 +757,22 @@ class _Trainer:
 
         options = _whole_state_options(cpu_offload=True)
         weights = get_model_state_dict(self.model, options=options)
-        if self.lora:
-            weights = {name: weights[name] for name in self.trainable_names if name in weights}
+        if self.lora and weights:  # only the main process receives the whole state
+            weights = {key: weights[name] for key, name in self._adapter_keys().items()}
         return weights, get_optimizer_state_dict(self.model, self.optimizer, options=options)
+
+    def _adapter_keys(self) -> dict[str, str]:
+        """{key in peft's adapter format, as the unsharded path writes it: the trainable
+        parameter's name}, from peft's own renaming of marker tensors."""
+        from peft import get_peft_model_state_dict
+
+        markers = {name: torch.tensor(index) for index, name in enumerate(self.trainable_names)}
+        renamed = get_peft_model_state_dict(self.unwrapped, state_dict=markers)
+        keys = {key: self.trainable_names[int(marker)] for key, marker in renamed.items()}
+        unmapped = sorted(set(self.trainable_names) - set(keys.values()))
+        if unmapped:
+            raise RuntimeError(f"peft's adapter format leaves out trainable parameters {unmapped[:10]}")
+        return keys
 
     def _load_training_state(self, weights: dict[str, Tensor], optimizer_state: dict[str, Any]) -> None:
         if not self.sharded:
@@ -696,9 +782,11 @@ class _Trainer:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         if self.lora:
-            unexpected = sorted(set(weights) - set(self.trainable_names))
-            if unexpected:
-                raise KeyError(f"adapter weights do not match the model: unexpected {unexpected[:20]}")
+            names = self._adapter_keys()
+            missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
+            if missing or unexpected:
+                raise KeyError(f"adapter weights do not match the model: missing {missing[:20]}, unexpected {unexpected[:20]}")
+            weights = {names[key]: value for key, value in weights.items()}
         set_model_state_dict(self.model, weights, options=_whole_state_options(strict=not self.lora))
         set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=_whole_state_options())
 
@@ -809,16 +897,22 @@ class _Trainer:
         m = motion_strengths(tensors["grid_index"], tensors["use_motion"], config.motion_strength)
         terms: dict[str, Tensor] = {}
         with accelerator.autocast():
-            out = distillation_loss(self.model, self.target_network, tensors, w, m, self.alphas_cumprod, config, self.fps)
-            terms["loss_cd"] = out.loss_cd
-            total = out.loss_cd
+            if self.role == "main":
+                out = distillation_loss(
+                    self.model, self.target_network, tensors, w, m, self.alphas_cumprod, config, self.fps
+                )
+                terms["loss_cd"] = total = out.loss_cd
+                f_theta = out.f_theta
+            else:
+                f_theta = student_prediction(self.model, tensors, w, m, self.alphas_cumprod, self.fps)
+                total = f_theta.new_zeros((), dtype=torch.float32)
             if self.reward is not None:
-                reward_total, scores = self._reward(out.f_theta, batch)
+                reward_total, scores = self._reward(f_theta, batch)
                 terms["reward_total"] = reward_total
                 terms.update({f"reward_{name}": score.float().mean() for name, score in scores.items()})
-                total = total - reward_total
+                total = total - self.reward_scale * reward_total
         terms["loss"] = total
-        reduced = {name: accelerator.reduce(value.detach().float(), "mean") for name, value in terms.items()}
+        reduced = self._reduce_terms(terms)
         self._check_finite(reduced, "loss term")
         self.optimizer.zero_grad(set_to_none=True)
         accelerator.backward(total)
@@ -834,6 +928,16 @@ class _Trainer:
         metrics = {name: float(value) for name, value in reduced.items()}
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
+
+    def _reduce_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each term's mean over the processes that compute it (all of them, unless rewards are
+        split: then over `term_names`), in one collective."""
+        names = self.term_names or list(terms)
+        zero = torch.zeros((), device=self.device)
+        values = torch.stack([terms.get(name, zero).detach().float().to(self.device) for name in names])
+        present = torch.tensor([float(name in terms) for name in names], device=self.device)
+        sums, counts = self.accelerator.reduce(torch.cat([values, present]), "sum").split(len(names))
+        return {name: sums[i] / counts[i] for i, name in enumerate(names)}
 
     def _check_finite(self, values: dict[str, Tensor], what: str) -> None:
         # The values are already averaged over processes, so every process stops together.

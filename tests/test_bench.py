@@ -217,6 +217,8 @@ def test_memory_meter_counts_what_a_call_allocates_while_it_lives():
         assert meter.current == 10 * 1024, "b's storage lives on in its view"
         del view
         assert meter.current == 2 * 1024
+        dense = torch.eye(16).to_sparse().to_dense()  # a sparse tensor passes through, uncounted
+        assert meter.current == 2 * 1024 + dense.nbytes  # the eye was a temporary
     assert meter.peak == 12 * 1024
     assert c.numel() == 2 * kib
 
@@ -242,6 +244,27 @@ def test_working_memory_is_measured_through_backward_and_recorded(tmp_path):
     assert _run_harness(tmp_path, suite) == 0
     (row,) = _written(tmp_path)["rows"]
     assert row["working_mem_mb"] * harness.MIB >= 3 * 16 * 1024
+
+
+def test_growth_summary_calls_memory_bounded_only_below_the_share():
+    def rows(batched_mib: float, checkpointed_mib: float) -> dict:
+        made = []
+        for count in (1, 4):
+            for impl, per_model in ((rewards.BATCHED, batched_mib), (rewards.CHECKPOINTED, checkpointed_mib)):
+                made.append({"op": rewards.GROWTH_OP, "case": f"m{count}-c2-16x320x512", "impl": impl,
+                             "median_ms": 1.0, "working_mem_mb": 100 + per_model * (count - 1)})
+        return {"rows": made}
+
+    def verdict(result: dict) -> str:
+        (line,) = [line for line in rewards.growth_summary(result) if "memory bounded" in line]
+        return line.split()[0]
+
+    assert verdict(rows(100.0, 10.0)) == "PASS"
+    assert verdict(rows(100.0, 30.0)) == "FAIL"
+    assert verdict(rows(0.0, 0.0)) == "n/a"
+    assert verdict({"rows": []}) == "n/a"
+    info = [line for line in rewards.growth_summary(rows(100.0, 10.0)) if line.startswith("info")]
+    assert any("+10.0 MiB an added image model" in line for line in info)
 
 
 def test_inputs_rotate_out_of_l2_unless_they_hold_models(monkeypatch):

@@ -164,6 +164,27 @@ def test_stacked_mixture_matches_each_model_run_separately(models, checkpointing
     assert all(p.grad is None and not p.requires_grad for m in models for p in m.parameters())
 
 
+def test_stacked_checkpointed_group_recomputes_without_its_models_block_checkpoints():
+    """A stacked group checkpoints as a whole; its recomputation in the backward pass, after the
+    forward has restored the models' own switches, must not take block checkpoints inside vmap."""
+    models = tiny_clip(1), tiny_clip(2), TinyVideoReward()
+    indices = None
+    grads = []
+    for checkpointing in (False, True):
+        for model in models[:2]:
+            model.gradient_checkpointing = True  # the user's own setting, outside the mixture
+        mixture = make_mixture(models, gradient_checkpointing=checkpointing, stack_same_architecture=True)
+        if indices is None:
+            indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(3))
+        else:
+            mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(3))
+        frames = decoded_frames(1, len(indices)).requires_grad_()
+        total, _ = mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+        grads.append(torch.autograd.grad(total, frames)[0])
+        assert all(model.gradient_checkpointing for model in models[:2])
+    torch.testing.assert_close(grads[1], grads[0], atol=GRAD_TOL, rtol=1e-4)
+
+
 def test_stacking_shares_weights_and_survives_a_cast(models):
     hps, clip, _ = models
     mixture = make_mixture(models)
@@ -276,6 +297,18 @@ def test_select_frames_covers_entries_and_is_reproducible(models):
     assert len(draws) > 1, "different seeds should draw different frames"
     with pytest.raises(ValueError, match="num_frames"):
         mixture.select_frames(1)
+
+
+def test_subset_keeps_the_entries_of_the_asked_kinds_and_the_options(models):
+    mixture = make_mixture(models, gradient_checkpointing=True, text_cache=False)
+    images = mixture.subset(["image"])
+    assert [entry.name for entry in images.entries] == ["hpsv2", "clip"]
+    assert (images.gradient_checkpointing, images.text_cache, images.stack_same_architecture) == (True, False, False)
+    assert [entry.name for entry in mixture.subset(["video"]).entries] == ["video"]
+    assert mixture.subset(["image", "video"]) is mixture
+    assert RewardMixture(mixture.entries[:1]).subset(["video"]) is None
+    with pytest.raises(ValueError, match="kinds must be among"):
+        mixture.subset(["audio"])
 
 
 def test_errors_name_the_argument(models):
@@ -411,6 +444,9 @@ def test_checkpointed_mixture_memory_does_not_grow_with_the_models_activations()
     growth = {checkpointing: (peaks[checkpointing, 4] - peaks[checkpointing, 1]) / 3 for checkpointing in (False, True)}
     # Measured: 1.12 MB a model without checkpointing, 0.19 MB with it (the model's share of the
     # inputs and its blocks' inputs); stacking under checkpointing would add about 1 MB a model.
+    # The bound is the one benchmarks.rewards applies at real sizes.
+    from benchmarks.rewards import BOUNDED_SHARE
+
     assert growth[False] > 0
-    assert growth[True] < 0.3 * growth[False], growth
+    assert growth[True] < BOUNDED_SHARE * growth[False], growth
     assert not any(model.gradient_checkpointing for model in image_models), "a pass left its switch behind"

@@ -338,6 +338,22 @@ def test_unsupported_sharding_stops_before_training(assets, tmp_path, monkeypatc
     assert not (tmp_path / "run").exists()
 
 
+def test_student_draws_come_from_the_seed_on_the_cpu_generator_alone(monkeypatch):
+    """Every process builds the same student and adapters; only the CPU generator is seeded, so each
+    process's own (GPU) draws, such as dropout, stay its own."""
+
+    def reseeds_every_device(seed):
+        raise AssertionError("torch.manual_seed reseeds every GPU's generator too")
+
+    monkeypatch.setattr(torch, "manual_seed", reseeds_every_device)
+    cfg = TrainConfig(preset="tiny", seed=5, lora_rank=2)
+    before = torch.random.get_rng_state()
+    first, second = (train_module.apply_lora(train_module.build_student(cfg), 2, cfg.seed) for _ in range(2))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_fsdp2_is_accepted_with_block_units_and_refused_with_size_based_units():
     import functools
     from types import SimpleNamespace
@@ -369,7 +385,7 @@ def fresh_accelerate_state():
 
 def test_accelerate_dynamo_backend_compiles_the_student(assets, tmp_path, monkeypatch, fresh_accelerate_state):
     """`accelerate launch --dynamo_backend ...` compiles the student in prepare: the step runs the
-    compiled model, the target and the saved student the same weights (aot_eager: no codegen)."""
+    compiled model, the self-target and the saved student the bare one (aot_eager: no codegen)."""
     eager = train(config(assets, tmp_path / "eager", temporal_conv_dropout=0.0, cpu=True))
     from accelerate.state import AcceleratorState
 
@@ -377,7 +393,7 @@ def test_accelerate_dynamo_backend_compiles_the_student(assets, tmp_path, monkey
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")
     trainer = prepare_training(config(assets, tmp_path / "compiled", temporal_conv_dropout=0.0, cpu=True))
     assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule)
-    assert isinstance(trainer.target_network, torch._dynamo.eval_frame.OptimizedModule)
+    assert not isinstance(trainer.target_network, torch._dynamo.eval_frame.OptimizedModule)
     compiled = trainer.run()
     assert [row["loss"] for row in compiled.history] == pytest.approx([row["loss"] for row in eager.history], rel=1e-6)
     saved = load_file(str(compiled.student_dir / "model.safetensors"))
@@ -512,10 +528,17 @@ FSDP_SCRIPT = textwrap.dedent(
     if accelerator.is_main_process:
         shutil.copytree(out + "/full/checkpoint-000001", out + "/resumed/checkpoint-000001")
     # Between two trainings, as accelerate asks: it forgets the previous run's model and optimizer.
+    accelerator.wait_for_everyone()
     accelerator.free_memory()
     train(TrainConfig(output_dir=out + "/resumed", resume="latest", checkpoint_every=0, **common), accelerator=accelerator)
     accelerator.free_memory()
-    train(TrainConfig(output_dir=out + "/lora", lora_rank=4, checkpoint_every=2, **common), accelerator=accelerator)
+    train(TrainConfig(output_dir=out + "/lora", lora_rank=4, checkpoint_every=1, **common), accelerator=accelerator)
+    if accelerator.is_main_process:
+        shutil.copytree(out + "/lora/checkpoint-000001", out + "/lora-resumed/checkpoint-000001")
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    train(TrainConfig(output_dir=out + "/lora-resumed", lora_rank=4, resume="latest", checkpoint_every=0, **common),
+          accelerator=accelerator)
     """
 )
 
@@ -535,16 +558,24 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(assets, tmp_path):
     start = load_file(str(Path(assets["teacher"]) / "model.safetensors"))
     students = {
         name: load_file(str(tmp_path / "fsdp" / name / "student" / "model.safetensors"))
-        for name in ("full", "resumed", "lora")
+        for name in ("full", "resumed", "lora", "lora-resumed")
     }
     _assert_same_update(start, load_file(str(single.student_dir / "model.safetensors")), students["full"], "full")
     # Resuming the gathered checkpoint (weights and optimizer state re-sharded) continues exactly.
     for key, value in students["full"].items():
         assert torch.equal(students["resumed"][key], value), key
     _assert_same_update(start, load_file(str(single_lora.student_dir / "model.safetensors")), students["lora"], "lora")
+    for key, value in students["lora"].items():
+        assert torch.equal(students["lora-resumed"][key], value), key
     checkpoint = tmp_path / "fsdp" / "lora" / "checkpoint-000002"
-    assert (checkpoint / "adapter.safetensors").exists() and not (checkpoint / "model.safetensors").exists()
+    assert not (checkpoint / "model.safetensors").exists()
     assert json.loads((checkpoint / train_module.STATE_NAME).read_text())["sharded"] is True
+    # The adapter file is in peft's format, as an unsharded run writes it.
+    from peft import get_peft_model_state_dict
+
+    lora_config = config(assets, tmp_path / "unused", lora_rank=4)
+    expected_keys = get_peft_model_state_dict(train_module.apply_lora(train_module.build_student(lora_config), 4, 3))
+    assert set(load_file(str(checkpoint / "adapter.safetensors"))) == set(expected_keys)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ default weights, a 2-step CLI run whose metrics.csv carries the reward terms, an
 import argparse
 import csv
 import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from t2v_turbo.rewards.loading import build_reward_mixture, parse_video_reward, 
 from t2v_turbo.rewards.toy import ToyImageReward, ToyVideoReward
 from t2v_turbo.rewards.viclip import ViCLIPReward
 from tests.test_reward_mixture import TINY_CONFIG, TINY_SIZE, tiny_clip
-from tests.test_train import SMALL_UNET, write_cache
+from tests.test_train import SMALL_UNET, _torchrun, write_cache
+from t2v_turbo.train import reward_role, video_reward_scale
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reward_reference"
 needs_reference = pytest.mark.skipif(
@@ -206,3 +208,64 @@ def test_cli_reward_errors(train_assets, toy_dirs, tmp_path, capsys):
                             f"toy:{toy_dirs['video']}")) == 2
     assert "holds no config.json" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_reward_roles_and_the_video_scale_reproduce_the_release_split():
+    # The release: 8 processes, the last 2 score only the video reward at weight 0.5, which DDP's
+    # mean turns into 0.5 * 2/6 = 1/6 relative to L_CD; the configured 1/6 is scaled back to 0.5.
+    assert [reward_role(i, 8, 2) for i in range(8)] == ["main"] * 6 + ["video"] * 2
+    assert [reward_role(i, 3, 0) for i in range(3)] == ["main"] * 3
+    assert RELEASE_VIDEO_WEIGHT * video_reward_scale(8, 2) == pytest.approx(0.5, rel=1e-12)
+    assert video_reward_scale(2, 1) == 1.0
+
+
+def test_split_rewards_need_a_process_for_l_cd_and_a_video_reward(train_assets, toy_dirs, tmp_path, capsys):
+    vae = ("--vae", str(train_assets["vae"]))
+    image_only = cli_args(train_assets, tmp_path / "a", *vae, "--toy-image-reward", str(toy_dirs["image"]),
+                          "video_reward_processes=1")
+    assert run_cli(image_only) == 2
+    assert "video_reward_processes splits off the video reward: give --video-reward" in capsys.readouterr().err
+    one_process = cli_args(train_assets, tmp_path / "b", *vae, "--video-reward", f"toy:{toy_dirs['video']}",
+                           "video_reward_processes=1")
+    assert run_cli(one_process) == 2
+    assert "leaves no process for L_CD: the run has 1 process(es)" in capsys.readouterr().err
+    assert run_cli(cli_args(train_assets, tmp_path / "c", "video_reward_processes=-1")) == 2
+    assert "video_reward_processes must be >= 0" in capsys.readouterr().err
+
+
+SPLIT_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    from t2v_turbo.cli import main
+    sys.exit(main(["train", *sys.argv[1:]]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_rewards_as_the_release(train_assets, toy_dirs, tmp_path):
+    """Process 0 computes L_CD and the image reward, process 1 only the video reward; each term is
+    logged as the mean over the processes computing it, and the loss is the mean of the two
+    processes' objectives (the video reward scaled by 1 = (2 - 1)/1)."""
+    argv = cli_args(
+        train_assets, tmp_path / "run", "--vae", str(train_assets["vae"]), "--video-reward", f"toy:{toy_dirs['video']}",
+        "--toy-image-reward", str(toy_dirs["image"]), "video_reward_processes=1", "cpu=true",
+    )
+    argv[argv.index("batch_size=2")] = "batch_size=1"
+    _torchrun(SPLIT_SCRIPT, tmp_path, *argv)
+    with (tmp_path / "run" / "metrics.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2
+    for row in rows:
+        values = {key: float(value) for key, value in row.items() if value}
+        objectives = (
+            values["loss_cd"] - RELEASE_IMAGE_WEIGHT * values["reward_toy_image"],  # process 0
+            -RELEASE_VIDEO_WEIGHT * values["reward_video"],  # process 1
+        )
+        assert values["loss"] == pytest.approx(sum(objectives) / 2, rel=1e-5, abs=1e-7)
+        # reward_total: process 0's image total and process 1's video total, averaged.
+        expected_total = (RELEASE_IMAGE_WEIGHT * values["reward_toy_image"] + RELEASE_VIDEO_WEIGHT * values["reward_video"]) / 2
+        assert values["reward_total"] == pytest.approx(expected_total, rel=1e-5, abs=1e-7)
+        assert values["reward_video"] != 0.0 and values["reward_toy_image"] != 0.0
+    assert (tmp_path / "run" / "student" / "model.safetensors").exists()

@@ -44,8 +44,11 @@ def _has_manifest(cache: str) -> bool:
 
 
 def _load_rewards(args: argparse.Namespace, config: TrainConfig) -> tuple[RewardMixture | None, nn.Module | None]:
-    """(mixture, VAE) for the reward flags, or (None, None) when none is given; the reward models
-    are placed on this process's device (train() moves the VAE there)."""
+    """(mixture, VAE) for the reward flags, or (None, None) when none is given (or, with
+    video_reward_processes, none of this process's kind); the reward models are placed on this
+    process's device (train() moves the VAE there). With video_reward_processes each process loads
+    only the models it scores with: the video model on the last processes, the image models on the
+    others."""
     if not any(getattr(args, flag) is not None for flag in REWARD_FLAGS):
         return None, None
     import torch
@@ -53,19 +56,29 @@ def _load_rewards(args: argparse.Namespace, config: TrainConfig) -> tuple[Reward
 
     from t2v_turbo.models.vae import load_vae
     from t2v_turbo.rewards.loading import build_reward_mixture
+    from t2v_turbo.train import reward_role
 
     if config.vae is None:
         raise ValueError(
             "rewards score VAE-decoded frames: give --vae DIR (a VAE save_pretrained directory) or set vae in the config"
         )
+    state = PartialState(cpu=config.cpu)
+    sources = {"hps": args.hps, "clip": args.clip, "toy_image": args.toy_image_reward, "video": args.video_reward}
+    if config.video_reward_processes:
+        if args.video_reward is None:
+            raise ValueError("video_reward_processes splits off the video reward: give --video-reward")
+        if reward_role(state.process_index, state.num_processes, config.video_reward_processes) == "video":
+            sources = {**dict.fromkeys(sources), "video": args.video_reward}
+        else:
+            sources["video"] = None
     mixture = build_reward_mixture(
-        hps=args.hps, clip=args.clip, video=args.video_reward, toy_image=args.toy_image_reward,
-        image_weight=config.image_reward_weight, video_weight=config.video_reward_weight,
+        **sources, image_weight=config.image_reward_weight, video_weight=config.video_reward_weight,
         dtype=None if args.reward_dtype == "auto" else getattr(torch, args.reward_dtype),
-        device=PartialState(cpu=config.cpu).device, gradient_checkpointing=config.gradient_checkpointing,
+        device=state.device, gradient_checkpointing=config.gradient_checkpointing,
     )
-    vae = load_vae(config.vae, gradient_checkpointing=config.gradient_checkpointing)
-    return mixture, vae
+    if mixture is None:
+        return None, None
+    return mixture, load_vae(config.vae, gradient_checkpointing=config.gradient_checkpointing)
 
 
 def _describe(mixture: RewardMixture) -> str:

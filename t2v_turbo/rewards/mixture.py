@@ -151,6 +151,20 @@ class _Scorer(nn.Module):
         return self.model.score(pixels, text_embeddings)
 
 
+@contextmanager
+def _without_block_checkpoints(model: RewardModel) -> Iterator[None]:
+    """The model's own per-block checkpoints off for the call: they cannot run inside vmap."""
+    if not hasattr(model, "gradient_checkpointing"):
+        yield
+        return
+    before = model.gradient_checkpointing
+    model.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing = before
+
+
 def _stack_key(entry: RewardEntry) -> tuple:
     """Models run as one stacked forward only when the same code with either's weights is each of
     them: same class, config, kind and parameter/buffer names, shapes and dtypes; same input size
@@ -242,7 +256,8 @@ class RewardMixture(nn.Module):
         self.gradient_checkpointing = bool(gradient_checkpointing)
         if stack_same_architecture is None:
             stack_same_architecture = not self.gradient_checkpointing
-        self.groups = self._group_entries(bool(stack_same_architecture))
+        self.stack_same_architecture = bool(stack_same_architecture)
+        self.groups = self._group_entries(self.stack_same_architecture)
         self._stacked: dict[tuple[int, ...], tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
         self._text: dict[tuple[int, str], Tensor] = {}
         self._cache_hits = 0
@@ -259,6 +274,22 @@ class RewardMixture(nn.Module):
             else:
                 groups[("alone", index)] = [index]
         return [tuple(group) for group in groups.values()]
+
+    def subset(self, kinds: Sequence[str]) -> RewardMixture | None:
+        """The entries whose model kind ("image", "video") is in `kinds`, as a mixture with this
+        one's options and models (this mixture itself when that is all of them); None when none is."""
+        unknown = set(kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"kinds must be among {KINDS}, got {sorted(unknown)}")
+        entries = [entry for entry in self.entries if entry.model.kind in kinds]
+        if len(entries) == len(self.entries):
+            return self
+        if not entries:
+            return None
+        return RewardMixture(
+            entries, text_cache=self.text_cache, stack_same_architecture=self.stack_same_architecture,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
 
     @contextmanager
     def _block_checkpointing(self) -> Iterator[None]:
@@ -454,9 +485,12 @@ class RewardMixture(nn.Module):
         def one_model(model_params, model_buffers, model_pixels, model_text):
             return functional_call(scorer, (model_params, model_buffers), (model_pixels, model_text))
 
+        template = self.entries[group[0]].model
+
         def all_models(*args):
-            # Entered here, not around the checkpoint, so that its recomputation runs the same way.
-            with _vmappable_forward():
+            # Entered here, not around the checkpoint, so that its recomputation (in the backward
+            # pass, after forward has restored the switches) runs the same way.
+            with _vmappable_forward(), _without_block_checkpoints(template):
                 return vmap(one_model)(*args)
 
         if self.gradient_checkpointing and torch.is_grad_enabled():
