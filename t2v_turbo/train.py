@@ -592,6 +592,8 @@ class _Trainer:
             if not callable(getattr(reward, "subset", None)):
                 raise TypeError("video_reward_processes splits the reward by model kind: pass a "
                                 f"t2v_turbo.rewards.RewardMixture, not a {type(reward).__name__}")
+            if vae is None and config.vae is None:  # checked here, on every process, before the split
+                raise ValueError("a reward mixture needs a VAE: pass vae= or set config.vae")
             reward = reward.subset(ROLE_KINDS[self.role])
         self.reward = reward
         if isinstance(reward, nn.Module):
@@ -643,6 +645,10 @@ class _Trainer:
             raise ValueError(
                 f"video_reward_processes={video} leaves no process for L_CD: the run has {self.world} process(es)"
             )
+        if self.sharded:
+            # Under FSDP every process must run the same forwards (each one all-gathers shards),
+            # and the video processes skip the self-target's.
+            raise ValueError("video_reward_processes does not work with FSDP: train with DDP or set it to 0")
         role = reward_role(self.rank, self.world, video)
         return role, video_reward_scale(self.world, video) if role == "video" else 1.0
 

@@ -490,18 +490,20 @@ def _assert_same_update(start, one, two, path) -> None:
                                    msg=lambda text: f"{path} {key}: {text}")
 
 
-def _torchrun(script_text: str, tmp_path, *args: str) -> None:
+def _torchrun(script_text: str, tmp_path, *args: str, processes: int = 2, expect_failure: bool = False) -> str:
+    """Runs the script in `processes` CPU processes; their stdout and stderr together."""
     script = tmp_path / "script.py"
     script.write_text(script_text)
     # torchrun sets the variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) that accelerate reads to run
     # MULTI_CPU over gloo; `accelerate launch --cpu` starts several CPU processes only through mpirun.
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        str(script), *args,
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+        "--master_port", str(_free_port()), str(script), *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert (done.returncode != 0) == expect_failure, done.stderr[-4000:]
+    return done.stdout + done.stderr
 
 
 FSDP_SCRIPT = textwrap.dedent(

@@ -244,28 +244,38 @@ SPLIT_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_two_processes_split_the_rewards_as_the_release(train_assets, toy_dirs, tmp_path):
-    """Process 0 computes L_CD and the image reward, process 1 only the video reward; each term is
-    logged as the mean over the processes computing it, and the loss is the mean of the two
-    processes' objectives (the video reward scaled by 1 = (2 - 1)/1)."""
+def test_three_processes_split_the_rewards_as_the_release(train_assets, toy_dirs, tmp_path):
+    """Processes 0 and 1 compute L_CD and the image reward, process 2 only the video reward, scaled
+    by (3 - 1)/1 = 2. Each term is logged as the mean over the processes computing it and the loss
+    as the mean of the three objectives, so the logged values pin down who computed what and the
+    scale."""
     argv = cli_args(
         train_assets, tmp_path / "run", "--vae", str(train_assets["vae"]), "--video-reward", f"toy:{toy_dirs['video']}",
         "--toy-image-reward", str(toy_dirs["image"]), "video_reward_processes=1", "cpu=true",
     )
     argv[argv.index("batch_size=2")] = "batch_size=1"
-    _torchrun(SPLIT_SCRIPT, tmp_path, *argv)
+    out = _torchrun(SPLIT_SCRIPT, tmp_path, *argv, processes=3)
+    assert "rewards split over 3 processes: the first 2 compute L_CD and toy_image_reward" in out
+    assert "scaled by 2 there" in out
     with (tmp_path / "run" / "metrics.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2
     for row in rows:
         values = {key: float(value) for key, value in row.items() if value}
-        objectives = (
-            values["loss_cd"] - RELEASE_IMAGE_WEIGHT * values["reward_toy_image"],  # process 0
-            -RELEASE_VIDEO_WEIGHT * values["reward_video"],  # process 1
-        )
-        assert values["loss"] == pytest.approx(sum(objectives) / 2, rel=1e-5, abs=1e-7)
-        # reward_total: process 0's image total and process 1's video total, averaged.
-        expected_total = (RELEASE_IMAGE_WEIGHT * values["reward_toy_image"] + RELEASE_VIDEO_WEIGHT * values["reward_video"]) / 2
+        main_objective = values["loss_cd"] - RELEASE_IMAGE_WEIGHT * values["reward_toy_image"]  # mean of 0 and 1
+        video_objective = -2 * RELEASE_VIDEO_WEIGHT * values["reward_video"]  # process 2
+        assert values["loss"] == pytest.approx((2 * main_objective + video_objective) / 3, rel=1e-5, abs=1e-7)
+        expected_total = (2 * RELEASE_IMAGE_WEIGHT * values["reward_toy_image"] + RELEASE_VIDEO_WEIGHT * values["reward_video"]) / 3
         assert values["reward_total"] == pytest.approx(expected_total, rel=1e-5, abs=1e-7)
         assert values["reward_video"] != 0.0 and values["reward_toy_image"] != 0.0
     assert (tmp_path / "run" / "student" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_reward_file_missing_on_one_role_stops_every_process(train_assets, toy_dirs, tmp_path):
+    argv = cli_args(
+        train_assets, tmp_path / "run", "--vae", str(train_assets["vae"]), "--video-reward", f"toy:{tmp_path / 'none'}",
+        "--toy-image-reward", str(toy_dirs["image"]), "video_reward_processes=1", "cpu=true",
+    )
+    out = _torchrun(SPLIT_SCRIPT, tmp_path, *argv, expect_failure=True)
+    assert out.count("t2v-turbo train: error:") == 2, out[-3000:]

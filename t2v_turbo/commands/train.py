@@ -64,21 +64,35 @@ def _load_rewards(args: argparse.Namespace, config: TrainConfig) -> tuple[Reward
         )
     state = PartialState(cpu=config.cpu)
     sources = {"hps": args.hps, "clip": args.clip, "toy_image": args.toy_image_reward, "video": args.video_reward}
-    if config.video_reward_processes:
+    split = config.video_reward_processes
+    if split:
         if args.video_reward is None:
             raise ValueError("video_reward_processes splits off the video reward: give --video-reward")
-        if reward_role(state.process_index, state.num_processes, config.video_reward_processes) == "video":
+        if reward_role(state.process_index, state.num_processes, split) == "video":
             sources = {**dict.fromkeys(sources), "video": args.video_reward}
         else:
             sources["video"] = None
-    mixture = build_reward_mixture(
-        **sources, image_weight=config.image_reward_weight, video_weight=config.video_reward_weight,
-        dtype=None if args.reward_dtype == "auto" else getattr(torch, args.reward_dtype),
-        device=state.device, gradient_checkpointing=config.gradient_checkpointing,
-    )
-    if mixture is None:
-        return None, None
-    return mixture, load_vae(config.vae, gradient_checkpointing=config.gradient_checkpointing)
+    error = mixture = vae = None
+    try:
+        mixture = build_reward_mixture(
+            **sources, image_weight=config.image_reward_weight, video_weight=config.video_reward_weight,
+            dtype=None if args.reward_dtype == "auto" else getattr(torch, args.reward_dtype),
+            device=state.device, gradient_checkpointing=config.gradient_checkpointing,
+        )
+        if mixture is not None:
+            vae = load_vae(config.vae, gradient_checkpointing=config.gradient_checkpointing)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as caught:
+        error = caught
+    if split and state.num_processes > 1:
+        # Each process loads other files: one that fails stops them all, not only itself.
+        from accelerate.utils import gather_object
+
+        problems = [text for text in gather_object([None if error is None else error_text(error)]) if text]
+        if problems:
+            raise ValueError(problems[0])
+    if error is not None:
+        raise error
+    return mixture, vae
 
 
 def _describe(mixture: RewardMixture) -> str:
@@ -88,6 +102,27 @@ def _describe(mixture: RewardMixture) -> str:
     model = mixture.models[0]
     parameter = next(model.parameters())
     return f"rewards: {entries}; {parameter.dtype} on {parameter.device}"
+
+
+def _describe_split(args: argparse.Namespace, config: TrainConfig) -> None:
+    """On the main process: which processes score which rewards (each loaded only its own)."""
+    from accelerate import PartialState
+
+    from t2v_turbo.train import video_reward_scale
+
+    state = PartialState(cpu=config.cpu)
+    if not state.is_main_process:
+        return
+    processes, video = state.num_processes, config.video_reward_processes
+    if processes <= video:
+        return  # the trainer reports it
+    images = [flag for flag in ("hps", "clip", "toy_image_reward") if getattr(args, flag) is not None]
+    print(
+        f"rewards split over {processes} processes: the first {processes - video} compute L_CD and "
+        f"{', '.join(images) or 'no image reward'} (weight {config.image_reward_weight:.4g}); the last {video} "
+        f"only the video reward {args.video_reward} (weight {config.video_reward_weight:.4g}, scaled by "
+        f"{video_reward_scale(processes, video):.4g} there)"
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -113,7 +148,10 @@ def run_train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, KeyError, FileNotFoundError) as error:
         print(f"t2v-turbo train: error: {error_text(error)}", file=sys.stderr)
         return 2
-    print(_describe(reward) if reward is not None else "rewards: none (consistency distillation only)")
+    if config.video_reward_processes:
+        _describe_split(args, config)
+    else:
+        print(_describe(reward) if reward is not None else "rewards: none (consistency distillation only)")
     # What a run's settings can get wrong: a --resume path, a teacher directory, a cache made by
     # another teacher or from other data, an accelerate config asking for FSDP1 or DeepSpeed.
     # Errors of the training loop itself keep their traceback.
