@@ -11,6 +11,7 @@
 #   KERNEL_OPS=temporal_block,spatial_cross_attention benchmarks/device_check.sh
 #   STAGES="build profile" PROFILE_OPS=distillation_step benchmarks/device_check.sh   # where the time goes
 #   STAGES=profile PROFILE_OPS=reward_mixture PROFILE_IMPLS=sequential,batched PROFILE_S=rest benchmarks/device_check.sh
+#   STAGES=bench_models MODEL_OPS=generate MODEL_COMPILE_S=400 benchmarks/device_check.sh   # the compiled variants
 #
 # $OUT (default: benchmarks/results) gets device.log (this script's own output), build.log, tests.log,
 # bench.log and one harness JSON file a bench or profile stage: eight files at most, the lent machine's
@@ -44,6 +45,9 @@ ALL_KERNEL_OPS+=,temporal_attention,temporal_block,spatial_self_attention,spatia
 KERNEL_OPS=${KERNEL_OPS:-$ALL_KERNEL_OPS}
 REWARD_OPS=${REWARD_OPS:-bf16_matmul,reward_mixture,reward_mixture_growth}
 MODEL_OPS=${MODEL_OPS:-unet_forward,generate,distillation_step,motion_prior,whole_recipe}
+# Seconds the end-to-end stage may spend compiling (the reference-compile and kernels-compile
+# variants of issues 4 and 6; a full UNet compiles in minutes): 0 skips them.
+MODEL_COMPILE_S=${MODEL_COMPILE_S:-0}
 # The profile stage (only when STAGES names it): the costliest kernels of one call of each
 # end-to-end op at batch 1, reference eager against kernels.
 PROFILE_OPS=${PROFILE_OPS:-unet_forward,distillation_step}
@@ -94,6 +98,6 @@ stage profile 120 bench.log "${BENCH[@]}" --warmup 1 --iters 2 --compile-budget 
     --impls "$PROFILE_IMPLS" --profile 30 --ops "$PROFILE_OPS"
 stage bench_kernels 140 bench.log "${BENCH[@]}" --compile-budget 90 --ops "$KERNEL_OPS"
 stage bench_rewards 60 bench.log "${BENCH[@]}" --warmup 2 --iters 5 --compile-budget 0 --ops "$REWARD_OPS"
-stage bench_models rest bench.log "${BENCH[@]}" --warmup 1 --iters 3 --compile-budget 0 --ops "$MODEL_OPS"
+stage bench_models rest bench.log "${BENCH[@]}" --warmup 1 --iters 3 --compile-budget "$MODEL_COMPILE_S" --ops "$MODEL_OPS"
 grep -E "^(PASS|FAIL|n/a|info) " "$OUT/bench.log"
 say "done"
