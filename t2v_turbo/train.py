@@ -762,7 +762,10 @@ class _Trainer:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         options = _whole_state_options(cpu_offload=True)
-        weights = get_model_state_dict(self.model, options=options)
+        # With LoRA only the trainable parameters are gathered: the frozen base stays sharded.
+        weights = get_model_state_dict(
+            self.model, options=_whole_state_options(cpu_offload=True, ignore_frozen_params=self.lora)
+        )
         if self.lora and weights:  # only the main process receives the whole state
             weights = {key: weights[name] for key, name in self._adapter_keys().items()}
         return weights, get_optimizer_state_dict(self.model, self.optimizer, options=options)
