@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import turbo_kernels
+from t2v_turbo.commands import train as train_command
 from t2v_turbo.commands.train import add_train_command
 from t2v_turbo.models import VC2UNet
 from t2v_turbo.models.checkpoint import save_pretrained
@@ -231,6 +232,23 @@ def test_split_rewards_need_a_process_for_l_cd_and_a_video_reward(train_assets, 
     assert "leaves no process for L_CD: the run has 1 process(es)" in capsys.readouterr().err
     assert run_cli(cli_args(train_assets, tmp_path / "c", "video_reward_processes=-1")) == 2
     assert "video_reward_processes must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("role, loaded", [("main", ["toy_image"]), ("video", ["video"])])
+def test_split_loads_only_the_models_of_the_process_role(train_assets, toy_dirs, tmp_path, monkeypatch, role, loaded):
+    import t2v_turbo.train as train_module
+
+    monkeypatch.setattr(train_module, "reward_role", lambda index, processes, video: role)
+    parser = argparse.ArgumentParser()
+    add_train_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", *cli_args(
+        train_assets, tmp_path / "run", "--vae", str(train_assets["vae"]), "--video-reward", f"toy:{toy_dirs['video']}",
+        "--toy-image-reward", str(toy_dirs["image"]),
+    )])
+    config = train_module.TrainConfig(vae=str(train_assets["vae"]), video_reward_processes=1)
+    mixture, vae = train_command._load_rewards(args, config)
+    assert [entry.name for entry in mixture.entries] == loaded
+    assert vae is not None
 
 
 SPLIT_SCRIPT = textwrap.dedent(
