@@ -89,9 +89,17 @@ def test_matches_torchvision(size_hw, spec):
     frames = _frames((2, 2, 3, *size_hw), seed=sum(size_hw) + spec.size)
     want = _torchvision(frames, spec)
     torch.testing.assert_close(ref.release_pipeline(frames.double(), spec), want, rtol=0, atol=1e-12)
-    (got,) = reward_preprocess(frames, [spec])
+    leaf = frames.clone().requires_grad_()
+    (got,) = reward_preprocess(leaf, [spec])
     assert got.dtype == torch.float32 and got.shape == want.shape
     torch.testing.assert_close(got.double(), want, rtol=0, atol=FP32_TOLERANCE)
+    # The gradient too: the op's backward against autograd through torchvision's functions.
+    upstream = _frames(want.shape, seed=spec.size, low=-1.0)
+    leaf64 = frames.double().requires_grad_()
+    (want_grad,) = torch.autograd.grad((_torchvision(leaf64, spec) * upstream.double()).sum(), leaf64)
+    (got_grad,) = torch.autograd.grad((got * upstream).sum(), leaf)
+    assert want_grad.abs().max() > 0.1
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=0, atol=FP32_TOLERANCE * want_grad.abs().max().item())
 
 
 def test_release_size_320x512_to_224_in_one_call():

@@ -174,9 +174,21 @@ def test_kernel_path_matches_reference_path(assets, tmp_path, monkeypatch, chose
         assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
 
 
-def test_resume_continues_bit_for_bit(assets, tmp_path):
+def test_resume_continues_bit_for_bit(assets, tmp_path, monkeypatch):
     straight = train(config(assets, tmp_path / "straight", max_steps=6, checkpoint_every=2))
-    train(config(assets, tmp_path / "killed", max_steps=4, checkpoint_every=2))
+    step = train_module._Trainer.train_step
+
+    def killed_in_step_5(trainer, batch):
+        if trainer.step == 4:
+            step(trainer, batch)  # the update is made, then the process dies before anything is written
+            raise KeyboardInterrupt
+        return step(trainer, batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module._Trainer, "train_step", killed_in_step_5)
+        with pytest.raises(KeyboardInterrupt):
+            train(config(assets, tmp_path / "killed", max_steps=6, checkpoint_every=2))
+    assert [path.name for path in train_module.checkpoint_dirs(tmp_path / "killed")] == ["checkpoint-000002", "checkpoint-000004"]
     resumed = train(config(assets, tmp_path / "killed", max_steps=6, checkpoint_every=2, resume="latest"))
     assert resumed.steps == 6 and resumed.losses == straight.losses[4:]
     for name in ("model.safetensors", "rng-p0.safetensors"):
