@@ -27,6 +27,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import tomllib
 import typing
@@ -861,6 +862,8 @@ class _Trainer:
                     metrics["step_time"] = time.perf_counter() - started
                     if self.device.type == "cuda":
                         metrics["peak_memory_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+                    else:
+                        metrics["max_rss_mib"] = max_rss_mib()
                     losses.append(metrics["loss"])
                     if self.step % config.log_every == 0 or self.step == config.max_steps:
                         logger.log(self.step, metrics)
@@ -964,6 +967,15 @@ class _Trainer:
         return total.float(), scores
 
 
+def max_rss_mib() -> float:
+    """The most resident memory this process has held so far, MiB (the memory figure of a run
+    without CUDA, whose allocator keeps no statistics)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
+
+
 def ema_update(ema: nn.Module, online: nn.Module, decay: float) -> None:
     """ema ← decay·ema + (1 − decay)·online, parameter by parameter, in place."""
     with torch.no_grad():
@@ -972,13 +984,15 @@ def ema_update(ema: nn.Module, online: nn.Module, decay: float) -> None:
 
 
 # What the progress bar shows of each logged step (peak memory only where it is measured, on CUDA).
-PROGRESS_COLUMNS = ("loss", "reward_total", "step_time", "peak_memory_mib")
+PROGRESS_COLUMNS = ("loss", "reward_total", "step_time", "peak_memory_mib", "max_rss_mib")
 
 
 class _MetricsLogger:
     """metrics.csv (always; rows past the resume step are dropped) and TensorBoard when installed."""
 
-    BASE_COLUMNS = ("step", "loss", "loss_cd", "reward_total", "grad_norm", "lr", "step_time", "peak_memory_mib")
+    BASE_COLUMNS = (
+        "step", "loss", "loss_cd", "reward_total", "grad_norm", "lr", "step_time", "peak_memory_mib", "max_rss_mib",
+    )
 
     def __init__(self, output_dir: Path, enabled: bool, start_step: int):
         self.path = output_dir / METRICS_NAME
