@@ -261,11 +261,10 @@ def _growth_inputs(image_models: int, scale: RewardScale, options: SuiteOptions)
         ]
         mixtures = {name: RewardMixture(entries, **settings).to(device=device, dtype=dtype)
                     for name, settings in GROWTH_IMPLS.items()}
-        # Every mixture draws the same frames: one rule for all image entries, one for the video.
-        frame_indices = [
-            mixture.select_frames(scale.clip_frames, torch.Generator().manual_seed(options.seed))
-            for mixture in mixtures.values()
-        ][0]
+        # Each mixture scores its own last draw; all draw the same frames (one rule for all image
+        # entries, one for the video).
+        for mixture in mixtures.values():
+            frame_indices = mixture.select_frames(scale.clip_frames, torch.Generator().manual_seed(options.seed))
         frames = torch.rand(GROWTH_CLIPS, 3, len(frame_indices), scale.height, scale.width, device=device, dtype=dtype)
         return SimpleNamespace(
             mixtures=mixtures, frames=frames.requires_grad_(), frame_indices=frame_indices,

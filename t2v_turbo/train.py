@@ -762,14 +762,14 @@ class _Trainer:
             return _trainable_state(self.unwrapped, self.lora), self.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        options = _whole_state_options(cpu_offload=True)
         # With LoRA only the trainable parameters are gathered: the frozen base stays sharded.
         weights = get_model_state_dict(
             self.model, options=_whole_state_options(cpu_offload=True, ignore_frozen_params=self.lora)
         )
         if self.lora and weights:  # only the main process receives the whole state
             weights = {key: weights[name] for key, name in self._adapter_keys().items()}
-        return weights, get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=_whole_state_options(cpu_offload=True))
+        return weights, optimizer_state
 
     def _adapter_keys(self) -> dict[str, str]:
         """{key in peft's adapter format, as the unsharded path writes it: the trainable
@@ -983,7 +983,7 @@ def ema_update(ema: nn.Module, online: nn.Module, decay: float) -> None:
             target.lerp_(source.detach(), 1.0 - decay)
 
 
-# What the progress bar shows of each logged step (peak memory only where it is measured, on CUDA).
+# What the progress bar shows of each logged step (peak_memory_mib on CUDA, max_rss_mib elsewhere).
 PROGRESS_COLUMNS = ("loss", "reward_total", "step_time", "peak_memory_mib", "max_rss_mib")
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -152,17 +152,18 @@ class _Scorer(nn.Module):
 
 
 @contextmanager
-def _without_block_checkpoints(model: RewardModel) -> Iterator[None]:
-    """The model's own per-block checkpoints off for the call: they cannot run inside vmap."""
-    if not hasattr(model, "gradient_checkpointing"):
-        yield
-        return
-    before = model.gradient_checkpointing
-    model.gradient_checkpointing = False
+def _block_checkpoints(models: Iterable[RewardModel], enabled: bool) -> Iterator[None]:
+    """Sets the models' own per-block checkpoint switches (where they have one) for the call and
+    restores them after."""
+    switched = [model for model in models if hasattr(model, "gradient_checkpointing")]
+    before = [model.gradient_checkpointing for model in switched]
+    for model in switched:
+        model.gradient_checkpointing = enabled
     try:
         yield
     finally:
-        model.gradient_checkpointing = before
+        for model, was in zip(switched, before):
+            model.gradient_checkpointing = was
 
 
 def _stack_key(entry: RewardEntry) -> tuple:
@@ -290,22 +291,6 @@ class RewardMixture(nn.Module):
             entries, text_cache=self.text_cache, stack_same_architecture=self.stack_same_architecture,
             gradient_checkpointing=self.gradient_checkpointing,
         )
-
-    @contextmanager
-    def _block_checkpointing(self) -> Iterator[None]:
-        """Sets the models' own per-block checkpoint switches for one pass and restores them after,
-        so a model shared by mixtures with different settings follows the mixture that runs it.
-        Block-wise checkpoints cannot run inside vmap: stacked groups checkpoint as a whole."""
-        stacked = {id(self.entries[i].model) for group in self.groups if len(group) > 1 for i in group}
-        switched = [model for model in self.models if hasattr(model, "gradient_checkpointing")]
-        before = [model.gradient_checkpointing for model in switched]
-        for model in switched:
-            model.gradient_checkpointing = self.gradient_checkpointing and id(model) not in stacked
-        try:
-            yield
-        finally:
-            for model, enabled in zip(switched, before):
-                model.gradient_checkpointing = enabled
 
     def _apply(self, fn, recurse=True):
         # Moving or casting the models invalidates the stacked weights; they are rebuilt on use.
@@ -437,7 +422,8 @@ class RewardMixture(nn.Module):
             return pixels, text
 
         row_scores: dict[int, Tensor] = {}
-        with self._block_checkpointing():
+        # Set for this pass only, so a model shared by mixtures follows the mixture that runs it.
+        with _block_checkpoints(self.models, self.gradient_checkpointing):
             for group in list(self.groups):
                 inputs = [entry_inputs(index) for index in group]
                 row_scores.update(zip(group, self._score_group(group, inputs)))
@@ -465,10 +451,6 @@ class RewardMixture(nn.Module):
                 position = self.groups.index(group)
                 self.groups[position:position + 1] = [(i,) for i in group]
                 self._stacked.pop(group, None)
-                for index in group:
-                    model = self.entries[index].model
-                    if hasattr(model, "gradient_checkpointing"):
-                        model.gradient_checkpointing = self.gradient_checkpointing
         return [self._single_scores(self.entries[index].model, *inputs[k]) for k, index in enumerate(group)]
 
     def _single_scores(self, model: RewardModel, pixels: Tensor, text: Tensor) -> Tensor:
@@ -489,8 +471,9 @@ class RewardMixture(nn.Module):
 
         def all_models(*args):
             # Entered here, not around the checkpoint, so that its recomputation (in the backward
-            # pass, after forward has restored the switches) runs the same way.
-            with _vmappable_forward(), _without_block_checkpoints(template):
+            # pass, after forward has restored the switches) runs the same way. Block-wise
+            # checkpoints cannot run inside vmap: a stacked group checkpoints as a whole.
+            with _vmappable_forward(), _block_checkpoints([template], False):
                 return vmap(one_model)(*args)
 
         if self.gradient_checkpointing and torch.is_grad_enabled():
