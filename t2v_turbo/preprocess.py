@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 import turbo_kernels
 from t2v_turbo import schedule
 from t2v_turbo.cache import MODELS_HANDED_IN_KEY, STORAGE_DTYPES, CacheWriter, manifest_name
-from t2v_turbo.data.videos import build_dataset
+from t2v_turbo.data.videos import VIDEO_BACKENDS, build_dataset
 from t2v_turbo.models import OpenCLIPTextEncoder, PromptCache, VC2UNet, VideoVAE
 from t2v_turbo.models.adapter import NoisePredictor
 from t2v_turbo.models.checkpoint import write_atomically
@@ -92,6 +92,7 @@ class PreprocessConfig:
     kernels: str = "on"
     limit: Optional[int] = None  # process only the first `limit` clips of the dataset
     num_workers: int = 0
+    video_backend: str = "pyav"  # decoder of real videos: "pyav" or "decord"
     cpu: bool = False  # force the CPU even when a GPU is present
     progress: bool = True
 
@@ -128,12 +129,18 @@ class PreprocessConfig:
                 )
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be a positive int or None, got {self.limit!r}")
+        if self.video_backend not in VIDEO_BACKENDS:
+            raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS}, got {self.video_backend!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
 
     def content(self) -> dict[str, Any]:
-        """The fields that decide the cache's values, stored in its manifest."""
-        return {name: getattr(self, name) for name in CONTENT_FIELDS}
+        """The fields that decide the cache's values, stored in its manifest. The decoders' pixels differ by
+        a few grey levels, so a cache of real videos is continued only with the decoder that began it."""
+        content = {name: getattr(self, name) for name in CONTENT_FIELDS}
+        if self.data != "synthetic":
+            content["video_backend"] = self.video_backend
+        return content
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -403,7 +410,9 @@ def preprocess(
     _check_process_layout(cache_dir, world)
 
     if dataset is None:
-        dataset = build_dataset(config.data, config.num_frames, config.fps, config.size, config.seed)
+        dataset = build_dataset(
+            config.data, config.num_frames, config.fps, config.size, config.seed, video_backend=config.video_backend
+        )
     total = len(dataset) if config.limit is None else min(config.limit, len(dataset))
     clips = list(range(rank, total, world))
     skip_record = _SkipRecord(cache_dir / skip_record_name(rank, world))

@@ -5,6 +5,7 @@ that `train` reads."""
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from t2v_turbo.models.checkpoint import save_pretrained
 from t2v_turbo.motion import compute_motion_prior
 from t2v_turbo.preprocess import PreprocessConfig, clip_generator, preprocess, skip_record_name
 from t2v_turbo.train import TrainConfig, train
+from t2v_turbo.video_io import write_video
 
 SMALL_UNET = dict(
     in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1], num_res_blocks=1,
@@ -262,6 +264,25 @@ def test_command_line_synthetic_tiny_preset(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(importlib.util.find_spec("decord") is None, reason="decord is not installed (pip install decord)")
+def test_a_video_cache_continues_only_with_the_decoder_that_began_it(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    clip = torch.linspace(0, 1, 16 * 3 * 16 * 16).reshape(16, 3, 16, 16)
+    write_video(clip, videos / "ramp.mp4", fps=16)
+    (videos / "manifest.csv").write_text("path,caption\nramp.mp4,a ramp\nramp.mp4,the ramp again\n")
+    common = ["--preset", "tiny", "--data", str(videos), "--cache", str(tmp_path / "cache"), "--frames", "4",
+              "--height", "16", "--width", "16", "--batch-size", "1", "--dtype", "float32", "--no-motion", "--cpu",
+              "--no-progress"]
+    assert run_cli([*common, "--limit", "1", "--video-backend", "pyav"]) == 0
+    assert TeacherCache(tmp_path / "cache").config["video_backend"] == "pyav"
+    capsys.readouterr()
+    assert run_cli([*common, "--video-backend", "decord"]) == 2
+    assert "another config" in capsys.readouterr().err
+    assert run_cli([*common, "--video-backend", "pyav"]) == 0
+    assert len(TeacherCache(tmp_path / "cache")) == 2
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -273,6 +294,7 @@ def test_command_line_synthetic_tiny_preset(tmp_path, capsys):
         (dict(dtype="float64"), "dtype must be one of"),
         (dict(batch_size=0), "batch_size"),
         (dict(limit=0), "limit"),
+        (dict(video_backend="opencv"), "video_backend must be one of"),
     ],
 )
 def test_bad_config_is_rejected_with_the_field_named(tmp_path, overrides, message):

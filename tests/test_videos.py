@@ -1,10 +1,12 @@
-"""Video-text datasets on tiny mp4 files written here with PyAV: frames are sampled at the requested fps
-(the encoded frames carry their index as brightness), resized by cover-and-centre-crop, scaled to
-[-1, 1]; a too-short and a corrupt file are skipped and counted through DataLoaders with and without
-worker processes; manifests without their required columns give clear errors; build_dataset routes
-"synthetic", directories and manifest files."""
+"""Video-text datasets on tiny mp4 files written here with PyAV, decoded by each backend (PyAV, and
+decord where installed): frames are sampled at the requested fps (the encoded frames carry their index
+as brightness), resized by cover-and-centre-crop, scaled to [-1, 1]; both backends pick the same frames
+and agree on pixels; a too-short and a corrupt file are skipped and counted through DataLoaders with
+and without worker processes; manifests without their required columns give clear errors;
+build_dataset routes "synthetic", directories and manifest files."""
 
 import csv
+import importlib.util
 import json
 import random
 
@@ -19,6 +21,7 @@ from t2v_turbo.data.videos import (
     build_dataset,
     collate_skipping,
     decode_clip,
+    check_video_backend,
 )
 
 av = pytest.importorskip("av")
@@ -26,11 +29,19 @@ av = pytest.importorskip("av")
 SOURCE_FPS = 24
 VALID_FRAMES = 30
 SHORT_FRAMES = 6
-# Frame i has brightness i * BRIGHTNESS_STEP on its right two thirds; the left third stays black so the
+# Frame i has brightness i * BRIGHTNESS_STEP right of its first BLACK_COLUMNS columns, which stay black so the
 # centre crop's position shows. YUV round trips move a grey level by at most ~2.
 BRIGHTNESS_STEP = 8
-HEIGHT, WIDTH = 32, 48
-BLACK_COLUMNS = 16
+# decord 0.6 cannot copy out 48-pixel-wide frames (a row-alignment bug), so the test videos are 64 wide.
+HEIGHT, WIDTH = 32, 64
+BLACK_COLUMNS = 24
+HAVE_DECORD = importlib.util.find_spec("decord") is not None
+
+
+@pytest.fixture(params=["pyav", pytest.param("decord", marks=pytest.mark.skipif(
+    not HAVE_DECORD, reason="decord is not installed (pip install decord)"))])
+def backend(request):
+    return request.param
 
 
 def _write_video(path, num_frames, fps=SOURCE_FPS):
@@ -77,8 +88,10 @@ def _frame_indices(frames):
 
 
 @pytest.mark.parametrize("manifest", ["manifest.csv", "manifest.jsonl"])
-def test_valid_item_shape_range_and_fields(video_root, manifest):
-    dataset = VideoTextDataset(video_root, manifest=video_root / manifest, num_frames=4, fps=8, size=(16, 16))
+def test_valid_item_shape_range_and_fields(video_root, manifest, backend):
+    dataset = VideoTextDataset(
+        video_root, manifest=video_root / manifest, num_frames=4, fps=8, size=(16, 16), video_backend=backend
+    )
     item = dataset[0]
     assert item["frames"].shape == (3, 4, 16, 16) and item["frames"].dtype == torch.float32
     assert float(item["frames"].min()) >= -1.0 and float(item["frames"].max()) <= 1.0
@@ -86,17 +99,17 @@ def test_valid_item_shape_range_and_fields(video_root, manifest):
         "a grey ramp brightening", "ramp", True, "clips/valid.mp4")
     again = dataset[3]
     assert (again["short_caption"], again["use_motion"]) == ("the same ramp again", False)
-    # Cover-and-crop: 32x48 scales to 16x24, the crop drops 4 columns a side, so the black third
-    # (16 of 48 source columns = 8 scaled columns) leaves 4 black columns on the left.
+    # Cover-and-crop: 32x64 scales to 16x32, the crop drops 8 columns a side, so the black part
+    # (24 of 64 source columns = 12 scaled columns) leaves 4 black columns on the left.
     columns = item["frames"][:, -1].mean(dim=(0, 1))
     assert bool((columns[:4] == -1.0).all()) and bool((columns[4:] > -1.0).all())
 
 
 @pytest.mark.parametrize("fps,step", [(8, 3), (12, 2), (24, 1)])
-def test_frames_are_sampled_at_the_requested_fps(video_root, fps, step):
+def test_frames_are_sampled_at_the_requested_fps(video_root, fps, step, backend):
     starts = set()
     for epoch in range(6):
-        dataset = VideoTextDataset(video_root, num_frames=5, fps=fps, size=(8, 12), seed=1)
+        dataset = VideoTextDataset(video_root, num_frames=5, fps=fps, size=(8, 12), seed=1, video_backend=backend)
         dataset.set_epoch(epoch)
         indices = _frame_indices(dataset[0]["frames"])
         start = indices[0]
@@ -107,17 +120,17 @@ def test_frames_are_sampled_at_the_requested_fps(video_root, fps, step):
     assert len(starts) > 1, "the start should vary with the epoch"
 
 
-def test_decode_clip_nearest_frame_for_non_integer_ratio(video_root):
+def test_decode_clip_nearest_frame_for_non_integer_ratio(video_root, backend):
     # 24 -> 10 fps: target k sits at 2.4 k source frames from the start; the nearest frame is chosen.
-    frames = decode_clip(video_root / "clips" / "valid.mp4", 6, 10, (8, 12), random.Random(3))
+    frames = decode_clip(video_root / "clips" / "valid.mp4", 6, 10, (8, 12), random.Random(3), backend)
     indices = _frame_indices(frames.permute(3, 0, 1, 2).float() / 127.5 - 1)
     start = indices[0]
     assert [i - start for i in indices] == [round(2.4 * k) for k in range(6)]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_short_and_corrupt_files_are_skipped_and_counted(video_root, num_workers):
-    dataset = VideoTextDataset(video_root, num_frames=4, fps=8, size=(8, 8))
+def test_short_and_corrupt_files_are_skipped_and_counted(video_root, num_workers, backend):
+    dataset = VideoTextDataset(video_root, num_frames=4, fps=8, size=(8, 8), video_backend=backend)
     loader = DataLoader(dataset, batch_size=2, num_workers=num_workers, collate_fn=collate_skipping)
     skipped, kept_paths = 0, []
     for batch in loader:
@@ -134,11 +147,37 @@ def test_short_and_corrupt_files_are_skipped_and_counted(video_root, num_workers
         assert dataset.skipped["clips/corrupt.mp4"].startswith("cannot decode")
 
 
-def test_skip_is_logged(video_root, caplog):
-    dataset = VideoTextDataset(video_root, num_frames=4, fps=8, size=(8, 8))
+def test_skip_is_logged(video_root, caplog, backend):
+    dataset = VideoTextDataset(video_root, num_frames=4, fps=8, size=(8, 8), video_backend=backend)
     with caplog.at_level("WARNING", logger="t2v_turbo.data.videos"):
         assert dataset[1] is None
     assert "short.mp4" in caplog.text and "too short" in caplog.text
+
+
+@pytest.mark.skipif(not HAVE_DECORD, reason="decord is not installed (pip install decord)")
+@pytest.mark.parametrize("size", [(16, 16), (20, 30), (48, 64)])
+def test_backends_pick_the_same_frames_and_agree_on_pixels(video_root, size):
+    """Same rng, same frames; the colour conversions and scalings (swscale's area filter, torch's
+    area/bilinear) agree within 2 grey levels on the flat region and 4 at the black edge (measured: 2
+    and 3). (48, 64) enlarges the source."""
+    path = video_root / "clips" / "valid.mp4"
+    for seed in range(4):
+        pyav = decode_clip(path, 5, 10, size, random.Random(seed), "pyav")
+        decord = decode_clip(path, 5, 10, size, random.Random(seed), "decord")
+        assert pyav.shape == decord.shape == (5, *size, 3) and decord.dtype == torch.uint8
+        difference = (pyav.int() - decord.int()).abs()
+        assert int(difference[:, :, -4:].max()) <= 2, "the flat bright region must agree"
+        assert float(difference.float().mean()) < 1.5 and int(difference.max()) <= 4
+
+
+def test_video_backend_names_are_checked(video_root, monkeypatch):
+    with pytest.raises(ValueError, match="video_backend must be one of"):
+        check_video_backend("auto")
+    assert check_video_backend("pyav") == "pyav"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "decord" else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match="needs the decord package"):
+        VideoTextDataset(video_root, video_backend="decord")
 
 
 def test_collate_of_only_skipped_items():

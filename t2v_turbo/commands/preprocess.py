@@ -20,7 +20,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
             fps=args.fps, size=(args.height, args.width), batch_size=args.batch_size, shard_size=args.shard_size,
             dtype=args.dtype, seed=args.seed, motion_grid_range=tuple(args.motion_grid_range),
             grid_range=tuple(args.grid_range), motion=not args.no_motion, kernels=args.kernels, limit=args.limit,
-            num_workers=args.num_workers, cpu=args.cpu, progress=not args.no_progress,
+            num_workers=args.num_workers, video_backend=args.video_backend, cpu=args.cpu, progress=not args.no_progress,
         )
         result = preprocess(config)
     except (ValueError, FileNotFoundError) as error:
@@ -65,6 +65,8 @@ def add_preprocess_command(subparsers) -> None:
     parser.add_argument("--kernels", choices=("on", "off"), default="on", help="turbo_kernels ops (on) or plain PyTorch (off)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N clips of the data")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    parser.add_argument("--video-backend", choices=("pyav", "decord"), default="pyav",
+                        help="decoder of real videos (decord must be installed)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_preprocess)

@@ -1,5 +1,6 @@
 """Video-text datasets for preprocessing and training (SPEC 2): real videos listed in a manifest, and a
-synthetic source built on the toy world so every command runs without a download.
+synthetic source built on the toy world so every command runs without a download. Videos are decoded
+with PyAV, or with decord where installed when `video_backend="decord"`.
 
 Items are dicts: frames (3, F, H, W) float32 in [-1, 1], caption, short_caption (the caption when the
 manifest gives none), use_motion (bool), path. A video that cannot be decoded or is too short for the
@@ -11,6 +12,7 @@ survives DataLoader worker processes, unlike state kept on the dataset).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import math
@@ -32,6 +34,9 @@ MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
 REQUIRED_COLUMNS = ("path", "caption")
 _TRUE_WORDS = {"1", "true", "yes", "y", "t"}
 _FALSE_WORDS = {"0", "false", "no", "n", "f", ""}
+# PyAV is the default: on 360p-1080p H.264 at one thread, decord's path took 2-3.5x as long here.
+VIDEO_BACKENDS = ("pyav", "decord")
+_BACKEND_PACKAGES = {"pyav": "av", "decord": "decord"}
 
 
 def _parse_flag(value: object, where: str) -> bool:
@@ -100,6 +105,37 @@ class VideoDecodeError(Exception):
     """A video that cannot give the requested frames (corrupt, unreadable or too short)."""
 
 
+def check_video_backend(backend: str) -> str:
+    """The backend name, once it is known and its package is installed (ValueError otherwise)."""
+    if backend not in VIDEO_BACKENDS:
+        raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS}, got {backend!r}")
+    package = _BACKEND_PACKAGES[backend]
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"video_backend {backend!r} needs the {package} package, which is not installed")
+    return backend
+
+
+def _draw_targets(last_time: float, rate: float, num_frames: int, fps: float, rng: random.Random) -> list[float]:
+    """The clip's frame times in seconds: a start uniform over the source frames that leave room for
+    (num_frames - 1) / fps seconds before last_time (the last frame's time), then steps of 1 / fps."""
+    span = (num_frames - 1) / fps
+    # A tolerance of a hundredth of a source frame absorbs rounding in the stated duration.
+    slack = 0.01 / rate
+    if last_time + slack < span:
+        raise VideoDecodeError(
+            f"too short: {last_time + 1 / rate:.3f} s, {num_frames} frames at {fps} fps need {span + 1 / rate:.3f} s"
+        )
+    last_start_index = math.floor((last_time - span + slack) * rate)
+    start = rng.randint(0, last_start_index) / rate
+    return [start + k / fps for k in range(num_frames)]
+
+
+def _nearest(times: Sequence[float], targets: Sequence[float]) -> list[int]:
+    """For each target, the index of the nearest time; argmin takes the earlier frame on a tie."""
+    times = np.asarray(times, dtype=np.float64)
+    return [int(np.argmin(np.abs(times - target))) for target in targets]
+
+
 def _frame_time(frame, stream) -> float:
     """Seconds from the stream's start; frames without timestamps cannot be placed after a seek."""
     if frame.pts is None:
@@ -107,26 +143,44 @@ def _frame_time(frame, stream) -> float:
     return float((frame.pts - (stream.start_time or 0)) * stream.time_base)
 
 
+def _cover_size(height: int, width: int, source_height: int, source_width: int) -> tuple[int, int]:
+    """The size that covers height x width keeping the source's aspect ratio."""
+    scale = max(height / source_height, width / source_width)
+    return max(height, round(source_height * scale)), max(width, round(source_width * scale))
+
+
+def _centre_crop(images: np.ndarray | Tensor, height: int, width: int):
+    """The centred height x width window of (..., H, W, 3) images."""
+    top = (images.shape[-3] - height) // 2
+    left = (images.shape[-2] - width) // 2
+    return images[..., top : top + height, left : left + width, :]
+
+
 def _resize_and_crop(frame, height: int, width: int) -> np.ndarray:
-    """Scale so the frame covers height x width keeping its aspect ratio, then centre-crop: (H, W, 3) uint8."""
-    scale = max(height / frame.height, width / frame.width)
-    scaled_height = max(height, round(frame.height * scale))
-    scaled_width = max(width, round(frame.width * scale))
+    """A PyAV frame scaled (swscale, area averaging) to cover height x width, then centre-cropped: (H, W, 3) uint8."""
+    scaled_height, scaled_width = _cover_size(height, width, frame.height, frame.width)
     image = frame.reformat(width=scaled_width, height=scaled_height, format="rgb24", interpolation="AREA").to_ndarray()
-    top = (scaled_height - height) // 2
-    left = (scaled_width - width) // 2
-    return image[top : top + height, left : left + width]
+    return _centre_crop(image, height, width)
 
 
-def decode_clip(path: str | Path, num_frames: int, fps: float, size: tuple[int, int], rng: random.Random) -> Tensor:
-    """num_frames frames at `fps` from a random start (drawn from rng) of one video, as uint8 (F, H, W, 3).
+def _resize_and_crop_frames(frames: Tensor, height: int, width: int) -> Tensor:
+    """uint8 (F, H, W, 3) scaled to cover height x width (area averaging when shrinking, bilinear when
+    growing, as swscale's AREA does), then centre-cropped: uint8 (F, height, width, 3)."""
+    scaled = _cover_size(height, width, frames.shape[1], frames.shape[2])
+    if scaled != tuple(frames.shape[1:3]):
+        images = frames.permute(0, 3, 1, 2).to(torch.float32)
+        shrinking = scaled[0] <= frames.shape[1] and scaled[1] <= frames.shape[2]
+        if shrinking:
+            images = torch.nn.functional.interpolate(images, size=scaled, mode="area")
+        else:
+            images = torch.nn.functional.interpolate(images, size=scaled, mode="bilinear", align_corners=False)
+        frames = images.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return _centre_crop(frames, height, width).contiguous()
 
-    The start is a source frame, uniform over those that leave room for the clip; frame k is the decoded
-    frame nearest to start + k / fps (earlier on a tie). Raises VideoDecodeError with the reason when the
-    file cannot be decoded or is shorter than (num_frames - 1) / fps seconds."""
+
+def _decode_with_pyav(path: Path, num_frames: int, fps: float, size: tuple[int, int], rng: random.Random) -> Tensor:
     import av
 
-    span = (num_frames - 1) / fps
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -135,28 +189,21 @@ def decode_clip(path: str | Path, num_frames: int, fps: float, size: tuple[int, 
             rate = stream.average_rate or stream.guessed_rate
             if not rate:
                 raise VideoDecodeError("the video stream states no frame rate")
+            rate = float(rate)
             if stream.frames:
-                last_time = (stream.frames - 1) / float(rate)
+                last_time = (stream.frames - 1) / rate
             elif stream.duration is not None:
-                last_time = float(stream.duration * stream.time_base) - 1 / float(rate)
+                last_time = float(stream.duration * stream.time_base) - 1 / rate
             elif container.duration is not None:
-                last_time = container.duration / av.time_base - 1 / float(rate)
+                last_time = container.duration / av.time_base - 1 / rate
             else:
                 raise VideoDecodeError("the container states no duration")
-            # A tolerance of a hundredth of a source frame absorbs rounding in the stated duration.
-            slack = 0.01 / float(rate)
-            if last_time + slack < span:
-                raise VideoDecodeError(
-                    f"too short: {last_time + 1 / float(rate):.3f} s, {num_frames} frames at {fps} fps need "
-                    f"{span + 1 / float(rate):.3f} s"
-                )
-            last_start_index = math.floor((last_time - span + slack) * float(rate))
-            start = rng.randint(0, last_start_index) / float(rate)
-            targets = [start + k / fps for k in range(num_frames)]
+            targets = _draw_targets(last_time, rate, num_frames, fps, rng)
+            start = targets[0]
             if start > 0:
                 seek_pts = int(start / stream.time_base) + (stream.start_time or 0)
                 container.seek(seek_pts, backward=True, any_frame=False, stream=stream)
-            half_frame = 0.5 / float(rate)
+            half_frame = 0.5 / rate
             decoded: list[tuple[float, object]] = []
             for frame in container.decode(stream):
                 time = _frame_time(frame, stream)
@@ -170,15 +217,53 @@ def decode_clip(path: str | Path, num_frames: int, fps: float, size: tuple[int, 
                 raise VideoDecodeError(
                     f"decoding ended at {reached:.3f} s, before the clip's last frame at {targets[-1]:.3f} s"
                 )
-            times = np.array([t for t, _ in decoded])
-            # argmin takes the first of equal distances: the earlier frame on a tie.
-            chosen = [int(np.argmin(np.abs(times - target))) for target in targets]
+            chosen = _nearest([time for time, _ in decoded], targets)
             height, width = size
             return torch.from_numpy(np.stack([_resize_and_crop(decoded[i][1], height, width) for i in chosen]))
     except av.error.FFmpegError as error:
         raise VideoDecodeError(f"cannot decode: {error}") from error
     except OSError as error:
         raise VideoDecodeError(f"cannot read: {error}") from error
+
+
+def _decode_with_decord(path: Path, num_frames: int, fps: float, size: tuple[int, int], rng: random.Random) -> Tensor:
+    import decord
+
+    if not path.is_file():
+        raise VideoDecodeError(f"cannot read: no file {path}")
+    try:
+        # One thread: DataLoader workers give the parallelism.
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        count = len(reader)
+        rate = float(reader.get_avg_fps())
+        if count == 0 or not rate > 0:
+            raise VideoDecodeError("the video stream states no frames or no frame rate")
+        times = reader.get_frame_timestamp(range(count))[:, 0]
+        targets = _draw_targets((count - 1) / rate, rate, num_frames, fps, rng)
+        chosen = _nearest(times - times[0], targets)
+        frames = torch.from_numpy(reader.get_batch(chosen).asnumpy())
+    except (decord.DECORDError, RuntimeError) as error:
+        raise VideoDecodeError(f"cannot decode: {error}") from error
+    return _resize_and_crop_frames(frames, *size)
+
+
+def decode_clip(
+    path: str | Path,
+    num_frames: int,
+    fps: float,
+    size: tuple[int, int],
+    rng: random.Random,
+    backend: str = "pyav",
+) -> Tensor:
+    """num_frames frames at `fps` from a random start (drawn from rng) of one video, as uint8 (F, H, W, 3),
+    scaled to cover `size` keeping the aspect ratio and centre-cropped.
+
+    The start is a source frame, uniform over those that leave room for the clip; frame k is the decoded
+    frame nearest to start + k / fps (earlier on a tie). Both backends (VIDEO_BACKENDS) pick the same
+    frames; their scaling differs by a few grey levels at edges. Raises VideoDecodeError with
+    the reason when the file cannot be decoded or is shorter than (num_frames - 1) / fps seconds."""
+    decode = _decode_with_decord if check_video_backend(backend) == "decord" else _decode_with_pyav
+    return decode(Path(path), num_frames, fps, size, rng)
 
 
 def _check_size(size: Sequence[int]) -> tuple[int, int]:
@@ -193,8 +278,10 @@ class VideoTextDataset(Dataset):
 
     Item i: num_frames frames at fps from a random start drawn from (seed, epoch, i), so an epoch is
     reproducible (call set_epoch before iterating), scaled to cover `size` keeping the aspect ratio and
-    centre-cropped. Returns None for a video that cannot give its frames; the reason is logged as a
-    warning and kept in `skipped` (per process: DataLoader workers keep their own, see collate_skipping)."""
+    centre-cropped, decoded by `video_backend` ("pyav" or "decord", checked here so a missing package is
+    reported at once). Returns None for a video that cannot give
+    its frames; the reason is logged as a warning and kept in `skipped` (per process: DataLoader workers
+    keep their own, see collate_skipping)."""
 
     def __init__(
         self,
@@ -204,6 +291,7 @@ class VideoTextDataset(Dataset):
         fps: float = DEFAULT_FPS,
         size: tuple[int, int] = (320, 512),
         seed: int = 0,
+        video_backend: str = "pyav",
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -223,6 +311,7 @@ class VideoTextDataset(Dataset):
         self.fps = fps
         self.size = _check_size(size)
         self.seed = seed
+        self.video_backend = check_video_backend(video_backend)
         self.epoch = 0
         self.skipped: dict[str, str] = {}
 
@@ -238,7 +327,7 @@ class VideoTextDataset(Dataset):
         path = self.root / row["path"]
         rng = random.Random(f"videos:{self.seed}:{self.epoch}:{index}")
         try:
-            frames = decode_clip(path, self.num_frames, self.fps, self.size, rng)
+            frames = decode_clip(path, self.num_frames, self.fps, self.size, rng, self.video_backend)
         except VideoDecodeError as error:
             self.skipped[row["path"]] = str(error)
             logger.warning("skipping video %s: %s", path, error)
@@ -298,15 +387,19 @@ def build_dataset(
     size: tuple[int, int] = (320, 512),
     seed: int = 0,
     num_clips: int = 1024,
+    video_backend: str = "pyav",
 ) -> Dataset:
     """"synthetic" -> SyntheticVideoText(num_clips, ...); a directory -> VideoTextDataset over it (with its
     manifest.csv / manifest.jsonl); a .csv / .jsonl file -> VideoTextDataset with paths relative to the
-    file's directory. num_clips applies to the synthetic source only, fps to real videos only."""
+    file's directory. num_clips applies to the synthetic source only, fps and video_backend to real videos
+    only."""
     if str(spec) == "synthetic":
         return SyntheticVideoText(num_clips=num_clips, num_frames=num_frames, size=size, seed=seed)
     path = Path(spec)
     if path.is_dir():
-        return VideoTextDataset(path, num_frames=num_frames, fps=fps, size=size, seed=seed)
+        return VideoTextDataset(path, num_frames=num_frames, fps=fps, size=size, seed=seed, video_backend=video_backend)
     if path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
-        return VideoTextDataset(path.parent, manifest=path, num_frames=num_frames, fps=fps, size=size, seed=seed)
+        return VideoTextDataset(
+            path.parent, manifest=path, num_frames=num_frames, fps=fps, size=size, seed=seed, video_backend=video_backend
+        )
     raise ValueError(f"data spec must be 'synthetic', a directory of videos or a .csv/.jsonl manifest, got {spec!r}")
