@@ -267,6 +267,19 @@ def test_growth_summary_calls_memory_bounded_only_below_the_share():
     assert any("+10.0 MiB an added image model" in line for line in info)
 
 
+def test_temporal_block_summary_judges_the_fused_block_eager_and_compiled():
+    times = {harness.EAGER: 3.0, harness.COMPILED: 1.5, temporal_block.TRITON: 1.9, temporal_block.TRITON_COMPILED: 1.2}
+    result = {"rows": [{"op": temporal_block.OP, "case": "b1-c320-40x64-h5", "pass": "fwd", "impl": impl,
+                        "median_ms": ms} for impl, ms in times.items()]}
+    eager_line, compiled_line = temporal_block.summary(result)
+    assert eager_line.startswith("PASS") and "triton 1.58x reference-eager" in eager_line
+    assert compiled_line.startswith("PASS") and "triton-compile 1.25x reference-compile" in compiled_line
+    result["rows"][-1]["median_ms"] = 1.4
+    assert temporal_block.summary(result)[1].startswith("FAIL")
+    del result["rows"][-1]
+    assert temporal_block.summary(result)[1].startswith("n/a")
+
+
 def test_inputs_rotate_out_of_l2_unless_they_hold_models(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=50 * 2**20))
     gpu = torch.device("cuda")
