@@ -8,8 +8,9 @@
   benchmarks.models.
 - `motion_prior` (clips a call): `t2v_turbo.motion.compute_motion_prior` (DDIM inversion to each
   clip's t_hi, grid indices drawn uniformly over the 200-step grid, then the motion score) on a
-  batch of clips at once vs one clip at a time, with reference ops and with kernels. clips/s in
-  the summary.
+  batch of clips at once vs one clip at a time, with reference ops and with kernels, and batched
+  with kernels and the inversion through torch.compile (`preprocess --compile`). clips/s in the
+  summary.
 - `whole_recipe` (batch 3, full fine-tune): distillation + HPSv2.1 + CLIP-H + InternVideo2 rewards on
   the VAE-decoded one-step prediction, backward and optimizer step, in one process: one row per
   set of memory savings, to read off what it takes to fit one 80 GB GPU (peak_mem_mb; a setup that
@@ -138,32 +139,44 @@ def _motion_inputs(clips: int, scale: models.Scale, options: SuiteOptions) -> Ca
         cached = _cache_batch(clips, scale, options, max_grid_index)
         return SimpleNamespace(
             teacher=teacher, z0=cached["eps_cond"], noise=cached["eps_uncond"], context=cached["context"],
-            grid_index=cached["grid_index"],
+            grid_index=cached["grid_index"], compiled_teacher=None,
         )
 
     return make_inputs
 
 
-def _motion_call(batched: bool, use_kernels: bool) -> Callable[[SimpleNamespace], list[Tensor]]:
+def _motion_call(batched: bool, use_kernels: bool, compiled: bool) -> Callable[[SimpleNamespace], list[Tensor]]:
     def call(x: SimpleNamespace) -> list[Tensor]:
+        from t2v_turbo.models.adapter import NoisePredictor
         from t2v_turbo.motion import compute_motion_prior
 
         models.set_kernels(x.teacher, use_kernels)
+        inversion_teacher = None
+        if compiled:
+            # As `t2v-turbo preprocess --compile` does: the inversion's batch shrinks as clips reach
+            # their t_hi, so dynamic shapes after the second size.
+            if x.compiled_teacher is None:
+                x.compiled_teacher = NoisePredictor(torch.compile(x.teacher))
+            inversion_teacher = x.compiled_teacher
         groups = [slice(None)] if batched else [slice(i, i + 1) for i in range(x.z0.shape[0])]
         with models.ops_backend(use_kernels):
             return [
-                compute_motion_prior(x.teacher, x.z0[g], x.grid_index[g], x.noise[g], x.context[g])["score"]
+                compute_motion_prior(
+                    x.teacher, x.z0[g], x.grid_index[g], x.noise[g], x.context[g], inversion_teacher=inversion_teacher
+                )["score"]
                 for g in groups
             ]
 
     return call
 
 
+# (name, batched, kernels, compiled inversion)
 MOTION_IMPLS = (
-    ("per-clip-reference", False, False),
-    ("batched-reference", True, False),
-    ("per-clip-kernels", False, True),
-    ("batched-kernels", True, True),
+    ("per-clip-reference", False, False, False),
+    ("batched-reference", True, False, False),
+    ("per-clip-kernels", False, True, False),
+    ("batched-kernels", True, True, False),
+    ("batched-kernels-compile", True, True, True),
 )
 
 
@@ -285,10 +298,10 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             make_inputs=_motion_inputs(clips, scale, options),
             impls=tuple(
                 Impl(
-                    name, _motion_call(batched, use_kernels),
+                    name, _motion_call(batched, use_kernels, compiled), compiles=compiled,
                     unavailable=size_reason or motion_reason or (kernels_reason if use_kernels else None),
                 )
-                for name, batched, use_kernels in MOTION_IMPLS
+                for name, batched, use_kernels, compiled in MOTION_IMPLS
             ),
             bytes_moved=unet_params * torch.empty((), dtype=options.dtype).element_size(),
             dtype=options.dtype,
@@ -332,6 +345,10 @@ def summary(result: dict) -> list[str]:
     for case in dict.fromkeys(c for c, _ in motion):
         clips = int(case.split("-")[0].removeprefix("c"))
         lines.append(models.speedup_line(f"motion prior ({case})", motion, case, "batched-kernels", "per-clip-reference", 3.0))
+        # Whether `preprocess --compile` helps: the compiled inversion against the eager one.
+        lines.append(models.speedup_line(
+            f"motion prior ({case}) compiled inversion", motion, case, "batched-kernels-compile", "batched-kernels", 1.0
+        ))
         for (row_case, impl), row in motion.items():
             if row_case == case:
                 lines.append(f"info  motion prior ({case}) {impl}: {1e3 * clips / row['median_ms']:.3f} clips/s")

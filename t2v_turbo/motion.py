@@ -359,6 +359,7 @@ def compute_motion_prior(
     teacher: Teacher | None = None,
     return_trajectory: bool = False,
     progress: bool = False,
+    inversion_teacher: Teacher | None = None,
 ) -> dict[str, Tensor]:
     """The whole motion prior of a batch of clips (SPEC 4), clips with different grid indices n
     batched together: t_hi = ddim_timesteps[n], z_ref = ddim_inversion(z0 → t_hi),
@@ -366,6 +367,9 @@ def compute_motion_prior(
 
     alphas_cumprod: default `release_alphas_cumprod()` (the release's float32-built table, cast to
     the coefficient dtype: float64 for float64 latents, else float32). Pass a table to override it.
+    teacher: how to call `unet` (default `teacher_path(unet)`); inversion_teacher: the callable of
+    the no-grad inversion steps only (default: teacher), e.g. a torch.compile'd teacher. The score's
+    two passes record attention through hooks on `unet`'s layers, so they always run `teacher`.
     Returns dict(z_ref, z_t, score, energy (B,), layer_mse (B, L), eps_cond), plus the padded
     inversion trajectory (B, max n + 1, C, F, H, W) under "trajectory" when asked.
     """
@@ -376,7 +380,10 @@ def compute_motion_prior(
     grid_index = _checked_grid_index(grid_index, z0.shape[0], z0.device)
     t_hi, _ = schedule.solver_timesteps(grid_index.cpu())
     t_hi = t_hi.to(z0.device)
-    inversion = ddim_inversion(teacher, z0, grid_index, context, table, fps, return_trajectory, progress)
+    inversion = ddim_inversion(
+        teacher if inversion_teacher is None else inversion_teacher, z0, grid_index, context, table, fps,
+        return_trajectory, progress,
+    )
     z_ref, trajectory = inversion if return_trajectory else (inversion, None)
     z_t = noised_latents(z0, noise, t_hi, table)
     result = motion_score(unet, z_t, t_hi, z_ref, context, layer_names, fps, teacher)

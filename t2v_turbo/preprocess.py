@@ -90,6 +90,9 @@ class PreprocessConfig:
     grid_range: tuple[int, int] = (0, 200)  # [lo, hi) of n for the other clips
     motion: bool = True  # False: no motion priors; every clip is a plain clip
     kernels: str = "on"
+    # A torch.compile backend ("inductor") for the teacher's no-grad passes (the ε pass and the DDIM
+    # inversion, nearly all of the work with motion priors); None runs them eagerly.
+    compile: Optional[str] = None
     limit: Optional[int] = None  # process only the first `limit` clips of the dataset
     num_workers: int = 0
     video_backend: str = "pyav"  # decoder of real videos: "pyav" or "decord"
@@ -129,6 +132,11 @@ class PreprocessConfig:
                 )
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be a positive int or None, got {self.limit!r}")
+        if self.compile is not None and self.compile not in torch.compiler.list_backends(exclude_tags=()):
+            raise ValueError(
+                f"compile must be None or a torch.compile backend ({', '.join(torch.compiler.list_backends())}), "
+                f"got {self.compile!r}"
+            )
         if self.video_backend not in VIDEO_BACKENDS:
             raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS}, got {self.video_backend!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
@@ -313,11 +321,16 @@ def _teacher_mode(unet: nn.Module, use_kernels: bool) -> Iterator[None]:
 class TeacherPass:
     """The teacher's outputs for batches of clips: call it with frames (B, 3, F, H, W) in [-1, 1],
     captions, use_motion flags and clip indices; it returns what CacheWriter.add takes.
-    unet: a VC2UNet or a diffusers UNet3DConditionModel, called through NoisePredictor."""
+    unet: a VC2UNet or a diffusers UNet3DConditionModel, called through NoisePredictor; with
+    config.compile, the no-grad passes call it through torch.compile (batch sizes vary from call
+    to call, so after the second size it compiles dynamic shapes)."""
 
     def __init__(self, unet: nn.Module, vae: Any, text_encoder: Any, config: PreprocessConfig, device: torch.device):
         self.unet = unet
         self.teacher = NoisePredictor(unet)
+        self.no_grad_teacher = (
+            NoisePredictor(torch.compile(unet, backend=config.compile)) if config.compile else self.teacher
+        )
         self.vae = vae
         self.prompts = PromptCache(text_encoder, device=device)
         self.config = config
@@ -365,7 +378,7 @@ class TeacherPass:
         moving = motion.nonzero().squeeze(1).to(self.device)
         with torch.no_grad():
             # ε_c of the plain clips and ε_u of every clip in one forward of (plain + B) clips.
-            eps = self.teacher(
+            eps = self.no_grad_teacher(
                 torch.cat([z_t[plain], z_t]), torch.cat([t_hi[plain], t_hi]),
                 torch.cat([context[plain], uncond]), self.config.fps,
             )
@@ -377,6 +390,7 @@ class TeacherPass:
             prior = compute_motion_prior(
                 self.unet, z0[moving], grid_index[moving.cpu()].to(self.device), noise[moving], context[moving],
                 alphas_cumprod=self.alphas_cumprod, fps=self.config.fps, teacher=self.teacher,
+                inversion_teacher=self.no_grad_teacher,
             )
             eps_cond[moving] = prior["eps_cond"].to(z_t.dtype)
             score[moving] = prior["score"].to(z_t.dtype)

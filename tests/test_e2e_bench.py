@@ -71,6 +71,19 @@ def test_reward_rows_carry_flops(tmp_path):
     assert 1.5 * image_fwd < image_bwd < 3.5 * image_fwd and 1.5 * video_fwd < video_bwd < 3.5 * video_fwd
 
 
+def test_motion_prior_rows(tmp_path):
+    result = _run(tmp_path, training.cases, "--ops", training.MOTION_OP)
+    _check_rows(result)
+    assert {r["impl"] for r in result["rows"]} == {"per-clip-reference", "batched-reference"}
+    reasons = {s["impl"]: s["reason"] for s in result["skipped"]}
+    assert reasons == dict.fromkeys(("per-clip-kernels", "batched-kernels", "batched-kernels-compile"), "no GPU")
+    case = result["rows"][0]["case"]
+    result["rows"] += [_row(training.MOTION_OP, case, "batched-kernels", 2.0, p="fwd+bwd"),
+                       _row(training.MOTION_OP, case, "batched-kernels-compile", 1.6, p="fwd+bwd")]
+    (compiled,) = [line for line in training.summary(result) if "compiled inversion" in line]
+    assert compiled.startswith("PASS") and "1.25x" in compiled
+
+
 def test_missing_components_give_skipped_rows(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "t2v_turbo.rewards.mixture", None)
     monkeypatch.setitem(sys.modules, "t2v_turbo.motion", None)

@@ -19,7 +19,8 @@ def run_preprocess(args: argparse.Namespace) -> int:
             cache=args.cache, data=args.data, model=args.model, preset=args.preset, num_frames=args.frames,
             fps=args.fps, size=(args.height, args.width), batch_size=args.batch_size, shard_size=args.shard_size,
             dtype=args.dtype, seed=args.seed, motion_grid_range=tuple(args.motion_grid_range),
-            grid_range=tuple(args.grid_range), motion=not args.no_motion, kernels=args.kernels, limit=args.limit,
+            grid_range=tuple(args.grid_range), motion=not args.no_motion, kernels=args.kernels, compile=args.compile,
+            limit=args.limit,
             num_workers=args.num_workers, video_backend=args.video_backend, cpu=args.cpu, progress=not args.no_progress,
         )
         result = preprocess(config)
@@ -63,6 +64,9 @@ def add_preprocess_command(subparsers) -> None:
     parser.add_argument("--grid-range", type=int, nargs=2, default=(0, 200), metavar=("LO", "HI"),
                         help="grid indices [LO, HI) of the other clips")
     parser.add_argument("--kernels", choices=("on", "off"), default="on", help="turbo_kernels ops (on) or plain PyTorch (off)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="run the teacher's no-grad passes (the ε pass, the DDIM inversion) through torch.compile "
+                        "(backend: inductor unless named)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N clips of the data")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     parser.add_argument("--video-backend", choices=("pyav", "decord"), default="pyav",
