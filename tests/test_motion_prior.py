@@ -220,25 +220,29 @@ def test_float32_one_clip_matches_golden_without_top1_flips(clip0_float32, golde
         assert torch.equal(probs[name].flatten(0, 1).argmax(dim=-1), golden[f"ref_top1.{name}"][0].long()), name
 
 
-def test_triton_motion_ops_match_float64(clip0_float32, plain32, tiny64, golden, chosen):
-    """The motion ops on the Triton kernels (interpreter on the CPU), float32, one clip and one
-    decoder layer (the interpreter is slow), against the float64 reference of that layer on the
-    same z_ref / z_t (golden) and the golden per-layer MSE; no fallback allowed."""
-    clip, prior, _ = clip0_float32
+@pytest.mark.parametrize("clips", [1, 2], ids=["one-clip", "batched"])
+def test_triton_motion_ops_match_float64(plain32, tiny64, golden, chosen, clips):
+    """The motion ops on the Triton kernels (interpreter on the CPU), float32, one clip and both clips
+    in one batch, one decoder layer (the interpreter is slow), on the golden z_ref / z_t, against the
+    float64 reference of that layer and the golden per-layer MSE; no fallback allowed."""
     layer = LAYERS[0]
-    if dispatch.machine_unavailable_reason("triton", prior["z_t"].device) is not None:
+    if dispatch.machine_unavailable_reason("triton", torch.device("cpu")) is not None:
         pytest.skip("Triton cannot run here (no GPU, no interpreter)")
+    rows = slice(0, clips)
+    z_t, z_ref, context, t_hi = (golden[key][rows] for key in ("z_t", "z_ref", "context", "t_hi"))
     with turbo_kernels.backend("triton"), warnings.catch_warnings():
         warnings.simplefilter("error", turbo_kernels.TurboKernelsFallbackWarning)
-        kernel = motion_score(plain32, prior["z_t"], 19, prior["z_ref"], clip["context"], [layer])
+        kernel = motion_score(plain32, z_t.float(), t_hi, z_ref.float(), context.float(), [layer])
     assert {backend for op, backend in chosen} == {"triton"}
     assert {op for op, _ in chosen} >= {"temporal_attention_probs", "motion_energy", "motion_energy_backward"}
     with turbo_kernels.backend("reference"):
-        exact = motion_score(tiny64, golden["z_t"][:1], 19, golden["z_ref"][:1], golden["context"][:1], [layer])
-    assert kernel.score.dtype == torch.float32 and kernel.layer_mse.shape == (1, 1)
-    assert _relative_error(kernel.layer_mse, golden["layer_mse"][:1, :1]) < FLOAT32_TOL
-    assert _relative_error(kernel.energy, exact.energy) < FLOAT32_TOL
-    assert _relative_error(kernel.score, exact.score) < FLOAT32_TOL
+        exact = motion_score(tiny64, z_t, t_hi, z_ref, context, [layer])
+    assert kernel.score.dtype == torch.float32 and kernel.layer_mse.shape == (clips, 1)
+    assert _relative_error(kernel.layer_mse, golden["layer_mse"][rows, :1]) < FLOAT32_TOL
+    for clip in range(clips):
+        # Per clip: each clip's score is its solo score, whatever the other clip's magnitude.
+        assert _relative_error(kernel.energy[clip], exact.energy[clip]) < FLOAT32_TOL
+        assert _relative_error(kernel.score[clip], exact.score[clip]) < FLOAT32_TOL
 
 
 def test_decoder_temporal_attention_names():
