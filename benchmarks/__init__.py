@@ -9,7 +9,18 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from benchmarks import attention, harness, models, preprocess, rewards, solver, spatial, temporal_block, training
+from benchmarks import (
+    attention,
+    harness,
+    models,
+    preprocess,
+    rewards,
+    solver,
+    spatial,
+    temporal_block,
+    training,
+    video_decode,
+)
 
 SUITES: tuple[harness.Suite, ...] = (
     solver.cases,
@@ -20,8 +31,9 @@ SUITES: tuple[harness.Suite, ...] = (
     models.cases,
     training.cases,
     rewards.cases,
+    video_decode.cases,
 )
-SUMMARIES = (temporal_block.summary, models.summary, training.summary, rewards.summary)
+SUMMARIES = (temporal_block.summary, models.summary, training.summary, rewards.summary, video_decode.summary)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

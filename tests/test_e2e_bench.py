@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import harness, models, rewards, training
+from benchmarks import harness, models, rewards, training, video_decode
 
 ROW = {"op": str, "case": str, "impl": str, "pass": str, "median_ms": float, "gbps": float, "bytes": int}
 
@@ -82,6 +82,20 @@ def test_motion_prior_rows(tmp_path):
                        _row(training.MOTION_OP, case, "batched-kernels-compile", 1.6, p="fwd+bwd")]
     (compiled,) = [line for line in training.summary(result) if "compiled inversion" in line]
     assert compiled.startswith("PASS") and "1.25x" in compiled
+
+
+def test_video_decode_rows_and_summary(tmp_path, monkeypatch):
+    result = _run(tmp_path, video_decode.cases)
+    _check_rows(result)
+    measured = {r["impl"] for r in result["rows"]}
+    skipped = {s["impl"]: s["reason"] for s in result["skipped"]}
+    assert measured | set(skipped) == set(video_decode.BACKENDS) and "pyav" in measured
+    assert all(r["dtype"] == "uint8" and r["shape"] == [4, 32, 48, 3] for r in result["rows"])
+    if "decord" in measured:
+        (line,) = video_decode.summary(result)
+        assert line.startswith("info  video decode tiny") and "PyAV's time" in line
+    else:
+        assert skipped["decord"] == "decord is not installed" and video_decode.summary(result) == []
 
 
 def test_missing_components_give_skipped_rows(tmp_path, monkeypatch):

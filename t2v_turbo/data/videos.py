@@ -34,7 +34,7 @@ MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
 REQUIRED_COLUMNS = ("path", "caption")
 _TRUE_WORDS = {"1", "true", "yes", "y", "t"}
 _FALSE_WORDS = {"0", "false", "no", "n", "f", ""}
-# PyAV is the default: on 360p-1080p H.264 at one thread, decord's path took 2-3.5x as long here.
+# PyAV is the default: decord's path took 2.3-2.9x as long (benchmarks.video_decode, 360p-1080p H.264).
 VIDEO_BACKENDS = ("pyav", "decord")
 _BACKEND_PACKAGES = {"pyav": "av", "decord": "decord"}
 
