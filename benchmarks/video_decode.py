@@ -14,7 +14,6 @@ encoder cannot skip blocks. Each call draws a new start, so calls seek to differ
 from __future__ import annotations
 
 import functools
-import importlib.util
 import itertools
 import random
 import tempfile
@@ -27,6 +26,7 @@ import torch
 
 from benchmarks import models
 from benchmarks.harness import Case, Impl, SuiteOptions
+from t2v_turbo.data.videos import VIDEO_BACKENDS, check_video_backend, decode_clip
 
 OP = "video_decode"
 CLIP_FRAMES, CLIP_FPS, CLIP_SIZE = 16, 8, (320, 512)
@@ -35,13 +35,14 @@ SOURCE_FPS = 30
 SOURCES = (("360p", 640, 360, 250, 300), ("720p", 1280, 720, 60, 300), ("1080p", 1920, 1080, 30, 120))
 QUICK_SOURCES = (("tiny", 96, 64, 30, 60),)
 QUICK_CLIP_FRAMES, QUICK_CLIP_SIZE = 4, (32, 48)
-BACKENDS = ("pyav", "decord")
-_PACKAGES = {"pyav": "av", "decord": "decord"}
 
 
 def _missing(backend: str) -> Optional[str]:
-    package = _PACKAGES[backend]
-    return None if importlib.util.find_spec(package) is not None else f"{package} is not installed"
+    try:
+        check_video_backend(backend)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 @functools.cache
@@ -72,8 +73,6 @@ def write_source(width: int, height: int, keyframe_interval: int, frames: int) -
 
 def _decode_call(backend: str, num_frames: int, size: tuple[int, int]) -> Callable[[SimpleNamespace], torch.Tensor]:
     def call(x: SimpleNamespace) -> torch.Tensor:
-        from t2v_turbo.data.videos import decode_clip
-
         return decode_clip(x.path, num_frames, CLIP_FPS, size, random.Random(next(x.starts)), backend)
 
     return call
@@ -99,7 +98,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             make_inputs=make_inputs,
             impls=tuple(
                 Impl(backend, _decode_call(backend, num_frames, size), unavailable=writer_missing or _missing(backend))
-                for backend in BACKENDS
+                for backend in VIDEO_BACKENDS
             ),
             bytes_moved=num_frames * size[0] * size[1] * 3,
             dtype=torch.uint8,

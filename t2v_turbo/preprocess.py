@@ -144,9 +144,10 @@ class PreprocessConfig:
 
     def content(self) -> dict[str, Any]:
         """The fields that decide the cache's values, stored in its manifest. The decoders' pixels differ by
-        a few grey levels, so a cache of real videos is continued only with the decoder that began it."""
+        a few grey levels, so a cache of real videos is continued only with the decoder that began it:
+        decord is recorded (PyAV, the default, is not, so caches from before the choice continue)."""
         content = {name: getattr(self, name) for name in CONTENT_FIELDS}
-        if self.data != "synthetic":
+        if self.data != "synthetic" and self.video_backend != "pyav":
             content["video_backend"] = self.video_backend
         return content
 
@@ -322,8 +323,9 @@ class TeacherPass:
     """The teacher's outputs for batches of clips: call it with frames (B, 3, F, H, W) in [-1, 1],
     captions, use_motion flags and clip indices; it returns what CacheWriter.add takes.
     unet: a VC2UNet or a diffusers UNet3DConditionModel, called through NoisePredictor; with
-    config.compile, the no-grad passes call it through torch.compile (batch sizes vary from call
-    to call, so after the second size it compiles dynamic shapes)."""
+    config.compile, the no-grad passes call it through torch.compile. Their batch sizes vary (the
+    ε pass holds the plain clips plus every clip, the inversion the clips still advancing), so the
+    first few sizes each compile a graph before torch.compile falls back to dynamic shapes."""
 
     def __init__(self, unet: nn.Module, vae: Any, text_encoder: Any, config: PreprocessConfig, device: torch.device):
         self.unet = unet

@@ -240,7 +240,7 @@ def test_triton_motion_ops_match_float64(plain32, tiny64, golden, chosen, clips)
     assert kernel.score.dtype == torch.float32 and kernel.layer_mse.shape == (clips, 1)
     assert _relative_error(kernel.layer_mse, golden["layer_mse"][rows, :1]) < FLOAT32_TOL
     for clip in range(clips):
-        # Per clip: each clip's score is its solo score, whatever the other clip's magnitude.
+        # Per clip, so one clip's larger values cannot hide the other's error.
         assert _relative_error(kernel.energy[clip], exact.energy[clip]) < FLOAT32_TOL
         assert _relative_error(kernel.score[clip], exact.score[clip]) < FLOAT32_TOL
 

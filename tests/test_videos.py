@@ -7,7 +7,9 @@ build_dataset routes "synthetic", directories and manifest files."""
 
 import csv
 import importlib.util
+import itertools
 import json
+import math
 import random
 
 import numpy as np
@@ -120,12 +122,15 @@ def test_frames_are_sampled_at_the_requested_fps(video_root, fps, step, backend)
     assert len(starts) > 1, "the start should vary with the epoch"
 
 
-def test_decode_clip_nearest_frame_for_non_integer_ratio(video_root, backend):
-    # 24 -> 10 fps: target k sits at 2.4 k source frames from the start; the nearest frame is chosen.
-    frames = decode_clip(video_root / "clips" / "valid.mp4", 6, 10, (8, 12), random.Random(3), backend)
-    indices = _frame_indices(frames.permute(3, 0, 1, 2).float() / 127.5 - 1)
-    start = indices[0]
-    assert [i - start for i in indices] == [round(2.4 * k) for k in range(6)]
+@pytest.mark.parametrize("fps,offsets", [
+    (10, [round(2.4 * k) for k in range(6)]),  # target k sits 2.4 k source frames after the start
+    (16, [math.floor(1.5 * k) for k in range(6)]),  # odd k sit halfway between two frames: the earlier
+])
+def test_decode_clip_nearest_frame_for_non_integer_ratio(video_root, backend, fps, offsets):
+    for seed in range(4):
+        frames = decode_clip(video_root / "clips" / "valid.mp4", 6, fps, (8, 12), random.Random(seed), backend)
+        indices = _frame_indices(frames.permute(3, 0, 1, 2).float() / 127.5 - 1)
+        assert [i - indices[0] for i in indices] == offsets, (seed, indices)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -161,9 +166,12 @@ def test_backends_pick_the_same_frames_and_agree_on_pixels(video_root, size):
     area/bilinear) agree within 2 grey levels on the flat region and 4 at the black edge (measured: 2
     and 3). (48, 64) enlarges the source."""
     path = video_root / "clips" / "valid.mp4"
-    for seed in range(4):
-        pyav = decode_clip(path, 5, 10, size, random.Random(seed), "pyav")
-        decord = decode_clip(path, 5, 10, size, random.Random(seed), "decord")
+    for seed, fps in itertools.product(range(4), (10, 16)):
+        pyav = decode_clip(path, 5, fps, size, random.Random(seed), "pyav")
+        decord = decode_clip(path, 5, fps, size, random.Random(seed), "decord")
+        assert _frame_indices(pyav.permute(3, 0, 1, 2).float() / 127.5 - 1) == _frame_indices(
+            decord.permute(3, 0, 1, 2).float() / 127.5 - 1
+        ), (seed, fps)
         assert pyav.shape == decord.shape == (5, *size, 3) and decord.dtype == torch.uint8
         difference = (pyav.int() - decord.int()).abs()
         assert int(difference[:, :, -4:].max()) <= 2, "the flat bright region must agree"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -34,7 +35,7 @@ MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
 REQUIRED_COLUMNS = ("path", "caption")
 _TRUE_WORDS = {"1", "true", "yes", "y", "t"}
 _FALSE_WORDS = {"0", "false", "no", "n", "f", ""}
-# PyAV is the default: decord's path took 2.3-2.9x as long (benchmarks.video_decode, 360p-1080p H.264).
+# PyAV is the default: decord's path took 1.2-2.2x as long (benchmarks.video_decode, 360p-1080p H.264).
 VIDEO_BACKENDS = ("pyav", "decord")
 _BACKEND_PACKAGES = {"pyav": "av", "decord": "decord"}
 
@@ -130,10 +131,15 @@ def _draw_targets(last_time: float, rate: float, num_frames: int, fps: float, rn
     return [start + k / fps for k in range(num_frames)]
 
 
-def _nearest(times: Sequence[float], targets: Sequence[float]) -> list[int]:
-    """For each target, the index of the nearest time; argmin takes the earlier frame on a tie."""
+def _nearest(times: Sequence[float], targets: Sequence[float], rate: float) -> list[int]:
+    """For each target, the index of the nearest time, the earliest of those within a thousandth of a
+    source frame of the nearest (so float rounding of the timestamps never decides a tie)."""
     times = np.asarray(times, dtype=np.float64)
-    return [int(np.argmin(np.abs(times - target))) for target in targets]
+    chosen = []
+    for target in targets:
+        distance = np.abs(times - target)
+        chosen.append(int(np.flatnonzero(distance <= distance.min() + 1e-3 / rate)[0]))
+    return chosen
 
 
 def _frame_time(frame, stream) -> float:
@@ -149,7 +155,7 @@ def _cover_size(height: int, width: int, source_height: int, source_width: int) 
     return max(height, round(source_height * scale)), max(width, round(source_width * scale))
 
 
-def _centre_crop(images: np.ndarray | Tensor, height: int, width: int):
+def _centre_crop(images: np.ndarray, height: int, width: int) -> np.ndarray:
     """The centred height x width window of (..., H, W, 3) images."""
     top = (images.shape[-3] - height) // 2
     left = (images.shape[-2] - width) // 2
@@ -163,19 +169,15 @@ def _resize_and_crop(frame, height: int, width: int) -> np.ndarray:
     return _centre_crop(image, height, width)
 
 
-def _resize_and_crop_frames(frames: Tensor, height: int, width: int) -> Tensor:
-    """uint8 (F, H, W, 3) scaled to cover height x width (area averaging when shrinking, bilinear when
-    growing, as swscale's AREA does), then centre-cropped: uint8 (F, height, width, 3)."""
-    scaled = _cover_size(height, width, frames.shape[1], frames.shape[2])
-    if scaled != tuple(frames.shape[1:3]):
-        images = frames.permute(0, 3, 1, 2).to(torch.float32)
-        shrinking = scaled[0] <= frames.shape[1] and scaled[1] <= frames.shape[2]
-        if shrinking:
-            images = torch.nn.functional.interpolate(images, size=scaled, mode="area")
-        else:
-            images = torch.nn.functional.interpolate(images, size=scaled, mode="bilinear", align_corners=False)
-        frames = images.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    return _centre_crop(frames, height, width).contiguous()
+def _resize_and_crop_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An (H, W, 3) uint8 image scaled to cover height x width (area averaging when shrinking, bilinear
+    when growing, as swscale's AREA does), then centre-cropped."""
+    scaled_height, scaled_width = _cover_size(height, width, image.shape[0], image.shape[1])
+    if (scaled_height, scaled_width) != image.shape[:2]:
+        shrinking = scaled_height <= image.shape[0] and scaled_width <= image.shape[1]
+        resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+        image = np.asarray(Image.fromarray(image).resize((scaled_width, scaled_height), resample))
+    return _centre_crop(image, height, width)
 
 
 def _decode_with_pyav(path: Path, num_frames: int, fps: float, size: tuple[int, int], rng: random.Random) -> Tensor:
@@ -217,7 +219,7 @@ def _decode_with_pyav(path: Path, num_frames: int, fps: float, size: tuple[int, 
                 raise VideoDecodeError(
                     f"decoding ended at {reached:.3f} s, before the clip's last frame at {targets[-1]:.3f} s"
                 )
-            chosen = _nearest([time for time, _ in decoded], targets)
+            chosen = _nearest([time for time, _ in decoded], targets, rate)
             height, width = size
             return torch.from_numpy(np.stack([_resize_and_crop(decoded[i][1], height, width) for i in chosen]))
     except av.error.FFmpegError as error:
@@ -238,13 +240,19 @@ def _decode_with_decord(path: Path, num_frames: int, fps: float, size: tuple[int
         rate = float(reader.get_avg_fps())
         if count == 0 or not rate > 0:
             raise VideoDecodeError("the video stream states no frames or no frame rate")
-        times = reader.get_frame_timestamp(range(count))[:, 0]
+        times = reader.get_frame_timestamp(range(count))[:, 0].astype(np.float64)
+        times -= times[0]
         targets = _draw_targets((count - 1) / rate, rate, num_frames, fps, rng)
-        chosen = _nearest(times - times[0], targets)
-        frames = torch.from_numpy(reader.get_batch(chosen).asnumpy())
+        if times[-1] < targets[-1] - 0.5 / rate:
+            raise VideoDecodeError(
+                f"the frames end at {times[-1]:.3f} s, before the clip's last frame at {targets[-1]:.3f} s"
+            )
+        frames = reader.get_batch(_nearest(times, targets, rate)).asnumpy()
     except (decord.DECORDError, RuntimeError) as error:
         raise VideoDecodeError(f"cannot decode: {error}") from error
-    return _resize_and_crop_frames(frames, *size)
+    height, width = size
+    # Frame by frame: a whole clip at full resolution in float would be hundreds of MB a worker.
+    return torch.from_numpy(np.stack([_resize_and_crop_image(frame, height, width) for frame in frames]))
 
 
 def decode_clip(
@@ -259,9 +267,11 @@ def decode_clip(
     scaled to cover `size` keeping the aspect ratio and centre-cropped.
 
     The start is a source frame, uniform over those that leave room for the clip; frame k is the decoded
-    frame nearest to start + k / fps (earlier on a tie). Both backends (VIDEO_BACKENDS) pick the same
-    frames; their scaling differs by a few grey levels at edges. Raises VideoDecodeError with
-    the reason when the file cannot be decoded or is shorter than (num_frames - 1) / fps seconds."""
+    frame nearest to start + k / fps (the earlier on a tie). Both backends (VIDEO_BACKENDS) pick the
+    same frames and agree on pixels within a few grey levels (colour conversion, scaling); decord
+    cannot read some files PyAV reads (e.g. 48 pixels wide), which it reports as undecodable. Raises
+    VideoDecodeError with the reason when the file cannot be decoded or is shorter than
+    (num_frames - 1) / fps seconds."""
     decode = _decode_with_decord if check_video_backend(backend) == "decord" else _decode_with_pyav
     return decode(Path(path), num_frames, fps, size, rng)
 
