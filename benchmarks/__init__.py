@@ -26,6 +26,7 @@ SUITES: tuple[harness.Suite, ...] = (
     solver.cases,
     attention.cases,
     temporal_block.cases,
+    temporal_block.geglu_cases,
     spatial.cases,
     preprocess.cases,
     models.cases,

@@ -1,6 +1,7 @@
 """Benchmark cases of the fused temporal transformer (SPEC 1; turbo_kernels.FusedTemporalTransformer)
 at VideoCrafter2 shapes, against the release's code path (reference.temporal_block) eagerly and
-under torch.compile.
+under torch.compile; and of its GEGLU activation alone (turbo_kernels.geglu, also every spatial
+transformer's), against the release's `value * F.gelu(gate)`.
 
 Every level of the UNet runs one temporal transformer on its (B*F, C, H, W) stream: C = 320, 640,
 1280, 1280 channels on 40x64, 20x32, 10x16 and 5x8 latents, with 5, 10, 20, 20 heads of 64. The
@@ -14,6 +15,7 @@ does.
 from __future__ import annotations
 
 import functools
+import itertools
 from types import SimpleNamespace
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -25,6 +27,7 @@ from benchmarks.harness import COMPILED, EAGER, Case, Impl, SuiteOptions
 from turbo_kernels import FusedTemporalTransformer
 
 OP = "temporal_block"
+GEGLU_OP = "geglu"
 FRAMES = 16
 HEAD_DIM = 64
 # (channels, height, width, heads) of the UNet's levels: 40x64, 20x32, 10x16 latents and the middle block.
@@ -128,9 +131,72 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
                 )
 
 
+def _release_geglu(h: torch.Tensor) -> torch.Tensor:
+    value, gate = h.chunk(2, dim=-1)
+    return value * torch.nn.functional.gelu(gate)
+
+
+def _geglu_inputs(tokens: int, hidden: int, with_grad: bool, options: SuiteOptions) -> Callable[[], SimpleNamespace]:
+    generator = torch.Generator(device=options.device).manual_seed(options.seed)
+
+    def make_inputs() -> SimpleNamespace:
+        h = torch.randn(tokens, 2 * hidden, generator=generator, device=options.device, dtype=options.dtype)
+        grad = torch.randn(tokens, hidden, generator=generator, device=options.device, dtype=options.dtype)
+        return SimpleNamespace(h=h.requires_grad_(with_grad), grad=grad)
+
+    return make_inputs
+
+
+def _geglu_call(fn: Callable[[torch.Tensor], torch.Tensor], with_grad: bool) -> Callable[[SimpleNamespace], object]:
+    def call(x: SimpleNamespace):
+        if not with_grad:
+            with torch.no_grad():
+                return fn(x.h)
+        return torch.autograd.grad(fn(x.h), x.h, x.grad)
+
+    return call
+
+
+def geglu_cases(options: SuiteOptions) -> Iterator[Case]:
+    """The feed-forward's GEGLU at every level: tokens = batch x frames x positions, hidden = 4 C."""
+    frames, levels = (QUICK_FRAMES, QUICK_LEVELS) if options.quick else (FRAMES, LEVELS)
+    on_gpu = options.device.type == "cuda"
+    batch_sizes = options.batch_sizes or (GPU_BATCH_SIZES if on_gpu and not options.quick else CPU_BATCH_SIZES)
+    element_size = torch.empty((), dtype=options.dtype).element_size()
+    compiled = torch.compile(_release_geglu, dynamic=False)
+
+    def kernel(h: torch.Tensor) -> torch.Tensor:
+        with tk.backend("triton"):
+            return tk.geglu(h)
+
+    for pass_name in ("fwd", "fwd+bwd"):
+        with_grad = pass_name == "fwd+bwd"
+        for batch in batch_sizes:
+            for channels, height, width, _ in levels:
+                tokens, hidden = batch * frames * height * width, 4 * channels
+                # Forward: h read, the output written; backward: h and the output's gradient read,
+                # h's gradient written.
+                elements = tokens * hidden * (3 if not with_grad else 3 + 5)
+                yield Case(
+                    op=GEGLU_OP,
+                    case=f"b{batch}-c{channels}-{height}x{width}",
+                    pass_name=pass_name,
+                    make_inputs=_geglu_inputs(tokens, hidden, with_grad, options),
+                    impls=(
+                        Impl(EAGER, _geglu_call(_release_geglu, with_grad)),
+                        Impl(COMPILED, _geglu_call(compiled, with_grad), compiles=True),
+                        Impl(TRITON, _geglu_call(kernel, with_grad), unavailable=models.kernels_unavailable(options.device)),
+                    ),
+                    bytes_moved=elements * element_size,
+                    dtype=options.dtype,
+                    shape=(tokens, 2 * hidden),
+                )
+
+
 def summary(result: dict) -> list[str]:
     """Issue 3's target for the fused block (>= 1.5x the reference block), per measured case and pass;
-    and the block's share of issue 4's (fused + compile >= 1.15x the compiled reference)."""
+    the block's share of issue 4's (fused + compile >= 1.15x the compiled reference); and the GEGLU
+    kernel never slower than the release's eager form, which it replaces."""
     lines = []
     for pass_name in ("fwd", "fwd+bwd"):
         rows = models.rows_by(result, OP, pass_name)
@@ -138,11 +204,18 @@ def summary(result: dict) -> list[str]:
             label = f"temporal block {case} {pass_name}"
             lines.append(models.speedup_line(label, rows, case, TRITON, EAGER, TARGET_SPEEDUP))
             lines.append(models.speedup_line(label, rows, case, TRITON_COMPILED, COMPILED, COMPILED_TARGET_SPEEDUP))
+        rows = models.rows_by(result, GEGLU_OP, pass_name)
+        for case in dict.fromkeys(case for case, _ in rows):
+            # The UNet's GEGLU modules take the kernel wherever use_kernels is on: it must never lose.
+            lines.append(models.speedup_line(f"geglu {case} {pass_name}", rows, case, TRITON, EAGER, 1.0))
     return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return models.run_suite(cases, summary, argv, "python -m benchmarks.temporal_block")
+    return models.run_suite(
+        lambda options: itertools.chain(cases(options), geglu_cases(options)), summary, argv,
+        "python -m benchmarks.temporal_block",
+    )
 
 
 if __name__ == "__main__":

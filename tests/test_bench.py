@@ -65,7 +65,10 @@ def _check_fields(record: dict, fields: dict) -> None:
         assert isinstance(record[name], kind), (name, record[name])
 
 
-KERNEL_OPS = [op.name for op in solver.OPS] + [attention.OP, temporal_block.OP] + list(spatial.OPS) + [preprocess.OP]
+KERNEL_OPS = (
+    [op.name for op in solver.OPS] + [attention.OP, temporal_block.OP, temporal_block.GEGLU_OP] + list(spatial.OPS)
+    + [preprocess.OP]
+)
 
 
 def test_quick_run_keeps_the_json_contract(tmp_path):
@@ -278,6 +281,10 @@ def test_temporal_block_summary_judges_the_fused_block_eager_and_compiled():
     assert temporal_block.summary(result)[1].startswith("FAIL")
     del result["rows"][-1]
     assert temporal_block.summary(result)[1].startswith("n/a")
+    result["rows"] += [{"op": temporal_block.GEGLU_OP, "case": "b1-c320-40x64", "pass": "fwd+bwd", "impl": impl,
+                        "median_ms": ms} for impl, ms in ((harness.EAGER, 1.0), (temporal_block.TRITON, 1.1))]
+    (geglu_line,) = [line for line in temporal_block.summary(result) if "geglu" in line]
+    assert geglu_line.startswith("FAIL") and "triton 0.91x reference-eager" in geglu_line
 
 
 def test_inputs_rotate_out_of_l2_unless_they_hold_models(monkeypatch):

@@ -183,7 +183,7 @@ def _check_fused_against_reference(case, dtype, backend_name, chosen):
     module = _module(channels, heads, head_dim, dtype=dtype)
     with tk.backend(backend_name):
         out, grad_x, grads = _forward_backward(module, x, grad_out, frames, reference=False)
-    want_ops = set(OPS) | {"temporal_attention", "temporal_attention_backward"}
+    want_ops = set(OPS) | {"temporal_attention", "temporal_attention_backward", "geglu", "geglu_backward"}
     assert set(chosen) == {(op, backend_name) for op in want_ops}, chosen
 
     out_lp, grad_x_lp, grads_lp = _forward_backward(module, x, grad_out, frames, reference=True)
@@ -244,7 +244,8 @@ def test_fused_forward_makes_no_activation_copies():
     tokens, 4 head split/merge copies in each attention and the rearrange back (GroupNorm also
     makes its permuted input contiguous, inside aten::native_group_norm in this torch, so not
     counted). The fused forward copies only weights. Its backward copies only autograd's
-    concatenations of the gradients of the q/k/v and GEGLU value/gate slices of one projection."""
+    concatenations of the gradients of the q/k/v slices of one projection (turbo_kernels.geglu's
+    backward writes both halves of its input's gradient itself)."""
     videos, frames, channels, height, width, heads, head_dim = 1, 4, 64, 8, 8, 2, 32
     # 256 tokens: activations (16384 elements) outnumber the concatenated qkv weight (12288).
     activation = videos * frames * height * width * channels
@@ -264,9 +265,7 @@ def test_fused_forward_makes_no_activation_copies():
     assert fused_forward == []
     assert len(reference_forward) >= 11, reference_forward
     tokens = (videos * frames, height * width)
-    assert sorted(fused_backward) == sorted(
-        [("cat", (*tokens, 3 * channels))] * 2 + [("cat", (*tokens, 8 * channels))]
-    ), fused_backward
+    assert sorted(fused_backward) == [("cat", (*tokens, 3 * channels))] * 2, fused_backward
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")

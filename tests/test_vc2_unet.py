@@ -12,7 +12,14 @@ import torch
 
 import turbo_kernels
 from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
-from t2v_turbo.models.vc2_unet import FUSED_MIN_POSITIONS, TemporalTransformer, attention_probs, sinusoid_a
+from t2v_turbo.models.vc2_unet import (
+    FUSED_MIN_POSITIONS,
+    GEGLU,
+    SpatialTransformer,
+    TemporalTransformer,
+    attention_probs,
+    sinusoid_a,
+)
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
 
@@ -28,7 +35,7 @@ BLOCKS = (
     [f"input_blocks.{i}" for i in range(6)] + ["init_attn", "middle_block"] + [f"output_blocks.{i}" for i in range(6)]
 )
 PROJECTIONS = ["time_cond_proj", "motion_cond_proj", "combine_proj", "time_embed", "fps_embedding"]
-FUSED_OPS = ("group_norm_stats", "strided_linear", "temporal_attention")
+FUSED_OPS = ("group_norm_stats", "strided_linear", "temporal_attention", "geglu")
 # init_attn, 2 + 2 in the encoder, 1 in the middle and 6 in the decoder.
 TEMPORAL_TRANSFORMERS = 12
 TINY_DECODER_ATTN1 = [f"output_blocks.{i}.2.transformer_blocks.0.attn1" for i in range(6)]
@@ -209,16 +216,18 @@ def test_decoder_temporal_attention_probs(tiny64, plain64, io, use_kernels, chos
     assert _temporal_attention_backends(chosen) == ({"reference"} if use_kernels else set())
 
 
-def test_use_kernels_switches_every_temporal_attention():
+def test_use_kernels_switches_every_temporal_attention_and_geglu():
     model = VC2UNet.preset("tiny")
     temporal = [m for m in model.modules() if getattr(m, "temporal", None) is True]
     transformers = [m for m in model.modules() if isinstance(m, TemporalTransformer)]
-    assert len(transformers) == TEMPORAL_TRANSFORMERS
-    assert model.use_kernels and all(m.use_kernels for m in temporal + transformers)
+    gated = [m for m in model.modules() if isinstance(m, GEGLU)]
+    spatial = [m for m in model.modules() if isinstance(m, SpatialTransformer)]
+    assert len(transformers) == TEMPORAL_TRANSFORMERS and len(gated) == len(spatial) + len(transformers) > 0
+    assert model.use_kernels and all(m.use_kernels for m in temporal + transformers + gated)
     stream = torch.empty(4, 1, 4, 4)
     assert all(m.runs_fused(stream) for m in transformers)
     model.use_kernels = False
-    assert not any(m.use_kernels for m in temporal + transformers)
+    assert not any(m.use_kernels for m in temporal + transformers + gated)
     assert not any(m.runs_fused(stream) for m in transformers)
     assert not VC2UNet.preset("tiny", use_kernels=False).use_kernels
 
@@ -239,7 +248,7 @@ def test_compiled_model_runs_temporal_layers_unfused_with_the_attention_op():
         torch.compile(model, backend=record, fullgraph=True)(x, torch.tensor([500]), context, 8)
     torch._dynamo.reset()
     assert any("temporal_attention" in op for op in traced_ops)
-    assert not any("strided_linear" in op or "group_norm_stats" in op for op in traced_ops)
+    assert not any(name in op for op in traced_ops for name in ("strided_linear", "group_norm_stats", "geglu"))
 
 
 def test_temporal_layers_fuse_only_from_the_measured_size(monkeypatch):

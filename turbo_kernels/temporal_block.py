@@ -21,13 +21,14 @@ The fused forward makes none. Every layout change is absorbed into the addressin
   separate normalise-and-transpose kernel would still write and re-read one activation.
 - Temporal attention runs on that "frames" layout directly (turbo_kernels.temporal_attention),
   with q, k, v strided slices of one fused [to_q; to_k; to_v] projection: no head split/merge.
-- to_out.0 and ff.net.2 add their residual in the GEMM epilogue.
+- to_out.0 and ff.net.2 add their residual in the GEMM epilogue; the GEGLU between ff.net.0 and
+  ff.net.2 is one pass (turbo_kernels.geglu), not gelu, product and, backward, a concatenation.
 - proj_out writes its output transposed, i.e. straight into the stream's (B*F, C, H, W) layout,
   with the stream itself added as the residual in the epilogue. torch.baddbmm into that layout
   would copy the residual into the output first and needs a separate bias pass.
 The only copies left are of weights (the [to_q; to_k; to_v] concatenation, dtype casts). The
-backward copies 3 activations, autograd's concatenations of the gradients of the q/k/v and GEGLU
-value/gate slices (the reference's backward copies 10).
+backward copies 2 activations, autograd's concatenations of the gradients of the q/k/v slices
+(the reference's backward copies 10).
 
 Autograd: group_norm_stats, strided_linear and its weight gradient are torch.library custom ops
 (dispatch picks triton | reference per call), differentiable through composition: GroupNorm enters
@@ -48,6 +49,7 @@ from torch import Tensor, nn
 
 from turbo_kernels import checks, dispatch
 from turbo_kernels.ops.attention import temporal_attention
+from turbo_kernels.ops.geglu import geglu
 from turbo_kernels.reference import temporal_block as ref
 
 
@@ -359,13 +361,12 @@ def _fused_attention(attn: nn.Module, x: Tensor, residual: Tensor, num_frames: i
 
 
 def _fused_feed_forward(ff: nn.Module, x: Tensor, residual: Tensor, num_frames: int) -> Tensor:
-    """residual + net.2(GEGLU(x)): value = first half of net.0.proj, gate = second half, exact GELU."""
+    """residual + net.2(GEGLU(x)): value = first half of net.0.proj, gate = second half, exact GELU
+    (turbo_kernels.geglu: one pass each way, no concatenation of the two halves' gradients)."""
     proj = ff.net[0].proj
-    value, gate = F.linear(x, proj.weight.to(x.dtype), proj.bias.to(x.dtype)).chunk(2, dim=-1)
+    hidden = geglu(F.linear(x, proj.weight.to(x.dtype), proj.bias.to(x.dtype)))
     out = ff.net[2]
-    return _strided_linear(
-        value * F.gelu(gate), out.weight.to(x.dtype), out.bias.to(x.dtype), residual, None, None, num_frames, False
-    )
+    return _strided_linear(hidden, out.weight.to(x.dtype), out.bias.to(x.dtype), residual, None, None, num_frames, False)
 
 
 def _group_norm_affine(norm: nn.GroupNorm, x: Tensor, num_frames: int) -> tuple[Tensor, Tensor]:

@@ -8,8 +8,9 @@ release likewise uses xformers when installed), temporal attention written out.
 
 With `use_kernels` on, the temporal transformers of the finer levels run
 turbo_kernels.FusedTemporalTransformer's fused path on their own parameters (TemporalTransformer
-says where), and the unfused temporal attention (and its probabilities) runs turbo_kernels' ops through `temporal_attention` / `temporal_attention_probs`; with it off,
-everything is plain PyTorch. Gradient checkpointing, when enabled, recomputes each UNet block in
+says where), the unfused temporal attention (and its probabilities) runs turbo_kernels' ops through
+`temporal_attention` / `temporal_attention_probs`, and every feed-forward's GEGLU runs
+turbo_kernels.geglu outside torch.compile; with it off, everything is plain PyTorch. Gradient checkpointing, when enabled, recomputes each UNet block in
 the backward pass.
 """
 
@@ -233,12 +234,19 @@ class CrossAttention(nn.Module):
 
 
 class GEGLU(nn.Module):
+    """proj, then value * gelu(gate) of its two halves: turbo_kernels.geglu while `use_kernels` is set
+    (outside torch.compile, which fuses the eager form itself), else the release's eager form."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.proj = nn.Linear(dim, 2 * hidden)
+        self.use_kernels = False
 
     def forward(self, x: Tensor) -> Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
+        h = self.proj(x)
+        if self.use_kernels and not torch.compiler.is_compiling():
+            return turbo_kernels.geglu(h)
+        value, gate = h.chunk(2, dim=-1)
         return value * F.gelu(gate)
 
 
@@ -560,7 +568,9 @@ class VC2UNet(nn.Module):
     def use_kernels(self, value: bool) -> None:
         self._use_kernels = bool(value)
         for module in self.modules():
-            if isinstance(module, TemporalTransformer) or (isinstance(module, CrossAttention) and module.temporal):
+            if isinstance(module, (TemporalTransformer, GEGLU)) or (
+                isinstance(module, CrossAttention) and module.temporal
+            ):
                 module.use_kernels = self._use_kernels
 
     def save_pretrained(self, directory) -> None:

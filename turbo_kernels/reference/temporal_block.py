@@ -150,3 +150,21 @@ def strided_linear_weight_grad(
     cdt = _compute_dtype(x)
     a = channel_affine(x, scale, shift, num_frames).to(cdt)
     return torch.einsum("rmj,rmk->jk", grad_out.to(cdt), a)
+
+
+def geglu(h: Tensor) -> Tensor:
+    """value * gelu(gate) of h (..., 2 x hidden): value the first half, gate the second, exact (erf)
+    GELU; computed in float32 (float64 for float64 input) and rounded once to h's dtype."""
+    value, gate = h.to(_compute_dtype(h)).chunk(2, dim=-1)
+    return (value * F.gelu(gate)).to(h.dtype)
+
+
+def geglu_backward(grad_out: Tensor, h: Tensor) -> Tensor:
+    """The gradient of geglu with respect to h, (..., 2 x hidden) in h's dtype: d value = g gelu(gate),
+    d gate = g value gelu'(gate), gelu'(x) = Phi(x) + x phi(x)."""
+    cdt = _compute_dtype(h)
+    value, gate = h.to(cdt).chunk(2, dim=-1)
+    grad = grad_out.to(cdt)
+    cdf = 0.5 * (1 + torch.erf(gate * 0.5**0.5))
+    pdf = torch.exp(-0.5 * gate * gate) * (2 * torch.pi) ** -0.5
+    return torch.cat([grad * gate * cdf, grad * value * (cdf + gate * pdf)], dim=-1).to(h.dtype)

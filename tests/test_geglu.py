@@ -1,0 +1,122 @@
+"""turbo_kernels.geglu (the feed-forward's value * gelu(gate)): the reference against float64 maths
+written here from the definition (GELU(x) = x Phi(x), Phi the normal CDF through math.erf), its
+backward by gradcheck, the Triton kernels (interpreter on the CPU) against the reference on odd
+shapes, views and dtypes with NaN-poisoned outputs, the fallback for layouts the kernels refuse,
+bad input, opcheck and torch.compile.
+
+Tolerance: the kernel's error against float64 is at most twice that of the reference in the same
+storage dtype plus one rounding of it (helpers.assert_within_2x_of_reference).
+"""
+
+import math
+
+import pytest
+import torch
+
+import turbo_kernels as tk
+from turbo_kernels import dispatch
+from turbo_kernels.reference import temporal_block as ref
+from turbo_kernels.triton_kernels import geglu as triton_geglu
+
+from .helpers import DEVICE, KERNEL_DTYPES, assert_within_2x_of_reference, poison_cuda_allocator, seeded_generator
+
+
+def _by_definition(h: torch.Tensor) -> torch.Tensor:
+    """value * gate * Phi(gate), element by element with math.erf, in float64."""
+    hidden = h.shape[-1] // 2
+    flat = h.double().reshape(-1, 2 * hidden).tolist()
+    rows = [[v * g * 0.5 * (1 + math.erf(g / math.sqrt(2))) for v, g in zip(row[:hidden], row[hidden:])] for row in flat]
+    return torch.tensor(rows, dtype=torch.float64).reshape(*h.shape[:-1], hidden)
+
+
+def test_reference_matches_the_definition_in_float64():
+    h = torch.randn(3, 4, 10, generator=seeded_generator("definition"), dtype=torch.float64) * 4
+    torch.testing.assert_close(ref.geglu(h), _by_definition(h), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_backward_passes_gradcheck():
+    h = torch.randn(2, 3, 8, generator=seeded_generator("gradcheck"), dtype=torch.float64) * 3
+    with tk.backend("reference"):
+        assert torch.autograd.gradcheck(tk.geglu, (h.requires_grad_(),))
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    dispatch._warned.clear()
+    monkeypatch.setattr(
+        triton_geglu, "new_output", lambda shape, like: torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    )
+    poison_cuda_allocator()
+
+
+def _views(case: str, dtype, generator):
+    """h for each layout the kernels take: contiguous 3-D, 2-D rows with a larger stride (a column
+    slice of a wider projection), a single row, and empty."""
+    def randn(*shape):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * 3).to(DEVICE, dtype)
+
+    if case == "contiguous":
+        return randn(3, 17, 2 * 37)
+    if case == "row-strided":
+        return randn(29, 3 * 24)[:, 24:]
+    if case == "one-row":
+        return randn(1, 2 * 5)
+    return randn(0, 4, 2 * 8)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["contiguous", "row-strided", "one-row", "empty"])
+def test_triton_matches_reference_forward_and_backward(poisoned, chosen, dtype, case):
+    if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
+        pytest.skip("Triton cannot run here (no GPU, no interpreter)")
+    generator = seeded_generator("triton", str(dtype), case)
+    h = _views(case, dtype, generator).requires_grad_()
+    grad = (torch.randn(*h.shape[:-1], h.shape[-1] // 2, generator=generator, dtype=torch.float64)).to(DEVICE, dtype)
+    with tk.backend("triton"):
+        out = tk.geglu(h)
+        (grad_h,) = torch.autograd.grad(out, h, grad) if h.numel() else (torch.zeros_like(h),)
+    if h.numel():
+        assert {backend for _, backend in chosen} == {"triton"}
+    with tk.backend("reference"):
+        ref_out = tk.geglu(h)
+        ref_grad = torch.autograd.grad(ref_out, h, grad)[0] if h.numel() else torch.zeros_like(h)
+    h64 = h.detach().double().requires_grad_()
+    out64 = ref.geglu(h64)
+    grad64 = ref.geglu_backward(grad.double(), h64.detach())
+    assert_within_2x_of_reference(out, ref_out, out64, "out")
+    assert_within_2x_of_reference(grad_h, ref_grad, grad64, "grad_h")
+
+
+def test_layouts_the_kernels_refuse_fall_back_with_one_warning(chosen):
+    if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
+        pytest.skip("Triton cannot run here (no GPU, no interpreter)")
+    dispatch._warned.clear()
+    # Channel stride 2: every other element of a wider tensor.
+    h = torch.randn(4, 2 * 6 * 2, device=DEVICE)[:, ::2]
+    with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match="channel stride"):
+        out = tk.geglu(h)
+    assert [backend for _, backend in chosen] == ["reference"]
+    torch.testing.assert_close(out, ref.geglu(h))
+
+
+def test_bad_input_is_rejected_naming_h():
+    with pytest.raises(ValueError, match="h's last dimension must be even"):
+        tk.geglu(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="h must be a floating-point tensor"):
+        tk.geglu(torch.ones(2, 4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad):
+    h = torch.randn(3, 2, 12, device=DEVICE, requires_grad=requires_grad)
+    torch.library.opcheck(torch.ops.turbo_kernels.geglu.default, (h,))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    h = torch.randn(4, 3, 16, device=DEVICE, requires_grad=True)
+    grad = torch.randn(4, 3, 8, device=DEVICE)
+    eager = torch.autograd.grad(tk.geglu(h), h, grad)[0]
+    torch.compiler.reset()
+    compiled = torch.autograd.grad(torch.compile(tk.geglu, fullgraph=True, backend="aot_eager")(h), h, grad)[0]
+    torch.compiler.reset()
+    torch.testing.assert_close(compiled, eager)
