@@ -50,22 +50,27 @@ def poisoned(monkeypatch):
 
 
 def _views(case: str, dtype, generator):
-    """h for each layout the kernels take: contiguous 3-D, 2-D rows with a larger stride (a column
-    slice of a wider projection), a single row, and empty."""
+    """h for each layout the kernels take: contiguous 3-D, hidden over one column block (300 > 256),
+    2-D rows with a larger stride (a column slice of a wider projection), a 3-D slice along the last
+    dimension, a single row, and empty."""
     def randn(*shape):
         return (torch.randn(*shape, generator=generator, dtype=torch.float64) * 3).to(DEVICE, dtype)
 
     if case == "contiguous":
         return randn(3, 17, 2 * 37)
+    if case == "wide":
+        return randn(9, 2 * 300)
     if case == "row-strided":
         return randn(29, 3 * 24)[:, 24:]
+    if case == "sliced-3d":
+        return randn(2, 5, 3 * 160)[:, :, 160:]
     if case == "one-row":
         return randn(1, 2 * 5)
     return randn(0, 4, 2 * 8)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["contiguous", "row-strided", "one-row", "empty"])
+@pytest.mark.parametrize("case", ["contiguous", "wide", "row-strided", "sliced-3d", "one-row", "empty"])
 def test_triton_matches_reference_forward_and_backward(poisoned, chosen, dtype, case):
     if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
         pytest.skip("Triton cannot run here (no GPU, no interpreter)")
@@ -74,7 +79,8 @@ def test_triton_matches_reference_forward_and_backward(poisoned, chosen, dtype, 
     grad = (torch.randn(*h.shape[:-1], h.shape[-1] // 2, generator=generator, dtype=torch.float64)).to(DEVICE, dtype)
     with tk.backend("triton"):
         out = tk.geglu(h)
-        (grad_h,) = torch.autograd.grad(out, h, grad) if h.numel() else (torch.zeros_like(h),)
+    # Outside the block: the backward runs on the backend its forward was given.
+    (grad_h,) = torch.autograd.grad(out, h, grad) if h.numel() else (torch.zeros_like(h),)
     if h.numel():
         assert {backend for _, backend in chosen} == {"triton"}
     with tk.backend("reference"):
@@ -87,16 +93,27 @@ def test_triton_matches_reference_forward_and_backward(poisoned, chosen, dtype, 
     assert_within_2x_of_reference(grad_h, ref_grad, grad64, "grad_h")
 
 
-def test_layouts_the_kernels_refuse_fall_back_with_one_warning(chosen):
+@pytest.mark.parametrize("layout, reason", [
+    ("channel-strided", "channel stride"),  # every other element of a wider tensor
+    ("permuted", "do not flatten"),  # leading dimensions swapped
+])
+def test_layouts_the_kernels_refuse_fall_back_with_one_warning(chosen, layout, reason):
     if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
         pytest.skip("Triton cannot run here (no GPU, no interpreter)")
     dispatch._warned.clear()
-    # Channel stride 2: every other element of a wider tensor.
-    h = torch.randn(4, 2 * 6 * 2, device=DEVICE)[:, ::2]
-    with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match="channel stride"):
+    if layout == "channel-strided":
+        h = torch.randn(4, 2 * 6 * 2, device=DEVICE)[:, ::2]
+    else:
+        h = torch.randn(4, 3, 12, device=DEVICE).transpose(0, 1)
+    h.requires_grad_()
+    grad = torch.randn(*h.shape[:-1], h.shape[-1] // 2, device=DEVICE)
+    with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match=reason):
         out = tk.geglu(h)
-    assert [backend for _, backend in chosen] == ["reference"]
-    torch.testing.assert_close(out, ref.geglu(h))
+        (grad_h,) = torch.autograd.grad(out, h, grad)
+    assert [backend for _, backend in chosen] == ["reference", "reference"]
+    assert [op for op, _ in chosen] == ["geglu", "geglu_backward"]
+    torch.testing.assert_close(out, ref.geglu(h.detach()))
+    torch.testing.assert_close(grad_h, ref.geglu_backward(grad, h.detach()))
 
 
 def test_bad_input_is_rejected_naming_h():
@@ -107,9 +124,12 @@ def test_bad_input_is_rejected_naming_h():
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck(requires_grad):
-    h = torch.randn(3, 2, 12, device=DEVICE, requires_grad=requires_grad)
-    torch.library.opcheck(torch.ops.turbo_kernels.geglu.default, (h,))
+@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
+def test_opcheck(requires_grad, layout):
+    h = torch.randn(3, 2, 12, device=DEVICE)
+    if layout == "permuted":  # the reference runs it and must return the fake's contiguous layout
+        h = h.transpose(0, 1)
+    torch.library.opcheck(torch.ops.turbo_kernels.geglu.default, (h.requires_grad_(requires_grad),))
 
 
 def test_torch_compile_fullgraph_matches_eager():

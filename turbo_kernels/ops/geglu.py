@@ -28,6 +28,8 @@ def _triton():
 
 def _rows_problem(h: Tensor) -> Optional[str]:
     """Why the kernels cannot walk h as (rows, 2 x hidden) with one row stride and unit channel stride."""
+    if h.numel() == 0:
+        return None
     if h.stride(-1) != 1:
         return f"h has channel stride {h.stride(-1)} (kernels need 1)"
     try:
@@ -88,8 +90,9 @@ _geglu.register_autograd(_backward, setup_context=_setup)
 def geglu(h: Tensor) -> Tensor:
     """value * gelu(gate) for h (..., 2 x hidden): value = h[..., :hidden], gate = h[..., hidden:],
     exact (erf) GELU, maths in float32 (float64 for float64 h) with one rounding to h's dtype.
-    Returns (..., hidden) in h's dtype; differentiable in h. Any view with unit channel stride whose
-    leading dimensions flatten is read without a copy."""
+    Returns (..., hidden) in h's dtype, contiguous; differentiable in h (first order: the backward op
+    has no gradient of its own). Any view with unit channel stride whose leading dimensions flatten
+    is read without a copy."""
     checks.floating_tensor(h, "h")
     if h.shape[-1] % 2:
         raise ValueError(f"h's last dimension must be even (value and gate halves), got {h.shape[-1]}")

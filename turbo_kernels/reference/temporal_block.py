@@ -154,9 +154,10 @@ def strided_linear_weight_grad(
 
 def geglu(h: Tensor) -> Tensor:
     """value * gelu(gate) of h (..., 2 x hidden): value the first half, gate the second, exact (erf)
-    GELU; computed in float32 (float64 for float64 input) and rounded once to h's dtype."""
+    GELU; computed in float32 (float64 for float64 input), rounded once to h's dtype, contiguous
+    whatever h's strides (as the op's fake implementation says)."""
     value, gate = h.to(_compute_dtype(h)).chunk(2, dim=-1)
-    return (value * F.gelu(gate)).to(h.dtype)
+    return (value * F.gelu(gate)).to(h.dtype).contiguous()
 
 
 def geglu_backward(grad_out: Tensor, h: Tensor) -> Tensor:

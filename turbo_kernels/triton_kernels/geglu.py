@@ -2,8 +2,8 @@
 gelu(gate), value and gate the two halves of the last dimension of h (..., 2 x hidden).
 
 Both are memory-bound streams over (rows, hidden) tiles of the output: the forward reads h once and
-writes out; the backward reads h and the output's gradient once and writes h's gradient, both halves
-in place, so no concatenation follows. h's row stride is an argument (rows may be any view with unit
+writes out; the backward reads h and the output's gradient once and writes both halves of h's
+gradient into one buffer, so no concatenation follows. h's row stride is an argument (rows may be any view with unit
 channel stride); maths is fp32 whatever the storage dtype, exact (erf) GELU.
 """
 
@@ -80,7 +80,7 @@ def new_output(shape, like: Tensor) -> Tensor:
 
 def _rows(h: Tensor) -> Tensor:
     """h as (rows, 2 x hidden) without a copy (the op's checks guarantee a view exists)."""
-    return h.view(-1, h.shape[-1]) if h.dim() != 2 else h
+    return h.view(-1, h.shape[-1])
 
 
 def _grid(rows: int, hidden: int) -> tuple[int, int]:
