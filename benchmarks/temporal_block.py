@@ -1,7 +1,8 @@
 """Benchmark cases of the fused temporal transformer (SPEC 1; turbo_kernels.FusedTemporalTransformer)
 at VideoCrafter2 shapes, against the release's code path (reference.temporal_block) eagerly and
-under torch.compile; and of its GEGLU activation alone (turbo_kernels.geglu, also every spatial
-transformer's), against the release's `value * F.gelu(gate)`.
+under torch.compile, alone (triton) and itself under torch.compile (triton-compile); and of its
+GEGLU activation alone (turbo_kernels.geglu, also every spatial transformer's), against the
+release's `value * F.gelu(gate)` eagerly and compiled.
 
 Every level of the UNet runs one temporal transformer on its (B*F, C, H, W) stream: C = 320, 640,
 1280, 1280 channels on 40x64, 20x32, 10x16 and 5x8 latents, with 5, 10, 20, 20 heads of 64. The
