@@ -101,13 +101,19 @@ def _impls(frames: int, with_grad: bool, device: torch.device) -> tuple[Impl, ..
     )
 
 
-def cases(options: SuiteOptions) -> Iterator[Case]:
-    """The fused temporal transformer forward and forward+backward at every level of the UNet."""
+def _sizes(options: SuiteOptions) -> tuple[int, int, tuple, tuple[int, ...]]:
+    """(frames, head dim, levels, batch sizes) of a run: the UNet's, or tiny ones with --quick."""
     frames, head_dim, levels = (
         (QUICK_FRAMES, QUICK_HEAD_DIM, QUICK_LEVELS) if options.quick else (FRAMES, HEAD_DIM, LEVELS)
     )
     on_gpu = options.device.type == "cuda"
     batch_sizes = options.batch_sizes or (GPU_BATCH_SIZES if on_gpu and not options.quick else CPU_BATCH_SIZES)
+    return frames, head_dim, levels, batch_sizes
+
+
+def cases(options: SuiteOptions) -> Iterator[Case]:
+    """The fused temporal transformer forward and forward+backward at every level of the UNet."""
+    frames, head_dim, levels, batch_sizes = _sizes(options)
     element_size = torch.empty((), dtype=options.dtype).element_size()
     for pass_name in ("fwd", "fwd+bwd"):
         for batch in batch_sizes:
@@ -143,26 +149,18 @@ def _geglu_inputs(tokens: int, hidden: int, with_grad: bool, options: SuiteOptio
     def make_inputs() -> SimpleNamespace:
         h = torch.randn(tokens, 2 * hidden, generator=generator, device=options.device, dtype=options.dtype)
         grad = torch.randn(tokens, hidden, generator=generator, device=options.device, dtype=options.dtype)
-        return SimpleNamespace(h=h.requires_grad_(with_grad), grad=grad)
+        return SimpleNamespace(h=h.requires_grad_(with_grad), differentiable=(h,), grad_out=grad)
 
     return make_inputs
 
 
 def _geglu_call(fn: Callable[[torch.Tensor], torch.Tensor], with_grad: bool) -> Callable[[SimpleNamespace], object]:
-    def call(x: SimpleNamespace):
-        if not with_grad:
-            with torch.no_grad():
-                return fn(x.h)
-        return torch.autograd.grad(fn(x.h), x.h, x.grad)
-
-    return call
+    return _timed(lambda inputs: fn(inputs.h), with_grad)
 
 
 def geglu_cases(options: SuiteOptions) -> Iterator[Case]:
     """The feed-forward's GEGLU at every level: tokens = batch x frames x positions, hidden = 4 C."""
-    frames, levels = (QUICK_FRAMES, QUICK_LEVELS) if options.quick else (FRAMES, LEVELS)
-    on_gpu = options.device.type == "cuda"
-    batch_sizes = options.batch_sizes or (GPU_BATCH_SIZES if on_gpu and not options.quick else CPU_BATCH_SIZES)
+    frames, _, levels, batch_sizes = _sizes(options)
     element_size = torch.empty((), dtype=options.dtype).element_size()
     compiled = torch.compile(_release_geglu, dynamic=False)
 
