@@ -12,6 +12,7 @@
 #   STAGES="build profile" PROFILE_OPS=distillation_step benchmarks/device_check.sh   # where the time goes
 #   STAGES=profile PROFILE_OPS=reward_mixture PROFILE_IMPLS=sequential,batched PROFILE_S=rest benchmarks/device_check.sh
 #   STAGES=bench_models MODEL_OPS=generate MODEL_COMPILE_S=400 benchmarks/device_check.sh   # the compiled variants
+#   KERNEL_ARGS="--batch-sizes 1 --profile 20" benchmarks/device_check.sh   # harness arguments of one stage
 #
 # $OUT (default: benchmarks/results) gets device.log (this script's own output), build.log, tests.log,
 # bench.log and one harness JSON file a bench or profile stage: eight files at most, the lent machine's
@@ -52,7 +53,11 @@ MODEL_COMPILE_S=${MODEL_COMPILE_S:-0}
 # end-to-end op at batch 1, reference eager against kernels.
 PROFILE_OPS=${PROFILE_OPS:-unet_forward,distillation_step}
 PROFILE_IMPLS=${PROFILE_IMPLS:-reference-eager,kernels}
+# BENCH_ARGS go to every harness stage; KERNEL_ARGS, REWARD_ARGS, MODEL_ARGS to one (after BENCH_ARGS).
 read -r -a BENCH <<< "python3 -m benchmarks --out $OUT --no-plot ${BENCH_ARGS:-}"
+read -r -a KERNEL_ARGS <<< "${KERNEL_ARGS:-}"
+read -r -a REWARD_ARGS <<< "${REWARD_ARGS:-}"
+read -r -a MODEL_ARGS <<< "${MODEL_ARGS:-}"
 
 say() { echo "== $* ($(date -u +%T))"; }
 
@@ -96,8 +101,8 @@ grep -E "^=+ .*(passed|failed|error)" "$OUT/tests.log"
 
 stage profile 120 bench.log "${BENCH[@]}" --warmup 1 --iters 2 --compile-budget 0 --batch-sizes 1 \
     --impls "$PROFILE_IMPLS" --profile 30 --ops "$PROFILE_OPS"
-stage bench_kernels 140 bench.log "${BENCH[@]}" --compile-budget 90 --ops "$KERNEL_OPS"
-stage bench_rewards 60 bench.log "${BENCH[@]}" --warmup 2 --iters 5 --compile-budget 0 --ops "$REWARD_OPS"
-stage bench_models rest bench.log "${BENCH[@]}" --warmup 1 --iters 3 --compile-budget "$MODEL_COMPILE_S" --ops "$MODEL_OPS"
+stage bench_kernels 140 bench.log "${BENCH[@]}" --compile-budget 90 --ops "$KERNEL_OPS" "${KERNEL_ARGS[@]}"
+stage bench_rewards 60 bench.log "${BENCH[@]}" --warmup 2 --iters 5 --compile-budget 0 --ops "$REWARD_OPS" "${REWARD_ARGS[@]}"
+stage bench_models rest bench.log "${BENCH[@]}" --warmup 1 --iters 3 --compile-budget "$MODEL_COMPILE_S" --ops "$MODEL_OPS" "${MODEL_ARGS[@]}"
 grep -E "^(PASS|FAIL|n/a|info) " "$OUT/bench.log"
 say "done"
