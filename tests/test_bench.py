@@ -239,8 +239,10 @@ def test_working_memory_is_measured_through_backward_and_recorded(tmp_path):
     assert 3 * 16 * 1024 <= working <= 5 * 16 * 1024
 
     def suite(options: harness.SuiteOptions):
+        # On the harness's device: on a GPU machine the row measures CUDA allocations.
+        on_device = x.detach().to(options.device).requires_grad_()
         yield harness.Case(
-            op="step", case="64", pass_name="fwd+bwd", make_inputs=lambda: x, impls=(harness.Impl("torch", step),),
+            op="step", case="64", pass_name="fwd+bwd", make_inputs=lambda: on_device, impls=(harness.Impl("torch", step),),
             bytes_moved=2 * 16 * 1024, dtype=torch.float32, shape=(64, 64), measure_working_memory=True,
         )
 
