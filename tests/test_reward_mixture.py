@@ -164,6 +164,33 @@ def test_stacked_mixture_matches_each_model_run_separately(models, checkpointing
     assert all(p.grad is None and not p.requires_grad for m in models for p in m.parameters())
 
 
+def test_a_stacked_group_runs_unstacked_without_autograd(models, monkeypatch):
+    """Under no_grad the members of a stacked group run one after the other (no vmap), with the
+    same scores as the stacked pass."""
+    from t2v_turbo.rewards import mixture as mixture_module
+
+    vmapped = []
+    original_vmap = mixture_module.vmap
+
+    def counting_vmap(fn, *args, **kwargs):
+        vmapped.append(fn)
+        return original_vmap(fn, *args, **kwargs)
+
+    monkeypatch.setattr(mixture_module, "vmap", counting_vmap)
+    mixture = make_mixture(models, stack_same_architecture=True)
+    indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(6))
+    frames = decoded_frames(5, len(indices))
+    stacked_total, stacked = mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    assert len(vmapped) == 1
+    with torch.no_grad():
+        total, scores = mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    assert len(vmapped) == 1, "the no_grad pass went through vmap"
+    assert (0, 1) in mixture.groups
+    assert abs(total.item() - stacked_total.item()) < SCORE_TOL
+    for name, value in scores.items():
+        assert torch.allclose(value, stacked[name], atol=SCORE_TOL, rtol=0), name
+
+
 def test_stacked_checkpointed_group_recomputes_without_its_models_block_checkpoints():
     """A stacked group checkpoints as a whole; its recomputation in the backward pass, after the
     forward has restored the models' own switches, must not take block checkpoints inside vmap."""

@@ -21,8 +21,12 @@ The fused forward makes none. Every layout change is absorbed into the addressin
   separate normalise-and-transpose kernel would still write and re-read one activation.
 - Temporal attention runs on that "frames" layout directly (turbo_kernels.temporal_attention),
   with q, k, v strided slices of one fused [to_q; to_k; to_v] projection: no head split/merge.
-- to_out.0 and ff.net.2 add their residual in the GEMM epilogue; the GEGLU between ff.net.0 and
-  ff.net.2 is one pass (turbo_kernels.geglu), not gelu, product and, backward, a concatenation.
+- to_out.0 and ff.net.2 read and write row-major tokens, the layout cuBLAS takes as it is, so they
+  run there (bias in its epilogue) and add their residual after: on an H100 the
+  strided_linear kernel took about 3x cuBLAS's time per FLOP at these GEMM shapes (the third
+  lease's profile), far more than the extra elementwise pass costs. The GEGLU between ff.net.0
+  and ff.net.2 is one pass (turbo_kernels.geglu), not gelu, product and, backward, a
+  concatenation.
 - proj_out writes its output transposed, i.e. straight into the stream's (B*F, C, H, W) layout,
   with the stream itself added as the residual in the epilogue. torch.baddbmm into that layout
   would copy the residual into the output first and needs a separate bias pass.
@@ -346,7 +350,7 @@ def _fused_block(block: nn.Module, h: Tensor, num_frames: int) -> Tensor:
 
     h = _fused_attention(block.attn1, layer_norm(block.norm1), h, num_frames)
     h = _fused_attention(block.attn2, layer_norm(block.norm2), h, num_frames)
-    return _fused_feed_forward(block.ff, layer_norm(block.norm3), h, num_frames)
+    return _fused_feed_forward(block.ff, layer_norm(block.norm3), h)
 
 
 def _fused_attention(attn: nn.Module, x: Tensor, residual: Tensor, num_frames: int) -> Tensor:
@@ -355,18 +359,22 @@ def _fused_attention(attn: nn.Module, x: Tensor, residual: Tensor, num_frames: i
     q, k, v = F.linear(x, w_qkv).chunk(3, dim=-1)
     out = temporal_attention(q, k, v, num_frames, attn.heads, layout="frames")
     to_out = attn.to_out[0]
-    return _strided_linear(
-        out, to_out.weight.to(x.dtype), to_out.bias.to(x.dtype), residual, None, None, num_frames, False
-    )
+    return _linear_plus_residual(out, to_out, residual)
 
 
-def _fused_feed_forward(ff: nn.Module, x: Tensor, residual: Tensor, num_frames: int) -> Tensor:
+def _fused_feed_forward(ff: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
     """residual + net.2(GEGLU(x)): value = first half of net.0.proj, gate = second half, exact GELU
     (turbo_kernels.geglu: one pass each way, no concatenation of the two halves' gradients)."""
     proj = ff.net[0].proj
     hidden = geglu(F.linear(x, proj.weight.to(x.dtype), proj.bias.to(x.dtype)))
-    out = ff.net[2]
-    return _strided_linear(hidden, out.weight.to(x.dtype), out.bias.to(x.dtype), residual, None, None, num_frames, False)
+    return _linear_plus_residual(hidden, ff.net[2], residual)
+
+
+def _linear_plus_residual(x: Tensor, linear: nn.Linear, residual: Tensor) -> Tensor:
+    """residual + linear(x) on row-major tokens: cuBLAS, then one add. Not add_: F.linear's 3-D
+    output is a view of its matrix product, and autograd's backward of an in-place op on a view
+    copies the gradient four times (tests/test_temporal_block.py counts the copies)."""
+    return F.linear(x, linear.weight.to(x.dtype), linear.bias.to(x.dtype)) + residual
 
 
 def _group_norm_affine(norm: nn.GroupNorm, x: Tensor, num_frames: int) -> tuple[Tensor, Tensor]:

@@ -240,7 +240,7 @@ _MERGE_ARGS = dict(
 )
 # (groups, channels a group x positions) at VideoCrafter2's three attention levels and the middle.
 _STATS_SHAPES = ((32, 10 * 2560), (32, 20 * 640), (32, 40 * 160), (32, 40 * 40))
-# (AFFINE, HAS_BIAS, HAS_RESIDUAL): proj_in; to_out / ff.net.2 / proj_out; backward input grads.
+# (AFFINE, HAS_BIAS, HAS_RESIDUAL): proj_in; proj_out; backward input grads.
 _LINEAR_VARIANTS = ((True, True, False), (False, True, True), (False, False, False))
 
 
