@@ -27,6 +27,7 @@ SUITES: tuple[harness.Suite, ...] = (
     attention.cases,
     temporal_block.cases,
     temporal_block.geglu_cases,
+    temporal_block.layer_norm_cases,
     spatial.cases,
     preprocess.cases,
     models.cases,

@@ -2,7 +2,8 @@
 at VideoCrafter2 shapes, against the release's code path (reference.temporal_block) eagerly and
 under torch.compile, alone (triton) and itself under torch.compile (triton-compile); and of its
 GEGLU activation alone (turbo_kernels.geglu, also every spatial transformer's), against the
-release's `value * F.gelu(gate)` eagerly and compiled.
+release's `value * F.gelu(gate)` eagerly and compiled; and of its LayerNorms alone
+(turbo_kernels.layer_norm on the block's tokens), against F.layer_norm eagerly and compiled.
 
 Every level of the UNet runs one temporal transformer on its (B*F, C, H, W) stream: C = 320, 640,
 1280, 1280 channels on 40x64, 20x32, 10x16 and 5x8 latents, with 5, 10, 20, 20 heads of 64. The
@@ -29,6 +30,7 @@ from turbo_kernels import FusedTemporalTransformer
 
 OP = "temporal_block"
 GEGLU_OP = "geglu"
+LAYER_NORM_OP = "layer_norm"
 FRAMES = 16
 HEAD_DIM = 64
 # (channels, height, width, heads) of the UNet's levels: 40x64, 20x32, 10x16 latents and the middle block.
@@ -192,10 +194,68 @@ def geglu_cases(options: SuiteOptions) -> Iterator[Case]:
                 )
 
 
+def _layer_norm_inputs(tokens: int, channels: int, with_grad: bool, options: SuiteOptions) -> Callable[[], SimpleNamespace]:
+    generator = torch.Generator(device=options.device).manual_seed(options.seed)
+
+    def make_inputs() -> SimpleNamespace:
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator, device=options.device, dtype=options.dtype)
+
+        x, weight, bias = randn(tokens, channels), randn(channels), randn(channels)
+        inputs = (x, weight, bias)
+        for t in inputs:
+            t.requires_grad_(with_grad)
+        return SimpleNamespace(inputs=inputs, differentiable=inputs, grad_out=randn(tokens, channels))
+
+    return make_inputs
+
+
+def _torch_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias)
+
+
+def layer_norm_cases(options: SuiteOptions) -> Iterator[Case]:
+    """norm1/norm2/norm3 of the block at every level: tokens = batch x frames x positions, C wide,
+    with weight and bias gradients in the backward, as training takes them."""
+    frames, _, levels, batch_sizes = _sizes(options)
+    element_size = torch.empty((), dtype=options.dtype).element_size()
+    compiled = torch.compile(_torch_layer_norm, dynamic=False)
+
+    def kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        with tk.backend("triton"):
+            return tk.layer_norm(x, weight, bias)
+
+    def call(fn, with_grad: bool):
+        return _timed(lambda inputs: fn(*inputs.inputs), with_grad)
+
+    for pass_name in ("fwd", "fwd+bwd"):
+        with_grad = pass_name == "fwd+bwd"
+        for batch in batch_sizes:
+            for channels, height, width, _ in levels:
+                tokens = batch * frames * height * width
+                # Forward: x read, the output written; backward: x and the output's gradient read,
+                # x's gradient written (parameters and their gradients are negligible).
+                elements = tokens * channels * (2 if not with_grad else 2 + 3)
+                yield Case(
+                    op=LAYER_NORM_OP,
+                    case=f"b{batch}-c{channels}-{height}x{width}",
+                    pass_name=pass_name,
+                    make_inputs=_layer_norm_inputs(tokens, channels, with_grad, options),
+                    impls=(
+                        Impl(EAGER, call(_torch_layer_norm, with_grad)),
+                        Impl(COMPILED, call(compiled, with_grad), compiles=True),
+                        Impl(TRITON, call(kernel, with_grad), unavailable=models.kernels_unavailable(options.device)),
+                    ),
+                    bytes_moved=elements * element_size,
+                    dtype=options.dtype,
+                    shape=(tokens, channels),
+                )
+
+
 def summary(result: dict) -> list[str]:
     """Issue 3's target for the fused block (>= 1.5x the reference block), per measured case and pass;
     the block's share of issue 4's (fused + compile >= 1.15x the compiled reference); and the GEGLU
-    kernel never slower than the release's eager form, which it replaces."""
+    and LayerNorm kernels never slower than the eager forms they replace."""
     lines = []
     for pass_name in ("fwd", "fwd+bwd"):
         rows = models.rows_by(result, OP, pass_name)
@@ -207,12 +267,16 @@ def summary(result: dict) -> list[str]:
         for case in dict.fromkeys(case for case, _ in rows):
             # The UNet's GEGLU modules take the kernel wherever use_kernels is on: it must never lose.
             lines.append(models.speedup_line(f"geglu {case} {pass_name}", rows, case, TRITON, EAGER, 1.0))
+        rows = models.rows_by(result, LAYER_NORM_OP, pass_name)
+        for case in dict.fromkeys(case for case, _ in rows):
+            # The fused block takes the kernel: it must never lose to torch's LayerNorm.
+            lines.append(models.speedup_line(f"layer_norm {case} {pass_name}", rows, case, TRITON, EAGER, 1.0))
     return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return models.run_suite(
-        lambda options: itertools.chain(cases(options), geglu_cases(options)), summary, argv,
+        lambda options: itertools.chain(cases(options), geglu_cases(options), layer_norm_cases(options)), summary, argv,
         "python -m benchmarks.temporal_block",
     )
 

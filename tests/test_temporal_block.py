@@ -183,7 +183,9 @@ def _check_fused_against_reference(case, dtype, backend_name, chosen):
     module = _module(channels, heads, head_dim, dtype=dtype)
     with tk.backend(backend_name):
         out, grad_x, grads = _forward_backward(module, x, grad_out, frames, reference=False)
-    want_ops = set(OPS) | {"temporal_attention", "temporal_attention_backward", "geglu", "geglu_backward"}
+    want_ops = set(OPS) | {
+        "temporal_attention", "temporal_attention_backward", "geglu", "geglu_backward", "layer_norm", "layer_norm_backward"
+    }
     assert set(chosen) == {(op, backend_name) for op in want_ops}, chosen
 
     out_lp, grad_x_lp, grads_lp = _forward_backward(module, x, grad_out, frames, reference=True)

@@ -15,6 +15,7 @@ from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
 from t2v_turbo.models.vc2_unet import (
     FUSED_MIN_POSITIONS,
     GEGLU,
+    LayerNorm,
     SpatialTransformer,
     TemporalTransformer,
     attention_probs,
@@ -35,7 +36,7 @@ BLOCKS = (
     [f"input_blocks.{i}" for i in range(6)] + ["init_attn", "middle_block"] + [f"output_blocks.{i}" for i in range(6)]
 )
 PROJECTIONS = ["time_cond_proj", "motion_cond_proj", "combine_proj", "time_embed", "fps_embedding"]
-FUSED_OPS = ("group_norm_stats", "strided_linear", "temporal_attention", "geglu")
+FUSED_OPS = ("group_norm_stats", "strided_linear", "temporal_attention", "geglu", "layer_norm")
 # init_attn, 2 + 2 in the encoder, 1 in the middle and 6 in the decoder.
 TEMPORAL_TRANSFORMERS = 12
 TINY_DECODER_ATTN1 = [f"output_blocks.{i}.2.transformer_blocks.0.attn1" for i in range(6)]
@@ -216,18 +217,21 @@ def test_decoder_temporal_attention_probs(tiny64, plain64, io, use_kernels, chos
     assert _temporal_attention_backends(chosen) == ({"reference"} if use_kernels else set())
 
 
-def test_use_kernels_switches_every_temporal_attention_and_geglu():
+def test_use_kernels_switches_every_temporal_attention_geglu_and_layer_norm():
     model = VC2UNet.preset("tiny")
     temporal = [m for m in model.modules() if getattr(m, "temporal", None) is True]
     transformers = [m for m in model.modules() if isinstance(m, TemporalTransformer)]
     gated = [m for m in model.modules() if isinstance(m, GEGLU)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     spatial = [m for m in model.modules() if isinstance(m, SpatialTransformer)]
     assert len(transformers) == TEMPORAL_TRANSFORMERS and len(gated) == len(spatial) + len(transformers) > 0
-    assert model.use_kernels and all(m.use_kernels for m in temporal + transformers + gated)
+    assert len(norms) == 3 * len(gated) and all(isinstance(m, LayerNorm) for m in norms)
+    switched = temporal + transformers + gated + norms
+    assert model.use_kernels and all(m.use_kernels for m in switched)
     stream = torch.empty(4, 1, 4, 4)
     assert all(m.runs_fused(stream) for m in transformers)
     model.use_kernels = False
-    assert not any(m.use_kernels for m in temporal + transformers + gated)
+    assert not any(m.use_kernels for m in switched)
     assert not any(m.runs_fused(stream) for m in transformers)
     assert not VC2UNet.preset("tiny", use_kernels=False).use_kernels
 
@@ -249,6 +253,7 @@ def test_compiled_model_runs_temporal_layers_unfused_with_the_attention_op():
     torch._dynamo.reset()
     assert any("temporal_attention" in op for op in traced_ops)
     assert not any(name in op for op in traced_ops for name in ("strided_linear", "group_norm_stats", "geglu"))
+    assert not any("turbo_kernels.layer_norm" in op for op in traced_ops)  # torch's own layer_norm stays
 
 
 def test_temporal_layers_fuse_only_from_the_measured_size(monkeypatch):

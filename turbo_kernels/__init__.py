@@ -3,7 +3,8 @@
 Public ops (each a torch.library custom op with a plain PyTorch reference, a Triton kernel and,
 where it pays, a CUDA kernel, chosen per call by `turbo_kernels.dispatch`):
 guided_solver_step, consistency_output, consistency_sampler_step, pseudo_huber_loss,
-temporal_attention, temporal_attention_probs, motion_energy, spatial_attention, geglu, reward_preprocess.
+temporal_attention, temporal_attention_probs, motion_energy, spatial_attention, geglu, layer_norm,
+reward_preprocess.
 """
 
 from turbo_kernels.dispatch import (
@@ -16,6 +17,7 @@ from turbo_kernels.dispatch import (
 from turbo_kernels.capture import capture_attention_inputs
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.ops.geglu import geglu
+from turbo_kernels.ops.layer_norm import layer_norm
 from turbo_kernels.ops.motion import motion_energy, temporal_attention_probs
 from turbo_kernels.ops.preprocess import PreprocessSpec, reward_preprocess
 from turbo_kernels.reference.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -51,6 +53,7 @@ __all__ = [
     "consistency_sampler_step",
     "geglu",
     "guided_solver_step",
+    "layer_norm",
     "motion_energy",
     "patch",
     "pseudo_huber_loss",

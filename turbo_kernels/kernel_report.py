@@ -42,6 +42,7 @@ KERNEL_MODULES = (
     "turbo_kernels.triton_kernels.motion_energy",
     "turbo_kernels.triton_kernels.group_norm",
     "turbo_kernels.triton_kernels.geglu",
+    "turbo_kernels.triton_kernels.layer_norm",
     "turbo_kernels.triton_kernels.spatial_attention",
     "turbo_kernels.triton_kernels.preprocess",
 )

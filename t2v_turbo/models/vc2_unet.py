@@ -9,8 +9,9 @@ release likewise uses xformers when installed), temporal attention written out.
 With `use_kernels` on, the temporal transformers of the finer levels run
 turbo_kernels.FusedTemporalTransformer's fused path on their own parameters (TemporalTransformer
 says where), the unfused temporal attention (and its probabilities) runs turbo_kernels' ops through
-`temporal_attention` / `temporal_attention_probs`, and every feed-forward's GEGLU runs
-turbo_kernels.geglu outside torch.compile; with it off, everything is plain PyTorch. Gradient checkpointing, when enabled, recomputes each UNet block in
+`temporal_attention` / `temporal_attention_probs`, and every feed-forward's GEGLU and every
+transformer block's LayerNorm run turbo_kernels.geglu / layer_norm outside torch.compile; with it
+off, everything is plain PyTorch. Gradient checkpointing, when enabled, recomputes each UNet block in
 the backward pass.
 """
 
@@ -250,6 +251,22 @@ class GEGLU(nn.Module):
         return value * F.gelu(gate)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and keys) that runs turbo_kernels.layer_norm while
+    `use_kernels` is set, outside torch.compile (which fuses the eager form itself): torch's
+    backward spends most of its time summing the weight and bias gradients over the many narrow
+    rows of a UNet level's tokens."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.use_kernels = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_kernels and not torch.compiler.is_compiling():
+            return turbo_kernels.layer_norm(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
@@ -268,9 +285,9 @@ class BasicTransformerBlock(nn.Module):
         self.attn1 = CrossAttention(dim, heads, head_dim, temporal=temporal)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, heads, head_dim, context_dim=context_dim, temporal=temporal)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         x = self.attn1(self.norm1(x)) + x
@@ -568,7 +585,7 @@ class VC2UNet(nn.Module):
     def use_kernels(self, value: bool) -> None:
         self._use_kernels = bool(value)
         for module in self.modules():
-            if isinstance(module, (TemporalTransformer, GEGLU)) or (
+            if isinstance(module, (TemporalTransformer, GEGLU, LayerNorm)) or (
                 isinstance(module, CrossAttention) and module.temporal
             ):
                 module.use_kernels = self._use_kernels

@@ -169,3 +169,27 @@ def geglu_backward(grad_out: Tensor, h: Tensor) -> Tensor:
     cdf = 0.5 * (1 + torch.erf(gate * 0.5**0.5))
     pdf = torch.exp(-0.5 * gate * gate) * (2 * torch.pi) ** -0.5
     return torch.cat([grad * gate * cdf, grad * value * (cdf + gate * pdf)], dim=-1).to(h.dtype)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over x's last dimension with affine weight and bias (F.layer_norm's meaning),
+    computed in float32 (float64 for float64 x), rounded once to x's dtype, contiguous."""
+    cdt = _compute_dtype(x)
+    out = F.layer_norm(x.to(cdt), x.shape[-1:], weight.to(cdt), bias.to(cdt), eps)
+    return out.to(x.dtype).contiguous()
+
+
+def layer_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of layer_norm: with x̂ = (x - mean) rstd and g = grad_out * weight per row,
+    d x = rstd (g - mean(g) - x̂ mean(g x̂)) in x's dtype; d weight = sum over rows of grad_out x̂ and
+    d bias = sum over rows of grad_out, both float32 (float64 for float64 x)."""
+    cdt = _compute_dtype(x)
+    xs = x.to(cdt)
+    centred = xs - xs.mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
+    normalised = centred * rstd
+    grad = grad_out.to(cdt)
+    g = grad * weight.to(cdt)
+    grad_x = rstd * (g - g.mean(dim=-1, keepdim=True) - normalised * (g * normalised).mean(dim=-1, keepdim=True))
+    rows = tuple(range(x.dim() - 1))
+    return grad_x.to(x.dtype), (grad * normalised).sum(dim=rows), grad.sum(dim=rows)

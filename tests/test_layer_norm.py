@@ -1,0 +1,205 @@
+"""turbo_kernels.layer_norm (the temporal transformer's norm1/norm2/norm3): the reference against
+float64 maths written here from the definition, its backward against autograd of that definition
+and by gradcheck, the Triton kernels (interpreter on the CPU) against the reference on odd widths,
+views and dtypes with NaN-poisoned outputs (the backward's per-program partial sums over several
+row blocks included), the fallback for layouts and widths the kernels refuse, bad input, opcheck and
+torch.compile.
+
+Tolerance: the kernel's error against float64 is at most twice that of the reference in the same
+storage dtype plus one rounding of it (helpers.assert_within_2x_of_reference).
+"""
+
+import math
+
+import pytest
+import torch
+
+import turbo_kernels as tk
+from turbo_kernels import dispatch
+from turbo_kernels.reference import temporal_block as ref
+from turbo_kernels.triton_kernels import layer_norm as triton_layer_norm
+
+from .helpers import DEVICE, KERNEL_DTYPES, assert_within_2x_of_reference, poison_cuda_allocator, seeded_generator
+
+EPS = 1e-5
+
+
+def _by_definition(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias per row, the biased variance, with Python floats."""
+    rows = []
+    for row in x.double().reshape(-1, x.shape[-1]).tolist():
+        mean = sum(row) / len(row)
+        variance = sum((v - mean) ** 2 for v in row) / len(row)
+        rows.append([(v - mean) / math.sqrt(variance + eps) * w + b for v, w, b in zip(row, weight.tolist(), bias.tolist())])
+    return torch.tensor(rows, dtype=torch.float64).reshape(x.shape)
+
+
+def _parameters(channels: int, dtype, generator):
+    weight = 1 + 0.5 * torch.randn(channels, generator=generator, dtype=torch.float64)
+    bias = 0.5 * torch.randn(channels, generator=generator, dtype=torch.float64)
+    return weight.to(DEVICE, dtype), bias.to(DEVICE, dtype)
+
+
+def test_reference_matches_the_definition_in_float64():
+    g = seeded_generator("definition")
+    x = torch.randn(3, 4, 10, generator=g, dtype=torch.float64) * 3 + 2
+    weight, bias = (t.cpu() for t in _parameters(10, torch.float64, g))
+    torch.testing.assert_close(ref.layer_norm(x, weight, bias, EPS), _by_definition(x, weight, bias, EPS), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_backward_matches_autograd_of_the_definition():
+    g = seeded_generator("backward")
+    x = (torch.randn(2, 5, 12, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    weight, bias = (t.cpu().requires_grad_() for t in _parameters(12, torch.float64, g))
+    grad = torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
+    mean = x.mean(dim=-1, keepdim=True)
+    variance = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    definition = (x - mean) / torch.sqrt(variance + EPS) * weight + bias
+    want = torch.autograd.grad(definition, (x, weight, bias), grad)
+    got = ref.layer_norm_backward(grad, x.detach(), weight.detach(), EPS)
+    for name, a, b in zip(("x", "weight", "bias"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_public_op_passes_gradcheck():
+    g = seeded_generator("gradcheck")
+    x = torch.randn(3, 2, 6, generator=g, dtype=torch.float64)
+    weight, bias = (t.cpu() for t in _parameters(6, torch.float64, g))
+    with tk.backend("reference"):
+        assert torch.autograd.gradcheck(
+            lambda *a: tk.layer_norm(*a, eps=EPS), (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_())
+        )
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    dispatch._warned.clear()
+    monkeypatch.setattr(
+        triton_layer_norm, "new_output",
+        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device),
+    )
+    poison_cuda_allocator()
+
+
+def _views(case: str, dtype, generator):
+    """x for each layout the kernels take: contiguous 3-D with a width not a power of two, one
+    wider than a tile's 4096 elements, 2-D rows with a larger stride (a column slice of a wider
+    projection), a 3-D slice along the last dimension, a single row, many rows (the backward's
+    programs then walk several row blocks), and empty."""
+    def randn(*shape):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * 2 + 1).to(DEVICE, dtype)
+
+    if case == "contiguous":
+        return randn(3, 17, 40)
+    if case == "wide":
+        return randn(3, 5000)
+    if case == "row-strided":
+        return randn(29, 3 * 24)[:, 24:48]
+    if case == "sliced-3d":
+        return randn(2, 5, 3 * 20)[:, :, 20:40]
+    if case == "one-row":
+        return randn(1, 7)
+    if case == "many-rows":  # 8 blocks of 128 rows at 24 (32 padded) channels
+        return randn(1000, 24)
+    return randn(0, 4, 8)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["contiguous", "wide", "row-strided", "sliced-3d", "one-row", "many-rows", "empty"])
+def test_triton_matches_reference_forward_and_backward(poisoned, chosen, monkeypatch, dtype, case):
+    if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
+        pytest.skip("Triton cannot run here (no GPU, no interpreter)")
+    # Two programs: with many rows each walks four row blocks (the last ragged) into its partial row.
+    monkeypatch.setattr(triton_layer_norm, "MAX_PROGRAMS", 2)
+    generator = seeded_generator("triton", str(dtype), case)
+    x = _views(case, dtype, generator).requires_grad_()
+    weight, bias = (t.requires_grad_() for t in _parameters(x.shape[-1], dtype, generator))
+    grad = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
+    inputs = (x, weight, bias)
+    with tk.backend("triton"):
+        out = tk.layer_norm(x, weight, bias, EPS)
+    # Outside the block: the backward runs on the backend its forward was given.
+    grads = torch.autograd.grad(out, inputs, grad)
+    assert {backend for _, backend in chosen} == {"triton"}
+    assert [op for op, _ in chosen] == ["layer_norm", "layer_norm_backward"]
+    with tk.backend("reference"):
+        ref_out = tk.layer_norm(x, weight, bias, EPS)
+        ref_grads = torch.autograd.grad(ref_out, inputs, grad)
+    x64, weight64, bias64 = (t.detach().double() for t in inputs)
+    out64 = ref.layer_norm(x64, weight64, bias64, EPS)
+    grads64 = ref.layer_norm_backward(grad.double(), x64, weight64, EPS)
+    assert out.is_contiguous() and out.dtype == dtype
+    assert_within_2x_of_reference(out, ref_out, out64, "out")
+    for name, got, want, want64 in zip(("x", "weight", "bias"), grads, ref_grads, grads64):
+        assert got.dtype == dtype, name
+        if got.numel() and not want64.abs().max() > 0:
+            torch.testing.assert_close(got, want, msg=name)  # empty x: zero parameter gradients
+            continue
+        assert_within_2x_of_reference(got, want, want64, f"grad {name}")
+
+
+@pytest.mark.parametrize("layout, reason", [
+    ("channel-strided", "channel stride"),  # every other element of a wider tensor
+    ("permuted", "do not flatten"),  # leading dimensions swapped
+    ("too-wide", "channels"),  # wider than MAX_CHANNELS (lowered here)
+])
+def test_inputs_the_kernels_refuse_fall_back_with_one_warning(chosen, monkeypatch, layout, reason):
+    if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
+        pytest.skip("Triton cannot run here (no GPU, no interpreter)")
+    dispatch._warned.clear()
+    monkeypatch.setattr(triton_layer_norm, "MAX_CHANNELS", 16)
+    if layout == "channel-strided":
+        x = torch.randn(4, 12 * 2, device=DEVICE)[:, ::2]
+    elif layout == "permuted":
+        x = torch.randn(4, 3, 12, device=DEVICE).transpose(0, 1)
+    else:
+        x = torch.randn(4, 20, device=DEVICE)
+    x.requires_grad_()
+    weight, bias = (torch.randn(x.shape[-1], device=DEVICE) for _ in range(2))
+    grad = torch.randn(x.shape, device=DEVICE)
+    with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match=reason):
+        out = tk.layer_norm(x, weight, bias, EPS)
+        (grad_x,) = torch.autograd.grad(out, x, grad)
+    assert chosen == [("layer_norm", "reference"), ("layer_norm_backward", "reference")]
+    torch.testing.assert_close(out, ref.layer_norm(x.detach(), weight, bias, EPS))
+    torch.testing.assert_close(grad_x, ref.layer_norm_backward(grad, x.detach(), weight, EPS)[0])
+
+
+def test_bad_input_is_rejected_naming_the_argument():
+    x, weight, bias = torch.randn(2, 6), torch.randn(6), torch.randn(6)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        tk.layer_norm(torch.ones(2, 6, dtype=torch.int64), weight, bias)
+    with pytest.raises(ValueError, match=r"weight must have shape \(6,\)"):
+        tk.layer_norm(x, torch.randn(5), bias)
+    with pytest.raises(TypeError, match="bias must be a floating-point tensor"):
+        tk.layer_norm(x, weight, torch.ones(6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="bias is on meta"):
+        tk.layer_norm(x, weight, torch.empty(6, device="meta"))
+    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+        tk.layer_norm(x, weight, bias, eps=0.0)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
+def test_opcheck(requires_grad, layout):
+    x = torch.randn(3, 2, 12, device=DEVICE)
+    if layout == "permuted":  # the reference runs it and must return the fake's contiguous layout
+        x = x.transpose(0, 1)
+    weight, bias = (torch.randn(12, device=DEVICE).requires_grad_(requires_grad) for _ in range(2))
+    torch.library.opcheck(torch.ops.turbo_kernels.layer_norm.default, (x.requires_grad_(requires_grad), weight, bias, EPS))
+    grad = torch.randn(x.shape, device=DEVICE)
+    backend = dispatch.requested_backend()
+    torch.library.opcheck(torch.ops.turbo_kernels.layer_norm_backward.default, (grad, x.detach(), weight.detach(), EPS, backend))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    x = torch.randn(4, 3, 16, device=DEVICE, requires_grad=True)
+    weight, bias = (torch.randn(16, device=DEVICE, requires_grad=True) for _ in range(2))
+    grad = torch.randn(4, 3, 16, device=DEVICE)
+    eager = torch.autograd.grad(tk.layer_norm(x, weight, bias), (x, weight, bias), grad)
+    torch.compiler.reset()
+    compiled_fn = torch.compile(tk.layer_norm, fullgraph=True, backend="aot_eager")
+    compiled = torch.autograd.grad(compiled_fn(x, weight, bias), (x, weight, bias), grad)
+    torch.compiler.reset()
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
