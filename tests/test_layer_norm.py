@@ -61,9 +61,10 @@ def test_reference_backward_matches_autograd_of_the_definition():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_public_op_passes_gradcheck():
-    g = seeded_generator("gradcheck")
-    x = torch.randn(3, 2, 6, generator=g, dtype=torch.float64)
+@pytest.mark.parametrize("shape", [(3, 2, 6), (6,)], ids=["3-d", "1-d"])
+def test_public_op_passes_gradcheck(shape):
+    g = seeded_generator("gradcheck", shape)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
     weight, bias = (t.cpu() for t in _parameters(6, torch.float64, g))
     with tk.backend("reference"):
         assert torch.autograd.gradcheck(
@@ -84,8 +85,8 @@ def poisoned(monkeypatch):
 def _views(case: str, dtype, generator):
     """x for each layout the kernels take: contiguous 3-D with a width not a power of two, one
     wider than a tile's 4096 elements, 2-D rows with a larger stride (a column slice of a wider
-    projection), a 3-D slice along the last dimension, a single row, many rows (the backward's
-    programs then walk several row blocks), and empty."""
+    projection), a 3-D slice along the last dimension, a single row, a 1-D x, many rows (the
+    backward's programs then walk several row blocks), and empty."""
     def randn(*shape):
         return (torch.randn(*shape, generator=generator, dtype=torch.float64) * 2 + 1).to(DEVICE, dtype)
 
@@ -99,21 +100,31 @@ def _views(case: str, dtype, generator):
         return randn(2, 5, 3 * 20)[:, :, 20:40]
     if case == "one-row":
         return randn(1, 7)
+    if case == "one-dim":
+        return randn(9)
     if case == "many-rows":  # 8 blocks of 128 rows at 24 (32 padded) channels
         return randn(1000, 24)
     return randn(0, 4, 8)
 
 
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["contiguous", "wide", "row-strided", "sliced-3d", "one-row", "many-rows", "empty"])
-def test_triton_matches_reference_forward_and_backward(poisoned, chosen, monkeypatch, dtype, case):
+CASES = ["contiguous", "wide", "row-strided", "sliced-3d", "one-row", "one-dim", "many-rows", "empty"]
+
+
+@pytest.mark.parametrize(
+    "dtype, parameter_dtype",
+    [(dtype, dtype) for dtype in KERNEL_DTYPES] + [(dtype, torch.float32) for dtype in KERNEL_DTYPES[1:]],
+    ids=lambda d: str(d).removeprefix("torch."),
+)
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_reference_forward_and_backward(poisoned, chosen, monkeypatch, dtype, parameter_dtype, case):
+    """Parameters in x's dtype, or float32 with 16-bit x (autocast's master weights)."""
     if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
         pytest.skip("Triton cannot run here (no GPU, no interpreter)")
     # Two programs: with many rows each walks four row blocks (the last ragged) into its partial row.
     monkeypatch.setattr(triton_layer_norm, "MAX_PROGRAMS", 2)
     generator = seeded_generator("triton", str(dtype), case)
     x = _views(case, dtype, generator).requires_grad_()
-    weight, bias = (t.requires_grad_() for t in _parameters(x.shape[-1], dtype, generator))
+    weight, bias = (t.requires_grad_() for t in _parameters(x.shape[-1], parameter_dtype, generator))
     grad = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
     inputs = (x, weight, bias)
     with tk.backend("triton"):
@@ -131,7 +142,7 @@ def test_triton_matches_reference_forward_and_backward(poisoned, chosen, monkeyp
     assert out.is_contiguous() and out.dtype == dtype
     assert_within_2x_of_reference(out, ref_out, out64, "out")
     for name, got, want, want64 in zip(("x", "weight", "bias"), grads, ref_grads, grads64):
-        assert got.dtype == dtype, name
+        assert got.dtype == (dtype if name == "x" else parameter_dtype), name
         if got.numel() and not want64.abs().max() > 0:
             torch.testing.assert_close(got, want, msg=name)  # empty x: zero parameter gradients
             continue
@@ -142,6 +153,7 @@ def test_triton_matches_reference_forward_and_backward(poisoned, chosen, monkeyp
     ("channel-strided", "channel stride"),  # every other element of a wider tensor
     ("permuted", "do not flatten"),  # leading dimensions swapped
     ("too-wide", "channels"),  # wider than MAX_CHANNELS (lowered here)
+    ("half-parameters", "parameters in torch.float16 with x in torch.float32"),
 ])
 def test_inputs_the_kernels_refuse_fall_back_with_one_warning(chosen, monkeypatch, layout, reason):
     if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
@@ -152,10 +164,13 @@ def test_inputs_the_kernels_refuse_fall_back_with_one_warning(chosen, monkeypatc
         x = torch.randn(4, 12 * 2, device=DEVICE)[:, ::2]
     elif layout == "permuted":
         x = torch.randn(4, 3, 12, device=DEVICE).transpose(0, 1)
+    elif layout == "half-parameters":
+        x = torch.randn(4, 12, device=DEVICE)
     else:
         x = torch.randn(4, 20, device=DEVICE)
     x.requires_grad_()
-    weight, bias = (torch.randn(x.shape[-1], device=DEVICE) for _ in range(2))
+    parameter_dtype = torch.float16 if layout == "half-parameters" else torch.float32
+    weight, bias = (torch.randn(x.shape[-1], device=DEVICE, dtype=parameter_dtype) for _ in range(2))
     grad = torch.randn(x.shape, device=DEVICE)
     with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match=reason):
         out = tk.layer_norm(x, weight, bias, EPS)
@@ -180,11 +195,13 @@ def test_bad_input_is_rejected_naming_the_argument():
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "one-dim"])
 def test_opcheck(requires_grad, layout):
     x = torch.randn(3, 2, 12, device=DEVICE)
     if layout == "permuted":  # the reference runs it and must return the fake's contiguous layout
         x = x.transpose(0, 1)
+    if layout == "one-dim":
+        x = x[0, 0]
     weight, bias = (torch.randn(12, device=DEVICE).requires_grad_(requires_grad) for _ in range(2))
     torch.library.opcheck(torch.ops.turbo_kernels.layer_norm.default, (x.requires_grad_(requires_grad), weight, bias, EPS))
     grad = torch.randn(x.shape, device=DEVICE)

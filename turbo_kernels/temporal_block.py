@@ -286,7 +286,8 @@ class FusedTemporalTransformer(nn.Module):
     ff, attn2, norm1, norm2, norm3}, proj_out), so a checkpoint's temporal transformer loads
     strictly. The fused path (module docstring) runs by default; `use_reference=True`, or
     `reference_forward`, runs the release's plain PyTorch path instead. Parameters are cast to the
-    stream's dtype, and autocast is off inside: the stream's dtype is the compute dtype.
+    stream's dtype (the LayerNorms read float32 ones as they are), and autocast is off inside: the
+    stream's dtype is the compute dtype.
     """
 
     def __init__(
@@ -328,7 +329,8 @@ def fused_temporal_transformer(
     {norm1, attn1, norm2, attn2, norm3, ff}, proj_out; attn1/attn2 carry `heads`), as VC2UNet's
     temporal layers are. proj_in_weight / proj_out_weight stand in for layer.proj_in / proj_out's
     weights where those are not (out, in) matrices (the release's init_attn uses Conv1d(k=1)).
-    Parameters are cast to the stream's dtype and autocast is off inside."""
+    Parameters are cast to the stream's dtype (the LayerNorms read float32 ones as they are) and
+    autocast is off inside."""
     _check_stream(layer.norm, x, num_frames)
     proj_in_weight = layer.proj_in.weight if proj_in_weight is None else proj_in_weight
     proj_out_weight = layer.proj_out.weight if proj_out_weight is None else proj_out_weight
@@ -350,7 +352,7 @@ def fused_temporal_transformer(
 
 def _fused_block(block: nn.Module, h: Tensor, num_frames: int) -> Tensor:
     def layer_norm(norm):
-        return _layer_norm(h, norm.weight.to(h.dtype), norm.bias.to(h.dtype), norm.eps)
+        return _layer_norm(h, norm.weight, norm.bias, norm.eps)
 
     h = _fused_attention(block.attn1, layer_norm(block.norm1), h, num_frames)
     h = _fused_attention(block.attn2, layer_norm(block.norm2), h, num_frames)

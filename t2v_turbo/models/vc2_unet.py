@@ -255,7 +255,9 @@ class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters and keys) that runs turbo_kernels.layer_norm while
     `use_kernels` is set, outside torch.compile (which fuses the eager form itself): torch's
     backward spends most of its time summing the weight and bias gradients over the many narrow
-    rows of a UNet level's tokens."""
+    rows of a UNet level's tokens. The parameters go in as they are (float32 master weights under
+    autocast are read in float32, as nn.LayerNorm's autocast does); the output is x's dtype,
+    where autocast's would be float32: every consumer is a Linear that casts to bf16 anyway."""
 
     def __init__(self, dim: int):
         super().__init__(dim)
@@ -263,7 +265,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_kernels and not torch.compiler.is_compiling():
-            return turbo_kernels.layer_norm(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+            return turbo_kernels.layer_norm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
 
 

@@ -43,18 +43,27 @@ def _rows_problem(x: Tensor) -> Optional[str]:
     return None
 
 
-def _parameter_problem(weight: Tensor, bias: Tensor) -> Optional[str]:
-    if not (weight.is_contiguous() and bias.is_contiguous()):
-        return "weight and bias must be contiguous"
+def _parameter_problem(x: Tensor, *parameters: Tensor) -> Optional[str]:
+    """The kernels take weight and bias contiguous, (C,), in x's dtype or float32 (fp32 master
+    weights under autocast), on x's device."""
+    for parameter in parameters:
+        if parameter.dtype not in (x.dtype, torch.float32):
+            return f"parameters in {parameter.dtype} with x in {x.dtype} (kernels take x's dtype or float32)"
+        if tuple(parameter.shape) != (x.shape[-1],) or not parameter.is_contiguous():
+            return f"parameters must be contiguous ({x.shape[-1]},), got {tuple(parameter.shape)}"
+        if parameter.device != x.device:
+            return "tensors on several devices"
     return None
 
 
 def _forward_problem(x, weight, bias, eps):
-    return checks.storage_problem(x, weight, bias) or _rows_problem(x) or _parameter_problem(weight, bias)
+    return checks.storage_problem(x) or _rows_problem(x) or _parameter_problem(x, weight, bias)
 
 
 def _backward_problem(grad_out, x, weight, eps):
-    return checks.storage_problem(grad_out, x, weight) or _rows_problem(x) or _parameter_problem(weight, weight)
+    if grad_out.shape != x.shape:
+        return f"grad_out has shape {tuple(grad_out.shape)}, x {tuple(x.shape)}"
+    return checks.storage_problem(grad_out, x) or _rows_problem(x) or _parameter_problem(x, weight)
 
 
 dispatch.register("layer_norm", "reference")(ref.layer_norm)
@@ -109,7 +118,8 @@ _layer_norm.register_autograd(_backward, setup_context=_setup)
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """F.layer_norm(x, x.shape[-1:], weight, bias, eps): x normalised over its last dimension (C),
     then scaled by weight (C,) and shifted by bias (C,). Maths in float32 (float64 for float64 x)
-    with one rounding to x's dtype; returns x's shape and dtype, contiguous; differentiable in x,
+    with one rounding to x's dtype; weight and bias may be float32 with 16-bit x (autocast's master
+    weights: the kernels read them as they are, and their gradients come back in their dtype); returns x's shape and dtype, contiguous; differentiable in x,
     weight and bias (first order: the backward op has no gradient of its own). Any view of x with
     unit channel stride whose leading dimensions flatten is read without a copy."""
     checks.floating_tensor(x, "x")
