@@ -140,90 +140,40 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
                 )
 
 
-def _release_geglu(h: torch.Tensor) -> torch.Tensor:
-    value, gate = h.chunk(2, dim=-1)
-    return value * torch.nn.functional.gelu(gate)
-
-
-def _geglu_inputs(tokens: int, hidden: int, with_grad: bool, options: SuiteOptions) -> Callable[[], SimpleNamespace]:
+def _random_inputs(shapes: Sequence[tuple[int, ...]], grad_shape: tuple[int, ...], with_grad: bool, options: SuiteOptions):
+    """make_inputs of a token op: its inputs (all differentiable in forward+backward) and the
+    upstream gradient of its output."""
     generator = torch.Generator(device=options.device).manual_seed(options.seed)
 
     def make_inputs() -> SimpleNamespace:
-        h = torch.randn(tokens, 2 * hidden, generator=generator, device=options.device, dtype=options.dtype)
-        grad = torch.randn(tokens, hidden, generator=generator, device=options.device, dtype=options.dtype)
-        return SimpleNamespace(h=h.requires_grad_(with_grad), differentiable=(h,), grad_out=grad)
+        def randn(shape):
+            return torch.randn(shape, generator=generator, device=options.device, dtype=options.dtype)
+
+        inputs = tuple(randn(shape).requires_grad_(with_grad) for shape in shapes)
+        return SimpleNamespace(inputs=inputs, differentiable=inputs, grad_out=randn(grad_shape))
 
     return make_inputs
 
 
-def _geglu_call(fn: Callable[[torch.Tensor], torch.Tensor], with_grad: bool) -> Callable[[SimpleNamespace], object]:
-    return _timed(lambda inputs: fn(inputs.h), with_grad)
-
-
-def geglu_cases(options: SuiteOptions) -> Iterator[Case]:
-    """The feed-forward's GEGLU at every level: tokens = batch x frames x positions, hidden = 4 C."""
+def _token_op_cases(
+    options: SuiteOptions,
+    op: str,
+    eager: Callable[..., torch.Tensor],
+    kernel: Callable[..., torch.Tensor],
+    input_shapes: Callable[[int, int], Sequence[tuple[int, ...]]],
+    output_shape: Callable[[int, int], tuple[int, ...]],
+    elements: Callable[[int, int, bool], int],
+) -> Iterator[Case]:
+    """One op of the block on its tokens at every level (tokens = batch x frames x positions, the
+    level's C channels), eager, compiled and on its Triton kernel; `input_shapes(tokens, C)`, the
+    output's shape, and `elements(tokens, C, with_grad)` the values an ideal pass moves."""
     frames, _, levels, batch_sizes = _sizes(options)
     element_size = torch.empty((), dtype=options.dtype).element_size()
-    compiled = torch.compile(_release_geglu, dynamic=False)
+    compiled = torch.compile(eager, dynamic=False)
 
-    def kernel(h: torch.Tensor) -> torch.Tensor:
+    def on_triton(*inputs: torch.Tensor) -> torch.Tensor:
         with tk.backend("triton"):
-            return tk.geglu(h)
-
-    for pass_name in ("fwd", "fwd+bwd"):
-        with_grad = pass_name == "fwd+bwd"
-        for batch in batch_sizes:
-            for channels, height, width, _ in levels:
-                tokens, hidden = batch * frames * height * width, 4 * channels
-                # Forward: h read, the output written; backward: h and the output's gradient read,
-                # h's gradient written.
-                elements = tokens * hidden * (3 if not with_grad else 3 + 5)
-                yield Case(
-                    op=GEGLU_OP,
-                    case=f"b{batch}-c{channels}-{height}x{width}",
-                    pass_name=pass_name,
-                    make_inputs=_geglu_inputs(tokens, hidden, with_grad, options),
-                    impls=(
-                        Impl(EAGER, _geglu_call(_release_geglu, with_grad)),
-                        Impl(COMPILED, _geglu_call(compiled, with_grad), compiles=True),
-                        Impl(TRITON, _geglu_call(kernel, with_grad), unavailable=models.kernels_unavailable(options.device)),
-                    ),
-                    bytes_moved=elements * element_size,
-                    dtype=options.dtype,
-                    shape=(tokens, 2 * hidden),
-                )
-
-
-def _layer_norm_inputs(tokens: int, channels: int, with_grad: bool, options: SuiteOptions) -> Callable[[], SimpleNamespace]:
-    generator = torch.Generator(device=options.device).manual_seed(options.seed)
-
-    def make_inputs() -> SimpleNamespace:
-        def randn(*shape):
-            return torch.randn(*shape, generator=generator, device=options.device, dtype=options.dtype)
-
-        x, weight, bias = randn(tokens, channels), randn(channels), randn(channels)
-        inputs = (x, weight, bias)
-        for t in inputs:
-            t.requires_grad_(with_grad)
-        return SimpleNamespace(inputs=inputs, differentiable=inputs, grad_out=randn(tokens, channels))
-
-    return make_inputs
-
-
-def _torch_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias)
-
-
-def layer_norm_cases(options: SuiteOptions) -> Iterator[Case]:
-    """norm1/norm2/norm3 of the block at every level: tokens = batch x frames x positions, C wide,
-    with weight and bias gradients in the backward, as training takes them."""
-    frames, _, levels, batch_sizes = _sizes(options)
-    element_size = torch.empty((), dtype=options.dtype).element_size()
-    compiled = torch.compile(_torch_layer_norm, dynamic=False)
-
-    def kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        with tk.backend("triton"):
-            return tk.layer_norm(x, weight, bias)
+            return kernel(*inputs)
 
     def call(fn, with_grad: bool):
         return _timed(lambda inputs: fn(*inputs.inputs), with_grad)
@@ -233,23 +183,53 @@ def layer_norm_cases(options: SuiteOptions) -> Iterator[Case]:
         for batch in batch_sizes:
             for channels, height, width, _ in levels:
                 tokens = batch * frames * height * width
-                # Forward: x read, the output written; backward: x and the output's gradient read,
-                # x's gradient written (parameters and their gradients are negligible).
-                elements = tokens * channels * (2 if not with_grad else 2 + 3)
+                shapes = input_shapes(tokens, channels)
                 yield Case(
-                    op=LAYER_NORM_OP,
+                    op=op,
                     case=f"b{batch}-c{channels}-{height}x{width}",
                     pass_name=pass_name,
-                    make_inputs=_layer_norm_inputs(tokens, channels, with_grad, options),
+                    make_inputs=_random_inputs(shapes, output_shape(tokens, channels), with_grad, options),
                     impls=(
-                        Impl(EAGER, call(_torch_layer_norm, with_grad)),
+                        Impl(EAGER, call(eager, with_grad)),
                         Impl(COMPILED, call(compiled, with_grad), compiles=True),
-                        Impl(TRITON, call(kernel, with_grad), unavailable=models.kernels_unavailable(options.device)),
+                        Impl(TRITON, call(on_triton, with_grad), unavailable=models.kernels_unavailable(options.device)),
                     ),
-                    bytes_moved=elements * element_size,
+                    bytes_moved=elements(tokens, channels, with_grad) * element_size,
                     dtype=options.dtype,
-                    shape=(tokens, channels),
+                    shape=shapes[0],
                 )
+
+
+def _release_geglu(h: torch.Tensor) -> torch.Tensor:
+    value, gate = h.chunk(2, dim=-1)
+    return value * torch.nn.functional.gelu(gate)
+
+
+def geglu_cases(options: SuiteOptions) -> Iterator[Case]:
+    """The feed-forward's GEGLU at every level: h (tokens, 2 hidden), hidden = 4 C. Forward: h
+    read, the output written; backward: h and the output's gradient read, h's gradient written."""
+    return _token_op_cases(
+        options, GEGLU_OP, _release_geglu, tk.geglu,
+        input_shapes=lambda tokens, channels: [(tokens, 8 * channels)],
+        output_shape=lambda tokens, channels: (tokens, 4 * channels),
+        elements=lambda tokens, channels, with_grad: tokens * 4 * channels * (3 + 5 * with_grad),
+    )
+
+
+def _torch_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias)
+
+
+def layer_norm_cases(options: SuiteOptions) -> Iterator[Case]:
+    """norm1/norm2/norm3 of the block at every level, with weight and bias gradients in the
+    backward, as training takes them. Forward: x read, the output written; backward: x and the
+    output's gradient read, x's gradient written (the parameters' traffic is negligible)."""
+    return _token_op_cases(
+        options, LAYER_NORM_OP, _torch_layer_norm, tk.layer_norm,
+        input_shapes=lambda tokens, channels: [(tokens, channels), (channels,), (channels,)],
+        output_shape=lambda tokens, channels: (tokens, channels),
+        elements=lambda tokens, channels, with_grad: tokens * channels * (2 + 3 * with_grad),
+    )
 
 
 def summary(result: dict) -> list[str]:

@@ -130,6 +130,20 @@ def storage_problem(*tensors: Tensor) -> Optional[str]:
     return None
 
 
+def rows_problem(t: Tensor, name: str) -> Optional[str]:
+    """Why row kernels cannot walk t as (rows, last dimension) with one row stride and unit
+    stride along the last dimension (a view of it, no copy), or None."""
+    if t.numel() == 0:
+        return None
+    if t.stride(-1) != 1:
+        return f"{name} has channel stride {t.stride(-1)} (kernels need 1)"
+    try:
+        t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return f"{name}'s leading dimensions do not flatten to rows of one stride"
+    return None
+
+
 def kernel_layout_problem(*tensors: Tensor, batched: bool = True) -> Optional[str]:
     """Why the elementwise kernels cannot stream these tensors, or None.
 

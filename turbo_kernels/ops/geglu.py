@@ -11,7 +11,6 @@ reference for the actual tensors.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -26,25 +25,12 @@ def _triton():
     return geglu
 
 
-def _rows_problem(h: Tensor) -> Optional[str]:
-    """Why the kernels cannot walk h as (rows, 2 x hidden) with one row stride and unit channel stride."""
-    if h.numel() == 0:
-        return None
-    if h.stride(-1) != 1:
-        return f"h has channel stride {h.stride(-1)} (kernels need 1)"
-    try:
-        h.view(-1, h.shape[-1])
-    except RuntimeError:
-        return "h's leading dimensions do not flatten to rows of one stride"
-    return None
-
-
 def _forward_problem(h):
-    return checks.storage_problem(h) or _rows_problem(h)
+    return checks.storage_problem(h) or checks.rows_problem(h, "h")
 
 
 def _backward_problem(grad_out, h):
-    return checks.storage_problem(grad_out, h) or _rows_problem(h)
+    return checks.storage_problem(grad_out, h) or checks.rows_problem(h, "h")
 
 
 dispatch.register("geglu", "reference")(ref.geglu)

@@ -27,15 +27,10 @@ def _triton():
 
 
 def _rows_problem(x: Tensor) -> Optional[str]:
-    """Why the kernels cannot walk x as (rows, channels) with one row stride and unit channel stride."""
-    if x.numel() == 0:
-        return None
-    if x.stride(-1) != 1:
-        return f"x has channel stride {x.stride(-1)} (kernels need 1)"
-    try:
-        x.view(-1, x.shape[-1])
-    except RuntimeError:
-        return "x's leading dimensions do not flatten to rows of one stride"
+    """Why the kernels cannot walk x as (rows, channels), or None."""
+    problem = checks.rows_problem(x, "x")
+    if problem or x.numel() == 0:
+        return problem
     from turbo_kernels.triton_kernels.layer_norm import MAX_CHANNELS
 
     if x.shape[-1] > MAX_CHANNELS:
