@@ -140,16 +140,20 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
                 )
 
 
-def _random_inputs(shapes: Sequence[tuple[int, ...]], grad_shape: tuple[int, ...], with_grad: bool, options: SuiteOptions):
+# An input of a token op: its shape, and its dtype (None: the run's storage dtype).
+InputSpec = tuple[tuple[int, ...], Optional[torch.dtype]]
+
+
+def _random_inputs(specs: Sequence[InputSpec], grad_shape: tuple[int, ...], with_grad: bool, options: SuiteOptions):
     """make_inputs of a token op: its inputs (all differentiable in forward+backward) and the
     upstream gradient of its output."""
     generator = torch.Generator(device=options.device).manual_seed(options.seed)
 
     def make_inputs() -> SimpleNamespace:
-        def randn(shape):
-            return torch.randn(shape, generator=generator, device=options.device, dtype=options.dtype)
+        def randn(shape, dtype=None):
+            return torch.randn(shape, generator=generator, device=options.device, dtype=dtype or options.dtype)
 
-        inputs = tuple(randn(shape).requires_grad_(with_grad) for shape in shapes)
+        inputs = tuple(randn(shape, dtype).requires_grad_(with_grad) for shape, dtype in specs)
         return SimpleNamespace(inputs=inputs, differentiable=inputs, grad_out=randn(grad_shape))
 
     return make_inputs
@@ -160,12 +164,12 @@ def _token_op_cases(
     op: str,
     eager: Callable[..., torch.Tensor],
     kernel: Callable[..., torch.Tensor],
-    input_shapes: Callable[[int, int], Sequence[tuple[int, ...]]],
+    input_specs: Callable[[int, int], Sequence[InputSpec]],
     output_shape: Callable[[int, int], tuple[int, ...]],
     elements: Callable[[int, int, bool], int],
 ) -> Iterator[Case]:
     """One op of the block on its tokens at every level (tokens = batch x frames x positions, the
-    level's C channels), eager, compiled and on its Triton kernel; `input_shapes(tokens, C)`, the
+    level's C channels), eager, compiled and on its Triton kernel; `input_specs(tokens, C)`, the
     output's shape, and `elements(tokens, C, with_grad)` the values an ideal pass moves."""
     frames, _, levels, batch_sizes = _sizes(options)
     element_size = torch.empty((), dtype=options.dtype).element_size()
@@ -183,12 +187,12 @@ def _token_op_cases(
         for batch in batch_sizes:
             for channels, height, width, _ in levels:
                 tokens = batch * frames * height * width
-                shapes = input_shapes(tokens, channels)
+                specs = input_specs(tokens, channels)
                 yield Case(
                     op=op,
                     case=f"b{batch}-c{channels}-{height}x{width}",
                     pass_name=pass_name,
-                    make_inputs=_random_inputs(shapes, output_shape(tokens, channels), with_grad, options),
+                    make_inputs=_random_inputs(specs, output_shape(tokens, channels), with_grad, options),
                     impls=(
                         Impl(EAGER, call(eager, with_grad)),
                         Impl(COMPILED, call(compiled, with_grad), compiles=True),
@@ -196,7 +200,7 @@ def _token_op_cases(
                     ),
                     bytes_moved=elements(tokens, channels, with_grad) * element_size,
                     dtype=options.dtype,
-                    shape=shapes[0],
+                    shape=specs[0][0],
                 )
 
 
@@ -210,7 +214,7 @@ def geglu_cases(options: SuiteOptions) -> Iterator[Case]:
     read, the output written; backward: h and the output's gradient read, h's gradient written."""
     return _token_op_cases(
         options, GEGLU_OP, _release_geglu, tk.geglu,
-        input_shapes=lambda tokens, channels: [(tokens, 8 * channels)],
+        input_specs=lambda tokens, channels: [((tokens, 8 * channels), None)],
         output_shape=lambda tokens, channels: (tokens, 4 * channels),
         elements=lambda tokens, channels, with_grad: tokens * 4 * channels * (3 + 5 * with_grad),
     )
@@ -221,12 +225,15 @@ def _torch_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
 
 
 def layer_norm_cases(options: SuiteOptions) -> Iterator[Case]:
-    """norm1/norm2/norm3 of the block at every level, with weight and bias gradients in the
-    backward, as training takes them. Forward: x read, the output written; backward: x and the
-    output's gradient read, x's gradient written (the parameters' traffic is negligible)."""
+    """norm1/norm2/norm3 of the block at every level, with float32 weight and bias (autocast's
+    master weights) and their gradients in the backward, as training takes them. Forward: x read,
+    the output written; backward: x and the output's gradient read, x's gradient written (the
+    parameters' traffic is negligible)."""
     return _token_op_cases(
         options, LAYER_NORM_OP, _torch_layer_norm, tk.layer_norm,
-        input_shapes=lambda tokens, channels: [(tokens, channels), (channels,), (channels,)],
+        input_specs=lambda tokens, channels: [
+            ((tokens, channels), None), ((channels,), torch.float32), ((channels,), torch.float32)
+        ],
         output_shape=lambda tokens, channels: (tokens, channels),
         elements=lambda tokens, channels, with_grad: tokens * channels * (2 + 3 * with_grad),
     )

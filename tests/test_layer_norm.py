@@ -72,6 +72,17 @@ def test_public_op_passes_gradcheck(shape):
         )
 
 
+@pytest.mark.parametrize("shape", [(3, 0), (0, 4), (0,)], ids=["no-channels", "no-rows", "1-d-empty"])
+def test_reference_takes_empty_shapes(shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weight, bias = (torch.randn(shape[-1], dtype=torch.float64, requires_grad=True) for _ in range(2))
+    with tk.backend("reference"):
+        out = tk.layer_norm(x, weight, bias, EPS)
+        grads = torch.autograd.grad(out, (x, weight, bias), torch.ones_like(out), allow_unused=True)
+    assert out.shape == x.shape
+    assert [tuple(g.shape) for g in grads] == [tuple(x.shape), (shape[-1],), (shape[-1],)]
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
     dispatch._warned.clear()
@@ -112,12 +123,15 @@ CASES = ["contiguous", "wide", "row-strided", "sliced-3d", "one-row", "one-dim",
 
 @pytest.mark.parametrize(
     "dtype, parameter_dtype",
-    [(dtype, dtype) for dtype in KERNEL_DTYPES] + [(dtype, torch.float32) for dtype in KERNEL_DTYPES[1:]],
+    [(dtype, dtype) for dtype in KERNEL_DTYPES]
+    + [(dtype, torch.float32) for dtype in KERNEL_DTYPES[1:]]
+    + [(torch.float32, torch.float16)],
     ids=lambda d: str(d).removeprefix("torch."),
 )
 @pytest.mark.parametrize("case", CASES)
 def test_triton_matches_reference_forward_and_backward(poisoned, chosen, monkeypatch, dtype, parameter_dtype, case):
-    """Parameters in x's dtype, or float32 with 16-bit x (autocast's master weights)."""
+    """Parameters in x's dtype, float32 with 16-bit x (autocast's master weights), or 16-bit with
+    float32 x."""
     if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
         pytest.skip("Triton cannot run here (no GPU, no interpreter)")
     # Two programs: with many rows each walks four row blocks (the last ragged) into its partial row.
@@ -153,7 +167,7 @@ def test_triton_matches_reference_forward_and_backward(poisoned, chosen, monkeyp
     ("channel-strided", "channel stride"),  # every other element of a wider tensor
     ("permuted", "do not flatten"),  # leading dimensions swapped
     ("too-wide", "channels"),  # wider than MAX_CHANNELS (lowered here)
-    ("half-parameters", "parameters in torch.float16 with x in torch.float32"),
+    ("double-parameters", "parameters in torch.float64"),
 ])
 def test_inputs_the_kernels_refuse_fall_back_with_one_warning(chosen, monkeypatch, layout, reason):
     if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
@@ -164,12 +178,12 @@ def test_inputs_the_kernels_refuse_fall_back_with_one_warning(chosen, monkeypatc
         x = torch.randn(4, 12 * 2, device=DEVICE)[:, ::2]
     elif layout == "permuted":
         x = torch.randn(4, 3, 12, device=DEVICE).transpose(0, 1)
-    elif layout == "half-parameters":
+    elif layout == "double-parameters":
         x = torch.randn(4, 12, device=DEVICE)
     else:
         x = torch.randn(4, 20, device=DEVICE)
     x.requires_grad_()
-    parameter_dtype = torch.float16 if layout == "half-parameters" else torch.float32
+    parameter_dtype = torch.float64 if layout == "double-parameters" else torch.float32
     weight, bias = (torch.randn(x.shape[-1], device=DEVICE, dtype=parameter_dtype) for _ in range(2))
     grad = torch.randn(x.shape, device=DEVICE)
     with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match=reason):

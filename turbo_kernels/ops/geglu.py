@@ -11,7 +11,6 @@ reference for the actual tensors.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

@@ -39,13 +39,15 @@ def _rows_problem(x: Tensor) -> Optional[str]:
 
 
 def _parameter_problem(x: Tensor, *parameters: Tensor) -> Optional[str]:
-    """The kernels take weight and bias contiguous, (C,), in x's dtype or float32 (fp32 master
-    weights under autocast), on x's device."""
+    """The kernels take weight and bias (C,) and contiguous, on x's device, in any storage dtype
+    (they read them in float32: fp32 master weights with 16-bit x under autocast)."""
     for parameter in parameters:
-        if parameter.dtype not in (x.dtype, torch.float32):
-            return f"parameters in {parameter.dtype} with x in {x.dtype} (kernels take x's dtype or float32)"
-        if tuple(parameter.shape) != (x.shape[-1],) or not parameter.is_contiguous():
-            return f"parameters must be contiguous ({x.shape[-1]},), got {tuple(parameter.shape)}"
+        if parameter.dtype not in checks.KERNEL_DTYPES:
+            return f"parameters in {parameter.dtype} (kernels take float32, float16, bfloat16)"
+        if tuple(parameter.shape) != (x.shape[-1],):
+            return f"parameters must have shape ({x.shape[-1]},), got {tuple(parameter.shape)}"
+        if not parameter.is_contiguous():
+            return "parameters must be contiguous"
         if parameter.device != x.device:
             return "tensors on several devices"
     return None
@@ -82,14 +84,16 @@ def _(x, weight, bias, eps):
 
 
 @torch.library.custom_op("turbo_kernels::layer_norm_backward", mutates_args=())
-def _layer_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _layer_norm_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
     return dispatch.run("layer_norm_backward", x.device, grad_out, x, weight, eps, requested=backend)
 
 
 @_layer_norm_backward.register_fake
 def _(grad_out, x, weight, eps, backend):
-    channels = x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty(channels, dtype=_statistics_dtype(x)), x.new_empty(channels, dtype=_statistics_dtype(x))
+    channels, dtype = x.shape[-1], _statistics_dtype(x)
+    return x.new_empty(x.shape), x.new_empty(channels, dtype=dtype), x.new_empty(channels, dtype=dtype)
 
 
 def _setup(ctx, inputs, output):
@@ -113,15 +117,18 @@ _layer_norm.register_autograd(_backward, setup_context=_setup)
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """F.layer_norm(x, x.shape[-1:], weight, bias, eps): x normalised over its last dimension (C),
     then scaled by weight (C,) and shifted by bias (C,). Maths in float32 (float64 for float64 x)
-    with one rounding to x's dtype; weight and bias may be float32 with 16-bit x (autocast's master
-    weights: the kernels read them as they are, and their gradients come back in their dtype); returns x's shape and dtype, contiguous; differentiable in x,
-    weight and bias (first order: the backward op has no gradient of its own). Any view of x with
-    unit channel stride whose leading dimensions flatten is read without a copy."""
+    with one rounding to x's dtype; returns x's shape and dtype, contiguous; differentiable in x,
+    weight and bias (first order: the backward op has no gradient of its own). weight and bias may
+    have another dtype than x (autocast's float32 master weights with 16-bit x): they are read as
+    they are and their gradients returned in their dtype. Any view of x with unit channel stride
+    whose leading dimensions flatten is read without a copy."""
     checks.floating_tensor(x, "x")
     for name, parameter in (("weight", weight), ("bias", bias)):
         checks.floating_tensor(parameter, name)
         if tuple(parameter.shape) != (x.shape[-1],):
-            raise ValueError(f"{name} must have shape ({x.shape[-1]},) (x's last dimension), got {tuple(parameter.shape)}")
+            raise ValueError(
+                f"{name} must have shape ({x.shape[-1]},) (x's last dimension), got {tuple(parameter.shape)}"
+            )
         if parameter.device != x.device:
             raise ValueError(f"{name} is on {parameter.device}, x on {x.device}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):

@@ -191,6 +191,5 @@ def layer_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, eps: float)
     grad = grad_out.to(cdt)
     g = grad * weight.to(cdt)
     grad_x = rstd * (g - g.mean(dim=-1, keepdim=True) - normalised * (g * normalised).mean(dim=-1, keepdim=True))
-    channels = x.shape[-1]
-    grad_weight = (grad * normalised).reshape(-1, channels).sum(dim=0)
-    return grad_x.to(x.dtype), grad_weight, grad.reshape(-1, channels).sum(dim=0)
+    rows = (x.shape[:-1].numel(), x.shape[-1])  # also for 1-D x and zero channels
+    return grad_x.to(x.dtype), (grad * normalised).reshape(rows).sum(dim=0), grad.reshape(rows).sum(dim=0)
