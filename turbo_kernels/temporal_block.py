@@ -68,10 +68,6 @@ def _triton():
     return group_norm
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 # ---- Triton backend: what its kernels cannot take ---------------------------------------------
 
 
@@ -128,7 +124,7 @@ def _group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tu
 @_group_norm_stats.register_fake
 def _(x, num_frames, groups, eps):
     shape = (x.shape[0] // num_frames, groups)
-    return x.new_empty(shape, dtype=_compute_dtype(x)), x.new_empty(shape, dtype=_compute_dtype(x))
+    return x.new_empty(shape, dtype=ref.compute_dtype(x)), x.new_empty(shape, dtype=ref.compute_dtype(x))
 
 
 def _stats_setup(ctx, inputs, output):
@@ -184,7 +180,7 @@ def _strided_linear_weight_grad(
 
 @_strided_linear_weight_grad.register_fake
 def _(grad_out, x, scale, shift, num_frames, backend=None):
-    return x.new_empty((grad_out.shape[2], x.shape[2]), dtype=_compute_dtype(x))
+    return x.new_empty((grad_out.shape[2], x.shape[2]), dtype=ref.compute_dtype(x))
 
 
 def _is_channels_first(x: Tensor) -> bool:
@@ -224,7 +220,7 @@ def _linear_backward(ctx, grad_out):
     if needs_weight:
         grad_weight = _strided_linear_weight_grad(grad, x, scale, shift, num_frames, ctx.backend).to(weight.dtype)
     if needs_bias:
-        grad_bias = grad.sum(dim=(0, 1), dtype=_compute_dtype(grad)).to(weight.dtype)
+        grad_bias = grad.sum(dim=(0, 1), dtype=ref.compute_dtype(grad)).to(weight.dtype)
     return (
         grad_x, grad_weight, grad_bias, grad_out if needs_residual else None, grad_scale, grad_shift, None, None, None
     )

@@ -69,10 +69,6 @@ dispatch.register("layer_norm_backward", "reference")(ref.layer_norm_backward)
 dispatch.register("layer_norm_backward", "triton", _backward_problem)(lambda *a: _triton().layer_norm_backward(*a))
 
 
-def _statistics_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("turbo_kernels::layer_norm", mutates_args=())
 def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return dispatch.run("layer_norm", x.device, x, weight, bias, eps)
@@ -92,7 +88,7 @@ def _layer_norm_backward(
 
 @_layer_norm_backward.register_fake
 def _(grad_out, x, weight, eps, backend):
-    channels, dtype = x.shape[-1], _statistics_dtype(x)
+    channels, dtype = x.shape[-1], ref.compute_dtype(x)
     return x.new_empty(x.shape), x.new_empty(channels, dtype=dtype), x.new_empty(channels, dtype=dtype)
 
 

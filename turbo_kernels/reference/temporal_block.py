@@ -27,7 +27,9 @@ GROUP_NORM_EPS = 1e-6
 LAYER_NORM_EPS = 1e-5
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the ops compute in (and their fakes return statistics in): float64 for float64 x,
+    else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -109,7 +111,7 @@ def temporal_transformer(
 def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tuple[Tensor, Tensor]:
     """(mean, rstd) of each video's channel groups over (C/groups, F, H, W) of the stream x
     (B*F, C, H, W): each (B, groups), float32 (float64 for float64 x); biased variance."""
-    per_group = x.reshape(x.shape[0] // num_frames, num_frames, groups, -1).to(_compute_dtype(x))
+    per_group = x.reshape(x.shape[0] // num_frames, num_frames, groups, -1).to(compute_dtype(x))
     variance, mean = torch.var_mean(per_group, dim=(1, 3), correction=0)
     return mean, torch.rsqrt(variance + eps)
 
@@ -131,7 +133,7 @@ def strided_linear(
     a = channel_affine(x, scale, shift), x (R, M, K) in any strides. Returned contiguous as
     (R, J, M) when channels_first_out (residual then has that shape too), else (R, M, J), in x's
     dtype, rounded once from float32 (float64) maths."""
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     out = torch.matmul(channel_affine(x, scale, shift, num_frames).to(cdt), weight.to(cdt).t())
     if bias is not None:
         out = out + bias.to(cdt)
@@ -147,7 +149,7 @@ def strided_linear_weight_grad(
 ) -> Tensor:
     """The weight gradient of strided_linear: sum over r, m of grad_out[r, m, j] a[r, m, k], with
     grad_out (R, M, J); (J, K) float32 (float64)."""
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     a = channel_affine(x, scale, shift, num_frames).to(cdt)
     return torch.einsum("rmj,rmk->jk", grad_out.to(cdt), a)
 
@@ -156,14 +158,14 @@ def geglu(h: Tensor) -> Tensor:
     """value * gelu(gate) of h (..., 2 x hidden): value the first half, gate the second, exact (erf)
     GELU; computed in float32 (float64 for float64 input), rounded once to h's dtype, contiguous
     whatever h's strides (as the op's fake implementation says)."""
-    value, gate = h.to(_compute_dtype(h)).chunk(2, dim=-1)
+    value, gate = h.to(compute_dtype(h)).chunk(2, dim=-1)
     return (value * F.gelu(gate)).to(h.dtype).contiguous()
 
 
 def geglu_backward(grad_out: Tensor, h: Tensor) -> Tensor:
     """The gradient of geglu with respect to h, (..., 2 x hidden) in h's dtype: d value = g gelu(gate),
     d gate = g value gelu'(gate), gelu'(x) = Phi(x) + x phi(x)."""
-    cdt = _compute_dtype(h)
+    cdt = compute_dtype(h)
     value, gate = h.to(cdt).chunk(2, dim=-1)
     grad = grad_out.to(cdt)
     cdf = 0.5 * (1 + torch.erf(gate * 0.5**0.5))
@@ -174,7 +176,7 @@ def geglu_backward(grad_out: Tensor, h: Tensor) -> Tensor:
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """LayerNorm over x's last dimension with affine weight and bias (F.layer_norm's meaning),
     computed in float32 (float64 for float64 x), rounded once to x's dtype, contiguous."""
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     out = F.layer_norm(x.to(cdt), x.shape[-1:], weight.to(cdt), bias.to(cdt), eps)
     return out.to(x.dtype).contiguous()
 
@@ -183,7 +185,7 @@ def layer_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, eps: float)
     """The gradients of layer_norm: with x̂ = (x - mean) rstd and g = grad_out * weight per row,
     d x = rstd (g - mean(g) - x̂ mean(g x̂)) in x's dtype; d weight = sum over rows of grad_out x̂ and
     d bias = sum over rows of grad_out, both float32 (float64 for float64 x)."""
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     xs = x.to(cdt)
     centred = xs - xs.mean(dim=-1, keepdim=True)
     rstd = torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
