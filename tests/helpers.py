@@ -91,3 +91,54 @@ def check_temporal_attention(q, k, v, grad_out, out, grads, frames, heads, layou
     assert_within_2x_of_reference(out, out_lp, out64, "out")
     for name, got, lp, want in zip(("d q", "d k", "d v"), grads, grads_lp, grads64):
         assert_within_2x_of_reference(got, lp, want, name)
+
+
+class _RecordingKernel:
+    """Stands in for a Triton kernel: `kernel[grid](*args, **constexprs)` is recorded, then run."""
+
+    def __init__(self, kernel, launches: list):
+        self._kernel = kernel
+        self._launches = launches
+
+    def __getitem__(self, grid):
+        run = self._kernel[grid]
+
+        def launch(*args, **constexprs):
+            self._launches.append((self._kernel, args, constexprs))
+            return run(*args, **constexprs)
+
+        return launch
+
+    def __getattr__(self, name):
+        return getattr(self._kernel, name)
+
+
+def record_kernel_launches(monkeypatch, module) -> list:
+    """Record every launch of `module`'s *_kernel functions as (kernel, args, constexprs)."""
+    launches = []
+    for name, obj in list(vars(module).items()):
+        if name.endswith("_kernel") and hasattr(obj, "arg_names"):
+            monkeypatch.setattr(module, name, _RecordingKernel(obj, launches))
+    return launches
+
+
+def unreported_launches(launches, configs) -> list[str]:
+    """The recorded launches that no declared report config (launch_config.KernelConfig) compiles
+    as the launcher would: same pointer dtypes, scalar types and unit strides. A size that is 1
+    in a test's small shapes also matches the i32 its production config declares; a stride
+    never does, since its being 1 is what makes an access contiguous."""
+    from turbo_kernels.triton_kernels.launch_config import UNIT, launch_signature
+
+    def matches(declared: dict, launched: dict) -> bool:
+        return declared.keys() == launched.keys() and all(
+            kind == launched[name] or (kind == "i32" and launched[name] == UNIT and "stride" not in name)
+            for name, kind in declared.items()
+        )
+
+    missing = []
+    for kernel, args, constexprs in launches:
+        launched = launch_signature(kernel, args, constexprs)
+        if not any(config.kernel is kernel and matches(dict(config.signature), launched) for config in configs):
+            units = sorted(name for name, kind in launched.items() if kind == UNIT)
+            missing.append(f"{kernel.__name__}: {launched} (unit: {units})")
+    return missing

@@ -25,7 +25,7 @@ from turbo_kernels.ops.preprocess import PreprocessSpec, reward_preprocess
 from turbo_kernels.reference import preprocess as ref
 from turbo_kernels.triton_kernels import preprocess as kernels
 
-from .helpers import DEVICE, KERNEL_DTYPES, assert_within_2x_of_reference
+from .helpers import DEVICE, KERNEL_DTYPES, assert_within_2x_of_reference, record_kernel_launches, unreported_launches
 
 TF = pytest.importorskip("torchvision.transforms.v2.functional")
 from torchvision.transforms import InterpolationMode  # noqa: E402
@@ -304,6 +304,20 @@ def test_triton_matches_reference(shape, specs, input_range, dtype, poisoned, ch
     if dtype == torch.float32:
         for out, w64 in zip(outputs, want64):
             torch.testing.assert_close(out.double(), w64, rtol=0, atol=FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_kernel_report_compiles_what_the_mixture_launches(monkeypatch, dtype):
+    """The forward and backward launches on decoded frames as RewardMixture passes them (a
+    (B, 3, F, H, W) batch viewed as (B, F, 3, H, W)) match REPORT_CONFIGS entries, unit stride included."""
+    launches = record_kernel_launches(monkeypatch, kernels)
+    frames = _frames((1, 3, 2, 20, 32), seed=5).to(DEVICE, dtype).transpose(1, 2).requires_grad_(True)
+    with tk.backend("triton"):
+        outputs = reward_preprocess(frames, [PreprocessSpec(16, "pad"), PreprocessSpec(16, "squash"), _video(size=12)])
+        torch.autograd.grad(outputs, frames, [torch.ones_like(out) for out in outputs])
+
+    assert {kernel.__name__ for kernel, *_ in launches} == {"reward_preprocess_fwd_kernel", "reward_preprocess_bwd_kernel"}
+    assert unreported_launches(launches, kernels.REPORT_CONFIGS) == []
 
 
 def test_triton_falls_back_with_one_warning_for_float64(poisoned):

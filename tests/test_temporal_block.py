@@ -28,7 +28,10 @@ from turbo_kernels.temporal_block import FusedTemporalTransformer
 from turbo_kernels.triton_kernels import group_norm as kernels
 from turbo_kernels.triton_kernels import temporal_attention as attention_kernels
 
-from .helpers import DEVICE, KERNEL_DTYPES, STORAGE_EPS, assert_within_2x_of_reference, randn, seeded_generator
+from .helpers import (
+    DEVICE, KERNEL_DTYPES, STORAGE_EPS, assert_within_2x_of_reference, randn, record_kernel_launches, seeded_generator,
+    unreported_launches,
+)
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
 TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
@@ -308,6 +311,24 @@ def test_kernels_read_and_write_the_stream_in_place(monkeypatch):
     for q, k, v, *_ in attention:
         assert k.data_ptr() - q.data_ptr() == v.data_ptr() - k.data_ptr() == channels * q.element_size()
         assert q.stride() == (tokens * 3 * channels, 3 * channels, 1)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kernel_report_compiles_what_the_block_launches(monkeypatch, dtype):
+    """Every launch of the fused block's forward and backward matches a REPORT_CONFIGS entry,
+    unit strides included (they decide which accesses the compiler vectorises and pipelines)."""
+    launches = record_kernel_launches(monkeypatch, kernels)
+    videos, frames, channels, height, width, heads, head_dim = CASES[0]
+    g = torch.Generator().manual_seed(17)
+    x = _stream(videos, frames, channels, height, width, dtype, g).requires_grad_(True)
+    module = _module(channels, heads, head_dim, dtype=dtype)
+    with tk.backend("triton"):
+        module(x, frames).backward(torch.randn(x.shape, generator=g).to(device=DEVICE, dtype=dtype))
+
+    launched = {kernel.__name__ for kernel, *_ in launches}
+    assert {"strided_linear_kernel", "strided_linear_weight_grad_kernel"} <= launched, launched
+    assert unreported_launches(launches, kernels.REPORT_CONFIGS) == []
 
 
 # ---- the kernels against their op references -------------------------------------------------------

@@ -14,6 +14,8 @@ prints the table and exits non-zero when any kernel spills registers.
 Pointer arguments and integer sizes are compiled as divisible by 16, the specialisation Triton's
 launcher picks for contiguous torch tensors and for the latent sizes used in production; without
 it the loads are not vectorised and the register counts would not be the production ones.
+Integers that are 1 in production (unit strides, declared UNIT) are compiled as the constant 1,
+as the launcher does; tests check the declared signatures against recorded production launches.
 
 Under TRITON_INTERPRET=1 (the CPU test suite) `@triton.jit` gives interpreter objects that cannot
 be compiled, so `collect()` then compiles in a child process without that variable.
@@ -35,6 +37,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
+
+from turbo_kernels.triton_kernels.launch_config import UNIT
 
 KERNEL_MODULES = (
     "turbo_kernels.triton_kernels.solver",
@@ -176,19 +180,21 @@ def uses_tensor_cores(ptx: str) -> bool:
 def _compile(config, target, backend):
     """Compile one KernelConfig in the format JITFunction itself uses on triton 3.6 to 3.8 (checked
     by unavailable_reason): the signature names every argument and types constexprs "constexpr",
-    constexprs are keyed by name, attributes by argument-index path."""
+    constexprs are keyed by name, attributes by argument-index path. UNIT arguments are compiled
+    as the constant 1, as the launcher specialises them."""
     import triton
     from triton.compiler import ASTSource
 
     fn = config.kernel
-    signature = {name: config.signature.get(name, "constexpr") for name in fn.arg_names}
+    units = {name: UNIT for name, kind in config.signature.items() if kind == UNIT}
+    signature = {name: "constexpr" if name in units else config.signature.get(name, "constexpr") for name in fn.arg_names}
     divisible_by_16 = backend.parse_attr("D")
     attrs = {
         (index,): divisible_by_16
         for index, name in enumerate(fn.arg_names)
         if signature[name].startswith("*") or signature[name] in ("i32", "i64")
     }
-    source = ASTSource(fn, signature, dict(config.constexprs), attrs)
+    source = ASTSource(fn, signature, {**config.constexprs, **units}, attrs)
     return triton.compile(source, target=target, options={"num_warps": config.num_warps})
 
 

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbo_kernels.triton_kernels.launch_config import KernelConfig, storage_configs
+from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, storage_configs
 
 # GroupNorm statistics: programs stream at least 64K elements in tiles of 2048.
 STATS_MIN_ELEMENTS = 65536
@@ -222,9 +222,10 @@ def weight_grad_params(fp32: bool) -> tuple[dict, int]:
 
 
 # Production launch configurations (see launch_config.py), compiled ahead of time by the kernel
-# report: every combination of prologue and epilogue the temporal transformer launches.
+# report: every combination of prologue, epilogue and unit strides the temporal transformer launches.
+# Without AFFINE, scale_ptr and shift_ptr receive the output (storage dtype), unread.
 _LINEAR_ARGS = dict(
-    scale_ptr="*fp32", shift_ptr="*fp32", tokens="i32", in_features="i32", out_features="i32", frames="i32",
+    tokens="i32", in_features="i32", out_features="i32", frames="i32",
     **{f"{name}_stride_{axis}": "i32" for name, axes in (("x", "rmk"), ("w", "jk"), ("residual", "rmj"), ("out", "rmj"))
        for axis in axes},
 )
@@ -240,17 +241,33 @@ _MERGE_ARGS = dict(
 )
 # (groups, channels a group x positions) at VideoCrafter2's three attention levels and the middle.
 _STATS_SHAPES = ((32, 10 * 2560), (32, 20 * 640), (32, 40 * 160), (32, 40 * 40))
-# (AFFINE, HAS_BIAS, HAS_RESIDUAL): proj_in; proj_out; backward input grads.
-_LINEAR_VARIANTS = ((True, True, False), (False, True, True), (False, False, False))
+# (AFFINE, HAS_BIAS, HAS_RESIDUAL, unit strides) of each launch. The stream's tokens are read
+# channel-major (token stride 1), the blocks' tokens row-major (channel stride 1); backward GEMMs
+# take the weight transposed (output-feature stride 1) and write the gradient in its input's layout.
+_LINEAR_VARIANTS = (
+    (True, True, False, ("x_stride_m", "w_stride_k", "residual_stride_j", "out_stride_j")),  # proj_in
+    (False, True, True, ("x_stride_k", "w_stride_k", "residual_stride_m", "out_stride_m")),  # proj_out
+    (False, False, False, ("x_stride_m", "w_stride_j", "residual_stride_j", "out_stride_j")),  # proj_out's input grad
+    (False, False, False, ("x_stride_k", "w_stride_j", "residual_stride_m", "out_stride_m")),  # proj_in's input grad
+)
+# (AFFINE, unit strides) of the weight gradients of proj_in and proj_out.
+_WEIGHT_GRAD_VARIANTS = ((True, ("grad_stride_j", "x_stride_m")), (False, ("grad_stride_m", "x_stride_k")))
+
+
+_AFFINE_ARGS = dict(scale_ptr="*fp32", shift_ptr="*fp32")
+
+
+def _with_units(args: dict, units: tuple[str, ...]) -> dict:
+    return {**args, **{name: UNIT for name in units}}
 
 
 def _linear_configs(dtype: str) -> list[KernelConfig]:
     params, num_warps = linear_params(dtype == "fp32")
     return [
         config
-        for affine, has_bias, has_residual in _LINEAR_VARIANTS
+        for affine, has_bias, has_residual, units in _LINEAR_VARIANTS
         for config in storage_configs(
-            strided_linear_kernel, _LINEAR_ARGS,
+            strided_linear_kernel, _with_units({**_LINEAR_ARGS, **(_AFFINE_ARGS if affine else {})}, units),
             dict(AFFINE=affine, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, **params), num_warps,
         )
         if config.dtype == dtype
@@ -261,9 +278,10 @@ def _weight_grad_configs(dtype: str) -> list[KernelConfig]:
     params, num_warps = weight_grad_params(dtype == "fp32")
     return [
         config
-        for affine in (True, False)
+        for affine, units in _WEIGHT_GRAD_VARIANTS
         for config in storage_configs(
-            strided_linear_weight_grad_kernel, _WEIGHT_GRAD_ARGS, dict(AFFINE=affine, **params), num_warps
+            strided_linear_weight_grad_kernel, _with_units(_WEIGHT_GRAD_ARGS, units), dict(AFFINE=affine, **params),
+            num_warps,
         )
         if config.dtype == dtype
     ]

@@ -8,22 +8,36 @@ wrappers. This module imports nothing from the report, so kernel modules stay im
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence, Union
+
+import torch
 
 # Triton's type names for the storage dtypes the ops accept: float32, float16, bfloat16.
 STORAGE_DTYPES = ("fp32", "fp16", "bf16")
+# Triton's launcher compiles an integer argument equal to 1 as that constant (so a unit stride
+# becomes a contiguous, vectorisable access); a config marks such an argument with this value.
+UNIT = 1
+_TRITON_DTYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+    torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+}
+_INT32_MAX = 2**31 - 1
+
+Signature = Mapping[str, Union[str, int]]
 
 
 @dataclass(frozen=True)
 class KernelConfig:
     """One compiled variant of a kernel: argument types, constexpr values and warps.
 
-    `signature` maps every non-constexpr argument to a Triton type ("*fp16", "i32", "fp32");
-    `dtype` is the storage dtype and `label` names the constexpr values, for reports.
+    `signature` maps every non-constexpr argument to a Triton type ("*fp16", "i32", "fp32"), or to
+    UNIT for an integer that is 1 in production (a unit stride, compiled as the constant 1 as
+    Triton's launcher does); `dtype` is the storage dtype and `label` names the constexpr values and
+    unit arguments, for reports.
     """
 
     kernel: Any
-    signature: Mapping[str, str]
+    signature: Signature
     constexprs: Mapping[str, Any]
     num_warps: int
     dtype: str
@@ -31,10 +45,10 @@ class KernelConfig:
 
 
 def storage_configs(
-    kernel, fixed_args: Mapping[str, str], constexprs: Mapping[str, Any], num_warps: int
+    kernel, fixed_args: Signature, constexprs: Mapping[str, Any], num_warps: int
 ) -> list[KernelConfig]:
-    """One config per storage dtype: arguments in `fixed_args` keep their type, every other
-    non-constexpr argument is a `*_ptr` to storage and points to that dtype."""
+    """One config per storage dtype: arguments in `fixed_args` keep their type (or UNIT), every
+    other non-constexpr argument is a `*_ptr` to storage and points to that dtype."""
     unknown = sorted((set(fixed_args) | set(constexprs)) - set(kernel.arg_names))
     if unknown:
         raise ValueError(f"{kernel.__name__} has no arguments {unknown}")
@@ -42,7 +56,10 @@ def storage_configs(
     untyped = [name for name in runtime_args if name not in fixed_args and not name.endswith("_ptr")]
     if untyped:
         raise ValueError(f"{kernel.__name__}: give a type for non-pointer arguments {untyped}")
-    label = " ".join(f"{name}={int(value) if isinstance(value, bool) else value}" for name, value in constexprs.items())
+    units = {name: UNIT for name, kind in fixed_args.items() if kind == UNIT}
+    label = " ".join(
+        f"{name}={int(value) if isinstance(value, bool) else value}" for name, value in {**constexprs, **units}.items()
+    )
     return [
         KernelConfig(
             kernel=kernel,
@@ -54,3 +71,28 @@ def storage_configs(
         )
         for dtype in STORAGE_DTYPES
     ]
+
+
+def launch_signature(kernel, args: Sequence[Any], constexprs: Mapping[str, Any]) -> dict[str, Union[str, int]]:
+    """The signature, in KernelConfig's terms, that Triton's launcher specialises a launch
+    `kernel[grid](*args, **constexprs)` to (leaving out its divisibility-by-16 hints): tensors as
+    pointers to their dtype, integers equal to 1 as UNIT, other integers as i32 or i64 by size,
+    floats as fp32. Tests compare production launches with the declared configs through it."""
+    runtime_args = [name for name in kernel.arg_names if name not in constexprs]
+    if len(args) != len(runtime_args):
+        raise ValueError(f"{kernel.__name__} takes {len(runtime_args)} runtime arguments, got {len(args)}")
+    return {name: _argument_kind(value) for name, value in zip(runtime_args, args)}
+
+
+def _argument_kind(value: Any) -> Union[str, int]:
+    if isinstance(value, torch.Tensor):
+        return f"*{_TRITON_DTYPES[value.dtype]}"
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        if value == 1:
+            return UNIT
+        return "i32" if -_INT32_MAX - 1 <= value <= _INT32_MAX else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton argument kind for {type(value).__name__}")

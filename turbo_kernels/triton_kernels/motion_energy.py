@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbo_kernels.triton_kernels.launch_config import storage_configs
+from turbo_kernels.triton_kernels.launch_config import UNIT, storage_configs
 
 MAX_FRAMES = 64
 # q and k rows are walked in chunks of 16 head-dim columns: a whole row per tile would cost the
@@ -284,27 +284,35 @@ _GRAD_TOKEN_ARGS = dict(
     grad_positions="i32", grad_stride_video="i32", grad_stride_pos="i32", grad_stride_frame="i32", scale="fp32"
 )
 _SQUARE_STRIDES = ("stride_seq", "stride_head", "stride_query", "stride_key")
+
+
+def _square_args(prefix: str) -> dict:
+    """Strides of a (seq, heads, F, F) fp32 tensor, contiguous along keys as the probabilities and
+    their gradients come in production."""
+    return {f"{prefix}_{s}": UNIT if s == "stride_key" else "i32" for s in _SQUARE_STRIDES}
+
+
 _REPORT_KERNELS = (
     (attention_probs_fwd_kernel, dict(p_ptr="*fp32", n_seq="i32", **_TOKEN_ARGS)),
     (
         attention_probs_bwd_kernel,
         dict(
             grad_ptr="*fp32", n_seq="i32", **_TOKEN_ARGS, **_GRAD_TOKEN_ARGS,
-            **{f"g_{s}": "i32" for s in _SQUARE_STRIDES},
+            **_square_args("g"),
         ),
     ),
     (
         motion_energy_fwd_kernel,
         dict(
             ref_ptr="*fp32", partial_ptr="*fp32", seq_per_group="i32", **_TOKEN_ARGS,
-            **{f"r_{s}": "i32" for s in _SQUARE_STRIDES},
+            **_square_args("r"),
         ),
     ),
     (
         motion_energy_bwd_kernel,
         dict(
             grad_ptr="*fp32", ref_ptr="*fp32", seq_per_group="i32", two_over_count="fp32", **_TOKEN_ARGS,
-            **_GRAD_TOKEN_ARGS, **{f"r_{s}": "i32" for s in _SQUARE_STRIDES},
+            **_GRAD_TOKEN_ARGS, **_square_args("r"),
         ),
     ),
 )

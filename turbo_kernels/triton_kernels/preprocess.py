@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbo_kernels.triton_kernels.launch_config import KernelConfig, storage_configs
+from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, storage_configs
 
 BLOCK_I = 32
 BLOCK_J = 16
@@ -197,11 +197,12 @@ def reward_preprocess_bwd_kernel(
 
 # Production launch configurations (see launch_config.py), compiled ahead of time by
 # `python -m turbo_kernels.kernel_report`. The matrices and statistics are fp32, the spans int32,
-# the tile and spec tables int64, whatever the storage dtype of frames and outputs.
+# the tile and spec tables int64, whatever the storage dtype of frames and outputs. Frames' rows
+# are contiguous in production (decoded frames, or a permuted view of them).
 _TABLE_ARGS = dict(rows_ptr="*fp32", cols_ptr="*fp32", std_ptr="*fp32", num_images="i32", height="i32", width="i32")
 _FWD_ARGS = dict(
     _TABLE_ARGS, mean_ptr="*fp32", row_span_ptr="*i32", col_span_ptr="*i32", tile_ptr="*i64", num_frames="i32",
-    stride_b="i64", stride_f="i64", stride_c="i64", stride_h="i64", stride_w="i64", in_scale="fp32", in_shift="fp32",
+    stride_b="i32", stride_f="i32", stride_c="i32", stride_h="i32", stride_w=UNIT, in_scale="fp32", in_shift="fp32",
 )
 _BWD_ARGS = dict(
     _TABLE_ARGS, row_span_t_ptr="*i32", col_span_t_ptr="*i32", spec_ptr="*i64", num_specs="i32", in_scale="fp32"
