@@ -2,8 +2,10 @@
 at VideoCrafter2 shapes, against the release's code path (reference.temporal_block) eagerly and
 under torch.compile, alone (triton) and itself under torch.compile (triton-compile); and of its
 GEGLU activation alone (turbo_kernels.geglu, also every spatial transformer's), against the
-release's `value * F.gelu(gate)` eagerly and compiled; and of its LayerNorms alone
-(turbo_kernels.layer_norm on the block's tokens), against F.layer_norm eagerly and compiled.
+release's `value * F.gelu(gate)` eagerly and compiled; of its LayerNorms alone
+(turbo_kernels.layer_norm on the block's tokens), against F.layer_norm eagerly and compiled; and
+of its proj_in and proj_out GEMMs alone (`strided_linear`), the Triton kernel at several tile
+shapes against cuBLAS running the same GEMM on tokens that are already contiguous.
 
 Every level of the UNet runs one temporal transformer on its (B*F, C, H, W) stream: C = 320, 640,
 1280, 1280 channels on 40x64, 20x32, 10x16 and 5x8 latents, with 5, 10, 20, 20 heads of 64. The
@@ -50,6 +52,11 @@ TARGET_SPEEDUP = 1.5
 COMPILED_TARGET_SPEEDUP = 1.15
 TRITON = "triton"
 TRITON_COMPILED = "triton-compile"
+STRIDED_LINEAR_OP = "strided_linear"
+CUBLAS_CONTIGUOUS = "cublas-contiguous"
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps) of strided_linear's 16-bit tile sweep; the first is
+# linear_params'. All compile for sm_90a without spills (kernel report's compiler, 77-176 registers).
+LINEAR_TILES = ((64, 64, 32, 4), (128, 64, 32, 4), (128, 64, 64, 4), (64, 128, 64, 4), (128, 128, 32, 8), (128, 128, 64, 8))
 
 
 def _inputs(shape, pass_name: str, make_module: Callable[[], FusedTemporalTransformer], options: SuiteOptions):
@@ -204,6 +211,84 @@ def _token_op_cases(
                 )
 
 
+def tile_impl_name(tile: tuple[int, int, int, int]) -> str:
+    return "triton-{}x{}x{}-w{}".format(*tile)
+
+
+def _linear_inputs(videos: int, frames: int, channels: int, positions: int, options: SuiteOptions):
+    generator = torch.Generator(device=options.device).manual_seed(options.seed)
+
+    def make_inputs() -> SimpleNamespace:
+        def randn(*shape, dtype=None):
+            return torch.randn(shape, generator=generator, device=options.device, dtype=dtype or options.dtype)
+
+        rows = videos * frames
+        return SimpleNamespace(
+            stream=randn(rows, channels, positions),
+            tokens=randn(rows, positions, channels),
+            weight=randn(channels, channels) / channels**0.5,
+            bias=randn(channels),
+            scale=randn(videos, channels, dtype=torch.float32),
+            shift=randn(videos, channels, dtype=torch.float32),
+        )
+
+    return make_inputs
+
+
+def strided_linear_cases(options: SuiteOptions) -> Iterator[Case]:
+    """The fused block's proj_in and proj_out alone at every level, forward (inner width = C, as
+    in VideoCrafter2). proj_in reads the stream channel-major and applies GroupNorm's affine on
+    load; proj_out writes channel-major and adds the stream. Each 16-bit tile shape of LINEAR_TILES
+    runs the Triton kernel; `cublas-contiguous` is F.linear on tokens already contiguous: the same
+    FLOPs without the layout work, the bar the tile sweep is read against (its output differs)."""
+    from turbo_kernels.triton_kernels import group_norm
+
+    frames, _, levels, batch_sizes = _sizes(options)
+    element_size = torch.empty((), dtype=options.dtype).element_size()
+    unavailable = models.kernels_unavailable(options.device)
+    if unavailable is None and options.dtype == torch.float32:
+        unavailable = "the tile sweep is of the 16-bit tensor-core tiles"
+
+    def projection(name: str, tile):
+        params = (dict(BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2]), tile[3])
+
+        def proj_in(x):
+            return group_norm.strided_linear(
+                x.stream.transpose(1, 2), x.weight, x.bias, None, x.scale, x.shift, frames, False, tiles=params
+            )
+
+        def proj_out(x):
+            return group_norm.strided_linear(x.tokens, x.weight, x.bias, x.stream, None, None, frames, True, tiles=params)
+
+        return proj_in if name == "proj_in" else proj_out
+
+    def cublas(x):
+        return torch.nn.functional.linear(x.tokens, x.weight, x.bias)
+
+    for batch in batch_sizes:
+        for channels, height, width, _ in levels:
+            positions = height * width
+            activation = batch * frames * positions * channels
+            for name, activations_moved in (("proj_in", 2), ("proj_out", 3)):
+                yield Case(
+                    op=STRIDED_LINEAR_OP,
+                    case=f"{name}-b{batch}-c{channels}-{height}x{width}",
+                    pass_name="fwd",
+                    make_inputs=_linear_inputs(batch, frames, channels, positions, options),
+                    impls=(
+                        Impl(CUBLAS_CONTIGUOUS, _timed(cublas, False)),
+                        *(
+                            Impl(tile_impl_name(tile), _timed(projection(name, tile), False), unavailable=unavailable)
+                            for tile in LINEAR_TILES
+                        ),
+                    ),
+                    bytes_moved=(activations_moved * activation + channels * channels) * element_size,
+                    flops=2 * activation * channels,
+                    dtype=options.dtype,
+                    shape=(batch * frames, channels, height, width),
+                )
+
+
 def _release_geglu(h: torch.Tensor) -> torch.Tensor:
     value, gate = h.chunk(2, dim=-1)
     return value * torch.nn.functional.gelu(gate)
@@ -258,12 +343,35 @@ def summary(result: dict) -> list[str]:
         for case in dict.fromkeys(case for case, _ in rows):
             # The fused block takes the kernel: it must never lose to torch's LayerNorm.
             lines.append(models.speedup_line(f"layer_norm {case} {pass_name}", rows, case, TRITON, EAGER, 1.0))
+    lines.extend(tile_sweep_lines(result))
+    return lines
+
+
+def tile_sweep_lines(result: dict) -> list[str]:
+    """Per strided_linear case: the default tile's and the fastest tile's time as a multiple of
+    cuBLAS's on contiguous tokens (informational: the sweep chooses tiles, it sets no target)."""
+    rows = models.rows_by(result, STRIDED_LINEAR_OP, "fwd")
+    default = tile_impl_name(LINEAR_TILES[0])
+    lines = []
+    for case in dict.fromkeys(case for case, _ in rows):
+        tiles = {impl: row["median_ms"] for (c, impl), row in rows.items() if c == case and impl.startswith("triton-")}
+        if (case, CUBLAS_CONTIGUOUS) not in rows or not tiles:
+            continue
+        cublas_ms = rows[(case, CUBLAS_CONTIGUOUS)]["median_ms"]
+        best = min(tiles, key=tiles.get)
+        shown = f"default {default} " + (f"{tiles[default] / cublas_ms:.2f}x" if default in tiles else "not measured")
+        lines.append(
+            f"info  strided_linear {case}: time / cuBLAS-contiguous's: {shown}, fastest {best} {tiles[best] / cublas_ms:.2f}x"
+        )
     return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return models.run_suite(
-        lambda options: itertools.chain(cases(options), geglu_cases(options), layer_norm_cases(options)), summary, argv,
+        lambda options: itertools.chain(
+            cases(options), geglu_cases(options), layer_norm_cases(options), strided_linear_cases(options)
+        ),
+        summary, argv,
         "python -m benchmarks.temporal_block",
     )
 

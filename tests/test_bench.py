@@ -289,6 +289,38 @@ def test_temporal_block_summary_judges_the_fused_block_eager_and_compiled():
     assert geglu_line.startswith("FAIL") and "triton 0.91x reference-eager" in geglu_line
 
 
+def test_strided_linear_tile_sweep_runs_the_projections_it_names():
+    """Every tile of the sweep computes proj_in (affine on load, channel-major input) or proj_out
+    (channel-major output plus the stream) as the op's reference does (Triton's interpreter, fp16)."""
+    from turbo_kernels.reference import temporal_block as block_reference
+
+    options = harness.SuiteOptions(torch.device("cpu"), torch.float16, None, quick=True)
+    frames = temporal_block.QUICK_FRAMES
+    cases = list(temporal_block.strided_linear_cases(options))
+    assert [case.case.split("-")[0] for case in cases] == ["proj_in", "proj_out"]
+    for case in cases:
+        x = case.make_inputs()
+        if case.case.startswith("proj_in"):
+            want = block_reference.strided_linear(
+                x.stream.transpose(1, 2), x.weight, x.bias, None, x.scale, x.shift, frames, False
+            )
+        else:
+            want = block_reference.strided_linear(x.tokens, x.weight, x.bias, x.stream, None, None, frames, True)
+        tiles = [impl for impl in case.impls if impl.name.startswith("triton-")]
+        assert [impl.name for impl in tiles] == [temporal_block.tile_impl_name(t) for t in temporal_block.LINEAR_TILES]
+        for impl in tiles:
+            torch.testing.assert_close(impl.fn(x), want, rtol=2e-3, atol=2e-3, msg=lambda m: f"{impl.name}: {m}")
+
+
+def test_tile_sweep_summary_reads_tiles_against_cublas():
+    default, other = (temporal_block.tile_impl_name(t) for t in temporal_block.LINEAR_TILES[:2])
+    times = {temporal_block.CUBLAS_CONTIGUOUS: 1.0, default: 3.0, other: 1.5}
+    result = {"rows": [{"op": temporal_block.STRIDED_LINEAR_OP, "case": "proj_in-b1-c320-40x64", "pass": "fwd",
+                        "impl": impl, "median_ms": ms} for impl, ms in times.items()]}
+    (line,) = temporal_block.tile_sweep_lines(result)
+    assert f"default {default} 3.00x" in line and f"fastest {other} 1.50x" in line
+
+
 def test_inputs_rotate_out_of_l2_unless_they_hold_models(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=50 * 2**20))
     gpu = torch.device("cuda")

@@ -339,9 +339,10 @@ def _token_major(t: Tensor, channels_first: bool) -> Tensor:
     return t.transpose(1, 2) if channels_first else t
 
 
-def strided_linear(x, weight, bias, residual, scale, shift, num_frames, channels_first_out):
+def strided_linear(x, weight, bias, residual, scale, shift, num_frames, channels_first_out, tiles=None):
     """x (R, M, K) in any strides, weight (J, K) in any strides -> out, contiguous (R, J, M) if
-    channels_first_out else (R, M, J). residual has out's shape; scale, shift are (R/F, K) fp32."""
+    channels_first_out else (R, M, J). residual has out's shape; scale, shift are (R/F, K) fp32.
+    tiles: (BLOCK_M/N/K dict, warps) instead of linear_params' (the benchmark's tile sweep)."""
     rows, tokens, in_features = x.shape
     out_features = weight.shape[0]
     shape = (rows, out_features, tokens) if channels_first_out else (rows, tokens, out_features)
@@ -350,7 +351,7 @@ def strided_linear(x, weight, bias, residual, scale, shift, num_frames, channels
         return out
     out_view = _token_major(out, channels_first_out)
     residual_view = out_view if residual is None else _token_major(residual, channels_first_out)
-    params, num_warps = linear_params(x.dtype == torch.float32)
+    params, num_warps = linear_params(x.dtype == torch.float32) if tiles is None else tiles
     grid = (rows * triton.cdiv(tokens, params["BLOCK_M"]) * triton.cdiv(out_features, params["BLOCK_N"]),)
     # Unused pointer arguments get `out`; their constexpr flags keep them unread.
     launch(
