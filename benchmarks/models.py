@@ -12,7 +12,11 @@ The full `vc2` VC2UNet (1.41 B parameters) with random weights, built directly o
 
 Each row is one variant (`impl`): reference-eager (use_kernels off, solver ops on the reference
 backend), reference-compile (the same under torch.compile), kernels (use_kernels on, ops on the
-best backend) and kernels-compile. `bytes` is the weight bytes one call must read (the traffic
+best backend) and kernels-compile; and two experiments, reference-eager-nhwc and kernels-nhwc, the
+eager variants with every convolution's weight channels-last (NHWC), so cuDNN's convolutions
+return channels-last activations instead of transposing to and from NCHW around each call (a
+profile of 4-step generation put 59 of 519 ms in those transposes, H100); whether torch's
+GroupNorm then copies its input back to NCHW is what the rows tell. `bytes` is the weight bytes one call must read (the traffic
 floor of batch-1 sampling). Peak memory per row needs the harness's `peak_mem_mb` field.
 
 End-to-end calls take seconds: run them with few iterations, e.g.
@@ -44,6 +48,8 @@ from turbo_kernels import dispatch
 
 KERNELS = "kernels"
 KERNELS_COMPILED = "kernels-compile"
+EAGER_NHWC = "reference-eager-nhwc"
+KERNELS_NHWC = "kernels-nhwc"
 GPU_ONLY = "full-size end-to-end cases need a GPU (--quick runs the tiny configuration on the CPU)"
 MIB = harness.MIB
 
@@ -103,6 +109,7 @@ class Variant:
     name: str
     use_kernels: bool
     compiled: bool
+    channels_last: bool = False
 
 
 VARIANTS = (
@@ -111,9 +118,15 @@ VARIANTS = (
     Variant(KERNELS, use_kernels=True, compiled=False),
     Variant(KERNELS_COMPILED, use_kernels=True, compiled=True),
 )
+NHWC_VARIANTS = (
+    Variant(EAGER_NHWC, use_kernels=False, compiled=False, channels_last=True),
+    Variant(KERNELS_NHWC, use_kernels=True, compiled=False, channels_last=True),
+)
 
 
-def variant_impls(options: SuiteOptions, call: Callable[[Variant], Callable[[Any], Any]]) -> tuple[Impl, ...]:
+def variant_impls(
+    options: SuiteOptions, call: Callable[[Variant], Callable[[Any], Any]], variants: Sequence[Variant] = VARIANTS
+) -> tuple[Impl, ...]:
     """One Impl a variant; kernel variants are unavailable without a GPU, every variant is at full
     size on a CPU."""
     size_reason = full_size_unavailable(options)
@@ -124,7 +137,7 @@ def variant_impls(options: SuiteOptions, call: Callable[[Variant], Callable[[Any
             compiles=variant.compiled,
             unavailable=size_reason or (kernels_unavailable(options.device) if variant.use_kernels else None),
         )
-        for variant in VARIANTS
+        for variant in variants
     )
 
 
@@ -137,6 +150,22 @@ def set_kernels(unet: VC2UNet, use_kernels: bool) -> None:
     # The setter walks every module: only when the value changes.
     if unet.use_kernels != use_kernels:
         unet.use_kernels = use_kernels
+
+
+def set_conv_memory_format(cache: dict, modules: Sequence[nn.Module], channels_last: bool) -> None:
+    """Every Conv2d / Conv3d weight of `modules` channels-last (NHWC / NDHWC) or contiguous, when
+    that changes (`cache` remembers the current one). Convolutions return their activations in
+    their weight's format; values are the same either way."""
+    if cache.get("channels_last", False) == channels_last:
+        return
+    formats = {2: torch.channels_last, 3: torch.channels_last_3d} if channels_last else {}
+    with torch.no_grad():
+        for module in modules:
+            for conv in module.modules():
+                if isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+                    dims = 2 if isinstance(conv, nn.Conv2d) else 3
+                    conv.weight.data = conv.weight.data.contiguous(memory_format=formats.get(dims, torch.contiguous_format))
+    cache["channels_last"] = channels_last
 
 
 def compiled_module(cache: dict, module: nn.Module) -> nn.Module:
@@ -223,6 +252,7 @@ def _unet_call(variant: Variant) -> Callable[[SimpleNamespace], Tensor]:
     @torch.no_grad()
     def call(x: SimpleNamespace) -> Tensor:
         set_kernels(x.unet, variant.use_kernels)
+        set_conv_memory_format(x.cache, [x.unet], variant.channels_last)
         model = compiled_module(x.cache, x.unet) if variant.compiled else x.unet
         return model(*x.args)
 
@@ -236,7 +266,7 @@ def _pipeline_inputs(scale: Scale, options: SuiteOptions) -> Callable[[], Simple
         vae = build(vae_factory(scale), device, dtype, options.seed)
         text_encoder = RandomTextEncoder(scale, device, dtype, options.seed)
         pipeline = T2VTurboPipeline(unet, vae, text_encoder, fps=FPS)
-        return SimpleNamespace(pipeline=pipeline, unet=unet, cache={})
+        return SimpleNamespace(pipeline=pipeline, unet=unet, vae=vae, cache={})
 
     return make_inputs
 
@@ -246,6 +276,7 @@ def _generate_call(variant: Variant, steps: int, batch: int, scale: Scale) -> Ca
         pipeline = x.pipeline
         if pipeline.use_kernels != variant.use_kernels:
             pipeline.use_kernels = variant.use_kernels
+        set_conv_memory_format(x.cache, [x.unet, x.vae], variant.channels_last)
         pipeline.noise_predictor.model = compiled_module(x.cache, x.unet) if variant.compiled else x.unet
         output = pipeline.generate(
             ["a stand-in prompt"] * batch, num_steps=steps, guidance_scale=GUIDANCE_SCALE,
@@ -269,7 +300,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             case=f"b{batch}-{scale.video}",
             pass_name="fwd",
             make_inputs=_unet_inputs(batch, scale, options),
-            impls=variant_impls(options, _unet_call),
+            impls=variant_impls(options, _unet_call, VARIANTS + NHWC_VARIANTS),
             bytes_moved=unet_bytes,
             dtype=options.dtype,
             shape=(batch, 4, scale.frames, scale.height, scale.width),
@@ -281,7 +312,9 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             case=f"steps{steps}-b{GENERATE_BATCH}-{scale.video}",
             pass_name="fwd",
             make_inputs=_pipeline_inputs(scale, options),
-            impls=variant_impls(options, lambda v, steps=steps: _generate_call(v, steps, GENERATE_BATCH, scale)),
+            impls=variant_impls(
+                options, lambda v, steps=steps: _generate_call(v, steps, GENERATE_BATCH, scale), VARIANTS + NHWC_VARIANTS
+            ),
             bytes_moved=steps * unet_bytes + vae_bytes,
             dtype=options.dtype,
             shape=(GENERATE_BATCH, 3, scale.frames, scale.height, scale.width),
@@ -335,10 +368,28 @@ def variant_targets(result: dict, op: str, case: str, label: str) -> list[str]:
 
 
 def summary(result: dict) -> list[str]:
-    """Issue 4's targets for 4-step generation end to end, judged on a harness result."""
+    """Issue 4's targets for 4-step generation end to end, judged on a harness result, and what
+    the channels-last experiment measured."""
     cases_4_step = [row["case"] for row in result["rows"] if row["op"] == "generate" and row["case"].startswith("steps4-")]
     case = cases_4_step[0] if cases_4_step else f"steps4-b{GENERATE_BATCH}-{FULL.video}"
-    return variant_targets(result, "generate", case, f"4-step generation ({case})")
+    return variant_targets(result, "generate", case, f"4-step generation ({case})") + nhwc_lines(result)
+
+
+def nhwc_lines(result: dict) -> list[str]:
+    """Informational: each channels-last variant's speed-up over its NCHW variant, per case."""
+    lines = []
+    for op in ("unet_forward", "generate"):
+        rows = rows_by(result, op)
+        for case in dict.fromkeys(case for case, _ in rows):
+            pairs = [(nhwc, nchw) for nhwc, nchw in ((EAGER_NHWC, EAGER), (KERNELS_NHWC, KERNELS))
+                     if (case, nhwc) in rows and (case, nchw) in rows]
+            if pairs:
+                ratios = ", ".join(
+                    f"{nhwc} {rows[(case, nchw)]['median_ms'] / rows[(case, nhwc)]['median_ms']:.2f}x {nchw}"
+                    for nhwc, nchw in pairs
+                )
+                lines.append(f"info  channels-last {op} {case}: {ratios}")
+    return lines
 
 
 # ---- running one suite on its own -------------------------------------------------------------------

@@ -45,10 +45,37 @@ def _cpu_options(quick: bool = True) -> harness.SuiteOptions:
 def test_unet_forward_rows(tmp_path):
     result = _run(tmp_path, models.cases, "--ops", "unet_forward")
     _check_rows(result)
-    assert [(r["op"], r["impl"]) for r in result["rows"]] == [("unet_forward", harness.EAGER)]
+    assert [(r["op"], r["impl"]) for r in result["rows"]] == [
+        ("unet_forward", harness.EAGER), ("unet_forward", models.EAGER_NHWC)
+    ]
     reasons = {s["impl"]: s["reason"] for s in result["skipped"]}
-    assert reasons[models.KERNELS] == reasons[models.KERNELS_COMPILED] == "no GPU"
+    assert reasons[models.KERNELS] == reasons[models.KERNELS_COMPILED] == reasons[models.KERNELS_NHWC] == "no GPU"
     assert "compile budget" in reasons[harness.COMPILED]
+
+
+def test_channels_last_variants_compute_what_their_nchw_variants_do():
+    """The NHWC experiment changes the convolutions' weight layout only: the same UNet output and
+    the same generated frames (fp32, tiny configuration), and switching back restores NCHW."""
+    unet_case, generate_case = (next(c for c in models.cases(_cpu_options()) if c.op == op) for op in ("unet_forward", "generate"))
+    for case in (unet_case, generate_case):
+        x = case.make_inputs()
+        impls = {impl.name: impl for impl in case.impls}
+        want = impls[harness.EAGER].fn(x)
+        got = impls[models.EAGER_NHWC].fn(x)
+        convs = [m for m in x.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(conv.weight.is_contiguous(memory_format=torch.channels_last) for conv in convs)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        impls[harness.EAGER].fn(x)
+        assert all(conv.weight.is_contiguous() for conv in convs)
+
+
+def test_channels_last_lines_compare_each_nhwc_variant_with_its_nchw_one():
+    case = "b1-16x320x512"
+    result = {"rows": [_row("unet_forward", case, impl, ms) for impl, ms in (
+        (harness.EAGER, 100.0), (models.EAGER_NHWC, 80.0), (models.KERNELS, 90.0), (models.KERNELS_NHWC, 100.0)
+    )], "skipped": []}
+    (line,) = models.nhwc_lines(result)
+    assert f"{models.EAGER_NHWC} 1.25x {harness.EAGER}" in line and f"{models.KERNELS_NHWC} 0.90x {models.KERNELS}" in line
 
 
 def test_distillation_step_rows(tmp_path):
