@@ -54,9 +54,11 @@ TRITON = "triton"
 TRITON_COMPILED = "triton-compile"
 STRIDED_LINEAR_OP = "strided_linear"
 CUBLAS_CONTIGUOUS = "cublas-contiguous"
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps) of strided_linear's 16-bit tile sweep; the first is
-# linear_params'. All compile for sm_90a without spills (kernel report's compiler, 77-176 registers).
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps) of strided_linear's 16-bit tile sweep, and (BLOCK_M, BLOCK_J,
+# BLOCK_K, warps) of its weight gradient's; the first of each is linear_params' / weight_grad_params'.
+# All compile for sm_90a without spills (the kernel report's compiler: 77-221 registers).
 LINEAR_TILES = ((64, 64, 32, 4), (128, 64, 32, 4), (128, 64, 64, 4), (64, 128, 64, 4), (128, 128, 32, 8), (128, 128, 64, 8))
+WEIGHT_GRAD_TILES = ((32, 64, 64, 4), (64, 64, 64, 4), (64, 128, 64, 4), (32, 128, 128, 8), (64, 128, 128, 8))
 
 
 def _inputs(shape, pass_name: str, make_module: Callable[[], FusedTemporalTransformer], options: SuiteOptions):
@@ -235,12 +237,58 @@ def _linear_inputs(videos: int, frames: int, channels: int, positions: int, opti
     return make_inputs
 
 
+def _linear_calls(group_norm, frames: int) -> dict[str, tuple[Callable, Callable, int]]:
+    """name -> (triton(x, tiles), cublas(x), activation-sized tensors an ideal call moves) of the
+    six GEMMs proj_in and proj_out launch, each with the operand layouts it has in the block
+    (inner width = C): x.stream stands for the stream or its gradient (channel-major), x.tokens
+    for the block's tokens or their gradient (row-major). cuBLAS runs the same FLOPs on
+    contiguous tokens."""
+
+    def linear(x):
+        return torch.nn.functional.linear(x.tokens, x.weight, x.bias)
+
+    def input_grad(x):
+        return torch.matmul(x.tokens, x.weight)
+
+    def weight_grad(x):
+        tokens = x.tokens.flatten(0, 1)
+        return torch.mm(tokens.t(), tokens)
+
+    def stream_tokens(x):
+        return x.stream.transpose(1, 2)
+
+    return {
+        # Forward: GroupNorm applied on load from the stream; the stream added to a channel-major output.
+        "proj_in": (lambda x, t: group_norm.strided_linear(
+            stream_tokens(x), x.weight, x.bias, None, x.scale, x.shift, frames, False, tiles=t), linear, 2),
+        "proj_out": (lambda x, t: group_norm.strided_linear(
+            x.tokens, x.weight, x.bias, x.stream, None, None, frames, True, tiles=t), linear, 3),
+        # Backward, input gradients: the transposed weight; proj_in's written back channel-major.
+        "proj_in-dx": (lambda x, t: group_norm.strided_linear(
+            x.tokens, x.weight.t(), None, None, None, None, frames, True, tiles=t), input_grad, 2),
+        "proj_out-dx": (lambda x, t: group_norm.strided_linear(
+            stream_tokens(x), x.weight.t(), None, None, None, None, frames, False, tiles=t), input_grad, 2),
+        # Backward, weight gradients: proj_in's normalises the stream on load again.
+        "proj_in-dw": (lambda x, t: group_norm.strided_linear_weight_grad(
+            x.tokens, stream_tokens(x), x.scale, x.shift, frames, tiles=t), weight_grad, 2),
+        "proj_out-dw": (lambda x, t: group_norm.strided_linear_weight_grad(
+            stream_tokens(x), x.tokens, None, None, frames, tiles=t), weight_grad, 2),
+    }
+
+
+def _tile_params(name: str, tile: tuple[int, int, int, int]) -> tuple[dict, int]:
+    axes = ("BLOCK_M", "BLOCK_J", "BLOCK_K") if name.endswith("-dw") else ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    return dict(zip(axes, tile[:3])), tile[3]
+
+
 def strided_linear_cases(options: SuiteOptions) -> Iterator[Case]:
-    """The fused block's proj_in and proj_out alone at every level, forward (inner width = C, as
-    in VideoCrafter2). proj_in reads the stream channel-major and applies GroupNorm's affine on
-    load; proj_out writes channel-major and adds the stream. Each 16-bit tile shape of LINEAR_TILES
-    runs the Triton kernel; `cublas-contiguous` is F.linear on tokens already contiguous: the same
-    FLOPs without the layout work, the bar the tile sweep is read against (its output differs)."""
+    """The GEMMs of the fused block's proj_in and proj_out alone at every level: the two forward
+    ones (proj_in reads the stream channel-major and applies GroupNorm's affine on load; proj_out
+    writes channel-major and adds the stream) and the four of their backward (`-dx`: input
+    gradients, `-dw`: weight gradients), one launch a row. Each 16-bit tile shape of LINEAR_TILES
+    (WEIGHT_GRAD_TILES for `-dw`) runs the Triton kernel; `cublas-contiguous` runs the same FLOPs
+    on tokens already contiguous, without the layout work: the bar the sweep is read against (its
+    output differs)."""
     from turbo_kernels.triton_kernels import group_norm
 
     frames, _, levels, batch_sizes = _sizes(options)
@@ -249,37 +297,26 @@ def strided_linear_cases(options: SuiteOptions) -> Iterator[Case]:
     if unavailable is None and options.dtype == torch.float32:
         unavailable = "the tile sweep is of the 16-bit tensor-core tiles"
 
-    def projection(name: str, tile):
-        params = (dict(BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2]), tile[3])
-
-        def proj_in(x):
-            return group_norm.strided_linear(
-                x.stream.transpose(1, 2), x.weight, x.bias, None, x.scale, x.shift, frames, False, tiles=params
-            )
-
-        def proj_out(x):
-            return group_norm.strided_linear(x.tokens, x.weight, x.bias, x.stream, None, None, frames, True, tiles=params)
-
-        return proj_in if name == "proj_in" else proj_out
-
-    def cublas(x):
-        return torch.nn.functional.linear(x.tokens, x.weight, x.bias)
+    def tiled(call, name, tile):
+        params = _tile_params(name, tile)
+        return _timed(lambda x: call(x, params), False)
 
     for batch in batch_sizes:
         for channels, height, width, _ in levels:
             positions = height * width
             activation = batch * frames * positions * channels
-            for name, activations_moved in (("proj_in", 2), ("proj_out", 3)):
+            for name, (triton_call, cublas_call, activations_moved) in _linear_calls(group_norm, frames).items():
+                tiles = WEIGHT_GRAD_TILES if name.endswith("-dw") else LINEAR_TILES
                 yield Case(
                     op=STRIDED_LINEAR_OP,
                     case=f"{name}-b{batch}-c{channels}-{height}x{width}",
                     pass_name="fwd",
                     make_inputs=_linear_inputs(batch, frames, channels, positions, options),
                     impls=(
-                        Impl(CUBLAS_CONTIGUOUS, _timed(cublas, False)),
+                        Impl(CUBLAS_CONTIGUOUS, _timed(cublas_call, False)),
                         *(
-                            Impl(tile_impl_name(tile), _timed(projection(name, tile), False), unavailable=unavailable)
-                            for tile in LINEAR_TILES
+                            Impl(tile_impl_name(tile), tiled(triton_call, name, tile), unavailable=unavailable)
+                            for tile in tiles
                         ),
                     ),
                     bytes_moved=(activations_moved * activation + channels * channels) * element_size,
@@ -351,9 +388,9 @@ def tile_sweep_lines(result: dict) -> list[str]:
     """Per strided_linear case: the default tile's and the fastest tile's time as a multiple of
     cuBLAS's on contiguous tokens (informational: the sweep chooses tiles, it sets no target)."""
     rows = models.rows_by(result, STRIDED_LINEAR_OP, "fwd")
-    default = tile_impl_name(LINEAR_TILES[0])
     lines = []
     for case in dict.fromkeys(case for case, _ in rows):
+        default = tile_impl_name((WEIGHT_GRAD_TILES if "-dw-" in case else LINEAR_TILES)[0])
         tiles = {impl: row["median_ms"] for (c, impl), row in rows.items() if c == case and impl.startswith("triton-")}
         if (case, CUBLAS_CONTIGUOUS) not in rows or not tiles:
             continue

@@ -289,27 +289,37 @@ def test_temporal_block_summary_judges_the_fused_block_eager_and_compiled():
     assert geglu_line.startswith("FAIL") and "triton 0.91x reference-eager" in geglu_line
 
 
-def test_strided_linear_tile_sweep_runs_the_projections_it_names():
-    """Every tile of the sweep computes proj_in (affine on load, channel-major input) or proj_out
-    (channel-major output plus the stream) as the op's reference does (Triton's interpreter, fp16)."""
-    from turbo_kernels.reference import temporal_block as block_reference
+def test_strided_linear_tile_sweep_runs_the_block_gemms_it_names(monkeypatch):
+    """Every tile of the sweep computes its GEMM as the op's reference does (Triton's interpreter,
+    fp16), and launches the kernels with the operand layouts the fused block gives them in
+    production (each launch matches a kernel-report configuration, unit strides included)."""
+    from types import SimpleNamespace
 
+    from .helpers import record_kernel_launches, unreported_launches
+    from turbo_kernels.reference import temporal_block as block_reference
+    from turbo_kernels.triton_kernels import group_norm
+
+    reference = SimpleNamespace(
+        strided_linear=lambda *args, tiles: block_reference.strided_linear(*args),
+        strided_linear_weight_grad=lambda *args, tiles: block_reference.strided_linear_weight_grad(*args),
+    )
+    want_calls = temporal_block._linear_calls(reference, temporal_block.QUICK_FRAMES)
+    launches = record_kernel_launches(monkeypatch, group_norm)
     options = harness.SuiteOptions(torch.device("cpu"), torch.float16, None, quick=True)
-    frames = temporal_block.QUICK_FRAMES
     cases = list(temporal_block.strided_linear_cases(options))
-    assert [case.case.split("-")[0] for case in cases] == ["proj_in", "proj_out"]
+    assert [case.case.rsplit("-b", 1)[0] for case in cases] == list(want_calls)
     for case in cases:
         x = case.make_inputs()
-        if case.case.startswith("proj_in"):
-            want = block_reference.strided_linear(
-                x.stream.transpose(1, 2), x.weight, x.bias, None, x.scale, x.shift, frames, False
-            )
-        else:
-            want = block_reference.strided_linear(x.tokens, x.weight, x.bias, x.stream, None, None, frames, True)
+        name = case.case.rsplit("-b", 1)[0]
+        want = want_calls[name][0](x, None)
         tiles = [impl for impl in case.impls if impl.name.startswith("triton-")]
-        assert [impl.name for impl in tiles] == [temporal_block.tile_impl_name(t) for t in temporal_block.LINEAR_TILES]
+        sweep = temporal_block.WEIGHT_GRAD_TILES if name.endswith("-dw") else temporal_block.LINEAR_TILES
+        assert [impl.name for impl in tiles] == [temporal_block.tile_impl_name(t) for t in sweep]
         for impl in tiles:
-            torch.testing.assert_close(impl.fn(x), want, rtol=2e-3, atol=2e-3, msg=lambda m: f"{impl.name}: {m}")
+            torch.testing.assert_close(impl.fn(x), want, rtol=2e-3, atol=2e-3, msg=lambda m: f"{case.case} {impl.name}: {m}")
+    assert len(launches) == sum(len(temporal_block.WEIGHT_GRAD_TILES if "-dw-" in c.case else temporal_block.LINEAR_TILES)
+                                for c in cases)
+    assert unreported_launches(launches, group_norm.REPORT_CONFIGS) == []
 
 
 def test_tile_sweep_summary_reads_tiles_against_cublas():

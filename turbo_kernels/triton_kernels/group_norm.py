@@ -366,26 +366,31 @@ def strided_linear(x, weight, bias, residual, scale, shift, num_frames, channels
     return out
 
 
-def weight_grad_splits(rows: int, out_features: int, in_features: int, fp32: bool) -> int:
-    """How many frame-row ranges the weight gradient is split into (a function of shapes only)."""
-    params, _ = weight_grad_params(fp32)
-    tiles = triton.cdiv(out_features, params["BLOCK_J"]) * triton.cdiv(in_features, params["BLOCK_K"])
-    return max(1, min(rows, WEIGHT_GRAD_PROGRAMS // tiles))
+def _weight_grad_tiles(out_features: int, in_features: int, params: dict) -> int:
+    return triton.cdiv(out_features, params["BLOCK_J"]) * triton.cdiv(in_features, params["BLOCK_K"])
 
 
-def strided_linear_weight_grad(grad_out, x, scale, shift, num_frames):
+def weight_grad_splits(rows: int, out_features: int, in_features: int, fp32: bool, params: dict | None = None) -> int:
+    """How many frame-row ranges the weight gradient is split into (a function of shapes and
+    tiles only): `params` the tiles (default: weight_grad_params')."""
+    params = weight_grad_params(fp32)[0] if params is None else params
+    return max(1, min(rows, WEIGHT_GRAD_PROGRAMS // _weight_grad_tiles(out_features, in_features, params)))
+
+
+def strided_linear_weight_grad(grad_out, x, scale, shift, num_frames, tiles=None):
     """sum over rows and tokens of grad_out[r, m, j] a[r, m, k], a = x (or x*scale + shift rounded
-    to x's dtype): (J, K) float32. grad_out (R, M, J) and x (R, M, K) in any strides."""
+    to x's dtype): (J, K) float32. grad_out (R, M, J) and x (R, M, K) in any strides. tiles:
+    (BLOCK_M/J/K dict, warps) instead of weight_grad_params' (the benchmark's tile sweep)."""
     rows, tokens, in_features = x.shape
     out_features = grad_out.shape[2]
-    splits = weight_grad_splits(rows, out_features, in_features, x.dtype == torch.float32)
+    fp32 = x.dtype == torch.float32
+    params, num_warps = weight_grad_params(fp32) if tiles is None else tiles
+    splits = weight_grad_splits(rows, out_features, in_features, fp32, params)
     partial = new_output((splits, out_features, in_features), torch.float32, x.device)
     if partial.numel() == 0:
         return partial.sum(0)
-    params, num_warps = weight_grad_params(x.dtype == torch.float32)
-    tiles = triton.cdiv(out_features, params["BLOCK_J"]) * triton.cdiv(in_features, params["BLOCK_K"])
     launch(
-        strided_linear_weight_grad_kernel, (tiles, splits),
+        strided_linear_weight_grad_kernel, (_weight_grad_tiles(out_features, in_features, params), splits),
         grad_out, x, partial if scale is None else scale, partial if shift is None else shift, partial,
         rows, tokens, out_features, in_features, num_frames, triton.cdiv(rows, splits),
         *grad_out.stride(), *x.stride(),
