@@ -16,8 +16,10 @@ best backend) and kernels-compile; and two experiments, reference-eager-nhwc and
 eager variants with every convolution's weight channels-last (NHWC), so cuDNN's convolutions
 return channels-last activations instead of transposing to and from NCHW around each call (a
 profile of 4-step generation put 59 of 519 ms in those transposes, H100); whether torch's
-GroupNorm then copies its input back to NCHW is what the rows tell. In kernels-nhwc the fused
-temporal layers' GroupNorm statistics fall back to the reference (their kernel reads NCHW). `bytes` is the weight bytes one call must read (the traffic
+GroupNorm then copies its input back to NCHW is what the rows tell. kernels-nhwc measures the
+kernels as they are on such a model, not a channels-last kernel path: the fused temporal layers
+return NCHW (so the convolutions after them transpose again) and their GroupNorm statistics fall
+back to the reference (their kernel reads NCHW). `bytes` is the weight bytes one call must read (the traffic
 floor of batch-1 sampling). Peak memory per row needs the harness's `peak_mem_mb` field.
 
 End-to-end calls take seconds: run them with few iterations, e.g.

@@ -122,23 +122,28 @@ def record_kernel_launches(monkeypatch, module) -> list:
     return launches
 
 
-def unreported_launches(launches, configs) -> list[str]:
+def unreported_launches(launches, configs, unit_sizes=(), check_constexprs: bool = True) -> list[str]:
     """The recorded launches that no declared report config (launch_config.KernelConfig) compiles
-    as the launcher would: same pointer dtypes, scalar types and unit strides. A size that is 1
-    in a test's small shapes also matches the i32 its production config declares; a stride
-    never does, since its being 1 is what makes an access contiguous."""
+    as the launcher would: the same signature (pointer dtypes, scalar types, unit strides) and,
+    with check_constexprs, the same constexprs and warps. `unit_sizes` names the arguments that are
+    1 only in the test's small shapes (declared i32 for production)."""
     from turbo_kernels.triton_kernels.launch_config import UNIT, launch_signature
 
-    def matches(declared: dict, launched: dict) -> bool:
-        return declared.keys() == launched.keys() and all(
-            kind == launched[name] or (kind == "i32" and launched[name] == UNIT and "stride" not in name)
+    def matches(config, launched: dict, constexprs: dict) -> bool:
+        declared = dict(config.signature)
+        same_signature = declared.keys() == launched.keys() and all(
+            kind == launched[name] or (name in unit_sizes and kind == "i32" and launched[name] == UNIT)
             for name, kind in declared.items()
         )
+        same_constexprs = not check_constexprs or (
+            config.constexprs.items() <= constexprs.items() and constexprs.get("num_warps") == config.num_warps
+        )
+        return same_signature and same_constexprs
 
     missing = []
     for kernel, args, constexprs in launches:
         launched = launch_signature(kernel, args, constexprs)
-        if not any(config.kernel is kernel and matches(dict(config.signature), launched) for config in configs):
-            units = sorted(name for name, kind in launched.items() if kind == UNIT)
-            missing.append(f"{kernel.__name__}: {launched} (unit: {units})")
+        if not any(config.kernel is kernel and matches(config, launched, constexprs) for config in configs):
+            constants = {name: value for name, value in constexprs.items()}
+            missing.append(f"{kernel.__name__}: {launched} {constants}")
     return missing

@@ -319,7 +319,11 @@ def test_strided_linear_tile_sweep_runs_the_block_gemms_it_names(monkeypatch):
             torch.testing.assert_close(impl.fn(x), want, rtol=2e-3, atol=2e-3, msg=lambda m: f"{case.case} {impl.name}: {m}")
     assert len(launches) == sum(len(temporal_block.WEIGHT_GRAD_TILES if "-dw-" in c.case else temporal_block.LINEAR_TILES)
                                 for c in cases)
-    assert unreported_launches(launches, group_norm.REPORT_CONFIGS) == []
+    # The sweep's tiles are not the declared ones: the signatures (layouts) are what must match.
+    unreported = unreported_launches(
+        launches, group_norm.REPORT_CONFIGS, unit_sizes=("rows_per_split",), check_constexprs=False
+    )
+    assert unreported == []
 
 
 def test_tile_sweep_summary_reads_tiles_against_cublas():

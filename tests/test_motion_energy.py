@@ -23,7 +23,10 @@ from turbo_kernels.ops.motion import motion_energy, temporal_attention_probs
 from turbo_kernels.reference import attention as ref
 from turbo_kernels.triton_kernels import motion_energy as kernels
 
-from .helpers import DEVICE, KERNEL_DTYPES, assert_within_2x_of_reference, poison_cuda_allocator, randn
+from .helpers import (
+    DEVICE, KERNEL_DTYPES, assert_within_2x_of_reference, poison_cuda_allocator, randn, record_kernel_launches,
+    unreported_launches,
+)
 
 TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
@@ -163,6 +166,28 @@ def test_16bit_gradients_round_once(dtype, magnitude):
         kernel_err = (out.double() - w64).abs().max().item()
         ref_err = (lp.double() - w64).abs().max().item()
         assert kernel_err <= 1.2 * ref_err, f"{name}: error {kernel_err:.3e} vs the reference's {ref_err:.3e}"
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_kernel_report_compiles_what_the_motion_prior_launches(monkeypatch, dtype):
+    """The motion prior's launches (reference maps under no_grad, then the energy of two clips and
+    its backward, q and k from their own projections in the "sequences" layout at 16 frames)
+    match REPORT_CONFIGS entries: signatures with positions = 1 and key-contiguous maps,
+    constexprs and warps."""
+    launches = record_kernel_launches(monkeypatch, kernels)
+    g = torch.Generator().manual_seed(29)
+    frames, heads = 16, 2
+    q_ref, k_ref = _qk("sequences", 2, frames, 3, heads, 32, False, dtype, g)
+    q, k = _leaves(*_qk("sequences", 2, frames, 3, heads, 32, False, dtype, g))
+    with tk.backend("triton"):
+        with torch.no_grad():
+            ref_probs = temporal_attention_probs(q_ref, k_ref, frames, heads, "sequences")
+        energy = motion_energy(q, k, ref_probs, frames, heads, "sequences", num_videos=2)
+        torch.autograd.grad(energy.sum(), (q, k))
+    launched = [kernel.__name__ for kernel, *_ in launches]
+    assert launched == ["attention_probs_fwd_kernel", "motion_energy_fwd_kernel", "motion_energy_bwd_kernel"]
+    assert unreported_launches(launches, kernels.REPORT_CONFIGS) == []
 
 
 @pytest.mark.parametrize("backend_name", ["triton", "reference"])

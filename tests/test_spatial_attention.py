@@ -20,7 +20,10 @@ from turbo_kernels.ops.spatial import spatial_attention
 from turbo_kernels.reference import attention as ref
 from turbo_kernels.triton_kernels import spatial_attention as kernels
 
-from .helpers import DEVICE, HAS_GPU, KERNEL_DTYPES, assert_within_2x_of_reference, randn, seeded_generator
+from .helpers import (
+    DEVICE, HAS_GPU, KERNEL_DTYPES, assert_within_2x_of_reference, randn, record_kernel_launches, seeded_generator,
+    unreported_launches,
+)
 
 TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
 OPS = ("spatial_attention", "spatial_attention_backward")
@@ -120,6 +123,21 @@ def test_whole_kv_backward_walks_the_query_blocks_of_every_repeated_row(launched
 
 
 @needs_triton
+@needs_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_kernel_report_compiles_what_the_unet_launches(monkeypatch, dtype):
+    """Self-attention (kv_repeat = 1, compiled as a constant) and cross-attention to 77 context
+    tokens shared by a video's frames, forward and backward at head dim 64: every launch matches
+    a REPORT_CONFIGS entry, signature, constexprs and warps."""
+    launches = record_kernel_launches(monkeypatch, kernels)
+    g = torch.Generator().manual_seed(31)
+    for queries, keys, kv_repeat in ((150, 150, 1), (150, 77, 2)):
+        q, k, v, grad_out = _inputs(2, queries, keys, 2, 64, kv_repeat, dtype, g)
+        _run_triton(q, k, v, grad_out, 2, kv_repeat=kv_repeat)
+    assert len(launches) >= 4
+    assert unreported_launches(launches, kernels.REPORT_CONFIGS) == []
+
+
 def test_saved_logsumexp_and_explicit_scale():
     g = torch.Generator().manual_seed(3)
     heads, scale, kv_repeat = 2, 0.3, 2

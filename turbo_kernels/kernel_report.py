@@ -12,8 +12,9 @@ Triton reaches tensor cores (mma / wgmma).
 prints the table and exits non-zero when any kernel spills registers.
 
 Pointer arguments and integer sizes are compiled as divisible by 16, the specialisation Triton's
-launcher picks for contiguous torch tensors and for the latent sizes used in production; without
-it the loads are not vectorised and the register counts would not be the production ones.
+launcher picks for contiguous torch tensors and for most of the latent sizes used in production
+(not for the 40 tokens a frame of the 5x8 middle block, whose launches lack that hint); without it
+the loads are not vectorised and the register counts would not be the production ones.
 Integers that are 1 in production (unit strides, declared UNIT) are compiled as the constant 1,
 as the launcher does; tests check the declared signatures against recorded production launches.
 

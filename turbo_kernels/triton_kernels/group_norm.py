@@ -304,11 +304,6 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def launch(kernel, grid: tuple, *args, **constexprs) -> None:
-    """Every kernel launch goes through here (tests record what each launch received)."""
-    kernel[grid](*args, **constexprs)
-
-
 def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tuple[Tensor, Tensor]:
     """(mean, rstd), each (B, groups) float32, of every video's channel groups over (C/groups, F,
     H, W); x is a contiguous (B*F, C, H, W) stream."""
@@ -322,12 +317,10 @@ def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tup
     partial_mean = new_output((videos, groups, num_frames), torch.float32, x.device)
     partial_m2 = new_output((videos, groups, num_frames), torch.float32, x.device)
     params, num_warps = stats_params(groups, group_numel)
-    launch(
-        group_norm_partial_stats_kernel, (rows * triton.cdiv(groups, params["GROUP_TILE"]),),
+    group_norm_partial_stats_kernel[(rows * triton.cdiv(groups, params["GROUP_TILE"]),)](
         x, partial_mean, partial_m2, num_frames, groups, group_numel, num_warps=num_warps, **params,
     )
-    launch(
-        group_norm_merge_stats_kernel, (triton.cdiv(videos * groups, MERGE_TILE),),
+    group_norm_merge_stats_kernel[(triton.cdiv(videos * groups, MERGE_TILE),)](
         partial_mean, partial_m2, mean, rstd, videos * groups, num_frames, group_numel, float(eps),
         TILE=MERGE_TILE, F_PAD=triton.next_power_of_2(num_frames), num_warps=MERGE_NUM_WARPS,
     )
@@ -354,8 +347,7 @@ def strided_linear(x, weight, bias, residual, scale, shift, num_frames, channels
     params, num_warps = linear_params(x.dtype == torch.float32) if tiles is None else tiles
     grid = (rows * triton.cdiv(tokens, params["BLOCK_M"]) * triton.cdiv(out_features, params["BLOCK_N"]),)
     # Unused pointer arguments get `out`; their constexpr flags keep them unread.
-    launch(
-        strided_linear_kernel, grid,
+    strided_linear_kernel[grid](
         x, weight, out if bias is None else bias, residual_view, out if scale is None else scale,
         out if shift is None else shift, out,
         tokens, in_features, out_features, num_frames,
@@ -389,8 +381,7 @@ def strided_linear_weight_grad(grad_out, x, scale, shift, num_frames, tiles=None
     partial = new_output((splits, out_features, in_features), torch.float32, x.device)
     if partial.numel() == 0:
         return partial.sum(0)
-    launch(
-        strided_linear_weight_grad_kernel, (_weight_grad_tiles(out_features, in_features, params), splits),
+    strided_linear_weight_grad_kernel[(_weight_grad_tiles(out_features, in_features, params), splits)](
         grad_out, x, partial if scale is None else scale, partial if shift is None else shift, partial,
         rows, tokens, out_features, in_features, num_frames, triton.cdiv(rows, splits),
         *grad_out.stride(), *x.stride(),

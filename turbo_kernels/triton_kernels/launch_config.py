@@ -10,18 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
-import torch
-
 # Triton's type names for the storage dtypes the ops accept: float32, float16, bfloat16.
 STORAGE_DTYPES = ("fp32", "fp16", "bf16")
 # Triton's launcher compiles an integer argument equal to 1 as that constant (so a unit stride
 # becomes a contiguous, vectorisable access); a config marks such an argument with this value.
 UNIT = 1
-_TRITON_DTYPES = {
-    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-    torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
-}
-_INT32_MAX = 2**31 - 1
 
 Signature = Mapping[str, Union[str, int]]
 
@@ -75,24 +68,16 @@ def storage_configs(
 
 def launch_signature(kernel, args: Sequence[Any], constexprs: Mapping[str, Any]) -> dict[str, Union[str, int]]:
     """The signature, in KernelConfig's terms, that Triton's launcher specialises a launch
-    `kernel[grid](*args, **constexprs)` to (leaving out its divisibility-by-16 hints): tensors as
-    pointers to their dtype, integers equal to 1 as UNIT, other integers as i32 or i64 by size,
-    floats as fp32. Tests compare production launches with the declared configs through it."""
+    `kernel[grid](*args, **constexprs)` to, by Triton's own rules less its divisibility-by-16
+    hints: integers equal to 1 as UNIT. Tests compare production launches with the declared
+    configs through it."""
+    from triton.runtime.jit import mangle_type
+
     runtime_args = [name for name in kernel.arg_names if name not in constexprs]
     if len(args) != len(runtime_args):
         raise ValueError(f"{kernel.__name__} takes {len(runtime_args)} runtime arguments, got {len(args)}")
-    return {name: _argument_kind(value) for name, value in zip(runtime_args, args)}
-
-
-def _argument_kind(value: Any) -> Union[str, int]:
-    if isinstance(value, torch.Tensor):
-        return f"*{_TRITON_DTYPES[value.dtype]}"
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        if value == 1:
-            return UNIT
-        return "i32" if -_INT32_MAX - 1 <= value <= _INT32_MAX else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton argument kind for {type(value).__name__}")
+    return {
+        name: UNIT if isinstance(value, int) and not isinstance(value, bool) and value == 1
+        else mangle_type(value, True)
+        for name, value in zip(runtime_args, args)
+    }

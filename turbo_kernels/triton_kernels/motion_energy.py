@@ -275,20 +275,22 @@ def block_config(num_frames: int) -> tuple[dict[str, int], int]:
 # Launch configurations (see launch_config.py), compiled ahead of time by
 # `python -m turbo_kernels.kernel_report`: every configuration block_config gives (16 frames is
 # VC2's; the head dim is a loop bound, so one kernel serves every head dim). Probabilities, their
-# grads, ref_probs and partial sums are fp32; q, k, dq and dk take the storage dtype.
+# grads, ref_probs and partial sums are fp32; q, k, dq and dk take the storage dtype. The motion
+# prior captures q and k in the "sequences" layout, one position a sequence: positions is 1.
 _TOKEN_ARGS = dict(
-    heads="i32", num_frames="i32", head_dim="i32", positions="i32", stride_video="i32", stride_pos="i32",
+    heads="i32", num_frames="i32", head_dim="i32", positions=UNIT, stride_video="i32", stride_pos="i32",
     stride_frame="i32", qk_scale_log2="fp32",
 )
 _GRAD_TOKEN_ARGS = dict(
-    grad_positions="i32", grad_stride_video="i32", grad_stride_pos="i32", grad_stride_frame="i32", scale="fp32"
+    grad_positions=UNIT, grad_stride_video="i32", grad_stride_pos="i32", grad_stride_frame="i32", scale="fp32"
 )
 _SQUARE_STRIDES = ("stride_seq", "stride_head", "stride_query", "stride_key")
 
 
 def _square_args(prefix: str) -> dict:
-    """Strides of a (seq, heads, F, F) fp32 tensor, contiguous along keys as the probabilities and
-    their gradients come in production."""
+    """Strides of a (seq, heads, F, F) fp32 tensor, contiguous along keys as the reference
+    probabilities come (nothing in production takes the probabilities' own backward; a gradient
+    with other strides compiles another variant)."""
     return {f"{prefix}_{s}": UNIT if s == "stride_key" else "i32" for s in _SQUARE_STRIDES}
 
 

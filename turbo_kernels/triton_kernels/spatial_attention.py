@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbo_kernels.triton_kernels.launch_config import KernelConfig, storage_configs
+from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, storage_configs
 
 # VideoCrafter2 uses 64 everywhere; at 128 the backward kernels spill registers.
 MAX_HEAD_DIM = 64
@@ -396,9 +396,12 @@ def whole_kv_pad(num_keys: int, dtype: torch.dtype) -> int:
 # VideoCrafter2: head dim 64 in every storage dtype; in 16-bit storage the 77 text tokens (padded
 # to 128) on the whole-KV path and self-attention on the blocked one, fp32 all on the blocked
 # path, and the 40-token middle block (padded to 64) in bf16, the training dtype. The whole-KV
-# backward's dk, dv buffers are fp32 whatever the storage.
+# backward's dk, dv buffers are fp32 whatever the storage. Self-attention has kv_repeat = 1, which
+# the launcher compiles as a constant; cross-attention shares a video's context across its frames.
 
 _SIZES = dict(num_queries="i32", num_keys="i32", heads="i32", kv_repeat="i32", scale="fp32")
+SELF_ATTENTION = dict(kv_repeat=UNIT)
+CROSS_ATTENTION: dict = {}
 
 
 def _strides(*names: str) -> dict:
@@ -435,18 +438,18 @@ def blocked_bwd_constexprs(tiles_by_fp32: dict, head_dim: int, fp32: bool) -> tu
     return dict(constexprs, RENORMALISE=fp32), num_warps
 
 
-def _whole_kv_variants(head_dim: int, kv_pad: int) -> list:
+def _whole_kv_variants(head_dim: int, kv_pad: int, attention: dict) -> list:
     return [
-        (whole_kv_fwd_kernel, _FWD_ARGS, whole_kv_constexprs(WHOLE_KV_FWD, head_dim, kv_pad)),
-        (whole_kv_bwd_kernel, _WHOLE_KV_BWD_ARGS, whole_kv_constexprs(WHOLE_KV_BWD, head_dim, kv_pad)),
+        (whole_kv_fwd_kernel, {**_FWD_ARGS, **attention}, whole_kv_constexprs(WHOLE_KV_FWD, head_dim, kv_pad)),
+        (whole_kv_bwd_kernel, {**_WHOLE_KV_BWD_ARGS, **attention}, whole_kv_constexprs(WHOLE_KV_BWD, head_dim, kv_pad)),
     ]
 
 
-def _blocked_variants(head_dim: int, fp32: bool) -> list:
+def _blocked_variants(head_dim: int, fp32: bool, attention: dict) -> list:
     return [
-        (blocked_fwd_kernel, _FWD_ARGS, blocked_constexprs(BLOCKED_FWD, head_dim, fp32)),
-        (blocked_bwd_dq_kernel, _DQ_ARGS, blocked_bwd_constexprs(BLOCKED_BWD_DQ, head_dim, fp32)),
-        (blocked_bwd_dkdv_kernel, _DKDV_ARGS, blocked_bwd_constexprs(BLOCKED_BWD_DKDV, head_dim, fp32)),
+        (blocked_fwd_kernel, {**_FWD_ARGS, **attention}, blocked_constexprs(BLOCKED_FWD, head_dim, fp32)),
+        (blocked_bwd_dq_kernel, {**_DQ_ARGS, **attention}, blocked_bwd_constexprs(BLOCKED_BWD_DQ, head_dim, fp32)),
+        (blocked_bwd_dkdv_kernel, {**_DKDV_ARGS, **attention}, blocked_bwd_constexprs(BLOCKED_BWD_DKDV, head_dim, fp32)),
     ]
 
 
@@ -460,13 +463,15 @@ def _configs(variants: list, dtype: str) -> list[KernelConfig]:
 
 
 REPORT_CONFIGS: list[KernelConfig] = (
-    _configs(_blocked_variants(64, fp32=True), "fp32")
+    _configs(_blocked_variants(64, True, SELF_ATTENTION) + _blocked_variants(64, True, CROSS_ATTENTION), "fp32")
     + [
         config
         for dtype in ("fp16", "bf16")
-        for config in _configs(_whole_kv_variants(64, WHOLE_KV_MAX) + _blocked_variants(64, fp32=False), dtype)
+        for config in _configs(
+            _whole_kv_variants(64, WHOLE_KV_MAX, CROSS_ATTENTION) + _blocked_variants(64, False, SELF_ATTENTION), dtype
+        )
     ]
-    + _configs(_whole_kv_variants(64, 64), "bf16")
+    + _configs(_whole_kv_variants(64, 64, SELF_ATTENTION), "bf16")
 )
 
 
