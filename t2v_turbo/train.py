@@ -608,6 +608,7 @@ class _Trainer:
         self.dataset = TeacherCache(config.cache)
         check_cache_teacher(self.dataset.config, config)
         check_cache_data(self.dataset.config, config)
+        check_cache_size(len(self.dataset), config, self.world)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.fps = int(self.dataset.config.get("fps", schedule.DEFAULT_FPS))
@@ -746,6 +747,8 @@ class _Trainer:
                 "sharded": self.sharded, "config": self.config.to_dict(),
             }
             (temporary / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+            for written in temporary.iterdir():
+                unet_checkpoint.make_readable(written)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(temporary, final)
@@ -1107,8 +1110,40 @@ def prepare_training(
     resume, checks the cache against the run, builds the student, optimizer and reward path and
     loads the checkpoint. What fails here is the run's settings; `.run()` then trains."""
     config.validate()
-    resume = None if config.resume is None else resolve_resume(config.resume, config.output_dir)
+    if config.resume is None:
+        check_no_earlier_run(config.output_dir)
+        resume = None
+    else:
+        resume = resolve_resume(config.resume, config.output_dir)
     trainer = _Trainer(config, reward, vae, accelerator)
     if resume is not None:
         trainer.load_checkpoint(resume)
+        if trainer.step > config.max_steps:
+            raise ValueError(
+                f"{resume} is at step {trainer.step}, beyond max_steps={config.max_steps}: resuming would rewrite "
+                f"{Path(config.output_dir) / 'student'} with an earlier state; raise --max-steps to train on"
+            )
     return trainer
+
+
+def check_no_earlier_run(output_dir: str | os.PathLike) -> None:
+    """A fresh run (no resume) refuses an output_dir that holds another run's checkpoints: its own
+    would be mixed with them, and keep_last would delete its own first."""
+    found = checkpoint_dirs(output_dir)
+    if found:
+        raise ValueError(
+            f"{output_dir} holds checkpoints of an earlier run (latest: {found[-1].name}): pass --resume latest to "
+            "continue it, or choose another --output-dir"
+        )
+
+
+def check_cache_size(num_samples: int, config: TrainConfig, num_processes: int) -> None:
+    """The cache must hold at least one global batch (batch_size a process, every process)."""
+    if num_samples == 0:
+        raise ValueError(f"the cache at {config.cache} holds no samples (a preprocess run stopped before its first "
+                         f"shard?); {PREPROCESS_HINT}")
+    if num_samples < config.batch_size * num_processes:
+        raise ValueError(
+            f"the cache at {config.cache} holds {num_samples} samples, fewer than one global batch "
+            f"(batch_size={config.batch_size} x {num_processes} processes): lower batch_size or preprocess more clips"
+        )

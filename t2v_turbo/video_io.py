@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
+
+from t2v_turbo.models.checkpoint import publish, sibling_temporary
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
 # libx264 where PyAV's FFmpeg has it; mpeg4 is in every FFmpeg build.
@@ -61,11 +62,10 @@ def _side_by_side(clips: Tensor) -> np.ndarray:
 def _atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path with path's suffix in path's directory, moved onto path when the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(descriptor)
+    temporary = sibling_temporary(path, path.suffix)
     try:
-        yield Path(temporary)
-        os.replace(temporary, path)
+        yield temporary
+        publish(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

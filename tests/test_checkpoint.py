@@ -189,3 +189,19 @@ def test_convert_cli_refuses_other_outputs(tmp_path):
         main(["convert", str(TINY_WEIGHTS), str(tmp_path / "unet.pt")])
     assert exit_info.value.code == 2
     assert not (tmp_path / "unet.pt").exists()
+
+
+def test_atomically_written_files_get_the_permissions_of_a_plain_open(tmp_path):
+    """A checkpoint and a video end up readable by whoever the umask allows (not mkstemp's 0600)."""
+    import os
+
+    from t2v_turbo.video_io import write_video
+
+    previous = os.umask(0o022)
+    try:
+        save_state_dict_file({"w": torch.zeros(2)}, tmp_path / "weights.safetensors")
+        write_video(torch.zeros(2, 3, 8, 8), tmp_path / "clip.gif")
+    finally:
+        os.umask(previous)
+    for name in ("weights.safetensors", "clip.gif"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

@@ -341,6 +341,47 @@ def test_train_command_reports_unusable_settings(assets, tmp_path, capsys):
     assert "built from data 'synthetic'" in capsys.readouterr().err
 
 
+def test_runs_neither_mix_with_nor_roll_back_an_earlier_run(assets, tmp_path):
+    """A fresh run refuses a folder holding another run's checkpoints (keep_last would delete its
+    own first), and resuming below the checkpoint's step would rewrite the finished student with
+    an earlier state: both stop before anything is written. What a run writes is readable as the
+    umask allows."""
+    out = tmp_path / "run"
+    previous = os.umask(0o022)
+    try:
+        train(config(assets, out, max_steps=3, checkpoint_every=2))
+    finally:
+        os.umask(previous)
+    for written in (out / "checkpoint-000002" / "model.safetensors", out / "student" / "model.safetensors"):
+        assert written.stat().st_mode & 0o777 == 0o644, written
+    student = (out / "student" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run .*checkpoint-000002.*--resume latest"):
+        prepare_training(config(assets, out, max_steps=4))
+    with pytest.raises(ValueError, match="checkpoint-000002 is at step 2, beyond max_steps=1"):
+        prepare_training(config(assets, out, max_steps=1, resume="latest"))
+    assert [p.name for p in train_module.checkpoint_dirs(out)] == ["checkpoint-000002"]
+    assert (out / "student" / "model.safetensors").read_bytes() == student
+
+
+def test_train_command_reports_a_cache_without_a_global_batch(assets, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_train_command(parser.add_subparsers(dest="command"))
+    empty = tmp_path / "empty"
+    with CacheWriter(empty, shard_size=3, dtype=torch.float16, config=None):
+        pass  # a preprocess run stopped before its first shard
+    overrides = [f"teacher={assets['teacher']}", "kernels=off", "progress=false", "checkpoint_every=0", "max_steps=1"]
+    for cache, batch_size, message in (
+        (empty, 2, "holds no samples"),
+        (write_cache(tmp_path / "small", num_samples=3), 4, "holds 3 samples, fewer than one global batch"),
+    ):
+        args = parser.parse_args([
+            "train", "--cache", str(cache), "--output-dir", str(tmp_path / f"run-{cache.name}"), *overrides,
+            f"batch_size={batch_size}",
+        ])
+        assert args.handler(args) == 2
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind, message", [("FSDP", "FSDP version 1"), ("DEEPSPEED", "DEEPSPEED")])
 def test_unsupported_sharding_stops_before_training(assets, tmp_path, monkeypatch, kind, message):
     from accelerate import Accelerator

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from t2v_turbo.models.checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, write_atomically
+from t2v_turbo.models.checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, publish, write_atomically
 from t2v_turbo.schedule import VAE_SCALE_FACTOR
 
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -324,7 +324,7 @@ class VideoVAE(nn.Module):
         try:
             self.autoencoder.save_pretrained(staging, safe_serialization=True)
             for written in staging.iterdir():
-                os.replace(written, directory / written.name)
+                publish(written, directory / written.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
