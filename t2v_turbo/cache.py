@@ -135,10 +135,13 @@ class CacheWriter:
                 raise ValueError(
                     f"{self.manifest_path}: the cache stores {manifest.get('dtype')}, this writer was given {self.dtype_name}"
                 )
-            if manifest.get("config") != json.loads(json.dumps(self.config)):
+            config = json.loads(json.dumps(self.config))
+            if manifest.get("config") != config:
+                stored = manifest.get("config") or {}
+                differing = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
                 raise ValueError(
-                    f"{self.manifest_path}: the cache was produced with another config; use a new directory "
-                    "or the same config to continue it"
+                    f"{self.manifest_path}: the cache was produced with another config (differing: "
+                    f"{', '.join(differing)}); use a new directory or the same config to continue it"
                 )
         else:
             manifest = {

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 import turbo_kernels
 from t2v_turbo import schedule
 from t2v_turbo.models import checkpoint
-from t2v_turbo.models.adapter import NoisePredictor
+from t2v_turbo.models.adapter import NoisePredictor, check_frame_size
 from t2v_turbo.models.vc2_unet import VC2UNet
 
 PIPELINE_CONFIG_NAME = "pipeline.json"
@@ -148,6 +148,7 @@ class T2VTurboPipeline:
     ):
         self.unet = unet
         self.noise_predictor = NoisePredictor(unet)
+        self.latent_multiple = self.noise_predictor.latent_multiple
         self.vae = vae
         self.text_encoder = text_encoder
         self.fps = int(fps)
@@ -157,6 +158,13 @@ class T2VTurboPipeline:
             raise ValueError(
                 f"the UNet takes {self.noise_predictor.in_channels} channels but the VAE makes "
                 f"{vae.latent_channels}-channel latents"
+            )
+        # Stand-in encoders (anything with `encode`) need not say their width.
+        text_width = getattr(text_encoder, "context_dim", None)
+        if text_width is not None and text_width != self.noise_predictor.context_dim:
+            raise ValueError(
+                f"the UNet attends to a {self.noise_predictor.context_dim}-wide context but the text encoder makes "
+                f"{text_width}-wide embeddings (a UNet of another model: pass the model directory it was trained from)"
             )
 
     @property
@@ -371,19 +379,26 @@ class T2VTurboPipeline:
         from t2v_turbo.models.text_encoder import load_text_encoder
         from t2v_turbo.models.vae import load_vae
 
-        config = json.loads(parts[PIPELINE_CONFIG_NAME].read_text())
-        known = {f.name for f in fields(GenerationDefaults)}
-        defaults = GenerationDefaults(**{key: value for key, value in config.items() if key in known})
+        fps, defaults = read_pipeline_config(model_dir)
         unet = checkpoint.load_unet_dir(parts[UNET_DIR], use_kernels=use_kernels)
         pipeline = cls(
             unet,
             load_vae(parts[VAE_DIR]),
             load_text_encoder(parts[TEXT_ENCODER_DIR]),
-            fps=config.get("fps", schedule.DEFAULT_FPS),
+            fps=fps,
             defaults=defaults,
             use_kernels=use_kernels,
         )
         return pipeline.to(device=device, dtype=dtype)
+
+
+def read_pipeline_config(model_dir: str | os.PathLike) -> tuple[int, GenerationDefaults]:
+    """(fps, generation defaults) a model directory's pipeline.json records, without loading its
+    models: the clip size and frame rate it was made for."""
+    config = json.loads((Path(model_dir) / PIPELINE_CONFIG_NAME).read_text())
+    known = {f.name for f in fields(GenerationDefaults)}
+    defaults = GenerationDefaults(**{key: value for key, value in config.items() if key in known})
+    return int(config.get("fps", schedule.DEFAULT_FPS)), defaults
 
 
 class _SamplingRun:
@@ -410,9 +425,7 @@ class _SamplingRun:
         for name, value in (("num_frames", num_frames), ("height", height), ("width", width)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name, value in (("height", height), ("width", width)):
-            if value % vae.downsample:
-                raise ValueError(f"{name} must be a multiple of the VAE's downsample factor {vae.downsample}, got {value}")
+        check_frame_size(height, width, vae.downsample, pipeline.latent_multiple)
         self.pipeline = pipeline
         self.decode_chunk_size = decode_chunk_size
         self.device = pipeline.device

@@ -47,7 +47,7 @@ from t2v_turbo import schedule
 from t2v_turbo.cache import MODELS_HANDED_IN_KEY, STORAGE_DTYPES, CacheWriter, manifest_name
 from t2v_turbo.data.videos import VIDEO_BACKENDS, build_dataset
 from t2v_turbo.models import OpenCLIPTextEncoder, PromptCache, VC2UNet, VideoVAE
-from t2v_turbo.models.adapter import NoisePredictor
+from t2v_turbo.models.adapter import NoisePredictor, check_frame_size
 from t2v_turbo.models.checkpoint import write_atomically
 from t2v_turbo.motion import compute_motion_prior, noised_latents
 
@@ -330,6 +330,7 @@ class TeacherPass:
     def __init__(self, unet: nn.Module, vae: Any, text_encoder: Any, config: PreprocessConfig, device: torch.device):
         self.unet = unet
         self.teacher = NoisePredictor(unet)
+        check_frame_size(*config.size, vae.downsample, self.teacher.latent_multiple)
         self.no_grad_teacher = (
             NoisePredictor(torch.compile(unet, backend=config.compile)) if config.compile else self.teacher
         )

@@ -115,10 +115,11 @@ def test_a_shard_renamed_before_the_manifest_update_is_adopted(tmp_path):
 
 
 def test_a_different_config_cannot_continue_a_cache(tmp_path):
-    with CacheWriter(tmp_path, config={"seed": 0}) as writer:
+    with CacheWriter(tmp_path, config={"seed": 0, "fps": 8}) as writer:
         writer.add(_batch(1, 0))
-    with pytest.raises(ValueError, match="another config"):
-        CacheWriter(tmp_path, config={"seed": 1})
+    with pytest.raises(ValueError, match=r"another config \(differing: seed\)"):
+        CacheWriter(tmp_path, config={"seed": 1, "fps": 8})
+
 
 
 def test_process_shards_are_read_together(tmp_path):

@@ -390,6 +390,35 @@ def test_generate_reports_missing_and_misshapen_weights(tmp_path, capsys):
     assert not (tmp_path / "c.gif").exists()
 
 
+def test_generate_reports_sizes_devices_and_unets_the_model_cannot_take(tmp_path, capsys):
+    from t2v_turbo.models import checkpoint
+    from t2v_turbo.models.text_encoder import OpenCLIPTextEncoder
+    from t2v_turbo.models.vae import VideoVAE
+
+    vae, encoder = VideoVAE.preset("tiny"), OpenCLIPTextEncoder("tiny")
+    # Two levels: latents must be even, so frames a multiple of twice the VAE's factor.
+    model = randomize(VC2UNet.from_original_config({
+        **SMALL_CONFIG, "channel_mult": [1, 1], "in_channels": vae.latent_channels, "out_channels": vae.latent_channels,
+        "context_dim": encoder.context_dim, "use_kernels": False,
+    }), 0).eval()
+    T2VTurboPipeline(model, vae, encoder).save_pretrained(tmp_path / "model")
+    multiple = 2 * vae.downsample
+    assert NoisePredictor(model).latent_multiple == 2
+    command = ["a cat", "--model", str(tmp_path / "model"), "--no-progress", "--out", str(tmp_path / "c.gif")]
+
+    assert main([*command, "--device", "cpu", "--height", str(3 * vae.downsample)]) == 2
+    assert f"height must be a multiple of {multiple}" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as stopped:
+            main([*command, "--device", "cuda"])
+        assert stopped.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+    checkpoint.save_unet_dir(small_unet(in_channels=vae.latent_channels, context_dim=2 * encoder.context_dim),
+                             tmp_path / "other-unet")
+    assert main([*command, "--device", "cpu", "--unet", str(tmp_path / "other-unet")]) == 2
+    assert f"{2 * encoder.context_dim}-wide context but the text encoder makes" in capsys.readouterr().err
+    assert not (tmp_path / "c.gif").exists()
+
+
 def test_diffusers_unets_save_load_and_sample_through_generate(tmp_path):
     from t2v_turbo.models import checkpoint
     from t2v_turbo.models.text_encoder import OpenCLIPTextEncoder

@@ -294,6 +294,29 @@ def test_command_line_synthetic_tiny_preset(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+def test_a_frame_size_the_teacher_cannot_take_stops_before_the_cache_is_begun(models, tmp_path):
+    """The size must divide by the VAE's factor times the UNet's; the manifest is not written, so
+    the corrected command starts the cache."""
+    vae = models[1]
+    with pytest.raises(ValueError, match="height must be a multiple of"):
+        preprocess(make_config(tmp_path / "cache", size=(SIZE[0] + vae.downsample // 2, SIZE[1])), Clips(2), models)
+    assert not any((tmp_path / "cache").glob("*.json"))
+
+
+def test_clip_settings_come_from_the_model_directory_unless_given(tmp_path):
+    from t2v_turbo.commands.preprocess import CLIP_DEFAULTS, clip_settings
+    from t2v_turbo.pipeline import PIPELINE_CONFIG_NAME
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / PIPELINE_CONFIG_NAME).write_text(json.dumps({"fps": 4, "num_frames": 8, "height": 32, "width": 48}))
+    flags = dict(frames=None, fps=None, height=None, width=None)
+    assert clip_settings(SimpleNamespace(model=None, **flags)) == CLIP_DEFAULTS
+    from_model = clip_settings(SimpleNamespace(model=str(tmp_path / "model"), **flags))
+    assert from_model == {"frames": 8, "fps": 4, "height": 32, "width": 48}
+    given = clip_settings(SimpleNamespace(model=str(tmp_path / "model"), **{**flags, "height": 64}))
+    assert given == {**from_model, "height": 64}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("decord") is None, reason="decord is not installed (pip install decord)")
 def test_a_video_cache_continues_only_with_the_decoder_that_began_it(tmp_path, capsys):
     videos = tmp_path / "videos"

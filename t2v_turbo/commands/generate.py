@@ -49,18 +49,23 @@ def run_generate(args: argparse.Namespace) -> int:
     common = dict(
         num_frames=args.frames, height=args.height, width=args.width, seed=args.seed, progress=not args.no_progress
     )
-    if args.teacher:
-        steps = TEACHER_STEPS if args.steps is None else args.steps
-        guidance = 7.5 if args.guidance is None else args.guidance
-        result = pipeline.sample_teacher(args.prompts, num_steps=steps, guidance_scale=guidance, **common)
-    else:
-        result = pipeline.generate(
-            args.prompts,
-            num_steps=args.steps,
-            guidance_scale=args.guidance,
-            motion_strength=args.motion_strength,
-            **common,
-        )
+    # Settings the model cannot take (a frame size its VAE and UNet cannot divide) end here.
+    try:
+        if args.teacher:
+            steps = TEACHER_STEPS if args.steps is None else args.steps
+            guidance = 7.5 if args.guidance is None else args.guidance
+            result = pipeline.sample_teacher(args.prompts, num_steps=steps, guidance_scale=guidance, **common)
+        else:
+            result = pipeline.generate(
+                args.prompts,
+                num_steps=args.steps,
+                guidance_scale=args.guidance,
+                motion_strength=args.motion_strength,
+                **common,
+            )
+    except ValueError as error:
+        print(f"t2v-turbo generate: error: {error_text(error)}", file=sys.stderr)
+        return 2
     # (B, 3, F, H, W) -> one (F, 3, H, W) clip a prompt.
     clips = result.frames.transpose(1, 2)
     for clip, path in zip(clips, output_paths(args.out, len(args.prompts))):
@@ -115,10 +120,16 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be a positive integer, got {value}")
-    if args.device is None:
-        import torch
+    import torch
 
+    if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA GPU")
 
 
 def add_generate_command(subparsers) -> argparse.ArgumentParser:

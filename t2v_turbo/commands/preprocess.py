@@ -11,13 +11,33 @@ import sys
 DTYPES = ("bfloat16", "float16", "float32")
 
 
+# Clip settings without a model directory to take them from (VideoCrafter2's).
+CLIP_DEFAULTS = {"frames": 16, "fps": 8, "height": 320, "width": 512}
+
+
+def clip_settings(args: argparse.Namespace) -> dict[str, int]:
+    """frames, fps, height, width: the flags given, else what --model's pipeline.json records (the
+    clips it was made for), else CLIP_DEFAULTS."""
+    defaults = dict(CLIP_DEFAULTS)
+    if args.model is not None:
+        from pathlib import Path
+
+        from t2v_turbo.pipeline import PIPELINE_CONFIG_NAME, read_pipeline_config
+
+        if (Path(args.model) / PIPELINE_CONFIG_NAME).is_file():
+            fps, recorded = read_pipeline_config(args.model)
+            defaults = {"frames": recorded.num_frames, "fps": fps, "height": recorded.height, "width": recorded.width}
+    return {name: default if getattr(args, name) is None else getattr(args, name) for name, default in defaults.items()}
+
+
 def run_preprocess(args: argparse.Namespace) -> int:
     from t2v_turbo.preprocess import PreprocessConfig, preprocess
 
     try:
+        clip = clip_settings(args)
         config = PreprocessConfig(
-            cache=args.cache, data=args.data, model=args.model, preset=args.preset, num_frames=args.frames,
-            fps=args.fps, size=(args.height, args.width), batch_size=args.batch_size, shard_size=args.shard_size,
+            cache=args.cache, data=args.data, model=args.model, preset=args.preset, num_frames=clip["frames"],
+            fps=clip["fps"], size=(clip["height"], clip["width"]), batch_size=args.batch_size, shard_size=args.shard_size,
             dtype=args.dtype, seed=args.seed, motion_grid_range=tuple(args.motion_grid_range),
             grid_range=tuple(args.grid_range), motion=not args.no_motion, kernels=args.kernels, compile=args.compile,
             limit=args.limit,
@@ -50,10 +70,11 @@ def add_preprocess_command(subparsers) -> None:
                          help="random weights of this architecture, seeded by --seed as `train` seeds its student")
     parser.add_argument("--data", default="synthetic", help="synthetic, a directory of videos or a .csv/.jsonl manifest")
     parser.add_argument("--cache", required=True, help="the cache directory to write (or continue)")
-    parser.add_argument("--frames", type=int, default=16, help="frames a clip")
-    parser.add_argument("--fps", type=int, default=8, help="frame rate of the clips and the teacher's fps conditioning")
-    parser.add_argument("--height", type=int, default=320, help="frame height in pixels")
-    parser.add_argument("--width", type=int, default=512, help="frame width in pixels")
+    parser.add_argument("--frames", type=int, default=None, help="frames a clip (default: --model's, else 16)")
+    parser.add_argument("--fps", type=int, default=None,
+                        help="frame rate of the clips and the teacher's fps conditioning (default: --model's, else 8)")
+    parser.add_argument("--height", type=int, default=None, help="frame height in pixels (default: --model's, else 320)")
+    parser.add_argument("--width", type=int, default=None, help="frame width in pixels (default: --model's, else 512)")
     parser.add_argument("--batch-size", type=int, default=4, help="clips a teacher batch")
     parser.add_argument("--shard-size", type=int, default=64, help="samples a cache shard")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the UNet and the VAE")

@@ -90,12 +90,16 @@ class NoisePredictor:
             self._has_motion = network.config["motion_cond_proj_dim"] is not None
             self._in_channels = network.config["in_channels"]
             self._context_dim = network.config["context_dim"]
+            levels = len(network.config["channel_mult"])
         else:
             self.kind = "diffusers"
             self._guidance_dim = network.config.time_cond_proj_dim
             self._has_motion = False
             self._in_channels = network.config.in_channels
             self._context_dim = network.config.cross_attention_dim
+            levels = len(network.config.block_out_channels)
+        # Every level but the last halves the latent: its height and width must divide evenly.
+        self._latent_multiple = 2 ** (levels - 1)
         self.model = model
         self.network = network
 
@@ -114,6 +118,11 @@ class NoisePredictor:
     @property
     def context_dim(self) -> int:
         return self._context_dim
+
+    @property
+    def latent_multiple(self) -> int:
+        """What the latent height and width must be multiples of."""
+        return self._latent_multiple
 
     @property
     def dtype(self) -> torch.dtype:
@@ -154,3 +163,16 @@ class NoisePredictor:
             return self.model(x, timesteps, context, fps, timestep_cond=timestep_cond, motion_cond=motion_cond)
         timestep_cond = None if w is None else sinusoid_b(w, self._guidance_dim).to(dtype)
         return self.model(x, timesteps, encoder_hidden_states=context, timestep_cond=timestep_cond).sample
+
+
+def check_frame_size(height: int, width: int, vae_downsample: int, latent_multiple: int) -> None:
+    """Frames of height x width pixels go through a VAE of that downsample factor, then a UNet
+    whose latents must be multiples of latent_multiple: a ValueError naming the multiple the
+    frame size must be, where it is not."""
+    multiple = vae_downsample * latent_multiple
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            raise ValueError(
+                f"{name} must be a multiple of {multiple} (the VAE's downsample factor {vae_downsample} times "
+                f"the UNet's {latent_multiple}), got {value}"
+            )
