@@ -121,7 +121,6 @@ def test_a_different_config_cannot_continue_a_cache(tmp_path):
         CacheWriter(tmp_path, config={"seed": 1, "fps": 8})
 
 
-
 def test_process_shards_are_read_together(tmp_path):
     for rank in range(2):
         with CacheWriter(tmp_path, shard_size=2, process_index=rank, num_processes=2) as writer:
