@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from t2v_turbo.models.checkpoint import write_atomically
+from t2v_turbo.files import write_atomically
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -2,13 +2,15 @@
 
 Each subcommand is one `_add_<name>(subparsers)` function that imports its module only when the
 parser is built, declares its arguments and sets `handler(args) -> exit status`, plus one entry
-in SUBCOMMANDS.
+in SUBCOMMANDS. A command line naming a subcommand builds that one alone, so it does not pay for
+importing the others' modules (the benchmarks pull in open_clip: seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -35,6 +37,7 @@ def _add_convert(subparsers) -> None:
             parser.error(f"OUTPUT must be a {checkpoint.SAFETENSORS_SUFFIX} file, got {args.output}")
         try:
             state = checkpoint.load_state_dict_file(args.input)
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             checkpoint.save_state_dict_file(state, args.output)
         except (FileNotFoundError, ValueError, TypeError) as error:
             print(f"t2v-turbo convert: error: {error_text(error)}", file=sys.stderr)
@@ -85,19 +88,32 @@ def _add_pretrain(subparsers) -> None:
     add_pretrain_command(subparsers)
 
 
-SUBCOMMANDS = (_add_bench, _add_convert, _add_demo, _add_generate, _add_pretrain, _add_preprocess, _add_train)
+SUBCOMMANDS = {
+    "bench": _add_bench, "convert": _add_convert, "demo": _add_demo, "generate": _add_generate,
+    "pretrain": _add_pretrain, "preprocess": _add_preprocess, "train": _add_train,
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or of `only`."""
     parser = argparse.ArgumentParser(prog="t2v-turbo", description="T2V-Turbo-v2 post-training with turbo_kernels.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in SUBCOMMANDS:
-        add(subparsers)
+    for name, add in SUBCOMMANDS.items():
+        if only in (None, name):
+            add(subparsers)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser(command if command in SUBCOMMANDS else None)
+    args, extra = parser.parse_known_args(argv)
+    # train's KEY=VALUE overrides may sit between its flags; argparse takes only their first run.
+    if extra and args.command == "train" and all("=" in arg and not arg.startswith("-") for arg in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.handler(args)
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -81,6 +83,46 @@ class DemoConfig:
     variants: str = "abcd"
     threads: int = 0
     progress: bool = True
+
+    def validate(self) -> None:
+        unknown = set(self.variants) - {v.name for v in VARIANTS}
+        if unknown or not self.variants:
+            raise ValueError(f"variants must be letters from 'abcd', got {self.variants!r}")
+        for name in ("train_clips", "train_steps", "batch_size", "eval_prompts", "teacher_steps", "student_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (torch's default) or more, got {self.threads}")
+        for name in ("lr", "image_reward_weight", "video_reward_weight", "motion_strength", "guidance_scale"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"{name} must be a finite {'positive' if name == 'lr' else 'non-negative'} number, got {value}")
+        low, high = self.motion_grid_range
+        if not 0 <= low < high <= 200:
+            raise ValueError(f"motion_grid_range must be [lo, hi) with 0 <= lo < hi <= 200, got {self.motion_grid_range}")
+
+
+# What each `t2v-turbo demo` flag sets.
+FIELD_HELP = {
+    "output_dir": "where the report, GIFs, curves, cache and runs go",
+    "models": "the world models directory (teacher pipeline and toy reward models)",
+    "seed": "seed of the data, the preprocessing draws and training",
+    "train_clips": "world clips to preprocess and train on",
+    "train_steps": "optimizer steps a student",
+    "batch_size": "clips a training step",
+    "lr": "AdamW learning rate",
+    "image_reward_weight": "weight of the image reward (variants b, d)",
+    "video_reward_weight": "weight of the video reward (variants b, d)",
+    "motion_strength": "motion-guidance strength m (variants c, d)",
+    "motion_grid_range": "grid indices [LO, HI) of motion clips",
+    "eval_prompts": "held-out prompts sampled for the report",
+    "teacher_steps": "DDIM steps of the teacher row",
+    "student_steps": "sampling steps of the students",
+    "guidance_scale": "guidance w the students are distilled and sampled at",
+    "variants": "which students to train: letters of abcd",
+    "threads": "torch CPU threads (0: torch's default)",
+    "progress": "progress bars",
+}
 
 
 @dataclass
@@ -203,11 +245,9 @@ def run_demo(config: DemoConfig) -> Path:
     from t2v_turbo.train import TrainConfig, train
     from t2v_turbo.video_io import write_gif_grid
 
+    config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    unknown = set(config.variants) - {v.name for v in VARIANTS}
-    if unknown or not config.variants:
-        raise ValueError(f"variants must be letters from 'abcd', got {config.variants!r}")
     started = time.perf_counter()
     models_dir = Path(config.models)
     output = Path(config.output_dir)
@@ -383,15 +423,24 @@ def add_demo_command(subparsers) -> None:
     )
     for item in fields(DemoConfig):
         flag = "--" + item.name.replace("_", "-")
+        described = dict(default=item.default, help=f"{FIELD_HELP[item.name]} (default: %(default)s)")
         if item.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **described)
         elif isinstance(item.default, tuple):
-            parser.add_argument(flag, type=int, nargs=2, default=item.default, metavar=("LO", "HI"))
+            parser.add_argument(flag, type=int, nargs=2, metavar=("LO", "HI"), **described)
         else:
-            parser.add_argument(flag, type=type(item.default), default=item.default)
+            parser.add_argument(flag, type=type(item.default), **described)
 
     def run(args) -> int:
-        output = run_demo(DemoConfig(**{item.name: getattr(args, item.name) for item in fields(DemoConfig)}))
+        config = DemoConfig(**{item.name: getattr(args, item.name) for item in fields(DemoConfig)})
+        try:
+            config.validate()
+            output = run_demo(config)
+        # Settings the demo cannot use: a bad flag, a missing models directory, a cache in
+        # --output-dir made with other settings.
+        except (ValueError, FileNotFoundError) as error:
+            print(f"t2v-turbo demo: error: {error}", file=sys.stderr)
+            return 2
         print(f"report written to {output / 'README.md'}")
         return 0
 

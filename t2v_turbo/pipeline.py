@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 import turbo_kernels
 from t2v_turbo import schedule
+from t2v_turbo.files import write_atomically
 from t2v_turbo.models import checkpoint
 from t2v_turbo.models.adapter import NoisePredictor, check_frame_size
 from t2v_turbo.models.vc2_unet import VC2UNet
@@ -349,7 +350,7 @@ class T2VTurboPipeline:
         save_text_encoder(self.text_encoder, model_dir / TEXT_ENCODER_DIR)
         config = {"fps": self.fps, **asdict(self.defaults)}
         text = json.dumps(config, indent=2) + "\n"
-        checkpoint.write_atomically(model_dir / PIPELINE_CONFIG_NAME, lambda temporary: temporary.write_text(text))
+        write_atomically(model_dir / PIPELINE_CONFIG_NAME, lambda temporary: temporary.write_text(text))
 
     @classmethod
     def from_pretrained(

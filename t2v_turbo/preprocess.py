@@ -48,7 +48,7 @@ from t2v_turbo.cache import MODELS_HANDED_IN_KEY, STORAGE_DTYPES, CacheWriter, m
 from t2v_turbo.data.videos import VIDEO_BACKENDS, build_dataset
 from t2v_turbo.models import OpenCLIPTextEncoder, PromptCache, VC2UNet, VideoVAE
 from t2v_turbo.models.adapter import NoisePredictor, check_frame_size
-from t2v_turbo.models.checkpoint import write_atomically
+from t2v_turbo.files import write_atomically
 from t2v_turbo.motion import compute_motion_prior, noised_latents
 
 logger = logging.getLogger(__name__)

@@ -52,7 +52,7 @@ from t2v_turbo.cache import MODELS_HANDED_IN_KEY, PREPROCESS_HINT, TeacherCache,
 from t2v_turbo.models import VC2UNet
 from t2v_turbo.models import checkpoint as unet_checkpoint
 from t2v_turbo.models.adapter import NoisePredictor
-from t2v_turbo.models.checkpoint import write_atomically
+from t2v_turbo.files import make_readable, write_atomically
 from turbo_kernels import MOTION_FORMS
 
 logger = logging.getLogger(__name__)
@@ -748,7 +748,7 @@ class _Trainer:
             }
             (temporary / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
             for written in temporary.iterdir():
-                unet_checkpoint.make_readable(written)
+                make_readable(written)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(temporary, final)

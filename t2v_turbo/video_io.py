@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from t2v_turbo.models.checkpoint import publish, sibling_temporary
+from t2v_turbo.files import publish, sibling_temporary
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
 # libx264 where PyAV's FFmpeg has it; mpeg4 is in every FFmpeg build.

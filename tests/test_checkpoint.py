@@ -124,6 +124,22 @@ def test_convert_cli_reports_unreadable_inputs(tmp_path, capsys):
     assert not output.exists()
 
 
+def test_convert_cli_creates_the_output_folder(tmp_path, tiny_state):
+    torch.save(tiny_state, tmp_path / "model.pt")
+    output = tmp_path / "new" / "folder" / "model.safetensors"
+    assert main(["convert", str(tmp_path / "model.pt"), str(output)]) == 0
+    assert load_file(str(output)).keys() == tiny_state.keys()
+
+
+def test_train_overrides_may_sit_between_its_flags(tmp_path, capsys):
+    """Every KEY=VALUE reaches the config wherever it sits (the unknown key proves the second did)."""
+    argv = ["train", "--cache", str(tmp_path), "kernels=off", "--max-steps", "1", "not_a_field=1"]
+    assert main(argv) == 2
+    assert "unknown config keys ['not_a_field']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--cache", str(tmp_path), "--not-a-flag"])
+
+
 def test_load_checkpoint_fills_the_model(tmp_path, tiny_state):
     path = tmp_path / "model.ckpt"
     torch.save(_release_checkpoint(tiny_state), path)

@@ -184,3 +184,25 @@ def test_scores_summary_and_table_count_only_clips_with_a_direction():
     table = _table(rows)
     assert "| mixed | 4 | — | 0.7000 | 0.2000 | 0.400 | 1/2 | 0.100 |" in table
     assert "| static | 4 | — | 0.7000 | 0.2000 | 0.400 | — | 0.100 |" in table
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--variants", "xyz"], "variants must be letters"),
+        (["--train-steps", "-1"], "train_steps must be a positive int"),
+        (["--lr", "nan"], "lr must be a finite positive number"),
+        (["--motion-grid-range", "150", "100"], "motion_grid_range"),
+        (["--models", "/nonexistent-models"], "does not exist"),
+    ],
+)
+def test_demo_command_reports_unusable_settings(tmp_path, capsys, flags, message):
+    import argparse
+
+    from t2v_turbo.demo import add_demo_command
+
+    parser = argparse.ArgumentParser()
+    add_demo_command(parser.add_subparsers())
+    args = parser.parse_args(["demo", "--output-dir", str(tmp_path / "report"), "--no-progress", *flags])
+    assert args.handler(args) == 2
+    assert message in capsys.readouterr().err

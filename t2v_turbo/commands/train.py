@@ -160,6 +160,9 @@ def run_train(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as error:
         print(f"t2v-turbo train: error: {error_text(error)}", file=sys.stderr)
         return 2
+    if config.resume is not None:
+        print(f"resuming at step {trainer.step}" if trainer.step else
+              f"--resume {config.resume}: no checkpoint in {config.output_dir} yet, starting at step 0")
     try:
         result = trainer.run()
     except NonFiniteLossError as error:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from t2v_turbo.files import write_atomically
 from t2v_turbo.models.vc2_unet import VC2UNet
 
 # VideoCrafter2's model.ckpt holds the whole LatentDiffusion; the UNet's keys carry this prefix.
@@ -71,43 +71,6 @@ def load_checkpoint(model: VC2UNet, path: str | os.PathLike) -> VC2UNet:
     except (KeyError, ValueError) as error:
         raise type(error)(f"{path}: {error.args[0]}") from None
     return model
-
-
-def sibling_temporary(path: Path, suffix: str) -> Path:
-    """A new empty file beside `path`, its hidden name ending in `suffix`."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(descriptor)
-    return Path(temporary)
-
-
-def publish(temporary: Path, path: Path) -> None:
-    """Moves a finished temporary file onto `path`, readable as make_readable says."""
-    make_readable(temporary)
-    os.replace(temporary, path)
-
-
-def make_readable(path: Path) -> None:
-    """Gives a written file the permissions a plain open() would: mkstemp and safetensors create
-    files 0600, which would leave checkpoints, caches and videos unreadable to the rest of a team
-    on a shared machine."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """write(temporary path) in path's directory, then moves the result onto path."""
-    temporary = sibling_temporary(path, ".tmp")
-    try:
-        write(temporary)
-        publish(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_state_dict_file(state: Mapping[str, Tensor], path: str | os.PathLike) -> None:

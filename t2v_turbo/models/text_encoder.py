@@ -24,7 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from t2v_turbo.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, write_atomically, save_state_dict_file
+from t2v_turbo.files import write_atomically
+from t2v_turbo.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_state_dict_file
 from t2v_turbo.models.vae import read_checkpoint
 
 # VideoCrafter2's FrozenOpenCLIPEmbedder keeps the open_clip model under this prefix.

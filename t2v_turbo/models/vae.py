@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from t2v_turbo.models.checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, publish, write_atomically
+from t2v_turbo.files import publish, write_atomically
+from t2v_turbo.models.checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
 from t2v_turbo.schedule import VAE_SCALE_FACTOR
 
 FIRST_STAGE_PREFIX = "first_stage_model."

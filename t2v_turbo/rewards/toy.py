@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from t2v_turbo.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_state_dict_file, write_atomically
+from t2v_turbo.files import write_atomically
+from t2v_turbo.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_state_dict_file
 from t2v_turbo.rewards.base import RewardModel, l2_normalize
 
 SENTENCE_DIM = 384

@@ -1,0 +1,46 @@
+"""Files written atomically (a temporary file beside the target, then os.replace) and readable
+as the umask allows: checkpoints, caches, configs and videos."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def sibling_temporary(path: Path, suffix: str) -> Path:
+    """A new empty file beside `path`, its hidden name ending in `suffix`."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(descriptor)
+    return Path(temporary)
+
+
+def publish(temporary: Path, path: Path) -> None:
+    """Moves a finished temporary file onto `path`, readable as make_readable says."""
+    make_readable(temporary)
+    os.replace(temporary, path)
+
+
+def make_readable(path: Path) -> None:
+    """Gives a written file the permissions a plain open() would: mkstemp and safetensors create
+    files 0600, which would leave checkpoints, caches and videos unreadable to the rest of a team
+    on a shared machine."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """write(temporary path) in path's directory, then moves the result onto path."""
+    temporary = sibling_temporary(path, ".tmp")
+    try:
+        write(temporary)
+        publish(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
