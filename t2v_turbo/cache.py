@@ -249,8 +249,9 @@ class CacheWriter:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        # A failed producer leaves only complete shards; its half-filled buffer is dropped.
-        if exc_type is None:
+        # Ctrl-C keeps the samples already made, as a last shorter shard (the next run continues
+        # after them); a failed producer leaves only complete shards, its buffer dropped.
+        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
             self.close()
 
 

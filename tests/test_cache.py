@@ -101,6 +101,17 @@ def test_resume_after_a_kill_never_rewrites_a_finished_shard(tmp_path):
     assert len(cache) == 7 and cache[4]["caption"] == "a dense caption 1-0"
 
 
+def test_ctrl_c_keeps_the_buffered_samples_and_a_failure_drops_them(tmp_path):
+    with pytest.raises(KeyboardInterrupt), CacheWriter(tmp_path / "interrupted", shard_size=4) as writer:
+        writer.add(_batch(3, 0))
+        raise KeyboardInterrupt
+    assert CacheWriter.resume_point(tmp_path / "interrupted") == 3
+    with pytest.raises(RuntimeError), CacheWriter(tmp_path / "failed", shard_size=4) as writer:
+        writer.add(_batch(3, 0))
+        raise RuntimeError("the teacher failed")
+    assert CacheWriter.resume_point(tmp_path / "failed") == 0
+
+
 def test_a_shard_renamed_before_the_manifest_update_is_adopted(tmp_path):
     with CacheWriter(tmp_path, shard_size=2) as writer:
         writer.add(_batch(2, 0))
