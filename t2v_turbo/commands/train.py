@@ -33,6 +33,7 @@ FLAG_FIELDS = {
     "seed": "seed",
     "kernels": "kernels",
     "vae": "vae",
+    "progress": "progress",
 }
 REWARD_FLAGS = ("hps", "clip", "toy_image_reward", "video_reward")
 REWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -195,6 +196,8 @@ def add_train_command(subparsers) -> None:
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     parser.add_argument("--seed", type=int, default=None, help="seed of the data order, w draws and dropout")
     parser.add_argument("--kernels", choices=("on", "off"), default=None, help="turbo_kernels ops (on) or plain PyTorch (off)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                        help="no progress bar (the config's progress=false)")
     parser.add_argument("--vae", default=None, help="VAE directory (save_pretrained) decoding frames for the rewards")
     parser.add_argument("--hps", default=None, metavar="PATH", help="HPSv2.1 weights (OpenCLIP ViT-H-14 file)")
     parser.add_argument("--clip", default=None, metavar="PATH", help="CLIP-H weights (OpenCLIP ViT-H-14 file)")
