@@ -309,7 +309,10 @@ class VideoTextDataset(Dataset):
         if manifest is None:
             candidates = [self.root / name for name in MANIFEST_NAMES if (self.root / name).is_file()]
             if not candidates:
-                raise ValueError(f"root {root} holds none of {list(MANIFEST_NAMES)}; pass manifest=")
+                raise ValueError(
+                    f"{root} holds none of {list(MANIFEST_NAMES)}: give the manifest file itself (the data path on "
+                    "the command line, manifest= in Python)"
+                )
             manifest = candidates[0]
         if not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
