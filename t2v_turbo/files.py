@@ -30,6 +30,13 @@ def make_readable(path: Path) -> None:
 
 
 def _umask() -> int:
+    # Linux reports the umask; setting it to read it would briefly loosen it for other threads.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
