@@ -94,6 +94,11 @@ def _as_text_list(value: Any, name: str, count: int) -> list[str]:
     return texts
 
 
+class CacheMismatchError(ValueError):
+    """A cache directory holds samples made otherwise (another config or storage dtype) than a
+    writer asked to continue it."""
+
+
 class CacheWriter:
     """Appends teacher samples to a cache directory, one shard of `shard_size` samples at a time.
 
@@ -126,20 +131,21 @@ class CacheWriter:
         self.config = dict(config or {})
         self.manifest_path = self.directory / manifest_name(process_index, num_processes)
         self._pending: list[dict[str, Any]] = []
+        self._adding = False
         self.manifest = self._open_manifest()
 
     def _open_manifest(self) -> dict[str, Any]:
         if self.manifest_path.exists():
             manifest = _read_manifest(self.manifest_path)
             if manifest.get("dtype") != self.dtype_name:
-                raise ValueError(
+                raise CacheMismatchError(
                     f"{self.manifest_path}: the cache stores {manifest.get('dtype')}, this writer was given {self.dtype_name}"
                 )
             config = json.loads(json.dumps(self.config))
             if manifest.get("config") != config:
                 stored = manifest.get("config") or {}
                 differing = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
-                raise ValueError(
+                raise CacheMismatchError(
                     f"{self.manifest_path}: the cache was produced with another config (differing: "
                     f"{', '.join(differing)}); use a new directory or the same config to continue it"
                 )
@@ -197,6 +203,12 @@ class CacheWriter:
         return self.manifest["num_samples"]
 
     def add(self, batch: Mapping[str, Any]) -> None:
+        # Left set when _add raises: __exit__ then knows the buffer may hold half a batch.
+        self._adding = True
+        self._add(batch)
+        self._adding = False
+
+    def _add(self, batch: Mapping[str, Any]) -> None:
         required = ("z_t", "eps_cond", "eps_uncond", "context", "grid_index", "use_motion", "caption")
         missing = [name for name in required if name not in batch]
         if missing:
@@ -249,9 +261,12 @@ class CacheWriter:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        # Ctrl-C keeps the samples already made, as a last shorter shard (the next run continues
-        # after them); a failed producer leaves only complete shards, its buffer dropped.
-        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
+        # Ctrl-C between batches (the teacher's time) keeps the samples already made, as a last
+        # shorter shard the next run continues after. Ctrl-C inside add() may have left a batch
+        # half buffered or a shard half published, and a failed producer may have stored anything:
+        # both leave only complete shards, the buffer dropped.
+        interrupted_between_batches = exc_type is not None and issubclass(exc_type, KeyboardInterrupt) and not self._adding
+        if exc_type is None or interrupted_between_batches:
             self.close()
 
 

@@ -91,6 +91,10 @@ class DemoConfig:
         for name in ("train_clips", "train_steps", "batch_size", "eval_prompts", "teacher_steps", "student_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)}")
+        if self.train_clips < self.batch_size:
+            raise ValueError(f"train_clips ({self.train_clips}) must hold at least one batch ({self.batch_size})")
+        if not Path(self.models).is_dir():
+            raise ValueError(f"models directory {self.models} does not exist (t2v-turbo pretrain writes one)")
         if self.threads < 0:
             raise ValueError(f"threads must be 0 (torch's default) or more, got {self.threads}")
         for name in ("lr", "image_reward_weight", "video_reward_weight", "motion_strength", "guidance_scale"):
@@ -433,12 +437,18 @@ def add_demo_command(subparsers) -> None:
 
     def run(args) -> int:
         config = DemoConfig(**{item.name: getattr(args, item.name) for item in fields(DemoConfig)})
+        from t2v_turbo.cache import CacheMismatchError
+
+        # Settings the demo cannot use end with error: (a bad flag, a missing models directory, a
+        # cache in --output-dir made with other settings); errors of the run keep their traceback.
         try:
             config.validate()
+        except ValueError as error:
+            print(f"t2v-turbo demo: error: {error}", file=sys.stderr)
+            return 2
+        try:
             output = run_demo(config)
-        # Settings the demo cannot use: a bad flag, a missing models directory, a cache in
-        # --output-dir made with other settings.
-        except (ValueError, FileNotFoundError) as error:
+        except CacheMismatchError as error:
             print(f"t2v-turbo demo: error: {error}", file=sys.stderr)
             return 2
         print(f"report written to {output / 'README.md'}")

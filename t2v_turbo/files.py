@@ -4,6 +4,7 @@ as the umask allows: checkpoints, caches, configs and videos."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -51,3 +52,16 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_files_atomically(directory: Path, write: Callable[[Path], None]) -> None:
+    """write(staging directory) beside `directory`'s files, then publishes each file it wrote into
+    `directory` (for libraries that save a folder of files, e.g. diffusers' save_pretrained)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory, prefix=".staging."))
+    try:
+        write(staging)
+        for written in staging.iterdir():
+            publish(written, directory / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

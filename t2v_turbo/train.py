@@ -731,6 +731,8 @@ class _Trainer:
         accelerator.wait_for_everyone()
         rng_tensors, rng_metadata = _rng_state() if rng_state is None else rng_state
         save_file(rng_tensors, str(temporary / f"rng-p{self.rank}.safetensors"), metadata=rng_metadata)
+        # Every process's RNG file is in place before the main process publishes the directory.
+        accelerator.wait_for_everyone()
         weights, optimizer_state = self._training_state()
         if accelerator.is_main_process:
             name = "adapter.safetensors" if self.lora else "model.safetensors"

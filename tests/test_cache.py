@@ -101,11 +101,26 @@ def test_resume_after_a_kill_never_rewrites_a_finished_shard(tmp_path):
     assert len(cache) == 7 and cache[4]["caption"] == "a dense caption 1-0"
 
 
-def test_ctrl_c_keeps_the_buffered_samples_and_a_failure_drops_them(tmp_path):
+def test_ctrl_c_keeps_the_buffered_samples_and_a_failure_drops_them(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt), CacheWriter(tmp_path / "interrupted", shard_size=4) as writer:
         writer.add(_batch(3, 0))
         raise KeyboardInterrupt
     assert CacheWriter.resume_point(tmp_path / "interrupted") == 3
+    # Ctrl-C while add() publishes a shard: nothing is written twice, nothing half a batch.
+    with monkeypatch.context() as patch:
+        publish_manifest = CacheWriter._write_manifest
+
+        def interrupted_after_publishing(writer, manifest):
+            publish_manifest(writer, manifest)
+            if manifest["shards"]:
+                raise KeyboardInterrupt
+
+        patch.setattr(CacheWriter, "_write_manifest", interrupted_after_publishing)
+        with pytest.raises(KeyboardInterrupt), CacheWriter(tmp_path / "mid-shard", shard_size=4) as writer:
+            writer.add(_batch(3, 0))
+            writer.add(_batch(3, 1))
+    assert CacheWriter.resume_point(tmp_path / "mid-shard") == 4
+    assert len(TeacherCache(tmp_path / "mid-shard")) == 4
     with pytest.raises(RuntimeError), CacheWriter(tmp_path / "failed", shard_size=4) as writer:
         writer.add(_batch(3, 0))
         raise RuntimeError("the teacher failed")

@@ -72,6 +72,20 @@ def predictor_calls(monkeypatch):
     return calls
 
 
+def test_any_latent_size_is_accepted_for_a_diffusers_unet():
+    """UNet3DConditionModel upsamples to each skip connection's size, so unlike VC2UNet it takes
+    latents of any height and width: generate and preprocess must not refuse them."""
+    from t2v_turbo.models.adapter import NoisePredictor
+
+    unet = tiny_unet()
+    predictor = NoisePredictor(unet)
+    assert predictor.latent_multiple == 1
+    x = torch.randn(1, 4, 2, 5, 7)
+    with torch.no_grad():
+        eps = predictor(x, 10, torch.randn(1, 3, predictor.context_dim), guidance=torch.tensor([4.0]))
+    assert eps.shape == x.shape
+
+
 def test_temporal_attention_capture_is_in_the_sequences_layout():
     # diffusers' TransformerTemporalModel turns (B·F, C, H, W) into (B·H·W, F, C) before its
     # blocks, so attn1's to_q / to_k outputs are (B·H·W, F, heads·d), batch-major.

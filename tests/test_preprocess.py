@@ -295,11 +295,13 @@ def test_command_line_synthetic_tiny_preset(tmp_path, capsys):
 
 
 def test_a_frame_size_the_teacher_cannot_take_stops_before_the_cache_is_begun(models, tmp_path):
-    """The size must divide by the VAE's factor times the UNet's; the manifest is not written, so
-    the corrected command starts the cache."""
-    vae = models[1]
-    with pytest.raises(ValueError, match="height must be a multiple of"):
-        preprocess(make_config(tmp_path / "cache", size=(SIZE[0] + vae.downsample // 2, SIZE[1])), Clips(2), models)
+    """The size must divide by the VAE's factor times the UNet's (a two-level UNet: 2); the
+    manifest is not written, so the corrected command starts the cache."""
+    _, vae, text_encoder = models
+    two_levels = VC2UNet(**{**SMALL_UNET, "channel_mult": [1, 1]}).eval()
+    size = (SIZE[0] + vae.downsample, SIZE[1])  # a whole number of latents, but an odd one
+    with pytest.raises(ValueError, match=f"height must be a multiple of {2 * vae.downsample}"):
+        preprocess(make_config(tmp_path / "cache", size=size), Clips(2), (two_levels, vae, text_encoder))
     assert not any((tmp_path / "cache").glob("*.json"))
 
 

@@ -123,7 +123,6 @@ def test_whole_kv_backward_walks_the_query_blocks_of_every_repeated_row(launched
 
 
 @needs_triton
-@needs_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_kernel_report_compiles_what_the_unet_launches(monkeypatch, dtype):
     """Self-attention (kv_repeat = 1, compiled as a constant) and cross-attention to 77 context
@@ -138,6 +137,7 @@ def test_kernel_report_compiles_what_the_unet_launches(monkeypatch, dtype):
     assert unreported_launches(launches, kernels.REPORT_CONFIGS) == []
 
 
+@needs_triton
 def test_saved_logsumexp_and_explicit_scale():
     g = torch.Generator().manual_seed(3)
     heads, scale, kv_repeat = 2, 0.3, 2

@@ -29,6 +29,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from t2v_turbo import video_io
     from t2v_turbo.commands import error_text
     from t2v_turbo.models import checkpoint
+    from t2v_turbo.models.adapter import check_frame_size
     from t2v_turbo.pipeline import TEACHER_STEPS, T2VTurboPipeline
 
     dtype, use_kernels = getattr(torch, args.dtype), not args.no_kernels
@@ -49,23 +50,25 @@ def run_generate(args: argparse.Namespace) -> int:
     common = dict(
         num_frames=args.frames, height=args.height, width=args.width, seed=args.seed, progress=not args.no_progress
     )
-    # Settings the model cannot take (a frame size its VAE and UNet cannot divide) end here.
     try:
-        if args.teacher:
-            steps = TEACHER_STEPS if args.steps is None else args.steps
-            guidance = 7.5 if args.guidance is None else args.guidance
-            result = pipeline.sample_teacher(args.prompts, num_steps=steps, guidance_scale=guidance, **common)
-        else:
-            result = pipeline.generate(
-                args.prompts,
-                num_steps=args.steps,
-                guidance_scale=args.guidance,
-                motion_strength=args.motion_strength,
-                **common,
-            )
+        height = pipeline.defaults.height if args.height is None else args.height
+        width = pipeline.defaults.width if args.width is None else args.width
+        check_frame_size(height, width, pipeline.vae.downsample, pipeline.latent_multiple)
     except ValueError as error:
         print(f"t2v-turbo generate: error: {error_text(error)}", file=sys.stderr)
         return 2
+    if args.teacher:
+        steps = TEACHER_STEPS if args.steps is None else args.steps
+        guidance = 7.5 if args.guidance is None else args.guidance
+        result = pipeline.sample_teacher(args.prompts, num_steps=steps, guidance_scale=guidance, **common)
+    else:
+        result = pipeline.generate(
+            args.prompts,
+            num_steps=args.steps,
+            guidance_scale=args.guidance,
+            motion_strength=args.motion_strength,
+            **common,
+        )
     # (B, 3, F, H, W) -> one (F, 3, H, W) clip a prompt.
     clips = result.frames.transpose(1, 2)
     for clip, path in zip(clips, output_paths(args.out, len(args.prompts))):

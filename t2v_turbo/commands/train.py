@@ -1,7 +1,8 @@
 """`t2v-turbo train`: consistency distillation of the student from a teacher cache (SPEC 3 and 5).
 
-The configuration is a YAML or TOML file (TrainConfig's fields), then the named flags, then
-`key=value` overrides, later ones winning. Run it under `accelerate launch` for several processes.
+The configuration is a YAML or TOML file (TrainConfig's fields), then `key=value` overrides (a
+later one wins), then the named flags, which win over both. Run it under `accelerate launch` for
+several processes.
 Reward flags (--hps, --clip, --toy-image-reward, --video-reward) add the reward mixture on
 VAE-decoded frames (--vae), weighted by the config's image_reward_weight and video_reward_weight.
 """
@@ -161,9 +162,10 @@ def run_train(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as error:
         print(f"t2v-turbo train: error: {error_text(error)}", file=sys.stderr)
         return 2
-    if config.resume is not None:
-        print(f"resuming at step {trainer.step}" if trainer.step else
-              f"--resume {config.resume}: no checkpoint in {config.output_dir} yet, starting at step 0")
+    if config.resume is not None and trainer.accelerator.is_main_process:
+        fresh = config.resume == "latest" and trainer.step == 0
+        print(f"--resume latest: no checkpoint in {config.output_dir} yet, starting at step 0" if fresh
+              else f"resuming at step {trainer.step}")
     try:
         result = trainer.run()
     except NonFiniteLossError as error:
@@ -180,7 +182,7 @@ def add_train_command(subparsers) -> None:
         help="distil the T2V-Turbo-v2 student from a teacher cache (consistency distillation + rewards)",
         description="Consistency distillation of the student UNet from a teacher cache written by "
         "`t2v-turbo preprocess`. Settings come from --config (YAML/TOML, the fields of "
-        "t2v_turbo.train.TrainConfig), then the flags below, then key=value overrides. Reward flags add "
+        "t2v_turbo.train.TrainConfig), then key=value overrides, then the flags below (which win). Reward flags add "
         "the reward mixture on VAE-decoded frames (needs --vae). "
         "Use `accelerate launch` for several processes or GPUs.",
     )

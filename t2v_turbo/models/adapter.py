@@ -90,16 +90,15 @@ class NoisePredictor:
             self._has_motion = network.config["motion_cond_proj_dim"] is not None
             self._in_channels = network.config["in_channels"]
             self._context_dim = network.config["context_dim"]
-            levels = len(network.config["channel_mult"])
         else:
             self.kind = "diffusers"
             self._guidance_dim = network.config.time_cond_proj_dim
             self._has_motion = False
             self._in_channels = network.config.in_channels
             self._context_dim = network.config.cross_attention_dim
-            levels = len(network.config.block_out_channels)
-        # Every level but the last halves the latent: its height and width must divide evenly.
-        self._latent_multiple = 2 ** (levels - 1)
+        # VC2UNet halves the latent at every level but the last and needs it to divide evenly;
+        # diffusers' UNet3DConditionModel upsamples back to each skip connection's size, any size.
+        self._latent_multiple = 2 ** (len(network.config["channel_mult"]) - 1) if self.kind == "vc2" else 1
         self.model = model
         self.network = network
 

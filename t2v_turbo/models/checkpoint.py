@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from t2v_turbo.files import write_atomically
+from t2v_turbo.files import write_atomically, write_files_atomically
 from t2v_turbo.models.vc2_unet import VC2UNet
 
 # VideoCrafter2's model.ckpt holds the whole LatentDiffusion; the UNet's keys carry this prefix.
@@ -144,6 +144,6 @@ def save_unet_dir(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
     if isinstance(unet, VC2UNet):
         save_pretrained(unet, directory)
     elif is_diffusers_unet3d(unet):
-        unet.save_pretrained(directory, safe_serialization=True)
+        write_files_atomically(Path(directory), lambda staging: unet.save_pretrained(staging, safe_serialization=True))
     else:
         raise TypeError(f"can save a VC2UNet or a diffusers {DIFFUSERS_UNET_CLASS}, not a {type(unet).__name__}")

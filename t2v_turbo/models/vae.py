@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from t2v_turbo.files import publish, write_atomically
+from t2v_turbo.files import write_atomically, write_files_atomically
 from t2v_turbo.models.checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
 from t2v_turbo.schedule import VAE_SCALE_FACTOR
 
@@ -319,15 +317,9 @@ class VideoVAE(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Writes diffusers' AutoencoderKL format (config.json + diffusion_pytorch_model.safetensors); each
         file is written to a temporary directory beside it, then moved into place."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=directory, prefix=".staging."))
-        try:
-            self.autoencoder.save_pretrained(staging, safe_serialization=True)
-            for written in staging.iterdir():
-                publish(written, directory / written.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        write_files_atomically(
+            Path(directory), lambda staging: self.autoencoder.save_pretrained(staging, safe_serialization=True)
+        )
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, gradient_checkpointing: bool = False) -> VideoVAE:
