@@ -293,7 +293,7 @@ def strided_linear_cases(options: SuiteOptions) -> Iterator[Case]:
     from turbo_kernels.triton_kernels import group_norm
 
     frames, _, levels, _ = _sizes(options)
-    # One video unless asked: it keeps the sweep (42 rows a batch size) short in a lease.
+    # One video unless asked: it keeps the sweep (160 rows a batch size) short in a lease.
     batch_sizes = options.batch_sizes or (1,)
     element_size = torch.empty((), dtype=options.dtype).element_size()
     unavailable = models.kernels_unavailable(options.device)
