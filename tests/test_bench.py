@@ -295,7 +295,7 @@ def test_strided_linear_tile_sweep_runs_the_block_gemms_it_names(monkeypatch):
     production (each launch matches a kernel-report configuration, unit strides included)."""
     from types import SimpleNamespace
 
-    from .helpers import record_kernel_launches, unreported_launches
+    from .helpers import DEVICE, record_kernel_launches, unreported_launches
     from turbo_kernels.reference import temporal_block as block_reference
     from turbo_kernels.triton_kernels import group_norm
 
@@ -305,7 +305,8 @@ def test_strided_linear_tile_sweep_runs_the_block_gemms_it_names(monkeypatch):
     )
     want_calls = temporal_block._linear_calls(reference, temporal_block.QUICK_FRAMES)
     launches = record_kernel_launches(monkeypatch, group_norm)
-    options = harness.SuiteOptions(torch.device("cpu"), torch.float16, None, quick=True)
+    # The test device: the interpreter on a CPU, the kernels themselves on a GPU.
+    options = harness.SuiteOptions(DEVICE, torch.float16, None, quick=True)
     cases = list(temporal_block.strided_linear_cases(options))
     assert [case.case.rsplit("-b", 1)[0] for case in cases] == list(want_calls)
     for case in cases:
