@@ -36,7 +36,9 @@ from .helpers import (
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
 TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
 BACKENDS = ["reference"] + (["triton"] if TRITON_USABLE else [])
-OPS = ("group_norm_stats", "strided_linear", "strided_linear_weight_grad")
+OPS = (
+    "group_norm_stats", "strided_linear", "strided_linear_weight_grad", "group_norm_stats_backward", "channel_affine_backward"
+)
 
 # (videos, frames, channels, height, width, heads, head dim): VideoCrafter2's proportions (inner =
 # C, 2 channels a group) at an odd frame count, and init_attn's (inner = 2C, 1 channel a group).
@@ -67,6 +69,7 @@ def _poisoned(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(kernels, "new_output", nan_filled)
+    monkeypatch.setattr(kernels, "new_output_like", lambda t: torch.full_like(t, float("nan")))
     monkeypatch.setattr(attention_kernels, "new_output", nan_filled)
 
 
@@ -309,9 +312,9 @@ def test_kernels_read_and_write_the_stream_in_place(monkeypatch):
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_kernel_report_compiles_what_the_block_launches(monkeypatch, dtype):
-    """Every GEMM launch of the fused block's forward and backward matches a REPORT_CONFIGS entry,
-    unit strides, constexprs and warps included (the strides decide which accesses the compiler
-    vectorises and pipelines). The statistics kernels' tiles follow the shapes, declared at
+    """Every GEMM and gradient-pass launch of the fused block's forward and backward matches a
+    REPORT_CONFIGS entry, unit strides, constexprs and warps included (the strides decide which
+    accesses the compiler vectorises and pipelines). The statistics kernels' tiles follow the shapes, declared at
     VideoCrafter2's; the weight gradient's rows a program is 1 only in these small shapes."""
     launches = record_kernel_launches(monkeypatch, kernels)
     videos, frames, channels, height, width, heads, head_dim = CASES[0]
@@ -321,10 +324,15 @@ def test_kernel_report_compiles_what_the_block_launches(monkeypatch, dtype):
     with tk.backend("triton"):
         module(x, frames).backward(torch.randn(x.shape, generator=g).to(device=DEVICE, dtype=dtype))
 
-    gemms = [launch for launch in launches if launch[0].__name__.startswith("strided_linear")]
-    assert {kernel.__name__ for kernel, *_ in gemms} == {"strided_linear_kernel", "strided_linear_weight_grad_kernel"}
-    assert len(gemms) == 6  # proj_in and proj_out: forward, input gradient, weight gradient
-    assert unreported_launches(gemms, kernels.REPORT_CONFIGS, unit_sizes=("rows_per_split",)) == []
+    shape_free = {
+        "strided_linear_kernel", "strided_linear_weight_grad_kernel", "channel_affine_backward_kernel",
+        "group_norm_stats_backward_kernel",
+    }
+    checked = [launch for launch in launches if launch[0].__name__ in shape_free]
+    assert {kernel.__name__ for kernel, *_ in checked} == shape_free
+    # proj_in and proj_out: forward, input gradient, weight gradient; GroupNorm's two gradient passes.
+    assert len(checked) == 8
+    assert unreported_launches(checked, kernels.REPORT_CONFIGS, unit_sizes=("rows_per_split",)) == []
 
 
 # ---- the kernels against their op references -------------------------------------------------------
@@ -412,6 +420,61 @@ def test_group_norm_stats_kernel(dtype, frames, channels, height, width, chosen)
 # ---- fallbacks and errors --------------------------------------------------------------------------
 
 
+def test_gradient_references_match_float64_autograd():
+    """group_norm_stats_backward and channel_affine_backward against autograd through the
+    statistics and the affine, in float64."""
+    g = torch.Generator().manual_seed(21)
+    frames, videos, channels, tokens = 3, 2, 64, 5
+    x = _stream(videos, frames, channels, 1, tokens, torch.float64, g).requires_grad_(True)
+    mean, rstd = ref.group_norm_stats(x, frames, 32, 1e-6)
+    grad_mean, grad_rstd = (torch.randn(mean.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    (want,) = torch.autograd.grad((mean, rstd), x, (grad_mean, grad_rstd))
+    got = ref.group_norm_stats_backward(x.detach(), mean.detach(), rstd.detach(), grad_mean, grad_rstd, frames)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+    tokens_x = x.detach().flatten(2).transpose(1, 2).requires_grad_(True)
+    scale, shift = (torch.randn(videos, channels, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    grad_a = torch.randn(tokens_x.shape, generator=g, dtype=torch.float64)
+    a = ref.channel_affine(tokens_x, scale, shift, frames)
+    want = torch.autograd.grad(a, (tokens_x, scale, shift), grad_a)
+    got = ref.channel_affine_backward(grad_a, tokens_x.detach(), scale.detach(), frames)
+    for name, value, expected in zip(("d x", "d scale", "d shift"), got, want):
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-13, msg=lambda m: f"{name}: {m}")
+    assert got[0].stride() == tokens_x.stride()
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_gradient_kernels_match_their_references(dtype, chosen):
+    """3 videos of 2 frames, 64 channels, 37 tokens (ragged blocks), the affine's operands
+    channel-major as proj_in's are; outputs poisoned first."""
+    g = torch.Generator().manual_seed(22)
+    frames, videos, channels, height, width = 2, 3, 64, 37, 1
+    x = _stream(videos, frames, channels, height, width, dtype, g)
+    mean, rstd = ref.group_norm_stats(x, frames, 32, 1e-6)
+    grad_mean, grad_rstd = (randn(mean.shape, torch.float32, g) for _ in range(2))
+    tokens_x = x.flatten(2).transpose(1, 2)
+    grad_a = _channels_first_tokens(videos * frames, channels, height * width, dtype, g)
+    scale = randn((videos, channels), torch.float32, g)
+    with tk.backend("triton"):
+        stats_grad = torch.ops.turbo_kernels.group_norm_stats_backward(x, mean, rstd, grad_mean, grad_rstd, frames)
+        affine_grads = torch.ops.turbo_kernels.channel_affine_backward(grad_a, tokens_x, scale, frames)
+    assert chosen == [("group_norm_stats_backward", "triton"), ("channel_affine_backward", "triton")]
+
+    def reference(cast):
+        return (
+            ref.group_norm_stats_backward(cast(x), *(cast(t) for t in (mean, rstd, grad_mean, grad_rstd)), frames),
+            *ref.channel_affine_backward(cast(grad_a), cast(tokens_x), cast(scale), frames),
+        )
+
+    want_lp = reference(lambda t: t)
+    want64 = reference(lambda t: t.double())
+    names = ("stats d x", "affine d x", "d scale", "d shift")
+    for name, got, lp, w64 in zip(names, (stats_grad, *affine_grads), want_lp, want64):
+        assert got.dtype == lp.dtype and got.stride() == lp.stride(), name
+        _assert_rms_within_2x_of_reference(got, lp, w64, name)
+
+
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 def test_a_channels_last_stream_falls_back_for_the_statistics(chosen):
     """The statistics kernel walks a contiguous stream; a channels_last one runs that op's
@@ -477,6 +540,15 @@ def test_opcheck(backend_name):
         torch.library.opcheck(
             torch.ops.turbo_kernels.strided_linear_weight_grad.default,
             (randn((rows, tokens, j), torch.float32, g), x, scale, shift, frames),
+        )
+        torch.library.opcheck(
+            torch.ops.turbo_kernels.channel_affine_backward.default,
+            (_channels_first_tokens(rows, k, tokens, torch.float32, g), x, scale, frames),
+        )
+        statistics = [randn((rows // frames, 32), torch.float32, g) for _ in range(4)]
+        statistics[1] = statistics[1].abs() + 0.5  # rstd
+        torch.library.opcheck(
+            torch.ops.turbo_kernels.group_norm_stats_backward.default, (stream, *statistics, frames)
         )
 
 

@@ -41,9 +41,12 @@ Autograd: group_norm_stats, strided_linear and its weight gradient are torch.lib
 (dispatch picks triton | reference per call), differentiable through composition: GroupNorm enters
 proj_in as scale = rstd*gamma and shift = beta - mean*scale, tiny (B, C) tensors built with plain
 PyTorch ops; strided_linear's backward returns the gradients of x, scale and shift, and the
-statistics op's backward (d mean, d rstd -> d x, elementwise PyTorch) completes GroupNorm's
-gradient. The backward GEMMs are strided_linear again (transposed weight views) and a
-deterministic weight-gradient kernel. No global state: gradient checkpointing can recompute.
+statistics op's backward (d mean, d rstd -> d x) completes GroupNorm's gradient. Both are one
+pass over the stream each, custom ops too: channel_affine_backward (d x = d a * scale while it
+sums d a and d a * x per channel for d scale and d shift) and group_norm_stats_backward; composed
+from PyTorch ops they took about 14 passes, some in float32. The backward GEMMs are strided_linear
+again (transposed weight views) and a deterministic weight-gradient kernel. No global state:
+gradient checkpointing can recompute.
 """
 
 from __future__ import annotations
@@ -103,6 +106,16 @@ def _weight_grad_problem(grad_out, x, scale, shift, num_frames):
     return _kernel_problem(dict(grad_out=grad_out, x=x), dict(scale=scale, shift=shift))
 
 
+def _stats_backward_problem(x, mean, rstd, grad_mean, grad_rstd, num_frames):
+    if not x.is_contiguous():
+        return "x is not a contiguous (B*F, C, H, W) stream"
+    return _kernel_problem(dict(x=x), dict(mean=mean, rstd=rstd, grad_mean=grad_mean, grad_rstd=grad_rstd))
+
+
+def _affine_backward_problem(grad_a, x, scale, num_frames):
+    return _kernel_problem(dict(grad_a=grad_a, x=x), dict(scale=scale))
+
+
 dispatch.register("group_norm_stats", "reference")(ref.group_norm_stats)
 dispatch.register("group_norm_stats", "triton", _stats_problem)(lambda *a: _triton().group_norm_stats(*a))
 dispatch.register("strided_linear", "reference")(ref.strided_linear)
@@ -110,6 +123,14 @@ dispatch.register("strided_linear", "triton", _linear_problem)(lambda *a: _trito
 dispatch.register("strided_linear_weight_grad", "reference")(ref.strided_linear_weight_grad)
 dispatch.register("strided_linear_weight_grad", "triton", _weight_grad_problem)(
     lambda *a: _triton().strided_linear_weight_grad(*a)
+)
+dispatch.register("group_norm_stats_backward", "reference")(ref.group_norm_stats_backward)
+dispatch.register("group_norm_stats_backward", "triton", _stats_backward_problem)(
+    lambda *a: _triton().group_norm_stats_backward(*a)
+)
+dispatch.register("channel_affine_backward", "reference")(ref.channel_affine_backward)
+dispatch.register("channel_affine_backward", "triton", _affine_backward_problem)(
+    lambda *a: _triton().channel_affine_backward(*a)
 )
 
 
@@ -128,27 +149,50 @@ def _(x, num_frames, groups, eps):
 
 
 def _stats_setup(ctx, inputs, output):
-    x, num_frames, groups, _ = inputs
+    x, num_frames, _, _ = inputs
     mean, rstd = output
     ctx.save_for_backward(x, mean, rstd)
-    ctx.grouping = (num_frames, groups)
+    ctx.num_frames = num_frames
+    ctx.backend = dispatch.requested_backend()
 
 
 def _stats_backward(ctx, grad_mean, grad_rstd):
-    """mean = sum(x)/n and rstd = (sum((x - mean)^2)/n + eps)^-1/2 over each video's group, so
-    d x = (d mean + 2 (x - mean) d var)/n with d var = -rstd^3/2 d rstd."""
     x, mean, rstd = ctx.saved_tensors
-    num_frames, groups = ctx.grouping
-    per_group = x.reshape(x.shape[0] // num_frames, num_frames, groups, -1).to(mean.dtype)
-    count = num_frames * per_group.shape[-1]
-    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
-    grad_var = torch.zeros_like(rstd) if grad_rstd is None else -0.5 * grad_rstd * rstd**3
-    deviation = per_group - mean[:, None, :, None]
-    grad_x = (grad_mean[:, None, :, None] + 2 * grad_var[:, None, :, None] * deviation) / count
-    return grad_x.reshape(x.shape).to(x.dtype), None, None, None
+    # The statistics' gradients are tiny (B, groups) tensors: zeros where unused, contiguous.
+    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.contiguous()
+    grad_rstd = torch.zeros_like(rstd) if grad_rstd is None else grad_rstd.contiguous()
+    grad_x = _group_norm_stats_backward(x, mean, rstd, grad_mean, grad_rstd, ctx.num_frames, ctx.backend)
+    return grad_x, None, None, None
 
 
 _group_norm_stats.register_autograd(_stats_backward, setup_context=_stats_setup)
+
+
+@torch.library.custom_op("turbo_kernels::group_norm_stats_backward", mutates_args=())
+def _group_norm_stats_backward(
+    x: Tensor, mean: Tensor, rstd: Tensor, grad_mean: Tensor, grad_rstd: Tensor, num_frames: int,
+    backend: Optional[str] = None,
+) -> Tensor:
+    return dispatch.run(
+        "group_norm_stats_backward", x.device, x, mean, rstd, grad_mean, grad_rstd, num_frames, requested=backend
+    )
+
+
+@_group_norm_stats_backward.register_fake
+def _(x, mean, rstd, grad_mean, grad_rstd, num_frames, backend=None):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("turbo_kernels::channel_affine_backward", mutates_args=())
+def _channel_affine_backward(
+    grad_a: Tensor, x: Tensor, scale: Tensor, num_frames: int, backend: Optional[str] = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    return dispatch.run("channel_affine_backward", x.device, grad_a, x, scale, num_frames, requested=backend)
+
+
+@_channel_affine_backward.register_fake
+def _(grad_a, x, scale, num_frames, backend=None):
+    return torch.empty_like(x), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
 
 
 @torch.library.custom_op("turbo_kernels::strided_linear", mutates_args=())
@@ -210,13 +254,12 @@ def _linear_backward(ctx, grad_out):
         if scale is None:
             grad_x = grad_a
         else:
-            per_video = grad_a.unflatten(0, (-1, num_frames)).to(scale.dtype)
-            if needs_x:
-                grad_x = (per_video * scale[:, None, None, :]).flatten(0, 1).to(x.dtype)
-            if needs_scale:
-                grad_scale = (per_video * x.unflatten(0, (-1, num_frames)).to(scale.dtype)).sum(dim=(1, 2))
-            if needs_shift:
-                grad_shift = per_video.sum(dim=(1, 2))
+            # One pass: d x = d a * scale, and the per-channel sums that give d scale and d shift.
+            grad_x, grad_scale, grad_shift = _channel_affine_backward(grad_a, x, scale, num_frames, ctx.backend)
+            grad_x, grad_scale, grad_shift = (
+                grad if needed else None
+                for grad, needed in ((grad_x, needs_x), (grad_scale, needs_scale), (grad_shift, needs_shift))
+            )
     if needs_weight:
         grad_weight = _strided_linear_weight_grad(grad, x, scale, shift, num_frames, ctx.backend).to(weight.dtype)
     if needs_bias:

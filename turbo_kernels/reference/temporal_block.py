@@ -116,6 +116,32 @@ def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tup
     return mean, torch.rsqrt(variance + eps)
 
 
+def group_norm_stats_backward(
+    x: Tensor, mean: Tensor, rstd: Tensor, grad_mean: Tensor, grad_rstd: Tensor, num_frames: int
+) -> Tensor:
+    """The gradient of x through group_norm_stats: mean = sum(x)/n and rstd = (sum((x - mean)^2)/n +
+    eps)^-1/2 over each video's group, so d x = (d mean + 2 (x - mean) d var)/n with
+    d var = -rstd^3/2 d rstd. Returned in x's dtype and strides."""
+    groups = mean.shape[1]
+    per_group = x.reshape(x.shape[0] // num_frames, num_frames, groups, -1).to(mean.dtype)
+    count = num_frames * per_group.shape[-1]
+    grad_var = -0.5 * grad_rstd * rstd**3
+    deviation = per_group - mean[:, None, :, None]
+    grad_x = (grad_mean[:, None, :, None] + 2 * grad_var[:, None, :, None] * deviation) / count
+    return torch.empty_like(x).copy_(grad_x.reshape(x.shape))
+
+
+def channel_affine_backward(grad_a: Tensor, x: Tensor, scale: Tensor, num_frames: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of a = x*scale[b] + shift[b] (channel_affine; x and grad_a (B*F, M, K) in any
+    strides, scale (B, K)) with respect to x (grad_a*scale, in x's dtype and strides), scale
+    (sum of grad_a*x over each video's frames and tokens) and shift (sum of grad_a), the sums in
+    scale's dtype."""
+    per_video = grad_a.unflatten(0, (-1, num_frames)).to(scale.dtype)
+    grad_x = (per_video * scale[:, None, None, :]).flatten(0, 1)
+    grad_scale = (per_video * x.unflatten(0, (-1, num_frames)).to(scale.dtype)).sum(dim=(1, 2))
+    return torch.empty_like(x).copy_(grad_x), grad_scale, per_video.sum(dim=(1, 2))
+
+
 def channel_affine(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], num_frames: int) -> Tensor:
     """x (B*F, M, K) -> x*scale[b] + shift[b] with (B, K) scale and shift, rounded to x's dtype (a
     normalisation's output), or x itself without them."""

@@ -201,6 +201,62 @@ def strided_linear_weight_grad_kernel(
     tl.store(partial + j[:, None] * in_features + k[None, :], acc, mask=j_mask[:, None] & k_mask[None, :])
 
 
+@triton.jit
+def group_norm_stats_backward_kernel(
+    x_ptr, mean_ptr, rstd_ptr, grad_mean_ptr, grad_rstd_ptr, grad_x_ptr,
+    numel, frames, channels, group_channels, groups, positions, count, BLOCK: tl.constexpr,
+):
+    # x is a contiguous (B*F, C, H*W) stream: element i lies in frame row i // (C*H*W), channel
+    # (i // H*W) % C, and its statistics are its video's, of its channel's group.
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    row_channel = offsets // positions
+    channel = row_channel % channels
+    video_group = (row_channel // channels // frames) * groups + channel // group_channels
+    mean = tl.load(mean_ptr + video_group, mask=mask, other=0.0)
+    rstd = tl.load(rstd_ptr + video_group, mask=mask, other=0.0)
+    grad_mean = tl.load(grad_mean_ptr + video_group, mask=mask, other=0.0)
+    grad_var = -0.5 * tl.load(grad_rstd_ptr + video_group, mask=mask, other=0.0) * rstd * rstd * rstd
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    grad_x = (grad_mean + 2.0 * grad_var * (x - mean)) / count
+    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def channel_affine_backward_kernel(
+    grad_ptr, x_ptr, scale_ptr, grad_x_ptr, sum_grad_ptr, sum_grad_x_ptr,
+    tokens, channels, frames,
+    grad_stride_r, grad_stride_m, grad_stride_k,
+    x_stride_r, x_stride_m, x_stride_k,
+    out_stride_r, out_stride_m, out_stride_k,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One frame row and BLOCK_K channels a program: d x = d a * scale written as it streams the
+    # tokens, and the row's sums of d a and d a * x kept per channel (summed over frames on the host).
+    row = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = k < channels
+    scale = tl.load(scale_ptr + (row // frames) * channels + k, mask=k_mask, other=0.0)
+    grad_row = grad_ptr + row.to(tl.int64) * grad_stride_r
+    x_row = x_ptr + row.to(tl.int64) * x_stride_r
+    out_row = grad_x_ptr + row.to(tl.int64) * out_stride_r
+    sum_grad = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    sum_grad_x = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for m0 in range(0, tokens, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        mask = (m < tokens)[:, None] & k_mask[None, :]
+        grad = tl.load(grad_row + m[:, None] * grad_stride_m + k[None, :] * grad_stride_k, mask=mask, other=0.0)
+        grad = grad.to(tl.float32)
+        x = tl.load(x_row + m[:, None] * x_stride_m + k[None, :] * x_stride_k, mask=mask, other=0.0).to(tl.float32)
+        sum_grad += grad
+        sum_grad_x += grad * x
+        out = (grad * scale[None, :]).to(grad_x_ptr.dtype.element_ty)
+        tl.store(out_row + m[:, None] * out_stride_m + k[None, :] * out_stride_k, out, mask=mask)
+    partial = row * channels + k
+    tl.store(sum_grad_ptr + partial, tl.sum(sum_grad, axis=0), mask=k_mask)
+    tl.store(sum_grad_x_ptr + partial, tl.sum(sum_grad_x, axis=0), mask=k_mask)
+
+
 def stats_params(groups: int, group_numel: int) -> tuple[dict, int]:
     """Groups a program reduces (enough that it streams at least STATS_MIN_ELEMENTS, e.g. 4 groups
     of 10 channels x 2560 positions at VideoCrafter2's first level) and the tile width."""
@@ -287,6 +343,22 @@ def _weight_grad_configs(dtype: str) -> list[KernelConfig]:
     ]
 
 
+# The gradient passes stream the tensors: blocks of 2048 elements, 64 tokens x 32 channels.
+STATS_BACKWARD_BLOCK = 2048
+STATS_BACKWARD_NUM_WARPS = 4
+AFFINE_BACKWARD_TILE = dict(BLOCK_M=64, BLOCK_K=32)
+AFFINE_BACKWARD_NUM_WARPS = 4
+_STATS_BACKWARD_ARGS = dict(
+    mean_ptr="*fp32", rstd_ptr="*fp32", grad_mean_ptr="*fp32", grad_rstd_ptr="*fp32", numel="i32", frames="i32",
+    channels="i32", group_channels="i32", groups="i32", positions="i32", count="i32",
+)
+# proj_in's operands: the stream's tokens and their gradient, channel-major (token stride 1).
+_AFFINE_BACKWARD_ARGS = dict(
+    scale_ptr="*fp32", sum_grad_ptr="*fp32", sum_grad_x_ptr="*fp32", tokens="i32", channels="i32", frames="i32",
+    **{f"{name}_stride_{axis}": UNIT if axis == "m" else "i32" for name in ("grad", "x", "out") for axis in "rmk"},
+)
+
+
 REPORT_CONFIGS: list[KernelConfig] = (
     [
         config
@@ -296,12 +368,23 @@ REPORT_CONFIGS: list[KernelConfig] = (
     # The merge reads only fp32 partials: one config (VideoCrafter2's 16 frames).
     + storage_configs(group_norm_merge_stats_kernel, _MERGE_ARGS, dict(TILE=MERGE_TILE, F_PAD=16), MERGE_NUM_WARPS)[:1]
     + [config for dtype in ("fp32", "fp16", "bf16") for config in _linear_configs(dtype) + _weight_grad_configs(dtype)]
+    + storage_configs(
+        group_norm_stats_backward_kernel, _STATS_BACKWARD_ARGS, dict(BLOCK=STATS_BACKWARD_BLOCK), STATS_BACKWARD_NUM_WARPS
+    )
+    + storage_configs(
+        channel_affine_backward_kernel, _AFFINE_BACKWARD_ARGS, AFFINE_BACKWARD_TILE, AFFINE_BACKWARD_NUM_WARPS
+    )
 )
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Every output buffer is allocated here (tests swap in a NaN-filled one to catch unwritten elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def new_output_like(t: Tensor) -> Tensor:
+    """An output with t's shape, dtype and strides (tests swap in a NaN-filled one)."""
+    return torch.empty_like(t)
 
 
 def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tuple[Tensor, Tensor]:
@@ -388,3 +471,40 @@ def strided_linear_weight_grad(grad_out, x, scale, shift, num_frames, tiles=None
         AFFINE=scale is not None, num_warps=num_warps, **params,
     )
     return partial.sum(0)
+
+
+def group_norm_stats_backward(x, mean, rstd, grad_mean, grad_rstd, num_frames):
+    """The gradient of x (a contiguous (B*F, C, H, W) stream) through its groups' (mean, rstd),
+    each (B, groups) float32, from their gradients; in x's dtype."""
+    grad_x = new_output_like(x)
+    if grad_x.numel() == 0:
+        return grad_x
+    groups, channels = mean.shape[1], x.shape[1]
+    positions = x[0, 0].numel()
+    launch_grid = (triton.cdiv(x.numel(), STATS_BACKWARD_BLOCK),)
+    group_norm_stats_backward_kernel[launch_grid](
+        x, mean, rstd, grad_mean, grad_rstd, grad_x, x.numel(), num_frames, channels, channels // groups, groups,
+        positions, num_frames * (channels // groups) * positions,
+        BLOCK=STATS_BACKWARD_BLOCK, num_warps=STATS_BACKWARD_NUM_WARPS,
+    )
+    return grad_x
+
+
+def channel_affine_backward(grad_a, x, scale, num_frames):
+    """(d x = d a * scale in x's dtype and strides, sum of d a * x and sum of d a over each video's
+    frames and tokens, each (B, K) float32) of a = x*scale + shift; grad_a and x (R, M, K) in any
+    strides, scale (B, K) float32."""
+    rows, tokens, channels = x.shape
+    grad_x = new_output_like(x)
+    sums = new_output((2, rows, channels), torch.float32, x.device)
+    if sums.numel() and tokens:
+        channel_affine_backward_kernel[(rows, triton.cdiv(channels, AFFINE_BACKWARD_TILE["BLOCK_K"]))](
+            grad_a, x, scale, grad_x, sums[0], sums[1], tokens, channels, num_frames,
+            *grad_a.stride(), *x.stride(), *grad_x.stride(),
+            num_warps=AFFINE_BACKWARD_NUM_WARPS, **AFFINE_BACKWARD_TILE,
+        )
+    else:
+        sums.zero_()
+    # Fixed-order sums over each video's frames: deterministic.
+    sum_grad, sum_grad_x = (partial.view(rows // num_frames, num_frames, channels).sum(dim=1) for partial in sums)
+    return grad_x, sum_grad_x, sum_grad
