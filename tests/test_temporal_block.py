@@ -445,16 +445,22 @@ def test_gradient_references_match_float64_autograd():
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-def test_gradient_kernels_match_their_references(dtype, chosen):
-    """3 videos of 2 frames, 64 channels, 37 tokens (ragged blocks), the affine's operands
-    channel-major as proj_in's are; outputs poisoned first."""
+@pytest.mark.parametrize("layout", ["channel-major", "row-major"])
+def test_gradient_kernels_match_their_references(dtype, layout, chosen):
+    """3 videos of 2 frames, 64 channels, 201 tokens (ragged blocks, several token ranges a row),
+    the affine's operands channel-major as proj_in's are, or row-major; outputs poisoned first."""
     g = torch.Generator().manual_seed(22)
-    frames, videos, channels, height, width = 2, 3, 64, 37, 1
+    frames, videos, channels, height, width = 2, 3, 64, 67, 3
     x = _stream(videos, frames, channels, height, width, dtype, g)
     mean, rstd = ref.group_norm_stats(x, frames, 32, 1e-6)
     grad_mean, grad_rstd = (randn(mean.shape, torch.float32, g) for _ in range(2))
-    tokens_x = x.flatten(2).transpose(1, 2)
-    grad_a = _channels_first_tokens(videos * frames, channels, height * width, dtype, g)
+    if layout == "channel-major":
+        tokens_x = x.flatten(2).transpose(1, 2)
+        grad_a = _channels_first_tokens(videos * frames, channels, height * width, dtype, g)
+    else:
+        tokens_x = x.flatten(2).transpose(1, 2).contiguous()
+        grad_a = randn(tokens_x.shape, dtype, g)
+    assert kernels.affine_backward_splits(videos * frames, height * width, channels) > 1
     scale = randn((videos, channels), torch.float32, g)
     with tk.backend("triton"):
         stats_grad = torch.ops.turbo_kernels.group_norm_stats_backward(x, mean, rstd, grad_mean, grad_rstd, frames)

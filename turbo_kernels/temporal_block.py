@@ -109,10 +109,15 @@ def _weight_grad_problem(grad_out, x, scale, shift, num_frames):
 def _stats_backward_problem(x, mean, rstd, grad_mean, grad_rstd, num_frames):
     if not x.is_contiguous():
         return "x is not a contiguous (B*F, C, H, W) stream"
+    videos = x.shape[0] // num_frames
+    if any(t.dim() != 2 or t.shape[0] != videos for t in (mean, rstd, grad_mean, grad_rstd)):
+        return f"the statistics and their gradients must be ({videos}, groups)"
     return _kernel_problem(dict(x=x), dict(mean=mean, rstd=rstd, grad_mean=grad_mean, grad_rstd=grad_rstd))
 
 
 def _affine_backward_problem(grad_a, x, scale, num_frames):
+    if grad_a.shape != x.shape or scale.shape != (x.shape[0] // num_frames, x.shape[2]):
+        return f"grad_a must have x's shape and scale be ({x.shape[0] // num_frames}, {x.shape[2]})"
     return _kernel_problem(dict(grad_a=grad_a, x=x), dict(scale=scale))
 
 

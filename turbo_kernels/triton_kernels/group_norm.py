@@ -225,16 +225,19 @@ def group_norm_stats_backward_kernel(
 @triton.jit
 def channel_affine_backward_kernel(
     grad_ptr, x_ptr, scale_ptr, grad_x_ptr, sum_grad_ptr, sum_grad_x_ptr,
-    tokens, channels, frames,
+    tokens, channels, frames, tokens_per_split,
     grad_stride_r, grad_stride_m, grad_stride_k,
     x_stride_r, x_stride_m, x_stride_k,
     out_stride_r, out_stride_m, out_stride_k,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # One frame row and BLOCK_K channels a program: d x = d a * scale written as it streams the
-    # tokens, and the row's sums of d a and d a * x kept per channel (summed over frames on the host).
+    # One frame row, BLOCK_K channels and one range of tokens a program: d x = d a * scale written
+    # as it streams them, and the range's sums of d a and d a * x kept per channel (partials summed
+    # over ranges and frames on the host, in a fixed order).
     row = tl.program_id(0)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(2)
+    first_token = split * tokens_per_split
     k_mask = k < channels
     scale = tl.load(scale_ptr + (row // frames) * channels + k, mask=k_mask, other=0.0)
     grad_row = grad_ptr + row.to(tl.int64) * grad_stride_r
@@ -242,7 +245,7 @@ def channel_affine_backward_kernel(
     out_row = grad_x_ptr + row.to(tl.int64) * out_stride_r
     sum_grad = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     sum_grad_x = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-    for m0 in range(0, tokens, BLOCK_M):
+    for m0 in range(first_token, tl.minimum(first_token + tokens_per_split, tokens), BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         mask = (m < tokens)[:, None] & k_mask[None, :]
         grad = tl.load(grad_row + m[:, None] * grad_stride_m + k[None, :] * grad_stride_k, mask=mask, other=0.0)
@@ -252,7 +255,7 @@ def channel_affine_backward_kernel(
         sum_grad_x += grad * x
         out = (grad * scale[None, :]).to(grad_x_ptr.dtype.element_ty)
         tl.store(out_row + m[:, None] * out_stride_m + k[None, :] * out_stride_k, out, mask=mask)
-    partial = row * channels + k
+    partial = (split * tl.num_programs(0) + row) * channels + k
     tl.store(sum_grad_ptr + partial, tl.sum(sum_grad, axis=0), mask=k_mask)
     tl.store(sum_grad_x_ptr + partial, tl.sum(sum_grad_x, axis=0), mask=k_mask)
 
@@ -348,6 +351,9 @@ STATS_BACKWARD_BLOCK = 2048
 STATS_BACKWARD_NUM_WARPS = 4
 AFFINE_BACKWARD_TILE = dict(BLOCK_M=64, BLOCK_K=32)
 AFFINE_BACKWARD_NUM_WARPS = 4
+# Token ranges split the rows so that about four programs stream on each of an H100's 132 SMs
+# (the kernel does not pipeline its loads: more programs keep more bytes in flight).
+AFFINE_BACKWARD_PROGRAMS = 528
 _STATS_BACKWARD_ARGS = dict(
     mean_ptr="*fp32", rstd_ptr="*fp32", grad_mean_ptr="*fp32", grad_rstd_ptr="*fp32", numel="i32", frames="i32",
     channels="i32", group_channels="i32", groups="i32", positions="i32", count="i32",
@@ -355,6 +361,7 @@ _STATS_BACKWARD_ARGS = dict(
 # proj_in's operands: the stream's tokens and their gradient, channel-major (token stride 1).
 _AFFINE_BACKWARD_ARGS = dict(
     scale_ptr="*fp32", sum_grad_ptr="*fp32", sum_grad_x_ptr="*fp32", tokens="i32", channels="i32", frames="i32",
+    tokens_per_split="i32",
     **{f"{name}_stride_{axis}": UNIT if axis == "m" else "i32" for name in ("grad", "x", "out") for axis in "rmk"},
 )
 
@@ -490,21 +497,34 @@ def group_norm_stats_backward(x, mean, rstd, grad_mean, grad_rstd, num_frames):
     return grad_x
 
 
+def affine_backward_splits(rows: int, tokens: int, channels: int) -> int:
+    """How many token ranges channel_affine_backward splits each frame row into (shapes only)."""
+    channel_blocks = triton.cdiv(channels, AFFINE_BACKWARD_TILE["BLOCK_K"])
+    token_blocks = triton.cdiv(tokens, AFFINE_BACKWARD_TILE["BLOCK_M"])
+    return max(1, min(token_blocks, AFFINE_BACKWARD_PROGRAMS // max(rows * channel_blocks, 1)))
+
+
 def channel_affine_backward(grad_a, x, scale, num_frames):
     """(d x = d a * scale in x's dtype and strides, sum of d a * x and sum of d a over each video's
     frames and tokens, each (B, K) float32) of a = x*scale + shift; grad_a and x (R, M, K) in any
     strides, scale (B, K) float32."""
     rows, tokens, channels = x.shape
     grad_x = new_output_like(x)
-    sums = new_output((2, rows, channels), torch.float32, x.device)
+    channel_blocks = triton.cdiv(channels, AFFINE_BACKWARD_TILE["BLOCK_K"])
+    token_blocks = triton.cdiv(tokens, AFFINE_BACKWARD_TILE["BLOCK_M"])
+    splits = affine_backward_splits(rows, tokens, channels)
+    sums = new_output((2, splits, rows, channels), torch.float32, x.device)
     if sums.numel() and tokens:
-        channel_affine_backward_kernel[(rows, triton.cdiv(channels, AFFINE_BACKWARD_TILE["BLOCK_K"]))](
+        channel_affine_backward_kernel[(rows, channel_blocks, splits)](
             grad_a, x, scale, grad_x, sums[0], sums[1], tokens, channels, num_frames,
+            triton.cdiv(token_blocks, splits) * AFFINE_BACKWARD_TILE["BLOCK_M"],
             *grad_a.stride(), *x.stride(), *grad_x.stride(),
             num_warps=AFFINE_BACKWARD_NUM_WARPS, **AFFINE_BACKWARD_TILE,
         )
     else:
         sums.zero_()
-    # Fixed-order sums over each video's frames: deterministic.
-    sum_grad, sum_grad_x = (partial.view(rows // num_frames, num_frames, channels).sum(dim=1) for partial in sums)
+    # Fixed-order sums over token ranges and each video's frames: deterministic.
+    sum_grad, sum_grad_x = (
+        partial.sum(dim=0).view(rows // num_frames, num_frames, channels).sum(dim=1) for partial in sums
+    )
     return grad_x, sum_grad_x, sum_grad
