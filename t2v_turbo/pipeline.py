@@ -168,6 +168,17 @@ class T2VTurboPipeline:
                 f"{text_width}-wide embeddings (a UNet of another model: pass the model directory it was trained from)"
             )
 
+    def frame_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(height, width) in pixels: those given, else the model's defaults. A ValueError where
+        they are not positive multiples of the VAE's downsample factor times the UNet's."""
+        height = self.defaults.height if height is None else height
+        width = self.defaults.width if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_frame_size(height, width, self.vae.downsample, self.latent_multiple)
+        return height, width
+
     @property
     def use_kernels(self) -> bool:
         return self._use_kernels
@@ -419,14 +430,10 @@ class _SamplingRun:
     ):
         if seed is not None and generator is not None:
             raise ValueError("give seed or generator, not both")
-        d, vae = pipeline.defaults, pipeline.vae
-        num_frames = d.num_frames if num_frames is None else num_frames
-        height = d.height if height is None else height
-        width = d.width if width is None else width
-        for name, value in (("num_frames", num_frames), ("height", height), ("width", width)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        check_frame_size(height, width, vae.downsample, pipeline.latent_multiple)
+        num_frames = pipeline.defaults.num_frames if num_frames is None else num_frames
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        height, width = pipeline.frame_size(height, width)
         self.pipeline = pipeline
         self.decode_chunk_size = decode_chunk_size
         self.device = pipeline.device
@@ -434,6 +441,7 @@ class _SamplingRun:
         self.clock = _Stopwatch(self.device)
         self.started = time.perf_counter()
         self.alphas_cumprod = schedule.alphas_cumprod(device=self.device)
+        vae = pipeline.vae
         self.shape = (len(prompts), vae.latent_channels, num_frames, height // vae.downsample, width // vae.downsample)
         self.uncond_context = None
         with self.clock("text_s"):

@@ -29,7 +29,6 @@ def run_generate(args: argparse.Namespace) -> int:
     from t2v_turbo import video_io
     from t2v_turbo.commands import error_text
     from t2v_turbo.models import checkpoint
-    from t2v_turbo.models.adapter import check_frame_size
     from t2v_turbo.pipeline import TEACHER_STEPS, T2VTurboPipeline
 
     dtype, use_kernels = getattr(torch, args.dtype), not args.no_kernels
@@ -51,9 +50,7 @@ def run_generate(args: argparse.Namespace) -> int:
         num_frames=args.frames, height=args.height, width=args.width, seed=args.seed, progress=not args.no_progress
     )
     try:
-        height = pipeline.defaults.height if args.height is None else args.height
-        width = pipeline.defaults.width if args.width is None else args.width
-        check_frame_size(height, width, pipeline.vae.downsample, pipeline.latent_multiple)
+        pipeline.frame_size(args.height, args.width)
     except ValueError as error:
         print(f"t2v-turbo generate: error: {error_text(error)}", file=sys.stderr)
         return 2
