@@ -9,7 +9,10 @@ Timing on a GPU is device time: before each timed call the stream gets a spin ke
 to cover the host's work of issuing that call, so the call's kernels run back to back as they do
 inside a training step, and CUDA events around the call measure the GPU alone. The host's time to
 issue one call is reported beside it (`host_ms`): where it exceeds the device time, the op is
-launch-bound when run on its own. On the CPU, timing is wall-clock time.
+launch-bound when run on its own. So is the call's latency from an idle GPU (`wall_ms`: from
+issue to its last kernel's end, the warm-up calls synchronised on both sides), what one call costs
+a user where nothing else queues ahead of it; above median_ms, the GPU waited on the host. On the
+CPU, timing is wall-clock time.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class Timing:
     median_ms: float
     host_ms: Optional[float]
     first_call_s: float
+    wall_ms: Optional[float] = None
 
 
 def gbps(nbytes: float, ms: float) -> float:
@@ -154,12 +158,14 @@ def _time_cuda(fn: Callable, input_sets: Sequence, device: torch.device, warmup:
         # autotuning, stacking reward weights) allocates what no later call does.
         torch.cuda.reset_peak_memory_stats(device)
 
-        issue_s = []
+        issue_s, wall_s = [], []
         for i in range(warmup):
+            torch.cuda.synchronize()
             begin = time.perf_counter()
             fn(input_sets[(i + 1) % len(input_sets)])
             issue_s.append(time.perf_counter() - begin)
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+            wall_s.append(time.perf_counter() - begin)
         spin_ms = SPIN_HOST_FACTOR * statistics.median(issue_s) * 1e3 + SPIN_MARGIN_MS
         spin_cycles = int(spin_ms * _spin_cycles_per_ms(device))
 
@@ -175,7 +181,9 @@ def _time_cuda(fn: Callable, input_sets: Sequence, device: torch.device, warmup:
             ends[i].record()
         torch.cuda.synchronize()
     device_ms = [start.elapsed_time(end) for start, end in zip(starts, ends)]
-    return Timing(statistics.median(device_ms), statistics.median(issue_s) * 1e3, first_call_s)
+    return Timing(
+        statistics.median(device_ms), statistics.median(issue_s) * 1e3, first_call_s, statistics.median(wall_s) * 1e3
+    )
 
 
 def _time_cpu(fn: Callable, input_sets: Sequence, warmup: int, iters: int) -> Timing:
@@ -436,6 +444,7 @@ class _Runner:
                 "gbps": gbps(case.bytes_moved, timing.median_ms),
                 "tflops": None if case.flops is None else tflops(case.flops, timing.median_ms),
                 "host_ms": timing.host_ms,
+                "wall_ms": timing.wall_ms,
                 "first_call_s": timing.first_call_s,
                 "bytes": case.bytes_moved,
                 "dtype": str(case.dtype).removeprefix("torch."),
@@ -522,7 +531,9 @@ def format_table(result: dict) -> str:
     """One line a measured row: time, bandwidth, share of the copy ceiling, speed-ups over the reference."""
     copy = result["copy_gbps"]
     median = {(r["op"], r["case"], r["pass"], r["impl"]): r["median_ms"] for r in result["rows"]}
-    header = ("op", "case", "impl", "pass", "median ms", "host ms", "GB/s", "% copy", "vs eager", "vs compile")
+    header = (
+        "op", "case", "impl", "pass", "median ms", "host ms", "wall ms", "GB/s", "% copy", "vs eager", "vs compile"
+    )
     lines, previous_op = [], None
     for r in result["rows"]:
         if previous_op is not None and r["op"] != previous_op:
@@ -534,6 +545,7 @@ def format_table(result: dict) -> str:
                 r["op"], r["case"], r["impl"], r["pass"],
                 _format_ms(r["median_ms"]),
                 _format_ms(r["host_ms"]),
+                _format_ms(r.get("wall_ms")),
                 f"{r['gbps']:.1f}",
                 f"{100 * r['gbps'] / copy:.1f}",
                 _speedup(median.get(group + (EAGER,)), r["median_ms"]),
@@ -699,7 +711,9 @@ def _notes(on_gpu: bool) -> list[str]:
             "median_ms is device time: a spin kernel ahead of each timed call keeps the GPU from waiting on the "
             "host; host_ms is the host's time to issue one call (above median_ms: launch-bound on its own); a call "
             "of more than about a thousand kernels (the end-to-end ops) fills the launch queue behind the spin "
-            "kernel, and its host_ms then includes that wait: an upper bound",
+            "kernel, and its host_ms then includes that wait: an upper bound; wall_ms is one call's latency from "
+            "an idle GPU, issue to the end of its last kernel (median of the warm-up calls, synchronised on both "
+            "sides): above median_ms, the GPU waited on the host",
             f"inputs rotate over enough sets ({L2_MULTIPLE}x the L2, at most {MAX_INPUT_SETS}) to come from DRAM",
         ]
     return notes + ["median_ms is wall time on the CPU"]

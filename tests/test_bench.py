@@ -35,6 +35,7 @@ ROW = {
     "gbps": float,
     "tflops": (float, type(None)),
     "host_ms": (float, type(None)),
+    "wall_ms": (float, type(None)),
     "bytes": int,
 }
 SKIPPED = {"op": str, "case": str, "impl": str, "pass": str, "reason": str}
@@ -84,6 +85,9 @@ def test_quick_run_keeps_the_json_contract(tmp_path):
         assert row["pass"] in harness.PASSES
         assert row["median_ms"] > 0
         assert math.isclose(row["gbps"], harness.gbps(row["bytes"], row["median_ms"]))
+        # Latency from an idle GPU is a GPU measure: the CPU's median is its wall time already.
+        assert (row["wall_ms"] is None) == (not torch.cuda.is_available())
+        assert row["wall_ms"] is None or row["wall_ms"] > 0
     assert {row["op"] for row in result["rows"]} == set(KERNEL_OPS)
     assert all(row["impl"] != harness.COMPILED for row in result["rows"]), "--quick compiles nothing"
 
