@@ -12,7 +12,10 @@ The full `vc2` VC2UNet (1.41 B parameters) with random weights, built directly o
 
 Each row is one variant (`impl`): reference-eager (use_kernels off, solver ops on the reference
 backend), reference-compile (the same under torch.compile), kernels (use_kernels on, ops on the
-best backend) and kernels-compile; and two experiments, reference-eager-nhwc and kernels-nhwc, the
+best backend) and kernels-compile; and two experiments of two variants each. reference-eager-graphs
+and kernels-graphs replay the UNet call from CUDA graphs (t2v_turbo.cuda_graphs: the first call of
+a shape is the eager warm-up, the second captures), which tells how much of the eager time is
+the host issuing kernels. reference-eager-nhwc and kernels-nhwc are the
 eager variants with every convolution's weight channels-last (NHWC), so cuDNN's convolutions
 return channels-last activations instead of transposing to and from NCHW around each call (a
 profile of 4-step generation put 59 of 519 ms in those transposes, H100); whether torch's
@@ -45,6 +48,7 @@ from torch import Tensor, nn
 import turbo_kernels as tk
 from benchmarks import harness
 from benchmarks.harness import COMPILED, EAGER, Case, Impl, SuiteOptions
+from t2v_turbo.cuda_graphs import GraphedCall
 from t2v_turbo.models import VC2UNet, VideoVAE, guidance_embedding, motion_embedding
 from t2v_turbo.pipeline import T2VTurboPipeline
 from turbo_kernels import dispatch
@@ -53,6 +57,8 @@ KERNELS = "kernels"
 KERNELS_COMPILED = "kernels-compile"
 EAGER_NHWC = "reference-eager-nhwc"
 KERNELS_NHWC = "kernels-nhwc"
+EAGER_GRAPHS = "reference-eager-graphs"
+KERNELS_GRAPHS = "kernels-graphs"
 GPU_ONLY = "full-size end-to-end cases need a GPU (--quick runs the tiny configuration on the CPU)"
 MIB = harness.MIB
 
@@ -113,6 +119,7 @@ class Variant:
     use_kernels: bool
     compiled: bool
     channels_last: bool = False
+    cuda_graphs: bool = False
 
 
 VARIANTS = (
@@ -125,6 +132,15 @@ NHWC_VARIANTS = (
     Variant(EAGER_NHWC, use_kernels=False, compiled=False, channels_last=True),
     Variant(KERNELS_NHWC, use_kernels=True, compiled=False, channels_last=True),
 )
+GRAPH_VARIANTS = (
+    Variant(EAGER_GRAPHS, use_kernels=False, compiled=False, cuda_graphs=True),
+    Variant(KERNELS_GRAPHS, use_kernels=True, compiled=False, cuda_graphs=True),
+)
+# Each experiment's variants, paired with the variant they change (the summary's info lines).
+EXPERIMENTS = {
+    "channels-last": ((EAGER_NHWC, EAGER), (KERNELS_NHWC, KERNELS)),
+    "CUDA graphs": ((EAGER_GRAPHS, EAGER), (KERNELS_GRAPHS, KERNELS)),
+}
 
 
 def variant_impls(
@@ -133,12 +149,15 @@ def variant_impls(
     """One Impl a variant; kernel variants are unavailable without a GPU, every variant is at full
     size on a CPU."""
     size_reason = full_size_unavailable(options)
+    graphs_reason = "CUDA graphs need a GPU" if options.device.type != "cuda" else None
     return tuple(
         Impl(
             variant.name,
             call(variant),
             compiles=variant.compiled,
-            unavailable=size_reason or (kernels_unavailable(options.device) if variant.use_kernels else None),
+            unavailable=size_reason
+            or (kernels_unavailable(options.device) if variant.use_kernels else None)
+            or (graphs_reason if variant.cuda_graphs else None),
         )
         for variant in variants
     )
@@ -169,6 +188,17 @@ def set_conv_memory_format(cache: dict, modules: Sequence[nn.Module], channels_l
                     dims = 2 if isinstance(conv, nn.Conv2d) else 3
                     conv.weight.data = conv.weight.data.contiguous(memory_format=formats.get(dims, torch.contiguous_format))
     cache["channels_last"] = channels_last
+
+
+def graphed_unet(cache: dict, variant: Variant, fn: Callable, unet: nn.Module) -> Optional[GraphedCall]:
+    """The GraphedCall of `fn` for a graph variant, None for the others. One variant's graphs at a
+    time: the next variant's call drops them, so their memory pool does not count in its peak."""
+    if not variant.cuda_graphs:
+        cache.pop("graphs", None)
+        return None
+    if cache.get("graphs_variant") != variant.name:
+        cache["graphs"], cache["graphs_variant"] = GraphedCall(fn, [unet]), variant.name
+    return cache["graphs"]
 
 
 def compiled_module(cache: dict, module: nn.Module) -> nn.Module:
@@ -257,7 +287,8 @@ def _unet_call(variant: Variant) -> Callable[[SimpleNamespace], Tensor]:
         set_kernels(x.unet, variant.use_kernels)
         set_conv_memory_format(x.cache, [x.unet], variant.channels_last)
         model = compiled_module(x.cache, x.unet) if variant.compiled else x.unet
-        return model(*x.args)
+        graphed = graphed_unet(x.cache, variant, model, x.unet)
+        return (model if graphed is None else graphed)(*x.args)
 
     return call
 
@@ -281,6 +312,8 @@ def _generate_call(variant: Variant, steps: int, batch: int, scale: Scale) -> Ca
             pipeline.use_kernels = variant.use_kernels
         set_conv_memory_format(x.cache, [x.unet, x.vae], variant.channels_last)
         pipeline.noise_predictor.model = compiled_module(x.cache, x.unet) if variant.compiled else x.unet
+        predictor = pipeline.noise_predictor
+        predictor.graphs = graphed_unet(x.cache, variant, predictor.call_model, x.unet)
         output = pipeline.generate(
             ["a stand-in prompt"] * batch, num_steps=steps, guidance_scale=GUIDANCE_SCALE,
             motion_strength=MOTION_STRENGTH, num_frames=scale.frames, height=scale.height, width=scale.width,
@@ -303,7 +336,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             case=f"b{batch}-{scale.video}",
             pass_name="fwd",
             make_inputs=_unet_inputs(batch, scale, options),
-            impls=variant_impls(options, _unet_call, VARIANTS + NHWC_VARIANTS),
+            impls=variant_impls(options, _unet_call, VARIANTS + NHWC_VARIANTS + GRAPH_VARIANTS),
             bytes_moved=unet_bytes,
             dtype=options.dtype,
             shape=(batch, 4, scale.frames, scale.height, scale.width),
@@ -316,7 +349,8 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             pass_name="fwd",
             make_inputs=_pipeline_inputs(scale, options),
             impls=variant_impls(
-                options, lambda v, steps=steps: _generate_call(v, steps, GENERATE_BATCH, scale), VARIANTS + NHWC_VARIANTS
+                options, lambda v, steps=steps: _generate_call(v, steps, GENERATE_BATCH, scale),
+                VARIANTS + NHWC_VARIANTS + GRAPH_VARIANTS,
             ),
             bytes_moved=steps * unet_bytes + vae_bytes,
             dtype=options.dtype,
@@ -372,26 +406,26 @@ def variant_targets(result: dict, op: str, case: str, label: str) -> list[str]:
 
 def summary(result: dict) -> list[str]:
     """Issue 4's targets for 4-step generation end to end, judged on a harness result, and what
-    the channels-last experiment measured."""
+    the experiments (channels-last, CUDA graphs) measured."""
     cases_4_step = [row["case"] for row in result["rows"] if row["op"] == "generate" and row["case"].startswith("steps4-")]
     case = cases_4_step[0] if cases_4_step else f"steps4-b{GENERATE_BATCH}-{FULL.video}"
-    return variant_targets(result, "generate", case, f"4-step generation ({case})") + nhwc_lines(result)
+    return variant_targets(result, "generate", case, f"4-step generation ({case})") + experiment_lines(result)
 
 
-def nhwc_lines(result: dict) -> list[str]:
-    """Informational: each channels-last variant's speed-up over its NCHW variant, per case."""
+def experiment_lines(result: dict) -> list[str]:
+    """Informational: each experiment variant's speed-up over the variant it changes, per case."""
     lines = []
-    for op in ("unet_forward", "generate"):
-        rows = rows_by(result, op)
-        for case in dict.fromkeys(case for case, _ in rows):
-            pairs = [(nhwc, nchw) for nhwc, nchw in ((EAGER_NHWC, EAGER), (KERNELS_NHWC, KERNELS))
-                     if (case, nhwc) in rows and (case, nchw) in rows]
-            if pairs:
-                ratios = ", ".join(
-                    f"{nhwc} {rows[(case, nchw)]['median_ms'] / rows[(case, nhwc)]['median_ms']:.2f}x {nchw}"
-                    for nhwc, nchw in pairs
-                )
-                lines.append(f"info  channels-last {op} {case}: {ratios}")
+    for experiment, pairs in EXPERIMENTS.items():
+        for op in ("unet_forward", "generate"):
+            rows = rows_by(result, op)
+            for case in dict.fromkeys(case for case, _ in rows):
+                measured = [(new, old) for new, old in pairs if (case, new) in rows and (case, old) in rows]
+                if measured:
+                    ratios = ", ".join(
+                        f"{new} {rows[(case, old)]['median_ms'] / rows[(case, new)]['median_ms']:.2f}x {old}"
+                        for new, old in measured
+                    )
+                    lines.append(f"info  {experiment} {op} {case}: {ratios}")
     return lines
 
 

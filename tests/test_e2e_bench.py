@@ -50,6 +50,7 @@ def test_unet_forward_rows(tmp_path):
     ]
     reasons = {s["impl"]: s["reason"] for s in result["skipped"]}
     assert reasons[models.KERNELS] == reasons[models.KERNELS_COMPILED] == reasons[models.KERNELS_NHWC] == "no GPU"
+    assert reasons[models.KERNELS_GRAPHS] == "no GPU" and reasons[models.EAGER_GRAPHS] == "CUDA graphs need a GPU"
     assert "compile budget" in reasons[harness.COMPILED]
 
 
@@ -69,13 +70,43 @@ def test_channels_last_variants_compute_what_their_nchw_variants_do():
         assert all(conv.weight.is_contiguous() for conv in convs)
 
 
-def test_channels_last_lines_compare_each_nhwc_variant_with_its_nchw_one():
+def test_graph_variants_replay_what_the_eager_variant_computes(monkeypatch):
+    """On the CPU with captures recorded (tests/test_cuda_graphs.py): the graph variants' third
+    call replays, and the UNet output and generated frames equal the eager variant's."""
+    from t2v_turbo import cuda_graphs
+    from tests.test_cuda_graphs import RecordedGraph
+
+    captures = []
+
+    def capture(fn, device, pool):
+        captures.append(RecordedGraph(fn, fn(), pool))
+        return captures[-1], captures[-1].outputs
+
+    monkeypatch.setattr(cuda_graphs, "_graph_device", lambda leaves: torch.device("cpu"))
+    monkeypatch.setattr(cuda_graphs, "_capture", capture)
+    unet_case, generate_case = (next(c for c in models.cases(_cpu_options()) if c.op == op) for op in ("unet_forward", "generate"))
+    for case in (unet_case, generate_case):
+        x = case.make_inputs()
+        impls = {impl.name: impl for impl in case.impls}
+        want = impls[harness.EAGER].fn(x)
+        captured = len(captures)
+        for _ in range(3):
+            got = impls[models.EAGER_GRAPHS].fn(x)
+        assert len(captures) == captured + 1 and captures[-1].replays >= 2
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        impls[harness.EAGER].fn(x)
+        assert "graphs" not in x.cache, "an eager variant drops the graphs and their memory"
+
+
+def test_experiment_lines_compare_each_variant_with_the_one_it_changes():
     case = "b1-16x320x512"
     result = {"rows": [_row("unet_forward", case, impl, ms) for impl, ms in (
-        (harness.EAGER, 100.0), (models.EAGER_NHWC, 80.0), (models.KERNELS, 90.0), (models.KERNELS_NHWC, 100.0)
+        (harness.EAGER, 100.0), (models.EAGER_NHWC, 80.0), (models.KERNELS, 90.0), (models.KERNELS_NHWC, 100.0),
+        (models.KERNELS_GRAPHS, 60.0),
     )], "skipped": []}
-    (line,) = models.nhwc_lines(result)
-    assert f"{models.EAGER_NHWC} 1.25x {harness.EAGER}" in line and f"{models.KERNELS_NHWC} 0.90x {models.KERNELS}" in line
+    nhwc, graphs = models.experiment_lines(result)
+    assert f"{models.EAGER_NHWC} 1.25x {harness.EAGER}" in nhwc and f"{models.KERNELS_NHWC} 0.90x {models.KERNELS}" in nhwc
+    assert graphs == f"info  CUDA graphs unet_forward {case}: {models.KERNELS_GRAPHS} 1.50x {models.KERNELS}"
 
 
 def test_distillation_step_rows(tmp_path):

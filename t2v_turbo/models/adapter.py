@@ -101,6 +101,8 @@ class NoisePredictor:
         self._latent_multiple = 2 ** (len(network.config["channel_mult"]) - 1) if self.kind == "vc2" else 1
         self.model = model
         self.network = network
+        # A t2v_turbo.cuda_graphs.GraphedCall of call_model, set by the pipeline's enable_cuda_graphs.
+        self.graphs = None
 
     @property
     def accepts_guidance(self) -> bool:
@@ -156,11 +158,20 @@ class NoisePredictor:
         timesteps = torch.as_tensor(t, device=device).reshape(-1).expand(batch)
         x, context = x.to(dtype), context.to(device=device, dtype=dtype)
 
+        guidance_dim = COND_EMBED_DIM if self.kind == "vc2" else self._guidance_dim
+        timestep_cond = None if w is None else sinusoid_b(w, guidance_dim).to(dtype)
+        motion_cond = None if m is None else sinusoid_b(m, COND_EMBED_DIM).to(dtype)
+        call = self.call_model if self.graphs is None else self.graphs
+        return call(x, timesteps, context, fps, timestep_cond, motion_cond)
+
+    def call_model(
+        self, x: Tensor, timesteps: Tensor, context: Tensor, fps: int | Tensor, timestep_cond: Tensor | None,
+        motion_cond: Tensor | None,
+    ) -> Tensor:
+        """The model's own call on prepared inputs (embeddings built, dtypes and devices set):
+        what a CUDA graph of this predictor records."""
         if self.kind == "vc2":
-            timestep_cond = None if w is None else sinusoid_b(w, COND_EMBED_DIM).to(dtype)
-            motion_cond = None if m is None else sinusoid_b(m, COND_EMBED_DIM).to(dtype)
             return self.model(x, timesteps, context, fps, timestep_cond=timestep_cond, motion_cond=motion_cond)
-        timestep_cond = None if w is None else sinusoid_b(w, self._guidance_dim).to(dtype)
         return self.model(x, timesteps, encoder_hidden_states=context, timestep_cond=timestep_cond).sample
 
 

@@ -162,6 +162,15 @@ def _per_sample(value: Tensor | float, name: str, x: Tensor) -> Tensor:
     return value.reshape(-1).expand(batch)
 
 
+def _batch_values(value: Tensor | float, batch: int, device: torch.device) -> Tensor:
+    """Timesteps or fps (a number, or one or B values) as a (B,) tensor on `device`. A Python
+    number is filled in on the device: torch.as_tensor would copy it from host memory, which a
+    CUDA graph cannot capture."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full((batch,), value, device=device)
+    return torch.as_tensor(value, device=device).reshape(-1).expand(batch)
+
+
 def _split_heads(t: Tensor, heads: int) -> Tensor:
     """(N, L, heads·d) -> (N, heads, L, d)."""
     return t.unflatten(-1, (heads, -1)).transpose(1, 2)
@@ -723,8 +732,7 @@ class VC2UNet(nn.Module):
     ) -> Tensor:
         batch, _, num_frames, _, _ = x.shape
         dtype = x.dtype
-        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(batch)
-        fps = torch.as_tensor(fps, device=x.device).reshape(-1).expand(batch)
+        timesteps, fps = (_batch_values(value, batch, x.device) for value in (timesteps, fps))
         t_emb = sinusoid_a(timesteps, self.model_channels).to(dtype)
         c = self.condition_embedding(timestep_cond, motion_cond, dtype)
         if c is not None:
