@@ -381,14 +381,16 @@ def test_strided_linear_kernel(dtype, affine, bias, residual, channels_first_in,
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_strided_linear_weight_grad_kernel(dtype, affine, chosen):
-    """5 frame rows split into ranges, 19 tokens, channels-first x, a transposed gradient view."""
+    """5 frame rows split into ranges, 131 tokens (the bias programs' 128-token tiles: two trips,
+    the second ragged), 72 output channels (two tiles, ragged), channels-first x, a transposed
+    gradient view; returns the weight and the bias gradient."""
     g = torch.Generator().manual_seed(15)
-    frames, rows, tokens, k, j = 1, 5, 19, 24, 40
+    frames, rows, tokens, k, j = 1, 5, 131, 24, 72
     grad_out = randn((rows, j, tokens), dtype, g).transpose(1, 2)
     x = _channels_first_tokens(rows, k, tokens, dtype, g)
     scale, shift = (randn((rows, k), torch.float32, g) if affine else None for _ in range(2))
     with tk.backend("triton"):
-        got = torch.ops.turbo_kernels.strided_linear_weight_grad(grad_out, x, scale, shift, frames)
+        got_weight, got_bias = torch.ops.turbo_kernels.strided_linear_weight_grad(grad_out, x, scale, shift, frames)
     assert chosen == [("strided_linear_weight_grad", "triton")]
     assert kernels.weight_grad_splits(rows, j, k, dtype == torch.float32) > 1
     want = ref.strided_linear_weight_grad(grad_out, x, scale, shift, frames)
@@ -396,8 +398,9 @@ def test_strided_linear_weight_grad_kernel(dtype, affine, chosen):
         grad_out.double(), x.double(), *(None if t is None else t.double() for t in (scale, shift)), frames
     )
     # The op returns float32 sums of storage-dtype products: hold it to the same-precision reference.
-    assert got.dtype == torch.float32
-    assert_within_2x_of_reference(got, want, want64)
+    assert got_weight.dtype == got_bias.dtype == torch.float32
+    assert_within_2x_of_reference(got_weight, want[0], want64[0])
+    assert_within_2x_of_reference(got_bias, want[1], want64[1])
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
@@ -421,8 +424,8 @@ def test_group_norm_stats_kernel(dtype, frames, channels, height, width, chosen)
 
 
 def test_gradient_references_match_float64_autograd():
-    """group_norm_stats_backward and channel_affine_backward against autograd through the
-    statistics and the affine, in float64."""
+    """group_norm_stats_backward, channel_affine_backward and strided_linear_weight_grad against
+    autograd through the statistics, the affine and strided_linear, in float64."""
     g = torch.Generator().manual_seed(21)
     frames, videos, channels, tokens = 3, 2, 64, 5
     x = _stream(videos, frames, channels, 1, tokens, torch.float64, g).requires_grad_(True)
@@ -441,6 +444,14 @@ def test_gradient_references_match_float64_autograd():
     for name, value, expected in zip(("d x", "d scale", "d shift"), got, want):
         torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-13, msg=lambda m: f"{name}: {m}")
     assert got[0].stride() == tokens_x.stride()
+
+    weight, bias = (torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True) for shape in ((7, channels), (7,)))
+    out = ref.strided_linear(tokens_x.detach(), weight, bias, None, scale.detach(), shift.detach(), frames, True)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(out, (weight, bias), grad_out)
+    got = ref.strided_linear_weight_grad(grad_out.transpose(1, 2), tokens_x.detach(), scale.detach(), shift.detach(), frames)
+    for name, value, expected in zip(("d weight", "d bias"), got, want):
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-13, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")

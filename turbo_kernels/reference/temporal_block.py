@@ -172,12 +172,13 @@ def strided_linear(
 
 def strided_linear_weight_grad(
     grad_out: Tensor, x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], num_frames: int
-) -> Tensor:
-    """The weight gradient of strided_linear: sum over r, m of grad_out[r, m, j] a[r, m, k], with
-    grad_out (R, M, J); (J, K) float32 (float64)."""
+) -> tuple[Tensor, Tensor]:
+    """The weight and bias gradients of strided_linear: sum over r, m of grad_out[r, m, j] a[r, m, k]
+    and of grad_out[r, m, j], with grad_out (R, M, J); (J, K) and (J,), float32 (float64)."""
     cdt = compute_dtype(x)
     a = channel_affine(x, scale, shift, num_frames).to(cdt)
-    return torch.einsum("rmj,rmk->jk", grad_out.to(cdt), a)
+    grad = grad_out.to(cdt)
+    return torch.einsum("rmj,rmk->jk", grad, a), grad.sum(dim=(0, 1))
 
 
 def geglu(h: Tensor) -> Tensor:
