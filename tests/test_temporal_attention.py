@@ -15,7 +15,7 @@ import torch
 
 import turbo_kernels as tk
 from turbo_kernels import dispatch
-from turbo_kernels.ops.attention import temporal_attention
+from turbo_kernels.ops.attention import temporal_attention, temporal_attention_packed
 from turbo_kernels.reference import attention as ref
 from turbo_kernels.triton_kernels import temporal_attention as kernels
 
@@ -71,6 +71,55 @@ def test_matches_reference(layout, batch, frames, positions, heads, head_dim, dt
         grads = torch.autograd.grad(out, inputs, grad_out)
     _assert_triton_ran_forward_and_backward(chosen)
     check_temporal_attention(q, k, v, grad_out, out, grads, frames, heads, layout)
+
+
+def _packed_case(layout, frames, positions, heads, head_dim, dtype, seed):
+    """qkv (..., 3C) as one projection makes it, and an upstream gradient of the output."""
+    g = torch.Generator().manual_seed(seed)
+    shape = _shape(layout, 2, frames, positions, heads, head_dim)
+    return randn((*shape[:-1], 3 * shape[-1]), dtype, g), randn(shape, dtype, g)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout,frames,positions,heads,head_dim", [("frames", 16, 5, 2, 32), ("sequences", 5, 3, 1, 40)])
+def test_packed_qkv_gradient_is_written_as_one_tensor(layout, frames, positions, heads, head_dim, dtype, chosen):
+    """temporal_attention_packed against the reference on q, k, v = qkv's thirds; the Triton
+    backward writes every element of the one (poisoned) gradient buffer."""
+    qkv, grad_out = _packed_case(layout, frames, positions, heads, head_dim, dtype, 31)
+    qkv.requires_grad_(True)
+    with tk.backend("triton"):
+        out = temporal_attention_packed(qkv, frames, heads, layout=layout)
+        (grad_qkv,) = torch.autograd.grad(out, qkv, grad_out)
+    assert chosen == [("temporal_attention", "triton"), ("temporal_attention_backward_packed", "triton")]
+    assert grad_qkv.shape == qkv.shape and grad_qkv.is_contiguous()
+    check_temporal_attention(*qkv.detach().chunk(3, dim=-1), grad_out, out, grad_qkv.chunk(3, dim=-1), frames, heads, layout)
+
+
+@pytest.mark.parametrize("backend_name", ["reference"] + (["triton"] if TRITON_USABLE else []))
+def test_packed_ops_opcheck_and_match_the_three_tensor_op(backend_name):
+    qkv, grad_out = _packed_case("frames", 4, 3, 2, 16, torch.float32, 32)
+    with tk.backend(backend_name):
+        for requires_grad in (False, True):
+            torch.library.opcheck(
+                torch.ops.turbo_kernels.temporal_attention_packed.default,
+                (qkv.clone().requires_grad_(requires_grad), 4, 2, "frames", 0.25),
+            )
+        _, lse = torch.ops.turbo_kernels.temporal_attention_packed(qkv, 4, 2, "frames", 0.25)
+        torch.library.opcheck(
+            torch.ops.turbo_kernels.temporal_attention_backward_packed.default,
+            (grad_out, qkv, lse, 4, 2, "frames", 0.25, backend_name),
+        )
+        packed = qkv.clone().requires_grad_(True)
+        (packed_grad,) = torch.autograd.grad(temporal_attention_packed(packed, 4, 2), packed, grad_out)
+        thirds = [t.clone().requires_grad_(True) for t in qkv.chunk(3, dim=-1)]
+        grads = torch.autograd.grad(temporal_attention(*thirds, 4, 2), thirds, grad_out)
+    torch.testing.assert_close(packed_grad, torch.cat(grads, dim=-1), rtol=0, atol=0)
+
+
+def test_packed_qkv_must_hold_three_parts():
+    with pytest.raises(ValueError, match="multiple of 3"):
+        temporal_attention_packed(torch.randn(4, 3, 64), 2, 2)
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")

@@ -106,6 +106,25 @@ def test_matches_reference(layout, frames, dtype, chosen):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+def test_packed_qkv_on_the_cuda_backend(dtype, chosen):
+    """temporal_attention_packed's CUDA backward (the three gradients, then concatenated)."""
+    from turbo_kernels.ops.attention import temporal_attention_packed
+
+    g = seeded_generator("packed", str(dtype))
+    frames, heads = 16, 2
+    shape = _shape("frames", 2, frames, 7, heads)
+    qkv = randn((*shape[:-1], 3 * shape[-1]), dtype, g).requires_grad_(True)
+    grad_out = randn(shape, dtype, g)
+    poison_cuda_allocator()
+    with tk.backend("cuda"):
+        out = temporal_attention_packed(qkv, frames, heads)
+        (grad_qkv,) = torch.autograd.grad(out, qkv, grad_out)
+    assert chosen == [("temporal_attention", "cuda"), ("temporal_attention_backward_packed", "cuda")]
+    check_temporal_attention(*qkv.detach().chunk(3, dim=-1), grad_out, out, grad_qkv.chunk(3, dim=-1), frames, heads, "frames")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("frames", [5, 16, 32])
 @pytest.mark.parametrize("layout", ref.LAYOUTS)
 def test_saved_logsumexp_and_explicit_scale(layout, frames):

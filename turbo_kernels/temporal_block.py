@@ -19,8 +19,11 @@ The fused forward makes none. Every layout change is absorbed into the addressin
   NCHW and writes proj_in's output (B*F, H*W, inner) row-major: the "frames" token layout. This
   removes the GroupNorm output, its permuted copies and the proj_in input copy altogether; a
   separate normalise-and-transpose kernel would still write and re-read one activation.
-- Temporal attention runs on that "frames" layout directly (turbo_kernels.temporal_attention),
-  with q, k, v strided slices of one fused [to_q; to_k; to_v] projection: no head split/merge.
+- Temporal attention runs on that "frames" layout directly, with q, k, v strided slices of one
+  fused [to_q; to_k; to_v] projection: no head split/merge. It goes through
+  ops.attention.temporal_attention_packed, whose backward writes the gradients of the three
+  slices into one tensor, the projection's output gradient; through three slices autograd would
+  concatenate them (0.11 ms at 40x64 in the third lease's profile).
 - to_out.0 and ff.net.2 read and write row-major tokens, the layout cuBLAS takes as it is, so they
   run there (bias in its epilogue) and add their residual after: on an H100 the
   strided_linear kernel took about 3x cuBLAS's time per FLOP at these GEMM shapes (the third
@@ -33,9 +36,8 @@ The fused forward makes none. Every layout change is absorbed into the addressin
 - proj_out writes its output transposed, i.e. straight into the stream's (B*F, C, H, W) layout,
   with the stream itself added as the residual in the epilogue. torch.baddbmm into that layout
   would copy the residual into the output first and needs a separate bias pass.
-The only copies left are of weights (the [to_q; to_k; to_v] concatenation, dtype casts). The
-backward copies 2 activations, autograd's concatenations of the gradients of the q/k/v slices
-(the reference's backward copies 10).
+The only copies left are of weights (the [to_q; to_k; to_v] concatenation, dtype casts), in
+the backward too (the reference's backward copies 10 activations).
 
 Autograd: group_norm_stats, strided_linear and its weight gradient are torch.library custom ops
 (dispatch picks triton | reference per call), differentiable through composition: GroupNorm enters
@@ -60,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from turbo_kernels import checks, dispatch
-from turbo_kernels.ops.attention import temporal_attention
+from turbo_kernels.ops.attention import temporal_attention_packed
 from turbo_kernels.ops.geglu import geglu
 from turbo_kernels.ops.layer_norm import layer_norm as _layer_norm
 from turbo_kernels.reference import temporal_block as ref
@@ -412,8 +414,7 @@ def _fused_block(block: nn.Module, h: Tensor, num_frames: int) -> Tensor:
 def _fused_attention(attn: nn.Module, x: Tensor, residual: Tensor, num_frames: int) -> Tensor:
     """residual + to_out(attention(x)) on (B*F, N, dim) "frames" tokens."""
     w_qkv = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).to(x.dtype)
-    q, k, v = F.linear(x, w_qkv).chunk(3, dim=-1)
-    out = temporal_attention(q, k, v, num_frames, attn.heads, layout="frames")
+    out = temporal_attention_packed(F.linear(x, w_qkv), num_frames, attn.heads, layout="frames")
     to_out = attn.to_out[0]
     return _linear_plus_residual(out, to_out, residual)
 

@@ -4,11 +4,16 @@
 (sequences, heads, F)); its autograd formula calls `turbo_kernels::temporal_attention_backward`,
 which recomputes the probabilities from q, k and that logsumexp. The public function returns the
 output alone. Inside each op, `dispatch.run` picks cuda | triton | reference for the actual tensors.
+
+`temporal_attention_packed` takes q, k and v as the thirds of one projection's output (..., 3C),
+as the fused temporal block makes them: its backward returns their gradient as one tensor of
+that shape, which the Triton kernel writes in place. Through three slices, autograd would copy
+the three gradients into one (a concatenation of three activations).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -157,6 +162,40 @@ dispatch.register("temporal_attention", "cuda", _cuda_forward_problem)(_cuda_for
 dispatch.register("temporal_attention_backward", "cuda", _cuda_backward_problem)(_cuda_backward)
 
 
+def _packed(backward: Callable) -> Callable:
+    """The packed backward (grad_out, qkv, lse, ...) -> grad_qkv of a backend's three-gradient one."""
+
+    def packed(grad_out, qkv, lse, num_frames, heads, layout, scale):
+        return torch.cat(backward(grad_out, *qkv.chunk(3, dim=-1), lse, num_frames, heads, layout, scale), dim=-1)
+
+    return packed
+
+
+def _triton_backward_packed(grad_out, qkv, lse, num_frames, heads, layout, scale):
+    kernels = _triton()
+    grad_qkv = kernels.new_output(qkv.shape, qkv.dtype, qkv.device)
+    kernels.temporal_attention_backward(
+        grad_out, *qkv.chunk(3, dim=-1), lse, num_frames, heads, layout, scale, grads=grad_qkv.chunk(3, dim=-1)
+    )
+    return grad_qkv
+
+
+def _packed_problem(problem: Callable) -> Callable:
+    def packed_problem(grad_out, qkv, lse, num_frames, heads, layout, scale):
+        return problem(grad_out, *qkv.chunk(3, dim=-1), lse, num_frames, heads, layout, scale)
+
+    return packed_problem
+
+
+dispatch.register("temporal_attention_backward_packed", "reference")(_packed(_reference_backward))
+dispatch.register("temporal_attention_backward_packed", "triton", _packed_problem(_backward_problem))(
+    _triton_backward_packed
+)
+dispatch.register("temporal_attention_backward_packed", "cuda", _packed_problem(_cuda_backward_problem))(
+    _packed(_cuda_backward)
+)
+
+
 # ---- custom ops --------------------------------------------------------------------------------
 
 
@@ -225,4 +264,68 @@ def temporal_attention(
     head_dim = checks.attention_inputs(q, k, v, num_frames, heads, layout, ref.LAYOUTS)
     scale = ref.default_scale(head_dim, None if scale is None else checks.positive_float(scale, "scale"))
     out, _ = _temporal_attention(q, k, v, num_frames, heads, layout, scale)
+    return out
+
+
+# ---- packed q, k, v ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("turbo_kernels::temporal_attention_packed", mutates_args=())
+def _temporal_attention_packed(
+    qkv: Tensor, num_frames: int, heads: int, layout: str, scale: float
+) -> tuple[Tensor, Tensor]:
+    return dispatch.run("temporal_attention", qkv.device, *qkv.chunk(3, dim=-1), num_frames, heads, layout, scale)
+
+
+@_temporal_attention_packed.register_fake
+def _(qkv, num_frames, heads, layout, scale):
+    lse_shape = (_num_sequences(qkv, num_frames, layout), heads, num_frames)
+    return qkv.new_empty((*qkv.shape[:-1], qkv.shape[-1] // 3)), qkv.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("turbo_kernels::temporal_attention_backward_packed", mutates_args=())
+def _temporal_attention_backward_packed(
+    grad_out: Tensor, qkv: Tensor, lse: Tensor, num_frames: int, heads: int, layout: str, scale: float, backend: str
+) -> Tensor:
+    return dispatch.run(
+        "temporal_attention_backward_packed", qkv.device, grad_out, qkv, lse, num_frames, heads, layout, scale,
+        requested=backend,
+    )
+
+
+@_temporal_attention_backward_packed.register_fake
+def _(grad_out, qkv, lse, num_frames, heads, layout, scale, backend):
+    return qkv.new_empty(qkv.shape)
+
+
+def _packed_setup(ctx, inputs, output):
+    qkv, num_frames, heads, layout, scale = inputs
+    _, lse = output
+    ctx.save_for_backward(qkv, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.attention = (num_frames, heads, layout, scale)
+    ctx.backend = dispatch.requested_backend()
+
+
+def _packed_backward(ctx, grad_out, _grad_lse):
+    qkv, lse = ctx.saved_tensors
+    if grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    return _temporal_attention_backward_packed(grad_out, qkv, lse, *ctx.attention, ctx.backend), None, None, None, None
+
+
+_temporal_attention_packed.register_autograd(_packed_backward, setup_context=_packed_setup)
+
+
+def temporal_attention_packed(
+    qkv: Tensor, num_frames: int, heads: int, layout: str = "frames", scale: Optional[float] = None
+) -> Tensor:
+    """temporal_attention of q, k, v = qkv.chunk(3, dim=-1): the same output, with the gradient of
+    qkv (..., 3C) made as one tensor rather than concatenated from three."""
+    if qkv.shape[-1] % 3:
+        raise ValueError(f"qkv's last dimension must hold q, k and v, a multiple of 3, got {qkv.shape[-1]}")
+    q, k, v = qkv.chunk(3, dim=-1)
+    head_dim = checks.attention_inputs(q, k, v, num_frames, heads, layout, ref.LAYOUTS)
+    scale = ref.default_scale(head_dim, None if scale is None else checks.positive_float(scale, "scale"))
+    out, _ = _temporal_attention_packed(qkv, num_frames, heads, layout, scale)
     return out

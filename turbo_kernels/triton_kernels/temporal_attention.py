@@ -229,9 +229,13 @@ def temporal_attention(q, k, v, num_frames, heads, layout, scale):
     return out, lse
 
 
-def temporal_attention_backward(grad_out, q, k, v, lse, num_frames, heads, layout, scale):
-    """(grad_q, grad_k, grad_v), each contiguous in q's layout and dtype."""
-    grad_q, grad_k, grad_v = (new_output(q.shape, q.dtype, q.device) for _ in range(3))
+def temporal_attention_backward(grad_out, q, k, v, lse, num_frames, heads, layout, scale, grads=None):
+    """(grad_q, grad_k, grad_v), each contiguous in q's layout and dtype; or written into `grads`,
+    three tensors of q's shape and dtype with unit channel stride that share their strides (the
+    slices of one packed buffer)."""
+    if grads is None:
+        grads = tuple(new_output(q.shape, q.dtype, q.device) for _ in range(3))
+    grad_q, grad_k, grad_v = grads
     if q.numel() == 0:
         return grad_q, grad_k, grad_v
     _launch(
