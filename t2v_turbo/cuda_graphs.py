@@ -5,26 +5,32 @@ the host about as long as the GPU takes to run them: on the second lease's H100 
 100.5 ms eager and 100.7 ms with the kernels, although the 30 costliest kernels summed to 76 ms
 and 65 ms. A CUDA graph records one call's kernels once; a replay issues all of them at once.
 
-`GraphedCall(fn, modules)` keeps a graph for each call signature it meets (every tensor
-argument's shape, strides, dtype and device; every other argument's value; autocast and
-turbo_kernels' requested backend). The first call of a signature runs eagerly: it is the warm-up
-in which Triton compiles and cuBLAS and cuDNN choose their plans and allocate their workspaces,
-none of which a capture may do. The second captures the graph, on static copies of the
-arguments, and replays it; from then on a call copies its tensors into those copies, replays,
-and returns a copy of the graph's output (the next replay overwrites the graph's own). So a
-4-step sampling run replays from its third step on, and every later run with the same shapes
-replays throughout.
+`GraphedCall(fn, modules)` keeps a graph for each call signature it meets: every tensor
+argument's shape, strides, dtype and device, every other argument's value, whether inference
+mode is on, turbo_kernels' requested backend, and the modules' `training` and `use_kernels`. The
+first call of a signature copies its arguments into static tensors and runs `fn` on them
+eagerly: the warm-up, in which Triton compiles and cuDNN and cuBLAS choose their plans, on the
+very layouts the capture will see (a torch.compile'd `fn` guards on strides). The second call
+copies its arguments into those tensors and captures the graph on them, on a side stream of
+this GraphedCall's own, then replays it; every later call copies in, replays, and returns a
+copy of the graph's output (the next replay overwrites the graph's own). So a 4-step sampling
+run replays from its second step on, and every later run with the same shapes throughout.
 A GraphedCall's graphs share one memory pool: they never run at the same time, and each keeps
 only its inputs and outputs alive between replays. That pool stays allocated while the graphs
-live (`reset` frees it): it holds about what one eager call's intermediates peak at.
+live (`reset` frees it): it holds about what one eager call's intermediates peak at, plus
+cuBLAS's workspace for the capture stream.
 
-A graph bakes in the addresses of the modules' parameters and buffers. Changing their values in
-place (`load_state_dict`, an optimizer step) carries over to the replays; replacing the tensors
-(`.to(dtype)`, `load_state_dict(assign=True)`) would leave the graphs reading freed memory, so
-every call compares those addresses with the ones captured and captures anew when they moved.
-Calls with gradients enabled, or whose tensors are not all on one GPU, run `fn` eagerly: a graph
-keeps no autograd history. So does every call after a capture failed (an op in `fn` that reads a
-value back to the host or copies from pageable host memory), with one warning saying why.
+A graph bakes in the addresses of the modules' parameters and buffers and the submodules it ran.
+Changing parameter values in place (`load_state_dict`, an optimizer step) carries over to the
+replays; replacing tensors (`.to(dtype)`, `load_state_dict(assign=True)`) or submodules (an
+adapter injected) would leave the graphs running what is gone, so every call compares the
+tensors and submodules with the ones captured and starts over when they changed.
+
+Some calls run `fn` eagerly, always: with gradients enabled (a graph keeps no autograd history),
+under CUDA autocast (its cache of cast weights lives only as long as the autocast block, and a
+graph would keep reading it), and with tensors not all on one GPU. So does every call after a
+capture failed (an op in `fn` that reads a value back to the host, or copies from pageable host
+memory), with one warning that names the op's error.
 """
 
 from __future__ import annotations
@@ -43,9 +49,9 @@ from turbo_kernels import dispatch
 
 @dataclass
 class _Graph:
-    graph: Any  # torch.cuda.CUDAGraph
     inputs: list  # static copies of the flattened arguments (non-tensors as they were)
-    outputs: Any
+    graph: Any = None  # torch.cuda.CUDAGraph, once captured
+    outputs: Any = None
 
 
 def _leaf_key(leaf: Any) -> Hashable:
@@ -64,12 +70,24 @@ def _graph_device(leaves: Sequence[Any]) -> Optional[torch.device]:
     return device if device.type == "cuda" else None
 
 
-def _capture(fn: Callable[[], Any], device: torch.device, pool: Any) -> tuple[Any, Any]:
-    """(graph, outputs) of fn() captured on `device` into `pool` (None: a new pool)."""
+def _capture(fn: Callable[[], Any], device: torch.device, pool: Any, streams: dict) -> tuple[Any, Any]:
+    """(graph, outputs) of fn() captured on `device` into `pool` (None: a new pool), on the side
+    stream `streams` holds for the device (made on first use: torch.cuda.graph's default one is
+    one for the process, on whichever GPU was current first). Leaves the current stream as it
+    found it, also when the capture fails."""
     with torch.cuda.device(device):
+        if device not in streams:
+            streams[device] = torch.cuda.Stream(device)
+        stream = streams[device]
+        current = torch.cuda.current_stream(device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            outputs = fn()
+        try:
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                outputs = fn()
+        except Exception:
+            # torch.cuda.graph's exit does not leave its stream when ending the capture raises.
+            torch.cuda.set_stream(current)
+            raise
     return graph, outputs
 
 
@@ -77,38 +95,49 @@ def _clone(value: Any) -> Any:
     return value.clone() if isinstance(value, Tensor) else value
 
 
+def _capture_error(exc: BaseException) -> str:
+    """The error that broke a capture: ending a capture an op broke raises its own, less telling,
+    error with the op's as its context."""
+    cause = exc.__context__ if exc.__context__ is not None else exc
+    return f"{type(cause).__name__}: {cause}"
+
+
 class GraphedCall:
     """fn(*args, **kwargs), replayed from CUDA graphs where it can be (module docstring). `modules`
-    are those whose parameters and buffers fn reads (their submodules as of now are watched)."""
+    are those whose parameters, buffers and submodules fn runs."""
 
     def __init__(self, fn: Callable[..., Any], modules: Sequence[nn.Module] = ()):
         self.fn = fn
-        # Walking module.parameters() costs the 1.4 B UNet about 3 ms a call, these lists 0.5 ms.
-        self._submodules = [sub for module in modules for sub in module.modules()]
+        self.modules = tuple(modules)
         self._graphs: dict[Hashable, _Graph] = {}
-        self._warmed_up: set[Hashable] = set()
         self._pool: Any = None
-        self._weights: Optional[tuple] = None
+        self._streams: dict[torch.device, Any] = {}
+        self._submodules: list[nn.Module] = []
+        self._state: Optional[tuple] = None
         self.failure: Optional[str] = None
 
     @property
     def num_graphs(self) -> int:
-        return len(self._graphs)
+        return sum(entry.graph is not None for entry in self._graphs.values())
 
     def reset(self) -> None:
-        """Drops every graph and their memory pool; each signature warms up and captures anew
-        (after a change of code path, its new kernels compile in the warm-up, not in a capture)."""
+        """Drops every graph, their static inputs and their memory pool; each signature warms up
+        and captures anew (after a change of code path, its kernels compile in the warm-up, never
+        in a capture)."""
         self._graphs.clear()
-        self._warmed_up.clear()
         self._pool = None
-        self._weights = None
+        self._state = None
 
-    def _weight_addresses(self) -> tuple:
+    def _module_state(self) -> tuple:
+        """What the graphs bake in of the modules: every parameter and buffer (identity and
+        address) and every submodule, walked through the submodules seen at the last reset (about
+        0.5 ms for the 1.4 B UNet; module.parameters() takes 3 ms). A submodule replaced shows as
+        a changed child of its parent."""
         return tuple(
-            t.data_ptr()
+            (id(t), t.data_ptr()) if isinstance(t, Tensor) else id(t)
             for sub in self._submodules
-            for tensors in (sub._parameters, sub._buffers)
-            for t in tensors.values()
+            for members in (sub._parameters, sub._buffers, sub._modules)
+            for t in members.values()
             if t is not None
         )
 
@@ -117,45 +146,44 @@ class GraphedCall:
             leaf_keys = tuple(_leaf_key(leaf) for leaf in leaves)
         except TypeError:
             return None
-        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        return (spec, leaf_keys, autocast, dispatch.requested_backend())
+        modes = tuple((module.training, getattr(module, "use_kernels", None)) for module in self.modules)
+        return (spec, leaf_keys, torch.is_inference_mode_enabled(), dispatch.requested_backend(), modes)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
         device = _graph_device(leaves)
-        key = None if device is None or torch.is_grad_enabled() or self.failure else self._signature(leaves, spec)
+        eager = (
+            device is None or self.failure is not None or torch.is_grad_enabled() or torch.is_autocast_enabled("cuda")
+        )
+        key = None if eager else self._signature(leaves, spec)
         if key is None:
             return self.fn(*args, **kwargs)
-        weights = self._weight_addresses()
-        if weights != self._weights:
+        state = self._module_state() if self._state is not None else None
+        if state is None or state != self._state:
             self.reset()
-            self._weights = weights
+            self._submodules = [sub for module in self.modules for sub in module.modules()]
+            self._state = self._module_state()
         entry = self._graphs.get(key)
         if entry is None:
-            if key not in self._warmed_up:
-                self._warmed_up.add(key)
-                return self.fn(*args, **kwargs)
-            try:
-                entry = self._capture(leaves, spec, device)
-            except Exception as exc:
-                self.failure = f"{type(exc).__name__}: {exc}"
-                self.reset()
-                warnings.warn(f"CUDA graph capture failed ({self.failure}); these calls run eagerly", stacklevel=2)
-                return self.fn(*args, **kwargs)
-            self._graphs[key] = entry
+            entry = self._graphs[key] = _Graph(inputs=[_clone(leaf) for leaf in leaves])
+            return self._run_on_inputs(entry, spec)
         for static, leaf in zip(entry.inputs, leaves):
             if isinstance(leaf, Tensor):
                 static.copy_(leaf)
+        if entry.graph is None:
+            try:
+                entry.graph, entry.outputs = _capture(
+                    lambda: self._run_on_inputs(entry, spec), device, self._pool, self._streams
+                )
+            except Exception as exc:
+                self.failure = _capture_error(exc)
+                self.reset()
+                warnings.warn(f"CUDA graph capture failed ({self.failure}); these calls run eagerly", stacklevel=2)
+                return self.fn(*args, **kwargs)
+            self._pool = entry.graph.pool()
         entry.graph.replay()
         return tree_map(_clone, entry.outputs)
 
-    def _capture(self, leaves: list, spec: Any, device: torch.device) -> _Graph:
-        inputs = [_clone(leaf) for leaf in leaves]
-
-        def call() -> Any:
-            args, kwargs = tree_unflatten(inputs, spec)
-            return self.fn(*args, **kwargs)
-
-        graph, outputs = _capture(call, device, self._pool)
-        self._pool = graph.pool()
-        return _Graph(graph, inputs, outputs)
+    def _run_on_inputs(self, entry: _Graph, spec: Any) -> Any:
+        args, kwargs = tree_unflatten(entry.inputs, spec)
+        return self.fn(*args, **kwargs)

@@ -219,10 +219,10 @@ class T2VTurboPipeline:
     def enable_cuda_graphs(self) -> T2VTurboPipeline:
         """Samples on a GPU through CUDA graphs of the UNet call from now on
         (t2v_turbo.cuda_graphs): the first step of a new shape runs eagerly as the warm-up, the
-        second captures, and every later step, in this run and the next ones, replays without the
-        host issuing the UNet's thousands of kernels one by one. Pays off for several clips in one
-        process or many steps; one 4-step clip spends about what it saves. The graphs' memory pool
-        stays allocated until `disable_cuda_graphs`. Works with `compile()` too (either order)."""
+        second captures and replays, and every later step, in this run and the next ones, replays
+        without the host issuing the UNet's thousands of kernels one by one. The graphs' memory
+        pool stays allocated until `disable_cuda_graphs`. With `compile()` (either order) the
+        graphs record the compiled UNet's kernels."""
         from t2v_turbo.cuda_graphs import GraphedCall
 
         self.noise_predictor.graphs = GraphedCall(self.noise_predictor.call_model, [self.unet])

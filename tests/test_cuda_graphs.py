@@ -42,7 +42,7 @@ def recorded_capture(monkeypatch):
     """Captures on the CPU: every CPU call counts as graph-able, and captures are recorded."""
     captures = []
 
-    def capture(fn, device, pool):
+    def capture(fn, device, pool, streams):
         graph = RecordedGraph(fn, fn(), pool)
         captures.append(graph)
         return graph, graph.outputs
@@ -63,23 +63,42 @@ class Affine(torch.nn.Module):
         return x * self.weight + shift
 
 
-def test_calls_without_a_gpu_or_with_gradients_run_eagerly():
+def test_calls_without_a_gpu_run_eagerly():
     model = Affine()
     graphed = GraphedCall(model, [model])
     x = torch.randn(3)
     with torch.no_grad():
         for _ in range(3):
             torch.testing.assert_close(graphed(x), x * 2, rtol=0, atol=0)
-    out = graphed(x.requires_grad_())
+    assert graphed.num_graphs == 0 and model.calls == 3
+
+
+def test_calls_with_gradients_or_under_autocast_run_eagerly(recorded_capture, monkeypatch):
+    model = Affine()
+    graphed = GraphedCall(model, [model])
+    x = torch.randn(3, requires_grad=True)
+    for _ in range(3):
+        out = graphed(x)
     out.sum().backward()
-    assert graphed.num_graphs == 0 and model.calls == 4 and x.grad is not None
+    assert x.grad is not None and model.calls == 3
+    # CUDA autocast switches itself off without a GPU: what GraphedCall asks is answered here.
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            graphed(x)
+    assert not recorded_capture and model.calls == 6
 
 
 @torch.no_grad()
 def test_first_call_warms_up_second_captures_then_replays_current_inputs(recorded_capture):
-    model = Affine()
-    graphed = GraphedCall(model, [model])
-    inputs = [torch.randn(3) for _ in range(4)]
+    seen_strides = []
+
+    def fn(x):
+        seen_strides.append(x.stride())
+        return x * 2
+
+    graphed = GraphedCall(fn)
+    inputs = [torch.randn(1).expand(3) for _ in range(4)]  # stride 0, as expanded timesteps come
     first = graphed(inputs[0])
     assert graphed.num_graphs == 0 and not recorded_capture, "the first call of a shape is the eager warm-up"
     second = graphed(inputs[1])
@@ -92,6 +111,8 @@ def test_first_call_warms_up_second_captures_then_replays_current_inputs(recorde
     third.fill_(0)  # what a call returns is the caller's: the graph's own output is untouched
     torch.testing.assert_close(graphed(inputs[3]), inputs[3] * 2, rtol=0, atol=0)
     torch.testing.assert_close(second, inputs[1] * 2, rtol=0, atol=0)
+    # The warm-up ran on the static copies the capture uses, not on the caller's expanded tensor.
+    assert set(seen_strides) == {(1,)}
 
 
 @torch.no_grad()
@@ -112,6 +133,13 @@ def test_each_signature_gets_a_graph_and_they_share_one_pool(recorded_capture):
     with turbo_kernels.backend("reference"):  # the requested backend is part of the signature
         graphed(calls[0][0]), graphed(calls[0][0])
     assert graphed.num_graphs == 5
+    with torch.inference_mode():  # static copies made there are inference tensors
+        graphed(calls[0][0]), graphed(calls[0][0])
+    assert graphed.num_graphs == 6
+    graphed(calls[0][0])  # back outside inference mode: its own graph, replayed
+    model.train(False)  # the module's mode is part of the signature
+    graphed(calls[0][0]), graphed(calls[0][0])
+    assert graphed.num_graphs == 7
 
 
 @torch.no_grad()
@@ -133,9 +161,25 @@ def test_replaced_weights_recapture_while_in_place_updates_replay(recorded_captu
 
 
 @torch.no_grad()
+def test_replaced_submodules_start_over(recorded_capture):
+    model = torch.nn.Sequential(Affine())
+    graphed = GraphedCall(model, [model])
+    x = torch.randn(3)
+    graphed(x), graphed(x)
+    model[0] = Affine()  # e.g. an adapter injected: the old graph would run the old module
+    model[0].weight.data.fill_(4.0)
+    graphed(x)
+    torch.testing.assert_close(graphed(x), x * 4)
+    assert len(recorded_capture) == 2
+
+
+@torch.no_grad()
 def test_a_failed_capture_warns_once_and_runs_eagerly_from_then_on(monkeypatch):
-    def refuse(fn, device, pool):
-        raise RuntimeError("operation not permitted when stream is capturing")
+    def refuse(fn, device, pool, streams):
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        finally:  # ending the broken capture raises too, with the op's error as its context
+            raise RuntimeError("operation failed due to a previous error during capture")
 
     monkeypatch.setattr(cuda_graphs, "_graph_device", lambda leaves: torch.device("cpu"))
     monkeypatch.setattr(cuda_graphs, "_capture", refuse)
@@ -195,7 +239,12 @@ def test_generate_command_refuses_cuda_graphs_on_the_cpu(tmp_path, capsys):
 class HostReads(TorchDispatchMode):
     """Records the ops that read a tensor's value back to the host: a capture refuses them."""
 
-    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default, torch.ops.aten.is_nonzero.default}
+    # lift_fresh: a tensor made from host data (torch.tensor, as_tensor of a number), which on a
+    # GPU is a copy from pageable memory.
+    READS = {
+        torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+        torch.ops.aten.is_nonzero.default, torch.ops.aten.lift_fresh.default,
+    }
 
     def __init__(self):
         super().__init__()
@@ -209,7 +258,7 @@ class HostReads(TorchDispatchMode):
 
 @pytest.mark.parametrize("use_kernels", [False, True])
 @torch.no_grad()
-def test_unet_forward_reads_nothing_back_to_the_host(use_kernels, monkeypatch):
+def test_unet_forward_reads_nothing_back_to_the_host(use_kernels, monkeypatch, chosen):
     """Kernels on takes the fused temporal path (on the CPU through the reference backends, whose
     Python around the ops is the kernels'). The ops' value checks are off, as they are while a
     graph is captured. Python-number timesteps and fps are filled in on the device, equal to
@@ -222,6 +271,8 @@ def test_unet_forward_reads_nothing_back_to_the_host(use_kernels, monkeypatch):
     with HostReads() as watcher:
         out = model(x, 999, context, 8, timestep_cond=w, motion_cond=m)
     assert watcher.reads == []
+    # The session fixture fuses every temporal layer whatever its size (tests/conftest.py).
+    assert (("group_norm_stats", "reference") in chosen) == use_kernels
     with_tensors = model(x, torch.tensor([999, 999]), context, torch.tensor(8), timestep_cond=w, motion_cond=m)
     torch.testing.assert_close(out, with_tensors, rtol=0, atol=0)
 
@@ -241,9 +292,19 @@ def test_sampling_from_real_cuda_graphs_equals_eager_sampling(use_kernels, dtype
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(graphed.latents, eager.latents, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(replayed.latents, graphed.latents, rtol=0, atol=0)
-    model.to(torch.float32 if dtype == torch.bfloat16 else torch.bfloat16)  # weights replaced: recaptured
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    model.to(other)  # weights replaced: warmed up and captured anew
+    pipeline.disable_cuda_graphs()
+    eager_other = _generate(pipeline, steps=3)
+    pipeline.enable_cuda_graphs()
+    graphs = pipeline.noise_predictor.graphs
     _generate(pipeline, steps=3)
+    model.to(dtype)
+    model.to(other)
+    replaced = _generate(pipeline, steps=3)
     assert graphs.failure is None and graphs.num_graphs == 1
+    tolerance = 1e-5 if other == torch.float32 else 2e-2
+    torch.testing.assert_close(replaced.latents, eager_other.latents, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.gpu

@@ -112,8 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-kernels", action="store_true", help="plain PyTorch instead of turbo_kernels' ops")
     parser.add_argument(
         "--cuda-graphs", action="store_true",
-        help="replay the UNet from CUDA graphs after its first two steps (GPU only): the host stops issuing its "
-        "kernels one by one; pays off from about 8 steps (the teacher's 50), a 4-step clip spends what it saves",
+        help="replay the UNet from CUDA graphs from the second step on (GPU only): the host stops issuing its "
+        "kernels one by one; the first step warms up and the second captures, so the more steps the more it saves",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
