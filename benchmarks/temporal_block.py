@@ -1,6 +1,7 @@
 """Benchmark cases of the fused temporal transformer (SPEC 1; turbo_kernels.FusedTemporalTransformer)
 at VideoCrafter2 shapes, against the release's code path (reference.temporal_block) eagerly and
-under torch.compile, alone (triton) and itself under torch.compile (triton-compile); and of its
+under torch.compile, alone (triton; triton-strided and triton-cublas with proj_in and proj_out
+forced onto either route) and itself under torch.compile (triton-compile); and of its
 GEGLU activation alone (turbo_kernels.geglu, also every spatial transformer's), against the
 release's `value * F.gelu(gate)` eagerly and compiled; of its LayerNorms alone
 (turbo_kernels.layer_norm on the block's tokens), against F.layer_norm eagerly and compiled; and
@@ -29,6 +30,7 @@ import turbo_kernels as tk
 from benchmarks import models
 from benchmarks.harness import COMPILED, EAGER, Case, Impl, SuiteOptions
 from turbo_kernels import FusedTemporalTransformer
+from turbo_kernels.temporal_block import fused_temporal_transformer
 
 OP = "temporal_block"
 GEGLU_OP = "geglu"
@@ -52,6 +54,9 @@ TARGET_SPEEDUP = 1.5
 COMPILED_TARGET_SPEEDUP = 1.15
 TRITON = "triton"
 TRITON_COMPILED = "triton-compile"
+# The block with its proj_in and proj_out forced onto each route (turbo_kernels.temporal_block.
+# projection_route); `triton` takes the "auto" one.
+ROUTE_IMPLS = {"strided": "triton-strided", "cublas": "triton-cublas"}
 STRIDED_LINEAR_OP = "strided_linear"
 CUBLAS_CONTIGUOUS = "cublas-contiguous"
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps) of strided_linear's 16-bit tile sweep, and (BLOCK_M, BLOCK_J,
@@ -104,12 +109,23 @@ def _impls(frames: int, with_grad: bool, device: torch.device) -> tuple[Impl, ..
         with tk.backend("triton"):
             return fused_compiled(inputs.module, inputs.x)
 
+    def fused_on_route(route: str) -> Callable[[SimpleNamespace], torch.Tensor]:
+        def call(inputs: SimpleNamespace) -> torch.Tensor:
+            with tk.backend("triton"):
+                return fused_temporal_transformer(inputs.module, inputs.x, frames, projections=route)
+
+        return call
+
     kernels_unavailable = models.kernels_unavailable(device)
     return (
         Impl(EAGER, _timed(lambda inputs: inputs.module.reference_forward(inputs.x, frames), with_grad)),
         Impl(COMPILED, _timed(lambda inputs: compiled(inputs.module, inputs.x), with_grad), compiles=True),
         Impl(TRITON, _timed(fused, with_grad), unavailable=kernels_unavailable),
         Impl(TRITON_COMPILED, _timed(fused_then_compiled, with_grad), compiles=True, unavailable=kernels_unavailable),
+        *(
+            Impl(name, _timed(fused_on_route(route), with_grad), unavailable=kernels_unavailable)
+            for route, name in ROUTE_IMPLS.items()
+        ),
     )
 
 
@@ -375,6 +391,7 @@ def summary(result: dict) -> list[str]:
             label = f"temporal block {case} {pass_name}"
             lines.append(models.speedup_line(label, rows, case, TRITON, EAGER, TARGET_SPEEDUP))
             lines.append(models.speedup_line(label, rows, case, TRITON_COMPILED, COMPILED, COMPILED_TARGET_SPEEDUP))
+            lines.extend(route_lines(rows, case, label))
         rows = models.rows_by(result, GEGLU_OP, pass_name)
         for case in dict.fromkeys(case for case, _ in rows):
             # The UNet's GEGLU modules take the kernel wherever use_kernels is on: it must never lose.
@@ -385,6 +402,19 @@ def summary(result: dict) -> list[str]:
             lines.append(models.speedup_line(f"layer_norm {case} {pass_name}", rows, case, TRITON, EAGER, 1.0))
     lines.extend(tile_sweep_lines(result))
     return lines
+
+
+def route_lines(rows: dict, case: str, label: str) -> list[str]:
+    """Informational: which projection route was faster on a case, to set
+    turbo_kernels.temporal_block.CUBLAS_PROJECTIONS_BELOW from."""
+    strided, cublas = (rows.get((case, name)) for name in (ROUTE_IMPLS["strided"], ROUTE_IMPLS["cublas"]))
+    if strided is None or cublas is None:
+        return []
+    faster = "cublas" if cublas["median_ms"] < strided["median_ms"] else "strided"
+    return [
+        f"info  {label} projections: strided {strided['median_ms']:.3f} ms, cublas {cublas['median_ms']:.3f} ms: "
+        f"{faster} faster"
+    ]
 
 
 def tile_sweep_lines(result: dict) -> list[str]:

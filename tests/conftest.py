@@ -49,10 +49,15 @@ def chosen(monkeypatch):
 def fused_temporal_layers_at_every_size():
     """The tiny configurations' latent frames are far below the size where VC2UNet's temporal layers
     switch to the fused path (TemporalTransformer.fused_min_positions, a GPU measurement): the tests
-    run the fused path at every size, except where one sets the threshold back. Session-wide, so
+    run the fused path at every size, except where one sets the threshold back, on strided
+    projections (temporal_block.CUBLAS_PROJECTIONS_BELOW). Session-wide, so
     that module-scoped fixtures (a cache written once, then compared) see it too."""
     from t2v_turbo.models.vc2_unet import TemporalTransformer
+    from turbo_kernels import temporal_block
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(TemporalTransformer, "fused_min_positions", 0)
+        # And their projections take the strided route, as at VC2UNet's fused sizes; the tests of
+        # the cuBLAS route ask for it.
+        patch.setattr(temporal_block, "CUBLAS_PROJECTIONS_BELOW", 0)
         yield

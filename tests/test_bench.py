@@ -276,6 +276,21 @@ def test_growth_summary_calls_memory_bounded_only_below_the_share():
     assert any("+10.0 MiB an added image model" in line for line in info)
 
 
+def test_temporal_block_route_impls_compute_the_block():
+    """The forced-route impls run the block the reference computes (Triton's interpreter on a
+    CPU), forward and forward+backward."""
+    from .helpers import DEVICE
+
+    options = harness.SuiteOptions(DEVICE, torch.float32, None, quick=True)
+    for case in temporal_block.cases(options):
+        x = case.make_inputs()
+        impls = {impl.name: impl for impl in case.impls}
+        want = impls[harness.EAGER].fn(x)
+        for name in temporal_block.ROUTE_IMPLS.values():
+            got = impls[name].fn(x)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{case.pass_name} {name}: {m}")
+
+
 def test_temporal_block_summary_judges_the_fused_block_eager_and_compiled():
     times = {harness.EAGER: 3.0, harness.COMPILED: 1.5, temporal_block.TRITON: 1.9, temporal_block.TRITON_COMPILED: 1.2}
     result = {"rows": [{"op": temporal_block.OP, "case": "b1-c320-40x64-h5", "pass": "fwd", "impl": impl,
@@ -291,6 +306,11 @@ def test_temporal_block_summary_judges_the_fused_block_eager_and_compiled():
                         "median_ms": ms} for impl, ms in ((harness.EAGER, 1.0), (temporal_block.TRITON, 1.1))]
     (geglu_line,) = [line for line in temporal_block.summary(result) if "geglu" in line]
     assert geglu_line.startswith("FAIL") and "triton 0.91x reference-eager" in geglu_line
+    assert not [line for line in temporal_block.summary(result) if "projections" in line]
+    result["rows"] += [{"op": temporal_block.OP, "case": "b1-c320-40x64-h5", "pass": "fwd", "impl": impl,
+                        "median_ms": ms} for impl, ms in zip(temporal_block.ROUTE_IMPLS.values(), (1.7, 1.3))]
+    (route_line,) = [line for line in temporal_block.summary(result) if "projections" in line]
+    assert route_line.startswith("info") and route_line.endswith("strided 1.700 ms, cublas 1.300 ms: cublas faster")
 
 
 def test_strided_linear_tile_sweep_runs_the_block_gemms_it_names(monkeypatch):

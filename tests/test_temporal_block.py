@@ -181,15 +181,17 @@ def _assert_rms_within_2x_of_reference(got, ref_same_precision, ref64, name):
     assert error <= budget, f"{name}: RMS error {error:.3e} > budget {budget:.3e} (reference RMS error {ref_error:.3e})"
 
 
-def _check_fused_against_reference(case, dtype, backend_name, chosen):
+def _check_fused_against_reference(case, dtype, backend_name, chosen, projections="strided"):
     videos, frames, channels, height, width, heads, head_dim = case
     g = seeded_generator(*case, dtype.itemsize)
     x = _stream(videos, frames, channels, height, width, dtype, g)
     grad_out = randn(x.shape, dtype, g)
     module = _module(channels, heads, head_dim, dtype=dtype)
+    module.projections = projections
     with tk.backend(backend_name):
         out, grad_x, grads = _forward_backward(module, x, grad_out, frames, reference=False)
-    want_ops = set(OPS) | {
+    projection_ops = {"strided": {"strided_linear", "strided_linear_weight_grad"}, "cublas": {"channel_affine"}}
+    want_ops = (set(OPS) - projection_ops["strided"]) | projection_ops[projections] | {
         "temporal_attention", "temporal_attention_backward_packed", "geglu", "geglu_backward", "layer_norm", "layer_norm_backward"
     }
     assert set(chosen) == {(op, backend_name) for op in want_ops}, chosen
@@ -222,6 +224,54 @@ def test_reference_backend_matches_reference(case, dtype, chosen):
     _check_fused_against_reference(case, dtype, "reference", chosen)
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_cublas_projections_match_reference(backend_name, dtype, chosen):
+    """proj_in and proj_out on cuBLAS around the channel_affine pass and a transposed add."""
+    _check_fused_against_reference(CASES[0], dtype, backend_name, chosen, projections="cublas")
+
+
+def test_projection_routes():
+    from turbo_kernels.temporal_block import CUBLAS_PROJECTIONS_BELOW, projection_route
+
+    assert projection_route("strided", 1) == "strided" and projection_route("cublas", 10**6) == "cublas"
+    assert projection_route("auto", CUBLAS_PROJECTIONS_BELOW) == "strided"
+    if CUBLAS_PROJECTIONS_BELOW:  # tests/conftest.py sets it to 0 for the session
+        assert projection_route("auto", CUBLAS_PROJECTIONS_BELOW - 1) == "cublas"
+    with pytest.raises(ValueError, match="projections must be one of"):
+        FusedTemporalTransformer(64, 2, 32, projections="triton")
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_channel_affine_kernel(dtype, chosen):
+    """The stream's channel-major tokens (3 videos of 2 frames, 201 tokens, 72 channels: ragged
+    tiles both ways) normalised into row-major tokens, every element written."""
+    g = torch.Generator().manual_seed(23)
+    frames, videos, channels = 2, 3, 72
+    x = _stream(videos, frames, channels, 67, 3, dtype, g)
+    tokens = x.flatten(2).transpose(1, 2)
+    scale, shift = (randn((videos, channels), torch.float32, g) for _ in range(2))
+    with tk.backend("triton"):
+        got = torch.ops.turbo_kernels.channel_affine(tokens, scale, shift, frames)
+    assert chosen == [("channel_affine", "triton")]
+    assert got.is_contiguous() and got.shape == tokens.shape
+    want = ref.channel_affine(tokens, scale, shift, frames)
+    want64 = ref.channel_affine(tokens.double(), scale.double(), shift.double(), frames)
+    assert_within_2x_of_reference(got, want, want64)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_channel_affine_opcheck(backend_name):
+    g = torch.Generator().manual_seed(24)
+    tokens = _stream(2, 2, 64, 3, 5, torch.float32, g).flatten(2).transpose(1, 2)
+    scale, shift = (randn((2, 64), torch.float32, g) for _ in range(2))
+    with tk.backend(backend_name):
+        for requires_grad in (False, True):
+            args = tuple(t.clone().requires_grad_(requires_grad) for t in (tokens, scale, shift))
+            torch.library.opcheck(torch.ops.turbo_kernels.channel_affine.default, (*args, 2))
+
+
 # ---- layout copies ---------------------------------------------------------------------------------
 
 
@@ -247,18 +297,21 @@ class _CopyRecorder(TorchDispatchMode):
         return [(name, shape) for name, shape in self.copies if torch.Size(shape).numel() >= numel]
 
 
-def test_fused_block_makes_no_activation_copies():
+@pytest.mark.parametrize("projections", ["strided", "cublas"])
+def test_fused_block_makes_no_activation_copies(projections):
     """The reference pays the release's layout round trip, 11 copies here: 2 rearranges into
     tokens, 4 head split/merge copies in each attention and the rearrange back (GroupNorm also
     makes its permuted input contiguous, inside aten::native_group_norm in this torch, so not
     counted). The fused forward and backward copy only weights: the packed attention's backward
     writes the gradient of the q/k/v projection as one tensor, and turbo_kernels.geglu's both
-    halves of its input's gradient."""
+    halves of its input's gradient. On cuBLAS projections the backward copies one activation:
+    proj_out's gradient, transposed, made contiguous for its GEMMs."""
     videos, frames, channels, height, width, heads, head_dim = 1, 4, 64, 8, 8, 2, 32
     # 256 tokens: activations (16384 elements) outnumber the concatenated qkv weight (12288).
     activation = videos * frames * height * width * channels
     g = torch.Generator().manual_seed(12)
     module = _module(channels, heads, head_dim)
+    module.projections = projections
     x = _stream(videos, frames, channels, height, width, torch.float32, g).requires_grad_(True)
     counts = {}
     for path in ("reference", "fused"):
@@ -272,7 +325,10 @@ def test_fused_block_makes_no_activation_copies():
     fused_forward, fused_backward = counts["fused"]
     assert fused_forward == []
     assert len(reference_forward) >= 11, reference_forward
-    assert fused_backward == []
+    if projections == "strided":
+        assert fused_backward == []
+    else:
+        assert [shape for _, shape in fused_backward] == [(videos * frames, height * width, channels)], fused_backward
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
@@ -310,7 +366,8 @@ def test_kernels_read_and_write_the_stream_in_place(monkeypatch):
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_kernel_report_compiles_what_the_block_launches(monkeypatch, dtype):
+@pytest.mark.parametrize("projections", ["strided", "cublas"])
+def test_kernel_report_compiles_what_the_block_launches(monkeypatch, dtype, projections):
     """Every GEMM and gradient-pass launch of the fused block's forward and backward matches a
     REPORT_CONFIGS entry, unit strides, constexprs and warps included (the strides decide which
     accesses the compiler vectorises and pipelines). The statistics kernels' tiles follow the shapes, declared at
@@ -320,17 +377,20 @@ def test_kernel_report_compiles_what_the_block_launches(monkeypatch, dtype):
     g = torch.Generator().manual_seed(17)
     x = _stream(videos, frames, channels, height, width, dtype, g).requires_grad_(True)
     module = _module(channels, heads, head_dim, dtype=dtype)
+    module.projections = projections
     with tk.backend("triton"):
         module(x, frames).backward(torch.randn(x.shape, generator=g).to(device=DEVICE, dtype=dtype))
 
-    shape_free = {
-        "strided_linear_kernel", "strided_linear_weight_grad_kernel", "channel_affine_backward_kernel",
-        "group_norm_stats_backward_kernel",
-    }
+    # proj_in and proj_out: forward, input gradient, weight gradient (strided), or proj_in's
+    # normalisation (cuBLAS); GroupNorm's two gradient passes.
+    shape_free, count = {
+        "strided": ({"strided_linear_kernel", "strided_linear_weight_grad_kernel"}, 8),
+        "cublas": ({"channel_affine_kernel"}, 3),
+    }[projections]
+    shape_free = shape_free | {"channel_affine_backward_kernel", "group_norm_stats_backward_kernel"}
     checked = [launch for launch in launches if launch[0].__name__ in shape_free]
     assert {kernel.__name__ for kernel, *_ in checked} == shape_free
-    # proj_in and proj_out: forward, input gradient, weight gradient; GroupNorm's two gradient passes.
-    assert len(checked) == 8
+    assert len(checked) == count
     assert unreported_launches(checked, kernels.REPORT_CONFIGS, unit_sizes=("rows_per_split",)) == []
 
 
@@ -381,7 +441,7 @@ def test_strided_linear_kernel(dtype, affine, bias, residual, channels_first_in,
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_strided_linear_weight_grad_kernel(dtype, affine, chosen):
     """5 frame rows split into ranges, 131 tokens (the bias programs' 128-token tiles: two trips,
-    the second ragged), 72 output channels (two tiles, ragged), channels-first x, a transposed
+    the second ragged), 72 output channels (ragged tiles), channels-first x, a transposed
     gradient view; returns the weight and the bias gradient."""
     g = torch.Generator().manual_seed(15)
     frames, rows, tokens, k, j = 1, 5, 131, 24, 72
@@ -400,6 +460,38 @@ def test_strided_linear_weight_grad_kernel(dtype, affine, chosen):
     assert got_weight.dtype == got_bias.dtype == torch.float32
     assert_within_2x_of_reference(got_weight, want[0], want64[0])
     assert_within_2x_of_reference(got_bias, want[1], want64[1])
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_weight_grad_kernel_with_several_rows_a_range_and_an_empty_one(monkeypatch, dtype):
+    """Fewer programs than rows, as at 40x64 (16 rows in 10 ranges of 2, the last ones empty):
+    here 5 rows in ranges of 2, 2, 1 and one empty; every partial written (poisoned buffers)."""
+    g = torch.Generator().manual_seed(25)
+    rows, tokens, k, j = 5, 131, 24, 72
+    tiles = kernels._weight_grad_tiles(j, k, kernels.weight_grad_params(dtype == torch.float32)[0])
+    monkeypatch.setattr(kernels, "WEIGHT_GRAD_PROGRAMS", 4 * tiles)
+    splits = kernels.weight_grad_splits(rows, j, k, dtype == torch.float32)
+    assert splits == 4 and -(-rows // splits) * (splits - 1) >= rows
+    grad_out = randn((rows, j, tokens), dtype, g).transpose(1, 2)
+    x = randn((rows, tokens, k), dtype, g)
+    with tk.backend("triton"):
+        got = torch.ops.turbo_kernels.strided_linear_weight_grad(grad_out, x, None, None, 1)
+    want = ref.strided_linear_weight_grad(grad_out, x, None, None, 1)
+    want64 = ref.strided_linear_weight_grad(grad_out.double(), x.double(), None, None, 1)
+    for name, value, same_precision, exact in zip(("d weight", "d bias"), got, want, want64):
+        assert_within_2x_of_reference(value, same_precision, exact, name)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("out_features,in_features", [(0, 8), (8, 0)])
+def test_weight_grad_of_empty_channels(out_features, in_features):
+    g = torch.Generator().manual_seed(26)
+    grad_out, x = randn((3, 5, out_features), torch.float32, g), randn((3, 5, in_features), torch.float32, g)
+    with tk.backend("triton"):
+        weight, bias = torch.ops.turbo_kernels.strided_linear_weight_grad(grad_out, x, None, None, 1)
+    assert weight.shape == (out_features, in_features) and not weight.abs().sum()
+    torch.testing.assert_close(bias, grad_out.sum(dim=(0, 1)))
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")

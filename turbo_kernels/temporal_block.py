@@ -39,6 +39,12 @@ The fused forward makes none. Every layout change is absorbed into the addressin
 The only copies left are of weights (the [to_q; to_k; to_v] concatenation, dtype casts), in
 the backward too (the reference's backward copies 10 activations).
 
+That is the "strided" projection route. Where strided_linear's GEMMs cost more than the layout
+passes they save (small frames, where cuBLAS's per-FLOP advantage dominates), the "cublas" route
+runs proj_in and proj_out on cuBLAS instead: channel_affine normalises the stream into row-major
+tokens in one Triton pass, and proj_out's output is added back to the stream transposed
+(projection_route, fused_temporal_transformer).
+
 Autograd: group_norm_stats, strided_linear and its weight gradient are torch.library custom ops
 (dispatch picks triton | reference per call), differentiable through composition: GroupNorm enters
 proj_in as scale = rstd*gamma and shift = beta - mean*scale, tiny (B, C) tensors built with plain
@@ -47,9 +53,10 @@ statistics op's backward (d mean, d rstd -> d x) completes GroupNorm's gradient.
 pass over the stream each, custom ops too: channel_affine_backward (d x = d a * scale while it
 sums d a and d a * x per channel for d scale and d shift) and group_norm_stats_backward; composed
 from PyTorch ops they took about 14 passes, some in float32. The backward GEMMs are strided_linear
-again (transposed weight views) and a deterministic weight-gradient kernel, which sums the bias
-gradient from the gradient tiles it loads (a separate reduction took about 80 µs a call at 40x64,
-H100, in the third lease's profile). No global state:
+again (transposed weight views) and a deterministic weight-gradient kernel, whose launch also
+sums the bias gradient in programs of its own (they read the gradient again, alongside the
+weight programs; torch's separate reduction took about 80 µs a call at 40x64, H100, in the third
+lease's profile). No global state:
 gradient checkpointing can recompute.
 """
 
@@ -119,6 +126,12 @@ def _stats_backward_problem(x, mean, rstd, grad_mean, grad_rstd, num_frames):
     return _kernel_problem(dict(x=x), dict(mean=mean, rstd=rstd, grad_mean=grad_mean, grad_rstd=grad_rstd))
 
 
+def _affine_problem(x, scale, shift, num_frames):
+    if scale.shape != (x.shape[0] // num_frames, x.shape[2]) or shift.shape != scale.shape:
+        return f"scale and shift must be ({x.shape[0] // num_frames}, {x.shape[2]})"
+    return _kernel_problem(dict(x=x), dict(scale=scale, shift=shift))
+
+
 def _affine_backward_problem(grad_a, x, scale, num_frames):
     if grad_a.shape != x.shape or scale.shape != (x.shape[0] // num_frames, x.shape[2]):
         return f"grad_a must have x's shape and scale be ({x.shape[0] // num_frames}, {x.shape[2]})"
@@ -137,6 +150,8 @@ dispatch.register("group_norm_stats_backward", "reference")(ref.group_norm_stats
 dispatch.register("group_norm_stats_backward", "triton", _stats_backward_problem)(
     lambda *a: _triton().group_norm_stats_backward(*a)
 )
+dispatch.register("channel_affine", "reference")(lambda *a: ref.channel_affine(*a).contiguous())
+dispatch.register("channel_affine", "triton", _affine_problem)(lambda *a: _triton().channel_affine(*a))
 dispatch.register("channel_affine_backward", "reference")(ref.channel_affine_backward)
 dispatch.register("channel_affine_backward", "triton", _affine_backward_problem)(
     lambda *a: _triton().channel_affine_backward(*a)
@@ -190,6 +205,32 @@ def _group_norm_stats_backward(
 @_group_norm_stats_backward.register_fake
 def _(x, mean, rstd, grad_mean, grad_rstd, num_frames, backend=None):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("turbo_kernels::channel_affine", mutates_args=())
+def _channel_affine(x: Tensor, scale: Tensor, shift: Tensor, num_frames: int) -> Tensor:
+    return dispatch.run("channel_affine", x.device, x, scale, shift, num_frames)
+
+
+@_channel_affine.register_fake
+def _(x, scale, shift, num_frames):
+    return x.new_empty(x.shape)
+
+
+def _affine_setup(ctx, inputs, output):
+    x, scale, _, num_frames = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.num_frames = num_frames
+    ctx.backend = dispatch.requested_backend()
+
+
+def _affine_backward(ctx, grad_a):
+    x, scale = ctx.saved_tensors
+    grad_x, grad_scale, grad_shift = _channel_affine_backward(grad_a, x, scale, ctx.num_frames, ctx.backend)
+    return grad_x, grad_scale, grad_shift, None
+
+
+_channel_affine.register_autograd(_affine_backward, setup_context=_affine_setup)
 
 
 @torch.library.custom_op("turbo_kernels::channel_affine_backward", mutates_args=())
@@ -271,7 +312,7 @@ def _linear_backward(ctx, grad_out):
                 for grad, needed in ((grad_x, needs_x), (grad_scale, needs_scale), (grad_shift, needs_shift))
             )
     if needs_weight:
-        # The bias gradient comes from the same pass over the gradient, whether needed or not.
+        # The same launch sums the bias gradient, whether needed or not.
         grad_weight, bias_sum = _strided_linear_weight_grad(grad, x, scale, shift, num_frames, ctx.backend)
         grad_weight = grad_weight.to(weight.dtype)
         grad_bias = bias_sum.to(weight.dtype) if needs_bias else None
@@ -330,6 +371,24 @@ class TemporalTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=ref.LAYER_NORM_EPS)
 
 
+PROJECTION_ROUTES = ("auto", "strided", "cublas")
+# Below this many latent pixels a frame, "auto" runs proj_in and proj_out on cuBLAS. A prior from
+# the third lease (H100, bf16), to be set from benchmarks.temporal_block's triton-strided and
+# triton-cublas rows: strided_linear took about 3x cuBLAS's time per FLOP on the block's GEMM
+# shapes, while the layout passes the cuBLAS route adds cost about 5 µs each at 10x16.
+CUBLAS_PROJECTIONS_BELOW = 640
+
+
+def projection_route(projections: str, positions: int) -> str:
+    """"strided" or "cublas": the route `projections` ("auto", "strided" or "cublas") takes for
+    frames of `positions` latent pixels."""
+    if projections not in PROJECTION_ROUTES:
+        raise ValueError(f"projections must be one of {PROJECTION_ROUTES}, got {projections!r}")
+    if projections != "auto":
+        return projections
+    return "cublas" if positions < CUBLAS_PROJECTIONS_BELOW else "strided"
+
+
 class FusedTemporalTransformer(nn.Module):
     """VideoCrafter2's TemporalTransformer (use_linear, temporal self-attention only) on the main
     stream x (B*F, C, H, W), frame-major; forward(x, num_frames) returns the same shape and dtype.
@@ -343,14 +402,17 @@ class FusedTemporalTransformer(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, heads: int, head_dim: int, depth: int = 1, use_reference: bool = False
+        self, in_channels: int, heads: int, head_dim: int, depth: int = 1, use_reference: bool = False,
+        projections: str = "auto",
     ):
         super().__init__()
         checks.group_count(ref.GROUPS, "groups", in_channels, "channels")
+        projection_route(projections, 0)
         inner = heads * head_dim
         self.heads = heads
         self.depth = depth
         self.use_reference = use_reference
+        self.projections = projections
         self.norm = nn.GroupNorm(ref.GROUPS, in_channels, eps=ref.GROUP_NORM_EPS, affine=True)
         self.proj_in = nn.Linear(in_channels, inner)
         self.transformer_blocks = nn.ModuleList(TemporalTransformerBlock(inner, heads, head_dim) for _ in range(depth))
@@ -375,30 +437,43 @@ def fused_temporal_transformer(
     num_frames: int,
     proj_in_weight: Optional[Tensor] = None,
     proj_out_weight: Optional[Tensor] = None,
+    projections: Optional[str] = None,
 ) -> Tensor:
     """The fused path (module docstring) on `layer`'s own parameters: a FusedTemporalTransformer, or
     any module with its structure and the release's names (norm, proj_in, transformer_blocks.{i}.
     {norm1, attn1, norm2, attn2, norm3, ff}, proj_out; attn1/attn2 carry `heads`), as VC2UNet's
     temporal layers are. proj_in_weight / proj_out_weight stand in for layer.proj_in / proj_out's
     weights where those are not (out, in) matrices (the release's init_attn uses Conv1d(k=1)).
-    Parameters are cast to the stream's dtype (the LayerNorms read float32 ones as they are) and
-    autocast is off inside."""
+    `projections` (default: layer.projections, else "auto") routes proj_in and proj_out
+    (projection_route): "strided" runs them on strided_linear, reading and writing the stream's
+    layout; "cublas" normalises the stream into row-major tokens (channel_affine, one pass),
+    projects on cuBLAS, and adds proj_out's output back transposed (one more pass, and autograd
+    copies its gradient once for cuBLAS). Parameters are cast to the stream's dtype (the
+    LayerNorms read float32 ones as they are) and autocast is off inside."""
     _check_stream(layer.norm, x, num_frames)
     proj_in_weight = layer.proj_in.weight if proj_in_weight is None else proj_in_weight
     proj_out_weight = layer.proj_out.weight if proj_out_weight is None else proj_out_weight
+    projections = getattr(layer, "projections", "auto") if projections is None else projections
     rows, channels, height, width = x.shape
+    cublas = projection_route(projections, height * width) == "cublas"
     with torch.autocast(x.device.type, enabled=False):
         scale, shift = _group_norm_affine(layer.norm, x, num_frames)
         stream = x.flatten(2)  # (B*F, C, H*W): a view of the stream
-        h = _strided_linear(
-            stream.transpose(1, 2), proj_in_weight.to(x.dtype), layer.proj_in.bias.to(x.dtype), None,
-            scale, shift, num_frames, False,
-        )
+        proj_in_bias, proj_out_bias = layer.proj_in.bias.to(x.dtype), layer.proj_out.bias.to(x.dtype)
+        if cublas:
+            tokens = _channel_affine(stream.transpose(1, 2), scale, shift, num_frames)
+            h = F.linear(tokens, proj_in_weight.to(x.dtype), proj_in_bias)
+        else:
+            h = _strided_linear(
+                stream.transpose(1, 2), proj_in_weight.to(x.dtype), proj_in_bias, None, scale, shift, num_frames, False
+            )
         for block in layer.transformer_blocks:
             h = _fused_block(block, h, num_frames)
-        out = _strided_linear(
-            h, proj_out_weight.to(x.dtype), layer.proj_out.bias.to(x.dtype), stream, None, None, num_frames, True
-        )
+        if cublas:
+            # The stream first: the sum takes its layout, not the transposed projection's.
+            out = stream + F.linear(h, proj_out_weight.to(x.dtype), proj_out_bias).transpose(1, 2)
+        else:
+            out = _strided_linear(h, proj_out_weight.to(x.dtype), proj_out_bias, stream, None, None, num_frames, True)
     return out.view(rows, channels, height, width)
 
 

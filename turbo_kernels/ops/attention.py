@@ -322,6 +322,7 @@ def temporal_attention_packed(
 ) -> Tensor:
     """temporal_attention of q, k, v = qkv.chunk(3, dim=-1): the same output, with the gradient of
     qkv (..., 3C) made as one tensor rather than concatenated from three."""
+    checks.floating_tensor(qkv, "qkv")
     if qkv.shape[-1] % 3:
         raise ValueError(f"qkv's last dimension must hold q, k and v, a multiple of 3, got {qkv.shape[-1]}")
     q, k, v = qkv.chunk(3, dim=-1)

@@ -284,6 +284,29 @@ def channel_affine_backward_kernel(
     tl.store(sum_grad_x_ptr + partial, tl.sum(sum_grad_x, axis=0), mask=k_mask)
 
 
+@triton.jit
+def channel_affine_kernel(
+    x_ptr, scale_ptr, shift_ptr, out_ptr, tokens, channels, frames,
+    x_stride_r, x_stride_m, x_stride_k, out_stride_r, out_stride_m, out_stride_k,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One frame row, BLOCK_M tokens and BLOCK_K channels a program: a = x*scale + shift rounded to
+    # the storage dtype. Reading the stream's channel-major tokens and writing row-major ones, the
+    # load and the store each get a coalesced layout (Triton moves the tile between them through
+    # shared memory).
+    row = tl.program_id(0)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = k < channels
+    mask = (m < tokens)[:, None] & k_mask[None, :]
+    scale = tl.load(scale_ptr + (row // frames) * channels + k, mask=k_mask, other=0.0)
+    shift = tl.load(shift_ptr + (row // frames) * channels + k, mask=k_mask, other=0.0)
+    x = tl.load(x_ptr + row.to(tl.int64) * x_stride_r + m[:, None] * x_stride_m + k[None, :] * x_stride_k, mask=mask)
+    a = x.to(tl.float32) * scale[None, :] + shift[None, :]
+    out = out_ptr + row.to(tl.int64) * out_stride_r + m[:, None] * out_stride_m + k[None, :] * out_stride_k
+    tl.store(out, a.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def stats_params(groups: int, group_numel: int) -> tuple[dict, int]:
     """Groups a program reduces (enough that it streams at least STATS_MIN_ELEMENTS, e.g. 4 groups
     of 10 channels x 2560 positions at VideoCrafter2's first level) and the tile width."""
@@ -383,11 +406,22 @@ _STATS_BACKWARD_ARGS = dict(
     mean_ptr="*fp32", rstd_ptr="*fp32", grad_mean_ptr="*fp32", grad_rstd_ptr="*fp32", numel="i32", frames="i32",
     channels="i32", group_channels="i32", groups="i32", positions="i32", count="i32",
 )
-# proj_in's operands: the stream's tokens and their gradient, channel-major (token stride 1).
+# proj_in's operands: the stream's tokens (channel-major, token stride 1) and their gradient,
+# channel-major from strided_linear or row-major from cuBLAS (the cuBLAS projection route).
 _AFFINE_BACKWARD_ARGS = dict(
     scale_ptr="*fp32", sum_grad_ptr="*fp32", sum_grad_x_ptr="*fp32", tokens="i32", channels="i32", frames="i32",
     tokens_per_split="i32",
-    **{f"{name}_stride_{axis}": UNIT if axis == "m" else "i32" for name in ("grad", "x", "out") for axis in "rmk"},
+    **{f"{name}_stride_{axis}": "i32" for name in ("grad", "x", "out") for axis in "rmk"},
+)
+_AFFINE_BACKWARD_UNITS = (
+    ("grad_stride_m", "x_stride_m", "out_stride_m"), ("grad_stride_k", "x_stride_m", "out_stride_m")
+)
+# The cuBLAS route's normalisation: the stream's channel-major tokens in, row-major tokens out.
+CHANNEL_AFFINE_TILE = dict(BLOCK_M=64, BLOCK_K=64)
+CHANNEL_AFFINE_NUM_WARPS = 4
+_CHANNEL_AFFINE_ARGS = dict(
+    scale_ptr="*fp32", shift_ptr="*fp32", tokens="i32", channels="i32", frames="i32",
+    **{f"{name}_stride_{axis}": "i32" for name in ("x", "out") for axis in "rmk"},
 )
 
 
@@ -403,8 +437,17 @@ REPORT_CONFIGS: list[KernelConfig] = (
     + storage_configs(
         group_norm_stats_backward_kernel, _STATS_BACKWARD_ARGS, dict(BLOCK=STATS_BACKWARD_BLOCK), STATS_BACKWARD_NUM_WARPS
     )
+    + [
+        config
+        for units in _AFFINE_BACKWARD_UNITS
+        for config in storage_configs(
+            channel_affine_backward_kernel, _with_units(_AFFINE_BACKWARD_ARGS, units), AFFINE_BACKWARD_TILE,
+            AFFINE_BACKWARD_NUM_WARPS,
+        )
+    ]
     + storage_configs(
-        channel_affine_backward_kernel, _AFFINE_BACKWARD_ARGS, AFFINE_BACKWARD_TILE, AFFINE_BACKWARD_NUM_WARPS
+        channel_affine_kernel, _with_units(_CHANNEL_AFFINE_ARGS, ("x_stride_m", "out_stride_k")), CHANNEL_AFFINE_TILE,
+        CHANNEL_AFFINE_NUM_WARPS,
     )
 )
 
@@ -481,7 +524,7 @@ def weight_grad_splits(rows: int, out_features: int, in_features: int, fp32: boo
     """How many frame-row ranges the weight gradient is split into (a function of shapes and
     tiles only): `params` the tiles (default: weight_grad_params')."""
     params = weight_grad_params(fp32)[0] if params is None else params
-    return max(1, min(rows, WEIGHT_GRAD_PROGRAMS // _weight_grad_tiles(out_features, in_features, params)))
+    return max(1, min(rows, WEIGHT_GRAD_PROGRAMS // max(1, _weight_grad_tiles(out_features, in_features, params))))
 
 
 def strided_linear_weight_grad(grad_out, x, scale, shift, num_frames, tiles=None):
@@ -530,6 +573,20 @@ def affine_backward_splits(rows: int, tokens: int, channels: int) -> int:
     channel_blocks = triton.cdiv(channels, AFFINE_BACKWARD_TILE["BLOCK_K"])
     token_blocks = triton.cdiv(tokens, AFFINE_BACKWARD_TILE["BLOCK_M"])
     return max(1, min(token_blocks, AFFINE_BACKWARD_PROGRAMS // max(rows * channel_blocks, 1)))
+
+
+def channel_affine(x, scale, shift, num_frames):
+    """a = x*scale + shift rounded to x's dtype, x (R, M, K) in any strides, scale and shift (B, K)
+    float32: (R, M, K) row-major."""
+    rows, tokens, channels = x.shape
+    out = new_output(x.shape, x.dtype, x.device)
+    if out.numel():
+        grid = (rows, triton.cdiv(tokens, CHANNEL_AFFINE_TILE["BLOCK_M"]), triton.cdiv(channels, CHANNEL_AFFINE_TILE["BLOCK_K"]))
+        channel_affine_kernel[grid](
+            x, scale, shift, out, tokens, channels, num_frames, *x.stride(), *out.stride(),
+            num_warps=CHANNEL_AFFINE_NUM_WARPS, **CHANNEL_AFFINE_TILE,
+        )
+    return out
 
 
 def channel_affine_backward(grad_a, x, scale, num_frames):

@@ -236,6 +236,8 @@ def temporal_attention_backward(grad_out, q, k, v, lse, num_frames, heads, layou
     if grads is None:
         grads = tuple(new_output(q.shape, q.dtype, q.device) for _ in range(3))
     grad_q, grad_k, grad_v = grads
+    if not grad_k.stride() == grad_v.stride() == grad_q.stride():
+        raise ValueError("grads must share their strides: the kernel addresses all three through grad_q's")
     if q.numel() == 0:
         return grad_q, grad_k, grad_v
     _launch(
