@@ -7,7 +7,8 @@ rewards (shorter side to 224, one crop). Implementations:
 - reference-eager / reference-compile: the release's ops spec by spec (F.interpolate with
   antialias, F.pad or a crop, normalise; maths in fp32), eagerly and under torch.compile;
 - matrix: the public op forced to its reference backend (each spec as two dense matmuls, A X B^T);
-- triton: the public op, one launch for every spec forward and one for the backward.
+- triton: the public op, one launch for every spec forward and one for the backward;
+- cuda: the same on the CUDA kernels (separable filtering, csrc/preprocess.cu).
 
 Frames and the op's outputs are in the run's dtype (the reference functions compute and return
 fp32). Traffic is what an ideal fused kernel moves: the frames read once and every output
@@ -18,7 +19,7 @@ is given: the resampling is banded, so its arithmetic depends on the algorithm.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -96,12 +97,17 @@ def _impls(specs, with_grad: bool, device: torch.device) -> tuple[Impl, ...]:
         return reward_preprocess(frames, list(specs))
 
     # The Triton interpreter (TRITON_INTERPRET=1) is a testing tool, never worth timing.
-    triton_unavailable = "no GPU" if device.type != "cuda" else dispatch.machine_unavailable_reason("triton", device)
+    def unavailable(backend_name: str) -> Optional[str]:
+        return "no GPU" if device.type != "cuda" else dispatch.machine_unavailable_reason(backend_name, device)
+
     return (
         Impl(EAGER, _timed(release_path, with_grad)),
         Impl(COMPILED, _timed(compiled, with_grad), compiles=True),
         Impl("matrix", _under_backend("reference", _timed(fused, with_grad))),
-        Impl("triton", _under_backend("triton", _timed(fused, with_grad)), unavailable=triton_unavailable),
+        *(
+            Impl(name, _under_backend(name, _timed(fused, with_grad)), unavailable=unavailable(name))
+            for name in ("triton", "cuda")
+        ),
     )
 
 

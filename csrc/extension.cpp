@@ -24,6 +24,12 @@ TORCH_LIBRARY(turbo_kernels_cuda, m) {
   m.def(
       "temporal_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, int num_frames, int heads, "
       "str layout, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "reward_preprocess_fwd(Tensor frames, Tensor rows, Tensor cols, Tensor mean, Tensor std, Tensor row_spans, "
+      "Tensor col_spans, int[] sizes, float in_scale, float in_shift, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "reward_preprocess_bwd(Tensor grad, Tensor rows, Tensor cols, Tensor std, Tensor row_spans_t, "
+      "Tensor col_spans_t, int[] sizes, int[] frames_shape, ScalarType frames_dtype, float in_scale) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

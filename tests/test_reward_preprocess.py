@@ -25,7 +25,10 @@ from turbo_kernels.ops.preprocess import PreprocessSpec, reward_preprocess
 from turbo_kernels.reference import preprocess as ref
 from turbo_kernels.triton_kernels import preprocess as kernels
 
-from .helpers import DEVICE, KERNEL_DTYPES, assert_within_2x_of_reference, record_kernel_launches, unreported_launches
+from .helpers import (
+    DEVICE, KERNEL_DTYPES, assert_within_2x_of_reference, poison_cuda_allocator, record_kernel_launches,
+    unreported_launches,
+)
 
 TF = pytest.importorskip("torchvision.transforms.v2.functional")
 from torchvision.transforms import InterpolationMode  # noqa: E402
@@ -282,6 +285,10 @@ TRITON_CASES = [
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape,specs,input_range", TRITON_CASES, ids=["40x64-3-specs", "13x21-strided-signed"])
 def test_triton_matches_reference(shape, specs, input_range, dtype, poisoned, chosen):
+    _check_kernels_against_reference("triton", shape, specs, input_range, dtype, chosen)
+
+
+def _check_kernels_against_reference(backend_name, shape, specs, input_range, dtype, chosen):
     low = -1.0 if input_range == "signed" else 0.0
     frames = _frames(shape, seed=shape[3], low=low).to(DEVICE, dtype)[:, ::2]  # a strided frame selection
     grads_out = [_frames((*frames.shape[:3], s.size, s.size), seed=s.size, low=-1.0).to(DEVICE, dtype) for s in specs]
@@ -293,8 +300,9 @@ def test_triton_matches_reference(shape, specs, input_range, dtype, poisoned, ch
             (grad,) = torch.autograd.grad(outputs, x, grads_out)
         return outputs, grad
 
-    outputs, grad = run("triton", frames)
-    assert {name for _, name in chosen} == {"triton"}, chosen
+    poison_cuda_allocator()
+    outputs, grad = run(backend_name, frames)
+    assert {name for _, name in chosen} == {backend_name}, chosen
     want_lp, grad_lp = run("reference", frames)
     want64, grad64 = run("reference", frames.double())
     for index, (out, lp, w64) in enumerate(zip(outputs, want_lp, want64)):
@@ -304,6 +312,55 @@ def test_triton_matches_reference(shape, specs, input_range, dtype, poisoned, ch
     if dtype == torch.float32:
         for out, w64 in zip(outputs, want64):
             torch.testing.assert_close(out.double(), w64, rtol=0, atol=FP32_TOLERANCE)
+
+
+# The CUDA kernels' tiles are 16 x 64: the third case spans several of them both ways, forward
+# and backward, and its squash upsamples the height (70 -> 100) while it downsamples the width.
+CUDA_CASES = TRITON_CASES + [
+    ((1, 2, 3, 70, 150), (PreprocessSpec(80, "pad"), PreprocessSpec(66, "crop"), PreprocessSpec(100, "squash")), "unit"),
+]
+
+
+def _cuda_extension_error():
+    from turbo_kernels import _cuda_ext
+
+    return _cuda_ext.load_error()
+
+
+def test_cuda_schemas_are_registered_when_the_extension_is_built():
+    if _cuda_extension_error() is not None:
+        pytest.skip(_cuda_extension_error())
+    from turbo_kernels import _cuda_ext
+
+    namespace = _cuda_ext.ops()
+    for name in ("reward_preprocess_fwd", "reward_preprocess_bwd"):
+        op = getattr(namespace, name).default
+        assert "int[] sizes" in str(op._schema), str(op._schema)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA"), f"{name} has no CUDA kernel"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape,specs,input_range", CUDA_CASES, ids=["40x64-3-specs", "13x21-strided-signed", "70x150-upsampled"]
+)
+def test_cuda_matches_reference(shape, specs, input_range, dtype, chosen):
+    """New CUDA buffers start as NaN (helpers.poison_cuda_allocator): an unwritten element fails."""
+    if _cuda_extension_error() is not None:
+        pytest.skip(_cuda_extension_error())
+    _check_kernels_against_reference("cuda", shape, specs, input_range, dtype, chosen)
+
+
+@pytest.mark.gpu
+def test_cuda_falls_back_with_one_warning_beyond_eight_specs(chosen):
+    if _cuda_extension_error() is not None:
+        pytest.skip(_cuda_extension_error())
+    frames = _frames((1, 1, 3, 16, 16), seed=3).to(DEVICE)
+    specs = [PreprocessSpec(8 + index, "squash") for index in range(ops.CUDA_MAX_SPECS + 1)]
+    dispatch._warned.clear()
+    with tk.backend("cuda"), pytest.warns(tk.TurboKernelsFallbackWarning, match="up to 8"):
+        reward_preprocess(frames, specs)
+    assert {name for _, name in chosen} == {"reference"}
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)

@@ -13,7 +13,10 @@ plan up from the frames' concrete shape, and returns all specs' outputs concaten
 the public function splits into one contiguous (B, F, 3, size, size) view a spec (one output
 tensor keeps the op free of aliasing outputs). Its autograd formula calls
 `turbo_kernels::reward_preprocess_backward`, the exact adjoint summed over specs. Inside each op,
-`dispatch.run` picks triton | reference (the matrix form) for the actual tensors.
+`dispatch.run` picks cuda | triton | reference (the matrix form) for the actual tensors. The
+CUDA kernels (csrc/preprocess.cu) filter separably on FMA units, the Triton ones multiply dense
+windows on tensor cores; `auto` tries Triton first, as for every op, until the harness's rows
+say which wins (benchmarks.preprocess times both).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from turbo_kernels import checks, dispatch
+from turbo_kernels import _cuda_ext, checks, dispatch
 from turbo_kernels.reference import preprocess as ref
 from turbo_kernels.reference.preprocess import PreprocessSpec
 
@@ -168,10 +171,49 @@ def _backward_problem(grad, plan, sizes, frames_shape, frames_dtype, in_scale):
     return _kernel_problem(grad, frames_dtype, "frames dtype", frames_shape[0] * frames_shape[1] * frames_shape[2])
 
 
+# ---- CUDA backend (csrc/preprocess.cu): separable filtering on FMA units -------------------------
+
+CUDA_MAX_SPECS = 8
+
+
+def _cuda_problem(storage: Tensor, other_dtype: torch.dtype, other_name: str, num_images: int, sizes) -> Optional[str]:
+    if not storage.is_cuda:
+        return "CUDA kernels need CUDA tensors"
+    if len(sizes) > CUDA_MAX_SPECS:
+        return f"{len(sizes)} specs (the CUDA kernels take up to {CUDA_MAX_SPECS})"
+    return _kernel_problem(storage, other_dtype, other_name, num_images)
+
+
+def _cuda_forward_problem(frames, plan, sizes, in_scale, in_shift, out_dtype):
+    num_images = frames.shape[0] * frames.shape[1] * frames.shape[2]
+    return _cuda_problem(frames, out_dtype, "output dtype", num_images, sizes)
+
+
+def _cuda_backward_problem(grad, plan, sizes, frames_shape, frames_dtype, in_scale):
+    num_images = frames_shape[0] * frames_shape[1] * frames_shape[2]
+    return _cuda_problem(grad, frames_dtype, "frames dtype", num_images, sizes)
+
+
+def _cuda_forward(frames: Tensor, plan: Plan, sizes, in_scale, in_shift, out_dtype):
+    return _cuda_ext.ops().reward_preprocess_fwd(
+        frames, plan.rows, plan.cols, plan.mean, plan.std, plan.row_spans, plan.col_spans, list(sizes),
+        in_scale, in_shift, out_dtype,
+    )
+
+
+def _cuda_backward(grad: Tensor, plan: Plan, sizes, frames_shape, frames_dtype, in_scale):
+    return _cuda_ext.ops().reward_preprocess_bwd(
+        grad, plan.rows, plan.cols, plan.std, plan.row_spans_t, plan.col_spans_t, list(sizes), list(frames_shape),
+        frames_dtype, in_scale,
+    )
+
+
 dispatch.register("reward_preprocess", "reference")(_reference_forward)
 dispatch.register("reward_preprocess", "triton", _forward_problem)(_triton_forward)
+dispatch.register("reward_preprocess", "cuda", _cuda_forward_problem)(_cuda_forward)
 dispatch.register("reward_preprocess_backward", "reference")(_reference_backward)
 dispatch.register("reward_preprocess_backward", "triton", _backward_problem)(_triton_backward)
+dispatch.register("reward_preprocess_backward", "cuda", _cuda_backward_problem)(_cuda_backward)
 
 
 # ---- the custom ops ------------------------------------------------------------------------------
