@@ -15,7 +15,8 @@ backend), reference-compile (the same under torch.compile), kernels (use_kernels
 best backend) and kernels-compile; and two experiments of two variants each. reference-eager-graphs
 and kernels-graphs replay the UNet call from CUDA graphs (t2v_turbo.cuda_graphs: the first call of
 a shape is the eager warm-up, the second captures), which tells how much of the eager time is
-the host issuing kernels. reference-eager-nhwc and kernels-nhwc are the
+the host issuing kernels; kernels-compile-graphs replays the compiled UNet (within the compile
+budget). reference-eager-nhwc and kernels-nhwc are the
 eager variants with every convolution's weight channels-last (NHWC), so cuDNN's convolutions
 return channels-last activations instead of transposing to and from NCHW around each call (a
 profile of 4-step generation put 59 of 519 ms in those transposes, H100); whether torch's
@@ -59,6 +60,7 @@ EAGER_NHWC = "reference-eager-nhwc"
 KERNELS_NHWC = "kernels-nhwc"
 EAGER_GRAPHS = "reference-eager-graphs"
 KERNELS_GRAPHS = "kernels-graphs"
+KERNELS_COMPILED_GRAPHS = "kernels-compile-graphs"
 GPU_ONLY = "full-size end-to-end cases need a GPU (--quick runs the tiny configuration on the CPU)"
 MIB = harness.MIB
 
@@ -135,6 +137,7 @@ NHWC_VARIANTS = (
 GRAPH_VARIANTS = (
     Variant(EAGER_GRAPHS, use_kernels=False, compiled=False, cuda_graphs=True),
     Variant(KERNELS_GRAPHS, use_kernels=True, compiled=False, cuda_graphs=True),
+    Variant(KERNELS_COMPILED_GRAPHS, use_kernels=True, compiled=True, cuda_graphs=True),
 )
 # Each experiment's variants, paired with the variant they change, and the time the summary's
 # info lines compare: device time for a change of kernels; for CUDA graphs, which change what the
@@ -142,7 +145,9 @@ GRAPH_VARIANTS = (
 # device time is taken behind a spin kernel that hides the host's issue time.
 EXPERIMENTS = {
     "channels-last": ("median_ms", ((EAGER_NHWC, EAGER), (KERNELS_NHWC, KERNELS))),
-    "CUDA graphs": ("wall_ms", ((EAGER_GRAPHS, EAGER), (KERNELS_GRAPHS, KERNELS))),
+    "CUDA graphs": (
+        "wall_ms", ((EAGER_GRAPHS, EAGER), (KERNELS_GRAPHS, KERNELS), (KERNELS_COMPILED_GRAPHS, KERNELS_COMPILED))
+    ),
 }
 
 
