@@ -40,6 +40,8 @@ constexpr int kThreads = 256;
 // Each thread owns one column of its block's tile and kRowsPerThread of its rows.
 constexpr int kRowsPerThread = kTileRows * kTileCols / kThreads;
 constexpr int kMaxSpecs = 8;
+static_assert(kTileRows * kChunk == kThreads, "the backward's weight staging gives each thread one weight");
+static_assert(kThreads % kTileCols == 0, "each thread keeps one column of its tile");
 
 struct Specs {
   int count;
@@ -202,11 +204,11 @@ __global__ void __launch_bounds__(kThreads) reward_preprocess_bwd_kernel(
         }
         staged[ic][index % kTileCols] = u * inv_std;
       }
-      for (int index = threadIdx.x; index < kTileRows * kChunk; index += kThreads) {
-        const int hr = index / kChunk;
-        const int i = c0 + index % kChunk;
+      {  // kTileRows * kChunk == kThreads: one weight a thread
+        const int hr = threadIdx.x / kChunk;
+        const int i = c0 + threadIdx.x % kChunk;
         const int h = h0 + hr;
-        weights[hr][index % kChunk] =
+        weights[hr][threadIdx.x % kChunk] =
             (h < height && i < i_end) ? rows[static_cast<int64_t>(first_row + i) * height + h] : 0.f;
       }
       __syncthreads();
@@ -236,7 +238,7 @@ __global__ void __launch_bounds__(kThreads) reward_preprocess_bwd_kernel(
 
 void check_plan(const at::Tensor& frames_or_grad, const at::Tensor& rows, const at::Tensor& cols,
                 const at::Tensor& std_, const at::Tensor& row_spans, const at::Tensor& col_spans, int64_t height,
-                int64_t width, int64_t stacked_rows, int64_t spans_rows, int64_t spans_cols) {
+                int64_t width, int64_t num_specs, int64_t stacked_rows, int64_t spans_rows, int64_t spans_cols) {
   const auto device = frames_or_grad.device();
   TORCH_CHECK(frames_or_grad.is_cuda(), "the CUDA preprocessing takes CUDA tensors");
   for (const at::Tensor* t : {&rows, &cols, &std_}) {
@@ -253,6 +255,10 @@ void check_plan(const at::Tensor& frames_or_grad, const at::Tensor& rows, const 
   TORCH_CHECK(row_spans.sizes() == at::IntArrayRef({spans_rows, 2}) &&
                   col_spans.sizes() == at::IntArrayRef({spans_cols, 2}),
               "the spans must be (", spans_rows, ", 2) and (", spans_cols, ", 2)");
+  TORCH_CHECK(std_.sizes() == at::IntArrayRef({num_specs, 3}), "std must be (", num_specs, ", 3), got ",
+              std_.sizes());
+  // The span values themselves are trusted: turbo_kernels.ops.preprocess._plan keeps them within
+  // [0, H], [0, W] and [0, size].
 }
 
 Specs make_specs(at::IntArrayRef sizes, int64_t num_images, bool forward) {
@@ -289,7 +295,8 @@ at::Tensor reward_preprocess_fwd(const at::Tensor& frames, const at::Tensor& row
     stacked += size;
     elements += num_images * size * size;
   }
-  check_plan(frames, rows, cols, std_, row_spans, col_spans, height, width, stacked, stacked, stacked);
+  check_plan(frames, rows, cols, std_, row_spans, col_spans, height, width, static_cast<int64_t>(sizes.size()),
+             stacked, stacked, stacked);
   TORCH_CHECK(mean.sizes() == std_.sizes() && mean.is_contiguous() && mean.scalar_type() == at::kFloat &&
                   mean.device() == frames.device(),
               "mean must be like std");
@@ -329,8 +336,8 @@ at::Tensor reward_preprocess_bwd(const at::Tensor& grad, const at::Tensor& rows,
     stacked += size;
     elements += num_images * size * size;
   }
-  check_plan(grad, rows, cols, std_, row_spans_t, col_spans_t, height, width, stacked, num_specs * height,
-             num_specs * width);
+  check_plan(grad, rows, cols, std_, row_spans_t, col_spans_t, height, width, num_specs, stacked,
+             num_specs * height, num_specs * width);
   TORCH_CHECK(grad.is_contiguous() && grad.numel() == elements, "grad must be the contiguous flat output of ",
               elements, " elements");
   TORCH_CHECK(num_images <= 65535, num_images, " (frame, channel) images exceed 65535");

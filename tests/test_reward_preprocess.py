@@ -318,6 +318,7 @@ def _check_kernels_against_reference(backend_name, shape, specs, input_range, dt
 # and backward, and its squash upsamples the height (70 -> 100) while it downsamples the width.
 CUDA_CASES = TRITON_CASES + [
     ((1, 2, 3, 70, 150), (PreprocessSpec(80, "pad"), PreprocessSpec(66, "crop"), PreprocessSpec(100, "squash")), "unit"),
+    ((3, 6, 3, 24, 40), (PreprocessSpec(16, "crop", crop_offset=(2, 5)), PreprocessSpec(20, "pad")), "signed"),
 ]
 
 
@@ -342,7 +343,8 @@ def test_cuda_schemas_are_registered_when_the_extension_is_built():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "shape,specs,input_range", CUDA_CASES, ids=["40x64-3-specs", "13x21-strided-signed", "70x150-upsampled"]
+    "shape,specs,input_range", CUDA_CASES,
+    ids=["40x64-3-specs", "13x21-strided-signed", "70x150-upsampled", "3-clips-24x40"],
 )
 def test_cuda_matches_reference(shape, specs, input_range, dtype, chosen):
     """New CUDA buffers start as NaN (helpers.poison_cuda_allocator): an unwritten element fails."""

@@ -203,7 +203,7 @@ def _cuda_forward(frames: Tensor, plan: Plan, sizes, in_scale, in_shift, out_dty
 
 def _cuda_backward(grad: Tensor, plan: Plan, sizes, frames_shape, frames_dtype, in_scale):
     return _cuda_ext.ops().reward_preprocess_bwd(
-        grad, plan.rows, plan.cols, plan.std, plan.row_spans_t, plan.col_spans_t, list(sizes), list(frames_shape),
+        grad.contiguous(), plan.rows, plan.cols, plan.std, plan.row_spans_t, plan.col_spans_t, list(sizes), list(frames_shape),
         frames_dtype, in_scale,
     )
 
