@@ -39,6 +39,9 @@ from benchmarks.harness import Case, Impl, SuiteOptions
 
 SEQUENTIAL = "sequential"
 BATCHED = "batched"
+# The batched mixture scoring through CUDA graphs of its towers (RewardMixture.enable_cuda_graphs):
+# forward only, as graphs replay no autograd.
+BATCHED_GRAPHS = "batched-graphs"
 MATMUL_OP = "bf16_matmul"
 MATMUL_SIZE = 8192
 QUICK_MATMUL_SIZE = 64
@@ -225,6 +228,14 @@ def sequential_rewards(x: SimpleNamespace) -> Tensor:
 
 
 def batched_rewards(x: SimpleNamespace) -> Tensor:
+    x.mixture.disable_cuda_graphs()
+    total, _ = x.mixture(x.frames, x.frame_indices, x.captions)
+    return total
+
+
+def graphed_rewards(x: SimpleNamespace) -> Tensor:
+    if not x.mixture.cuda_graphs:
+        x.mixture.enable_cuda_graphs()
     total, _ = x.mixture(x.frames, x.frame_indices, x.captions)
     return total
 
@@ -328,6 +339,13 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
                 impls=(
                     Impl(SEQUENTIAL, _timed(sequential_rewards), unavailable=size_reason or towers_reason or mixture_reason),
                     Impl(BATCHED, _timed(batched_rewards), unavailable=size_reason or towers_reason or mixture_reason),
+                    Impl(
+                        BATCHED_GRAPHS, _timed(graphed_rewards),
+                        unavailable=size_reason or towers_reason or mixture_reason or (
+                            "CUDA graphs replay the forward only" if with_grad
+                            else "CUDA graphs need a GPU" if options.device.type != "cuda" else None
+                        ),
+                    ),
                 ),
                 # Each selected frame read once (the backward writes its gradient).
                 bytes_moved=(2 if with_grad else 1) * frames * 3 * scale.height * scale.width * element_size,
@@ -368,7 +386,10 @@ def summary(result: dict) -> list[str]:
             label = f"{OP} {case} {pass_name}"
             lines.append(models.speedup_line(label, rows, case, BATCHED, SEQUENTIAL, 2.0))
             lines.append(models.memory_line(f"{label} peak memory", rows, case, BATCHED, SEQUENTIAL))
-            for impl in (SEQUENTIAL, BATCHED):
+            if (case, BATCHED_GRAPHS) in rows and (case, SEQUENTIAL) in rows:
+                speedup = rows[(case, SEQUENTIAL)]["median_ms"] / rows[(case, BATCHED_GRAPHS)]["median_ms"]
+                lines.append(f"info  {label}: {BATCHED_GRAPHS} {speedup:.2f}x {SEQUENTIAL} (scoring without autograd)")
+            for impl in (SEQUENTIAL, BATCHED, BATCHED_GRAPHS):
                 row = rows.get((case, impl))
                 if row is None:
                     continue

@@ -126,12 +126,54 @@ def test_reward_rows_carry_flops(tmp_path):
     assert measured == {(rewards.MATMUL_OP, "torch", "fwd")} | {
         (rewards.OP, impl, p) for impl in (rewards.SEQUENTIAL, rewards.BATCHED) for p in harness.PASSES
     }
+    reasons = {(s["impl"], s["pass"]): s["reason"] for s in result["skipped"] if s["op"] == rewards.OP}
+    assert reasons == {
+        (rewards.BATCHED_GRAPHS, "fwd"): "CUDA graphs need a GPU",
+        (rewards.BATCHED_GRAPHS, "fwd+bwd"): "CUDA graphs replay the forward only",
+    }
     tflops = {(r["op"], r["pass"]): r["tflops"] for r in result["rows"] if r["impl"] == rewards.BATCHED}
     assert tflops[(rewards.OP, "fwd+bwd")] > 0
     # The backward to the pixels repeats every matmul with the weights transposed: more FLOPs than the forward.
     image_fwd, video_fwd = rewards.tower_flops(True, False)
     image_bwd, video_bwd = rewards.tower_flops(True, True)
     assert 1.5 * image_fwd < image_bwd < 3.5 * image_fwd and 1.5 * video_fwd < video_bwd < 3.5 * video_fwd
+
+
+def test_reward_graph_impl_scores_what_the_batched_one_does(monkeypatch):
+    """batched-graphs on the CPU with captures recorded (tests/test_cuda_graphs.py): the same total
+    as the batched mixture, replayed from its third call."""
+    from t2v_turbo import cuda_graphs
+    from tests.test_cuda_graphs import RecordedGraph
+
+    captures = []
+
+    def capture(fn, device, pool, streams):
+        captures.append(RecordedGraph(fn, fn(), pool))
+        return captures[-1], captures[-1].outputs
+
+    monkeypatch.setattr(cuda_graphs, "_graph_device", lambda leaves: torch.device("cpu"))
+    monkeypatch.setattr(cuda_graphs, "_capture", capture)
+    case = next(c for c in rewards.cases(_cpu_options()) if c.op == rewards.OP and c.pass_name == "fwd")
+    x = case.make_inputs()
+    impls = {impl.name: impl for impl in case.impls}
+    want = impls[rewards.BATCHED].fn(x)
+    for _ in range(3):
+        got = impls[rewards.BATCHED_GRAPHS].fn(x)
+    assert captures and all(c.replays == 2 for c in captures)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    impls[rewards.BATCHED].fn(x)
+    assert not x.mixture.cuda_graphs
+
+
+def test_reward_summary_judges_batched_and_reports_the_graph_path():
+    case = "c2-img16-16x320x512"
+    rows = [_row(rewards.OP, case, impl, ms) for impl, ms in (
+        (rewards.SEQUENTIAL, 140.0), (rewards.BATCHED, 118.0), (rewards.BATCHED_GRAPHS, 35.0)
+    )]
+    lines = rewards.summary({"rows": rows, "skipped": []})
+    assert any(line.startswith("FAIL") and "batched 1.19x sequential" in line for line in lines)
+    (graphs,) = [line for line in lines if "batched-graphs 4.00x" in line]
+    assert graphs.startswith("info")
 
 
 def test_motion_prior_rows(tmp_path):
@@ -173,7 +215,8 @@ def test_missing_components_give_skipped_rows(tmp_path, monkeypatch):
         impl.unavailable and "t2v_turbo.motion not available" in impl.unavailable for c in motion_cases for impl in c.impls
     )
     result = _run(tmp_path, rewards.cases, "--ops", rewards.OP)
-    assert not result["rows"] and len(result["skipped"]) == 2 * len(harness.PASSES) * len(rewards.QUICK_CLIPS)
+    # sequential, batched and batched-graphs, each pass.
+    assert not result["rows"] and len(result["skipped"]) == 3 * len(harness.PASSES) * len(rewards.QUICK_CLIPS)
     assert all("t2v_turbo.rewards.mixture" in s["reason"] for s in result["skipped"])
 
 

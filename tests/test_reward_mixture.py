@@ -191,6 +191,45 @@ def test_a_stacked_group_runs_unstacked_without_autograd(models, monkeypatch):
         assert torch.allclose(value, stacked[name], atol=SCORE_TOL, rtol=0), name
 
 
+def test_scoring_through_cuda_graphs_equals_eager_scoring(models, monkeypatch):
+    """On the CPU with captures recorded (tests/test_cuda_graphs.py): under no_grad each model's
+    call warms up, is captured and replayed, with the eager scores; with gradients nothing is
+    captured. On a GPU, the same with real graphs."""
+    from t2v_turbo import cuda_graphs
+    from tests.test_cuda_graphs import RecordedGraph
+
+    captures = []
+    if not torch.cuda.is_available():
+        def capture(fn, device, pool, streams):
+            captures.append(RecordedGraph(fn, fn(), pool))
+            return captures[-1], captures[-1].outputs
+
+        monkeypatch.setattr(cuda_graphs, "_graph_device", lambda leaves: torch.device("cpu"))
+        monkeypatch.setattr(cuda_graphs, "_capture", capture)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mixture = make_mixture(models).to(device)
+    indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(7))
+    frames = [decoded_frames(seed, len(indices)).to(device) for seed in (8, 9, 10)]
+    with torch.no_grad():
+        eager = [mixture(f, indices, CAPTIONS, SHORT_CAPTIONS) for f in frames]
+        mixture.enable_cuda_graphs()
+        graphed = [mixture(f, indices, CAPTIONS, SHORT_CAPTIONS) for f in frames]
+    assert mixture.cuda_graphs and len(mixture._graphs) == len(models)
+    assert all(g.num_graphs == 1 and g.failure is None for g in mixture._graphs.values())
+    if captures:
+        assert len(captures) == len(models) and all(c.replays == 2 for c in captures)
+    for (want_total, want), (got_total, got) in zip(eager, graphed):
+        assert abs(got_total.item() - want_total.item()) < SCORE_TOL
+        for name in want:
+            assert torch.allclose(got[name], want[name], atol=SCORE_TOL, rtol=0), name
+    grad_frames = frames[0].clone().requires_grad_()
+    total, _ = mixture(grad_frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    assert torch.autograd.grad(total, grad_frames)[0].abs().max() > 0
+    assert all(g.num_graphs == 1 for g in mixture._graphs.values())
+    mixture.disable_cuda_graphs()
+    assert not mixture.cuda_graphs
+
+
 def test_stacked_checkpointed_group_recomputes_without_its_models_block_checkpoints():
     """A stacked group checkpoints as a whole; its recomputation in the backward pass, after the
     forward has restored the models' own switches, must not take block checkpoints inside vmap."""
