@@ -37,7 +37,7 @@ TRITON_ONLY_TESTS=(
 CUDA_BACKEND_TESTS=(
     tests/test_temporal_attention.py tests/test_temporal_attention_cuda.py tests/test_solver_kernels.py
     tests/test_reward_preprocess.py tests/test_dispatch.py tests/test_patching.py
-    tests/test_compile_and_registration.py tests/test_cuda_graphs.py tests/test_bench.py
+    tests/test_compile_and_registration.py tests/test_cuda_graphs.py tests/test_reward_mixture.py tests/test_bench.py
 )
 # Each stage's ops (override to time only what a previous lease left unmeasured). A stage's time
 # limit can be overridden too, as <STAGE>_S in capitals (BENCH_KERNELS_S=300; rest: up to the deadline;
