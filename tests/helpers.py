@@ -147,3 +147,36 @@ def unreported_launches(launches, configs, unit_sizes=(), check_constexprs: bool
             constants = {name: value for name, value in constexprs.items()}
             missing.append(f"{kernel.__name__}: {launched} {constants}")
     return missing
+
+
+class RecordedGraph:
+    """Stands in for a captured CUDA graph on the CPU: replay runs the captured function again and
+    writes its result into the outputs handed out at capture, as a graph's replay writes its
+    buffers."""
+
+    def __init__(self, fn, outputs, pool):
+        self.fn, self.outputs, self.pool_token = fn, outputs, pool
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        self.outputs.copy_(self.fn())
+
+    def pool(self):
+        return ("pool", id(self)) if self.pool_token is None else self.pool_token
+
+
+def record_graph_captures(monkeypatch) -> list:
+    """Makes t2v_turbo.cuda_graphs capture on the CPU: every call with CPU tensors counts as
+    graph-able, and each capture is a RecordedGraph appended to the returned list."""
+    from t2v_turbo import cuda_graphs
+
+    captures = []
+
+    def capture(fn, device, pool, streams):
+        captures.append(RecordedGraph(fn, fn(), pool))
+        return captures[-1], captures[-1].outputs
+
+    monkeypatch.setattr(cuda_graphs, "_graph_device", lambda leaves: torch.device("cpu"))
+    monkeypatch.setattr(cuda_graphs, "_capture", capture)
+    return captures

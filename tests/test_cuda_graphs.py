@@ -18,38 +18,13 @@ from t2v_turbo.commands.generate import main
 from t2v_turbo.cuda_graphs import GraphedCall
 from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
 from t2v_turbo.pipeline import T2VTurboPipeline
+from tests.helpers import record_graph_captures
 from tests.test_pipeline import FRAMES, SIZE, LatentsAsPixels, PromptLength, small_unet
-
-
-class RecordedGraph:
-    """Stands in for a captured graph: replay runs the captured function again and writes its
-    result into the outputs handed out at capture, as a CUDA graph's replay writes its buffers."""
-
-    def __init__(self, fn, outputs, pool):
-        self.fn, self.outputs, self.pool_token = fn, outputs, pool
-        self.replays = 0
-
-    def replay(self):
-        self.replays += 1
-        self.outputs.copy_(self.fn())
-
-    def pool(self):
-        return ("pool", id(self)) if self.pool_token is None else self.pool_token
 
 
 @pytest.fixture
 def recorded_capture(monkeypatch):
-    """Captures on the CPU: every CPU call counts as graph-able, and captures are recorded."""
-    captures = []
-
-    def capture(fn, device, pool, streams):
-        graph = RecordedGraph(fn, fn(), pool)
-        captures.append(graph)
-        return graph, graph.outputs
-
-    monkeypatch.setattr(cuda_graphs, "_graph_device", lambda leaves: torch.device("cpu"))
-    monkeypatch.setattr(cuda_graphs, "_capture", capture)
-    return captures
+    return record_graph_captures(monkeypatch)
 
 
 class Affine(torch.nn.Module):

@@ -72,19 +72,11 @@ def test_channels_last_variants_compute_what_their_nchw_variants_do():
 
 
 def test_graph_variants_replay_what_the_eager_variant_computes(monkeypatch):
-    """On the CPU with captures recorded (tests/test_cuda_graphs.py): the graph variants' third
+    """On the CPU with captures recorded (helpers.record_graph_captures): the graph variants' third
     call replays, and the UNet output and generated frames equal the eager variant's."""
-    from t2v_turbo import cuda_graphs
-    from tests.test_cuda_graphs import RecordedGraph
+    from tests.helpers import record_graph_captures
 
-    captures = []
-
-    def capture(fn, device, pool, streams):
-        captures.append(RecordedGraph(fn, fn(), pool))
-        return captures[-1], captures[-1].outputs
-
-    monkeypatch.setattr(cuda_graphs, "_graph_device", lambda leaves: torch.device("cpu"))
-    monkeypatch.setattr(cuda_graphs, "_capture", capture)
+    captures = record_graph_captures(monkeypatch)
     unet_case, generate_case = (next(c for c in models.cases(_cpu_options()) if c.op == op) for op in ("unet_forward", "generate"))
     for case in (unet_case, generate_case):
         x = case.make_inputs()
@@ -140,19 +132,11 @@ def test_reward_rows_carry_flops(tmp_path):
 
 
 def test_reward_graph_impl_scores_what_the_batched_one_does(monkeypatch):
-    """batched-graphs on the CPU with captures recorded (tests/test_cuda_graphs.py): the same total
+    """batched-graphs on the CPU with captures recorded (helpers.record_graph_captures): the same total
     as the batched mixture, replayed from its third call."""
-    from t2v_turbo import cuda_graphs
-    from tests.test_cuda_graphs import RecordedGraph
+    from tests.helpers import record_graph_captures
 
-    captures = []
-
-    def capture(fn, device, pool, streams):
-        captures.append(RecordedGraph(fn, fn(), pool))
-        return captures[-1], captures[-1].outputs
-
-    monkeypatch.setattr(cuda_graphs, "_graph_device", lambda leaves: torch.device("cpu"))
-    monkeypatch.setattr(cuda_graphs, "_capture", capture)
+    captures = record_graph_captures(monkeypatch)
     case = next(c for c in rewards.cases(_cpu_options()) if c.op == rewards.OP and c.pass_name == "fwd")
     x = case.make_inputs()
     impls = {impl.name: impl for impl in case.impls}

@@ -192,20 +192,12 @@ def test_a_stacked_group_runs_unstacked_without_autograd(models, monkeypatch):
 
 
 def test_scoring_through_cuda_graphs_equals_eager_scoring(models, monkeypatch):
-    """On the CPU with captures recorded (tests/test_cuda_graphs.py): under no_grad each model's
+    """On the CPU with captures recorded (helpers.record_graph_captures): under no_grad each model's
     call warms up, is captured and replayed, with the eager scores; with gradients nothing is
     captured. On a GPU, the same with real graphs."""
-    from t2v_turbo import cuda_graphs
-    from tests.test_cuda_graphs import RecordedGraph
+    from tests.helpers import record_graph_captures
 
-    captures = []
-    if not torch.cuda.is_available():
-        def capture(fn, device, pool, streams):
-            captures.append(RecordedGraph(fn, fn(), pool))
-            return captures[-1], captures[-1].outputs
-
-        monkeypatch.setattr(cuda_graphs, "_graph_device", lambda leaves: torch.device("cpu"))
-        monkeypatch.setattr(cuda_graphs, "_capture", capture)
+    captures = [] if torch.cuda.is_available() else record_graph_captures(monkeypatch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mixture = make_mixture(models).to(device)
     indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(7))
