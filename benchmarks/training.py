@@ -139,14 +139,17 @@ def _motion_inputs(clips: int, scale: models.Scale, options: SuiteOptions) -> Ca
         cached = _cache_batch(clips, scale, options, max_grid_index)
         return SimpleNamespace(
             teacher=teacher, z0=cached["eps_cond"], noise=cached["eps_uncond"], context=cached["context"],
-            grid_index=cached["grid_index"], compiled_teacher=None,
+            grid_index=cached["grid_index"], compiled_teacher=None, graphed_teacher=None,
         )
 
     return make_inputs
 
 
-def _motion_call(batched: bool, use_kernels: bool, compiled: bool) -> Callable[[SimpleNamespace], list[Tensor]]:
+def _motion_call(
+    batched: bool, use_kernels: bool, compiled: bool, graphs: bool = False
+) -> Callable[[SimpleNamespace], list[Tensor]]:
     def call(x: SimpleNamespace) -> list[Tensor]:
+        from t2v_turbo.cuda_graphs import GraphedCall
         from t2v_turbo.models.adapter import NoisePredictor
         from t2v_turbo.motion import compute_motion_prior
 
@@ -158,6 +161,12 @@ def _motion_call(batched: bool, use_kernels: bool, compiled: bool) -> Callable[[
             if x.compiled_teacher is None:
                 x.compiled_teacher = NoisePredictor(torch.compile(x.teacher))
             inversion_teacher = x.compiled_teacher
+        if graphs:
+            # As `t2v-turbo preprocess --cuda-graphs` does: a graph a batch size.
+            if x.graphed_teacher is None:
+                x.graphed_teacher = NoisePredictor(x.teacher)
+                x.graphed_teacher.graphs = GraphedCall(x.graphed_teacher.call_model, [x.teacher])
+            inversion_teacher = x.graphed_teacher
         groups = [slice(None)] if batched else [slice(i, i + 1) for i in range(x.z0.shape[0])]
         with models.ops_backend(use_kernels):
             return [
@@ -170,13 +179,14 @@ def _motion_call(batched: bool, use_kernels: bool, compiled: bool) -> Callable[[
     return call
 
 
-# (name, batched, kernels, compiled inversion)
+# (name, batched, kernels, compiled inversion, inversion from CUDA graphs)
 MOTION_IMPLS = (
-    ("per-clip-reference", False, False, False),
-    ("batched-reference", True, False, False),
-    ("per-clip-kernels", False, True, False),
-    ("batched-kernels", True, True, False),
-    ("batched-kernels-compile", True, True, True),
+    ("per-clip-reference", False, False, False, False),
+    ("batched-reference", True, False, False, False),
+    ("per-clip-kernels", False, True, False, False),
+    ("batched-kernels", True, True, False, False),
+    ("batched-kernels-compile", True, True, True, False),
+    ("batched-kernels-graphs", True, True, False, True),
 )
 
 
@@ -298,10 +308,10 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             make_inputs=_motion_inputs(clips, scale, options),
             impls=tuple(
                 Impl(
-                    name, _motion_call(batched, use_kernels, compiled), compiles=compiled,
+                    name, _motion_call(batched, use_kernels, compiled, graphs), compiles=compiled,
                     unavailable=size_reason or motion_reason or (kernels_reason if use_kernels else None),
                 )
-                for name, batched, use_kernels, compiled in MOTION_IMPLS
+                for name, batched, use_kernels, compiled, graphs in MOTION_IMPLS
             ),
             bytes_moved=unet_params * torch.empty((), dtype=options.dtype).element_size(),
             dtype=options.dtype,
@@ -349,6 +359,10 @@ def summary(result: dict) -> list[str]:
         lines.append(models.speedup_line(
             f"motion prior ({case}) compiled inversion", motion, case, "batched-kernels-compile", "batched-kernels", 1.0
         ))
+        # Whether `preprocess --cuda-graphs` helps: the inversion replayed against the eager one.
+        if (case, "batched-kernels-graphs") in motion and (case, "batched-kernels") in motion:
+            speedup = motion[(case, "batched-kernels")]["median_ms"] / motion[(case, "batched-kernels-graphs")]["median_ms"]
+            lines.append(f"info  motion prior ({case}) inversion from CUDA graphs: {speedup:.2f}x batched-kernels")
         for (row_case, impl), row in motion.items():
             if row_case == case:
                 lines.append(f"info  motion prior ({case}) {impl}: {1e3 * clips / row['median_ms']:.3f} clips/s")

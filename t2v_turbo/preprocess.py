@@ -49,6 +49,7 @@ from t2v_turbo.data.videos import VIDEO_BACKENDS, build_dataset
 from t2v_turbo.models import OpenCLIPTextEncoder, PromptCache, VC2UNet, VideoVAE
 from t2v_turbo.models.adapter import NoisePredictor, check_frame_size
 from t2v_turbo.files import write_atomically
+from t2v_turbo.cuda_graphs import GraphedCall
 from t2v_turbo.motion import compute_motion_prior, noised_latents
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class PreprocessConfig:
     # A torch.compile backend ("inductor") for the teacher's no-grad passes (the ε pass and the DDIM
     # inversion, nearly all of the work with motion priors); None runs them eagerly.
     compile: Optional[str] = None
+    # Replay the teacher's no-grad passes from CUDA graphs (t2v_turbo.cuda_graphs), one a batch size:
+    # the inversion runs the same shapes for up to 200 steps. GPU only.
+    cuda_graphs: bool = False
     limit: Optional[int] = None  # process only the first `limit` clips of the dataset
     num_workers: int = 0
     video_backend: str = "pyav"  # decoder of real videos: "pyav" or "decord"
@@ -325,7 +329,9 @@ class TeacherPass:
     unet: a VC2UNet or a diffusers UNet3DConditionModel, called through NoisePredictor; with
     config.compile, the no-grad passes call it through torch.compile. Their batch sizes vary (the
     ε pass holds the plain clips plus every clip, the inversion the clips still advancing), so the
-    first few sizes each compile a graph before torch.compile falls back to dynamic shapes."""
+    first few sizes each compile a graph before torch.compile falls back to dynamic shapes. With
+    config.cuda_graphs they replay CUDA graphs, one a batch size (its first call warms up, its
+    second captures)."""
 
     def __init__(self, unet: nn.Module, vae: Any, text_encoder: Any, config: PreprocessConfig, device: torch.device):
         self.unet = unet
@@ -334,6 +340,10 @@ class TeacherPass:
         self.no_grad_teacher = (
             NoisePredictor(torch.compile(unet, backend=config.compile)) if config.compile else self.teacher
         )
+        if config.cuda_graphs:
+            if self.no_grad_teacher is self.teacher:
+                self.no_grad_teacher = NoisePredictor(unet)
+            self.no_grad_teacher.graphs = GraphedCall(self.no_grad_teacher.call_model, [unet])
         self.vae = vae
         self.prompts = PromptCache(text_encoder, device=device)
         self.config = config
@@ -403,6 +413,11 @@ class TeacherPass:
         }
 
 
+def _check_cuda_graphs_device(config: PreprocessConfig, device: torch.device) -> None:
+    if config.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs a CUDA device, and this run is on {device}")
+
+
 def preprocess(
     config: PreprocessConfig,
     dataset: Optional[Dataset] = None,
@@ -422,6 +437,7 @@ def preprocess(
 
         accelerator = Accelerator(cpu=config.cpu)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    _check_cuda_graphs_device(config, device)
     cache_dir = Path(config.cache)
     cache_dir.mkdir(parents=True, exist_ok=True)
     _check_process_layout(cache_dir, world)

@@ -160,12 +160,30 @@ def test_reward_summary_judges_batched_and_reports_the_graph_path():
     assert graphs.startswith("info")
 
 
+def test_motion_graph_impl_scores_what_the_batched_one_does(monkeypatch):
+    """batched-kernels-graphs on the CPU with captures recorded: the inversion's steps replay a
+    graph, and the scores equal batched-kernels' (the ops run their reference backends here)."""
+    from tests.helpers import record_graph_captures
+
+    captures = record_graph_captures(monkeypatch)
+    case = next(c for c in training.cases(_cpu_options()) if c.op == training.MOTION_OP)
+    x = case.make_inputs()
+    impls = {impl.name: impl for impl in case.impls}
+    want = impls["batched-kernels"].fn(x)
+    got = impls["batched-kernels-graphs"].fn(x)
+    assert captures and sum(c.replays for c in captures) >= 1
+    for got_score, want_score in zip(got, want):
+        torch.testing.assert_close(got_score, want_score, rtol=0, atol=0)
+
+
 def test_motion_prior_rows(tmp_path):
     result = _run(tmp_path, training.cases, "--ops", training.MOTION_OP)
     _check_rows(result)
     assert {r["impl"] for r in result["rows"]} == {"per-clip-reference", "batched-reference"}
     reasons = {s["impl"]: s["reason"] for s in result["skipped"]}
-    assert reasons == dict.fromkeys(("per-clip-kernels", "batched-kernels", "batched-kernels-compile"), "no GPU")
+    assert reasons == dict.fromkeys(
+        ("per-clip-kernels", "batched-kernels", "batched-kernels-compile", "batched-kernels-graphs"), "no GPU"
+    )
     case = result["rows"][0]["case"]
     result["rows"] += [_row(training.MOTION_OP, case, "batched-kernels", 2.0, p="fwd+bwd"),
                        _row(training.MOTION_OP, case, "batched-kernels-compile", 1.6, p="fwd+bwd")]

@@ -174,6 +174,34 @@ def test_compiled_no_grad_passes_store_the_eager_values(models, tmp_path):
             torch.testing.assert_close(got[caption][name], sample[name], rtol=1e-4, atol=1e-5)
 
 
+def test_cuda_graph_no_grad_passes_store_the_eager_values(models, tmp_path, monkeypatch):
+    """With cuda_graphs, the ε pass and the inversion steps replay graphs, one a batch size (on the
+    CPU with captures recorded: helpers.record_graph_captures); the cache equals the eager one."""
+    from t2v_turbo import preprocess as preprocess_module
+
+    from .helpers import record_graph_captures
+
+    dataset = Clips(2, motion={1})  # one batch: an ε pass of 3 clips, inversion steps of 1
+    eager = preprocess(make_config(tmp_path / "eager", storage_dtype="float32"), dataset, models)
+    captures = record_graph_captures(monkeypatch)
+    # Past the CPU guard of preprocess(): the run itself decides nothing else by the device.
+    monkeypatch.setattr(preprocess_module, "_check_cuda_graphs_device", lambda config, device: None)
+    graphed = preprocess(make_config(tmp_path / "graphed", storage_dtype="float32", cuda_graphs=True), dataset, models)
+    assert (graphed.written, graphed.motion_clips) == (eager.written, eager.motion_clips) == (2, 1)
+    # The ε pass (3 clips) runs once: warm-up only; the inversion's 1-clip steps are captured once
+    # and replayed from then on.
+    assert len(captures) == 1 and captures[0].replays >= 2
+    got, expected = samples_by_caption(tmp_path / "graphed"), samples_by_caption(tmp_path / "eager")
+    for caption, sample in expected.items():
+        for name in ("z_t", "eps_cond", "eps_uncond", "score"):
+            torch.testing.assert_close(got[caption][name], sample[name], rtol=0, atol=0)
+
+
+def test_cuda_graphs_need_a_gpu(models, tmp_path):
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        preprocess(make_config(tmp_path / "cache", cuda_graphs=True, cpu=True), Clips(1), models)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(models, tmp_path_factory):
     directory = tmp_path_factory.mktemp("uninterrupted")

@@ -40,7 +40,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
             fps=clip["fps"], size=(clip["height"], clip["width"]), batch_size=args.batch_size, shard_size=args.shard_size,
             dtype=args.dtype, seed=args.seed, motion_grid_range=tuple(args.motion_grid_range),
             grid_range=tuple(args.grid_range), motion=not args.no_motion, kernels=args.kernels, compile=args.compile,
-            limit=args.limit,
+            cuda_graphs=args.cuda_graphs, limit=args.limit,
             num_workers=args.num_workers, video_backend=args.video_backend, cpu=args.cpu, progress=not args.no_progress,
         )
         result = preprocess(config)
@@ -88,6 +88,9 @@ def add_preprocess_command(subparsers) -> None:
     parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                         help="run the teacher's no-grad passes (the ε pass, the DDIM inversion) through torch.compile "
                         "(backend: inductor unless named)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the teacher's no-grad passes from CUDA graphs, one a batch size (GPU only): the "
+                        "DDIM inversion runs the same shapes for up to 200 steps")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N clips of the data")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     parser.add_argument("--video-backend", choices=("pyav", "decord"), default="pyav",
