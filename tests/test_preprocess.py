@@ -197,9 +197,11 @@ def test_cuda_graph_no_grad_passes_store_the_eager_values(models, tmp_path, monk
             torch.testing.assert_close(got[caption][name], sample[name], rtol=0, atol=0)
 
 
-def test_cuda_graphs_need_a_gpu(models, tmp_path):
+def test_cuda_graphs_need_a_gpu(models, tmp_path, capsys):
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         preprocess(make_config(tmp_path / "cache", cuda_graphs=True, cpu=True), Clips(1), models)
+    status = run_cli(["--preset", "tiny", "--cache", str(tmp_path / "cli"), "--cpu", "--cuda-graphs", "--no-progress"])
+    assert status == 2 and "cuda_graphs needs a CUDA device" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
