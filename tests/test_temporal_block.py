@@ -660,12 +660,14 @@ def test_opcheck(backend_name):
         )
 
 
-def test_torch_compile_fullgraph_and_checkpointing_match_eager():
+@pytest.mark.parametrize("projections", ["strided", "cublas"])
+def test_torch_compile_fullgraph_and_checkpointing_match_eager(projections):
     """One graph under torch.compile (the ops are opaque custom ops with fake implementations),
-    and activation checkpointing recomputes the forward to the same gradients (no hidden state).
-    In float64: on a GPU the compiled graph's products may take other cuBLAS algorithms than eager's,
-    whose float32 sums differ by ~1e-5."""
+    and activation checkpointing recomputes the forward to the same gradients (no hidden state),
+    on either projection route. In float64: on a GPU the compiled graph's products may take other
+    cuBLAS algorithms than eager's, whose float32 sums differ by ~1e-5."""
     module = _module(32, 2, 16, dtype=torch.float64)
+    module.projections = projections
     x = randn((4, 32, 2, 3), torch.float64, torch.Generator().manual_seed(19)).requires_grad_(True)
 
     def loss(forward):
