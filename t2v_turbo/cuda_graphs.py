@@ -82,7 +82,9 @@ def _capture(fn: Callable[[], Any], device: torch.device, pool: Any, streams: di
         current = torch.cuda.current_stream(device)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            # thread_local: CUDA calls of other threads (a data loader pinning memory, a server's
+            # other requests) go on; only this thread's must be capturable.
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 outputs = fn()
         except Exception:
             # torch.cuda.graph's exit does not leave its stream when ending the capture raises.
