@@ -12,7 +12,7 @@ The full `vc2` VC2UNet (1.41 B parameters) with random weights, built directly o
 
 Each row is one variant (`impl`): reference-eager (use_kernels off, solver ops on the reference
 backend), reference-compile (the same under torch.compile), kernels (use_kernels on, ops on the
-best backend) and kernels-compile; and two experiments of two variants each. reference-eager-graphs
+best backend) and kernels-compile; and two experiments. reference-eager-graphs
 and kernels-graphs replay the UNet call from CUDA graphs (t2v_turbo.cuda_graphs: the first call of
 a shape is the eager warm-up, the second captures), which tells how much of the eager time is
 the host issuing kernels; kernels-compile-graphs replays the compiled UNet (within the compile
@@ -381,6 +381,11 @@ def rows_by(result: dict, op: str, pass_name: Optional[str] = None) -> dict[tupl
 
 def skip_reasons(result: dict, op: str) -> dict[tuple[str, str], str]:
     return {(s["case"], s["impl"]): s["reason"] for s in result["skipped"] if s["op"] == op}
+
+
+def wall_or_median(row: dict) -> float:
+    """A row's latency from an idle GPU (wall_ms), or its median where it has none (CPU rows)."""
+    return row.get("wall_ms") or row["median_ms"]
 
 
 def speedup_line(label: str, rows: dict, case: str, fast: str, slow: str, target: float) -> str:

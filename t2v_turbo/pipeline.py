@@ -220,8 +220,9 @@ class T2VTurboPipeline:
         """Samples on a GPU through CUDA graphs of the UNet call from now on
         (t2v_turbo.cuda_graphs): the first step of a new shape runs eagerly as the warm-up, the
         second captures and replays, and every later step, in this run and the next ones, replays
-        without the host issuing the UNet's thousands of kernels one by one. The graphs' memory
-        pool stays allocated until `disable_cuda_graphs`. With `compile()` (either order) the
+        without the host issuing the UNet's thousands of kernels one by one (calls under CUDA
+        autocast run eagerly: sample in the pipeline's dtype instead). The graphs' memory pool
+        stays allocated until `disable_cuda_graphs`. With `compile()` (either order) the
         graphs record the compiled UNet's kernels."""
         from t2v_turbo.cuda_graphs import GraphedCall
 

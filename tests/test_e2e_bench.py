@@ -156,8 +156,8 @@ def test_reward_summary_judges_batched_and_reports_the_graph_path():
     )]
     lines = rewards.summary({"rows": rows, "skipped": []})
     assert any(line.startswith("FAIL") and "batched 1.19x sequential" in line for line in lines)
-    (graphs,) = [line for line in lines if "batched-graphs 4.00x" in line]
-    assert graphs.startswith("info")
+    (graphs,) = [line for line in lines if "batched-graphs (wall_ms)" in line]
+    assert graphs.startswith("info") and graphs.endswith("4.00x sequential, 3.37x batched")
 
 
 def test_motion_graph_impl_scores_what_the_batched_one_does(monkeypatch):

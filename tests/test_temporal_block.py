@@ -231,13 +231,20 @@ def test_cublas_projections_match_reference(backend_name, dtype, chosen):
     _check_fused_against_reference(CASES[0], dtype, backend_name, chosen, projections="cublas")
 
 
-def test_projection_routes():
-    from turbo_kernels.temporal_block import CUBLAS_PROJECTIONS_BELOW, projection_route
+def test_projection_routes(monkeypatch, chosen):
+    """"auto" takes cuBLAS below the threshold (the library's, which tests/conftest.py sets to 0
+    for the session), and a default module takes that route on small frames."""
+    from turbo_kernels import temporal_block
+    from turbo_kernels.temporal_block import projection_route
 
+    monkeypatch.setattr(temporal_block, "CUBLAS_PROJECTIONS_BELOW", 640)
     assert projection_route("strided", 1) == "strided" and projection_route("cublas", 10**6) == "cublas"
-    assert projection_route("auto", CUBLAS_PROJECTIONS_BELOW) == "strided"
-    if CUBLAS_PROJECTIONS_BELOW:  # tests/conftest.py sets it to 0 for the session
-        assert projection_route("auto", CUBLAS_PROJECTIONS_BELOW - 1) == "cublas"
+    assert projection_route("auto", 640) == "strided" and projection_route("auto", 639) == "cublas"
+    videos, frames, channels, height, width, heads, head_dim = CASES[0]
+    x = _stream(videos, frames, channels, height, width, torch.float32, torch.Generator().manual_seed(27))
+    with tk.backend("reference"):
+        _module(channels, heads, head_dim)(x, frames)
+    assert ("channel_affine", "reference") in chosen and ("strided_linear", "reference") not in chosen
     with pytest.raises(ValueError, match="projections must be one of"):
         FusedTemporalTransformer(64, 2, 32, projections="triton")
 

@@ -127,12 +127,16 @@ def _stats_backward_problem(x, mean, rstd, grad_mean, grad_rstd, num_frames):
 
 
 def _affine_problem(x, scale, shift, num_frames):
+    if x.shape[0] % num_frames:
+        return f"x's {x.shape[0]} rows are not whole videos of num_frames={num_frames}"
     if scale.shape != (x.shape[0] // num_frames, x.shape[2]) or shift.shape != scale.shape:
         return f"scale and shift must be ({x.shape[0] // num_frames}, {x.shape[2]})"
     return _kernel_problem(dict(x=x), dict(scale=scale, shift=shift))
 
 
 def _affine_backward_problem(grad_a, x, scale, num_frames):
+    if x.shape[0] % num_frames:
+        return f"x's {x.shape[0]} rows are not whole videos of num_frames={num_frames}"
     if grad_a.shape != x.shape or scale.shape != (x.shape[0] // num_frames, x.shape[2]):
         return f"grad_a must have x's shape and scale be ({x.shape[0] // num_frames}, {x.shape[2]})"
     return _kernel_problem(dict(grad_a=grad_a, x=x), dict(scale=scale))

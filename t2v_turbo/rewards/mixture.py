@@ -275,8 +275,8 @@ class RewardMixture(nn.Module):
         model's call from now on (t2v_turbo.cuda_graphs): the first call of a shape warms up, the
         second captures, later ones replay without the host issuing the towers' kernels one by
         one (the 2-clip forward was bound by that: H100, 118 ms for 2 clips, 131 ms for 8). Calls
-        with gradients (training) run as before. The graphs keep their memory until
-        `disable_cuda_graphs`."""
+        with gradients (training) or under CUDA autocast (cast the mixture instead) run as before.
+        The graphs keep their memory until `disable_cuda_graphs`."""
         self._graphs = {}
         return self
 
@@ -486,7 +486,9 @@ class RewardMixture(nn.Module):
             return checkpoint(model.score, pixels, text, use_reentrant=False)
         if self._graphs is not None:
             # GraphedCall itself runs calls with gradients eagerly.
-            graphed = self._graphs.setdefault(id(model), GraphedCall(model.score, [model]))
+            graphed = self._graphs.get(id(model))
+            if graphed is None:
+                graphed = self._graphs[id(model)] = GraphedCall(model.score, [model])
             return graphed(pixels, text)
         return model.score(pixels, text)
 
