@@ -28,6 +28,7 @@ SUITES: tuple[harness.Suite, ...] = (
     temporal_block.cases,
     temporal_block.geglu_cases,
     temporal_block.layer_norm_cases,
+    temporal_block.group_norm_cases,
     temporal_block.strided_linear_cases,
     spatial.cases,
     preprocess.cases,

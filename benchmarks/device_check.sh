@@ -43,7 +43,7 @@ CUDA_BACKEND_TESTS=(
 # limit can be overridden too, as <STAGE>_S in capitals (BENCH_KERNELS_S=300; rest: up to the deadline;
 # TESTS_S sets both test stages).
 ALL_KERNEL_OPS=guided_solver_step,consistency_output,consistency_sampler_step,pseudo_huber_loss
-ALL_KERNEL_OPS+=,temporal_attention,temporal_block,geglu,layer_norm,strided_linear,spatial_self_attention,spatial_cross_attention,reward_preprocess
+ALL_KERNEL_OPS+=,temporal_attention,temporal_block,geglu,layer_norm,group_norm_silu,strided_linear,spatial_self_attention,spatial_cross_attention,reward_preprocess
 KERNEL_OPS=${KERNEL_OPS:-$ALL_KERNEL_OPS}
 REWARD_OPS=${REWARD_OPS:-bf16_matmul,reward_mixture,reward_mixture_growth}
 MODEL_OPS=${MODEL_OPS:-unet_forward,generate,distillation_step,motion_prior,whole_recipe}

@@ -380,6 +380,68 @@ def layer_norm_cases(options: SuiteOptions) -> Iterator[Case]:
     )
 
 
+GROUP_NORM_OP = "group_norm_silu"
+# How the UNet hands GroupNorm + SiLU its input: a ResBlock's frames (B*F, C, H, W), a temporal
+# convolution's first videos (the stream's transposed view) and its next ones (contiguous).
+GROUP_NORM_LAYOUTS = ("frames", "stream", "video")
+
+
+def _group_norm_inputs(layout: str, videos: int, frames: int, channels: int, height: int, width: int,
+                       options: SuiteOptions) -> Callable[[], SimpleNamespace]:
+    generator = torch.Generator(device=options.device).manual_seed(options.seed)
+
+    def make_inputs() -> SimpleNamespace:
+        stream = torch.randn(videos * frames, channels, height, width, generator=generator, device=options.device,
+                             dtype=options.dtype)
+        video = stream.unflatten(0, (videos, frames)).transpose(1, 2)
+        x = {"frames": stream, "stream": video, "video": video.contiguous()}[layout]
+        weight = 1 + 0.1 * torch.randn(channels, generator=generator, device=options.device, dtype=options.dtype)
+        bias = 0.1 * torch.randn(channels, generator=generator, device=options.device, dtype=options.dtype)
+        return SimpleNamespace(x=x, weight=weight, bias=bias)
+
+    return make_inputs
+
+
+def _torch_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, weight, bias, 1e-5))
+
+
+def group_norm_cases(options: SuiteOptions) -> Iterator[Case]:
+    """GroupNorm + SiLU as the UNet's ResBlocks and temporal convolutions run it, at every level
+    and in each of its input layouts, forward only (the kernel path is the no-grad one): torch's
+    composition eager and compiled against turbo_kernels.group_norm_silu. An ideal pass reads x
+    once and writes the output once."""
+    frames, _, levels, batch_sizes = _sizes(options)
+    element_size = torch.empty((), dtype=options.dtype).element_size()
+    compiled = torch.compile(_torch_group_norm_silu, dynamic=False)
+
+    def on_triton(x: SimpleNamespace) -> torch.Tensor:
+        with tk.backend("triton"):
+            return tk.group_norm_silu(x.x, x.weight, x.bias, 32, 1e-5)
+
+    def no_grad(fn: Callable) -> Callable[[SimpleNamespace], torch.Tensor]:
+        return torch.no_grad()(fn)
+
+    for batch in batch_sizes:
+        for channels, height, width, _ in levels:
+            for layout in GROUP_NORM_LAYOUTS:
+                shape = (batch * frames, channels, height, width)
+                yield Case(
+                    op=GROUP_NORM_OP,
+                    case=f"b{batch}-c{channels}-{height}x{width}-{layout}",
+                    pass_name="fwd",
+                    make_inputs=_group_norm_inputs(layout, batch, frames, channels, height, width, options),
+                    impls=(
+                        Impl(EAGER, no_grad(lambda x: _torch_group_norm_silu(x.x, x.weight, x.bias))),
+                        Impl(COMPILED, no_grad(lambda x: compiled(x.x, x.weight, x.bias)), compiles=True),
+                        Impl(TRITON, no_grad(on_triton), unavailable=models.kernels_unavailable(options.device)),
+                    ),
+                    bytes_moved=2 * torch.Size(shape).numel() * element_size,
+                    dtype=options.dtype,
+                    shape=shape,
+                )
+
+
 def summary(result: dict) -> list[str]:
     """Issue 3's target for the fused block (>= 1.5x the reference block), per measured case and pass;
     the block's share of issue 4's (fused + compile >= 1.15x the compiled reference); and the GEGLU
@@ -400,6 +462,10 @@ def summary(result: dict) -> list[str]:
         for case in dict.fromkeys(case for case, _ in rows):
             # The fused block takes the kernel: it must never lose to torch's LayerNorm.
             lines.append(models.speedup_line(f"layer_norm {case} {pass_name}", rows, case, TRITON, EAGER, 1.0))
+        rows = models.rows_by(result, GROUP_NORM_OP, pass_name)
+        for case in dict.fromkeys(case for case, _ in rows):
+            # VC2UNet's ResBlocks and temporal convolutions take it whenever no gradient is recorded.
+            lines.append(models.speedup_line(f"group_norm_silu {case} {pass_name}", rows, case, TRITON, EAGER, 1.0))
     lines.extend(tile_sweep_lines(result))
     return lines
 
@@ -439,7 +505,8 @@ def tile_sweep_lines(result: dict) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return models.run_suite(
         lambda options: itertools.chain(
-            cases(options), geglu_cases(options), layer_norm_cases(options), strided_linear_cases(options)
+            cases(options), geglu_cases(options), layer_norm_cases(options), group_norm_cases(options),
+            strided_linear_cases(options),
         ),
         summary, argv,
         "python -m benchmarks.temporal_block",

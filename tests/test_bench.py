@@ -291,6 +291,24 @@ def test_temporal_block_route_impls_compute_the_block():
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{case.pass_name} {name}: {m}")
 
 
+def test_group_norm_cases_compute_the_composition():
+    """Every layout's Triton impl computes what torch's GroupNorm + SiLU does (the interpreter on a
+    CPU), and the summary holds it to never losing."""
+    from .helpers import DEVICE
+
+    options = harness.SuiteOptions(DEVICE, torch.float32, None, quick=True)
+    cases = list(temporal_block.group_norm_cases(options))
+    assert [c.case.rsplit("-", 1)[1] for c in cases] == list(temporal_block.GROUP_NORM_LAYOUTS)
+    for case in cases:
+        x = case.make_inputs()
+        impls = {impl.name: impl for impl in case.impls}
+        torch.testing.assert_close(impls[temporal_block.TRITON].fn(x), impls[harness.EAGER].fn(x), rtol=1e-4, atol=1e-5)
+    rows = [{"op": temporal_block.GROUP_NORM_OP, "case": cases[0].case, "pass": "fwd", "impl": impl, "median_ms": ms}
+            for impl, ms in ((harness.EAGER, 1.0), (temporal_block.TRITON, 0.5))]
+    (line,) = [line for line in temporal_block.summary({"rows": rows}) if "group_norm_silu" in line]
+    assert line.startswith("PASS") and "triton 2.00x reference-eager" in line
+
+
 def test_temporal_block_summary_judges_the_fused_block_eager_and_compiled():
     times = {harness.EAGER: 3.0, harness.COMPILED: 1.5, temporal_block.TRITON: 1.9, temporal_block.TRITON_COMPILED: 1.2}
     result = {"rows": [{"op": temporal_block.OP, "case": "b1-c320-40x64-h5", "pass": "fwd", "impl": impl,

@@ -36,7 +36,7 @@ BLOCKS = (
     [f"input_blocks.{i}" for i in range(6)] + ["init_attn", "middle_block"] + [f"output_blocks.{i}" for i in range(6)]
 )
 PROJECTIONS = ["time_cond_proj", "motion_cond_proj", "combine_proj", "time_embed", "fps_embedding"]
-FUSED_OPS = ("group_norm_stats", "strided_linear", "temporal_attention", "geglu", "layer_norm")
+FUSED_OPS = ("group_norm_stats", "strided_linear", "temporal_attention", "geglu", "layer_norm", "channel_affine_silu")
 # init_attn, 2 + 2 in the encoder, 1 in the middle and 6 in the decoder.
 TEMPORAL_TRANSFORMERS = 12
 TINY_DECODER_ATTN1 = [f"output_blocks.{i}.2.transformer_blocks.0.attn1" for i in range(6)]
@@ -194,8 +194,9 @@ def _run_recording_attn1_inputs(model, io, dtype, names):
 
 
 def _fused_layer_calls(chosen):
-    """How many temporal transformers ran fused: each computes its GroupNorm statistics once."""
-    return sum(op == "group_norm_stats" for op, _ in chosen)
+    """How many temporal transformers ran fused: each computes its GroupNorm statistics once (as
+    does every GroupNorm + SiLU on the kernels, which then normalises with channel_affine_silu)."""
+    return sum(op == "group_norm_stats" for op, _ in chosen) - sum(op == "channel_affine_silu" for op, _ in chosen)
 
 
 def _temporal_attention_backends(chosen):

@@ -4,7 +4,7 @@ Public ops (each a torch.library custom op with a plain PyTorch reference, a Tri
 where it pays, a CUDA kernel, chosen per call by `turbo_kernels.dispatch`):
 guided_solver_step, consistency_output, consistency_sampler_step, pseudo_huber_loss,
 temporal_attention, temporal_attention_probs, motion_energy, spatial_attention, geglu, layer_norm,
-reward_preprocess.
+group_norm_silu, reward_preprocess.
 """
 
 from turbo_kernels.dispatch import (
@@ -17,6 +17,7 @@ from turbo_kernels.dispatch import (
 from turbo_kernels.capture import capture_attention_inputs
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.ops.geglu import geglu
+from turbo_kernels.ops.group_norm import group_norm_silu
 from turbo_kernels.ops.layer_norm import layer_norm
 from turbo_kernels.ops.motion import motion_energy, temporal_attention_probs
 from turbo_kernels.ops.preprocess import PreprocessSpec, reward_preprocess
@@ -52,6 +53,7 @@ __all__ = [
     "consistency_output",
     "consistency_sampler_step",
     "geglu",
+    "group_norm_silu",
     "guided_solver_step",
     "layer_norm",
     "motion_energy",

@@ -398,11 +398,26 @@ class TemporalTransformer(nn.Module):
         return h + x
 
 
+def _norm_silu_layers(layers: nn.Sequential, x: Tensor, use_kernels: bool) -> Tensor:
+    """layers(x) for a Sequential that opens with GroupNorm and SiLU. With use_kernels the two run
+    as one turbo_kernels.group_norm_silu (forward only: it runs the same composition where
+    gradients are recorded), unless a hook on the Sequential or on either of them asks that
+    they be called."""
+    norm, silu = layers[0], layers[1]
+    if not use_kernels or any(_has_hooks(m) for m in (layers, norm, silu)):
+        return layers(x)
+    h = turbo_kernels.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+    for layer in layers[2:]:
+        h = layer(h)
+    return h
+
+
 class TemporalConvBlock(nn.Module):
     """Four GroupNorm-SiLU-(Dropout)-Conv3d (3,1,1) layers over each video, with an identity residual."""
 
     def __init__(self, channels: int):
         super().__init__()
+        self.use_kernels = False
 
         def layer(with_dropout: bool) -> nn.Sequential:
             dropout = [nn.Dropout(TEMPORAL_CONV_DROPOUT)] if with_dropout else []
@@ -419,12 +434,16 @@ class TemporalConvBlock(nn.Module):
         self.conv4 = layer(True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        h = x
+        for layers in (self.conv1, self.conv2, self.conv3, self.conv4):
+            h = _norm_silu_layers(layers, h, self.use_kernels)
+        return x + h
 
 
 class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
         super().__init__()
+        self.use_kernels = False
         self.in_layers = nn.Sequential(
             nn.GroupNorm(GROUPS, channels, eps=GROUP_NORM_EPS),
             nn.SiLU(),
@@ -442,8 +461,8 @@ class ResBlock(nn.Module):
         self.temopral_conv = TemporalConvBlock(out_channels)
 
     def forward(self, x: Tensor, emb: Tensor, num_frames: int) -> Tensor:
-        h = self.in_layers(x) + self.emb_layers(emb).to(x.dtype)[:, :, None, None]
-        h = self.skip_connection(x) + self.out_layers(h)
+        h = _norm_silu_layers(self.in_layers, x, self.use_kernels) + self.emb_layers(emb).to(x.dtype)[:, :, None, None]
+        h = self.skip_connection(x) + _norm_silu_layers(self.out_layers, h, self.use_kernels)
         video = h.unflatten(0, (-1, num_frames)).transpose(1, 2)
         return self.temopral_conv(video).transpose(1, 2).flatten(0, 1)
 
@@ -596,7 +615,7 @@ class VC2UNet(nn.Module):
     def use_kernels(self, value: bool) -> None:
         self._use_kernels = bool(value)
         for module in self.modules():
-            if isinstance(module, (TemporalTransformer, GEGLU, LayerNorm)) or (
+            if isinstance(module, (TemporalTransformer, GEGLU, LayerNorm, ResBlock, TemporalConvBlock)) or (
                 isinstance(module, CrossAttention) and module.temporal
             ):
                 module.use_kernels = self._use_kernels
@@ -751,4 +770,4 @@ class VC2UNet(nn.Module):
         h = self._run_block(self.middle_block, h, emb, context, num_frames)
         for block in self.output_blocks:
             h = self._run_block(block, torch.cat([h, skips.pop()], dim=1), emb, context, num_frames)
-        return self.out(h).unflatten(0, (batch, num_frames)).transpose(1, 2)
+        return _norm_silu_layers(self.out, h, self.use_kernels).unflatten(0, (batch, num_frames)).transpose(1, 2)

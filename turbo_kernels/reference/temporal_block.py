@@ -151,6 +151,13 @@ def channel_affine(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], 
     return (per_video * scale[:, None, None, :] + shift[:, None, None, :]).flatten(0, 1).to(x.dtype)
 
 
+def channel_affine_silu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """silu(a), a = x*scale[b, c] + shift[b, c] rounded to x's dtype (a GroupNorm output), of a
+    (B, C, F, H, W) x with (B, C) float32 scale and shift; contiguous, in x's dtype."""
+    a = (x.to(scale.dtype) * scale[:, :, None, None, None] + shift[:, :, None, None, None]).to(x.dtype)
+    return F.silu(a.to(compute_dtype(x))).to(x.dtype).contiguous()
+
+
 def strided_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], scale: Optional[Tensor],
     shift: Optional[Tensor], num_frames: int, channels_first_out: bool,

@@ -307,6 +307,31 @@ def channel_affine_kernel(
     tl.store(out, a.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def channel_affine_silu_kernel(
+    x_ptr, scale_ptr, shift_ptr, out_ptr, numel, channels, frames, positions,
+    x_stride_b, x_stride_c, x_stride_f, BLOCK: tl.constexpr,
+):
+    # out is a contiguous (B, C, F, P) tensor, P = H*W positions; x the same shape in any strides
+    # with its positions contiguous (the stream's transposed view included). y = silu(a), with
+    # a = x*scale[b, c] + shift[b, c] rounded to the storage dtype as a GroupNorm output is.
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    position = offsets % positions
+    frame = (offsets // positions) % frames
+    video_channel = offsets // (positions * frames)
+    channel = video_channel % channels
+    video = video_channel // channels
+    x = tl.load(
+        x_ptr + video * x_stride_b + channel * x_stride_c + frame * x_stride_f + position, mask=mask, other=0.0
+    )
+    scale = tl.load(scale_ptr + video_channel, mask=mask, other=0.0)
+    shift = tl.load(shift_ptr + video_channel, mask=mask, other=0.0)
+    a = (x.to(tl.float32) * scale + shift).to(out_ptr.dtype.element_ty).to(tl.float32)
+    y = a / (1.0 + tl.exp(-a))
+    tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def stats_params(groups: int, group_numel: int) -> tuple[dict, int]:
     """Groups a program reduces (enough that it streams at least STATS_MIN_ELEMENTS, e.g. 4 groups
     of 10 channels x 2560 positions at VideoCrafter2's first level) and the tile width."""
@@ -419,6 +444,13 @@ _AFFINE_BACKWARD_UNITS = (
 # The cuBLAS route's normalisation: the stream's channel-major tokens in, row-major tokens out.
 CHANNEL_AFFINE_TILE = dict(BLOCK_M=64, BLOCK_K=64)
 CHANNEL_AFFINE_NUM_WARPS = 4
+# GroupNorm + SiLU of the UNet's ResBlocks and temporal convolutions: blocks of 2048 elements.
+AFFINE_SILU_BLOCK = 2048
+AFFINE_SILU_NUM_WARPS = 4
+_AFFINE_SILU_ARGS = dict(
+    scale_ptr="*fp32", shift_ptr="*fp32", numel="i32", channels="i32", frames="i32", positions="i32",
+    x_stride_b="i32", x_stride_c="i32", x_stride_f="i32",
+)
 _CHANNEL_AFFINE_ARGS = dict(
     scale_ptr="*fp32", shift_ptr="*fp32", tokens="i32", channels="i32", frames="i32",
     **{f"{name}_stride_{axis}": "i32" for name in ("x", "out") for axis in "rmk"},
@@ -449,6 +481,15 @@ REPORT_CONFIGS: list[KernelConfig] = (
         channel_affine_kernel, _with_units(_CHANNEL_AFFINE_ARGS, ("x_stride_m", "out_stride_k")), CHANNEL_AFFINE_TILE,
         CHANNEL_AFFINE_NUM_WARPS,
     )
+    # The temporal convolutions' videos, and the ResBlocks' frames (one frame a sample).
+    + [
+        config
+        for units in ((), ("frames",))
+        for config in storage_configs(
+            channel_affine_silu_kernel, _with_units(_AFFINE_SILU_ARGS, units), dict(BLOCK=AFFINE_SILU_BLOCK),
+            AFFINE_SILU_NUM_WARPS,
+        )
+    ]
 )
 
 
@@ -585,6 +626,19 @@ def channel_affine(x, scale, shift, num_frames):
         channel_affine_kernel[grid](
             x, scale, shift, out, tokens, channels, num_frames, *x.stride(), *out.stride(),
             num_warps=CHANNEL_AFFINE_NUM_WARPS, **CHANNEL_AFFINE_TILE,
+        )
+    return out
+
+
+def channel_affine_silu(x, scale, shift):
+    """silu(x*scale + shift) per (video, channel), x (B, C, F, H, W) with contiguous positions (any
+    other strides), scale and shift (B, C) float32: a contiguous (B, C, F, H, W) tensor."""
+    videos, channels, frames = x.shape[:3]
+    out = new_output(x.shape, x.dtype, x.device)
+    if out.numel():
+        channel_affine_silu_kernel[(triton.cdiv(out.numel(), AFFINE_SILU_BLOCK),)](
+            x, scale, shift, out, out.numel(), channels, frames, x.shape[3] * x.shape[4], *x.stride()[:3],
+            BLOCK=AFFINE_SILU_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
         )
     return out
 
