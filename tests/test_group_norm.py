@@ -70,19 +70,44 @@ def test_kernels_match_the_composition(layout, dtype, chosen):
     assert_within_2x_of_reference(got, same_precision, exact)
 
 
+def _statistics(seed: int) -> tuple[torch.Tensor, ...]:
+    """(mean, rstd) of 2 samples' 32 groups, and a (64,) weight and bias."""
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(2, GROUPS, generator=g)
+    rstd = 0.5 + torch.rand(2, GROUPS, generator=g)
+    weight, bias = _affine(64, g)
+    return tuple(t.float().to(DEVICE) for t in (mean, rstd, weight, bias))
+
+
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_affine_silu_kernel_matches_its_reference(dtype, chosen):
-    """The normalisation pass alone, on the stream's transposed view (its strides in the kernel)."""
+    """The normalisation pass alone, on the stream's transposed view (its strides in the kernel),
+    with weight and bias in the storage dtype as a cast model holds them."""
     x = _input("stream", dtype, seed=3)
-    g = torch.Generator().manual_seed(4)
-    scale, shift = (torch.randn(2, 64, generator=g).to(DEVICE) for _ in range(2))
+    mean, rstd, weight, bias = _statistics(4)
+    weight, bias = weight.to(dtype), bias.to(dtype)
     with tk.backend("triton"):
-        got = torch.ops.turbo_kernels.channel_affine_silu(x, scale, shift)
+        got = torch.ops.turbo_kernels.channel_affine_silu(x, mean, rstd, weight, bias)
     assert chosen == [("channel_affine_silu", "triton")]
-    want = ref.channel_affine_silu(x, scale, shift)
-    want64 = ref.channel_affine_silu(x.double(), scale.double(), shift.double())
+    want = ref.channel_affine_silu(x, mean, rstd, weight, bias)
+    want64 = ref.channel_affine_silu(x.double(), mean.double(), rstd.double(), weight.double(), bias.double())
     assert_within_2x_of_reference(got, want, want64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_affine_silu_kernel_rounds_like_groupnorm(dtype):
+    """On a GPU (the interpreter's 16-bit rounding differs): the normalised value rounds to the
+    storage dtype before SiLU, as torch's GroupNorm output does, so the kernel equals the
+    reference on the same statistics to one rounding of the output."""
+    x = _input("video", dtype, seed=14)
+    mean, rstd, weight, bias = _statistics(15)
+    with tk.backend("triton"):
+        got = torch.ops.turbo_kernels.channel_affine_silu(x, mean, rstd, weight, bias)
+    want = ref.channel_affine_silu(x, mean, rstd, weight, bias)
+    ulp = torch.finfo(dtype).eps
+    assert ((got.float() - want.float()).abs() <= ulp * want.float().abs() + 1e-6).all()
 
 
 def test_reference_backend_and_the_float64_reference_agree(chosen):
@@ -112,6 +137,22 @@ def test_gradients_autocast_and_other_layouts_run_the_composition(chosen):
         strided = _input("video", torch.float32, seed=9)[..., ::2]  # positions not contiguous
         torch.testing.assert_close(tk.group_norm_silu(strided, weight, bias, GROUPS, EPS), _composition(strided, weight, bias))
         assert chosen == []
+        # Channels-last frames keep the layout torch's composition gives them.
+        frames = _input("frames", torch.float32, seed=10).contiguous(memory_format=torch.channels_last)
+        out = tk.group_norm_silu(frames, weight, bias, GROUPS, EPS)
+        assert out.is_contiguous(memory_format=torch.channels_last) and chosen == []
+
+
+@pytest.mark.gpu
+def test_autocast_runs_the_composition(chosen):
+    """Under CUDA autocast torch's GroupNorm computes and returns float32: so does the op."""
+    x = _input("video", torch.bfloat16, seed=16)
+    weight, bias = (t.float().to(DEVICE) for t in _affine(64, torch.Generator().manual_seed(17)))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = tk.group_norm_silu(x, weight, bias, GROUPS, EPS)
+        want = _composition(x, weight, bias)
+    assert chosen == [] and out.dtype == want.dtype
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -133,20 +174,66 @@ def test_bad_input_names_the_argument(make, error, match):
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_kernel_report_compiles_what_it_launches(monkeypatch, dtype):
+    """Three launches a call; the normalisation pass matches a declared configuration exactly, the
+    statistics (whose tiles follow the shapes, declared at VideoCrafter2's) by signature."""
     launches = record_kernel_launches(monkeypatch, kernels)
     weight, bias = (t.to(DEVICE, dtype) for t in _affine(64, torch.Generator().manual_seed(10)))
     with torch.no_grad(), tk.backend("triton"):
         for layout in ("frames", "video", "stream"):
             tk.group_norm_silu(_input(layout, dtype, seed=11), weight, bias, GROUPS, EPS)
+    assert len(launches) == 3 * 3
     applied = [launch for launch in launches if launch[0].__name__ == "channel_affine_silu_kernel"]
     assert len(applied) == 3
     assert unreported_launches(applied, kernels.REPORT_CONFIGS) == []
+    statistics = [launch for launch in launches if launch[0].__name__ != "channel_affine_silu_kernel"]
+    assert unreported_launches(statistics, kernels.REPORT_CONFIGS, check_constexprs=False) == []
 
 
 def test_opcheck():
     x = _input("stream", torch.float32, seed=12)
-    g = torch.Generator().manual_seed(13)
-    scale, shift = (torch.randn(2, 64, generator=g).to(DEVICE) for _ in range(2))
     for backend_name in ["reference"] + (["triton"] if TRITON_USABLE else []):
         with tk.backend(backend_name):
-            torch.library.opcheck(torch.ops.turbo_kernels.channel_affine_silu.default, (x, scale, shift))
+            torch.library.opcheck(torch.ops.turbo_kernels.channel_affine_silu.default, (x, *_statistics(13)))
+
+
+# ---- inside VC2UNet ------------------------------------------------------------------------------
+
+
+def _unet_blocks():
+    from t2v_turbo.models.vc2_unet import ResBlock
+
+    torch.manual_seed(18)
+    block = ResBlock(64, 32, 64).to(DEVICE)
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.1)
+    return block
+
+
+def test_unet_blocks_run_the_op_without_gradients_and_agree(chosen):
+    """A ResBlock (two GroupNorm + SiLU on frames, four in its temporal convolution, the first on
+    the stream's transposed view) with use_kernels gives the module path's output; in train mode
+    (the temporal convolution's dropout drawing) too, from the same seed."""
+    block = _unet_blocks()
+    x, emb = torch.randn(6, 64, 5, 7, device=DEVICE), torch.randn(6, 32, device=DEVICE)
+    for training in (False, True):
+        block.train(training)
+        outputs = []
+        for use_kernels in (False, True):
+            block.use_kernels = block.temopral_conv.use_kernels = use_kernels
+            torch.manual_seed(19)
+            with torch.no_grad(), tk.backend("reference"):
+                outputs.append(block(x, emb, 3))
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    assert sum(op == "channel_affine_silu" for op, _ in chosen) == 2 * 6
+
+
+def test_a_hook_on_a_groupnorm_keeps_its_module_called(chosen):
+    block = _unet_blocks()
+    block.use_kernels = block.temopral_conv.use_kernels = True
+    calls = []
+    block.in_layers[0].register_forward_hook(lambda module, args, output: calls.append(output))
+    with torch.no_grad(), tk.backend("reference"):
+        block(torch.randn(6, 64, 5, 7, device=DEVICE), torch.randn(6, 32, device=DEVICE), 3)
+    assert len(calls) == 1
+    assert sum(op == "channel_affine_silu" for op, _ in chosen) == 5, "the other five still run the op"

@@ -9,9 +9,11 @@ release likewise uses xformers when installed), temporal attention written out.
 With `use_kernels` on, the temporal transformers of the finer levels run
 turbo_kernels.FusedTemporalTransformer's fused path on their own parameters (TemporalTransformer
 says where), the unfused temporal attention (and its probabilities) runs turbo_kernels' ops through
-`temporal_attention` / `temporal_attention_probs`, and every feed-forward's GEGLU and every
-transformer block's LayerNorm run turbo_kernels.geglu / layer_norm outside torch.compile; with it
-off, everything is plain PyTorch. Gradient checkpointing, when enabled, recomputes each UNet block in
+`temporal_attention` / `temporal_attention_probs`, every feed-forward's GEGLU and every
+transformer block's LayerNorm run turbo_kernels.geglu / layer_norm outside torch.compile, and the
+ResBlocks', temporal convolutions' and output layer's GroupNorm + SiLU run
+turbo_kernels.group_norm_silu where no gradient is recorded (sampling, the teacher's passes, a
+training step's no-grad target) and autocast is off; with it off, everything is plain PyTorch. Gradient checkpointing, when enabled, recomputes each UNet block in
 the backward pass.
 """
 

@@ -8,9 +8,11 @@ each (sample, group) in one thread block: a temporal convolution's GroupNorm nor
 video's (C/32, F, H, W), 32 rows of 410k elements at the first level of a 16-frame 320x512 clip,
 so 32 blocks on 132 SMs; on the second lease's H100 its statistics kernel took 52 of the 519 ms of
 a 4-step generation, its normalisation 23 ms more, and the SiLU after it another pass. Here the
-statistics split every group into one partial a frame, and the normalisation and SiLU are one
-pass. Layouts without a copy: x contiguous, or the transposed view of the (B*F, C, H, W) stream
-that VC2UNet's temporal convolutions normalise first.
+statistics split every group into partials (a frame's share of a video's group, one channel of
+a frame's group; the stream's transposed view four groups of a frame a program), merged
+exactly, and the affine, normalisation and SiLU are one pass: three launches a call. Layouts
+without a copy: x contiguous, or the transposed view of the (B*F, C, H, W) stream that
+VC2UNet's temporal convolutions normalise first.
 
 Forward only: with gradients to record (training), under autocast (whose GroupNorm computes and
 returns float32) or under torch.compile (inductor fuses the GroupNorm and SiLU itself), the
@@ -36,14 +38,16 @@ def _triton():
     return group_norm
 
 
-def _affine_silu_problem(x: Tensor, scale: Tensor, shift: Tensor) -> Optional[str]:
-    problem = checks.storage_problem(x)
+def _affine_silu_problem(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> Optional[str]:
+    problem = checks.storage_problem(x) or checks.storage_problem(weight) or checks.storage_problem(bias)
     if problem:
         return problem
     if x.stride(4) != 1 or (x.shape[3] > 1 and x.stride(3) != x.shape[4]):
         return "x's positions (H, W) are not contiguous"
-    if scale.dtype != torch.float32 or shift.dtype != torch.float32 or not (scale.is_contiguous() and shift.is_contiguous()):
-        return "scale and shift must be contiguous float32"
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (mean, rstd)):
+        return "mean and rstd must be contiguous float32"
+    if not (weight.is_contiguous() and bias.is_contiguous()):
+        return "weight and bias must be contiguous"
     return None
 
 
@@ -52,12 +56,12 @@ dispatch.register("channel_affine_silu", "triton", _affine_silu_problem)(lambda 
 
 
 @torch.library.custom_op("turbo_kernels::channel_affine_silu", mutates_args=())
-def _channel_affine_silu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return dispatch.run("channel_affine_silu", x.device, x, scale, shift)
+def _channel_affine_silu(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return dispatch.run("channel_affine_silu", x.device, x, mean, rstd, weight, bias)
 
 
 @_channel_affine_silu.register_fake
-def _(x, scale, shift):
+def _(x, mean, rstd, weight, bias):
     return x.new_empty(x.shape)
 
 
@@ -65,15 +69,17 @@ def _group_stats(x: Tensor, groups: int, eps: float) -> Optional[tuple[Tensor, T
     """(mean, rstd), each (B, groups), of x (B, C, F, H, W) over every (sample, group)'s (C/groups,
     F, H, W), read without a copy; None for a layout the reduction cannot take."""
     batch, channels, frames, height, width = x.shape
+    if x.is_contiguous():
+        # A group is one contiguous run of (C/groups)*F*H*W elements, reduced as equal slices
+        # merged with Chan's formula: a frame's (C/groups)*H*W each for videos, one channel's
+        # H*W each for single frames, so that the partials, one a program, are many.
+        slices = frames if frames > 1 else channels // groups
+        rows = x.reshape(batch * groups * slices, -1, 1, 1)
+        mean, rstd = _group_norm_stats(rows, slices, 1, eps)
+        return mean.view(batch, groups), rstd.view(batch, groups)
     if x.transpose(1, 2).is_contiguous():
         # The stream (B*F, C, H, W) itself: every frame's groups are contiguous runs.
         return _group_norm_stats(x.transpose(1, 2).reshape(batch * frames, channels, height, width), frames, groups, eps)
-    if x.is_contiguous():
-        # A group is one contiguous run of (C/groups)*F*H*W elements: reduce it as F "frames" of
-        # one group each, so that each partial streams one frame's worth of the group.
-        rows = x.reshape(batch * groups * frames, channels // groups, height, width)
-        mean, rstd = _group_norm_stats(rows, frames, 1, eps)
-        return mean.view(batch, groups), rstd.view(batch, groups)
     return None
 
 
@@ -87,9 +93,10 @@ def _fused_path(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
 def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
     """silu(group_norm(x)) of x (N, C, H, W) (each sample's groups over (C/groups, H, W)) or (B, C,
     F, H, W) (each video's over (C/groups, F, H, W)), with the affine weight and bias (C,), as
-    F.silu(F.group_norm(x, groups, weight, bias, eps)) computes it; contiguous, in x's dtype.
-    Runs that very composition when gradients are recorded, under autocast or while torch.compile
-    traces (module docstring)."""
+    F.silu(F.group_norm(x, groups, weight, bias, eps)) computes it: contiguous and in x's dtype
+    from the kernels. Runs that very composition (its dtype and layout) when gradients are
+    recorded, under autocast, while torch.compile traces, or for layouts the kernels do not read
+    (module docstring)."""
     checks.floating_tensor(x, "x")
     if x.dim() not in (4, 5):
         raise ValueError(f"x must be (N, C, H, W) or (B, C, F, H, W), got shape {tuple(x.shape)}")
@@ -101,11 +108,6 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: f
     video = x if x.dim() == 5 else x.unsqueeze(2)
     stats = _group_stats(video, groups, eps) if _fused_path(x, weight, bias) and video.numel() else None
     if stats is None:
-        return F.silu(F.group_norm(x, groups, weight, bias, eps)).contiguous()
-    mean, rstd = stats
-    group_size = channels // groups
-    mean, rstd = (t.repeat_interleave(group_size, dim=1) for t in (mean, rstd))
-    scale = rstd * weight.to(rstd.dtype)
-    shift = bias.to(rstd.dtype) - mean * scale
-    out = _channel_affine_silu(video, scale.contiguous(), shift.contiguous())
+        return F.silu(F.group_norm(x, groups, weight, bias, eps))
+    out = _channel_affine_silu(video, *stats, weight, bias)
     return out if x.dim() == 5 else out.squeeze(2)

@@ -151,9 +151,14 @@ def channel_affine(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], 
     return (per_video * scale[:, None, None, :] + shift[:, None, None, :]).flatten(0, 1).to(x.dtype)
 
 
-def channel_affine_silu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """silu(a), a = x*scale[b, c] + shift[b, c] rounded to x's dtype (a GroupNorm output), of a
-    (B, C, F, H, W) x with (B, C) float32 scale and shift; contiguous, in x's dtype."""
+def channel_affine_silu(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """silu(a), a = x*scale + shift rounded to x's dtype (GroupNorm's output), scale = rstd*weight
+    and shift = bias - mean*scale per (sample, channel), of a (B, C, F, H, W) x with (B, groups)
+    statistics and (C,) weight and bias; contiguous, in x's dtype."""
+    group_size = x.shape[1] // mean.shape[1]
+    mean, rstd = (t.repeat_interleave(group_size, dim=1) for t in (mean, rstd))
+    scale = rstd * weight.to(rstd.dtype)
+    shift = bias.to(rstd.dtype) - mean * scale
     a = (x.to(scale.dtype) * scale[:, :, None, None, None] + shift[:, :, None, None, None]).to(x.dtype)
     return F.silu(a.to(compute_dtype(x))).to(x.dtype).contiguous()
 

@@ -309,12 +309,14 @@ def channel_affine_kernel(
 
 @triton.jit
 def channel_affine_silu_kernel(
-    x_ptr, scale_ptr, shift_ptr, out_ptr, numel, channels, frames, positions,
-    x_stride_b, x_stride_c, x_stride_f, BLOCK: tl.constexpr,
+    x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, out_ptr, numel, channels, frames, positions, group_size,
+    groups, x_stride_b, x_stride_c, x_stride_f, BLOCK: tl.constexpr,
 ):
     # out is a contiguous (B, C, F, P) tensor, P = H*W positions; x the same shape in any strides
     # with its positions contiguous (the stream's transposed view included). y = silu(a), with
-    # a = x*scale[b, c] + shift[b, c] rounded to the storage dtype as a GroupNorm output is.
+    # a = x*scale + shift rounded to the storage dtype as a GroupNorm output is, scale = rstd*weight
+    # and shift = bias - mean*scale of the sample's group (GroupNorm's affine, formed here rather
+    # than by separate launches).
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     position = offsets % positions
@@ -322,11 +324,15 @@ def channel_affine_silu_kernel(
     video_channel = offsets // (positions * frames)
     channel = video_channel % channels
     video = video_channel // channels
+    video_group = video * groups + channel // group_size
     x = tl.load(
         x_ptr + video * x_stride_b + channel * x_stride_c + frame * x_stride_f + position, mask=mask, other=0.0
     )
-    scale = tl.load(scale_ptr + video_channel, mask=mask, other=0.0)
-    shift = tl.load(shift_ptr + video_channel, mask=mask, other=0.0)
+    mean = tl.load(mean_ptr + video_group, mask=mask, other=0.0)
+    scale = tl.load(rstd_ptr + video_group, mask=mask, other=0.0) * tl.load(
+        weight_ptr + channel, mask=mask, other=0.0
+    ).to(tl.float32)
+    shift = tl.load(bias_ptr + channel, mask=mask, other=0.0).to(tl.float32) - mean * scale
     a = (x.to(tl.float32) * scale + shift).to(out_ptr.dtype.element_ty).to(tl.float32)
     y = a / (1.0 + tl.exp(-a))
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -448,8 +454,8 @@ CHANNEL_AFFINE_NUM_WARPS = 4
 AFFINE_SILU_BLOCK = 2048
 AFFINE_SILU_NUM_WARPS = 4
 _AFFINE_SILU_ARGS = dict(
-    scale_ptr="*fp32", shift_ptr="*fp32", numel="i32", channels="i32", frames="i32", positions="i32",
-    x_stride_b="i32", x_stride_c="i32", x_stride_f="i32",
+    mean_ptr="*fp32", rstd_ptr="*fp32", numel="i32", channels="i32", frames="i32", positions="i32",
+    group_size="i32", groups="i32", x_stride_b="i32", x_stride_c="i32", x_stride_f="i32",
 )
 _CHANNEL_AFFINE_ARGS = dict(
     scale_ptr="*fp32", shift_ptr="*fp32", tokens="i32", channels="i32", frames="i32",
@@ -457,11 +463,23 @@ _CHANNEL_AFFINE_ARGS = dict(
 )
 
 
+# group_norm_silu's statistics reduce each group as slices, one group a row (groups = 1): a frame's
+# share of a video's group, or one channel of a frame's, at VideoCrafter2's four levels.
+_STATS_SLICE_NUMELS = (10 * 2560, 20 * 640, 40 * 160, 40 * 40, 2560, 640, 160, 40)
+
+
 REPORT_CONFIGS: list[KernelConfig] = (
     [
         config
         for groups, group_numel in _STATS_SHAPES
         for config in storage_configs(group_norm_partial_stats_kernel, _STATS_ARGS, *stats_params(groups, group_numel))
+    ]
+    + [
+        config
+        for group_numel in _STATS_SLICE_NUMELS
+        for config in storage_configs(
+            group_norm_partial_stats_kernel, _with_units(_STATS_ARGS, ("groups",)), *stats_params(1, group_numel)
+        )
     ]
     # The merge reads only fp32 partials: one config (VideoCrafter2's 16 frames).
     + storage_configs(group_norm_merge_stats_kernel, _MERGE_ARGS, dict(TILE=MERGE_TILE, F_PAD=16), MERGE_NUM_WARPS)[:1]
@@ -630,15 +648,17 @@ def channel_affine(x, scale, shift, num_frames):
     return out
 
 
-def channel_affine_silu(x, scale, shift):
-    """silu(x*scale + shift) per (video, channel), x (B, C, F, H, W) with contiguous positions (any
-    other strides), scale and shift (B, C) float32: a contiguous (B, C, F, H, W) tensor."""
-    videos, channels, frames = x.shape[:3]
+def channel_affine_silu(x, mean, rstd, weight, bias):
+    """silu(GroupNorm(x)) from its statistics: x (B, C, F, H, W) with contiguous positions (any
+    other strides), mean and rstd (B, groups) float32, weight and bias (C,) in any float dtype: a
+    contiguous (B, C, F, H, W) tensor in x's dtype."""
+    channels, frames = x.shape[1:3]
+    groups = mean.shape[1]
     out = new_output(x.shape, x.dtype, x.device)
     if out.numel():
         channel_affine_silu_kernel[(triton.cdiv(out.numel(), AFFINE_SILU_BLOCK),)](
-            x, scale, shift, out, out.numel(), channels, frames, x.shape[3] * x.shape[4], *x.stride()[:3],
-            BLOCK=AFFINE_SILU_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
+            x, mean, rstd, weight, bias, out, out.numel(), channels, frames, x.shape[3] * x.shape[4],
+            channels // groups, groups, *x.stride()[:3], BLOCK=AFFINE_SILU_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
         )
     return out
 
