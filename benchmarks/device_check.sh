@@ -32,7 +32,7 @@ exec > >(tee -a "$OUT/device.log") 2>&1
 # it), so the tests that cannot reach it run beside the build; those of ops with a CUDA backend wait.
 TRITON_ONLY_TESTS=(
     tests/test_spatial_attention.py tests/test_motion_energy.py tests/test_temporal_block.py
-    tests/test_geglu.py tests/test_layer_norm.py
+    tests/test_geglu.py tests/test_layer_norm.py tests/test_group_norm.py
 )
 CUDA_BACKEND_TESTS=(
     tests/test_temporal_attention.py tests/test_temporal_attention_cuda.py tests/test_solver_kernels.py

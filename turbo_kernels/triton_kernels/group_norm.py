@@ -481,8 +481,12 @@ REPORT_CONFIGS: list[KernelConfig] = (
             group_norm_partial_stats_kernel, _with_units(_STATS_ARGS, ("groups",)), *stats_params(1, group_numel)
         )
     ]
-    # The merge reads only fp32 partials: one config (VideoCrafter2's 16 frames).
-    + storage_configs(group_norm_merge_stats_kernel, _MERGE_ARGS, dict(TILE=MERGE_TILE, F_PAD=16), MERGE_NUM_WARPS)[:1]
+    # The merge reads only fp32 partials: one config a partial count (VideoCrafter2's 16 frames,
+    # and group_norm_silu's 20 and 40 channels a group of frames).
+    + [
+        storage_configs(group_norm_merge_stats_kernel, _MERGE_ARGS, dict(TILE=MERGE_TILE, F_PAD=f_pad), MERGE_NUM_WARPS)[0]
+        for f_pad in (16, 32, 64)
+    ]
     + [config for dtype in ("fp32", "fp16", "bf16") for config in _linear_configs(dtype) + _weight_grad_configs(dtype)]
     + storage_configs(
         group_norm_stats_backward_kernel, _STATS_BACKWARD_ARGS, dict(BLOCK=STATS_BACKWARD_BLOCK), STATS_BACKWARD_NUM_WARPS
