@@ -450,16 +450,16 @@ _AFFINE_BACKWARD_UNITS = (
 # The cuBLAS route's normalisation: the stream's channel-major tokens in, row-major tokens out.
 CHANNEL_AFFINE_TILE = dict(BLOCK_M=64, BLOCK_K=64)
 CHANNEL_AFFINE_NUM_WARPS = 4
+_CHANNEL_AFFINE_ARGS = dict(
+    scale_ptr="*fp32", shift_ptr="*fp32", tokens="i32", channels="i32", frames="i32",
+    **{f"{name}_stride_{axis}": "i32" for name in ("x", "out") for axis in "rmk"},
+)
 # GroupNorm + SiLU of the UNet's ResBlocks and temporal convolutions: blocks of 2048 elements.
 AFFINE_SILU_BLOCK = 2048
 AFFINE_SILU_NUM_WARPS = 4
 _AFFINE_SILU_ARGS = dict(
     mean_ptr="*fp32", rstd_ptr="*fp32", numel="i32", channels="i32", frames="i32", positions="i32",
     group_size="i32", groups="i32", x_stride_b="i32", x_stride_c="i32", x_stride_f="i32",
-)
-_CHANNEL_AFFINE_ARGS = dict(
-    scale_ptr="*fp32", shift_ptr="*fp32", tokens="i32", channels="i32", frames="i32",
-    **{f"{name}_stride_{axis}": "i32" for name in ("x", "out") for axis in "rmk"},
 )
 
 
