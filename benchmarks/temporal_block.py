@@ -19,10 +19,11 @@ does.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from types import SimpleNamespace
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -387,17 +388,22 @@ GROUP_NORM_LAYOUTS = ("frames", "stream", "video")
 
 
 def _group_norm_inputs(layout: str, videos: int, frames: int, channels: int, height: int, width: int,
-                       options: SuiteOptions) -> Callable[[], SimpleNamespace]:
+                       with_grad: bool, options: SuiteOptions) -> Callable[[], SimpleNamespace]:
     generator = torch.Generator(device=options.device).manual_seed(options.seed)
 
     def make_inputs() -> SimpleNamespace:
-        stream = torch.randn(videos * frames, channels, height, width, generator=generator, device=options.device,
-                             dtype=options.dtype)
+        def randn(*shape):
+            return torch.randn(shape, generator=generator, device=options.device, dtype=options.dtype)
+
+        stream = randn(videos * frames, channels, height, width)
         video = stream.unflatten(0, (videos, frames)).transpose(1, 2)
         x = {"frames": stream, "stream": video, "video": video.contiguous()}[layout]
-        weight = 1 + 0.1 * torch.randn(channels, generator=generator, device=options.device, dtype=options.dtype)
-        bias = 0.1 * torch.randn(channels, generator=generator, device=options.device, dtype=options.dtype)
-        return SimpleNamespace(x=x, weight=weight, bias=bias)
+        weight, bias = 1 + 0.1 * randn(channels), 0.1 * randn(channels)
+        differentiable = tuple(t.requires_grad_(with_grad) for t in (x, weight, bias))
+        return SimpleNamespace(
+            x=x, weight=weight, bias=bias, differentiable=differentiable if with_grad else (),
+            grad_out=randn(*x.shape) if with_grad else None,
+        )
 
     return make_inputs
 
@@ -408,38 +414,49 @@ def _torch_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def group_norm_cases(options: SuiteOptions) -> Iterator[Case]:
     """GroupNorm + SiLU as the UNet's ResBlocks and temporal convolutions run it, at every level
-    and in each of its input layouts, forward only (the kernel path is the no-grad one): torch's
+    and in each of its input layouts, forward and forward+backward (x, weight and bias): torch's
     composition eager and compiled against turbo_kernels.group_norm_silu. An ideal pass reads x
-    once and writes the output once."""
+    once and writes the output once; the backward reads x and the output's gradient and writes
+    x's."""
     frames, _, levels, batch_sizes = _sizes(options)
     element_size = torch.empty((), dtype=options.dtype).element_size()
     compiled = torch.compile(_torch_group_norm_silu, dynamic=False)
 
-    def on_triton(x: SimpleNamespace) -> torch.Tensor:
+    def on_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         with tk.backend("triton"):
-            return tk.group_norm_silu(x.x, x.weight, x.bias, 32, 1e-5)
+            return tk.group_norm_silu(x, weight, bias, 32, 1e-5)
 
-    def no_grad(fn: Callable) -> Callable[[SimpleNamespace], torch.Tensor]:
-        return torch.no_grad()(fn)
+    def call(fn: Callable, with_grad: bool) -> Callable[[SimpleNamespace], Any]:
+        def timed(inputs: SimpleNamespace):
+            if not with_grad:
+                with torch.no_grad():
+                    return fn(inputs.x, inputs.weight, inputs.bias)
+            with tk.backend("triton") if fn is on_triton else contextlib.nullcontext():
+                out = fn(inputs.x, inputs.weight, inputs.bias)
+                return torch.autograd.grad(out, inputs.differentiable, inputs.grad_out)
 
-    for batch in batch_sizes:
-        for channels, height, width, _ in levels:
-            for layout in GROUP_NORM_LAYOUTS:
-                shape = (batch * frames, channels, height, width)
-                yield Case(
-                    op=GROUP_NORM_OP,
-                    case=f"b{batch}-c{channels}-{height}x{width}-{layout}",
-                    pass_name="fwd",
-                    make_inputs=_group_norm_inputs(layout, batch, frames, channels, height, width, options),
-                    impls=(
-                        Impl(EAGER, no_grad(lambda x: _torch_group_norm_silu(x.x, x.weight, x.bias))),
-                        Impl(COMPILED, no_grad(lambda x: compiled(x.x, x.weight, x.bias)), compiles=True),
-                        Impl(TRITON, no_grad(on_triton), unavailable=models.kernels_unavailable(options.device)),
-                    ),
-                    bytes_moved=2 * torch.Size(shape).numel() * element_size,
-                    dtype=options.dtype,
-                    shape=shape,
-                )
+        return timed
+
+    for pass_name in ("fwd", "fwd+bwd"):
+        with_grad = pass_name == "fwd+bwd"
+        for batch in batch_sizes:
+            for channels, height, width, _ in levels:
+                for layout in GROUP_NORM_LAYOUTS:
+                    shape = (batch * frames, channels, height, width)
+                    yield Case(
+                        op=GROUP_NORM_OP,
+                        case=f"b{batch}-c{channels}-{height}x{width}-{layout}",
+                        pass_name=pass_name,
+                        make_inputs=_group_norm_inputs(layout, batch, frames, channels, height, width, with_grad, options),
+                        impls=(
+                            Impl(EAGER, call(_torch_group_norm_silu, with_grad)),
+                            Impl(COMPILED, call(compiled, with_grad), compiles=True),
+                            Impl(TRITON, call(on_triton, with_grad), unavailable=models.kernels_unavailable(options.device)),
+                        ),
+                        bytes_moved=(5 if with_grad else 2) * torch.Size(shape).numel() * element_size,
+                        dtype=options.dtype,
+                        shape=shape,
+                    )
 
 
 def summary(result: dict) -> list[str]:

@@ -292,13 +292,16 @@ def test_temporal_block_route_impls_compute_the_block():
 
 
 def test_group_norm_cases_compute_the_composition():
-    """Every layout's Triton impl computes what torch's GroupNorm + SiLU does (the interpreter on a
-    CPU), and the summary holds it to never losing."""
+    """Every layout's Triton impl computes what torch's GroupNorm + SiLU does, forward and the
+    gradients of x, weight and bias (the interpreter on a CPU), and the summary holds it to never
+    losing."""
     from .helpers import DEVICE
 
     options = harness.SuiteOptions(DEVICE, torch.float32, None, quick=True)
     cases = list(temporal_block.group_norm_cases(options))
-    assert [c.case.rsplit("-", 1)[1] for c in cases] == list(temporal_block.GROUP_NORM_LAYOUTS)
+    assert [(c.pass_name, c.case.rsplit("-", 1)[1]) for c in cases] == [
+        (p, layout) for p in harness.PASSES for layout in temporal_block.GROUP_NORM_LAYOUTS
+    ]
     for case in cases:
         x = case.make_inputs()
         impls = {impl.name: impl for impl in case.impls}

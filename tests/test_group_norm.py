@@ -122,17 +122,8 @@ def test_reference_backend_and_the_float64_reference_agree(chosen):
     assert {name for _, name in chosen} == {"reference"} and ("channel_affine_silu", "reference") in chosen
 
 
-def test_gradients_autocast_and_other_layouts_run_the_composition(chosen):
-    x = _input("video", torch.float32, seed=7).requires_grad_(True)
-    weight, bias = (t.float().to(DEVICE).requires_grad_(True) for t in _affine(64, torch.Generator().manual_seed(8)))
-    out = tk.group_norm_silu(x, weight, bias, GROUPS, EPS)
-    grads = torch.autograd.grad(out.square().sum(), (x, weight, bias))
-    want = _composition(x, weight, bias)
-    want_grads = torch.autograd.grad(want.square().sum(), (x, weight, bias))
-    assert chosen == []
-    torch.testing.assert_close(out, want, rtol=0, atol=0)
-    for got, expected in zip(grads, want_grads):
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+def test_layouts_the_kernels_do_not_read_run_the_composition(chosen):
+    weight, bias = (t.float().to(DEVICE) for t in _affine(64, torch.Generator().manual_seed(8)))
     with torch.no_grad():
         strided = _input("video", torch.float32, seed=9)[..., ::2]  # positions not contiguous
         torch.testing.assert_close(tk.group_norm_silu(strided, weight, bias, GROUPS, EPS), _composition(strided, weight, bias))
@@ -182,10 +173,15 @@ def test_kernel_report_compiles_what_it_launches(monkeypatch, dtype):
         for layout in ("frames", "video", "stream"):
             tk.group_norm_silu(_input(layout, dtype, seed=11), weight, bias, GROUPS, EPS)
     assert len(launches) == 3 * 3
-    applied = [launch for launch in launches if launch[0].__name__ == "channel_affine_silu_kernel"]
-    assert len(applied) == 3
-    assert unreported_launches(applied, kernels.REPORT_CONFIGS) == []
-    statistics = [launch for launch in launches if launch[0].__name__ != "channel_affine_silu_kernel"]
+    with tk.backend("triton"):  # and each layout's backward: the pass's own, then the statistics'
+        for layout in ("frames", "video", "stream"):
+            x = _input(layout, dtype, seed=11).requires_grad_(True)
+            tk.group_norm_silu(x, weight, bias, GROUPS, EPS).sum().backward()
+    passes = ("channel_affine_silu_kernel", "channel_affine_silu_backward_kernel")
+    exact = [launch for launch in launches if launch[0].__name__ in passes]
+    assert len(exact) == 3 + 3 + 3  # no-grad forwards, forwards, backwards
+    assert unreported_launches(exact, kernels.REPORT_CONFIGS) == []
+    statistics = [launch for launch in launches if launch[0].__name__ not in passes]
     assert unreported_launches(statistics, kernels.REPORT_CONFIGS, check_constexprs=False) == []
 
 
@@ -237,3 +233,53 @@ def test_a_hook_on_a_groupnorm_keeps_its_module_called(chosen):
         block(torch.randn(6, 64, 5, 7, device=DEVICE), torch.randn(6, 32, device=DEVICE), 3)
     assert len(calls) == 1
     assert sum(op == "channel_affine_silu" for op, _ in chosen) == 5, "the other five still run the op"
+
+
+# ---- gradients -----------------------------------------------------------------------------------
+
+
+def _gradients(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+@pytest.mark.parametrize("backend_name", ["reference"] + (["triton"] if TRITON_USABLE else []))
+@pytest.mark.parametrize("layout", ["frames", "video", "stream"])
+def test_gradients_match_the_composition(layout, backend_name, chosen):
+    """d x, d weight and d bias through the kernels (the normalisation pass's backward and the
+    statistics' backward) against autograd through torch's composition: float64 on the reference
+    backend to round-off; float32 on Triton within twice the float32 composition's error."""
+    dtype = torch.float64 if backend_name == "reference" else torch.float32
+    x = _input(layout, dtype, seed=20).requires_grad_(True)
+    weight, bias = (t.to(DEVICE, dtype).requires_grad_(True) for t in _affine(64, torch.Generator().manual_seed(21)))
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64).to(DEVICE, dtype)
+    with tk.backend(backend_name):
+        out = tk.group_norm_silu(x, weight, bias, GROUPS, EPS)
+        grads = _gradients(out, (x, weight, bias), grad_out)
+    ops = {op for op, _ in chosen}
+    assert {"channel_affine_silu", "channel_affine_silu_backward", "group_norm_stats_backward"} <= ops
+    assert {name for _, name in chosen} == {backend_name}
+    assert grads[0].shape == x.shape and grads[0].stride() == x.stride()
+    exact = [t.detach().double().requires_grad_(True) for t in (x, weight, bias)]
+    want = _gradients(_composition(*exact), exact, grad_out.double())
+    if backend_name == "reference":
+        for got, expected in zip(grads, want):
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    else:
+        same = [t.detach().requires_grad_(True) for t in (x, weight, bias)]
+        same_precision = _gradients(_composition(*same), same, grad_out)
+        for name, got, lp, expected in zip(("d x", "d weight", "d bias"), grads, same_precision, want):
+            assert_within_2x_of_reference(got, lp, expected, name)
+
+
+def test_backward_opcheck():
+    x = _input("video", torch.float32, seed=23)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(24)).to(DEVICE)
+    for backend_name in ["reference"] + (["triton"] if TRITON_USABLE else []):
+        with tk.backend(backend_name):
+            torch.library.opcheck(
+                torch.ops.turbo_kernels.channel_affine_silu.default,
+                (x.clone().requires_grad_(True), *(t.requires_grad_(True) for t in _statistics(25))),
+            )
+            torch.library.opcheck(
+                torch.ops.turbo_kernels.channel_affine_silu_backward.default, (grad, x, *_statistics(26), backend_name)
+            )

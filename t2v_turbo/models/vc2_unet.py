@@ -12,8 +12,8 @@ says where), the unfused temporal attention (and its probabilities) runs turbo_k
 `temporal_attention` / `temporal_attention_probs`, every feed-forward's GEGLU and every
 transformer block's LayerNorm run turbo_kernels.geglu / layer_norm outside torch.compile, and the
 ResBlocks', temporal convolutions' and output layer's GroupNorm + SiLU run
-turbo_kernels.group_norm_silu where no gradient is recorded (sampling, the teacher's passes, a
-training step's no-grad target) and autocast is off; with it off, everything is plain PyTorch. Gradient checkpointing, when enabled, recomputes each UNet block in
+turbo_kernels.group_norm_silu where autocast is off (under it, and under torch.compile, torch's
+own); with it off, everything is plain PyTorch. Gradient checkpointing, when enabled, recomputes each UNet block in
 the backward pass.
 """
 
@@ -402,9 +402,8 @@ class TemporalTransformer(nn.Module):
 
 def _norm_silu_layers(layers: nn.Sequential, x: Tensor, use_kernels: bool) -> Tensor:
     """layers(x) for a Sequential that opens with GroupNorm and SiLU. With use_kernels the two run
-    as one turbo_kernels.group_norm_silu (forward only: it runs the same composition where
-    gradients are recorded), unless a hook on the Sequential or on either of them asks that
-    they be called."""
+    as one turbo_kernels.group_norm_silu, unless a hook on the Sequential or on either of them
+    asks that they be called."""
     norm, silu = layers[0], layers[1]
     if not use_kernels or any(_has_hooks(m) for m in (layers, norm, silu)):
         return layers(x)

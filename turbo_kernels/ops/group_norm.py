@@ -14,9 +14,12 @@ exactly, and the affine, normalisation and SiLU are one pass: three launches a c
 without a copy: x contiguous, or the transposed view of the (B*F, C, H, W) stream that
 VC2UNet's temporal convolutions normalise first.
 
-Forward only: with gradients to record (training), under autocast (whose GroupNorm computes and
-returns float32) or under torch.compile (inductor fuses the GroupNorm and SiLU itself), the
-function runs F.silu(F.group_norm(...)).
+Differentiable: the normalisation pass's backward is one more pass (`channel_affine_silu_backward`:
+d a = d y * silu'(a), d x through the affine, and the per-(sample, channel) sums that give the
+weight, bias and statistics' gradients), and the statistics' own backward is the fused block's
+(`group_norm_stats_backward`). Under autocast (whose GroupNorm computes and returns float32) or
+torch.compile (inductor fuses the GroupNorm and SiLU itself), the function runs
+F.silu(F.group_norm(...)).
 """
 
 from __future__ import annotations
@@ -51,8 +54,16 @@ def _affine_silu_problem(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, 
     return None
 
 
+def _affine_silu_backward_problem(grad, x, mean, rstd, weight, bias) -> Optional[str]:
+    return checks.storage_problem(grad) or _affine_silu_problem(x, mean, rstd, weight, bias)
+
+
 dispatch.register("channel_affine_silu", "reference")(ref.channel_affine_silu)
 dispatch.register("channel_affine_silu", "triton", _affine_silu_problem)(lambda *a: _triton().channel_affine_silu(*a))
+dispatch.register("channel_affine_silu_backward", "reference")(ref.channel_affine_silu_backward)
+dispatch.register("channel_affine_silu_backward", "triton", _affine_silu_backward_problem)(
+    lambda *a: _triton().channel_affine_silu_backward(*a)
+)
 
 
 @torch.library.custom_op("turbo_kernels::channel_affine_silu", mutates_args=())
@@ -63,6 +74,44 @@ def _channel_affine_silu(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, 
 @_channel_affine_silu.register_fake
 def _(x, mean, rstd, weight, bias):
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("turbo_kernels::channel_affine_silu_backward", mutates_args=())
+def _channel_affine_silu_backward(
+    grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, backend: Optional[str] = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    return dispatch.run("channel_affine_silu_backward", x.device, grad, x, mean, rstd, weight, bias, requested=backend)
+
+
+@_channel_affine_silu_backward.register_fake
+def _(grad, x, mean, rstd, weight, bias, backend=None):
+    sums = x.new_empty(x.shape[:2], dtype=ref.compute_dtype(x))
+    return torch.empty_like(x), sums, torch.empty_like(sums)
+
+
+def _affine_silu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.backend = dispatch.requested_backend()
+
+
+def _affine_silu_backward(ctx, grad):
+    """d x through the affine (the kernel), and through the affine's scale = rstd*weight and
+    shift = bias - mean*scale the gradients of mean, rstd (on to the statistics op's backward),
+    weight and bias, from the per-(sample, channel) sums of d a and d a * x."""
+    x, mean, rstd, weight, bias = ctx.saved_tensors
+    grad_x, grad_shift, grad_scale = _channel_affine_silu_backward(grad, x, mean, rstd, weight, bias, ctx.backend)
+    batch, groups = mean.shape
+    group_size = x.shape[1] // groups
+    mean_c, rstd_c = (t.to(grad_scale.dtype).repeat_interleave(group_size, dim=1) for t in (mean, rstd))
+    w = weight.to(grad_scale.dtype)
+    grad_weight = (grad_scale * rstd_c - grad_shift * mean_c * rstd_c).sum(0).to(weight.dtype)
+    grad_bias = grad_shift.sum(0).to(bias.dtype)
+    grad_rstd = ((grad_scale - grad_shift * mean_c) * w).view(batch, groups, group_size).sum(-1).to(rstd.dtype)
+    grad_mean = (-grad_shift * rstd_c * w).view(batch, groups, group_size).sum(-1).to(mean.dtype)
+    return grad_x, grad_mean, grad_rstd, grad_weight, grad_bias
+
+
+_channel_affine_silu.register_autograd(_affine_silu_backward, setup_context=_affine_silu_setup)
 
 
 def _group_stats(x: Tensor, groups: int, eps: float) -> Optional[tuple[Tensor, Tensor]]:
@@ -83,19 +132,17 @@ def _group_stats(x: Tensor, groups: int, eps: float) -> Optional[tuple[Tensor, T
     return None
 
 
-def _fused_path(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
+def _fused_path(x: Tensor) -> bool:
     # Autocast runs GroupNorm in float32 (and returns float32): the composition keeps its dtypes.
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)))
+    return not (torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type))
 
 
 def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
     """silu(group_norm(x)) of x (N, C, H, W) (each sample's groups over (C/groups, H, W)) or (B, C,
     F, H, W) (each video's over (C/groups, F, H, W)), with the affine weight and bias (C,), as
     F.silu(F.group_norm(x, groups, weight, bias, eps)) computes it: contiguous and in x's dtype
-    from the kernels. Runs that very composition (its dtype and layout) when gradients are
-    recorded, under autocast, while torch.compile traces, or for layouts the kernels do not read
+    from the kernels, differentiable in x, weight and bias. Runs that very composition (its dtype
+    and layout) under autocast, while torch.compile traces, or for layouts the kernels do not read
     (module docstring)."""
     checks.floating_tensor(x, "x")
     if x.dim() not in (4, 5):
@@ -106,7 +153,7 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: f
         if not isinstance(t, Tensor) or t.shape != (channels,):
             raise ValueError(f"{name} must be a ({channels},) tensor, got {getattr(t, 'shape', type(t).__name__)}")
     video = x if x.dim() == 5 else x.unsqueeze(2)
-    stats = _group_stats(video, groups, eps) if _fused_path(x, weight, bias) and video.numel() else None
+    stats = _group_stats(video, groups, eps) if _fused_path(x) and video.numel() else None
     if stats is None:
         return F.silu(F.group_norm(x, groups, weight, bias, eps))
     out = _channel_affine_silu(video, *stats, weight, bias)

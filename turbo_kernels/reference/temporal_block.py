@@ -163,6 +163,26 @@ def channel_affine_silu(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, b
     return F.silu(a.to(compute_dtype(x))).to(x.dtype).contiguous()
 
 
+def channel_affine_silu_backward(
+    grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Of channel_affine_silu, from its output's gradient: (d x through the affine alone, in x's
+    dtype and strides; the sums of d a and of d a * x over each (sample, channel)'s positions, the
+    gradients of the affine's shift and scale, (B, C) in the compute dtype), d a = d y * silu'(a)
+    at the rounded a the forward takes."""
+    cdt = compute_dtype(x)
+    group_size = x.shape[1] // mean.shape[1]
+    mean, rstd = (t.to(cdt).repeat_interleave(group_size, dim=1) for t in (mean, rstd))
+    scale = rstd * weight.to(cdt)
+    shift = bias.to(cdt) - mean * scale
+    x_c = x.to(cdt)
+    a = (x_c * scale[:, :, None, None, None] + shift[:, :, None, None, None]).to(x.dtype).to(cdt)
+    sigmoid = torch.sigmoid(a)
+    grad_a = grad.to(cdt) * sigmoid * (1 + a * (1 - sigmoid))
+    grad_x = torch.empty_like(x).copy_(grad_a * scale[:, :, None, None, None])
+    return grad_x, grad_a.sum(dim=(2, 3, 4)), (grad_a * x_c).sum(dim=(2, 3, 4))
+
+
 def strided_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], scale: Optional[Tensor],
     shift: Optional[Tensor], num_frames: int, channels_first_out: bool,

@@ -338,6 +338,48 @@ def channel_affine_silu_kernel(
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def channel_affine_silu_backward_kernel(
+    grad_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, grad_x_ptr, sum_grad_ptr, sum_grad_x_ptr,
+    channels, frames, positions, group_size, groups,
+    x_stride_b, x_stride_c, x_stride_f, out_stride_b, out_stride_c, out_stride_f, BLOCK: tl.constexpr,
+):
+    # One (sample, channel, frame) a program, its positions in BLOCK chunks: with a = x*scale + shift
+    # rounded as the forward rounds it, d a = d y * silu'(a); it writes d x = d a * scale (the part
+    # of x's gradient that does not go through the statistics) in x's strides and keeps the sums of
+    # d a and d a * x, the gradients of the affine's shift and scale, as one partial a frame.
+    program = tl.program_id(0)
+    frame = program % frames
+    video_channel = program // frames
+    channel = video_channel % channels
+    video = video_channel // channels
+    video_group = video * groups + channel // group_size
+    mean = tl.load(mean_ptr + video_group)
+    scale = tl.load(rstd_ptr + video_group) * tl.load(weight_ptr + channel).to(tl.float32)
+    shift = tl.load(bias_ptr + channel).to(tl.float32) - mean * scale
+    x_row = x_ptr + video.to(tl.int64) * x_stride_b + channel.to(tl.int64) * x_stride_c + frame.to(tl.int64) * x_stride_f
+    out_row = (
+        grad_x_ptr + video.to(tl.int64) * out_stride_b + channel.to(tl.int64) * out_stride_c
+        + frame.to(tl.int64) * out_stride_f
+    )
+    grad_row = grad_ptr + program.to(tl.int64) * positions
+    sum_grad = tl.zeros([BLOCK], tl.float32)
+    sum_grad_x = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, positions, BLOCK):
+        position = start + tl.arange(0, BLOCK)
+        mask = position < positions
+        x = tl.load(x_row + position, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.load(grad_row + position, mask=mask, other=0.0).to(tl.float32)
+        a = (x * scale + shift).to(x_ptr.dtype.element_ty).to(tl.float32)
+        sigmoid = 1.0 / (1.0 + tl.exp(-a))
+        grad_a = tl.where(mask, grad * sigmoid * (1.0 + a * (1.0 - sigmoid)), 0.0)
+        tl.store(out_row + position, (grad_a * scale).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        sum_grad += grad_a
+        sum_grad_x += grad_a * x
+    tl.store(sum_grad_ptr + program, tl.sum(sum_grad, axis=0))
+    tl.store(sum_grad_x_ptr + program, tl.sum(sum_grad_x, axis=0))
+
+
 def stats_params(groups: int, group_numel: int) -> tuple[dict, int]:
     """Groups a program reduces (enough that it streams at least STATS_MIN_ELEMENTS, e.g. 4 groups
     of 10 channels x 2560 positions at VideoCrafter2's first level) and the tile width."""
@@ -461,6 +503,13 @@ _AFFINE_SILU_ARGS = dict(
     mean_ptr="*fp32", rstd_ptr="*fp32", numel="i32", channels="i32", frames="i32", positions="i32",
     group_size="i32", groups="i32", x_stride_b="i32", x_stride_c="i32", x_stride_f="i32",
 )
+# Its backward: one (sample, channel, frame) a program, positions in chunks of 1024.
+AFFINE_SILU_BACKWARD_BLOCK = 1024
+_AFFINE_SILU_BACKWARD_ARGS = dict(
+    mean_ptr="*fp32", rstd_ptr="*fp32", sum_grad_ptr="*fp32", sum_grad_x_ptr="*fp32", channels="i32",
+    frames="i32", positions="i32", group_size="i32", groups="i32",
+    **{f"{name}_stride_{axis}": "i32" for name in ("x", "out") for axis in "bcf"},
+)
 
 
 # group_norm_silu's statistics reduce each group as slices, one group a row (groups = 1): a frame's
@@ -488,9 +537,15 @@ REPORT_CONFIGS: list[KernelConfig] = (
         for f_pad in (16, 32, 64)
     ]
     + [config for dtype in ("fp32", "fp16", "bf16") for config in _linear_configs(dtype) + _weight_grad_configs(dtype)]
-    + storage_configs(
-        group_norm_stats_backward_kernel, _STATS_BACKWARD_ARGS, dict(BLOCK=STATS_BACKWARD_BLOCK), STATS_BACKWARD_NUM_WARPS
-    )
+    # The stream's statistics, and group_norm_silu's slices (one group of one position a row).
+    + [
+        config
+        for units in ((), ("groups", "positions"))
+        for config in storage_configs(
+            group_norm_stats_backward_kernel, _with_units(_STATS_BACKWARD_ARGS, units), dict(BLOCK=STATS_BACKWARD_BLOCK),
+            STATS_BACKWARD_NUM_WARPS,
+        )
+    ]
     + [
         config
         for units in _AFFINE_BACKWARD_UNITS
@@ -510,6 +565,14 @@ REPORT_CONFIGS: list[KernelConfig] = (
         for config in storage_configs(
             channel_affine_silu_kernel, _with_units(_AFFINE_SILU_ARGS, units), dict(BLOCK=AFFINE_SILU_BLOCK),
             AFFINE_SILU_NUM_WARPS,
+        )
+    ]
+    + [
+        config
+        for units in ((), ("frames",))
+        for config in storage_configs(
+            channel_affine_silu_backward_kernel, _with_units(_AFFINE_SILU_BACKWARD_ARGS, units),
+            dict(BLOCK=AFFINE_SILU_BACKWARD_BLOCK), AFFINE_SILU_NUM_WARPS,
         )
     ]
 )
@@ -665,6 +728,29 @@ def channel_affine_silu(x, mean, rstd, weight, bias):
             channels // groups, groups, *x.stride()[:3], BLOCK=AFFINE_SILU_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
         )
     return out
+
+
+def channel_affine_silu_backward(grad, x, mean, rstd, weight, bias):
+    """(d x through the affine alone, in x's strides; sum of d a and sum of d a * x over each
+    (sample, channel)'s positions, each (B, C) float32) of channel_affine_silu, from the gradient
+    of its (contiguous) output; a = x*scale + shift, y = silu(a)."""
+    videos, channels, frames = x.shape[:3]
+    positions = x.shape[3] * x.shape[4]
+    grad_x = new_output_like(x)
+    partials = [new_output((videos, channels, frames), torch.float32, x.device) for _ in range(2)]
+    if grad_x.numel():
+        grad = grad.contiguous()
+        channel_affine_silu_backward_kernel[(videos * channels * frames,)](
+            grad, x, mean, rstd, weight, bias, grad_x, *partials, channels, frames, positions,
+            channels // mean.shape[1], mean.shape[1], *x.stride()[:3], *grad_x.stride()[:3],
+            BLOCK=AFFINE_SILU_BACKWARD_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
+        )
+    else:
+        for partial in partials:
+            partial.zero_()
+    # Fixed-order sums over frames: deterministic.
+    sum_grad, sum_grad_x = (partial.sum(dim=2) for partial in partials)
+    return grad_x, sum_grad, sum_grad_x
 
 
 def channel_affine_backward(grad_a, x, scale, num_frames):
