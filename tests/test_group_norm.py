@@ -1,8 +1,8 @@
-"""turbo_kernels.group_norm_silu (GroupNorm then SiLU, forward only) against torch's composition,
-and its normalisation pass (turbo_kernels::channel_affine_silu) against its reference, in the
-layouts VideoCrafter2's UNet hands it: per-frame (N, C, H, W), contiguous videos (B, C, F, H, W)
-and the transposed view of the (B*F, C, H, W) stream. Triton's interpreter on the CPU; buffers
-poisoned with NaN first.
+"""turbo_kernels.group_norm_silu (GroupNorm then SiLU) against torch's composition, forward and
+first-order gradients, and its normalisation pass (turbo_kernels::channel_affine_silu) against
+its reference, in the layouts VideoCrafter2's UNet hands it: per-frame (N, C, H, W), contiguous
+videos (B, C, F, H, W) and the transposed view of the (B*F, C, H, W) stream. Triton's interpreter
+on the CPU; buffers poisoned with NaN first.
 
 Tolerance: the kernels' error against float64 maths at most twice that of the reference run in
 the same storage dtype, plus one rounding of that dtype (helpers.assert_within_2x_of_reference).
@@ -242,14 +242,25 @@ def _gradients(out, inputs, grad_out):
     return torch.autograd.grad(out, inputs, grad_out)
 
 
-@pytest.mark.parametrize("backend_name", ["reference"] + (["triton"] if TRITON_USABLE else []))
-@pytest.mark.parametrize("layout", ["frames", "video", "stream"])
-def test_gradients_match_the_composition(layout, backend_name, chosen):
+GRADIENT_CASES = [("reference", torch.float64)] + [("triton", dtype) for dtype in KERNEL_DTYPES if TRITON_USABLE]
+
+
+def _gradient_input(layout: str, dtype: torch.dtype) -> torch.Tensor:
+    """The test layouts, plus 'wide': one-frame videos of 33x40 positions (more than one chunk of
+    the backward pass's loop)."""
+    if layout != "wide":
+        return _input(layout, dtype, seed=20)
+    g = torch.Generator().manual_seed(27)
+    return torch.randn(2, 64, 1, 33, 40, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("backend_name,dtype", GRADIENT_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("layout", ["frames", "video", "stream", "wide"])
+def test_gradients_match_the_composition(layout, backend_name, dtype, chosen):
     """d x, d weight and d bias through the kernels (the normalisation pass's backward and the
     statistics' backward) against autograd through torch's composition: float64 on the reference
-    backend to round-off; float32 on Triton within twice the float32 composition's error."""
-    dtype = torch.float64 if backend_name == "reference" else torch.float32
-    x = _input(layout, dtype, seed=20).requires_grad_(True)
+    backend to round-off; on Triton within twice the same-precision composition's error."""
+    x = _gradient_input(layout, dtype).requires_grad_(True)
     weight, bias = (t.to(DEVICE, dtype).requires_grad_(True) for t in _affine(64, torch.Generator().manual_seed(21)))
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64).to(DEVICE, dtype)
     with tk.backend(backend_name):

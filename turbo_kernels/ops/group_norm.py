@@ -14,7 +14,7 @@ exactly, and the affine, normalisation and SiLU are one pass: three launches a c
 without a copy: x contiguous, or the transposed view of the (B*F, C, H, W) stream that
 VC2UNet's temporal convolutions normalise first.
 
-Differentiable: the normalisation pass's backward is one more pass (`channel_affine_silu_backward`:
+Differentiable (first-order gradients only): the normalisation pass's backward is one more pass (`channel_affine_silu_backward`:
 d a = d y * silu'(a), d x through the affine, and the per-(sample, channel) sums that give the
 weight, bias and statistics' gradients), and the statistics' own backward is the fused block's
 (`group_norm_stats_backward`). Under autocast (whose GroupNorm computes and returns float32) or
@@ -141,7 +141,7 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: f
     """silu(group_norm(x)) of x (N, C, H, W) (each sample's groups over (C/groups, H, W)) or (B, C,
     F, H, W) (each video's over (C/groups, F, H, W)), with the affine weight and bias (C,), as
     F.silu(F.group_norm(x, groups, weight, bias, eps)) computes it: contiguous and in x's dtype
-    from the kernels, differentiable in x, weight and bias. Runs that very composition (its dtype
+    from the kernels, differentiable (first order) in x, weight and bias. Runs that very composition (its dtype
     and layout) under autocast, while torch.compile traces, or for layouts the kernels do not read
     (module docstring)."""
     checks.floating_tensor(x, "x")
