@@ -481,7 +481,7 @@ def summary(result: dict) -> list[str]:
             lines.append(models.speedup_line(f"layer_norm {case} {pass_name}", rows, case, TRITON, EAGER, 1.0))
         rows = models.rows_by(result, GROUP_NORM_OP, pass_name)
         for case in dict.fromkeys(case for case, _ in rows):
-            # VC2UNet's ResBlocks and temporal convolutions take it whenever no gradient is recorded.
+            # VC2UNet's ResBlocks and temporal convolutions take it by default (outside autocast and compile).
             lines.append(models.speedup_line(f"group_norm_silu {case} {pass_name}", rows, case, TRITON, EAGER, 1.0))
     lines.extend(tile_sweep_lines(result))
     return lines
