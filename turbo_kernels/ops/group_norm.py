@@ -14,10 +14,11 @@ exactly, and the affine, normalisation and SiLU are one pass: three launches a c
 without a copy: x contiguous, or the transposed view of the (B*F, C, H, W) stream that
 VC2UNet's temporal convolutions normalise first.
 
-Differentiable (first-order gradients only): the normalisation pass's backward is one more pass (`channel_affine_silu_backward`:
-d a = d y * silu'(a), d x through the affine, and the per-(sample, channel) sums that give the
-weight, bias and statistics' gradients), and the statistics' own backward is the fused block's
-(`group_norm_stats_backward`). Under autocast (whose GroupNorm computes and returns float32) or
+Differentiable (first-order gradients only): `channel_affine_silu_backward` is two passes, the
+per-(sample, channel) sums of d a = d y * silu'(a) and d a * x, then x's whole gradient (through
+the affine and the statistics, from per-group coefficients) written once; reads x and d y twice
+and writes d x once, where the affine's backward, the statistics' backward and their sum would
+move about 8 tensors. Under autocast (whose GroupNorm computes and returns float32) or
 torch.compile (inductor fuses the GroupNorm and SiLU itself), the function runs
 F.silu(F.group_norm(...)).
 """
@@ -60,10 +61,20 @@ def _affine_silu_backward_problem(grad, x, mean, rstd, weight, bias) -> Optional
 
 dispatch.register("channel_affine_silu", "reference")(ref.channel_affine_silu)
 dispatch.register("channel_affine_silu", "triton", _affine_silu_problem)(lambda *a: _triton().channel_affine_silu(*a))
+def _triton_backward(grad, x, mean, rstd, weight, bias):
+    """Two passes: the sums (Triton), the (B, C) coefficients (PyTorch, tiny), x's whole gradient
+    (Triton)."""
+    kernels = _triton()
+    sum_grad, sum_grad_x = kernels.channel_affine_silu_sums(grad, x, mean, rstd, weight, bias)
+    grad_weight, grad_bias, alpha, beta = ref.group_norm_silu_coefficients(
+        sum_grad, sum_grad_x, tuple(x.shape), mean, rstd, weight
+    )
+    grad_x = kernels.channel_affine_silu_grad(grad, x, mean, rstd, weight, bias, alpha.contiguous(), beta.contiguous())
+    return grad_x, grad_weight, grad_bias
+
+
 dispatch.register("channel_affine_silu_backward", "reference")(ref.channel_affine_silu_backward)
-dispatch.register("channel_affine_silu_backward", "triton", _affine_silu_backward_problem)(
-    lambda *a: _triton().channel_affine_silu_backward(*a)
-)
+dispatch.register("channel_affine_silu_backward", "triton", _affine_silu_backward_problem)(_triton_backward)
 
 
 @torch.library.custom_op("turbo_kernels::channel_affine_silu", mutates_args=())
@@ -85,8 +96,8 @@ def _channel_affine_silu_backward(
 
 @_channel_affine_silu_backward.register_fake
 def _(grad, x, mean, rstd, weight, bias, backend=None):
-    sums = x.new_empty(x.shape[:2], dtype=ref.compute_dtype(x))
-    return torch.empty_like(x), sums, torch.empty_like(sums)
+    per_channel = x.new_empty(x.shape[1:2], dtype=ref.compute_dtype(x))
+    return torch.empty_like(x), per_channel, torch.empty_like(per_channel)
 
 
 def _affine_silu_setup(ctx, inputs, output):
@@ -95,20 +106,11 @@ def _affine_silu_setup(ctx, inputs, output):
 
 
 def _affine_silu_backward(ctx, grad):
-    """d x through the affine (the kernel), and through the affine's scale = rstd*weight and
-    shift = bias - mean*scale the gradients of mean, rstd (on to the statistics op's backward),
-    weight and bias, from the per-(sample, channel) sums of d a and d a * x."""
+    """x's whole gradient (through the affine and the statistics: the statistics op's own backward
+    is not needed, so mean and rstd get none), and weight's and bias's."""
     x, mean, rstd, weight, bias = ctx.saved_tensors
-    grad_x, grad_shift, grad_scale = _channel_affine_silu_backward(grad, x, mean, rstd, weight, bias, ctx.backend)
-    batch, groups = mean.shape
-    group_size = x.shape[1] // groups
-    mean_c, rstd_c = (t.to(grad_scale.dtype).repeat_interleave(group_size, dim=1) for t in (mean, rstd))
-    w = weight.to(grad_scale.dtype)
-    grad_weight = (grad_scale * rstd_c - grad_shift * mean_c * rstd_c).sum(0).to(weight.dtype)
-    grad_bias = grad_shift.sum(0).to(bias.dtype)
-    grad_rstd = ((grad_scale - grad_shift * mean_c) * w).view(batch, groups, group_size).sum(-1).to(rstd.dtype)
-    grad_mean = (-grad_shift * rstd_c * w).view(batch, groups, group_size).sum(-1).to(mean.dtype)
-    return grad_x, grad_mean, grad_rstd, grad_weight, grad_bias
+    grad_x, grad_weight, grad_bias = _channel_affine_silu_backward(grad, x, mean, rstd, weight, bias, ctx.backend)
+    return grad_x, None, None, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
 
 _channel_affine_silu.register_autograd(_affine_silu_backward, setup_context=_affine_silu_setup)
@@ -153,7 +155,9 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: f
         if not isinstance(t, Tensor) or t.shape != (channels,):
             raise ValueError(f"{name} must be a ({channels},) tensor, got {getattr(t, 'shape', type(t).__name__)}")
     video = x if x.dim() == 5 else x.unsqueeze(2)
-    stats = _group_stats(video, groups, eps) if _fused_path(x) and video.numel() else None
+    # No graph through the statistics: channel_affine_silu's backward gives x's whole gradient.
+    with torch.no_grad():
+        stats = _group_stats(video, groups, eps) if _fused_path(x) and video.numel() else None
     if stats is None:
         return F.silu(F.group_norm(x, groups, weight, bias, eps))
     out = _channel_affine_silu(video, *stats, weight, bias)

@@ -16,6 +16,7 @@ dtype, so one set of float32 weights serves every precision.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -163,24 +164,62 @@ def channel_affine_silu(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, b
     return F.silu(a.to(compute_dtype(x))).to(x.dtype).contiguous()
 
 
+def silu_grad_at_rounded_affine(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """d a = d y * silu'(a) at a = x*scale + shift (per (sample, channel), (B, C) scale and shift)
+    rounded to x's dtype as channel_affine_silu's forward rounds it; in the compute dtype."""
+    cdt = compute_dtype(x)
+    a = (x.to(cdt) * scale[:, :, None, None, None] + shift[:, :, None, None, None]).to(x.dtype).to(cdt)
+    sigmoid = torch.sigmoid(a)
+    return grad.to(cdt) * sigmoid * (1 + a * (1 - sigmoid))
+
+
+def group_norm_silu_coefficients(
+    sum_grad: Tensor, sum_grad_x: Tensor, x_shape: tuple[int, ...], mean: Tensor, rstd: Tensor, weight: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """From the sums over each (sample, channel)'s positions of d a and d a * x (B, C): (d weight,
+    d bias) (C,) and (alpha, beta) (B, groups) such that x's whole gradient is
+    d a * scale + alpha * x + beta. With scale = rstd*weight, shift = bias - mean*scale:
+    d bias = sum d a, d weight = rstd (sum d a x - mean sum d a), d rstd = sum over the group's
+    channels of weight (sum d a x - mean sum d a), d mean = -sum of weight rstd sum d a; and
+    through the statistics (count elements a group, var + eps = rstd^-2) d x = (d mean +
+    2 d var (x - mean)) / count, d var = -rstd^3 d rstd / 2."""
+    batch, groups = mean.shape
+    group_size = x_shape[1] // groups
+    count = group_size * math.prod(x_shape[2:])
+    cdt = sum_grad.dtype
+    mean, rstd = mean.to(cdt), rstd.to(cdt)
+    mean_c, rstd_c = (t.repeat_interleave(group_size, dim=1) for t in (mean, rstd))
+    centred = sum_grad_x - sum_grad * mean_c
+    grad_weight = (centred * rstd_c).sum(0)
+    grad_bias = sum_grad.sum(0)
+    w = weight.to(cdt)
+    grad_rstd = (centred * w).view(batch, groups, group_size).sum(-1)
+    grad_mean = (-sum_grad * rstd_c * w).view(batch, groups, group_size).sum(-1)
+    grad_var = -0.5 * grad_rstd * rstd**3
+    alpha = 2 * grad_var / count
+    beta = (grad_mean - 2 * grad_var * mean) / count
+    return grad_weight, grad_bias, alpha, beta
+
+
 def channel_affine_silu_backward(
     grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Of channel_affine_silu, from its output's gradient: (d x through the affine alone, in x's
-    dtype and strides; the sums of d a and of d a * x over each (sample, channel)'s positions, the
-    gradients of the affine's shift and scale, (B, C) in the compute dtype), d a = d y * silu'(a)
-    at the rounded a the forward takes."""
+    """GroupNorm + SiLU's gradients from its output's: (d x whole, through the affine and the
+    statistics, in x's dtype and strides; d weight; d bias, in the compute dtype), d a taken at the
+    rounded a the forward takes (group_norm_silu_coefficients gives the formulas)."""
     cdt = compute_dtype(x)
     group_size = x.shape[1] // mean.shape[1]
-    mean, rstd = (t.to(cdt).repeat_interleave(group_size, dim=1) for t in (mean, rstd))
-    scale = rstd * weight.to(cdt)
-    shift = bias.to(cdt) - mean * scale
+    mean_c, rstd_c = (t.to(cdt).repeat_interleave(group_size, dim=1) for t in (mean, rstd))
+    scale = rstd_c * weight.to(cdt)
+    shift = bias.to(cdt) - mean_c * scale
+    grad_a = silu_grad_at_rounded_affine(grad, x, scale, shift)
     x_c = x.to(cdt)
-    a = (x_c * scale[:, :, None, None, None] + shift[:, :, None, None, None]).to(x.dtype).to(cdt)
-    sigmoid = torch.sigmoid(a)
-    grad_a = grad.to(cdt) * sigmoid * (1 + a * (1 - sigmoid))
-    grad_x = torch.empty_like(x).copy_(grad_a * scale[:, :, None, None, None])
-    return grad_x, grad_a.sum(dim=(2, 3, 4)), (grad_a * x_c).sum(dim=(2, 3, 4))
+    grad_weight, grad_bias, alpha, beta = group_norm_silu_coefficients(
+        grad_a.sum(dim=(2, 3, 4)), (grad_a * x_c).sum(dim=(2, 3, 4)), tuple(x.shape), mean, rstd, weight
+    )
+    alpha_c, beta_c = (t.repeat_interleave(group_size, dim=1)[:, :, None, None, None] for t in (alpha, beta))
+    whole = grad_a * scale[:, :, None, None, None] + alpha_c * x_c + beta_c
+    return torch.empty_like(x).copy_(whole), grad_weight, grad_bias
 
 
 def strided_linear(

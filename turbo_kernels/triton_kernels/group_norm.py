@@ -339,15 +339,21 @@ def channel_affine_silu_kernel(
 
 
 @triton.jit
-def channel_affine_silu_backward_kernel(
-    grad_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, grad_x_ptr, sum_grad_ptr, sum_grad_x_ptr,
-    channels, frames, positions, group_size, groups,
-    x_stride_b, x_stride_c, x_stride_f, out_stride_b, out_stride_c, out_stride_f, BLOCK: tl.constexpr,
+def _silu_grad_at_rounded_affine(x, grad, scale, shift, storage_dtype: tl.constexpr):
+    """d a = d y * silu'(a) at a = x*scale + shift rounded as the forward rounds it."""
+    a = (x * scale + shift).to(storage_dtype).to(tl.float32)
+    sigmoid = 1.0 / (1.0 + tl.exp(-a))
+    return grad * sigmoid * (1.0 + a * (1.0 - sigmoid))
+
+
+@triton.jit
+def channel_affine_silu_sums_kernel(
+    grad_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sum_grad_ptr, sum_grad_x_ptr,
+    channels, frames, positions, group_size, groups, x_stride_b, x_stride_c, x_stride_f, BLOCK: tl.constexpr,
 ):
-    # One (sample, channel, frame) a program, its positions in BLOCK chunks: with a = x*scale + shift
-    # rounded as the forward rounds it, d a = d y * silu'(a); it writes d x = d a * scale (the part
-    # of x's gradient that does not go through the statistics) in x's strides and keeps the sums of
-    # d a and d a * x, the gradients of the affine's shift and scale, as one partial a frame.
+    # The backward's first pass, one (sample, channel, frame) a program over its positions in BLOCK
+    # chunks: the sums of d a and d a * x (the gradients of the affine's shift and scale), a partial
+    # a frame. Nothing is written per element: the second pass forms d x whole.
     program = tl.program_id(0)
     frame = program % frames
     video_channel = program // frames
@@ -358,10 +364,6 @@ def channel_affine_silu_backward_kernel(
     scale = tl.load(rstd_ptr + video_group) * tl.load(weight_ptr + channel).to(tl.float32)
     shift = tl.load(bias_ptr + channel).to(tl.float32) - mean * scale
     x_row = x_ptr + video.to(tl.int64) * x_stride_b + channel.to(tl.int64) * x_stride_c + frame.to(tl.int64) * x_stride_f
-    out_row = (
-        grad_x_ptr + video.to(tl.int64) * out_stride_b + channel.to(tl.int64) * out_stride_c
-        + frame.to(tl.int64) * out_stride_f
-    )
     grad_row = grad_ptr + program.to(tl.int64) * positions
     sum_grad = tl.zeros([BLOCK], tl.float32)
     sum_grad_x = tl.zeros([BLOCK], tl.float32)
@@ -370,14 +372,46 @@ def channel_affine_silu_backward_kernel(
         mask = position < positions
         x = tl.load(x_row + position, mask=mask, other=0.0).to(tl.float32)
         grad = tl.load(grad_row + position, mask=mask, other=0.0).to(tl.float32)
-        a = (x * scale + shift).to(x_ptr.dtype.element_ty).to(tl.float32)
-        sigmoid = 1.0 / (1.0 + tl.exp(-a))
-        grad_a = tl.where(mask, grad * sigmoid * (1.0 + a * (1.0 - sigmoid)), 0.0)
-        tl.store(out_row + position, (grad_a * scale).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        grad_a = _silu_grad_at_rounded_affine(x, grad, scale, shift, x_ptr.dtype.element_ty)
+        grad_a = tl.where(mask, grad_a, 0.0)
         sum_grad += grad_a
         sum_grad_x += grad_a * x
     tl.store(sum_grad_ptr + program, tl.sum(sum_grad, axis=0))
     tl.store(sum_grad_x_ptr + program, tl.sum(sum_grad_x, axis=0))
+
+
+@triton.jit
+def channel_affine_silu_grad_kernel(
+    grad_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, alpha_ptr, beta_ptr, grad_x_ptr,
+    numel, channels, frames, positions, group_size, groups,
+    x_stride_b, x_stride_c, x_stride_f, out_stride_b, out_stride_c, out_stride_f, BLOCK: tl.constexpr,
+):
+    # The backward's second pass, elementwise in the forward's order: the whole gradient of x,
+    # d x = d a * scale (through the affine) + alpha * x + beta (through the group's statistics,
+    # alpha and beta per (sample, group) from the first pass's sums), written once in x's strides.
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    position = offsets % positions
+    frame = (offsets // positions) % frames
+    video_channel = offsets // (positions * frames)
+    channel = video_channel % channels
+    video = video_channel // channels
+    video_group = video * groups + channel // group_size
+    x = tl.load(
+        x_ptr + video * x_stride_b + channel * x_stride_c + frame * x_stride_f + position, mask=mask, other=0.0
+    ).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + video_group, mask=mask, other=0.0)
+    scale = tl.load(rstd_ptr + video_group, mask=mask, other=0.0) * tl.load(
+        weight_ptr + channel, mask=mask, other=0.0
+    ).to(tl.float32)
+    shift = tl.load(bias_ptr + channel, mask=mask, other=0.0).to(tl.float32) - mean * scale
+    grad_a = _silu_grad_at_rounded_affine(x, grad, scale, shift, x_ptr.dtype.element_ty)
+    alpha = tl.load(alpha_ptr + video_group, mask=mask, other=0.0)
+    beta = tl.load(beta_ptr + video_group, mask=mask, other=0.0)
+    grad_x = grad_a * scale + alpha * x + beta
+    out = grad_x_ptr + video * out_stride_b + channel * out_stride_c + frame * out_stride_f + position
+    tl.store(out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
 def stats_params(groups: int, group_numel: int) -> tuple[dict, int]:
@@ -503,10 +537,16 @@ _AFFINE_SILU_ARGS = dict(
     mean_ptr="*fp32", rstd_ptr="*fp32", numel="i32", channels="i32", frames="i32", positions="i32",
     group_size="i32", groups="i32", x_stride_b="i32", x_stride_c="i32", x_stride_f="i32",
 )
-# Its backward: one (sample, channel, frame) a program, positions in chunks of 1024.
+# Its backward: sums with one (sample, channel, frame) a program, positions in chunks of 1024;
+# then x's gradient elementwise in blocks of 1024 (2048 took 128 registers a thread).
 AFFINE_SILU_BACKWARD_BLOCK = 1024
-_AFFINE_SILU_BACKWARD_ARGS = dict(
+_AFFINE_SILU_SUMS_ARGS = dict(
     mean_ptr="*fp32", rstd_ptr="*fp32", sum_grad_ptr="*fp32", sum_grad_x_ptr="*fp32", channels="i32",
+    frames="i32", positions="i32", group_size="i32", groups="i32",
+    x_stride_b="i32", x_stride_c="i32", x_stride_f="i32",
+)
+_AFFINE_SILU_GRAD_ARGS = dict(
+    mean_ptr="*fp32", rstd_ptr="*fp32", alpha_ptr="*fp32", beta_ptr="*fp32", numel="i32", channels="i32",
     frames="i32", positions="i32", group_size="i32", groups="i32",
     **{f"{name}_stride_{axis}": "i32" for name in ("x", "out") for axis in "bcf"},
 )
@@ -570,10 +610,11 @@ REPORT_CONFIGS: list[KernelConfig] = (
     + [
         config
         for units in ((), ("frames",))
-        for config in storage_configs(
-            channel_affine_silu_backward_kernel, _with_units(_AFFINE_SILU_BACKWARD_ARGS, units),
-            dict(BLOCK=AFFINE_SILU_BACKWARD_BLOCK), AFFINE_SILU_NUM_WARPS,
+        for kernel, args, block in (
+            (channel_affine_silu_sums_kernel, _AFFINE_SILU_SUMS_ARGS, AFFINE_SILU_BACKWARD_BLOCK),
+            (channel_affine_silu_grad_kernel, _AFFINE_SILU_GRAD_ARGS, AFFINE_SILU_BACKWARD_BLOCK),
         )
+        for config in storage_configs(kernel, _with_units(args, units), dict(BLOCK=block), AFFINE_SILU_NUM_WARPS)
     ]
 )
 
@@ -730,19 +771,15 @@ def channel_affine_silu(x, mean, rstd, weight, bias):
     return out
 
 
-def channel_affine_silu_backward(grad, x, mean, rstd, weight, bias):
-    """(d x through the affine alone, in x's strides; sum of d a and sum of d a * x over each
-    (sample, channel)'s positions, each (B, C) float32) of channel_affine_silu, from the gradient
-    of its (contiguous) output; a = x*scale + shift, y = silu(a)."""
+def channel_affine_silu_sums(grad, x, mean, rstd, weight, bias):
+    """The backward's first pass: (sum of d a, sum of d a * x) over each (sample, channel)'s
+    positions, each (B, C) float32, from the (contiguous) output's gradient."""
     videos, channels, frames = x.shape[:3]
-    positions = x.shape[3] * x.shape[4]
-    grad_x = new_output_like(x)
     partials = [new_output((videos, channels, frames), torch.float32, x.device) for _ in range(2)]
-    if grad_x.numel():
-        grad = grad.contiguous()
-        channel_affine_silu_backward_kernel[(videos * channels * frames,)](
-            grad, x, mean, rstd, weight, bias, grad_x, *partials, channels, frames, positions,
-            channels // mean.shape[1], mean.shape[1], *x.stride()[:3], *grad_x.stride()[:3],
+    if x.numel():
+        channel_affine_silu_sums_kernel[(videos * channels * frames,)](
+            grad.contiguous(), x, mean, rstd, weight, bias, *partials, channels, frames, x.shape[3] * x.shape[4],
+            channels // mean.shape[1], mean.shape[1], *x.stride()[:3],
             BLOCK=AFFINE_SILU_BACKWARD_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
         )
     else:
@@ -750,7 +787,20 @@ def channel_affine_silu_backward(grad, x, mean, rstd, weight, bias):
             partial.zero_()
     # Fixed-order sums over frames: deterministic.
     sum_grad, sum_grad_x = (partial.sum(dim=2) for partial in partials)
-    return grad_x, sum_grad, sum_grad_x
+    return sum_grad, sum_grad_x
+
+
+def channel_affine_silu_grad(grad, x, mean, rstd, weight, bias, alpha, beta):
+    """The backward's second pass: x's whole gradient, in x's dtype and strides."""
+    channels, frames = x.shape[1:3]
+    grad_x = new_output_like(x)
+    if grad_x.numel():
+        channel_affine_silu_grad_kernel[(triton.cdiv(x.numel(), AFFINE_SILU_BACKWARD_BLOCK),)](
+            grad.contiguous(), x, mean, rstd, weight, bias, alpha, beta, grad_x, x.numel(), channels, frames,
+            x.shape[3] * x.shape[4], channels // mean.shape[1], mean.shape[1], *x.stride()[:3], *grad_x.stride()[:3],
+            BLOCK=AFFINE_SILU_BACKWARD_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
+        )
+    return grad_x
 
 
 def channel_affine_backward(grad_a, x, scale, num_frames):
