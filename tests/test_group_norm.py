@@ -288,10 +288,27 @@ def test_backward_opcheck():
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(24)).to(DEVICE)
     for backend_name in ["reference"] + (["triton"] if TRITON_USABLE else []):
         with tk.backend(backend_name):
+            mean, rstd, weight, bias = _statistics(25)
             torch.library.opcheck(
                 torch.ops.turbo_kernels.channel_affine_silu.default,
-                (x.clone().requires_grad_(True), *(t.requires_grad_(True) for t in _statistics(25))),
+                (x.clone().requires_grad_(True), mean, rstd, weight.requires_grad_(True), bias.requires_grad_(True)),
             )
-            torch.library.opcheck(
-                torch.ops.turbo_kernels.channel_affine_silu_backward.default, (grad, x, *_statistics(26), backend_name)
-            )
+            for with_x in (True, False):
+                torch.library.opcheck(
+                    torch.ops.turbo_kernels.channel_affine_silu_backward.default,
+                    (grad, x, *_statistics(26), with_x, backend_name),
+                )
+    with pytest.raises(ValueError, match="mean and rstd require grad"):
+        mean, rstd, weight, bias = _statistics(27)
+        torch.ops.turbo_kernels.channel_affine_silu(x.requires_grad_(True), mean.requires_grad_(True), rstd, weight, bias)
+
+
+def test_weight_and_bias_gradients_without_x_gradient(chosen):
+    x = _input("stream", torch.float64, seed=28)
+    weight, bias = (t.to(DEVICE).requires_grad_(True) for t in _affine(64, torch.Generator().manual_seed(29)))
+    with tk.backend("reference"):
+        grads = torch.autograd.grad(tk.group_norm_silu(x, weight, bias, GROUPS, EPS).square().sum(), (weight, bias))
+    exact = [weight.detach().requires_grad_(True), bias.detach().requires_grad_(True)]
+    want = torch.autograd.grad(_composition(x, *exact).square().sum(), exact)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)

@@ -55,30 +55,40 @@ def _affine_silu_problem(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, 
     return None
 
 
-def _affine_silu_backward_problem(grad, x, mean, rstd, weight, bias) -> Optional[str]:
+def _affine_silu_backward_problem(grad, x, mean, rstd, weight, bias, with_x) -> Optional[str]:
     return checks.storage_problem(grad) or _affine_silu_problem(x, mean, rstd, weight, bias)
 
 
 dispatch.register("channel_affine_silu", "reference")(ref.channel_affine_silu)
 dispatch.register("channel_affine_silu", "triton", _affine_silu_problem)(lambda *a: _triton().channel_affine_silu(*a))
-def _triton_backward(grad, x, mean, rstd, weight, bias):
+def _triton_backward(grad, x, mean, rstd, weight, bias, with_x):
     """Two passes: the sums (Triton), the (B, C) coefficients (PyTorch, tiny), x's whole gradient
-    (Triton)."""
+    (Triton; skipped when x needs none)."""
     kernels = _triton()
+    grad = grad.contiguous()
     sum_grad, sum_grad_x = kernels.channel_affine_silu_sums(grad, x, mean, rstd, weight, bias)
     grad_weight, grad_bias, alpha, beta = ref.group_norm_silu_coefficients(
         sum_grad, sum_grad_x, tuple(x.shape), mean, rstd, weight
     )
+    if not with_x:
+        return x.new_empty(0), grad_weight, grad_bias
     grad_x = kernels.channel_affine_silu_grad(grad, x, mean, rstd, weight, bias, alpha.contiguous(), beta.contiguous())
     return grad_x, grad_weight, grad_bias
 
 
-dispatch.register("channel_affine_silu_backward", "reference")(ref.channel_affine_silu_backward)
+def _reference_backward(grad, x, mean, rstd, weight, bias, with_x):
+    grad_x, grad_weight, grad_bias = ref.channel_affine_silu_backward(grad, x, mean, rstd, weight, bias)
+    return (grad_x if with_x else x.new_empty(0)), grad_weight, grad_bias
+
+
+dispatch.register("channel_affine_silu_backward", "reference")(_reference_backward)
 dispatch.register("channel_affine_silu_backward", "triton", _affine_silu_backward_problem)(_triton_backward)
 
 
 @torch.library.custom_op("turbo_kernels::channel_affine_silu", mutates_args=())
 def _channel_affine_silu(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """silu(GroupNorm(x)) from x's own (mean, rstd), which carry no graph: its backward gives x's
+    whole gradient, through the statistics too."""
     return dispatch.run("channel_affine_silu", x.device, x, mean, rstd, weight, bias)
 
 
@@ -89,18 +99,27 @@ def _(x, mean, rstd, weight, bias):
 
 @torch.library.custom_op("turbo_kernels::channel_affine_silu_backward", mutates_args=())
 def _channel_affine_silu_backward(
-    grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, backend: Optional[str] = None
+    grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, with_x: bool,
+    backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch.run("channel_affine_silu_backward", x.device, grad, x, mean, rstd, weight, bias, requested=backend)
+    """(x's whole gradient, or an empty tensor without with_x; weight's; bias's)."""
+    return dispatch.run(
+        "channel_affine_silu_backward", x.device, grad, x, mean, rstd, weight, bias, with_x, requested=backend
+    )
 
 
 @_channel_affine_silu_backward.register_fake
-def _(grad, x, mean, rstd, weight, bias, backend=None):
+def _(grad, x, mean, rstd, weight, bias, with_x, backend=None):
     per_channel = x.new_empty(x.shape[1:2], dtype=ref.compute_dtype(x))
-    return torch.empty_like(x), per_channel, torch.empty_like(per_channel)
+    return torch.empty_like(x) if with_x else x.new_empty(0), per_channel, torch.empty_like(per_channel)
 
 
 def _affine_silu_setup(ctx, inputs, output):
+    _, mean, rstd, _, _ = inputs
+    if mean.requires_grad or rstd.requires_grad:
+        # The backward gives x's whole gradient, the statistics' part included: mean and rstd must
+        # be x's own, taken without a graph (as group_norm_silu takes them).
+        raise ValueError("channel_affine_silu needs x's own statistics without a graph: mean and rstd require grad")
     ctx.save_for_backward(*inputs)
     ctx.backend = dispatch.requested_backend()
 
@@ -109,8 +128,11 @@ def _affine_silu_backward(ctx, grad):
     """x's whole gradient (through the affine and the statistics: the statistics op's own backward
     is not needed, so mean and rstd get none), and weight's and bias's."""
     x, mean, rstd, weight, bias = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = _channel_affine_silu_backward(grad, x, mean, rstd, weight, bias, ctx.backend)
-    return grad_x, None, None, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
+    with_x = ctx.needs_input_grad[0]
+    grad_x, grad_weight, grad_bias = _channel_affine_silu_backward(
+        grad, x, mean, rstd, weight, bias, with_x, ctx.backend
+    )
+    return grad_x if with_x else None, None, None, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
 
 _channel_affine_silu.register_autograd(_affine_silu_backward, setup_context=_affine_silu_setup)

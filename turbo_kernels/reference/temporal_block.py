@@ -182,7 +182,9 @@ def group_norm_silu_coefficients(
     d bias = sum d a, d weight = rstd (sum d a x - mean sum d a), d rstd = sum over the group's
     channels of weight (sum d a x - mean sum d a), d mean = -sum of weight rstd sum d a; and
     through the statistics (count elements a group, var + eps = rstd^-2) d x = (d mean +
-    2 d var (x - mean)) / count, d var = -rstd^3 d rstd / 2."""
+    2 d var (x - mean)) / count, d var = -rstd^3 d rstd / 2. As torch's GroupNorm backward, this
+    form (sums of d a * x less mean * sum d a) loses float32 precision when a group's mean is large
+    against its spread."""
     batch, groups = mean.shape
     group_size = x_shape[1] // groups
     count = group_size * math.prod(x_shape[2:])

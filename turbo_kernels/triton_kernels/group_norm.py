@@ -773,12 +773,12 @@ def channel_affine_silu(x, mean, rstd, weight, bias):
 
 def channel_affine_silu_sums(grad, x, mean, rstd, weight, bias):
     """The backward's first pass: (sum of d a, sum of d a * x) over each (sample, channel)'s
-    positions, each (B, C) float32, from the (contiguous) output's gradient."""
+    positions, each (B, C) float32, from the output's gradient (contiguous, as the output)."""
     videos, channels, frames = x.shape[:3]
     partials = [new_output((videos, channels, frames), torch.float32, x.device) for _ in range(2)]
     if x.numel():
         channel_affine_silu_sums_kernel[(videos * channels * frames,)](
-            grad.contiguous(), x, mean, rstd, weight, bias, *partials, channels, frames, x.shape[3] * x.shape[4],
+            grad, x, mean, rstd, weight, bias, *partials, channels, frames, x.shape[3] * x.shape[4],
             channels // mean.shape[1], mean.shape[1], *x.stride()[:3],
             BLOCK=AFFINE_SILU_BACKWARD_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
         )
@@ -791,12 +791,12 @@ def channel_affine_silu_sums(grad, x, mean, rstd, weight, bias):
 
 
 def channel_affine_silu_grad(grad, x, mean, rstd, weight, bias, alpha, beta):
-    """The backward's second pass: x's whole gradient, in x's dtype and strides."""
+    """The backward's second pass: x's whole gradient, in x's dtype and strides; grad contiguous."""
     channels, frames = x.shape[1:3]
     grad_x = new_output_like(x)
     if grad_x.numel():
         channel_affine_silu_grad_kernel[(triton.cdiv(x.numel(), AFFINE_SILU_BACKWARD_BLOCK),)](
-            grad.contiguous(), x, mean, rstd, weight, bias, alpha, beta, grad_x, x.numel(), channels, frames,
+            grad, x, mean, rstd, weight, bias, alpha, beta, grad_x, x.numel(), channels, frames,
             x.shape[3] * x.shape[4], channels // mean.shape[1], mean.shape[1], *x.stride()[:3], *grad_x.stride()[:3],
             BLOCK=AFFINE_SILU_BACKWARD_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
         )
