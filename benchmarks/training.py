@@ -149,7 +149,6 @@ def _motion_call(
     batched: bool, use_kernels: bool, compiled: bool, graphs: bool = False
 ) -> Callable[[SimpleNamespace], list[Tensor]]:
     def call(x: SimpleNamespace) -> list[Tensor]:
-        from t2v_turbo.cuda_graphs import GraphedCall
         from t2v_turbo.models.adapter import NoisePredictor
         from t2v_turbo.motion import compute_motion_prior
 
@@ -164,8 +163,7 @@ def _motion_call(
         if graphs:
             # As `t2v-turbo preprocess --cuda-graphs` does: a graph a batch size.
             if x.graphed_teacher is None:
-                x.graphed_teacher = NoisePredictor(x.teacher)
-                x.graphed_teacher.graphs = GraphedCall(x.graphed_teacher.call_model, [x.teacher])
+                x.graphed_teacher = NoisePredictor(x.teacher).enable_cuda_graphs()
             inversion_teacher = x.graphed_teacher
         groups = [slice(None)] if batched else [slice(i, i + 1) for i in range(x.z0.shape[0])]
         with models.ops_backend(use_kernels):

@@ -224,9 +224,7 @@ class T2VTurboPipeline:
         autocast run eagerly: sample in the pipeline's dtype instead). The graphs' memory pool
         stays allocated until `disable_cuda_graphs`. With `compile()` (either order) the
         graphs record the compiled UNet's kernels."""
-        from t2v_turbo.cuda_graphs import GraphedCall
-
-        self.noise_predictor.graphs = GraphedCall(self.noise_predictor.call_model, [self.unet])
+        self.noise_predictor.enable_cuda_graphs()
         return self
 
     def disable_cuda_graphs(self) -> T2VTurboPipeline:

@@ -49,7 +49,6 @@ from t2v_turbo.data.videos import VIDEO_BACKENDS, build_dataset
 from t2v_turbo.models import OpenCLIPTextEncoder, PromptCache, VC2UNet, VideoVAE
 from t2v_turbo.models.adapter import NoisePredictor, check_frame_size
 from t2v_turbo.files import write_atomically
-from t2v_turbo.cuda_graphs import GraphedCall
 from t2v_turbo.motion import compute_motion_prior, noised_latents
 
 logger = logging.getLogger(__name__)
@@ -343,7 +342,7 @@ class TeacherPass:
         if config.cuda_graphs:
             if self.no_grad_teacher is self.teacher:
                 self.no_grad_teacher = NoisePredictor(unet)
-            self.no_grad_teacher.graphs = GraphedCall(self.no_grad_teacher.call_model, [unet])
+            self.no_grad_teacher.enable_cuda_graphs()
         self.vae = vae
         self.prompts = PromptCache(text_encoder, device=device)
         self.config = config

@@ -516,10 +516,7 @@ def _linear_plus_residual(x: Tensor, linear: nn.Linear, residual: Tensor) -> Ten
 def _group_norm_affine(norm: nn.GroupNorm, x: Tensor, num_frames: int) -> tuple[Tensor, Tensor]:
     """GroupNorm of video b as a per-channel affine of x: (scale, shift), each (B, C) float32."""
     mean, rstd = _group_norm_stats(x, num_frames, norm.num_groups, norm.eps)
-    group_size = x.shape[1] // norm.num_groups
-    mean, rstd = (t.repeat_interleave(group_size, dim=1) for t in (mean, rstd))
-    scale = rstd * norm.weight.to(rstd.dtype)
-    return scale, norm.bias.to(rstd.dtype) - mean * scale
+    return ref.group_affine(mean, rstd, norm.weight, norm.bias)
 
 
 def _check_stream(norm: nn.GroupNorm, x: Tensor, num_frames: int) -> None:

@@ -101,7 +101,7 @@ class NoisePredictor:
         self._latent_multiple = 2 ** (len(network.config["channel_mult"]) - 1) if self.kind == "vc2" else 1
         self.model = model
         self.network = network
-        # A t2v_turbo.cuda_graphs.GraphedCall of call_model, set by the pipeline's enable_cuda_graphs.
+        # A t2v_turbo.cuda_graphs.GraphedCall of call_model while enable_cuda_graphs holds.
         self.graphs = None
 
     @property
@@ -163,6 +163,14 @@ class NoisePredictor:
         motion_cond = None if m is None else sinusoid_b(m, COND_EMBED_DIM).to(dtype)
         call = self.call_model if self.graphs is None else self.graphs
         return call(x, timesteps, context, fps, timestep_cond, motion_cond)
+
+    def enable_cuda_graphs(self) -> NoisePredictor:
+        """From now on the model's call replays CUDA graphs (t2v_turbo.cuda_graphs.GraphedCall),
+        watching the network's parameters; `graphs = None` turns them off."""
+        from t2v_turbo.cuda_graphs import GraphedCall
+
+        self.graphs = GraphedCall(self.call_model, [self.network])
+        return self
 
     def call_model(
         self, x: Tensor, timesteps: Tensor, context: Tensor, fps: int | Tensor, timestep_cond: Tensor | None,

@@ -152,25 +152,37 @@ def channel_affine(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], 
     return (per_video * scale[:, None, None, :] + shift[:, None, None, :]).flatten(0, 1).to(x.dtype)
 
 
-def channel_affine_silu(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """silu(a), a = x*scale + shift rounded to x's dtype (GroupNorm's output), scale = rstd*weight
-    and shift = bias - mean*scale per (sample, channel), of a (B, C, F, H, W) x with (B, groups)
-    statistics and (C,) weight and bias; contiguous, in x's dtype."""
-    group_size = x.shape[1] // mean.shape[1]
+def group_affine(mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """GroupNorm as a per-(sample, channel) affine: (scale, shift) = (rstd*weight, bias -
+    mean*scale), each (B, C) in the statistics' dtype, from (B, groups) statistics and (C,) weight
+    and bias."""
+    group_size = weight.shape[0] // mean.shape[1]
     mean, rstd = (t.repeat_interleave(group_size, dim=1) for t in (mean, rstd))
     scale = rstd * weight.to(rstd.dtype)
-    shift = bias.to(rstd.dtype) - mean * scale
-    a = (x.to(scale.dtype) * scale[:, :, None, None, None] + shift[:, :, None, None, None]).to(x.dtype)
-    return F.silu(a.to(compute_dtype(x))).to(x.dtype).contiguous()
+    return scale, bias.to(rstd.dtype) - mean * scale
+
+
+def _rounded_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """a = x*scale + shift per (sample, channel) of a (B, C, F, H, W) x, rounded to x's dtype as a
+    GroupNorm output is; in the compute dtype."""
+    cdt = compute_dtype(x)
+    a = x.to(cdt) * scale.to(cdt)[:, :, None, None, None] + shift.to(cdt)[:, :, None, None, None]
+    return a.to(x.dtype).to(cdt)
+
+
+def channel_affine_silu(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """silu(a), a = x*scale + shift rounded to x's dtype (GroupNorm's output), (scale, shift) =
+    group_affine(...) per (sample, channel), of a (B, C, F, H, W) x with (B, groups) statistics and
+    (C,) weight and bias; contiguous, in x's dtype."""
+    return F.silu(_rounded_affine(x, *group_affine(mean, rstd, weight, bias))).to(x.dtype).contiguous()
 
 
 def silu_grad_at_rounded_affine(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """d a = d y * silu'(a) at a = x*scale + shift (per (sample, channel), (B, C) scale and shift)
     rounded to x's dtype as channel_affine_silu's forward rounds it; in the compute dtype."""
-    cdt = compute_dtype(x)
-    a = (x.to(cdt) * scale[:, :, None, None, None] + shift[:, :, None, None, None]).to(x.dtype).to(cdt)
+    a = _rounded_affine(x, scale, shift)
     sigmoid = torch.sigmoid(a)
-    return grad.to(cdt) * sigmoid * (1 + a * (1 - sigmoid))
+    return grad.to(a.dtype) * sigmoid * (1 + a * (1 - sigmoid))
 
 
 def group_norm_silu_coefficients(
@@ -211,9 +223,7 @@ def channel_affine_silu_backward(
     rounded a the forward takes (group_norm_silu_coefficients gives the formulas)."""
     cdt = compute_dtype(x)
     group_size = x.shape[1] // mean.shape[1]
-    mean_c, rstd_c = (t.to(cdt).repeat_interleave(group_size, dim=1) for t in (mean, rstd))
-    scale = rstd_c * weight.to(cdt)
-    shift = bias.to(cdt) - mean_c * scale
+    scale, shift = group_affine(mean.to(cdt), rstd.to(cdt), weight, bias)
     grad_a = silu_grad_at_rounded_affine(grad, x, scale, shift)
     x_c = x.to(cdt)
     grad_weight, grad_bias, alpha, beta = group_norm_silu_coefficients(

@@ -308,6 +308,34 @@ def channel_affine_kernel(
 
 
 @triton.jit
+def _element_coordinates(offsets, channels, frames, positions):
+    """(sample, channel, frame, position) of elements `offsets` of a contiguous (B, C, F, P) tensor."""
+    video_channel = offsets // (positions * frames)
+    return video_channel // channels, video_channel % channels, (offsets // positions) % frames, offsets % positions
+
+
+@triton.jit
+def _group_affine_elements(
+    offsets, mask, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, channels, frames, positions, group_size, groups,
+    x_stride_b, x_stride_c, x_stride_f,
+):
+    """For elements `offsets` of a contiguous (B, C, F, P) tensor: x there (x in any strides with
+    contiguous positions; its storage dtype), GroupNorm's affine scale = rstd*weight and shift =
+    bias - mean*scale of the element's sample and channel, and its (sample, group) index."""
+    video, channel, frame, position = _element_coordinates(offsets, channels, frames, positions)
+    video_group = video * groups + channel // group_size
+    x = tl.load(
+        x_ptr + video * x_stride_b + channel * x_stride_c + frame * x_stride_f + position, mask=mask, other=0.0
+    )
+    mean = tl.load(mean_ptr + video_group, mask=mask, other=0.0)
+    scale = tl.load(rstd_ptr + video_group, mask=mask, other=0.0) * tl.load(
+        weight_ptr + channel, mask=mask, other=0.0
+    ).to(tl.float32)
+    shift = tl.load(bias_ptr + channel, mask=mask, other=0.0).to(tl.float32) - mean * scale
+    return x, scale, shift, video_group
+
+
+@triton.jit
 def channel_affine_silu_kernel(
     x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, out_ptr, numel, channels, frames, positions, group_size,
     groups, x_stride_b, x_stride_c, x_stride_f, BLOCK: tl.constexpr,
@@ -319,20 +347,10 @@ def channel_affine_silu_kernel(
     # than by separate launches).
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
-    position = offsets % positions
-    frame = (offsets // positions) % frames
-    video_channel = offsets // (positions * frames)
-    channel = video_channel % channels
-    video = video_channel // channels
-    video_group = video * groups + channel // group_size
-    x = tl.load(
-        x_ptr + video * x_stride_b + channel * x_stride_c + frame * x_stride_f + position, mask=mask, other=0.0
+    x, scale, shift, _ = _group_affine_elements(
+        offsets, mask, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, channels, frames, positions, group_size,
+        groups, x_stride_b, x_stride_c, x_stride_f,
     )
-    mean = tl.load(mean_ptr + video_group, mask=mask, other=0.0)
-    scale = tl.load(rstd_ptr + video_group, mask=mask, other=0.0) * tl.load(
-        weight_ptr + channel, mask=mask, other=0.0
-    ).to(tl.float32)
-    shift = tl.load(bias_ptr + channel, mask=mask, other=0.0).to(tl.float32) - mean * scale
     a = (x.to(tl.float32) * scale + shift).to(out_ptr.dtype.element_ty).to(tl.float32)
     y = a / (1.0 + tl.exp(-a))
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -391,25 +409,17 @@ def channel_affine_silu_grad_kernel(
     # alpha and beta per (sample, group) from the first pass's sums), written once in x's strides.
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
-    position = offsets % positions
-    frame = (offsets // positions) % frames
-    video_channel = offsets // (positions * frames)
-    channel = video_channel % channels
-    video = video_channel // channels
-    video_group = video * groups + channel // group_size
-    x = tl.load(
-        x_ptr + video * x_stride_b + channel * x_stride_c + frame * x_stride_f + position, mask=mask, other=0.0
-    ).to(tl.float32)
+    x, scale, shift, video_group = _group_affine_elements(
+        offsets, mask, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, channels, frames, positions, group_size,
+        groups, x_stride_b, x_stride_c, x_stride_f,
+    )
+    x = x.to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + video_group, mask=mask, other=0.0)
-    scale = tl.load(rstd_ptr + video_group, mask=mask, other=0.0) * tl.load(
-        weight_ptr + channel, mask=mask, other=0.0
-    ).to(tl.float32)
-    shift = tl.load(bias_ptr + channel, mask=mask, other=0.0).to(tl.float32) - mean * scale
     grad_a = _silu_grad_at_rounded_affine(x, grad, scale, shift, x_ptr.dtype.element_ty)
     alpha = tl.load(alpha_ptr + video_group, mask=mask, other=0.0)
     beta = tl.load(beta_ptr + video_group, mask=mask, other=0.0)
     grad_x = grad_a * scale + alpha * x + beta
+    video, channel, frame, position = _element_coordinates(offsets, channels, frames, positions)
     out = grad_x_ptr + video * out_stride_b + channel * out_stride_c + frame * out_stride_f + position
     tl.store(out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
@@ -530,16 +540,17 @@ _CHANNEL_AFFINE_ARGS = dict(
     scale_ptr="*fp32", shift_ptr="*fp32", tokens="i32", channels="i32", frames="i32",
     **{f"{name}_stride_{axis}": "i32" for name in ("x", "out") for axis in "rmk"},
 )
-# GroupNorm + SiLU of the UNet's ResBlocks and temporal convolutions: blocks of 2048 elements.
-AFFINE_SILU_BLOCK = 2048
+# GroupNorm + SiLU of the UNet's ResBlocks and temporal convolutions, forward and backward: blocks
+# (or position chunks) of 1024 elements; at 2048 the elementwise passes took 80-128 registers a
+# thread and the forward spilled in fp16.
+AFFINE_SILU_BLOCK = 1024
 AFFINE_SILU_NUM_WARPS = 4
 _AFFINE_SILU_ARGS = dict(
     mean_ptr="*fp32", rstd_ptr="*fp32", numel="i32", channels="i32", frames="i32", positions="i32",
     group_size="i32", groups="i32", x_stride_b="i32", x_stride_c="i32", x_stride_f="i32",
 )
-# Its backward: sums with one (sample, channel, frame) a program, positions in chunks of 1024;
-# then x's gradient elementwise in blocks of 1024 (2048 took 128 registers a thread).
-AFFINE_SILU_BACKWARD_BLOCK = 1024
+# Its backward: sums with one (sample, channel, frame) a program over its positions in chunks;
+# then x's gradient elementwise.
 _AFFINE_SILU_SUMS_ARGS = dict(
     mean_ptr="*fp32", rstd_ptr="*fp32", sum_grad_ptr="*fp32", sum_grad_x_ptr="*fp32", channels="i32",
     frames="i32", positions="i32", group_size="i32", groups="i32",
@@ -611,8 +622,8 @@ REPORT_CONFIGS: list[KernelConfig] = (
         config
         for units in ((), ("frames",))
         for kernel, args, block in (
-            (channel_affine_silu_sums_kernel, _AFFINE_SILU_SUMS_ARGS, AFFINE_SILU_BACKWARD_BLOCK),
-            (channel_affine_silu_grad_kernel, _AFFINE_SILU_GRAD_ARGS, AFFINE_SILU_BACKWARD_BLOCK),
+            (channel_affine_silu_sums_kernel, _AFFINE_SILU_SUMS_ARGS, AFFINE_SILU_BLOCK),
+            (channel_affine_silu_grad_kernel, _AFFINE_SILU_GRAD_ARGS, AFFINE_SILU_BLOCK),
         )
         for config in storage_configs(kernel, _with_units(args, units), dict(BLOCK=block), AFFINE_SILU_NUM_WARPS)
     ]
@@ -780,7 +791,7 @@ def channel_affine_silu_sums(grad, x, mean, rstd, weight, bias):
         channel_affine_silu_sums_kernel[(videos * channels * frames,)](
             grad, x, mean, rstd, weight, bias, *partials, channels, frames, x.shape[3] * x.shape[4],
             channels // mean.shape[1], mean.shape[1], *x.stride()[:3],
-            BLOCK=AFFINE_SILU_BACKWARD_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
+            BLOCK=AFFINE_SILU_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
         )
     else:
         for partial in partials:
@@ -795,10 +806,10 @@ def channel_affine_silu_grad(grad, x, mean, rstd, weight, bias, alpha, beta):
     channels, frames = x.shape[1:3]
     grad_x = new_output_like(x)
     if grad_x.numel():
-        channel_affine_silu_grad_kernel[(triton.cdiv(x.numel(), AFFINE_SILU_BACKWARD_BLOCK),)](
+        channel_affine_silu_grad_kernel[(triton.cdiv(x.numel(), AFFINE_SILU_BLOCK),)](
             grad, x, mean, rstd, weight, bias, alpha, beta, grad_x, x.numel(), channels, frames,
             x.shape[3] * x.shape[4], channels // mean.shape[1], mean.shape[1], *x.stride()[:3], *grad_x.stride()[:3],
-            BLOCK=AFFINE_SILU_BACKWARD_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
+            BLOCK=AFFINE_SILU_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
         )
     return grad_x
 
