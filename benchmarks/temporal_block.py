@@ -388,7 +388,7 @@ GROUP_NORM_LAYOUTS = ("frames", "stream", "video")
 
 
 def _group_norm_inputs(layout: str, videos: int, frames: int, channels: int, height: int, width: int,
-                       with_grad: bool, options: SuiteOptions) -> Callable[[], SimpleNamespace]:
+                       with_grad: bool, autocast: bool, options: SuiteOptions) -> Callable[[], SimpleNamespace]:
     generator = torch.Generator(device=options.device).manual_seed(options.seed)
 
     def make_inputs() -> SimpleNamespace:
@@ -399,10 +399,12 @@ def _group_norm_inputs(layout: str, videos: int, frames: int, channels: int, hei
         video = stream.unflatten(0, (videos, frames)).transpose(1, 2)
         x = {"frames": stream, "stream": video, "video": video.contiguous()}[layout]
         weight, bias = 1 + 0.1 * randn(channels), 0.1 * randn(channels)
+        if autocast:  # float32 master weights, as mixed-precision training holds them
+            weight, bias = weight.float(), bias.float()
         differentiable = tuple(t.requires_grad_(with_grad) for t in (x, weight, bias))
         return SimpleNamespace(
             x=x, weight=weight, bias=bias, differentiable=differentiable if with_grad else (),
-            grad_out=randn(*x.shape) if with_grad else None,
+            grad_out=randn(*x.shape).to(torch.float32 if autocast else options.dtype) if with_grad else None,
         )
 
     return make_inputs
@@ -415,9 +417,10 @@ def _torch_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 def group_norm_cases(options: SuiteOptions) -> Iterator[Case]:
     """GroupNorm + SiLU as the UNet's ResBlocks and temporal convolutions run it, at every level
     and in each of its input layouts, forward and forward+backward (x, weight and bias): torch's
-    composition eager and compiled against turbo_kernels.group_norm_silu. An ideal pass reads x
-    once and writes the output once; the backward reads x and the output's gradient and writes
-    x's."""
+    composition eager and compiled against turbo_kernels.group_norm_silu; in 16-bit also
+    under CUDA autocast with float32 weight and bias (cases `...-autocast`: bf16 training, where
+    the output and its gradient are float32). An ideal pass reads x once and writes the output
+    once; the backward reads x and the output's gradient and writes x's."""
     frames, _, levels, batch_sizes = _sizes(options)
     element_size = torch.empty((), dtype=options.dtype).element_size()
     compiled = torch.compile(_torch_group_norm_silu, dynamic=False)
@@ -426,34 +429,48 @@ def group_norm_cases(options: SuiteOptions) -> Iterator[Case]:
         with tk.backend("triton"):
             return tk.group_norm_silu(x, weight, bias, 32, 1e-5)
 
-    def call(fn: Callable, with_grad: bool) -> Callable[[SimpleNamespace], Any]:
+    def call(fn: Callable, with_grad: bool, autocast: bool) -> Callable[[SimpleNamespace], Any]:
         def timed(inputs: SimpleNamespace):
-            if not with_grad:
-                with torch.no_grad():
+            with contextlib.ExitStack() as stack:
+                if autocast:
+                    stack.enter_context(torch.autocast(options.device.type, dtype=options.dtype))
+                if not with_grad:
+                    stack.enter_context(torch.no_grad())
                     return fn(inputs.x, inputs.weight, inputs.bias)
-            with tk.backend("triton") if fn is on_triton else contextlib.nullcontext():
+                if fn is on_triton:
+                    stack.enter_context(tk.backend("triton"))
                 out = fn(inputs.x, inputs.weight, inputs.bias)
                 return torch.autograd.grad(out, inputs.differentiable, inputs.grad_out)
 
         return timed
 
+    autocast_modes = (False, True) if element_size == 2 else (False,)
+
     for pass_name in ("fwd", "fwd+bwd"):
         with_grad = pass_name == "fwd+bwd"
         for batch in batch_sizes:
             for channels, height, width, _ in levels:
-                for layout in GROUP_NORM_LAYOUTS:
+                for layout, autocast in itertools.product(GROUP_NORM_LAYOUTS, autocast_modes):
                     shape = (batch * frames, channels, height, width)
+                    # x (and its gradient) in the storage dtype; the output and its gradient float32 under autocast.
+                    out_size = 4 if autocast else element_size
+                    bytes_per_element = element_size + out_size + (2 * element_size + out_size if with_grad else 0)
                     yield Case(
                         op=GROUP_NORM_OP,
-                        case=f"b{batch}-c{channels}-{height}x{width}-{layout}",
+                        case=f"b{batch}-c{channels}-{height}x{width}-{layout}" + ("-autocast" if autocast else ""),
                         pass_name=pass_name,
-                        make_inputs=_group_norm_inputs(layout, batch, frames, channels, height, width, with_grad, options),
-                        impls=(
-                            Impl(EAGER, call(_torch_group_norm_silu, with_grad)),
-                            Impl(COMPILED, call(compiled, with_grad), compiles=True),
-                            Impl(TRITON, call(on_triton, with_grad), unavailable=models.kernels_unavailable(options.device)),
+                        make_inputs=_group_norm_inputs(
+                            layout, batch, frames, channels, height, width, with_grad, autocast, options
                         ),
-                        bytes_moved=(5 if with_grad else 2) * torch.Size(shape).numel() * element_size,
+                        impls=(
+                            Impl(EAGER, call(_torch_group_norm_silu, with_grad, autocast)),
+                            Impl(COMPILED, call(compiled, with_grad, autocast), compiles=True),
+                            Impl(
+                                TRITON, call(on_triton, with_grad, autocast),
+                                unavailable=models.kernels_unavailable(options.device),
+                            ),
+                        ),
+                        bytes_moved=bytes_per_element * torch.Size(shape).numel(),
                         dtype=options.dtype,
                         shape=shape,
                     )

@@ -306,6 +306,12 @@ def test_group_norm_cases_compute_the_composition():
         x = case.make_inputs()
         impls = {impl.name: impl for impl in case.impls}
         torch.testing.assert_close(impls[temporal_block.TRITON].fn(x), impls[harness.EAGER].fn(x), rtol=1e-4, atol=1e-5)
+    # In 16-bit each layout is also timed under autocast, with float32 weight and bias.
+    half = list(temporal_block.group_norm_cases(harness.SuiteOptions(DEVICE, torch.float16, None, quick=True)))
+    assert [c.case.split("-", 3)[3] for c in half] == [
+        layout + suffix for _ in harness.PASSES for layout in temporal_block.GROUP_NORM_LAYOUTS for suffix in ("", "-autocast")
+    ]
+    assert half[1].make_inputs().weight.dtype == torch.float32
     rows = [{"op": temporal_block.GROUP_NORM_OP, "case": cases[0].case, "pass": "fwd", "impl": impl, "median_ms": ms}
             for impl, ms in ((harness.EAGER, 1.0), (temporal_block.TRITON, 0.5))]
     (line,) = [line for line in temporal_block.summary({"rows": rows}) if "group_norm_silu" in line]

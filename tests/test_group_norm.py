@@ -134,12 +134,71 @@ def test_layouts_the_kernels_do_not_read_run_the_composition(chosen):
         assert out.is_contiguous(memory_format=torch.channels_last) and chosen == []
 
 
+AUTOCAST_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+AUTOCAST_CASES = [("reference", torch.float16)] + [("triton", d) for d in AUTOCAST_DTYPES if TRITON_USABLE]
+
+
+def _autocast_composition(x, weight, bias):
+    """What CUDA autocast's GroupNorm computes from 16-bit x and float32 master weights: x cast
+    up exactly, float32 throughout, float32 out."""
+    return _composition(x.float(), weight, bias)
+
+
+@pytest.mark.parametrize("backend_name,dtype", AUTOCAST_CASES, ids=lambda v: str(v))
+def test_float32_output_from_16_bit_x_is_autocasts_groupnorm(backend_name, dtype, chosen):
+    """The op as group_norm_silu runs it under CUDA autocast (out_dtype float32, float32 weight
+    and bias): forward and d x, d weight, d bias within twice the error of the float32 composition
+    autocast would run, d x in x's dtype."""
+    x = _input("stream", dtype, seed=30).requires_grad_(True)
+    weight, bias = (t.float().to(DEVICE).requires_grad_(True) for t in _affine(64, torch.Generator().manual_seed(31)))
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(32)).to(DEVICE)
+    with torch.no_grad():
+        stats = tk.ops.group_norm._group_stats(x, GROUPS, EPS)
+    with tk.backend(backend_name):
+        out = torch.ops.turbo_kernels.channel_affine_silu(x, *stats, weight, bias, torch.float32)
+        grads = _gradients(out, (x, weight, bias), grad_out)
+    assert [name for _, name in chosen if _ == "channel_affine_silu"] == [backend_name]
+    assert out.dtype == torch.float32 and out.is_contiguous() and grads[0].dtype == dtype
+    same = [t.detach().requires_grad_(True) for t in (x, weight, bias)]
+    same_out = _autocast_composition(*same)
+    same_grads = _gradients(same_out, same, grad_out)
+    exact = [t.detach().double().requires_grad_(True) for t in (x, weight, bias)]
+    exact_out = _composition(*exact)
+    exact_grads = _gradients(exact_out, exact, grad_out.double())
+    assert_within_2x_of_reference(out.detach(), same_out.detach(), exact_out.detach())
+    for name, got, lp, expected in zip(("d x", "d weight", "d bias"), grads, same_grads, exact_grads):
+        # d x's float32 reference is rounded to x's dtype as autocast's cast back rounds it.
+        assert_within_2x_of_reference(got, lp.to(got.dtype), expected, name)
+
+
 @pytest.mark.gpu
-def test_autocast_runs_the_composition(chosen):
-    """Under CUDA autocast torch's GroupNorm computes and returns float32: so does the op."""
-    x = _input("video", torch.bfloat16, seed=16)
-    weight, bias = (t.float().to(DEVICE) for t in _affine(64, torch.Generator().manual_seed(17)))
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+def test_under_cuda_autocast_the_kernels_return_float32_like_the_composition(dtype, chosen):
+    """CUDA autocast's GroupNorm computes and returns float32: the op runs its kernels and does
+    the same, to within twice the composition's error, gradients included."""
+    x = _input("video", dtype, seed=16).requires_grad_(True)
+    weight, bias = (t.float().to(DEVICE).requires_grad_(True) for t in _affine(64, torch.Generator().manual_seed(17)))
+    with torch.autocast("cuda", dtype=dtype):
+        out = tk.group_norm_silu(x, weight, bias, GROUPS, EPS)
+        same = [t.detach().requires_grad_(True) for t in (x, weight, bias)]
+        want = _composition(*same)
+    assert [op for op, _ in chosen] == ["group_norm_stats", "channel_affine_silu"]
+    assert out.dtype == want.dtype == torch.float32
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(33)).to(DEVICE)
+    grads = _gradients(out, (x, weight, bias), grad_out)
+    want_grads = _gradients(want, same, grad_out)
+    exact = [t.detach().double().requires_grad_(True) for t in (x, weight, bias)]
+    exact_out = _composition(*exact)
+    assert_within_2x_of_reference(out.detach(), want.detach(), exact_out.detach())
+    for name, got, lp, expected in zip(("d x", "d weight", "d bias"), grads, want_grads, _gradients(exact_out, exact, grad_out.double())):
+        assert_within_2x_of_reference(got, lp, expected, name)
+
+
+def test_autocast_on_other_devices_runs_the_composition(chosen):
+    """CPU autocast leaves GroupNorm in x's dtype with mixed weights: not a case the op claims."""
+    x = _input("video", torch.float32, seed=34).cpu()
+    weight, bias = (t.float() for t in _affine(64, torch.Generator().manual_seed(35)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = tk.group_norm_silu(x, weight, bias, GROUPS, EPS)
         want = _composition(x, weight, bias)
     assert chosen == [] and out.dtype == want.dtype
@@ -178,9 +237,16 @@ def test_kernel_report_compiles_what_it_launches(monkeypatch, dtype):
         for layout in ("frames", "video", "stream"):
             x = _input(layout, dtype, seed=11).requires_grad_(True)
             tk.group_norm_silu(x, weight, bias, GROUPS, EPS).sum().backward()
+    autocast_passes = 0
+    if dtype != torch.float32:  # as under CUDA autocast: float32 weight, bias, output and its gradient
+        x = _input("video", dtype, seed=11).requires_grad_(True)
+        mean, rstd, weight32, bias32 = _statistics(12)
+        with tk.backend("triton"):
+            torch.ops.turbo_kernels.channel_affine_silu(x, mean, rstd, weight32, bias32, torch.float32).sum().backward()
+        autocast_passes = 3
     passes = ("channel_affine_silu_kernel", "channel_affine_silu_sums_kernel", "channel_affine_silu_grad_kernel")
     exact = [launch for launch in launches if launch[0].__name__ in passes]
-    assert len(exact) == 3 + 3 + 2 * 3  # no-grad forwards, forwards, backwards
+    assert len(exact) == 3 + 3 + 2 * 3 + autocast_passes  # no-grad forwards, forwards, backwards
     assert unreported_launches(exact, kernels.REPORT_CONFIGS) == []
     statistics = [launch for launch in launches if launch[0].__name__ not in passes]
     assert unreported_launches(statistics, kernels.REPORT_CONFIGS, check_constexprs=False) == []

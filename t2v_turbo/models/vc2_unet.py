@@ -12,8 +12,8 @@ says where), the unfused temporal attention (and its probabilities) runs turbo_k
 `temporal_attention` / `temporal_attention_probs`, every feed-forward's GEGLU and every
 transformer block's LayerNorm run turbo_kernels.geglu / layer_norm outside torch.compile, and the
 ResBlocks', temporal convolutions' and output layer's GroupNorm + SiLU run
-turbo_kernels.group_norm_silu where autocast is off (under it, and under torch.compile, torch's
-own); with it off, everything is plain PyTorch. Gradient checkpointing, when enabled, recomputes each UNet block in
+turbo_kernels.group_norm_silu outside torch.compile (under CUDA autocast in float32, as autocast's
+GroupNorm computes it); with it off, everything is plain PyTorch. Gradient checkpointing, when enabled, recomputes each UNet block in
 the backward pass.
 """
 

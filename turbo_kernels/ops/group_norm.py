@@ -18,9 +18,11 @@ Differentiable (first-order gradients only): `channel_affine_silu_backward` is t
 per-(sample, channel) sums of d a = d y * silu'(a) and d a * x, then x's whole gradient (through
 the affine and the statistics, from per-group coefficients) written once; reads x and d y twice
 and writes d x once, where the affine's backward, the statistics' backward and their sum would
-move about 8 tensors. Under autocast (whose GroupNorm computes and returns float32) or
-torch.compile (inductor fuses the GroupNorm and SiLU itself), the function runs
-F.silu(F.group_norm(...)).
+move about 8 tensors. Under CUDA autocast, whose GroupNorm reads 16-bit x as float32 and returns
+float32, the kernels do the same: x read in its dtype, the output and its gradient float32, x's
+gradient in x's dtype (autocast's composition would also write x's float32 copy, then GroupNorm's
+and SiLU's float32 outputs). While torch.compile traces (inductor fuses the GroupNorm and SiLU
+itself), and under other devices' autocast, the function runs F.silu(F.group_norm(...)).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ def _triton():
     return group_norm
 
 
-def _affine_silu_problem(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> Optional[str]:
+def _affine_silu_problem(
+    x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, out_dtype: Optional[torch.dtype] = None
+) -> Optional[str]:
     problem = checks.storage_problem(x) or checks.storage_problem(weight) or checks.storage_problem(bias)
     if problem:
         return problem
@@ -86,15 +90,18 @@ dispatch.register("channel_affine_silu_backward", "triton", _affine_silu_backwar
 
 
 @torch.library.custom_op("turbo_kernels::channel_affine_silu", mutates_args=())
-def _channel_affine_silu(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """silu(GroupNorm(x)) from x's own (mean, rstd), which carry no graph: its backward gives x's
-    whole gradient, through the statistics too."""
-    return dispatch.run("channel_affine_silu", x.device, x, mean, rstd, weight, bias)
+def _channel_affine_silu(
+    x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, out_dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """silu(GroupNorm(x)) from x's own (mean, rstd), which carry no graph, in out_dtype (default
+    x's; GroupNorm's output rounded to it): its backward gives x's whole gradient, through the
+    statistics too."""
+    return dispatch.run("channel_affine_silu", x.device, x, mean, rstd, weight, bias, out_dtype)
 
 
 @_channel_affine_silu.register_fake
-def _(x, mean, rstd, weight, bias):
-    return x.new_empty(x.shape)
+def _(x, mean, rstd, weight, bias, out_dtype=None):
+    return x.new_empty(x.shape, dtype=x.dtype if out_dtype is None else out_dtype)
 
 
 @torch.library.custom_op("turbo_kernels::channel_affine_silu_backward", mutates_args=())
@@ -102,7 +109,8 @@ def _channel_affine_silu_backward(
     grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, with_x: bool,
     backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(x's whole gradient, or an empty tensor without with_x; weight's; bias's)."""
+    """(x's whole gradient, or an empty tensor without with_x; weight's; bias's), from the
+    output's gradient in the output's dtype."""
     return dispatch.run(
         "channel_affine_silu_backward", x.device, grad, x, mean, rstd, weight, bias, with_x, requested=backend
     )
@@ -115,6 +123,7 @@ def _(grad, x, mean, rstd, weight, bias, with_x, backend=None):
 
 
 def _affine_silu_setup(ctx, inputs, output):
+    *inputs, _ = inputs  # out_dtype: the output gradient arrives in it
     _, mean, rstd, _, _ = inputs
     if mean.requires_grad or rstd.requires_grad:
         # The backward gives x's whole gradient, the statistics' part included: mean and rstd must
@@ -132,7 +141,7 @@ def _affine_silu_backward(ctx, grad):
     grad_x, grad_weight, grad_bias = _channel_affine_silu_backward(
         grad, x, mean, rstd, weight, bias, with_x, ctx.backend
     )
-    return grad_x if with_x else None, None, None, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
+    return grad_x if with_x else None, None, None, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), None
 
 
 _channel_affine_silu.register_autograd(_affine_silu_backward, setup_context=_affine_silu_setup)
@@ -156,18 +165,28 @@ def _group_stats(x: Tensor, groups: int, eps: float) -> Optional[tuple[Tensor, T
     return None
 
 
-def _fused_path(x: Tensor) -> bool:
-    # Autocast runs GroupNorm in float32 (and returns float32): the composition keeps its dtypes.
-    return not (torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type))
+def _kernels_output_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype torch's composition returns, which the kernels then write; None where the
+    composition itself runs: while torch.compile traces (inductor fuses GroupNorm and SiLU) and
+    under autocast on devices other than CUDA (whose rules for GroupNorm differ)."""
+    if torch.compiler.is_compiling():
+        return None
+    if not torch.is_autocast_enabled(x.device.type):
+        return x.dtype
+    if x.device.type == "cuda":
+        # CUDA autocast runs GroupNorm in float32 (16-bit inputs cast up exactly) and returns it.
+        return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return None
 
 
 def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
     """silu(group_norm(x)) of x (N, C, H, W) (each sample's groups over (C/groups, H, W)) or (B, C,
     F, H, W) (each video's over (C/groups, F, H, W)), with the affine weight and bias (C,), as
-    F.silu(F.group_norm(x, groups, weight, bias, eps)) computes it: contiguous and in x's dtype
-    from the kernels, differentiable (first order) in x, weight and bias. Runs that very composition (its dtype
-    and layout) under autocast, while torch.compile traces, or for layouts the kernels do not read
-    (module docstring)."""
+    F.silu(F.group_norm(x, groups, weight, bias, eps)) computes it: contiguous and in the
+    composition's dtype from the kernels (x's; float32 from 16-bit x under CUDA autocast, whose
+    GroupNorm computes in float32), differentiable (first order) in x, weight and bias. Runs that
+    very composition (its dtype and layout) while torch.compile traces, under autocast on other
+    devices, or for layouts the kernels do not read (module docstring)."""
     checks.floating_tensor(x, "x")
     if x.dim() not in (4, 5):
         raise ValueError(f"x must be (N, C, H, W) or (B, C, F, H, W), got shape {tuple(x.shape)}")
@@ -177,10 +196,11 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: f
         if not isinstance(t, Tensor) or t.shape != (channels,):
             raise ValueError(f"{name} must be a ({channels},) tensor, got {getattr(t, 'shape', type(t).__name__)}")
     video = x if x.dim() == 5 else x.unsqueeze(2)
+    out_dtype = _kernels_output_dtype(x)
     # No graph through the statistics: channel_affine_silu's backward gives x's whole gradient.
     with torch.no_grad():
-        stats = _group_stats(video, groups, eps) if _fused_path(x) and video.numel() else None
+        stats = _group_stats(video, groups, eps) if out_dtype is not None and video.numel() else None
     if stats is None:
         return F.silu(F.group_norm(x, groups, weight, bias, eps))
-    out = _channel_affine_silu(video, *stats, weight, bias)
+    out = _channel_affine_silu(video, *stats, weight, bias, out_dtype)
     return out if x.dim() == 5 else out.squeeze(2)

@@ -162,25 +162,31 @@ def group_affine(mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> tu
     return scale, bias.to(rstd.dtype) - mean * scale
 
 
-def _rounded_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """a = x*scale + shift per (sample, channel) of a (B, C, F, H, W) x, rounded to x's dtype as a
-    GroupNorm output is; in the compute dtype."""
+def _rounded_affine(x: Tensor, scale: Tensor, shift: Tensor, rounding: torch.dtype) -> Tensor:
+    """a = x*scale + shift per (sample, channel) of a (B, C, F, H, W) x, rounded to `rounding` (the
+    dtype of the GroupNorm output it stands for); in the compute dtype."""
     cdt = compute_dtype(x)
     a = x.to(cdt) * scale.to(cdt)[:, :, None, None, None] + shift.to(cdt)[:, :, None, None, None]
-    return a.to(x.dtype).to(cdt)
+    return a.to(rounding).to(cdt)
 
 
-def channel_affine_silu(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """silu(a), a = x*scale + shift rounded to x's dtype (GroupNorm's output), (scale, shift) =
-    group_affine(...) per (sample, channel), of a (B, C, F, H, W) x with (B, groups) statistics and
-    (C,) weight and bias; contiguous, in x's dtype."""
-    return F.silu(_rounded_affine(x, *group_affine(mean, rstd, weight, bias))).to(x.dtype).contiguous()
+def channel_affine_silu(
+    x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, out_dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """silu(a), a = x*scale + shift rounded to the output's dtype (GroupNorm's output), (scale,
+    shift) = group_affine(...) per (sample, channel), of a (B, C, F, H, W) x with (B, groups)
+    statistics and (C,) weight and bias; contiguous, in out_dtype (default x's; float32 from 16-bit
+    x is what CUDA autocast's GroupNorm returns)."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    a = _rounded_affine(x, *group_affine(mean, rstd, weight, bias), out_dtype)
+    return F.silu(a).to(out_dtype).contiguous()
 
 
 def silu_grad_at_rounded_affine(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """d a = d y * silu'(a) at a = x*scale + shift (per (sample, channel), (B, C) scale and shift)
-    rounded to x's dtype as channel_affine_silu's forward rounds it; in the compute dtype."""
-    a = _rounded_affine(x, scale, shift)
+    rounded as channel_affine_silu's forward rounds it: to the output's dtype, which is grad's; in
+    the compute dtype."""
+    a = _rounded_affine(x, scale, shift, grad.dtype)
     sigmoid = torch.sigmoid(a)
     return grad.to(a.dtype) * sigmoid * (1 + a * (1 - sigmoid))
 
@@ -218,9 +224,10 @@ def group_norm_silu_coefficients(
 def channel_affine_silu_backward(
     grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """GroupNorm + SiLU's gradients from its output's: (d x whole, through the affine and the
-    statistics, in x's dtype and strides; d weight; d bias, in the compute dtype), d a taken at the
-    rounded a the forward takes (group_norm_silu_coefficients gives the formulas)."""
+    """GroupNorm + SiLU's gradients from its output's, grad, in the output's dtype: (d x whole,
+    through the affine and the statistics, in x's dtype and strides; d weight; d bias, in the
+    compute dtype), d a taken at the rounded a the forward takes (group_norm_silu_coefficients
+    gives the formulas)."""
     cdt = compute_dtype(x)
     group_size = x.shape[1] // mean.shape[1]
     scale, shift = group_affine(mean.to(cdt), rstd.to(cdt), weight, bias)

@@ -37,6 +37,7 @@ reference does; 16-bit storage runs on tensor cores.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -342,7 +343,7 @@ def channel_affine_silu_kernel(
 ):
     # out is a contiguous (B, C, F, P) tensor, P = H*W positions; x the same shape in any strides
     # with its positions contiguous (the stream's transposed view included). y = silu(a), with
-    # a = x*scale + shift rounded to the storage dtype as a GroupNorm output is, scale = rstd*weight
+    # a = x*scale + shift rounded to out's dtype as a GroupNorm output is, scale = rstd*weight
     # and shift = bias - mean*scale of the sample's group (GroupNorm's affine, formed here rather
     # than by separate launches).
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -357,9 +358,10 @@ def channel_affine_silu_kernel(
 
 
 @triton.jit
-def _silu_grad_at_rounded_affine(x, grad, scale, shift, storage_dtype: tl.constexpr):
-    """d a = d y * silu'(a) at a = x*scale + shift rounded as the forward rounds it."""
-    a = (x * scale + shift).to(storage_dtype).to(tl.float32)
+def _silu_grad_at_rounded_affine(x, grad, scale, shift, output_dtype: tl.constexpr):
+    """d a = d y * silu'(a) at a = x*scale + shift rounded as the forward rounds it: to the
+    output's dtype, which is d y's."""
+    a = (x * scale + shift).to(output_dtype).to(tl.float32)
     sigmoid = 1.0 / (1.0 + tl.exp(-a))
     return grad * sigmoid * (1.0 + a * (1.0 - sigmoid))
 
@@ -390,7 +392,7 @@ def channel_affine_silu_sums_kernel(
         mask = position < positions
         x = tl.load(x_row + position, mask=mask, other=0.0).to(tl.float32)
         grad = tl.load(grad_row + position, mask=mask, other=0.0).to(tl.float32)
-        grad_a = _silu_grad_at_rounded_affine(x, grad, scale, shift, x_ptr.dtype.element_ty)
+        grad_a = _silu_grad_at_rounded_affine(x, grad, scale, shift, grad_ptr.dtype.element_ty)
         grad_a = tl.where(mask, grad_a, 0.0)
         sum_grad += grad_a
         sum_grad_x += grad_a * x
@@ -415,7 +417,7 @@ def channel_affine_silu_grad_kernel(
     )
     x = x.to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    grad_a = _silu_grad_at_rounded_affine(x, grad, scale, shift, x_ptr.dtype.element_ty)
+    grad_a = _silu_grad_at_rounded_affine(x, grad, scale, shift, grad_ptr.dtype.element_ty)
     alpha = tl.load(alpha_ptr + video_group, mask=mask, other=0.0)
     beta = tl.load(beta_ptr + video_group, mask=mask, other=0.0)
     grad_x = grad_a * scale + alpha * x + beta
@@ -561,6 +563,14 @@ _AFFINE_SILU_GRAD_ARGS = dict(
     frames="i32", positions="i32", group_size="i32", groups="i32",
     **{f"{name}_stride_{axis}": "i32" for name in ("x", "out") for axis in "bcf"},
 )
+_AFFINE_SILU_AUTOCAST_ARGS = {
+    kernel: dict(weight_ptr="*fp32", bias_ptr="*fp32", **{output: "*fp32"})
+    for kernel, output in (
+        (channel_affine_silu_kernel, "out_ptr"),
+        (channel_affine_silu_sums_kernel, "grad_ptr"),
+        (channel_affine_silu_grad_kernel, "grad_ptr"),
+    )
+}
 
 
 # group_norm_silu's statistics reduce each group as slices, one group a row (groups = 1): a frame's
@@ -609,23 +619,23 @@ REPORT_CONFIGS: list[KernelConfig] = (
         channel_affine_kernel, _with_units(_CHANNEL_AFFINE_ARGS, ("x_stride_m", "out_stride_k")), CHANNEL_AFFINE_TILE,
         CHANNEL_AFFINE_NUM_WARPS,
     )
-    # The temporal convolutions' videos, and the ResBlocks' frames (one frame a sample).
+    # The temporal convolutions' videos, and the ResBlocks' frames (one frame a sample); in the
+    # storage dtype throughout, or under CUDA autocast (16-bit x, float32 master weight and bias,
+    # float32 output and output gradient).
     + [
-        config
+        dataclasses.replace(config, label=f"{config.label} autocast") if autocast else config
         for units in ((), ("frames",))
+        for autocast in (False, True)
+        for kernel, args in (
+            (channel_affine_silu_kernel, _AFFINE_SILU_ARGS),
+            (channel_affine_silu_sums_kernel, _AFFINE_SILU_SUMS_ARGS),
+            (channel_affine_silu_grad_kernel, _AFFINE_SILU_GRAD_ARGS),
+        )
         for config in storage_configs(
-            channel_affine_silu_kernel, _with_units(_AFFINE_SILU_ARGS, units), dict(BLOCK=AFFINE_SILU_BLOCK),
-            AFFINE_SILU_NUM_WARPS,
+            kernel, _with_units({**args, **(_AFFINE_SILU_AUTOCAST_ARGS[kernel] if autocast else {})}, units),
+            dict(BLOCK=AFFINE_SILU_BLOCK), AFFINE_SILU_NUM_WARPS,
         )
-    ]
-    + [
-        config
-        for units in ((), ("frames",))
-        for kernel, args, block in (
-            (channel_affine_silu_sums_kernel, _AFFINE_SILU_SUMS_ARGS, AFFINE_SILU_BLOCK),
-            (channel_affine_silu_grad_kernel, _AFFINE_SILU_GRAD_ARGS, AFFINE_SILU_BLOCK),
-        )
-        for config in storage_configs(kernel, _with_units(args, units), dict(BLOCK=block), AFFINE_SILU_NUM_WARPS)
+        if not (autocast and config.dtype == "fp32")
     ]
 )
 
@@ -767,13 +777,13 @@ def channel_affine(x, scale, shift, num_frames):
     return out
 
 
-def channel_affine_silu(x, mean, rstd, weight, bias):
+def channel_affine_silu(x, mean, rstd, weight, bias, out_dtype=None):
     """silu(GroupNorm(x)) from its statistics: x (B, C, F, H, W) with contiguous positions (any
     other strides), mean and rstd (B, groups) float32, weight and bias (C,) in any float dtype: a
-    contiguous (B, C, F, H, W) tensor in x's dtype."""
+    contiguous (B, C, F, H, W) tensor in out_dtype (default x's), GroupNorm's output rounded to it."""
     channels, frames = x.shape[1:3]
     groups = mean.shape[1]
-    out = new_output(x.shape, x.dtype, x.device)
+    out = new_output(x.shape, x.dtype if out_dtype is None else out_dtype, x.device)
     if out.numel():
         channel_affine_silu_kernel[(triton.cdiv(out.numel(), AFFINE_SILU_BLOCK),)](
             x, mean, rstd, weight, bias, out, out.numel(), channels, frames, x.shape[3] * x.shape[4],
@@ -784,7 +794,8 @@ def channel_affine_silu(x, mean, rstd, weight, bias):
 
 def channel_affine_silu_sums(grad, x, mean, rstd, weight, bias):
     """The backward's first pass: (sum of d a, sum of d a * x) over each (sample, channel)'s
-    positions, each (B, C) float32, from the output's gradient (contiguous, as the output)."""
+    positions, each (B, C) float32, from the output's gradient (contiguous, as the output, and in
+    its dtype)."""
     videos, channels, frames = x.shape[:3]
     partials = [new_output((videos, channels, frames), torch.float32, x.device) for _ in range(2)]
     if x.numel():
