@@ -3,7 +3,10 @@ the batched, stacked mixture against each model run separately clip by clip (val
 gradients), the text cache, a reward-ascent step, frame selection, input errors, checkpoint loading
 (.pt, nested 'state_dict', .safetensors) and the release specs."""
 
+import dataclasses
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +32,7 @@ from t2v_turbo.rewards.mixture import (
     RELEASE_VIDEO_WEIGHT,
     RewardEntry,
     RewardMixture,
+    _random_crop,
     default_mixture,
 )
 from turbo_kernels.ops.preprocess import reward_preprocess
@@ -357,6 +361,64 @@ def test_select_frames_covers_entries_and_is_reproducible(models):
         mixture.select_frames(1)
 
 
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reward_reference"
+
+
+@pytest.mark.parametrize("case, height, width", [("small", 40, 64), ("big", 320, 512)])
+def test_the_video_crop_is_drawn_as_the_releases_random_crop(case, height, width):
+    """From the generator state the release's goldens seeded its global RNG with, the drawn crop
+    is the one they record (top first, then left, on the 224x358 resized frames)."""
+    if not (GOLDEN / "preprocess_golden.json").is_file():
+        pytest.skip(f"reward reference data not found at {GOLDEN} (shared/reward_reference is absent)")
+    meta = json.loads((GOLDEN / "preprocess_golden.json").read_text())[case]["video"]
+    generator = torch.Generator().manual_seed(meta["crop_seed"])
+    spec = _random_crop(video_spec(), height, width, generator)
+    assert spec.crop_offset == tuple(meta["random_crop_params_i_j_h_w"][0][:2])
+    # No draw where the release makes none: the shorter side already 224, or a square resized frame.
+    for frame in ((224, 300), (160, 160)):
+        state = generator.get_state()
+        assert _random_crop(video_spec(), *frame, generator) == video_spec()
+        assert torch.equal(generator.get_state(), state)
+
+
+def test_a_random_crop_entry_scores_the_crop_its_step_draws(models):
+    """Each forward crops the video entry where the step's generator says, the same for every
+    frame and clip: its scores equal the entry run with that crop_offset; the image entries keep
+    their specs; steps draw different crops."""
+    entries = make_mixture(models).entries
+    entries[2] = dataclasses.replace(entries[2], spec=video_spec(TINY_SIZE), random_crop=True)
+    mixture = RewardMixture(entries)
+    frames = decoded_frames(4, CLIP_FRAMES)
+    offsets = set()
+    for seed in range(4):
+        generator = torch.Generator().manual_seed(seed)
+        indices = mixture.select_frames(CLIP_FRAMES, generator)
+        after_selection = generator.get_state()
+        _, scores = mixture(frames[:, :, indices], indices, CAPTIONS, SHORT_CAPTIONS)
+        replay = torch.Generator()
+        replay.set_state(after_selection)
+        drawn = _random_crop(video_spec(TINY_SIZE), HEIGHT, WIDTH, replay)
+        offsets.add(drawn.crop_offset)
+        video_frames = mixture.entry_frames["video"]
+        fixed = RewardMixture([dataclasses.replace(entries[2], spec=drawn, random_crop=False, frames=video_frames)])
+        fixed.select_frames(CLIP_FRAMES)
+        _, want = fixed(frames[:, :, indices], indices, CAPTIONS, SHORT_CAPTIONS)
+        torch.testing.assert_close(scores["video"], want["video"], rtol=0, atol=0)
+    assert len(offsets) > 1, "steps should draw different crops"
+    # 24x40 frames resize to 32x53: the left offset ranges over [0, 21], the top is 0.
+    assert all(top == 0 and 0 <= left <= 21 for top, left in offsets)
+
+
+def test_random_crop_entries_need_an_uncentred_crop_spec(models):
+    _, clip, video = models
+    with pytest.raises(ValueError, match="random_crop needs a spec of mode 'crop'"):
+        RewardEntry("clip", clip, clip_spec(TINY_SIZE), random_crop=True)
+    with pytest.raises(ValueError, match="without crop_offset"):
+        RewardEntry("video", video, video_spec(TINY_SIZE, crop_offset=(0, 1)), random_crop=True)
+    with pytest.raises(TypeError, match="random_crop must be a bool"):
+        RewardEntry("video", video, video_spec(TINY_SIZE), random_crop=1)
+
+
 def test_subset_keeps_the_entries_of_the_asked_kinds_and_the_options(models):
     mixture = make_mixture(models, gradient_checkpointing=True, text_cache=False)
     images = mixture.subset(["image"])
@@ -466,6 +528,9 @@ def test_default_mixture_uses_the_release_weights(models):
     captions = {entry.name: entry.caption for entry in mixture.entries}
     assert captions == {"hpsv2": "short", "clip": "short", "video": "dense"}
     assert [entry.num_frames for entry in mixture.entries] == [2, 2, video.num_frames]
+    assert [entry.random_crop for entry in mixture.entries] == [False, False, True], "the release's RandomCrop"
+    unrandom = default_mixture(None, None, video, video_spec=video_spec(TINY_SIZE), video_random_crop=False)
+    assert not unrandom.entries[0].random_crop
     assert default_mixture(None, clip, None, clip_spec=clip_spec(TINY_SIZE), image_weight=1.0).entries[0].weight == 1.0
 
 

@@ -151,7 +151,8 @@ def build_reward_mixture(
     toy image reward directory (`t2v-turbo pretrain`). video: "internvideo2:PATH[:VOCAB]",
     "viclip:PATH" or "toy:DIR" (see parse_video_reward); `video_preset` overrides the model
     preset ("stage2-1b" / "viclip-l"). Every image reward is weighted image_weight, the video
-    reward video_weight. Entries are named "hpsv2", "clip", "toy_image" and "video"."""
+    reward video_weight; InternVideo2 and ViCLIP crop at random each step, as the release does.
+    Entries are named "hpsv2", "clip", "toy_image" and "video"."""
     image_weight = _check_weight(image_weight, "image_weight")
     video_weight = _check_weight(video_weight, "video_weight")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -177,7 +178,9 @@ def build_reward_mixture(
         entries.append(image_entry("toy_image", model, toy_spec(toy_size)))
     if video is not None:
         model, spec = _load_video(video, video_preset, toy_size, placement)
-        entries.append(RewardEntry("video", model, spec, "strided", None, video_weight, "dense"))
+        # The release's RandomCrop: a crop drawn every step (the toy reward's spec does not crop).
+        random_crop = spec.mode == "crop"
+        entries.append(RewardEntry("video", model, spec, "strided", None, video_weight, "dense", random_crop))
     if not entries:
         return None
     return RewardMixture(entries, gradient_checkpointing=gradient_checkpointing)

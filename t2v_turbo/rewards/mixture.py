@@ -23,7 +23,7 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from t2v_turbo.cuda_graphs import GraphedCall
 from t2v_turbo.rewards import image_text
 from t2v_turbo.rewards.base import KINDS, RewardModel
 from turbo_kernels import PreprocessSpec, reward_preprocess, value_checks_enabled
+from turbo_kernels.reference.preprocess import geometry as preprocess_geometry
 
 __all__ = [
     "RELEASE_IMAGE_WEIGHT",
@@ -73,7 +74,10 @@ class RewardEntry:
     frames at stride clip_frames // num_frames from a random start below the stride) or a fixed
     list of frame indices. num_frames defaults to 2 for image models (SPEC 5) and to the model's
     own `num_frames` for video models, which must score exactly that many. caption: "short" (the
-    image rewards' short_txt) or "dense" (the video reward's txt)."""
+    image rewards' short_txt) or "dense" (the video reward's txt). random_crop (a spec of mode
+    "crop" without crop_offset only): each forward crops at a (top, left) drawn from the step's
+    generator, the same for every frame of every clip, as the release's RandomCrop on the whole
+    stack; otherwise the spec's crop (centred)."""
 
     name: str
     model: RewardModel
@@ -82,6 +86,7 @@ class RewardEntry:
     num_frames: int | None = None
     weight: float = 1.0
     caption: str = "short"
+    random_crop: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -103,6 +108,13 @@ class RewardEntry:
         self.weight = float(self.weight)
         if self.caption not in CAPTION_KINDS:
             raise ValueError(f"RewardEntry {self.name!r}: caption must be one of {CAPTION_KINDS}, got {self.caption!r}")
+        if not isinstance(self.random_crop, bool):
+            raise TypeError(f"RewardEntry {self.name!r}: random_crop must be a bool, got {self.random_crop!r}")
+        if self.random_crop and (self.spec.mode != "crop" or self.spec.crop_offset is not None):
+            raise ValueError(
+                f"RewardEntry {self.name!r}: random_crop needs a spec of mode 'crop' without crop_offset, got "
+                f"mode {self.spec.mode!r}, crop_offset {self.spec.crop_offset}"
+            )
 
     def _fixed_frames(self, frames) -> tuple[int, ...]:
         if not isinstance(frames, Sequence) or not frames:
@@ -139,6 +151,8 @@ class _Selection:
     clip_frames: int
     per_entry: list[tuple[int, ...]]
     union: list[int] = field(default_factory=list)
+    # Random crops are drawn at forward, where the frames' size is known, from the step's generator.
+    generator: torch.Generator | None = None
 
 
 class _Scorer(nn.Module):
@@ -165,6 +179,18 @@ def _block_checkpoints(models: Iterable[RewardModel], enabled: bool) -> Iterator
     finally:
         for model, was in zip(switched, before):
             model.gradient_checkpointing = was
+
+
+def _random_crop(spec: PreprocessSpec, height: int, width: int, generator: torch.Generator | None) -> PreprocessSpec:
+    """`spec` cropping at (top, left) drawn as torchvision's RandomCrop draws them on the resized
+    frame: top = randint(0, h - size + 1), then left = randint(0, w - size + 1). No draw where the
+    release makes none: a frame already resized to size x size, or one whose shorter side is
+    already `size` (which the release passes on uncropped, and which keeps the spec's centred crop)."""
+    resized = preprocess_geometry(spec, height, width).resized
+    if min(height, width) == spec.size or resized == (spec.size, spec.size):
+        return spec
+    top, left = (int(torch.randint(0, side - spec.size + 1, (1,), generator=generator)) for side in resized)
+    return replace(spec, crop_offset=(top, left))
 
 
 def _stack_key(entry: RewardEntry) -> tuple:
@@ -255,7 +281,8 @@ class RewardMixture(nn.Module):
                 unique_models.append(entry.model)
         self.models = nn.ModuleList(model.freeze() for model in unique_models)
         self._model_index = [next(i for i, m in enumerate(unique_models) if m is e.model) for e in self.entries]
-        self.specs = list(dict.fromkeys(entry.spec for entry in self.entries))
+        # (spec, random_crop): one preprocessed tensor each, in this order.
+        self._preprocessing = list(dict.fromkeys((entry.spec, entry.random_crop) for entry in self.entries))
         self.text_cache = bool(text_cache)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         if stack_same_architecture is None:
@@ -333,7 +360,7 @@ class RewardMixture(nn.Module):
                 draws[entry.frame_rule] = self._draw(entry, num_frames, generator)
         per_entry = [draws[entry.frame_rule] for entry in self.entries]
         union = sorted(set().union(*per_entry))
-        self._selection = _Selection(num_frames, per_entry, union)
+        self._selection = _Selection(num_frames, per_entry, union, generator)
         return list(union)
 
     @property
@@ -432,12 +459,17 @@ class RewardMixture(nn.Module):
         batch = frames.shape[0]
         model_dtypes = {p.dtype for p in self.models.parameters()}
         out_dtype = model_dtypes.pop() if len(model_dtypes) == 1 else None
-        preprocessed = reward_preprocess(frames.transpose(1, 2), self.specs, out_dtype=out_dtype)
+        specs = [
+            _random_crop(spec, *frames.shape[-2:], selection.generator) if random_crop else spec
+            for spec, random_crop in self._preprocessing
+        ]
+        preprocessed = reward_preprocess(frames.transpose(1, 2), specs, out_dtype=out_dtype)
         position = {frame: i for i, frame in enumerate(frame_indices)}
 
         def entry_inputs(index: int) -> tuple[Tensor, Tensor]:
             entry = self.entries[index]
-            pixels = preprocessed[self.specs.index(entry.spec)][:, [position[f] for f in selection.per_entry[index]]]
+            spec_index = self._preprocessing.index((entry.spec, entry.random_crop))
+            pixels = preprocessed[spec_index][:, [position[f] for f in selection.per_entry[index]]]
             texts = short_captions if entry.caption == "short" and short_captions is not None else captions
             text = self._text_embeddings(self._model_index[index], texts, frames.device)
             if entry.model.kind == "image":
@@ -552,13 +584,16 @@ def default_mixture(
     hps_weight: float = 1.0,
     clip_weight: float = 1.0,
     image_frames: int = RELEASE_IMAGE_FRAMES,
+    video_random_crop: bool = True,
     **mixture_options,
 ) -> RewardMixture:
     """The release's reward objective as one mixture: HPSv2.1 and CLIP on `image_frames` random
     frames with the short caption, weighted image_weight * (hps_weight, clip_weight); the video
     model on its own frame count strided over the clip with the dense caption, weighted
-    video_weight (defaults: the release-equivalent effective weights, SPEC 3.7). Specs default to
-    the release's pipelines at 224 px; any model may be None to leave it out."""
+    video_weight (defaults: the release-equivalent effective weights, SPEC 3.7), its crop drawn
+    at random each step as the release's RandomCrop draws it (video_random_crop, where the video
+    spec crops; False: centred). Specs default to the release's pipelines at 224 px; any model may
+    be None to leave it out."""
     entries = []
     if hps is not None:
         entries.append(RewardEntry("hpsv2", hps, hps_spec or image_text.hpsv2_spec(), "random", image_frames,
@@ -567,8 +602,9 @@ def default_mixture(
         entries.append(RewardEntry("clip", clip, clip_spec or image_text.clip_spec(), "random", image_frames,
                                    image_weight * clip_weight, "short"))
     if video is not None:
-        entries.append(RewardEntry("video", video, video_spec or image_text.video_spec(), "strided", None,
-                                   video_weight, "dense"))
+        video_spec = video_spec or image_text.video_spec()
+        random_crop = video_random_crop and video_spec.mode == "crop" and video_spec.crop_offset is None
+        entries.append(RewardEntry("video", video, video_spec, "strided", None, video_weight, "dense", random_crop))
     if not entries:
         raise ValueError("default_mixture needs at least one of hps, clip, video")
     return RewardMixture(entries, **mixture_options)
