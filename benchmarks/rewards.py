@@ -138,7 +138,9 @@ def tower_factories(scale: RewardScale) -> tuple[Callable[[], nn.Module], Callab
 
 
 def build_mixture(scale: RewardScale, device: torch.device, dtype: torch.dtype, seed: int, gradient_checkpointing: bool = False):
-    """The release's mixture (default_mixture: HPSv2.1, CLIP-H, InternVideo2) of random towers."""
+    """The release's mixture (default_mixture: HPSv2.1, CLIP-H, InternVideo2) of random towers,
+    the video crop centred: the sequential path crops as the entries' specs do, so both compute
+    the same numbers."""
     from t2v_turbo.rewards import image_text
     from t2v_turbo.rewards.mixture import default_mixture
 
@@ -148,7 +150,7 @@ def build_mixture(scale: RewardScale, device: torch.device, dtype: torch.dtype, 
     image_size, video_size = hps.image_size, video_model.config.image_size
     return default_mixture(
         hps, clip, video_model, hps_spec=image_text.hpsv2_spec(image_size), clip_spec=image_text.clip_spec(image_size),
-        video_spec=image_text.video_spec(video_size), gradient_checkpointing=gradient_checkpointing,
+        video_spec=image_text.video_spec(video_size), video_random_crop=False, gradient_checkpointing=gradient_checkpointing,
     ).to(device=device, dtype=dtype)
 
 

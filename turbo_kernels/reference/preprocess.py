@@ -23,6 +23,7 @@ Maths runs in float32 (float64 for float64 frames); outputs take the requested d
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -134,16 +135,23 @@ def geometry(spec: PreprocessSpec, height: int, width: int) -> Geometry:
     return Geometry(resized, (top, left))
 
 
+@functools.lru_cache(maxsize=64)
+def _resize_weights(in_size: int, out_size: int, interpolation: str, antialias: bool) -> Tensor:
+    """resize_matrix in float64, computed once (a random crop's every step reuses its resize); never
+    modified in place."""
+    identity = torch.eye(in_size, dtype=torch.float64)[None, None]
+    resized = F.interpolate(
+        identity, size=(out_size, in_size), mode=interpolation, align_corners=False, antialias=antialias
+    )
+    return resized[0, 0].contiguous()
+
+
 def resize_matrix(in_size: int, out_size: int, interpolation: str, antialias: bool, dtype=torch.float64) -> Tensor:
     """(out_size, in_size): F.interpolate's weights along one axis, read off by resizing an
     in_size x in_size identity image along its rows only (its columns stay in_size -> in_size, the
     identity). A batch of in_size x 1 images would not do: on width-1 images torch's antialiased
     kernel computes other weights than on the images the release resizes."""
-    identity = torch.eye(in_size, dtype=torch.float64)[None, None]
-    resized = F.interpolate(
-        identity, size=(out_size, in_size), mode=interpolation, align_corners=False, antialias=antialias
-    )
-    return resized[0, 0].to(dtype).contiguous()
+    return _resize_weights(in_size, out_size, interpolation, antialias).to(dtype, copy=True)
 
 
 def axis_matrix(
@@ -151,7 +159,7 @@ def axis_matrix(
 ) -> Tensor:
     """(out_size, in_size): resize to `resized`, then output index k takes resized index k + shift
     (a zero row where that falls outside: padding)."""
-    weights = resize_matrix(in_size, resized, interpolation, antialias, torch.float64)
+    weights = _resize_weights(in_size, resized, interpolation, antialias)
     placed = torch.zeros(out_size, in_size, dtype=torch.float64)
     first, last = max(0, -shift), min(out_size, resized - shift)
     if first < last:
