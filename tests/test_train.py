@@ -209,6 +209,78 @@ def test_resume_continues_bit_for_bit(assets, tmp_path, monkeypatch):
     assert steps == ["1", "2", "3", "4", "5", "6"]
 
 
+def test_ema_target_starts_as_the_student_and_then_lags_it(assets, tmp_path):
+    """With ema_decay the self-target is the EMA network: the first step's loss is the plain run's
+    (the EMA starts as the student), the second's is not; each checkpoint holds the EMA, which is
+    decay * before + (1 - decay) * the student after the step."""
+    plain = train(config(assets, tmp_path / "plain", max_steps=2))
+    ema = train(config(assets, tmp_path / "ema", max_steps=2, ema_decay=0.5, checkpoint_every=1, keep_last=2))
+    assert ema.losses[0] == plain.losses[0]
+    assert ema.losses[1] != pytest.approx(plain.losses[1], rel=1e-6, abs=0)
+    before = from_pretrained(assets["teacher"]).state_dict()
+    for step in (1, 2):
+        checkpoint = tmp_path / "ema" / f"checkpoint-{step:06d}"
+        student, averaged = (load_file(str(checkpoint / name)) for name in ("model.safetensors", "ema.safetensors"))
+        assert averaged.keys() == student.keys()
+        moved = 0
+        for key, value in averaged.items():
+            torch.testing.assert_close(value, 0.5 * before[key] + 0.5 * student[key], rtol=1e-6, atol=1e-7, msg=key)
+            moved += not torch.equal(value, before[key])
+        assert moved > len(averaged) // 2
+        before = averaged
+
+
+def test_keep_last_prunes_old_checkpoints_and_leaves_no_temporaries(assets, tmp_path):
+    train(config(assets, tmp_path / "run", max_steps=4, checkpoint_every=1, keep_last=2))
+    assert [path.name for path in train_module.checkpoint_dirs(tmp_path / "run")] == ["checkpoint-000003", "checkpoint-000004"]
+    assert not [path.name for path in (tmp_path / "run").iterdir() if path.name.endswith(".tmp")]
+
+
+def test_gradients_are_clipped_to_grad_clip_before_the_update(assets, tmp_path, monkeypatch):
+    """The optimizer sees gradients of norm grad_clip when the step's (logged, unclipped) norm is
+    larger, and the unclipped ones otherwise."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    clipped = train(config(assets, tmp_path / "clipped", max_steps=1, grad_clip=0.01))
+    loose = train(config(assets, tmp_path / "loose", max_steps=1, grad_clip=1e9))
+    logged = clipped.history[0]["grad_norm"]
+    assert logged == pytest.approx(loose.history[0]["grad_norm"], rel=1e-6) and logged > 0.1
+    assert seen[0] == pytest.approx(0.01, rel=1e-4)
+    assert seen[1] == pytest.approx(logged, rel=1e-5)
+
+
+def test_gradient_checkpointing_trains_the_same(assets, tmp_path):
+    """Recomputing each UNet block in the backward (dropout replayed from the saved RNG state)
+    changes neither the losses nor the gradients."""
+    plain = train(config(assets, tmp_path / "plain", max_steps=2))
+    checkpointed = train(config(assets, tmp_path / "checkpointed", max_steps=2, gradient_checkpointing=True))
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-6)
+    for mine, theirs in zip(checkpointed.history, plain.history):
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-5)
+
+
+def test_guidance_scales_are_uniform_on_w_min_w_max_and_split_by_process(assets, tmp_path):
+    """w ~ U[5, 15] (SPEC 3.2): over 400 steps of a 4-sample global batch the draws cover the
+    interval evenly (each tenth holds 160 +- 48 of 1600: more than 4 standard deviations); two
+    processes take the halves of the same global draw."""
+    cfg = config(assets, tmp_path / "unused", batch_size=4)
+    draws = torch.cat([draw_guidance_scales(cfg, step, 4, 0) for step in range(400)]).double()
+    assert (cfg.w_min, cfg.w_max) == (5.0, 15.0)
+    assert draws.min() >= 5.0 and draws.max() <= 15.0
+    counts = torch.histc(draws, bins=10, min=5.0, max=15.0)
+    assert ((counts - 160).abs() <= 48).all(), counts
+    half = config(assets, tmp_path / "unused", batch_size=2)
+    both = torch.cat([draw_guidance_scales(half, 7, 4, rank) for rank in (0, 1)])
+    assert torch.equal(both, draw_guidance_scales(cfg, 7, 4, 0))
+
+
 def test_loss_decreases_on_a_fixed_batch(assets, tmp_path):
     cache = write_cache(tmp_path / "cache2", num_samples=2, seed=5)
     cfg = config(
