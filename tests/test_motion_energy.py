@@ -33,8 +33,8 @@ GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
 
 # (layout, batch, frames, positions, heads, head dim, fused): F in {1, 4, 16, 17, 64} (4 is the
 # tiny model's, 17 and 64 run one sequence a program), head dims 8, 16, 40 (several ragged
-# head-dim chunks) and 32, sequence counts that leave ragged last blocks, several heads, and q/k
-# sliced from one fused qkv projection.
+# head-dim chunks), 32, 64 (VideoCrafter2's) and 128, sequence counts that leave ragged last
+# blocks, several heads, and q/k sliced from one fused qkv projection.
 CASES = [
     ("frames", 2, 4, 3, 2, 8, False),
     ("sequences", 2, 16, 5, 2, 40, True),
@@ -42,6 +42,8 @@ CASES = [
     ("frames", 1, 17, 3, 2, 16, True),
     ("sequences", 2, 1, 2, 3, 8, False),
     ("sequences", 1, 64, 2, 1, 16, False),
+    ("frames", 1, 16, 3, 2, 64, True),  # VideoCrafter2's head dim
+    ("frames", 1, 8, 2, 1, 128, False),
 ]
 CASE_IDS = [f"{c[0]}-B{c[1]}F{c[2]}N{c[3]}h{c[4]}d{c[5]}{'-fused' if c[6] else ''}" for c in CASES]
 

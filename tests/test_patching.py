@@ -361,13 +361,14 @@ def test_patch_switches_vc2_unet_kernels_and_unpatch_restores_them():
 
 
 @pytest.mark.slow
-def test_torch_compile_traces_one_graph_with_the_temporal_op():
+@pytest.mark.parametrize("kind", ["unet3d", "motion"])
+def test_torch_compile_traces_one_graph_with_the_temporal_op(kind):
     """The check for graph breaks: dynamo hands the backend one FX graph per region between breaks,
     so a patched forward that reaches the backend as exactly one graph has none (the unpatched
     model of diffusers 0.42 compiles to one graph as well, by torch._dynamo.explain). The graph
     must hold the temporal op itself, once per temporal attention, as one opaque node."""
-    model = build("unet3d")
-    inputs = model_inputs("unet3d", 1, 3, 4)
+    model = build(kind)
+    inputs = model_inputs(kind, 1, 3, 4)
     patch(model).eval()
     with tk.backend("reference"):
         want = model(**inputs).sample
@@ -390,6 +391,6 @@ def test_torch_compile_traces_one_graph_with_the_temporal_op():
     temporal_nodes = [
         node for node in graphs[0].graph.nodes if node.target is torch.ops.turbo_kernels.temporal_attention.default
     ]
-    assert len(temporal_nodes) == EXPECTED_COUNTS["unet3d"][1]
+    assert len(temporal_nodes) == EXPECTED_COUNTS[kind][1]
     assert_close_to(out.detach(), want, "compiled output", OUTPUT_TOLERANCE)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -325,7 +325,7 @@ def test_video_files_round_trip(tmp_path):
 # ---- the command -------------------------------------------------------------------------------
 
 
-def test_generate_command_writes_readable_videos(tmp_path, capsys):
+def test_generate_command_writes_readable_videos(tmp_path, capsys, chosen):
     vae_module = pytest.importorskip("t2v_turbo.models.vae", reason="t2v_turbo.models.vae is not there yet")
     text_module = pytest.importorskip(
         "t2v_turbo.models.text_encoder", reason="t2v_turbo.models.text_encoder is not there yet"
@@ -356,6 +356,16 @@ def test_generate_command_writes_readable_videos(tmp_path, capsys):
 
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size == (FRAMES * 16, 16)
+
+    # The defaults: kernels on (the reference ops through the dispatch seam on a CPU) and a progress bar.
+    # --no-kernels: the UNet's plain PyTorch modules (the sampler step on the reference backend).
+    assert {backend for _, backend in chosen} == {"reference"} and "group_norm_stats" not in {op for op, _ in chosen}
+    capsys.readouterr()
+    default = ["--model", str(tmp_path / "model"), "--device", "cpu", "--out", str(tmp_path / "default.mp4")]
+    assert main(["a red ball", *default]) == 0
+    assert read_video(tmp_path / "default.mp4").shape == (FRAMES, 16, 16, 3)
+    assert "consistency sampling: 100%" in capsys.readouterr().err
+    assert {"group_norm_stats", "consistency_sampler_step"} <= {op for op, _ in chosen}
 
 
 def test_bad_model_paths_fail_clearly(tmp_path, capsys):

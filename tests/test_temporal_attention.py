@@ -25,8 +25,8 @@ TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
 OPS = ("temporal_attention", "temporal_attention_backward")
 
 # (layout, batch, frames, positions, heads, head dim): together they cover F in {1, 3, 5, 8, 16,
-# 17, 64} (one sequence per tile at 64, padded frames at 3, 5 and 17), head dims 32, 40, 64 and
-# 80 (padded to 64 and 128), odd position counts, several heads, and ragged last tiles.
+# 17, 64} (one sequence per tile at 64, padded frames at 3, 5 and 17), head dims 32, 40, 64, 80
+# (padded to 64 and 128) and 128, odd position counts, several heads, and ragged last tiles.
 CASES = [
     ("frames", 2, 16, 5, 2, 64),
     ("sequences", 2, 16, 3, 3, 32),
@@ -36,6 +36,7 @@ CASES = [
     ("frames", 2, 1, 9, 2, 32),
     ("sequences", 1, 17, 3, 2, 40),
     ("frames", 1, 64, 3, 1, 32),
+    ("frames", 1, 8, 3, 1, 128),
 ]
 CASE_IDS = [f"{layout}-B{b}F{f}N{n}h{h}d{d}" for layout, b, f, n, h, d in CASES]
 

@@ -290,10 +290,18 @@ def test_tiny_float32_triton_matches_golden(io, chosen):
 
 @pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "plain"])
 def test_tiny_float32_matches_golden(io, use_kernels):
-    out = _run(_tiny(use_kernels), io, torch.float32)
+    model = _tiny(use_kernels)
+    out = _run(model, io, torch.float32)
     assert out.dtype == torch.float32
     assert _max_error(out, io["out"]) < FLOAT32_TOL
     assert _max_error(out, io["out_fp32"]) < FLOAT32_TOL
+    for golden, timestep_cond, motion_cond in (("out_no_motion_cond", True, False), ("out_no_timestep_cond", False, False)):
+        assert _max_error(_run(model, io, torch.float32, timestep_cond, motion_cond), io[golden]) < FLOAT32_TOL, golden
+
+
+@pytest.mark.parametrize("golden, timestep_cond, motion_cond", [("out_no_motion_cond", True, False), ("out_no_timestep_cond", False, False)])
+def test_tiny_float64_plain_path_matches_the_conditioning_goldens(plain64, io, golden, timestep_cond, motion_cond):
+    assert _max_error(_run(plain64, io, torch.float64, timestep_cond, motion_cond), io[golden]) < FLOAT64_TOL
 
 
 def test_scalar_fps_and_timesteps_broadcast(tiny64, io):
