@@ -18,7 +18,7 @@ in that layout, so the baselines pay for their layout round trips:
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import turbo_kernels as tk
 from benchmarks.harness import COMPILED, EAGER, Case, Impl, SuiteOptions
-from benchmarks.spatial import SDPA_BACKENDS, sdpa_unavailable
+from benchmarks.spatial import SDPA_BACKENDS, XFORMERS, sdpa_unavailable, xformers_unavailable
 from turbo_kernels import dispatch
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.reference import attention as ref
 
 OP = "temporal_attention"
-XFORMERS = "xformers"
 FRAMES = 16
 HEAD_DIM = 64
 # (positions h*w, heads) of the attention levels: 40x64, 20x32, 10x16 latents, and the middle block.
@@ -67,16 +66,6 @@ def _xformers(q, k, v, num_frames: int, heads: int, layout: str) -> torch.Tensor
     q_s, k_s, v_s = (ref.to_sequences(x, num_frames, heads, layout).transpose(1, 2) for x in (q, k, v))
     out = xformers.ops.memory_efficient_attention(q_s, k_s, v_s).transpose(1, 2)
     return ref.from_sequences(out, ref.num_positions(q, num_frames, layout), layout)
-
-
-def _xformers_unavailable(device: torch.device) -> Optional[str]:
-    if device.type != "cuda":
-        return "no GPU"
-    try:
-        import xformers.ops  # noqa: F401
-    except ImportError as error:
-        return f"xformers not installed: {error}"
-    return None
 
 
 def _input_maker(shape, frames: int, heads: int, options: SuiteOptions, with_grad: bool) -> Callable:
@@ -130,7 +119,7 @@ def _impls(with_grad: bool, device: torch.device, dtype: torch.dtype, head_dim: 
     return (
         Impl(EAGER, _timed(ref.temporal_attention, with_grad)),
         *sdpa,
-        Impl(XFORMERS, _timed(_xformers, with_grad), unavailable=_xformers_unavailable(device)),
+        Impl(XFORMERS, _timed(_xformers, with_grad), unavailable=xformers_unavailable(device)),
         Impl(COMPILED, _timed(compiled, with_grad), compiles=True),
         Impl("triton", kernel_call("triton"), unavailable=unavailable("triton")),
         Impl("cuda", kernel_call("cuda"), unavailable=unavailable("cuda")),

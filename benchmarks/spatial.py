@@ -14,6 +14,8 @@ Every implementation returns (B*F, N, heads*d), the layout the out projection re
   over F frames, so its cross-attention k, v are the per-frame copies VideoCrafter2 makes (made
   outside the timed call: SDPA's best case); a backend that cannot take a case is skipped, with
   its reason;
+- xformers (when installed): xformers.ops.memory_efficient_attention on the same per-frame
+  inputs, as (batch, tokens, heads, d) views;
 - triton: the public op, which reads the projections' layout in place and shares each video's
   k, v across its frames (kv_repeat = F).
 
@@ -46,6 +48,7 @@ SDPA_BACKENDS = {
     "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
     "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
 }
+XFORMERS = "xformers"
 FRAMES = 16
 HEAD_DIM = 64
 TEXT_TOKENS = 77
@@ -131,6 +134,24 @@ def _sdpa(backend: SDPBackend) -> Callable:
     return forward
 
 
+def xformers_unavailable(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return "no GPU"
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError as error:
+        return f"xformers not installed: {error}"
+    return None
+
+
+def _xformers(x: SimpleNamespace):
+    import xformers.ops
+
+    k, v = x.sdpa_kv
+    out = xformers.ops.memory_efficient_attention(*(t.unflatten(-1, (x.heads, -1)) for t in (x.q, k, v)))
+    return out.flatten(2), (x.q, k, v)
+
+
 @functools.lru_cache(maxsize=None)
 def sdpa_unavailable(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
     """Why this SDPA backend cannot run here at this dtype and head dim (a small probe call), or None."""
@@ -168,6 +189,7 @@ def _impls(with_grad: bool, device: torch.device, dtype: torch.dtype, head_dim: 
     return (
         Impl(EAGER, _timed(shared_context(ref.spatial_attention), with_grad)),
         *sdpa,
+        Impl(XFORMERS, _timed(_xformers, with_grad), unavailable=xformers_unavailable(device)),
         Impl(COMPILED, _timed(shared_context(compiled), with_grad), compiles=True),
         Impl("triton", triton_call, unavailable=triton_unavailable),
     )

@@ -141,8 +141,10 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], sca
 
 class SpatialAttnProcessor:
     """Spatial self- and cross-attention with AttnProcessor2_0's semantics (and the module's
-    `attn.scale`), through `attend`: the seam where a per-shape kernel choice will go. For now
-    `attend` runs PyTorch's SDPA, guarded against fully masked rows."""
+    `attn.scale`), through `attend`: PyTorch's SDPA, guarded against fully masked rows. The
+    harness measured SDPA's cuDNN backend (which torch picks on an H100) ahead of the Triton
+    spatial kernels at every UNet shape, forward and backward (README, benchmark results), so
+    those kernels are not chosen here; `turbo_kernels.spatial_attention` calls them directly."""
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
