@@ -148,6 +148,11 @@ def test_input_range_signed_and_out_dtype():
     for g, w in zip(got, want):
         assert g.dtype == torch.float16
         torch.testing.assert_close(g.float(), w, rtol=0, atol=4e-3)
+    # bf16 towers take bf16 input: the float32 result rounded once (a GPU's kernel, computing in
+    # another order, may land one bf16 step away).
+    for g, w in zip(reward_preprocess(unit, specs, out_dtype=torch.bfloat16), want):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w.to(torch.bfloat16).float(), rtol=2**-8, atol=1e-6)
 
 
 # ---- the release's goldens ----------------------------------------------------------------------
