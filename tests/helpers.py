@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import torch
 
@@ -180,3 +185,25 @@ def record_graph_captures(monkeypatch) -> list:
     monkeypatch.setattr(cuda_graphs, "_graph_device", lambda leaves: torch.device("cpu"))
     monkeypatch.setattr(cuda_graphs, "_capture", capture)
     return captures
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script_text: str, tmp_path, *args: str, processes: int = 2, expect_failure: bool = False) -> str:
+    """Runs the script in `processes` CPU processes; their stdout and stderr together."""
+    script = tmp_path / "script.py"
+    script.write_text(script_text)
+    # torchrun sets the variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) that accelerate reads to run
+    # MULTI_CPU over gloo; `accelerate launch --cpu` starts several CPU processes only through mpirun.
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+        "--master_port", str(_free_port()), str(script), *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert (done.returncode != 0) == expect_failure, done.stderr[-4000:]
+    return done.stdout + done.stderr

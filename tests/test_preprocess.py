@@ -8,6 +8,7 @@ import copy
 import importlib.util
 import json
 import math
+import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +23,8 @@ from t2v_turbo.motion import compute_motion_prior
 from t2v_turbo.preprocess import PreprocessConfig, clip_generator, preprocess, skip_record_name
 from t2v_turbo.train import TrainConfig, train
 from t2v_turbo.video_io import write_video
+
+from .helpers import torchrun
 
 SMALL_UNET = dict(
     in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1], num_res_blocks=1,
@@ -262,6 +265,35 @@ def test_two_processes_split_the_clips_and_write_their_own_shards(models, uninte
     assert_same_cache(tmp_path, uninterrupted, exact=False)
     with pytest.raises(ValueError, match="another number of processes"):
         preprocess(make_config(tmp_path), dataset, models)
+
+
+TWO_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    from accelerate import PartialState
+    from t2v_turbo.models import OpenCLIPTextEncoder, VC2UNet, VideoVAE
+    from t2v_turbo.preprocess import preprocess
+    from tests.test_preprocess import SMALL_UNET, Clips, make_config
+    assert PartialState(cpu=True).num_processes == 2
+    torch.manual_seed(0)
+    models = VC2UNet(**SMALL_UNET).eval(), VideoVAE.preset("tiny"), OpenCLIPTextEncoder("tiny")
+    result = preprocess(make_config(sys.argv[1]), Clips(6, motion={2, 5}, corrupt={1}), models)
+    print(f"rank {PartialState().process_index}: {result.num_clips} {result.written} {result.skipped}")
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_launched_together_write_the_one_process_cache(uninterrupted, tmp_path):
+    """Two CPU processes over gloo (torchrun, whose variables accelerate reads as `accelerate
+    launch` sets them): each takes its share of the clips and writes its own shards and manifest;
+    together they hold what one process wrote."""
+    output = torchrun(TWO_PROCESS_SCRIPT, tmp_path, str(tmp_path / "cache"))
+    # Process 0 takes clips 0, 2, 4; process 1 takes 1 (corrupt), 3, 5.
+    assert "rank 0: 3 3 0" in output and "rank 1: 3 2 1" in output, output[-2000:]
+    assert sorted(p.name for p in (tmp_path / "cache").glob("manifest*.json")) == ["manifest-p0.json", "manifest-p1.json"]
+    assert_same_cache(tmp_path / "cache", uninterrupted, exact=False)
 
 
 def test_bfloat16_pass_agrees_with_float32(models, tmp_path):

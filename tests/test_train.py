@@ -5,9 +5,6 @@ a loss that falls on a fixed batch, NaN handling, LoRA, configuration and 2-proc
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -32,6 +29,8 @@ from t2v_turbo.train import (
     prepare_training,
     train,
 )
+
+from .helpers import torchrun
 
 SMALL_UNET = dict(
     in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1], num_res_blocks=1,
@@ -629,12 +628,6 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _assert_same_update(start, one, two, path) -> None:
     """Two students trained from `start` moved their weights alike (up to the reduction order)."""
     largest = max(float((one[key] - start[key]).abs().max()) for key in one)
@@ -643,22 +636,6 @@ def _assert_same_update(start, one, two, path) -> None:
     for key in one:
         torch.testing.assert_close(two[key] - start[key], one[key] - start[key], rtol=1e-3, atol=1e-4 * largest,
                                    msg=lambda text: f"{path} {key}: {text}")
-
-
-def _torchrun(script_text: str, tmp_path, *args: str, processes: int = 2, expect_failure: bool = False) -> str:
-    """Runs the script in `processes` CPU processes; their stdout and stderr together."""
-    script = tmp_path / "script.py"
-    script.write_text(script_text)
-    # torchrun sets the variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) that accelerate reads to run
-    # MULTI_CPU over gloo; `accelerate launch --cpu` starts several CPU processes only through mpirun.
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_port", str(_free_port()), str(script), *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert (done.returncode != 0) == expect_failure, done.stderr[-4000:]
-    return done.stdout + done.stderr
 
 
 FSDP_SCRIPT = textwrap.dedent(
@@ -705,7 +682,7 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(assets, tmp_path):
     options = dict(batch_size=2, temporal_conv_dropout=0.0, cpu=True, **OPTIMIZER)
     single = train(config(assets, tmp_path / "single", **options))
     single_lora = train(config(assets, tmp_path / "single-lora", lora_rank=4, **options))
-    _torchrun(FSDP_SCRIPT, tmp_path, assets["teacher"], assets["cache"], str(tmp_path / "fsdp"))
+    torchrun(FSDP_SCRIPT, tmp_path, assets["teacher"], assets["cache"], str(tmp_path / "fsdp"))
 
     rows = [line.split(",") for line in (tmp_path / "fsdp" / "full" / "metrics.csv").read_text().splitlines()]
     sharded = [dict(zip(rows[0], row)) for row in rows[1:]]
@@ -738,7 +715,7 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(assets, tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(assets, tmp_path):
     single = train(config(assets, tmp_path / "single", batch_size=2, temporal_conv_dropout=0.0, cpu=True, **OPTIMIZER))
-    _torchrun(DDP_SCRIPT, tmp_path, assets["teacher"], assets["cache"], str(tmp_path / "ddp"))
+    torchrun(DDP_SCRIPT, tmp_path, assets["teacher"], assets["cache"], str(tmp_path / "ddp"))
     rows = [line.split(",") for line in (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()]
     header = rows[0]
     ddp = [dict(zip(header, row)) for row in rows[1:]]
