@@ -21,6 +21,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+# The release's reference data travels the same way, so the golden tests run there too (41 MB):
+#   mkdir -p .shared && cp -r ../shared/vc2_reference ../shared/reward_reference .shared/
+#   grep -qx .shared .git/info/exclude || echo .shared >> .git/info/exclude    # then carry .shared
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -38,6 +41,7 @@ CUDA_BACKEND_TESTS=(
     tests/test_temporal_attention.py tests/test_temporal_attention_cuda.py tests/test_solver_kernels.py
     tests/test_reward_preprocess.py tests/test_dispatch.py tests/test_patching.py
     tests/test_compile_and_registration.py tests/test_cuda_graphs.py tests/test_reward_mixture.py tests/test_bench.py
+    tests/test_vc2_unet.py tests/test_pipeline.py
 )
 # Each stage's ops (override to time only what a previous lease left unmeasured). A stage's time
 # limit can be overridden too, as <STAGE>_S in capitals (BENCH_KERNELS_S=300; rest: up to the deadline;
@@ -86,6 +90,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [[ -d .shared ]]; then export T2V_TURBO_SHARED="$PWD/.shared"; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 

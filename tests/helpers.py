@@ -16,6 +16,9 @@ from t2v_turbo import schedule
 from turbo_kernels.reference import attention as attention_reference
 
 HAS_GPU = torch.cuda.is_available()
+# The reference data the public release produced (vc2_reference, reward_reference): ../shared beside
+# the checkout, or where T2V_TURBO_SHARED points (a copy carried to a lent GPU machine).
+SHARED = Path(os.environ.get("T2V_TURBO_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 # Triton's interpreter computes bf16 wrongly, so bf16 kernels are only tested on a GPU.
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])

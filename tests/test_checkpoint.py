@@ -22,7 +22,9 @@ from t2v_turbo.models.checkpoint import (
     save_state_dict_file,
 )
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
+from .helpers import SHARED
+
+GOLDEN = SHARED / "vc2_reference"
 TINY_WEIGHTS = GOLDEN / "tiny_unet.safetensors"
 
 pytestmark = pytest.mark.skipif(

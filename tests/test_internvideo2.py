@@ -5,7 +5,6 @@ bf16; checkpoint formats, strict-loading errors, the tokenizer plumbing and inpu
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,9 @@ from t2v_turbo.rewards.internvideo2 import (
     release_key_shapes,
 )
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reward_reference"
+from .helpers import SHARED
+
+GOLDEN = SHARED / "reward_reference"
 
 pytestmark = pytest.mark.skipif(
     not GOLDEN.is_dir(), reason=f"reward reference data not found at {GOLDEN} (shared/reward_reference is absent)"

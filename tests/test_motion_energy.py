@@ -10,7 +10,6 @@ Output buffers (partial sums included) start as NaN, so an element a kernel neve
 """
 
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,12 +23,12 @@ from turbo_kernels.reference import attention as ref
 from turbo_kernels.triton_kernels import motion_energy as kernels
 
 from .helpers import (
-    DEVICE, KERNEL_DTYPES, assert_within_2x_of_reference, poison_cuda_allocator, randn, record_kernel_launches,
+    DEVICE, KERNEL_DTYPES, SHARED, assert_within_2x_of_reference, poison_cuda_allocator, randn, record_kernel_launches,
     unreported_launches,
 )
 
 TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
+GOLDEN = SHARED / "vc2_reference"
 
 # (layout, batch, frames, positions, heads, head dim, fused): F in {1, 4, 16, 17, 64} (4 is the
 # tiny model's, 17 and 64 run one sequence a program), head dims 8, 16, 40 (several ragged

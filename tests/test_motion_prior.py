@@ -9,7 +9,6 @@ implementation gets ~1e-14); float32 1e-4 (measured ~5e-6 on the score, ~2e-7 on
 """
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +27,9 @@ from t2v_turbo.motion import (
 )
 from turbo_kernels import dispatch
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
+from .helpers import SHARED
+
+GOLDEN = SHARED / "vc2_reference"
 
 pytestmark = pytest.mark.skipif(
     not GOLDEN.is_dir(), reason=f"VC2 reference data not found at {GOLDEN} (shared/vc2_reference is absent)"

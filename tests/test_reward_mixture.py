@@ -6,7 +6,6 @@ gradients), the text cache, a reward-ascent step, frame selection, input errors,
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +35,8 @@ from t2v_turbo.rewards.mixture import (
     default_mixture,
 )
 from turbo_kernels.ops.preprocess import reward_preprocess
+
+from .helpers import SHARED
 
 TINY_SIZE = 32
 TINY_CONFIG = {
@@ -361,7 +362,7 @@ def test_select_frames_covers_entries_and_is_reproducible(models):
         mixture.select_frames(1)
 
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reward_reference"
+GOLDEN = SHARED / "reward_reference"
 
 
 @pytest.mark.parametrize("case, height, width", [("small", 40, 64), ("big", 320, 512)])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,14 +25,14 @@ from turbo_kernels.reference import preprocess as ref
 from turbo_kernels.triton_kernels import preprocess as kernels
 
 from .helpers import (
-    DEVICE, KERNEL_DTYPES, assert_within_2x_of_reference, poison_cuda_allocator, record_kernel_launches,
+    DEVICE, KERNEL_DTYPES, SHARED, assert_within_2x_of_reference, poison_cuda_allocator, record_kernel_launches,
     unreported_launches,
 )
 
 TF = pytest.importorskip("torchvision.transforms.v2.functional")
 from torchvision.transforms import InterpolationMode  # noqa: E402
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reward_reference"
+GOLDEN = SHARED / "reward_reference"
 FP32_TOLERANCE = 1e-5
 
 HPS = PreprocessSpec(224, "pad")

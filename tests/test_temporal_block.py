@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,11 +28,11 @@ from turbo_kernels.triton_kernels import group_norm as kernels
 from turbo_kernels.triton_kernels import temporal_attention as attention_kernels
 
 from .helpers import (
-    DEVICE, KERNEL_DTYPES, STORAGE_EPS, assert_within_2x_of_reference, randn, record_kernel_launches, seeded_generator,
-    unreported_launches,
+    DEVICE, KERNEL_DTYPES, SHARED, STORAGE_EPS, assert_within_2x_of_reference, randn, record_kernel_launches,
+    seeded_generator, unreported_launches,
 )
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
+GOLDEN = SHARED / "vc2_reference"
 TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
 BACKENDS = ["reference"] + (["triton"] if TRITON_USABLE else [])
 OPS = (

@@ -29,7 +29,9 @@ from tests.test_reward_mixture import TINY_CONFIG, TINY_SIZE, tiny_clip
 from tests.test_train import SMALL_UNET, _torchrun, write_cache
 from t2v_turbo.train import reward_role, video_reward_scale
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reward_reference"
+from .helpers import SHARED
+
+REFERENCE = SHARED / "reward_reference"
 needs_reference = pytest.mark.skipif(
     not REFERENCE.is_dir(), reason=f"reward reference data not found at {REFERENCE} (shared/reward_reference is absent)"
 )

@@ -5,7 +5,6 @@ q/k capture for motion guidance, gradient checkpointing and forward_guided."""
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,9 @@ from t2v_turbo.models.vc2_unet import (
     sinusoid_a,
 )
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "vc2_reference"
+from .helpers import DEVICE, SHARED
+
+GOLDEN = SHARED / "vc2_reference"
 
 pytestmark = pytest.mark.skipif(
     not GOLDEN.is_dir(), reason=f"VC2 reference data not found at {GOLDEN} (shared/vc2_reference is absent)"
@@ -269,13 +270,14 @@ def test_tiny_float32_triton_matches_golden(io, chosen):
     """One float32 forward of the first clip with the temporal attention on the Triton kernels (head
     dim 8, F = 4), then attn1.probs on Triton, against the float64 goldens; no fallback allowed."""
     golden = _load("tiny_attn_probs.safetensors")
-    first = {name: value[:1] for name, value in io.items() if value.dim()}
-    model = _tiny()
+    first = {name: value[:1].to(DEVICE) for name, value in io.items() if value.dim()}
+    model = _tiny().to(DEVICE)
     with turbo_kernels.backend("triton"), warnings.catch_warnings():
         warnings.simplefilter("error", turbo_kernels.TurboKernelsFallbackWarning)
         out, inputs = _run_recording_attn1_inputs(model, first, torch.float32, golden)
         with torch.no_grad():
-            probs = {name: model.get_submodule(name).probs(inputs[name]) for name in golden}
+            probs = {name: model.get_submodule(name).probs(inputs[name]).cpu() for name in golden}
+    out = out.cpu()
     assert out.dtype == torch.float32
     assert _max_error(out, io["out"][:1]) < FLOAT32_TOL
     for name, expected in golden.items():
@@ -367,21 +369,48 @@ def test_fused_block_on_triton_matches_golden_intermediates(io, chosen):
     intermediates = _load("tiny_intermediates.safetensors")
     frames = io["x"].shape[2]
     emb = (intermediates["time_embed_output"] + intermediates["fps_embedding_output"])[:1]
-    block = _tiny().middle_block
+    block = _tiny().middle_block.to(DEVICE)
     with turbo_kernels.backend("triton"), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("error", turbo_kernels.TurboKernelsFallbackWarning)
         out = block(
-            intermediates["input_blocks.5"][:frames].float(),
-            emb.float().repeat_interleave(frames, dim=0),
-            io["context"][:1].float().repeat_interleave(frames, dim=0),
+            intermediates["input_blocks.5"][:frames].float().to(DEVICE),
+            emb.float().repeat_interleave(frames, dim=0).to(DEVICE),
+            io["context"][:1].float().repeat_interleave(frames, dim=0).to(DEVICE),
             frames,
-        )
+        ).cpu()
     expected = intermediates["middle_block"][:frames]
     # float32 activations up to ~25 through two ResBlocks and two transformers.
     assert _max_error(out, expected) < 1e-4 * expected.abs().max().item()
     assert {op for op, _ in chosen} == set(FUSED_OPS)
     assert {backend for _, backend in chosen} == {"triton"}
     assert _fused_layer_calls(chosen) == 1
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_training_pass_with_kernels_matches_the_plain_model(io, chosen):
+    """The UNet as bf16 mixed-precision training runs it (CUDA autocast over float32 weights,
+    forward and backward): with kernels (fused temporal blocks, GroupNorm + SiLU in float32 as
+    autocast's, GEGLU, LayerNorm) the output and the weights' gradients are the plain model's to
+    bf16 accuracy."""
+    results = {}
+    for use_kernels in (True, False):
+        model = _tiny(use_kernels).to(DEVICE).train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(
+                io["x"].to(DEVICE), io["timesteps"].to(DEVICE), io["context"].to(DEVICE), io["fps"].to(DEVICE),
+                timestep_cond=io["timestep_cond"].to(DEVICE), motion_cond=io["motion_cond"].to(DEVICE),
+            )
+        out.float().square().mean().backward()
+        results[use_kernels] = out.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    assert ("channel_affine_silu", "triton") in chosen and ("group_norm_stats", "triton") in chosen
+    (out, grads), (want, want_grads) = results[True], results[False]
+    assert _max_error(out, want) < 3e-2 * want.abs().max().item()
+    assert grads.keys() == want_grads.keys()
+    flat, want_flat = (torch.cat([g[name].flatten() for name in sorted(g)]) for g in (grads, want_grads))
+    assert (flat - want_flat).norm() <= 5e-2 * want_flat.norm()
 
 
 def test_capture_under_kernels_runs_hooked_layers_unfused(tiny64, plain64, io, chosen):

@@ -4,7 +4,6 @@ intermediates, embeddings, scores and pixel gradients in float64, float32 and bf
 against the golden ids; checkpoint formats, strict-loading errors and input validation."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,9 @@ from safetensors.torch import load_file, save_file
 from t2v_turbo.rewards.base import RewardModel
 from t2v_turbo.rewards.viclip import ViCLIPConfig, ViCLIPReward, release_key_shapes
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reward_reference"
+from .helpers import SHARED
+
+GOLDEN = SHARED / "reward_reference"
 
 pytestmark = pytest.mark.skipif(
     not GOLDEN.is_dir(), reason=f"reward reference data not found at {GOLDEN} (shared/reward_reference is absent)"
