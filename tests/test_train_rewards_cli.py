@@ -26,10 +26,10 @@ from t2v_turbo.rewards.loading import build_reward_mixture, parse_video_reward, 
 from t2v_turbo.rewards.toy import ToyImageReward, ToyVideoReward
 from t2v_turbo.rewards.viclip import ViCLIPReward
 from tests.test_reward_mixture import TINY_CONFIG, TINY_SIZE, tiny_clip
-from tests.test_train import SMALL_UNET, _torchrun, write_cache
+from tests.test_train import SMALL_UNET, write_cache
 from t2v_turbo.train import reward_role, video_reward_scale
 
-from .helpers import SHARED
+from .helpers import SHARED, torchrun
 
 REFERENCE = SHARED / "reward_reference"
 needs_reference = pytest.mark.skipif(
@@ -274,7 +274,7 @@ def test_three_processes_split_the_rewards_as_the_release(train_assets, toy_dirs
         "--toy-image-reward", str(toy_dirs["image"]), "video_reward_processes=1", "cpu=true",
     )
     argv[argv.index("batch_size=2")] = "batch_size=1"
-    out = _torchrun(SPLIT_SCRIPT, tmp_path, *argv, processes=3)
+    out = torchrun(SPLIT_SCRIPT, tmp_path, *argv, processes=3)
     assert "rewards split over 3 processes: the first 2 compute L_CD and toy_image_reward" in out
     assert "scaled by 2 there" in out
     with (tmp_path / "run" / "metrics.csv").open(newline="") as handle:
@@ -297,5 +297,5 @@ def test_a_reward_file_missing_on_one_role_stops_every_process(train_assets, toy
         train_assets, tmp_path / "run", "--vae", str(train_assets["vae"]), "--video-reward", f"toy:{tmp_path / 'none'}",
         "--toy-image-reward", str(toy_dirs["image"]), "video_reward_processes=1", "cpu=true",
     )
-    out = _torchrun(SPLIT_SCRIPT, tmp_path, *argv, expect_failure=True)
+    out = torchrun(SPLIT_SCRIPT, tmp_path, *argv, expect_failure=True)
     assert out.count("t2v-turbo train: error:") == 2, out[-3000:]
