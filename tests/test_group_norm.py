@@ -254,9 +254,23 @@ def test_kernel_report_compiles_what_it_launches(monkeypatch, dtype):
 
 def test_opcheck():
     x = _input("stream", torch.float32, seed=12)
+    half = _input("stream", torch.float16, seed=12)
     for backend_name in ["reference"] + (["triton"] if TRITON_USABLE else []):
         with tk.backend(backend_name):
             torch.library.opcheck(torch.ops.turbo_kernels.channel_affine_silu.default, (x, *_statistics(13)))
+            torch.library.opcheck(
+                torch.ops.turbo_kernels.channel_affine_silu.default, (half, *_statistics(13), torch.float32)
+            )
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+def test_an_output_dtype_the_kernels_do_not_write_falls_back(chosen):
+    """Narrowing float32 x to a float16 output is not a case the kernels take: the reference runs
+    it, with a warning."""
+    x = _input("video", torch.float32, seed=36)
+    with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match="out_dtype must be"):
+        out = torch.ops.turbo_kernels.channel_affine_silu(x, *_statistics(37), torch.float16)
+    assert out.dtype == torch.float16 and chosen == [("channel_affine_silu", "reference")]
 
 
 # ---- inside VC2UNet ------------------------------------------------------------------------------

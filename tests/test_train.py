@@ -514,9 +514,8 @@ def fresh_accelerate_state():
 def test_bf16_mixed_precision_trains_float32_master_weights_close_to_float32(assets, tmp_path):
     """mixed_precision="bf16": autocast over float32 weights, which stay float32 in the optimizer
     and the saved student; losses and gradient norms within bf16's reach of the float32 run. The
-    clips have 4 latent frames: on CPU, torch 2.14's bf16 Conv3d weight gradient is NaN for clips
-    shorter than the temporal kernel (2 frames through a (3, 1, 1) kernel), a oneDNN fault the
-    GPU does not share."""
+    clips have 4 latent frames: on CPU, torch 2.14's bf16 Conv3d weight gradient came out NaN for
+    2-frame clips through the (3, 1, 1) temporal kernels (a oneDNN fault)."""
     from accelerate.state import AcceleratorState
 
     cache = str(write_cache(tmp_path / "cache", latent=(4, 4, 4, 4)))

@@ -68,6 +68,7 @@ def test_toy_rewards_follow_the_release_rules_and_score_as_written(toy_dirs):
     image, video = mixture.entries
     assert (image.name, image.frames, image.num_frames, image.caption) == ("toy_image", "random", 2, "short")
     assert (video.name, video.frames, video.num_frames, video.caption) == ("video", "strided", 2, "dense")
+    assert not video.random_crop, "the toy reward's spec squashes: nothing to crop"
     assert image.weight == pytest.approx(RELEASE_IMAGE_WEIGHT, rel=1e-12)
     assert video.weight == pytest.approx(RELEASE_VIDEO_WEIGHT, rel=1e-12)
     assert image.spec == video.spec == toy_spec(32)
@@ -116,6 +117,7 @@ def test_viclip_and_internvideo2_checkpoints(tmp_path):
     viclip = build_reward_mixture(video=f"viclip:{REFERENCE / 'viclip_tiny.safetensors'}", video_preset="tiny")
     (entry,) = viclip.entries
     assert isinstance(entry.model, ViCLIPReward) and entry.num_frames == 8 and entry.spec == video_spec(56)
+    assert entry.random_crop, "the release's RandomCrop"
     assert entry.weight == pytest.approx(RELEASE_VIDEO_WEIGHT, rel=1e-12)
 
     checkpoint = tmp_path / "internvideo2.safetensors"
@@ -132,7 +134,7 @@ def test_viclip_and_internvideo2_checkpoints(tmp_path):
         if spec == source:
             shutil.copy(tmp_path / "vocab" / "vocab.txt", tmp_path / "vocab.txt")
         (entry,) = build_reward_mixture(video=spec, video_preset="tiny").entries
-        assert isinstance(entry.model, InternVideo2Reward) and entry.num_frames == 4
+        assert isinstance(entry.model, InternVideo2Reward) and entry.num_frames == 4 and entry.random_crop
         ids, _ = entry.model.tokenize(["a red ball moves left"])
         assert ids[0, :7].tolist() == [2, 5, 6, 7, 8, 9, 3]
 

@@ -143,7 +143,8 @@ class SpatialAttnProcessor:
     """Spatial self- and cross-attention with AttnProcessor2_0's semantics (and the module's
     `attn.scale`), through `attend`: PyTorch's SDPA, guarded against fully masked rows. The
     harness measured SDPA's cuDNN backend (which torch picks on an H100) ahead of the Triton
-    spatial kernels at every UNet shape, forward and backward (README, benchmark results), so
+    spatial kernels at every UNet shape but the 160-token level, where they tie, forward and
+    backward (README, benchmark results), so
     those kernels are not chosen here; `turbo_kernels.spatial_attention` calls them directly."""
 
     def __call__(

@@ -56,6 +56,8 @@ def _affine_silu_problem(
         return "mean and rstd must be contiguous float32"
     if not (weight.is_contiguous() and bias.is_contiguous()):
         return "weight and bias must be contiguous"
+    if out_dtype not in (None, x.dtype, torch.float32):
+        return f"out_dtype must be x's dtype or float32, got {out_dtype}"
     return None
 
 

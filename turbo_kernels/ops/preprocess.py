@@ -69,7 +69,9 @@ def _spans(matrix: Tensor) -> Tensor:
     return torch.stack([first, end], dim=1).to(torch.int32)
 
 
-@functools.lru_cache(maxsize=64)
+# A few plans: a training run's specs and its evaluation's. A random crop (RewardEntry.random_crop)
+# is a new plan each step, which must not keep dozens of 2 MB plans on the device.
+@functools.lru_cache(maxsize=8)
 def _plan(specs: tuple[PreprocessSpec, ...], height: int, width: int, device: torch.device, dtype: torch.dtype) -> Plan:
     """The plan of `specs` on (height, width) frames, on `device` in `dtype`, built once."""
     matrices = [ref.spec_matrices(spec, height, width) for spec in specs]
