@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,6 +102,17 @@ class PretrainConfig:
     init_from: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("vae_steps", "teacher_steps", "reward_steps", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("pool_size", "vae_batch", "teacher_batch", "reward_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("vae_lr", "teacher_lr", "reward_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
         if not 0.0 <= self.teacher_noisy_fraction <= 1.0:
             raise ValueError(f"teacher_noisy_fraction must be in [0, 1], got {self.teacher_noisy_fraction}")
         if self.teacher_direction_ranking < 0 or self.teacher_direction_margin < 0:
@@ -284,6 +296,7 @@ def pretrain_rewards(
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.reward_lr, weight_decay=1e-4)
         progress = tqdm(range(config.reward_steps), desc=f"{name} reward", disable=not config.progress)
         model.train()
+        loss = None
         for _ in progress:
             index = torch.randint(len(frames), (config.reward_batch,), generator=generator)
             clips = frames[index].transpose(1, 2)  # (B, F, 3, H, W) in [-1, 1]
@@ -297,7 +310,8 @@ def pretrain_rewards(
             loss.backward()
             optimizer.step()
             _log(progress, loss=loss.item())
-        metrics[f"{name}_reward_loss"] = loss.item()
+        if loss is not None:
+            metrics[f"{name}_reward_loss"] = loss.item()
         model.freeze()
     return image_model, video_model, metrics
 
@@ -370,15 +384,21 @@ def pretrain(config: PretrainConfig) -> Path:
     return output
 
 
+def _check_world_directory(directory: Path) -> Path:
+    """The recipe.json of a directory an earlier pretrain wrote; FileNotFoundError otherwise."""
+    recipe_path = directory / "recipe.json"
+    if not recipe_path.is_file():
+        raise FileNotFoundError(f"init_from: {directory} holds no recipe.json (not a directory pretrain wrote)")
+    return recipe_path
+
+
 def _load_world_models(directory: str) -> dict:
     """The models and recipe an earlier pretrain wrote into `directory`, in float32."""
     from t2v_turbo.pipeline import T2VTurboPipeline
     from t2v_turbo.rewards.toy import load_toy_reward
 
     directory = Path(directory)
-    recipe_path = directory / "recipe.json"
-    if not recipe_path.is_file():
-        raise FileNotFoundError(f"init_from: {directory} holds no recipe.json (not a directory pretrain wrote)")
+    recipe_path = _check_world_directory(directory)
     pipeline = T2VTurboPipeline.from_pretrained(directory, use_kernels=False)
     return {
         "unet": pipeline.unet.float(),
@@ -404,6 +424,29 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+PRETRAIN_HELP = {
+    "output_dir": "the model directory to write",
+    "seed": "seed of the world clips and of every draw",
+    "pool_size": "training clips rendered from the world",
+    "vae_steps": "VAE optimizer steps (0 with --init-from: keep its VAE)",
+    "vae_batch": "frames a VAE step",
+    "vae_lr": "VAE learning rate",
+    "teacher_steps": "teacher optimizer steps (0 with --init-from: keep its teacher)",
+    "teacher_batch": "clips a teacher step",
+    "teacher_lr": "teacher learning rate (warmed up over the first 5%% of steps)",
+    "ema_decay": "decay of the teacher's EMA, which is the saved teacher",
+    "teacher_noisy_fraction": "share of each teacher batch with timesteps from the noisier half",
+    "teacher_direction_ranking": "weight of the ranking term on the direction word (0: off)",
+    "teacher_direction_margin": "relative margin of that ranking term",
+    "reward_steps": "steps of each toy reward model (0 with --init-from: keep its rewards)",
+    "reward_batch": "clips a reward step",
+    "reward_lr": "reward models' learning rate",
+    "threads": "torch intra-op threads (0: torch's default)",
+    "progress": "show progress bars",
+    "init_from": "a directory an earlier pretrain wrote, to continue from",
+}
+
+
 def add_pretrain_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "pretrain",
@@ -412,16 +455,23 @@ def add_pretrain_command(subparsers) -> None:
         "the VC2-architecture teacher and the image-text and video-text reward models. Writes a model directory "
         "that `generate` and `demo` read, and recipe.json with the seeds and losses.",
     )
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     defaults = PretrainConfig()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=PRETRAIN_HELP[name])
         else:
-            parser.add_argument(flag, type=type(value), default=value)
+            parser.add_argument(flag, type=type(value), default=value, help=PRETRAIN_HELP[name])
 
     def run(args) -> int:
-        config = PretrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
+        try:
+            config = PretrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
+            if config.init_from:
+                _check_world_directory(Path(config.init_from))
+        except (ValueError, FileNotFoundError) as error:
+            print(f"t2v-turbo pretrain: error: {error}", file=sys.stderr)
+            return 2
         output = pretrain(config)
         print(f"wrote the world models to {output}")
         return 0

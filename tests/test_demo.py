@@ -145,6 +145,27 @@ def test_pretrain_writes_a_loadable_model_directory(tmp_path):
         load_toy_reward(output / directory)
 
 
+def test_pretrain_command_reports_bad_settings_and_takes_zero_reward_steps(tmp_path, capsys):
+    from t2v_turbo.cli import main
+
+    for flags, message in (
+        (["--teacher-noisy-fraction", "2"], "teacher_noisy_fraction must be in"),
+        (["--vae-steps", "-1"], "vae_steps must be >= 0"),
+        (["--init-from", str(tmp_path / "absent")], "holds no recipe.json"),
+    ):
+        assert main(["pretrain", "--output-dir", str(tmp_path / "never"), *flags]) == 2
+        error = capsys.readouterr().err
+        assert "t2v-turbo pretrain: error: " in error and message in error, error
+    assert not (tmp_path / "never").exists()
+    # A fresh run whose reward stage is given no steps keeps its untrained reward models.
+    config = PretrainConfig(
+        output_dir=str(tmp_path / "world"), pool_size=4, vae_steps=1, vae_batch=2, teacher_steps=1, teacher_batch=2,
+        reward_steps=0, progress=False,
+    )
+    recipe = json.loads((pretrain(config) / "recipe.json").read_text())
+    assert not any(name.endswith("_reward_loss") for name in recipe["metrics"])
+
+
 def test_short_demo_run_writes_the_report(tmp_path):
     config = DemoConfig(
         output_dir=str(tmp_path / "report"), train_clips=6, train_steps=2, batch_size=2, eval_prompts=2,
