@@ -44,13 +44,24 @@ def to_uint8_frames(frames: Tensor) -> Tensor:
     return frames.movedim(-3, -1).contiguous()
 
 
-def _clips(frames: Tensor) -> Tensor:
-    """(F, 3, H, W) or (B, F, 3, H, W) -> (B, F, H, W, 3) uint8."""
+FRAME_LAYOUTS = ("frames", "channels")
+
+
+def _clips(frames: Tensor, layout: str) -> Tensor:
+    """(F, 3, H, W) or (B, F, 3, H, W) ("frames"), (3, F, H, W) or (B, 3, F, H, W) ("channels",
+    as the pipeline returns them) -> (B, F, H, W, 3) uint8."""
+    if layout not in FRAME_LAYOUTS:
+        raise ValueError(f"layout must be one of {FRAME_LAYOUTS}, got {layout!r}")
+    if not isinstance(frames, Tensor):
+        raise TypeError(f"frames must be a tensor, got {type(frames).__name__}")
     if frames.dim() == 4:
         frames = frames.unsqueeze(0)
-    if frames.dim() != 5:
-        raise ValueError(f"frames must be (F, 3, H, W) or (B, F, 3, H, W), got shape {tuple(frames.shape)}")
-    return to_uint8_frames(frames)
+    expected = "(F, 3, H, W) or (B, F, 3, H, W)" if layout == "frames" else "(3, F, H, W) or (B, 3, F, H, W)"
+    channel_dim = 2 if layout == "frames" else 1
+    if frames.dim() != 5 or frames.shape[channel_dim] != 3:
+        hint = "; the pipeline's (B, 3, F, H, W) frames take layout='channels'" if layout == "frames" else ""
+        raise ValueError(f"frames must be {expected} with layout={layout!r}, got shape {tuple(frames.shape)}{hint}")
+    return to_uint8_frames(frames if layout == "frames" else frames.transpose(1, 2))
 
 
 def _side_by_side(clips: Tensor) -> np.ndarray:
@@ -103,16 +114,18 @@ def _grid(clips: Tensor) -> Image.Image:
     return Image.fromarray(grid.numpy())
 
 
-def write_video(frames: Tensor, path: str | os.PathLike, fps: int = 8) -> Path:
-    """Writes frames by the path's suffix: .mp4 (H.264 or MPEG-4 part 2, yuv420p, odd sizes padded
-    to even), .gif (looping) or .png (a grid: a row a clip, a column a frame). Returns the path."""
+def write_video(frames: Tensor, path: str | os.PathLike, fps: int = 8, layout: str = "frames") -> Path:
+    """Writes frames (float in [0, 1] or uint8) by the path's suffix: .mp4 (H.264 or MPEG-4 part 2,
+    yuv420p, odd sizes padded to even), .gif (looping) or .png (a grid: a row a clip, a column a
+    frame); several clips side by side. layout "frames": (F, 3, H, W) or (B, F, 3, H, W);
+    "channels": (3, F, H, W) or (B, 3, F, H, W), as T2VTurboPipeline returns them. Returns the path."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in VIDEO_SUFFIXES:
         raise ValueError(f"path must end in one of {VIDEO_SUFFIXES}, got {path}")
     if not isinstance(fps, int) or fps < 1:
         raise ValueError(f"fps must be a positive int, got {fps!r}")
-    clips = _clips(frames)
+    clips = _clips(frames, layout)
     with _atomic_path(path) as temporary:
         if suffix == ".mp4":
             _write_mp4(_side_by_side(clips), temporary, fps)

@@ -320,6 +320,16 @@ def test_video_files_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
     with pytest.raises(ValueError, match="path must end in"):
         write_video(clip, tmp_path / "clip.avi")
+    # The pipeline's (B, 3, F, H, W) frames: layout="channels" writes the same file; the default
+    # layout refuses them with a hint.
+    pipeline_frames = odd.transpose(1, 2)[:, :, :2]  # (2, 3, 2, 9, 7): two frames, never read as channels
+    write_video(pipeline_frames, tmp_path / "channels.png", layout="channels")
+    write_video(odd[:, :2], tmp_path / "frames.png")
+    assert (tmp_path / "channels.png").read_bytes() == (tmp_path / "frames.png").read_bytes()
+    with pytest.raises(ValueError, match="take layout='channels'"):
+        write_video(pipeline_frames, tmp_path / "refused.gif")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        write_video(clip, tmp_path / "clip.gif", layout="nchw")
 
 
 # ---- the command -------------------------------------------------------------------------------

@@ -68,10 +68,8 @@ def run_generate(args: argparse.Namespace) -> int:
             motion_strength=args.motion_strength,
             **common,
         )
-    # (B, 3, F, H, W) -> one (F, 3, H, W) clip a prompt.
-    clips = result.frames.transpose(1, 2)
-    for clip, path in zip(clips, output_paths(args.out, len(args.prompts))):
-        video_io.write_video(clip, path, fps=pipeline.fps)
+    for clip, path in zip(result.frames, output_paths(args.out, len(args.prompts))):
+        video_io.write_video(clip, path, fps=pipeline.fps, layout="channels")
         print(f"wrote {path}")
     t = result.timings
     print(f"time: UNet {t['unet_s']:.2f} s, VAE {t['vae_s']:.2f} s, text {t['text_s']:.2f} s, total {t['total_s']:.2f} s")
