@@ -326,6 +326,38 @@ def test_motion_cond_without_timestep_cond_is_an_error(tiny64, io):
         tiny64(io["x"], io["timesteps"], io["context"], io["fps"], motion_cond=io["motion_cond"])
 
 
+def test_a_single_conditioning_row_serves_every_sample(tiny64, io):
+    """A scalar's embedding (one row) beside per-sample rows, as guidance_embedding(w) with a (B,)
+    w and motion_embedding(0.05) give them."""
+    with torch.no_grad():
+        out = tiny64(
+            io["x"], io["timesteps"], io["context"], io["fps"],
+            timestep_cond=io["timestep_cond"], motion_cond=io["motion_cond"][:1],
+        )
+        want = tiny64(
+            io["x"], io["timesteps"], io["context"], io["fps"],
+            timestep_cond=io["timestep_cond"], motion_cond=io["motion_cond"][:1].expand(2, -1),
+        )
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(x=lambda x: x[:, :3]), r"x must be \(B, 4, T, H, W\) latents"),
+        (dict(x=lambda x: x[..., :7]), "height and width must be multiples of"),
+        (dict(context=lambda c: c[..., :5]), r"context must be \(B=2, L, \d+\) text embeddings"),
+        (dict(context=lambda c: c[:1]), r"context must be \(B=2"),
+        (dict(timestep_cond=lambda t: t.repeat(2, 1)), r"timestep_cond must be \(1, D\) or \(2, D\)"),
+    ],
+)
+def test_inputs_of_the_wrong_shape_are_refused_by_name(tiny64, io, change, match):
+    inputs = {"x": io["x"], "context": io["context"], "timestep_cond": io["timestep_cond"]}
+    inputs.update({name: edit(inputs[name]) for name, edit in change.items()})
+    with pytest.raises(ValueError, match=match):
+        tiny64(inputs["x"], io["timesteps"], inputs["context"], io["fps"], timestep_cond=inputs["timestep_cond"])
+
+
 def test_dropout_follows_train_mode(io):
     model = VC2UNet.preset("tiny")
     model.load_original_state_dict(_load("tiny_unet.safetensors"))

@@ -164,6 +164,14 @@ def _per_sample(value: Tensor | float, name: str, x: Tensor) -> Tensor:
     return value.reshape(-1).expand(batch)
 
 
+def _condition_rows(cond: Tensor, batch: int, name: str) -> Tensor:
+    """A conditioning embedding as (B, D): one row a sample, or one row (a scalar's embedding) for all."""
+    rows = cond if cond.dim() == 2 else cond.unsqueeze(0)
+    if rows.dim() != 2 or rows.shape[0] not in (1, batch):
+        raise ValueError(f"{name} must be (1, D) or ({batch}, D) (one row a sample), got shape {tuple(cond.shape)}")
+    return rows.expand(batch, -1)
+
+
 def _batch_values(value: Tensor | float, batch: int, device: torch.device) -> Tensor:
     """Timesteps or fps (a number, or one or B values) as a (B,) tensor on `device`. A Python
     number is filled in on the device: torch.as_tensor would copy it from host memory, which a
@@ -736,6 +744,22 @@ class VC2UNet(nn.Module):
             motion_cond = motion_embedding(_per_sample(motion_strength, "motion_strength", x))
         return self(x, timesteps, context, fps, timestep_cond=timestep_cond, motion_cond=motion_cond)
 
+    def _check_inputs(self, x: Tensor, context: Tensor) -> None:
+        config = self.config
+        if x.dim() != 5 or x.shape[1] != config["in_channels"]:
+            raise ValueError(f"x must be (B, {config['in_channels']}, T, H, W) latents, got shape {tuple(x.shape)}")
+        factor = 2 ** (len(config["channel_mult"]) - 1)
+        if x.shape[3] % factor or x.shape[4] % factor:
+            raise ValueError(
+                f"x's height and width must be multiples of {factor} (the UNet halves them "
+                f"{len(config['channel_mult']) - 1} times), got {x.shape[3]}x{x.shape[4]}"
+            )
+        if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != config["context_dim"]:
+            raise ValueError(
+                f"context must be (B={x.shape[0]}, L, {config['context_dim']}) text embeddings, "
+                f"got shape {tuple(context.shape)}"
+            )
+
     def _run_block(self, block: UNetBlock, h: Tensor, emb: Tensor, context: Tensor, num_frames: int) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, h, emb, context, num_frames, use_reentrant=False)
@@ -750,10 +774,15 @@ class VC2UNet(nn.Module):
         timestep_cond: Tensor | None = None,
         motion_cond: Tensor | None = None,
     ) -> Tensor:
+        self._check_inputs(x, context)
         batch, _, num_frames, _, _ = x.shape
         dtype = x.dtype
         timesteps, fps = (_batch_values(value, batch, x.device) for value in (timesteps, fps))
         t_emb = sinusoid_a(timesteps, self.model_channels).to(dtype)
+        timestep_cond, motion_cond = (
+            None if cond is None else _condition_rows(cond, batch, name)
+            for cond, name in ((timestep_cond, "timestep_cond"), (motion_cond, "motion_cond"))
+        )
         c = self.condition_embedding(timestep_cond, motion_cond, dtype)
         if c is not None:
             t_emb = t_emb + c
