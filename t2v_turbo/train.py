@@ -606,6 +606,8 @@ class _Trainer:
         if config.cache is None:
             raise ValueError(f"config.cache is not set: training reads a teacher cache; {PREPROCESS_HINT}")
         self.dataset = TeacherCache(config.cache)
+        if config.teacher is not None and not Path(config.teacher).is_dir():
+            raise FileNotFoundError(f"teacher: no UNet directory at {config.teacher} (a save_pretrained UNet, e.g. MODEL_DIR/unet)")
         check_cache_teacher(self.dataset.config, config)
         check_cache_data(self.dataset.config, config)
         check_cache_size(len(self.dataset), config, self.world)

@@ -411,6 +411,12 @@ def test_train_command_reports_unusable_settings(assets, tmp_path, capsys):
     args = parser.parse_args([*run, "--data", str(tmp_path / "other-videos"), *overrides])
     assert args.handler(args) == 2
     assert "built from data 'synthetic'" in capsys.readouterr().err
+    # A teacher directory that is not there is named as such (not as a cache from another teacher).
+    preset_cache = write_cache(tmp_path / "preset-cache", producing_config={"preset": "tiny", "seed": 0})
+    args = parser.parse_args(["train", "--cache", str(preset_cache), "--output-dir", str(tmp_path / "run2"),
+                              f"teacher={tmp_path / 'absent'}", *overrides[1:]])
+    assert args.handler(args) == 2
+    assert f"teacher: no UNet directory at {tmp_path / 'absent'}" in capsys.readouterr().err
 
 
 def test_runs_neither_mix_with_nor_roll_back_an_earlier_run(assets, tmp_path):
