@@ -231,7 +231,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             return "on" if value else "off"
         return str(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a {getattr(base, '__name__', base)}, got {value!r}") from None
+        kind = {int: "an integer", float: "a number", str: "a string"}.get(base, getattr(base, "__name__", base))
+        raise ValueError(f"{name} must be {kind}, got {value!r}") from None
 
 
 class RewardMixture(Protocol):

@@ -356,6 +356,19 @@ def test_command_line_synthetic_tiny_preset(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+def test_command_line_interrupted_says_where_the_finished_clips_are(tmp_path, capsys, monkeypatch):
+    """Ctrl-C (the library has stored the finished clips as a last shard): one line saying so,
+    status 130, no traceback."""
+    from t2v_turbo import preprocess as preprocess_module
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preprocess_module, "preprocess", interrupted)
+    assert run_cli(["--preset", "tiny", "--cache", str(tmp_path / "cache"), "--cpu", "--no-progress"]) == 130
+    assert f"interrupted; the clips done so far are stored in {tmp_path / 'cache'}" in capsys.readouterr().err
+
+
 def test_a_frame_size_the_teacher_cannot_take_stops_before_the_cache_is_begun(models, tmp_path):
     """The size must divide by the VAE's factor times the UNet's (a two-level UNet: 2); the
     manifest is not written, so the corrected command starts the cache."""

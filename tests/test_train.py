@@ -600,7 +600,7 @@ def test_config_files_overrides_and_errors(tmp_path):
         TrainConfig.load(overrides=["learning_rate=1"])
     with pytest.raises(ValueError, match="loss must be one of"):
         TrainConfig(loss="l1")
-    with pytest.raises(ValueError, match="max_steps must be a int"):
+    with pytest.raises(ValueError, match="max_steps must be an integer"):
         TrainConfig.load(overrides=["max_steps=many"])
     with pytest.raises(ValueError, match="w_min must be <= w_max"):
         TrainConfig(w_min=9, w_max=5)

