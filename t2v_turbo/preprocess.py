@@ -438,7 +438,6 @@ def preprocess(
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     _check_cuda_graphs_device(config, device)
     cache_dir = Path(config.cache)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     _check_process_layout(cache_dir, world)
 
     if dataset is None:
@@ -460,6 +459,8 @@ def preprocess(
         _place(vae, device, dtype)
         _place(text_encoder, device)
     teacher = TeacherPass(unet, vae, text_encoder, config, device)
+    # Made once the data, the models and the clip size are known to work: a refused run leaves nothing.
+    cache_dir.mkdir(parents=True, exist_ok=True)
 
     loader = DataLoader(
         _IndexedClips(dataset), batch_sampler=_aligned_batches(clips, start, config.batch_size),
