@@ -438,6 +438,8 @@ def preprocess(
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     _check_cuda_graphs_device(config, device)
     cache_dir = Path(config.cache)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise ValueError(f"cache {cache_dir} is a file, not a directory")
     _check_process_layout(cache_dir, world)
 
     if dataset is None:

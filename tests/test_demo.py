@@ -2,7 +2,7 @@
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -147,6 +147,9 @@ def test_pretrain_writes_a_loadable_model_directory(tmp_path):
 
 def test_pretrain_command_reports_bad_settings_and_takes_zero_reward_steps(tmp_path, capsys):
     from t2v_turbo.cli import main
+    from t2v_turbo.pretrain import PRETRAIN_HELP
+
+    assert PRETRAIN_HELP.keys() == asdict(PretrainConfig()).keys(), "every pretrain flag needs its help"
 
     for flags, message in (
         (["--teacher-noisy-fraction", "2"], "teacher_noisy_fraction must be in"),

@@ -355,6 +355,9 @@ def test_command_line_synthetic_tiny_preset(tmp_path, capsys):
     assert status == 2
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / "other").exists(), "a refused run leaves no cache directory behind"
+    (tmp_path / "a-file").write_text("")
+    assert run_cli(["--preset", "tiny", "--cache", str(tmp_path / "a-file"), "--frames", "4", "--cpu"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
 
 
 def test_command_line_interrupted_says_where_the_finished_clips_are(tmp_path, capsys, monkeypatch):
@@ -367,7 +370,7 @@ def test_command_line_interrupted_says_where_the_finished_clips_are(tmp_path, ca
 
     monkeypatch.setattr(preprocess_module, "preprocess", interrupted)
     assert run_cli(["--preset", "tiny", "--cache", str(tmp_path / "cache"), "--cpu", "--no-progress"]) == 130
-    assert f"interrupted; the clips done so far are stored in {tmp_path / 'cache'}" in capsys.readouterr().err
+    assert f"interrupted; the clips finished before it (if any) are stored in {tmp_path / 'cache'}" in capsys.readouterr().err
 
 
 def test_a_frame_size_the_teacher_cannot_take_stops_before_the_cache_is_begun(models, tmp_path):

@@ -49,7 +49,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            f"t2v-turbo preprocess: interrupted; the clips done so far are stored in {args.cache}: "
+            f"t2v-turbo preprocess: interrupted; the clips finished before it (if any) are stored in {args.cache}: "
             "the same command goes on from there",
             file=sys.stderr,
         )
