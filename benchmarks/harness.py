@@ -685,6 +685,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "60 on the CPU, 0 with --quick)",
     )
     parser.add_argument(
+        "--show", type=Path, nargs="+", metavar="JSON",
+        help="time nothing: print the table, the skipped rows and the target lines of saved runs "
+        "(e.g. benchmarks/results/*.json)",
+    )
+    parser.add_argument(
         "--profile", type=_positive_int, metavar="N", default=0,
         help="after timing each row, profile one more call and record its N costliest kernels (GPU) or operators "
         "(CPU) in the row's top_kernels and, on a GPU, the share of the call the GPU was busy (gpu_busy); print them",
@@ -730,12 +735,40 @@ def _notes(on_gpu: bool) -> list[str]:
     return notes + ["median_ms is wall time on the CPU"]
 
 
+def show(paths: Sequence[Path], summaries: Sequence[Callable[[dict], list[str]]] = ()) -> int:
+    """Prints saved runs as `run` printed them: device and versions, the table, the skipped rows
+    and the summaries' lines. Returns 2 when a file cannot be read as a run."""
+    for index, path in enumerate(paths):
+        try:
+            result = json.loads(Path(path).read_text())
+            rows, copy_gbps = result["rows"], result["copy_gbps"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(f"--show: {path} is not a benchmark run ({error})", file=sys.stderr)
+            return 2
+        if index:
+            print()
+        state = "" if result.get("complete", True) else " (stopped part-way: the cases measured before it)"
+        print(f"{path}: {result.get('device')}, torch {result.get('torch')}, triton {result.get('triton')}, "
+              f"{result.get('created')}{state}")
+        print(f"copy ceiling: {copy_gbps:.1f} GB/s")
+        print(format_table(result) if rows else "no rows")
+        if result.get("skipped"):
+            print(format_skipped(result["skipped"]))
+        target_lines = [line for summary in summaries for line in summary(result)]
+        if target_lines:
+            print("targets:")
+            print("\n".join(target_lines))
+    return 0
+
+
 def run(
     args: argparse.Namespace, suites: Sequence[Suite], summaries: Sequence[Callable[[dict], list[str]]] = ()
 ) -> int:
     """Time every case of `suites` as `args` (from add_arguments) say; print, write JSON and PNG,
     then each summary's lines (end-to-end targets, computed from the rows, never asserted).
-    Returns the exit status: 1 when no row could be measured."""
+    Returns the exit status: 1 when no row could be measured. With --show, print saved runs instead."""
+    if args.show:
+        return show(args.show, summaries)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
 

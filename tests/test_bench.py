@@ -103,6 +103,29 @@ def test_quick_run_keeps_the_json_contract(tmp_path):
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+def test_show_prints_saved_runs_without_timing(tmp_path, capsys):
+    """--show reads runs back (the committed GPU files): the table, the skipped rows, the target
+    lines; a file that is not a run ends with status 2."""
+    import benchmarks
+
+    row = dict(op="pseudo_huber_loss", case="b1", impl=harness.EAGER, **{"pass": "fwd"}, median_ms=2.0, host_ms=0.1,
+               wall_ms=None, gbps=50.0)
+    run = dict(device="NVIDIA H100 80GB HBM3", torch="2.11", triton="3.6", created="2026-11-26T00:00:00+00:00",
+               copy_gbps=3000.0, rows=[row, {**row, "impl": "triton", "median_ms": 0.5, "gbps": 200.0}],
+               skipped=[dict(op="pseudo_huber_loss", case="b1", impl="cuda", **{"pass": "fwd"}, reason="no extension")],
+               complete=False)
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(run))
+    assert benchmarks.main(["--show", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H100 80GB HBM3" in out and "stopped part-way" in out
+    assert "4.00x" in out, "triton's speed-up over the eager reference"
+    assert "cuda (1 row(s)): no extension" in out and "targets:" in out
+    assert not list(tmp_path.glob("*.png")) and len(list(tmp_path.iterdir())) == 1, "nothing timed, nothing written"
+    (tmp_path / "junk.json").write_text("[]")
+    assert benchmarks.main(["--show", str(tmp_path / "junk.json")]) == 2
+
+
 @pytest.mark.slow
 def test_compiled_reference_is_timed_within_budget(tmp_path):
     result = _bench(
