@@ -94,6 +94,17 @@ SUBCOMMANDS = {
 }
 
 
+# Commands that run models on the CPU too and take --threads (demo and pretrain have their own).
+THREADED_COMMANDS = ("preprocess", "train", "generate")
+
+
+def _thread_count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (torch's default) or more, got {value}")
+    return value
+
+
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser of every subcommand, or of `only`."""
     parser = argparse.ArgumentParser(prog="t2v-turbo", description="T2V-Turbo-v2 post-training with turbo_kernels.")
@@ -101,6 +112,12 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     for name, add in SUBCOMMANDS.items():
         if only in (None, name):
             add(subparsers)
+            if name in THREADED_COMMANDS:
+                subparsers.choices[name].add_argument(
+                    "--threads", type=_thread_count, default=0,
+                    help="torch CPU threads (0: torch's default, one a core; on a machine other jobs share, "
+                    "fewer threads than cores can be many times faster)",
+                )
     return parser
 
 
@@ -114,6 +131,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "threads", 0) and args.command in THREADED_COMMANDS:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return args.handler(args)
 
 

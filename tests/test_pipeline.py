@@ -335,6 +335,18 @@ def test_video_files_round_trip(tmp_path):
 # ---- the command -------------------------------------------------------------------------------
 
 
+def test_threads_flag_sets_torchs_cpu_threads_before_the_command_runs(tmp_path, monkeypatch, capsys):
+    counts = []
+    monkeypatch.setattr(torch, "set_num_threads", counts.append)
+    command = ["generate", "a red ball", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "c.gif")]
+    assert main([*command[1:], "--threads", "1"]) == 2  # the model is missing: the command ran
+    assert counts == [1] and "missing" in capsys.readouterr().err
+    assert main(command[1:]) == 2 and counts == [1], "0 (the default) leaves torch's choice"
+    with pytest.raises(SystemExit):
+        main([*command[1:], "--threads", "-1"])
+    assert "must be 0 (torch's default) or more" in capsys.readouterr().err
+
+
 def test_generate_command_writes_readable_videos(tmp_path, capsys, chosen):
     vae_module = pytest.importorskip("t2v_turbo.models.vae", reason="t2v_turbo.models.vae is not there yet")
     text_module = pytest.importorskip(

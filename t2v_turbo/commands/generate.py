@@ -160,10 +160,9 @@ def add_generate_command(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`t2v-turbo generate ...` on its own: argv holds what follows `generate`."""
-    parser = argparse.ArgumentParser(prog="t2v-turbo")
-    add_generate_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
-    return args.handler(args)
+    from t2v_turbo.cli import main as cli_main
+
+    return cli_main(["generate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
