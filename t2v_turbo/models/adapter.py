@@ -96,9 +96,8 @@ class NoisePredictor:
             self._has_motion = False
             self._in_channels = network.config.in_channels
             self._context_dim = network.config.cross_attention_dim
-        # VC2UNet halves the latent at every level but the last and needs it to divide evenly;
         # diffusers' UNet3DConditionModel upsamples back to each skip connection's size, any size.
-        self._latent_multiple = 2 ** (len(network.config["channel_mult"]) - 1) if self.kind == "vc2" else 1
+        self._latent_multiple = network.latent_multiple if self.kind == "vc2" else 1
         self.model = model
         self.network = network
         # A t2v_turbo.cuda_graphs.GraphedCall of call_model while enable_cuda_graphs holds.

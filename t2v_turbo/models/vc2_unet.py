@@ -744,11 +744,17 @@ class VC2UNet(nn.Module):
             motion_cond = motion_embedding(_per_sample(motion_strength, "motion_strength", x))
         return self(x, timesteps, context, fps, timestep_cond=timestep_cond, motion_cond=motion_cond)
 
+    @property
+    def latent_multiple(self) -> int:
+        """What latent heights and widths must be multiples of: the UNet halves them at every level
+        but the last and needs them to divide evenly."""
+        return 2 ** (len(self.config["channel_mult"]) - 1)
+
     def _check_inputs(self, x: Tensor, context: Tensor) -> None:
         config = self.config
         if x.dim() != 5 or x.shape[1] != config["in_channels"]:
             raise ValueError(f"x must be (B, {config['in_channels']}, T, H, W) latents, got shape {tuple(x.shape)}")
-        factor = 2 ** (len(config["channel_mult"]) - 1)
+        factor = self.latent_multiple
         if x.shape[3] % factor or x.shape[4] % factor:
             raise ValueError(
                 f"x's height and width must be multiples of {factor} (the UNet halves them "

@@ -29,6 +29,7 @@ from t2v_turbo.rewards.mixture import (
     RELEASE_VIDEO_WEIGHT,
     RewardEntry,
     RewardMixture,
+    crops_at_random,
 )
 from t2v_turbo.rewards.toy import load_toy_reward
 from t2v_turbo.rewards.viclip import ViCLIPReward
@@ -179,8 +180,7 @@ def build_reward_mixture(
     if video is not None:
         model, spec = _load_video(video, video_preset, toy_size, placement)
         # The release's RandomCrop: a crop drawn every step (the toy reward's spec does not crop).
-        random_crop = spec.mode == "crop"
-        entries.append(RewardEntry("video", model, spec, "strided", None, video_weight, "dense", random_crop))
+        entries.append(RewardEntry("video", model, spec, "strided", None, video_weight, "dense", crops_at_random(spec)))
     if not entries:
         return None
     return RewardMixture(entries, gradient_checkpointing=gradient_checkpointing)

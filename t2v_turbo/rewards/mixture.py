@@ -42,6 +42,7 @@ __all__ = [
     "RELEASE_VIDEO_WEIGHT",
     "RewardEntry",
     "RewardMixture",
+    "crops_at_random",
     "default_mixture",
 ]
 
@@ -110,7 +111,7 @@ class RewardEntry:
             raise ValueError(f"RewardEntry {self.name!r}: caption must be one of {CAPTION_KINDS}, got {self.caption!r}")
         if not isinstance(self.random_crop, bool):
             raise TypeError(f"RewardEntry {self.name!r}: random_crop must be a bool, got {self.random_crop!r}")
-        if self.random_crop and (self.spec.mode != "crop" or self.spec.crop_offset is not None):
+        if self.random_crop and not crops_at_random(self.spec):
             raise ValueError(
                 f"RewardEntry {self.name!r}: random_crop needs a spec of mode 'crop' without crop_offset, got "
                 f"mode {self.spec.mode!r}, crop_offset {self.spec.crop_offset}"
@@ -179,6 +180,11 @@ def _block_checkpoints(models: Iterable[RewardModel], enabled: bool) -> Iterator
     finally:
         for model, was in zip(switched, before):
             model.gradient_checkpointing = was
+
+
+def crops_at_random(spec: PreprocessSpec) -> bool:
+    """Whether a RewardEntry with `spec` can draw its crop each step: a crop with no fixed offset."""
+    return spec.mode == "crop" and spec.crop_offset is None
 
 
 def _random_crop(spec: PreprocessSpec, height: int, width: int, generator: torch.Generator | None) -> PreprocessSpec:
@@ -603,7 +609,7 @@ def default_mixture(
                                    image_weight * clip_weight, "short"))
     if video is not None:
         video_spec = video_spec or image_text.video_spec()
-        random_crop = video_random_crop and video_spec.mode == "crop" and video_spec.crop_offset is None
+        random_crop = video_random_crop and crops_at_random(video_spec)
         entries.append(RewardEntry("video", video, video_spec, "strided", None, video_weight, "dense", random_crop))
     if not entries:
         raise ValueError("default_mixture needs at least one of hps, clip, video")
