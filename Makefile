@@ -12,7 +12,13 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.turbo-kernels-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.cpp csrc/*.h)
 
-.PHONY: run test venv bench report clean
+# The GPU machines this project is lent run Triton 3.6 (with torch 2.11), whose compiler allocates
+# registers differently from the Triton that torch 2.14 brings: `make report-gpu-triton` compiles
+# every kernel with that Triton too (a venv that layers it over .venv's packages).
+GPU_TRITON ?= triton==3.6.0
+GPU_TRITON_VENV := .venv-gpu-triton
+
+.PHONY: run test venv bench report report-gpu-triton clean
 
 venv: $(STAMP)
 
@@ -32,8 +38,15 @@ bench: $(STAMP)
 report: $(STAMP)
 	$(PY) -m turbo_kernels.kernel_report
 
+report-gpu-triton: $(STAMP)
+	test -x $(GPU_TRITON_VENV)/bin/python || $(PY) -m venv $(GPU_TRITON_VENV)
+	$(GPU_TRITON_VENV)/bin/python -m pip install -q --no-deps $(GPU_TRITON)
+	$(PY) -c "import site, sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" \
+		> "$$($(GPU_TRITON_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/turbo_kernels_base.pth"
+	env -u TRITON_INTERPRET $(GPU_TRITON_VENV)/bin/python -m turbo_kernels.kernel_report
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info turbo_kernels/_C*.so
+	rm -rf $(VENV) $(GPU_TRITON_VENV) build *.egg-info turbo_kernels/_C*.so
