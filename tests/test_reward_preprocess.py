@@ -411,6 +411,10 @@ GOOD = _frames((1, 2, 3, 10, 16), seed=1)
         (lambda: reward_preprocess(GOOD, CLIP), TypeError, "specs must be a list"),
         (lambda: reward_preprocess(GOOD, [CLIP, "pad"]), TypeError, r"specs\[1\] must be a PreprocessSpec"),
         (lambda: reward_preprocess(GOOD, [_video(crop_offset=(0, 200))]), ValueError, r"specs\[0\]: crop_offset"),
+        (
+            lambda: reward_preprocess(torch.rand(1, 1, 3, 97, 5), [PreprocessSpec(4, "pad")]), ValueError,
+            r"specs\[0\]: a 97x5 frame resized to 4 on its longer side leaves 4x0 pixels",
+        ),
         (lambda: reward_preprocess(GOOD, [CLIP], input_range="pixels"), ValueError, "input_range must be one of"),
         (lambda: reward_preprocess(GOOD, [CLIP], out_dtype=torch.int8), TypeError, "out_dtype must be"),
         (lambda: PreprocessSpec(0, "pad"), ValueError, "size must be a positive int"),
@@ -424,7 +428,7 @@ GOOD = _frames((1, 2, 3, 10, 16), seed=1)
     ],
     ids=[
         "4d", "4-channels", "empty-image", "int-frames", "empty-specs", "spec-not-list", "not-a-spec",
-        "crop-offset-out-of-range", "input-range", "out-dtype", "size-0", "size-negative", "mode",
+        "crop-offset-out-of-range", "too-thin-to-pad", "input-range", "out-dtype", "size-0", "size-negative", "mode",
         "interpolation", "std", "mean", "offset-without-crop", "negative-offset",
     ],
 )

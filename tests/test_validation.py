@@ -37,6 +37,7 @@ def test_valid_call_passes():
         (dict(z_t=torch.zeros(2, 4, 3, 4, 5, dtype=torch.int32)), TypeError, "z_t must be a floating-point"),
         (dict(z_t=[1.0, 2.0]), TypeError, "z_t must be a torch.Tensor"),
         (dict(w=float("nan")), ValueError, "w must be finite"),
+        (dict(w=None), TypeError, "w must be a float or a tensor, got None"),
         (dict(w=torch.tensor([7.5, float("inf")])), ValueError, "w must be finite"),
         (dict(w=torch.ones(3)), ValueError, r"w must be a scalar or have shape \(2,\)"),
         (dict(t_hi=torch.tensor([999, 1000])), ValueError, "t_hi has timesteps outside the schedule"),
@@ -81,6 +82,14 @@ def test_pseudo_huber_errors_name_the_argument():
         tk.pseudo_huber_loss(x.long(), x)
     with pytest.raises(ValueError, match="c must be a positive"):
         tk.pseudo_huber_loss(x, x, c=-1.0)
+    with pytest.raises(ValueError, match="c must be at least 1e-18"):
+        tk.pseudo_huber_loss(x, x, c=1e-30)
+
+
+def test_pseudo_huber_smallest_c_keeps_a_finite_gradient_at_zero_distance():
+    pred = torch.tensor([0.5, 1.0, -2.0], requires_grad=True)
+    (grad,) = torch.autograd.grad(tk.pseudo_huber_loss(pred, pred.detach().clone(), c=1e-18), pred)
+    assert torch.equal(grad, torch.zeros(3))
 
 
 def test_value_checks_can_be_switched_off(monkeypatch):

@@ -92,9 +92,14 @@ def timesteps(t, name: str, batch: int, device: torch.device, num_train_timestep
     return t
 
 
-def per_sample_scalar(x: Optional[Scalar], name: str, batch: int, device: torch.device, default: float = 0.0) -> Tensor:
-    """A float or tensor of shape () or (B,) -> a finite float32 (B,) tensor on `device`."""
+def per_sample_scalar(
+    x: Optional[Scalar], name: str, batch: int, device: torch.device, default: Optional[float] = None
+) -> Tensor:
+    """A float or tensor of shape () or (B,) -> a finite float32 (B,) tensor on `device`; None is
+    `default` where one is given, else an error."""
     if x is None:
+        if default is None:
+            raise TypeError(f"{name} must be a float or a tensor, got None")
         x = default
     if isinstance(x, bool) or not isinstance(x, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(x).__name__}")

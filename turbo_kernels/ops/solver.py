@@ -16,6 +16,8 @@ from turbo_kernels import _cuda_ext, checks, dispatch
 from turbo_kernels.reference import solver as ref
 
 MOTION_FORMS = ("release", "classic")
+# pseudo_huber_loss's smallest c: its square, 1e-36, is still a normal float32 (from 1.2e-38).
+MIN_HUBER_C = 1e-18
 
 
 # ---- implementations: reference, Triton, CUDA ------------------------------------------------
@@ -190,7 +192,7 @@ def guided_solver_step(
         checks.timesteps(t_hi, "t_hi", batch, device, acp.numel()),
         checks.timesteps(t_lo, "t_lo", batch, device, acp.numel()),
         checks.per_sample_scalar(w, "w", batch, device),
-        checks.per_sample_scalar(motion_scale, "motion_scale", batch, device),
+        checks.per_sample_scalar(motion_scale, "motion_scale", batch, device, default=0.0),
         acp, motion_form == "release",
     )
 
@@ -399,4 +401,9 @@ def pseudo_huber_loss(pred: Tensor, target: Tensor, c: float = 1e-3) -> Tensor:
     (float64 for float64 inputs), fused forward and backward. Differentiable in pred and target."""
     checks.floating_tensor(pred, "pred", min_dim=0)
     checks.same_as(target, "target", pred, "pred")
-    return _pseudo_huber_loss(pred, target, checks.positive_float(c, "c"))
+    c = checks.positive_float(c, "c")
+    if c < MIN_HUBER_C:
+        # Below it c^2 is not a normal float32: the loss loses its quadratic core and the gradient
+        # at pred == target is 0/0.
+        raise ValueError(f"c must be at least {MIN_HUBER_C:g}, got {c!r}")
+    return _pseudo_huber_loss(pred, target, c)

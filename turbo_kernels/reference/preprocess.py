@@ -121,6 +121,11 @@ def geometry(spec: PreprocessSpec, height: int, width: int) -> Geometry:
     reference_side = max(height, width) if spec.mode == "pad" else min(height, width)
     scale = spec.size / reference_side
     resized = (round(height * scale), round(width * scale)) if scale != 1 else (height, width)
+    if min(resized) == 0:
+        raise ValueError(
+            f"a {height}x{width} frame resized to {spec.size} on its {'longer' if spec.mode == 'pad' else 'shorter'}"
+            f" side leaves {resized[0]}x{resized[1]} pixels: a side of 0 (the frame is too thin for this size)"
+        )
     if spec.mode == "pad":
         return Geometry(resized, (-((spec.size - resized[0]) // 2), -((spec.size - resized[1]) // 2)))
     if spec.crop_offset is None:
