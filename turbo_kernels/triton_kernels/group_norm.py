@@ -7,8 +7,11 @@ of (C/groups)*H*W elements; a program reduces a few consecutive groups of one ro
 run twice (sum, then squared deviations from that run's mean; the second pass hits cache) into a
 partial (mean, M2). A second launch merges a video's F partials with Chan's formula for equal
 counts. Both are fixed-order fp32 reductions whose tiling depends on the shapes alone, so results
-are deterministic, and the two-pass form does not cancel when a group's mean is large against its
-spread (a one-pass sum of squares would).
+are deterministic. Every value enters shifted by one value of its group (the group's first element
+in the video's first frame): where a group's mean is large against its spread, fp32 partial means
+of the raw values would each be off by up to an ulp of the mean, and the merge's between-frame
+term would carry those errors (rstd off by 2e-3 at mean 1000, spread 0.01; torch: 1e-7); shifted,
+the partials are small and exact to their own ulp, as the two-pass squares within a frame are.
 
 Strided linear. out[r, m, j] = sum_k a[r, m, k] W[j, k] (+ bias[j]) (+ residual[r, m, j]), where
 r is a frame row of the stream, m a token (spatial position) and every tensor is addressed
@@ -62,6 +65,14 @@ WEIGHT_GRAD_BIAS_TOKENS = 128
 
 
 @triton.jit
+def _group_shift(x_ptr, first_row, group, group_mask, groups, group_numel):
+    """The value every element of a video's group is taken relative to: the group's first element
+    in the video's first frame row (the same for all of the video's frames, so partials merge)."""
+    first = (first_row * groups + group).to(tl.int64) * group_numel
+    return tl.load(x_ptr + first, mask=group_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def group_norm_partial_stats_kernel(
     x_ptr, mean_ptr, m2_ptr, frames, groups, group_numel, GROUP_TILE: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -72,20 +83,23 @@ def group_norm_partial_stats_kernel(
     group = (tl.program_id(0) % tiles) * GROUP_TILE + tl.arange(0, GROUP_TILE)
     group_mask = group < groups
     starts = (row * groups + group).to(tl.int64) * group_numel
+    shift = _group_shift(x_ptr, row - row % frames, group, group_mask, groups, group_numel)
     total = tl.zeros([GROUP_TILE, BLOCK], tl.float32)
     for start in range(0, group_numel, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         mask = group_mask[:, None] & (offsets < group_numel)[None, :]
-        total += tl.load(x_ptr + starts[:, None] + offsets[None, :], mask=mask, other=0.0).to(tl.float32)
+        values = tl.load(x_ptr + starts[:, None] + offsets[None, :], mask=mask, other=0.0).to(tl.float32)
+        total += tl.where(mask, values - shift[:, None], 0.0)
     mean = tl.sum(total, axis=1) / group_numel
     squares = tl.zeros([GROUP_TILE, BLOCK], tl.float32)
     for start in range(0, group_numel, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         mask = group_mask[:, None] & (offsets < group_numel)[None, :]
         values = tl.load(x_ptr + starts[:, None] + offsets[None, :], mask=mask, other=0.0).to(tl.float32)
-        deviation = tl.where(mask, values - mean[:, None], 0.0)
+        deviation = tl.where(mask, values - shift[:, None] - mean[:, None], 0.0)
         squares += deviation * deviation
-    # Partials are stored (video, group, frame), so the merge reads a video's frames contiguously.
+    # Partials (means of the shifted values) are stored (video, group, frame), so the merge reads a
+    # video's frames contiguously.
     index = ((row // frames) * groups + group) * frames + row % frames
     tl.store(mean_ptr + index, mean, mask=group_mask)
     tl.store(m2_ptr + index, tl.sum(squares, axis=1), mask=group_mask)
@@ -93,7 +107,7 @@ def group_norm_partial_stats_kernel(
 
 @triton.jit
 def group_norm_merge_stats_kernel(
-    partial_mean_ptr, partial_m2_ptr, mean_ptr, rstd_ptr, video_groups, frames, group_numel, eps,
+    x_ptr, partial_mean_ptr, partial_m2_ptr, mean_ptr, rstd_ptr, video_groups, frames, groups, group_numel, eps,
     TILE: tl.constexpr, F_PAD: tl.constexpr,
 ):
     video_group = tl.program_id(0) * TILE + tl.arange(0, TILE)
@@ -107,7 +121,8 @@ def group_norm_merge_stats_kernel(
     spread = tl.where(mask, means - mean[:, None], 0.0)
     # Chan et al.: M2 = sum_f M2_f + n_f sum_f (mean_f - mean)^2, every frame holding n_f values.
     variance = (tl.sum(m2, axis=1) + group_numel * tl.sum(spread * spread, axis=1)) / (frames * group_numel)
-    tl.store(mean_ptr + video_group, mean, mask=row_mask)
+    shift = _group_shift(x_ptr, (video_group // groups) * frames, video_group % groups, row_mask, groups, group_numel)
+    tl.store(mean_ptr + video_group, shift + mean, mask=row_mask)
     tl.store(rstd_ptr + video_group, tl.div_rn(1.0, tl.sqrt_rn(variance + eps)), mask=row_mask)
 
 
@@ -462,7 +477,7 @@ _WEIGHT_GRAD_ARGS = dict(
 _STATS_ARGS = dict(mean_ptr="*fp32", m2_ptr="*fp32", frames="i32", groups="i32", group_numel="i32")
 _MERGE_ARGS = dict(
     partial_mean_ptr="*fp32", partial_m2_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32", video_groups="i32",
-    frames="i32", group_numel="i32", eps="fp32",
+    frames="i32", groups="i32", group_numel="i32", eps="fp32",
 )
 # (groups, channels a group x positions) at VideoCrafter2's three attention levels and the middle.
 _STATS_SHAPES = ((32, 10 * 2560), (32, 20 * 640), (32, 40 * 160), (32, 40 * 40))
@@ -591,11 +606,17 @@ REPORT_CONFIGS: list[KernelConfig] = (
             group_norm_partial_stats_kernel, _with_units(_STATS_ARGS, ("groups",)), *stats_params(1, group_numel)
         )
     ]
-    # The merge reads only fp32 partials: one config a partial count (VideoCrafter2's 16 frames,
-    # and group_norm_silu's 20 and 40 channels a group of frames).
+    # The merge reads fp32 partials and each group's shift from the stream: a config a partial
+    # count (VideoCrafter2's 16 frames, and group_norm_silu's 20 and 40 channels a group of frames),
+    # for the stream's groups and group_norm_silu's slices (groups = 1).
     + [
-        storage_configs(group_norm_merge_stats_kernel, _MERGE_ARGS, dict(TILE=MERGE_TILE, F_PAD=f_pad), MERGE_NUM_WARPS)[0]
+        config
         for f_pad in (16, 32, 64)
+        for units in ((), ("groups",))
+        for config in storage_configs(
+            group_norm_merge_stats_kernel, _with_units(_MERGE_ARGS, units), dict(TILE=MERGE_TILE, F_PAD=f_pad),
+            MERGE_NUM_WARPS,
+        )
     ]
     + [config for dtype in ("fp32", "fp16", "bf16") for config in _linear_configs(dtype) + _weight_grad_configs(dtype)]
     # The stream's statistics, and group_norm_silu's slices (one group of one position a row).
@@ -667,7 +688,7 @@ def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tup
         x, partial_mean, partial_m2, num_frames, groups, group_numel, num_warps=num_warps, **params,
     )
     group_norm_merge_stats_kernel[(triton.cdiv(videos * groups, MERGE_TILE),)](
-        partial_mean, partial_m2, mean, rstd, videos * groups, num_frames, group_numel, float(eps),
+        x, partial_mean, partial_m2, mean, rstd, videos * groups, num_frames, groups, group_numel, float(eps),
         TILE=MERGE_TILE, F_PAD=triton.next_power_of_2(num_frames), num_warps=MERGE_NUM_WARPS,
     )
     return mean, rstd

@@ -34,6 +34,11 @@ def _row_statistics(x, channel_mask, channels, eps):
     """Per row of a [ROWS, CHANNELS] fp32 tile (padded channels 0): x - mean (0 where padded), rstd."""
     mean = tl.sum(x, axis=1) / channels
     centred = tl.where(channel_mask, x - mean[:, None], 0.0)
+    # The fp32 mean is off by up to an ulp of itself, which rstd magnifies where a row's spread is
+    # small against its mean (a constant row normalised to 0.05 instead of 0 at eps 1e-12): the
+    # centred values' own mean, computed exactly enough, takes that error out (the corrected
+    # two-pass algorithm). The tile is in registers, so it costs arithmetic only.
+    centred = tl.where(channel_mask, centred - (tl.sum(centred, axis=1) / channels)[:, None], 0.0)
     variance = tl.sum(centred * centred, axis=1) / channels
     return centred, tl.div_rn(1.0, tl.sqrt_rn(variance + eps))
 
