@@ -54,7 +54,7 @@ def _sdpa(backend: SDPBackend) -> Callable:
         q_s, k_s, v_s = (ref.to_sequences(x, num_frames, heads, layout) for x in (q, k, v))
         with sdpa_kernel(backend):
             out = F.scaled_dot_product_attention(q_s, k_s, v_s)
-        return ref.from_sequences(out, ref.num_positions(q, num_frames, layout), layout)
+        return ref.from_sequences(out, q.shape, layout)
 
     return forward
 
@@ -65,7 +65,7 @@ def _xformers(q, k, v, num_frames: int, heads: int, layout: str) -> torch.Tensor
     # xformers takes (batch, tokens, heads, d): the sequences with frames ahead of heads.
     q_s, k_s, v_s = (ref.to_sequences(x, num_frames, heads, layout).transpose(1, 2) for x in (q, k, v))
     out = xformers.ops.memory_efficient_attention(q_s, k_s, v_s).transpose(1, 2)
-    return ref.from_sequences(out, ref.num_positions(q, num_frames, layout), layout)
+    return ref.from_sequences(out, q.shape, layout)
 
 
 def _input_maker(shape, frames: int, heads: int, options: SuiteOptions, with_grad: bool) -> Callable:

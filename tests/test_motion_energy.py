@@ -282,7 +282,8 @@ def test_conventions_match_the_release_maps_and_top1_indices():
 
     live = maps.reshape(-1, heads, frames, frames)
     q_s, k_s = _realising_qk(live, head_dim, scale)
-    q, k = (ref.from_sequences(x, kept_positions, "frames").float().to(DEVICE) for x in (q_s, k_s))
+    frames_shape = (batch * frames, kept_positions, heads * head_dim)
+    q, k = (ref.from_sequences(x, frames_shape, "frames").float().to(DEVICE) for x in (q_s, k_s))
     ref_probs = (0.5 * torch.nn.functional.one_hot(top1, frames) + 0.5 / frames).reshape(live.shape).to(DEVICE)
     with tk.backend("triton"):
         probs = temporal_attention_probs(q, k, frames, heads, "frames", scale=scale)

@@ -228,6 +228,21 @@ def test_empty_input(layout):
     assert out.shape == q.shape and lse.shape == (0, 2, 4)
 
 
+@pytest.mark.parametrize("backend_name", ["reference"] + (["triton"] if TRITON_USABLE else []))
+@pytest.mark.parametrize("layout", ref.LAYOUTS)
+def test_no_positions_forward_and_backward(layout, backend_name):
+    """Frames of no positions (N = 0): empty outputs and gradients, on every backend (the
+    reference's backward divided its batch by N to restore the frames layout)."""
+    shape = (8, 0, 64) if layout == "frames" else (0, 4, 64)
+    q, k, v = (torch.zeros(shape, device=DEVICE, requires_grad=True) for _ in range(3))
+    with tk.backend(backend_name):
+        out = tk.temporal_attention(q, k, v, 4, 2, layout)
+        probs = tk.temporal_attention_probs(q, k, 4, 2, layout)
+        grads = torch.autograd.grad((out.sum(), probs.sum()), (q, k, v))
+    assert out.shape == q.shape and probs.shape == (0, 2, 4, 4)
+    assert [tuple(g.shape) for g in grads] == [shape] * 3
+
+
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 @pytest.mark.parametrize(
     "make,reason",

@@ -52,15 +52,12 @@ def _reference_backward(grad_out, q, k, v, lse, num_frames, heads, layout, scale
     q_s, k_s, v_s, grad_s = (ref.to_sequences(x, num_frames, heads, layout).to(cdt) for x in (q, k, v, grad_out))
     grad_probs = torch.matmul(grad_s, v_s.transpose(-1, -2))
     grad_scores = probs * (grad_probs - (probs * grad_probs).sum(dim=-1, keepdim=True)) * scale
-    positions = ref.num_positions(q, num_frames, layout)
     grads = (
         torch.matmul(grad_scores, k_s),
         torch.matmul(grad_scores.transpose(-1, -2), q_s),
         torch.matmul(probs.transpose(-1, -2), grad_s),
     )
-    return tuple(
-        ref.from_sequences(g, positions, layout).to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v))
-    )
+    return tuple(ref.from_sequences(g, x.shape, layout).to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v)))
 
 
 # ---- Triton backend: what its kernels cannot take ---------------------------------------------
@@ -79,8 +76,9 @@ def _kernel_problem(tensors: dict[str, Tensor], num_frames: int, heads: int) -> 
     if head_dim > kernels.MAX_HEAD_DIM:
         return f"head dim {head_dim} exceeds {kernels.MAX_HEAD_DIM}"
     for name, t in tensors.items():
-        # The kernels address channels as contiguous; every other dimension may have any stride.
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
+        # The kernels address channels as contiguous; every other dimension may have any stride
+        # (an empty tensor's, such as an expanded gradient of nothing, are never used).
+        if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
             return f"{name} has channel stride {t.stride(-1)} (kernels need 1)"
     return None
 

@@ -41,9 +41,8 @@ def _reference_scores_backward(grad_scores, q, k, num_frames, heads, layout, sca
     """dq = scale dS k and dk = scale dS^T q for dS = dL/dS of (B*N, heads, F, F), in q's layout."""
     cdt = grad_scores.dtype
     q_s, k_s = (ref.to_sequences(x, num_frames, heads, layout).to(cdt) for x in (q, k))
-    positions = ref.num_positions(q, num_frames, layout)
     grads = (torch.matmul(grad_scores, k_s) * scale, torch.matmul(grad_scores.transpose(-1, -2), q_s) * scale)
-    return tuple(ref.from_sequences(g, positions, layout).to(x.dtype).contiguous() for g, x in zip(grads, (q, k)))
+    return tuple(ref.from_sequences(g, x.shape, layout).to(x.dtype).contiguous() for g, x in zip(grads, (q, k)))
 
 
 def _reference_probs_backward(grad, q, k, num_frames, heads, layout, scale):
@@ -79,8 +78,9 @@ def _kernel_problem(q: Tensor, k: Tensor, num_frames: int) -> Optional[str]:
     if num_frames > _triton().MAX_FRAMES:
         return f"num_frames={num_frames} exceeds {_triton().MAX_FRAMES}"
     for name, t in (("q", q), ("k", k)):
-        # The kernels address channels as contiguous; every other dimension may have any stride.
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
+        # The kernels address channels as contiguous; every other dimension may have any stride
+        # (an empty tensor's, such as an expanded gradient of nothing, are never used).
+        if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
             return f"{name} has channel stride {t.stride(-1)} (kernels need 1)"
     return None
 

@@ -109,7 +109,7 @@ def _kernel_problem(tensors: dict[str, Tensor], heads: int) -> Optional[str]:
     for name, t in tensors.items():
         # The kernels address channels as contiguous; the batch and token dimensions may have any
         # stride (zero included).
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
+        if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
             return f"{name} has channel stride {t.stride(-1)} (kernels need 1)"
     return None
 

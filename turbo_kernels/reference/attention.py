@@ -33,18 +33,15 @@ def to_sequences(x: Tensor, num_frames: int, heads: int, layout: str) -> Tensor:
     return x.reshape(s, f, heads, hd // heads).permute(0, 2, 1, 3)
 
 
-def from_sequences(x: Tensor, num_positions: int, layout: str) -> Tensor:
-    """(B*N, heads, F, d) -> the layout's (B*F, N, heads*d) or (B*N, F, heads*d)."""
-    s, heads, f, d = x.shape
+def from_sequences(x: Tensor, shape: tuple[int, int, int], layout: str) -> Tensor:
+    """(B*N, heads, F, d) -> the layout's (B*F, N, heads*d) or (B*N, F, heads*d), `shape`: the
+    layout's shape (read from it, not divided out of x's: N may be 0)."""
+    _, heads, f, d = x.shape
     if layout == "frames":
-        x = x.reshape(s // num_positions, num_positions, heads, f, d).permute(0, 3, 1, 2, 4)
-        return x.reshape(-1, num_positions, heads * d)
-    return x.permute(0, 2, 1, 3).reshape(s, f, heads * d)
-
-
-def num_positions(x: Tensor, num_frames: int, layout: str) -> int:
-    """N, the spatial positions a video has (1 token a position and frame)."""
-    return x.shape[1] if layout == "frames" else x.shape[0]
+        rows, positions, _ = shape
+        x = x.reshape(rows // f, positions, heads, f, d).permute(0, 3, 1, 2, 4)
+        return x.reshape(rows, positions, heads * d)
+    return x.permute(0, 2, 1, 3).reshape(shape[0], f, heads * d)
 
 
 def default_scale(head_dim: int, scale: Optional[float]) -> float:
@@ -69,7 +66,7 @@ def temporal_attention(
     """softmax(scale q k^T) v over the frames of every sequence, returned in the input's layout and dtype."""
     probs = temporal_attention_probs(q, k, num_frames, heads, layout, scale)
     out = torch.matmul(probs, to_sequences(v, num_frames, heads, layout).to(probs.dtype))
-    return from_sequences(out, num_positions(q, num_frames, layout), layout).to(q.dtype)
+    return from_sequences(out, q.shape, layout).to(q.dtype)
 
 
 def motion_energy(
