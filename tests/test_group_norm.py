@@ -219,6 +219,11 @@ def test_bad_input_names_the_argument(make, error, match):
         tk.group_norm_silu(make(), weight, torch.zeros_like(weight), GROUPS, EPS)
     with pytest.raises(ValueError, match="bias must be a \\(64,\\) tensor"):
         tk.group_norm_silu(torch.zeros(2, 64, 3, 3), torch.ones(64), torch.zeros(32), GROUPS, EPS)
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
+        tk.group_norm_silu(torch.zeros(2, 64, 3, 3), torch.ones(64, dtype=torch.int64), torch.zeros(64), GROUPS, EPS)
+    for eps in (-1.0, float("nan"), torch.tensor(1e-5)):
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            tk.group_norm_silu(torch.zeros(2, 64, 3, 3), torch.ones(64), torch.zeros(64), GROUPS, eps)
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")

@@ -213,8 +213,9 @@ def test_bad_input_is_rejected_naming_the_argument():
         tk.layer_norm(x, weight, torch.ones(6, dtype=torch.int64))
     with pytest.raises(ValueError, match="bias is on meta"):
         tk.layer_norm(x, weight, torch.empty(6, device="meta"))
-    with pytest.raises(ValueError, match="eps must be a positive finite number"):
-        tk.layer_norm(x, weight, bias, eps=0.0)
+    for eps in (0.0, True, float("nan")):
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            tk.layer_norm(x, weight, bias, eps=eps)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])

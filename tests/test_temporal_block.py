@@ -633,6 +633,12 @@ def test_channels_must_split_into_32_groups():
         FusedTemporalTransformer(48, 2, 24)
 
 
+@pytest.mark.parametrize("heads,head_dim,depth,name", [(0, 32, 1, "heads"), (2, 0, 1, "head_dim"), (2, 32, 0, "depth")])
+def test_sizes_must_be_positive(heads, head_dim, depth, name):
+    with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+        FusedTemporalTransformer(64, heads, head_dim, depth)
+
+
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_opcheck(backend_name):
     """Schema, fake tensors, autograd registration and AOT dispatch of the three ops; the

@@ -411,6 +411,8 @@ class FusedTemporalTransformer(nn.Module):
     ):
         super().__init__()
         checks.group_count(ref.GROUPS, "groups", in_channels, "channels")
+        for value, name in ((heads, "heads"), (head_dim, "head_dim"), (depth, "depth")):
+            checks.positive_int(value, name)
         projection_route(projections, 0)
         inner = heads * head_dim
         self.heads = heads

@@ -197,6 +197,8 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: f
     for name, t in (("weight", weight), ("bias", bias)):
         if not isinstance(t, Tensor) or t.shape != (channels,):
             raise ValueError(f"{name} must be a ({channels},) tensor, got {getattr(t, 'shape', type(t).__name__)}")
+        checks.floating_tensor(t, name)
+    eps = checks.positive_float(eps, "eps")
     video = x if x.dim() == 5 else x.unsqueeze(2)
     out_dtype = _kernels_output_dtype(x)
     # No graph through the statistics: channel_affine_silu's backward gives x's whole gradient.

@@ -10,7 +10,6 @@ triton | reference for the actual tensors.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -127,6 +126,4 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
             )
         if parameter.device != x.device:
             raise ValueError(f"{name} is on {parameter.device}, x on {x.device}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    return _layer_norm(x, weight, bias, float(eps))
+    return _layer_norm(x, weight, bias, checks.positive_float(eps, "eps"))
