@@ -8,6 +8,8 @@ Tolerance: the kernels' error against float64 maths at most twice that of the re
 the same storage dtype, plus one rounding of that dtype (helpers.assert_within_2x_of_reference).
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,6 +70,19 @@ def test_kernels_match_the_composition(layout, dtype, chosen):
     same_precision = _composition(x, weight.to(DEVICE, dtype), bias.to(DEVICE, dtype))
     exact = _composition(x.double(), weight.to(DEVICE), bias.to(DEVICE))
     assert_within_2x_of_reference(got, same_precision, exact)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+def test_a_width_of_one_with_any_stride_runs_the_kernels(chosen):
+    """(N, C, H, 1) as a transposed (N, C, 1, H) view: contiguous, its width's stride (H) unused."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 64, 1, 5, generator=g, dtype=torch.float64).to(DEVICE, torch.float32).transpose(2, 3)
+    weight, bias = (t.to(DEVICE, torch.float32) for t in _affine(64, g))
+    with torch.no_grad(), tk.backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("error", tk.TurboKernelsFallbackWarning)
+        got = tk.group_norm_silu(x, weight, bias, GROUPS, EPS)
+    assert chosen == [("group_norm_stats", "triton"), ("channel_affine_silu", "triton")]
+    assert_within_2x_of_reference(got, _composition(x, weight, bias), _composition(x.double(), weight.double(), bias.double()))
 
 
 def _statistics(seed: int) -> tuple[torch.Tensor, ...]:

@@ -98,7 +98,7 @@ def _views(case: str, dtype, generator):
     wider than a tile's 4096 elements, 2-D rows with a larger stride (a column slice of a wider
     projection), a 3-D slice along the last dimension, a single row, a 1-D x, many rows (the
     backward's programs then walk several row blocks), rows of a large mean and a small spread,
-    constant rows, and empty."""
+    constant rows, one channel of a stride the kernels never use, and empty."""
     def randn(*shape):
         return (torch.randn(*shape, generator=generator, dtype=torch.float64) * 2 + 1).to(DEVICE, dtype)
 
@@ -122,12 +122,14 @@ def _views(case: str, dtype, generator):
         return (1000 + 0.01 * torch.randn(6, 40, generator=generator, dtype=torch.float64)).to(DEVICE, dtype)
     if case == "constant-rows":
         return randn(6, 1).repeat(1, 40)
+    if case == "one-channel-strided":  # (9, 1) transposed from (1, 9): the channel's stride (9) is unused
+        return randn(1, 9).t()
     return randn(0, 4, 8)
 
 
 CASES = [
     "contiguous", "wide", "row-strided", "sliced-3d", "one-row", "one-dim", "many-rows", "large-mean", "constant-rows",
-    "empty",
+    "one-channel-strided", "empty",
 ]
 
 

@@ -50,7 +50,8 @@ def _affine_silu_problem(
     problem = checks.storage_problem(x) or checks.storage_problem(weight) or checks.storage_problem(bias)
     if problem:
         return problem
-    if x.stride(4) != 1 or (x.shape[3] > 1 and x.stride(3) != x.shape[4]):
+    # A dimension of size 1 has no stride to honour (a transposed (..., 1, W) view reports any).
+    if (x.shape[4] > 1 and x.stride(4) != 1) or (x.shape[3] > 1 and x.stride(3) != x.shape[4]):
         return "x's positions (H, W) are not contiguous"
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (mean, rstd)):
         return "mean and rstd must be contiguous float32"
