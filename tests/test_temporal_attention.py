@@ -121,6 +121,8 @@ def test_packed_ops_opcheck_and_match_the_three_tensor_op(backend_name):
 def test_packed_qkv_must_hold_three_parts():
     with pytest.raises(ValueError, match="multiple of 3"):
         temporal_attention_packed(torch.randn(4, 3, 64), 2, 2)
+    with pytest.raises(ValueError, match="qkv must have 3 dimensions"):
+        temporal_attention_packed(torch.randn(4, 192), 2, 2)
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")

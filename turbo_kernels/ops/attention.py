@@ -321,6 +321,10 @@ def temporal_attention_packed(
     """temporal_attention of q, k, v = qkv.chunk(3, dim=-1): the same output, with the gradient of
     qkv (..., 3C) made as one tensor rather than concatenated from three."""
     checks.floating_tensor(qkv, "qkv")
+    if qkv.dim() != 3:
+        raise ValueError(
+            f"qkv must have 3 dimensions ((B*F, N, 3*heads*d) or (B*N, F, 3*heads*d)), got shape {tuple(qkv.shape)}"
+        )
     if qkv.shape[-1] % 3:
         raise ValueError(f"qkv's last dimension must hold q, k and v, a multiple of 3, got {qkv.shape[-1]}")
     q, k, v = qkv.chunk(3, dim=-1)
