@@ -319,6 +319,27 @@ def test_processors_other_than_diffusers_plain_ones_are_kept():
     assert model.attn_processors[name] is custom
 
 
+@pytest.mark.parametrize("then", ["unpatch", "patch again"])
+def test_a_processor_set_after_patch_is_kept(then):
+    """As one an IP-Adapter loads into a patched model: unpatching or patching again restores the
+    patch's processors and keeps it."""
+    model = build("motion")
+    originals = model.attn_processors
+    patch(model)
+    custom = RecordingProcessor()
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
+    processors = model.attn_processors
+    processors[name] = custom
+    model.set_attn_processor(processors)
+    if then == "unpatch":
+        unpatch(model)
+        assert all(model.attn_processors[n] is p for n, p in originals.items() if n != name)
+    else:
+        patch(model, temporal=False)
+        assert processor_kinds(model)["SpatialAttnProcessor"]
+    assert model.attn_processors[name] is custom
+
+
 UNSUPPORTED = {
     "Linear": lambda: torch.nn.Linear(2, 2),
     "UNet2DConditionModel": lambda: UNet2DConditionModel(

@@ -214,7 +214,7 @@ def patch(model: torch.nn.Module, spatial: bool = True, temporal: bool = True) -
     self-attentions when `temporal`, `SpatialAttnProcessor` on the spatial self- and
     cross-attentions when `spatial`. Only modules running diffusers' plain attention processors are
     replaced. Patching a patched model starts again from the processors it had before the first
-    patch; `unpatch` restores those. On a model with a settable `use_kernels` property (VC2UNet) it
+    patch (keeping any set since, as `unpatch` does). On a model with a settable `use_kernels` property (VC2UNet) it
     sets `use_kernels = temporal` instead (its spatial attention is SDPA either way). Raises
     TypeError for other models."""
     if _has_kernel_switch(model):
@@ -241,14 +241,20 @@ def patch(model: torch.nn.Module, spatial: bool = True, temporal: bool = True) -
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the attention processors `model` had before `patch` (the same objects), or its
-    `use_kernels` value; a model that is not patched is left as it is. Returns the model."""
+    """Restore the attention processors `model` had before `patch` (the same objects) where the
+    patch's processors still are, or its `use_kernels` value; processors set since the patch (an
+    IP-Adapter's, say) stay. A model that is not patched is left as it is. Returns the model."""
     if hasattr(model, _ORIGINAL_USE_KERNELS):
         model.use_kernels = getattr(model, _ORIGINAL_USE_KERNELS)
         delattr(model, _ORIGINAL_USE_KERNELS)
         return model
     originals = getattr(model, _ORIGINAL_PROCESSORS, None)
     if originals is not None:
-        model.set_attn_processor(dict(originals))
+        ours = (TemporalAttnProcessor, SpatialAttnProcessor)
+        restored = {
+            name: originals.get(name, current) if isinstance(current, ours) else current
+            for name, current in model.attn_processors.items()
+        }
+        model.set_attn_processor(restored)
         delattr(model, _ORIGINAL_PROCESSORS)
     return model
