@@ -13,6 +13,7 @@ import turbo_kernels
 from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
 from t2v_turbo.models.vc2_unet import (
     FUSED_MIN_POSITIONS,
+    TINY_CONFIG,
     GEGLU,
     LayerNorm,
     SpatialTransformer,
@@ -516,6 +517,30 @@ def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients_and_dr
     for name, grad in grads.items():
         assert grad is not None and ck_grads[name] is not None, name
         assert _max_error(ck_grads[name], grad) <= FLOAT64_TOL * grad.abs().max().item(), name
+
+
+@pytest.mark.skipif(
+    turbo_kernels.dispatch.machine_unavailable_reason("triton", DEVICE) is not None,
+    reason="Triton cannot run here (no GPU, no interpreter)",
+)
+def test_checkpointed_blocks_are_recomputed_on_the_forwards_backend(chosen):
+    """The recomputation runs inside the backward, outside the forward's backend() block (on a
+    GPU, on autograd's worker thread): it follows the forward's request, here Triton, which "auto"
+    does not pick for CPU tensors, so a recomputation on the reference would show."""
+    # The tiny preset cut to one level of one block: the interpreter runs every kernel three times.
+    model = VC2UNet.from_original_config({**TINY_CONFIG, "num_res_blocks": 1, "channel_mult": [1]}).train()
+    model.enable_gradient_checkpointing()
+    config = model.config
+    g = torch.Generator().manual_seed(19)
+    x = torch.randn(1, config["in_channels"], 2, 4, 4, generator=g, requires_grad=True)
+    context = torch.randn(1, 3, config["context_dim"], generator=g)
+    with turbo_kernels.backend("triton"):
+        out = model(x, torch.tensor([500]), context, 8)
+    forward_backends = {name for _, name in chosen}
+    chosen.clear()
+    out.square().mean().backward()
+    assert forward_backends == {"triton"}
+    assert chosen and {name for _, name in chosen} == {"triton"}, sorted(set(chosen))
 
 
 def test_forward_guided_builds_the_release_embeddings(tiny64, io):

@@ -12,6 +12,7 @@ from turbo_kernels.dispatch import (
     TurboKernelsFallbackWarning,
     backend,
     backends,
+    recompute_in_requested_backend,
     report as backend_report,
 )
 from turbo_kernels.capture import capture_attention_inputs
@@ -59,6 +60,7 @@ __all__ = [
     "motion_energy",
     "patch",
     "pseudo_huber_loss",
+    "recompute_in_requested_backend",
     "reward_preprocess",
     "spatial_attention",
     "temporal_attention",

@@ -20,7 +20,10 @@ opaque op and the choice follows the context in force when the compiled code run
 A backward follows the request in force when its forward ran (saved by the op's setup_context and
 passed to the backward op as an argument), not the context of the thread that runs it: on CUDA
 tensors autograd runs backwards on a worker thread of its own, outside any `backend()` block of the
-caller. Under torch.compile the forward's request is read when the graph is traced.
+caller. Under torch.compile the forward's request is read when the graph is traced. A forward that
+gradient checkpointing recomputes in the backward follows it too where the checkpoint is given
+`recompute_in_requested_backend()` (the project's UNet and VAE do; diffusers' own checkpointing
+does not, so there the environment variable is the request that holds on every thread).
 """
 
 from __future__ import annotations
@@ -89,6 +92,15 @@ def backend(name: str) -> Iterator[None]:
         yield
     finally:
         _override.reset(token)
+
+
+def recompute_in_requested_backend() -> Callable[[], tuple[contextlib.AbstractContextManager, ...]]:
+    """A `context_fn` for `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` that runs
+    the recomputation under the backend requested now, as the forward it repeats: it runs inside
+    the backward, on autograd's worker thread for CUDA tensors, outside the caller's `backend()`
+    block (a forward forced to "reference" would otherwise be recomputed on the kernels)."""
+    requested = requested_backend()
+    return lambda: (contextlib.nullcontext(), backend(requested))
 
 
 def requested_backend() -> str:

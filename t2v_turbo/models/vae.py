@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+import turbo_kernels
 from t2v_turbo.files import write_atomically, write_files_atomically
 from t2v_turbo.models.checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
 from t2v_turbo.schedule import VAE_SCALE_FACTOR
@@ -204,7 +205,11 @@ def _map_frames(
         rows = slice(start, start + chunk_size)
         chunk = clips[clip_of[rows], :, frame_of[rows]]
         if records_grad:
-            output = checkpoint(function, chunk, use_reentrant=False) if checkpointed else function(chunk)
+            if checkpointed:
+                recompute = turbo_kernels.recompute_in_requested_backend()
+                output = checkpoint(function, chunk, use_reentrant=False, context_fn=recompute)
+            else:
+                output = function(chunk)
             outputs.append(output)
             continue
         output = function(chunk)

@@ -768,7 +768,10 @@ class VC2UNet(nn.Module):
 
     def _run_block(self, block: UNetBlock, h: Tensor, emb: Tensor, context: Tensor, num_frames: int) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, num_frames, use_reentrant=False)
+            return checkpoint(
+                block, h, emb, context, num_frames, use_reentrant=False,
+                context_fn=turbo_kernels.recompute_in_requested_backend(),
+            )
         return block(h, emb, context, num_frames)
 
     def forward(
