@@ -12,7 +12,7 @@ from turbo_kernels.dispatch import (
     TurboKernelsFallbackWarning,
     backend,
     backends,
-    recompute_in_requested_backend,
+    checkpoint,
     report as backend_report,
 )
 from turbo_kernels.capture import capture_attention_inputs
@@ -51,6 +51,7 @@ __all__ = [
     "backend_report",
     "backends",
     "capture_attention_inputs",
+    "checkpoint",
     "consistency_output",
     "consistency_sampler_step",
     "geglu",
@@ -60,7 +61,6 @@ __all__ = [
     "motion_energy",
     "patch",
     "pseudo_huber_loss",
-    "recompute_in_requested_backend",
     "reward_preprocess",
     "spatial_attention",
     "temporal_attention",

@@ -21,9 +21,9 @@ A backward follows the request in force when its forward ran (saved by the op's 
 passed to the backward op as an argument), not the context of the thread that runs it: on CUDA
 tensors autograd runs backwards on a worker thread of its own, outside any `backend()` block of the
 caller. Under torch.compile the forward's request is read when the graph is traced. A forward that
-gradient checkpointing recomputes in the backward follows it too where the checkpoint is given
-`recompute_in_requested_backend()` (the project's UNet and VAE do; diffusers' own checkpointing
-does not, so there the environment variable is the request that holds on every thread).
+gradient checkpointing recomputes in the backward follows it too where it is checkpointed with
+`checkpoint` below (the project's UNet and VAE are, when not compiled; diffusers' own
+checkpointing is not, so there the environment variable is the request that holds on every thread).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.utils.checkpoint
 
 BACKENDS = ("cuda", "triton", "reference")
 _REQUESTABLE = ("auto",) + BACKENDS
@@ -94,13 +95,20 @@ def backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-def recompute_in_requested_backend() -> Callable[[], tuple[contextlib.AbstractContextManager, ...]]:
-    """A `context_fn` for `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` that runs
-    the recomputation under the backend requested now, as the forward it repeats: it runs inside
-    the backward, on autograd's worker thread for CUDA tensors, outside the caller's `backend()`
-    block (a forward forced to "reference" would otherwise be recomputed on the kernels)."""
+def checkpoint(function: Callable, *args, **kwargs):
+    """torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs), with the
+    recomputation under the backend requested now, as the forward it repeats: it runs inside the
+    backward, on autograd's worker thread for CUDA tensors, outside the caller's `backend()` block
+    (a forward forced to "reference" would otherwise be recomputed on the kernels). While
+    torch.compile traces, the plain checkpoint: the compiler takes no context_fn, and the ops of a
+    compiled backward choose their backend when it runs (the module docstring)."""
+    if torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
     requested = requested_backend()
-    return lambda: (contextlib.nullcontext(), backend(requested))
+    return torch.utils.checkpoint.checkpoint(
+        function, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), backend(requested)),
+        **kwargs,
+    )
 
 
 def requested_backend() -> str:

@@ -20,7 +20,6 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 import turbo_kernels
 from t2v_turbo.files import write_atomically, write_files_atomically
@@ -205,11 +204,7 @@ def _map_frames(
         rows = slice(start, start + chunk_size)
         chunk = clips[clip_of[rows], :, frame_of[rows]]
         if records_grad:
-            if checkpointed:
-                recompute = turbo_kernels.recompute_in_requested_backend()
-                output = checkpoint(function, chunk, use_reentrant=False, context_fn=recompute)
-            else:
-                output = function(chunk)
+            output = turbo_kernels.checkpoint(function, chunk) if checkpointed else function(chunk)
             outputs.append(output)
             continue
         output = function(chunk)

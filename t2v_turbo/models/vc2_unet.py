@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 import turbo_kernels
 from t2v_turbo.schedule import DEFAULT_FPS
@@ -768,10 +767,7 @@ class VC2UNet(nn.Module):
 
     def _run_block(self, block: UNetBlock, h: Tensor, emb: Tensor, context: Tensor, num_frames: int) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(
-                block, h, emb, context, num_frames, use_reentrant=False,
-                context_fn=turbo_kernels.recompute_in_requested_backend(),
-            )
+            return turbo_kernels.checkpoint(block, h, emb, context, num_frames)
         return block(h, emb, context, num_frames)
 
     def forward(
