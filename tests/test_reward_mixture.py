@@ -169,6 +169,30 @@ def test_stacked_mixture_matches_each_model_run_separately(models, checkpointing
     assert all(p.grad is None and not p.requires_grad for m in models for p in m.parameters())
 
 
+def test_models_whose_settings_differ_do_not_stack():
+    """One architecture with and without the logit scale: the stack would score both through the
+    first one's code, so each runs alone, and scores as it does in a mixture of its own."""
+    plain, scaled = tiny_clip(1), tiny_clip(2)
+    scaled.use_logit_scale = True
+    entries = [
+        RewardEntry(name, model, clip_spec(TINY_SIZE), "random", 1) for name, model in (("plain", plain), ("scaled", scaled))
+    ]
+    mixture = RewardMixture(entries, stack_same_architecture=True)
+    assert mixture.groups == [(0,), (1,)]
+    indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(5))
+    frames = decoded_frames(0, len(indices)).requires_grad_()
+    _, scores = mixture(frames, indices, CAPTIONS)
+    alone = RewardMixture([RewardEntry("scaled", scaled, clip_spec(TINY_SIZE), "random", 1)])
+    alone._selection = mixture._selection
+    _, alone_scores = alone(frames, indices, CAPTIONS)
+    torch.testing.assert_close(scores["scaled"], alone_scores["scaled"], rtol=0, atol=SCORE_TOL)
+    scaled.use_logit_scale = False  # what the first member's code would have scored
+    _, cosines = alone(frames, indices, CAPTIONS)
+    logit_scale = scaled.clip.logit_scale.exp().item()
+    assert logit_scale > 2
+    torch.testing.assert_close(scores["scaled"], cosines["scaled"] * logit_scale, rtol=1e-5, atol=SCORE_TOL)
+
+
 def test_a_stacked_group_runs_unstacked_without_autograd(models, monkeypatch):
     """Under no_grad the members of a stacked group run one after the other (no vmap), with the
     same scores as the stacked pass."""

@@ -201,13 +201,18 @@ def _random_crop(spec: PreprocessSpec, height: int, width: int, generator: torch
 
 def _stack_key(entry: RewardEntry) -> tuple:
     """Models run as one stacked forward only when the same code with either's weights is each of
-    them: same class, config, kind and parameter/buffer names, shapes and dtypes; same input size
-    and frame count, so their pixels stack."""
+    them: same class, config, kind, settings (plain attributes such as use_logit_scale: the stack
+    scores every member through the first one's code) and parameter/buffer names, shapes and
+    dtypes; same input size and frame count, so their pixels stack."""
     model = entry.model
     tensors = tuple(
         (name, tuple(t.shape), t.dtype, t.device) for name, t in [*model.named_parameters(), *model.named_buffers()]
     )
-    return (type(model), repr(getattr(model, "config", None)), model.kind, entry.spec.size, entry.num_frames, tensors)
+    settings = tuple(sorted((k, v) for k, v in vars(model).items() if isinstance(v, (bool, int, float, str))))
+    return (
+        type(model), repr(getattr(model, "config", None)), model.kind, settings, entry.spec.size, entry.num_frames,
+        tensors,
+    )
 
 
 def _linear_on_rows(linear):
