@@ -63,8 +63,9 @@ def teacher_timesteps(num_steps: int) -> list[int]:
     VideoCrafter's DDIM sampler: k * (1000 // N) + 1, so 981, 961, ..., 1 for N = 50. (VideoCrafter
     builds range(0, 1000, 1000 // N), which holds one step too many when N does not divide 1000;
     this always gives N.)"""
-    if not 1 <= num_steps <= schedule.NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"num_steps must lie in [1, {schedule.NUM_TRAIN_TIMESTEPS}], got {num_steps}")
+    steps_limit = schedule.NUM_TRAIN_TIMESTEPS
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= steps_limit:
+        raise ValueError(f"num_steps must be an int in [1, {schedule.NUM_TRAIN_TIMESTEPS}], got {num_steps!r}")
     stride = schedule.NUM_TRAIN_TIMESTEPS // num_steps
     return [k * stride + DDIM_STEP_OFFSET for k in reversed(range(num_steps))]
 
@@ -291,9 +292,11 @@ class T2VTurboPipeline:
                 # The last step keeps only `denoised`: no noise is drawn for it.
                 noise = torch.zeros_like(run.latents) if is_last else run.randn()
                 t_prev = 0 if is_last else timesteps[index + 1]
+                # The UNet's eps is a permuted view; the step's kernels take one memory layout.
+                eps = eps.to(run.latents.dtype).contiguous()
                 with self._solver_backend():
                     denoised, run.latents = turbo_kernels.consistency_sampler_step(
-                        run.latents, eps.to(run.latents.dtype), t, t_prev, run.alphas_cumprod, noise=noise
+                        run.latents, eps, t, t_prev, run.alphas_cumprod, noise=noise
                     )
             return run.finish(denoised)
 

@@ -53,7 +53,7 @@ def solver_timesteps(grid_index: torch.Tensor | int) -> tuple[torch.Tensor, torc
 def sampler_timesteps(num_steps: int) -> list[int]:
     """Timesteps of N-step consistency sampling: the 200-step grid reversed, stride 200 // N, first N.
     N=4 gives 999, 749, 499, 249."""
-    if not 1 <= num_steps <= DDIM_GRID_STEPS:
-        raise ValueError(f"num_steps must lie in [1, {DDIM_GRID_STEPS}], got {num_steps}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= DDIM_GRID_STEPS:
+        raise ValueError(f"num_steps must be an int in [1, {DDIM_GRID_STEPS}], got {num_steps!r}")
     stride = DDIM_GRID_STEPS // num_steps
     return ddim_timesteps().flip(0)[::stride][:num_steps].tolist()

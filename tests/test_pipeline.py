@@ -13,6 +13,8 @@ import math
 import pytest
 import torch
 
+import turbo_kernels
+
 from t2v_turbo import schedule
 from t2v_turbo.commands.generate import add_generate_command, main
 from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
@@ -134,6 +136,13 @@ def test_teacher_timesteps_are_videocrafter_ddim():
     assert teacher_timesteps(3) == [667, 334, 1]
 
 
+@pytest.mark.parametrize("timesteps", [schedule.sampler_timesteps, teacher_timesteps])
+@pytest.mark.parametrize("num_steps", [0, 2.0, True, 1001])
+def test_step_counts_must_be_ints_in_range(timesteps, num_steps):
+    with pytest.raises(ValueError, match="num_steps must be an int in"):
+        timesteps(num_steps)
+
+
 # ---- analytic sampler checks -------------------------------------------------------------------
 
 
@@ -154,6 +163,25 @@ def test_consistency_sampler_returns_boundary_scaled_point_mass(unet, num_steps)
     # c_skip(t) <= 4e-8 at t >= 249, so the result is x0* up to float32 rounding.
     torch.testing.assert_close(out.latents.double(), x0_star.expand_as(expected), rtol=0, atol=2e-5)
     torch.testing.assert_close(out.frames, (out.latents[:, :3] / 2 + 0.5).clamp(0, 1))
+
+
+@pytest.mark.skipif(
+    turbo_kernels.dispatch.machine_unavailable_reason("triton", torch.device("cpu")) is not None,
+    reason="Triton cannot run here (no interpreter)",
+)
+def test_the_sampler_step_runs_its_kernel_on_the_unets_output(unet, chosen):
+    """VC2UNet returns eps as a (B, F, C, h, w)-ordered view; the step's kernels take only inputs
+    of one memory layout, so the pipeline hands them a contiguous eps (it fell back to the
+    reference every step)."""
+    class PermutedPointMass(PointMassPredictor):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    pipeline = T2VTurboPipeline(unet, LatentsAsPixels(), PromptLength())
+    pipeline.noise_predictor = PermutedPointMass(torch.randn(1, 4, FRAMES, SIZE, SIZE, dtype=torch.float64))
+    with turbo_kernels.backend("triton"):
+        pipeline.generate(["a cat"], num_steps=2, num_frames=FRAMES, height=SIZE, width=SIZE, seed=1, progress=False)
+    assert [name for op, name in chosen if op == "consistency_sampler_step"] == ["triton", "triton"]
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

@@ -543,6 +543,26 @@ def test_checkpointed_blocks_are_recomputed_on_the_forwards_backend(chosen):
     assert chosen and {name for _, name in chosen} == {"triton"}, sorted(set(chosen))
 
 
+def test_conditioning_embeddings_take_the_models_widths():
+    """A configuration whose guidance and motion projections are not 256 wide: forward_guided and
+    NoisePredictor build embeddings of the widths the model's layers take."""
+    from t2v_turbo.models.adapter import NoisePredictor
+
+    config = {**TINY_CONFIG, "num_res_blocks": 1, "channel_mult": [1], "time_cond_proj_dim": 128, "motion_cond_proj_dim": 64}
+    model = VC2UNet.from_original_config(config).eval()
+    g = torch.Generator().manual_seed(20)
+    x, context = torch.randn(2, 4, 2, 4, 4, generator=g), torch.randn(2, 3, config["context_dim"], generator=g)
+    w, m = torch.tensor([7.5, 5.0]), torch.tensor([0.1, 0.0])
+    with torch.no_grad(), turbo_kernels.backend("reference"):
+        guided = model.forward_guided(x, 500, context, 8, guidance_scale=w, motion_strength=m)
+        explicit = model(
+            x, 500, context, 8, timestep_cond=guidance_embedding(w, dim=128), motion_cond=motion_embedding(m, dim=64)
+        )
+        predicted = NoisePredictor(model)(x, 500, context, 8, guidance=w, motion=m)
+    torch.testing.assert_close(guided, explicit, rtol=0, atol=0)
+    torch.testing.assert_close(predicted, explicit, rtol=0, atol=0)
+
+
 def test_forward_guided_builds_the_release_embeddings(tiny64, io):
     crop = _crop(io)
     args = (crop["x"], crop["timesteps"], crop["context"], crop["fps"])
@@ -567,3 +587,26 @@ def test_forward_guided_rejects_bad_scales(tiny64, io):
         tiny64.forward_guided(*args, motion_strength=0.05)
     with pytest.raises(ValueError, match=r"guidance_scale must be a scalar or a \(2,\) tensor"):
         tiny64.forward_guided(*args, guidance_scale=torch.tensor([7.5, 2.0, 1.0]))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(channel_mult=[2, 2]), "channel_mult must start with 1"),
+        (dict(num_head_channels=64), "num_head_channels=64 must divide every level's channels, got 32"),
+        (dict(num_head_channels=12), "num_head_channels=12 must divide"),
+    ],
+    ids=["first-level-wider", "heads-wider-than-channels", "heads-not-dividing"],
+)
+def test_configurations_that_cannot_run_are_refused_when_built(change, match):
+    with pytest.raises(ValueError, match=match):
+        VC2UNet.from_original_config({**TINY_CONFIG, **change})
+
+
+@pytest.mark.parametrize("name", ["timesteps", "fps"])
+def test_per_sample_timesteps_and_fps_must_match_the_batch(name):
+    model = VC2UNet.from_original_config({**TINY_CONFIG, "num_res_blocks": 1, "channel_mult": [1]}).eval()
+    inputs = dict(timesteps=500, fps=8)
+    inputs[name] = torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match=rf"{name} must be a number or 2 values \(one per sample\), got shape \(3,\)"):
+        model(torch.randn(2, 4, 2, 4, 4), inputs["timesteps"], torch.randn(2, 3, 32), inputs["fps"])

@@ -22,7 +22,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from t2v_turbo.models.vc2_unet import COND_EMBED_DIM, VC2UNet, sinusoid_b
+from t2v_turbo.models.vc2_unet import VC2UNet, sinusoid_b
 from t2v_turbo.schedule import DEFAULT_FPS
 
 Strength = Union[None, float, Tensor]
@@ -84,10 +84,12 @@ class NoisePredictor:
 
     def __init__(self, model: nn.Module):
         network = _wrapped_network(model)
+        self._motion_dim = None
         if isinstance(network, VC2UNet):
             self.kind = "vc2"
             self._guidance_dim = network.config["time_cond_proj_dim"]
-            self._has_motion = network.config["motion_cond_proj_dim"] is not None
+            self._motion_dim = network.config["motion_cond_proj_dim"]
+            self._has_motion = self._motion_dim is not None
             self._in_channels = network.config["in_channels"]
             self._context_dim = network.config["context_dim"]
         else:
@@ -157,9 +159,8 @@ class NoisePredictor:
         timesteps = torch.as_tensor(t, device=device).reshape(-1).expand(batch)
         x, context = x.to(dtype), context.to(device=device, dtype=dtype)
 
-        guidance_dim = COND_EMBED_DIM if self.kind == "vc2" else self._guidance_dim
-        timestep_cond = None if w is None else sinusoid_b(w, guidance_dim).to(dtype)
-        motion_cond = None if m is None else sinusoid_b(m, COND_EMBED_DIM).to(dtype)
+        timestep_cond = None if w is None else sinusoid_b(w, self._guidance_dim).to(dtype)
+        motion_cond = None if m is None else sinusoid_b(m, self._motion_dim).to(dtype)
         call = self.call_model if self.graphs is None else self.graphs
         return call(x, timesteps, context, fps, timestep_cond, motion_cond)
 

@@ -142,14 +142,16 @@ def sinusoid_b(values: Tensor | float, dim: int = COND_EMBED_DIM, dtype: torch.d
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-def guidance_embedding(w: Tensor | float, dtype: torch.dtype = torch.float32) -> Tensor:
-    """`timestep_cond` for CFG scale(s) w: (B, 256)."""
-    return sinusoid_b(w, dtype=dtype)
+def guidance_embedding(w: Tensor | float, dtype: torch.dtype = torch.float32, dim: int = COND_EMBED_DIM) -> Tensor:
+    """`timestep_cond` for CFG scale(s) w: (B, dim), dim the model's time_cond_proj_dim (256 in
+    the release's models)."""
+    return sinusoid_b(w, dim, dtype=dtype)
 
 
-def motion_embedding(m: Tensor | float, dtype: torch.dtype = torch.float32) -> Tensor:
-    """`motion_cond` for motion-guidance strength(s) m: (B, 256)."""
-    return sinusoid_b(m, dtype=dtype)
+def motion_embedding(m: Tensor | float, dtype: torch.dtype = torch.float32, dim: int = COND_EMBED_DIM) -> Tensor:
+    """`motion_cond` for motion-guidance strength(s) m: (B, dim), dim the model's
+    motion_cond_proj_dim (256 in the release's models)."""
+    return sinusoid_b(m, dim, dtype=dtype)
 
 
 def _per_sample(value: Tensor | float, name: str, x: Tensor) -> Tensor:
@@ -171,13 +173,16 @@ def _condition_rows(cond: Tensor, batch: int, name: str) -> Tensor:
     return rows.expand(batch, -1)
 
 
-def _batch_values(value: Tensor | float, batch: int, device: torch.device) -> Tensor:
+def _batch_values(value: Tensor | float, name: str, batch: int, device: torch.device) -> Tensor:
     """Timesteps or fps (a number, or one or B values) as a (B,) tensor on `device`. A Python
     number is filled in on the device: torch.as_tensor would copy it from host memory, which a
     CUDA graph cannot capture."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.full((batch,), value, device=device)
-    return torch.as_tensor(value, device=device).reshape(-1).expand(batch)
+    value = torch.as_tensor(value, device=device)
+    if value.numel() not in (1, batch):
+        raise ValueError(f"{name} must be a number or {batch} values (one per sample), got shape {tuple(value.shape)}")
+    return value.reshape(-1).expand(batch)
 
 
 def _split_heads(t: Tensor, heads: int) -> Tensor:
@@ -543,6 +548,15 @@ class VC2UNet(nn.Module):
         super().__init__()
         if motion_cond_proj_dim is not None and time_cond_proj_dim is None:
             raise ValueError("motion_cond_proj_dim needs time_cond_proj_dim")
+        if not channel_mult or channel_mult[0] != 1:
+            # As the release builds it: the output convolution reads model_channels channels.
+            raise ValueError(f"channel_mult must start with 1 (the output layer takes model_channels), got {channel_mult}")
+        for mult in channel_mult:
+            if (mult * model_channels) % num_head_channels:
+                raise ValueError(
+                    f"num_head_channels={num_head_channels} must divide every level's channels, "
+                    f"got {mult * model_channels} (model_channels={model_channels} x {mult})"
+                )
         self.config = {
             "in_channels": in_channels,
             "out_channels": out_channels,
@@ -737,10 +751,13 @@ class VC2UNet(nn.Module):
         if motion_strength is not None and guidance_scale is None:
             raise ValueError("motion_strength needs guidance_scale (the release has no motion-only conditioning)")
         timestep_cond = motion_cond = None
+        config = self.config
         if guidance_scale is not None:
-            timestep_cond = guidance_embedding(_per_sample(guidance_scale, "guidance_scale", x))
+            w = _per_sample(guidance_scale, "guidance_scale", x)
+            timestep_cond = guidance_embedding(w, dim=config["time_cond_proj_dim"] or COND_EMBED_DIM)
         if motion_strength is not None:
-            motion_cond = motion_embedding(_per_sample(motion_strength, "motion_strength", x))
+            m = _per_sample(motion_strength, "motion_strength", x)
+            motion_cond = motion_embedding(m, dim=config["motion_cond_proj_dim"] or COND_EMBED_DIM)
         return self(x, timesteps, context, fps, timestep_cond=timestep_cond, motion_cond=motion_cond)
 
     @property
@@ -782,7 +799,9 @@ class VC2UNet(nn.Module):
         self._check_inputs(x, context)
         batch, _, num_frames, _, _ = x.shape
         dtype = x.dtype
-        timesteps, fps = (_batch_values(value, batch, x.device) for value in (timesteps, fps))
+        timesteps, fps = (
+            _batch_values(value, name, batch, x.device) for value, name in ((timesteps, "timesteps"), (fps, "fps"))
+        )
         t_emb = sinusoid_a(timesteps, self.model_channels).to(dtype)
         timestep_cond, motion_cond = (
             None if cond is None else _condition_rows(cond, batch, name)
