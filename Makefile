@@ -17,6 +17,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.cpp csrc/*.h)
 # every kernel with that Triton too (a venv that layers it over .venv's packages).
 GPU_TRITON ?= triton==3.6.0
 GPU_TRITON_VENV := .venv-gpu-triton
+GPU_TRITON_STAMP := $(GPU_TRITON_VENV)/.installed
 
 .PHONY: run test venv bench report report-gpu-triton clean
 
@@ -38,11 +39,17 @@ bench: $(STAMP)
 report: $(STAMP)
 	$(PY) -m turbo_kernels.kernel_report
 
-report-gpu-triton: $(STAMP)
-	test -x $(GPU_TRITON_VENV)/bin/python || $(PY) -m venv $(GPU_TRITON_VENV)
-	$(GPU_TRITON_VENV)/bin/python -m pip install -q --no-deps $(GPU_TRITON)
-	$(PY) -c "import site, sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" \
+# Rebuilt with .venv: its layering file points into .venv's site-packages (purelib and platlib).
+$(GPU_TRITON_STAMP): $(STAMP)
+	rm -rf $(GPU_TRITON_VENV)
+	$(PY) -m venv $(GPU_TRITON_VENV)
+	$(GPU_TRITON_VENV)/bin/python -m pip install -q --no-deps "$(GPU_TRITON)"
+	$(PY) -c "import sysconfig; paths = sysconfig.get_paths(); \
+		print('import site; ' + '; '.join('site.addsitedir(%r)' % p for p in dict.fromkeys((paths['purelib'], paths['platlib']))))" \
 		> "$$($(GPU_TRITON_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/turbo_kernels_base.pth"
+	touch $@
+
+report-gpu-triton: $(GPU_TRITON_STAMP)
 	env -u TRITON_INTERPRET $(GPU_TRITON_VENV)/bin/python -m turbo_kernels.kernel_report
 
 test: $(STAMP)

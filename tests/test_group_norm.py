@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import turbo_kernels as tk
 from turbo_kernels import dispatch
+from turbo_kernels.ops import group_norm as group_norm_ops
 from turbo_kernels.reference import temporal_block as ref
 from turbo_kernels.triton_kernels import group_norm as kernels
 
@@ -70,6 +71,29 @@ def test_kernels_match_the_composition(layout, dtype, chosen):
     same_precision = _composition(x, weight.to(DEVICE, dtype), bias.to(DEVICE, dtype))
     exact = _composition(x.double(), weight.to(DEVICE), bias.to(DEVICE))
     assert_within_2x_of_reference(got, same_precision, exact)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("frames", [3, 1], ids=["video", "frames"])
+def test_statistics_of_a_large_mean_against_a_small_spread(frames, chosen):
+    """Groups reduced as slices (a frame's, or a single frame's channel's) merged per group: each
+    slice's mean, rounded to fp32, would carry an ulp of 1000 into the merge were the values not
+    shifted (rstd off by 1e-3 relative): within the 2x rule of torch's var_mean on the same x."""
+    g = torch.Generator().manual_seed(4)
+    x = (1000 + 0.01 * torch.randn(2, 64, frames, 5, 7, generator=g, dtype=torch.float64)).float()
+    with torch.no_grad(), tk.backend("triton"):
+        mean, rstd = group_norm_ops._group_stats(x, GROUPS, EPS)
+    assert chosen == [("group_norm_stats", "triton")]
+    per_group = x.reshape(2, GROUPS, -1)
+    for got, same, exact in zip(
+        (mean, rstd), _mean_rstd(per_group, EPS), _mean_rstd(per_group.double(), EPS)
+    ):
+        assert_within_2x_of_reference(got, same, exact)
+
+
+def _mean_rstd(per_group: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    variance, mean = torch.var_mean(per_group, dim=-1, correction=0)
+    return mean, torch.rsqrt(variance + eps)
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")

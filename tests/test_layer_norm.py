@@ -169,8 +169,8 @@ def test_triton_matches_reference_forward_and_backward(poisoned, chosen, monkeyp
     assert_within_2x_of_reference(out, ref_out, out64, "out")
     for name, got, want, want64 in zip(("x", "weight", "bias"), grads, ref_grads, grads64):
         assert got.dtype == (dtype if name == "x" else parameter_dtype), name
-        # Empty x and constant rows have exactly zero parameter gradients (the kernel's are zero;
-        # torch's d weight of constant rows is not, its normalised rows being rounding residue).
+        # Empty x has zero parameter gradients and constant rows a zero weight gradient (the
+        # kernel's is zero; torch's is not, its normalised rows being rounding residue).
         assert_within_2x_of_reference(got, want, want64, f"grad {name}")
 
 

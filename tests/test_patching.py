@@ -319,7 +319,7 @@ def test_processors_other_than_diffusers_plain_ones_are_kept():
     assert model.attn_processors[name] is custom
 
 
-@pytest.mark.parametrize("then", ["unpatch", "patch again"])
+@pytest.mark.parametrize("then", ["unpatch", "patch again", "install a kernel processor"])
 def test_a_processor_set_after_patch_is_kept(then):
     """As one an IP-Adapter loads into a patched model: unpatching or patching again restores the
     patch's processors and keeps it."""
@@ -334,6 +334,14 @@ def test_a_processor_set_after_patch_is_kept(then):
     if then == "unpatch":
         unpatch(model)
         assert all(model.attn_processors[n] is p for n, p in originals.items() if n != name)
+    elif then == "install a kernel processor":
+        own = TemporalAttnProcessor(custom)
+        processors = model.attn_processors
+        processors[name] = own
+        model.set_attn_processor(processors)
+        unpatch(model)
+        assert model.attn_processors[name] is own
+        return
     else:
         patch(model, temporal=False)
         assert processor_kinds(model)["SpatialAttnProcessor"]

@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from turbo_kernels.ops.attention import temporal_attention
 
 _ORIGINAL_PROCESSORS = "_turbo_kernels_original_processors"
+_INSTALLED_PROCESSORS = "_turbo_kernels_installed_processors"
 _ORIGINAL_USE_KERNELS = "_turbo_kernels_original_use_kernels"
 
 # cuDNN, the default SDPA backend on H100/H200, has returned NaN grad_q for calls with an explicit
@@ -237,6 +238,7 @@ def patch(model: torch.nn.Module, spatial: bool = True, temporal: bool = True) -
     # set_attn_processor consumes the dict it is given.
     model.set_attn_processor(dict(processors))
     setattr(model, _ORIGINAL_PROCESSORS, originals)
+    setattr(model, _INSTALLED_PROCESSORS, processors)
     return model
 
 
@@ -250,11 +252,12 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         return model
     originals = getattr(model, _ORIGINAL_PROCESSORS, None)
     if originals is not None:
-        ours = (TemporalAttnProcessor, SpatialAttnProcessor)
+        installed = getattr(model, _INSTALLED_PROCESSORS)
         restored = {
-            name: originals.get(name, current) if isinstance(current, ours) else current
+            name: originals[name] if name in installed and current is installed[name] else current
             for name, current in model.attn_processors.items()
         }
         model.set_attn_processor(restored)
         delattr(model, _ORIGINAL_PROCESSORS)
+        delattr(model, _INSTALLED_PROCESSORS)
     return model

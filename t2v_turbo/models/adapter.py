@@ -89,13 +89,11 @@ class NoisePredictor:
             self.kind = "vc2"
             self._guidance_dim = network.config["time_cond_proj_dim"]
             self._motion_dim = network.config["motion_cond_proj_dim"]
-            self._has_motion = self._motion_dim is not None
             self._in_channels = network.config["in_channels"]
             self._context_dim = network.config["context_dim"]
         else:
             self.kind = "diffusers"
             self._guidance_dim = network.config.time_cond_proj_dim
-            self._has_motion = False
             self._in_channels = network.config.in_channels
             self._context_dim = network.config.cross_attention_dim
         # diffusers' UNet3DConditionModel upsamples back to each skip connection's size, any size.
@@ -111,7 +109,7 @@ class NoisePredictor:
 
     @property
     def accepts_motion(self) -> bool:
-        return self._has_motion
+        return self._motion_dim is not None
 
     @property
     def in_channels(self) -> int:

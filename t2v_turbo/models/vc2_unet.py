@@ -551,11 +551,12 @@ class VC2UNet(nn.Module):
         if not channel_mult or channel_mult[0] != 1:
             # As the release builds it: the output convolution reads model_channels channels.
             raise ValueError(f"channel_mult must start with 1 (the output layer takes model_channels), got {channel_mult}")
-        for mult in channel_mult:
-            if (mult * model_channels) % num_head_channels:
+        attended = [mult for level, mult in enumerate(channel_mult) if 2**level in attention_resolutions]
+        for channels in (mult * model_channels for mult in [*attended, channel_mult[-1]]):  # and the middle block
+            if channels < num_head_channels:
                 raise ValueError(
-                    f"num_head_channels={num_head_channels} must divide every level's channels, "
-                    f"got {mult * model_channels} (model_channels={model_channels} x {mult})"
+                    f"num_head_channels={num_head_channels} leaves no head at a level of {channels} channels "
+                    f"(heads = channels // num_head_channels)"
                 )
         self.config = {
             "in_channels": in_channels,

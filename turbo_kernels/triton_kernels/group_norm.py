@@ -681,6 +681,10 @@ def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tup
     rstd = new_output((videos, groups), torch.float32, x.device)
     if mean.numel() == 0:
         return mean, rstd
+    if x.numel() == 0:
+        # Groups of no values: NaN statistics, as torch.var_mean gives (the kernels would read
+        # each group's shift from an empty stream).
+        return mean.fill_(math.nan), rstd.fill_(math.nan)
     partial_mean = new_output((videos, groups, num_frames), torch.float32, x.device)
     partial_m2 = new_output((videos, groups, num_frames), torch.float32, x.device)
     params, num_warps = stats_params(groups, group_numel)
