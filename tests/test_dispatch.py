@@ -167,3 +167,22 @@ def test_a_backward_follows_its_forwards_request_on_any_thread(op, chosen):
     assert len(grads) == len(inputs)
     assert chosen and {name for _, name in chosen} == {"triton"}, chosen
     assert any(called.endswith(("_backward", "_grad")) for called, _ in chosen), "the backward went through dispatch"
+
+
+def test_a_checkpointed_forward_is_recomputed_under_its_request():
+    """turbo_kernels.checkpoint: the recomputation, run by a backward outside the forward's
+    backend() block, sees the forward's request ("auto" without it); its own options are its."""
+    seen = []
+
+    def forward(x):
+        seen.append(dispatch.requested_backend())
+        return x.sin()
+
+    x = torch.randn(4, requires_grad=True)
+    with tk.backend("reference"):
+        out = tk.checkpoint(forward, x)
+    out.sum().backward()
+    assert seen == ["reference", "reference"]
+    torch.testing.assert_close(x.grad, x.detach().cos())
+    with pytest.raises(TypeError, match=r"sets \['use_reentrant'\] itself"):
+        tk.checkpoint(forward, x, use_reentrant=True)

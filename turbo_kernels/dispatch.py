@@ -101,7 +101,11 @@ def checkpoint(function: Callable, *args, **kwargs):
     backward, on autograd's worker thread for CUDA tensors, outside the caller's `backend()` block
     (a forward forced to "reference" would otherwise be recomputed on the kernels). While
     torch.compile traces, the plain checkpoint: the compiler takes no context_fn, and the ops of a
-    compiled backward choose their backend when it runs (the module docstring)."""
+    compiled backward choose their backend when it runs (the module docstring). kwargs go to
+    torch's checkpoint: its other options, or function's keyword arguments."""
+    taken = {"use_reentrant", "context_fn"} & kwargs.keys()
+    if taken:
+        raise TypeError(f"turbo_kernels.checkpoint sets {sorted(taken)} itself")
     if torch.compiler.is_compiling():
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
     requested = requested_backend()
