@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
@@ -182,12 +183,15 @@ class TrainConfig:
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    if path.suffix in (".yaml", ".yml"):
-        values = yaml.safe_load(path.read_text()) or {}
-    elif path.suffix == ".toml":
-        values = tomllib.loads(path.read_text())
-    else:
-        raise ValueError(f"config file {path}: expected a .yaml, .yml or .toml file")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(path.read_text()) or {}
+        elif path.suffix == ".toml":
+            values = tomllib.loads(path.read_text())
+        else:
+            raise ValueError(f"config file {path}: expected a .yaml, .yml or .toml file")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
+        raise ValueError(f"config file {path} does not parse: {error}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping of keys to values, got {type(values).__name__}")
     return values
@@ -200,7 +204,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like key=value")
-        values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        try:
+            values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {item!r}: the value does not parse as YAML ({error})") from None
     return values
 
 
@@ -612,6 +619,8 @@ class _Trainer:
         check_cache_teacher(self.dataset.config, config)
         check_cache_data(self.dataset.config, config)
         check_cache_size(len(self.dataset), config, self.world)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ValueError(f"output_dir {self.output_dir} is a file, not a directory")
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.fps = int(self.dataset.config.get("fps", schedule.DEFAULT_FPS))
@@ -809,6 +818,13 @@ class _Trainer:
         set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=_whole_state_options())
 
     def load_checkpoint(self, path: Path) -> None:
+        try:
+            self._read_checkpoint(path)
+        except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError, pickle.UnpicklingError) as error:
+            # Checkpoints are written atomically, so this one was damaged after it was written.
+            raise ValueError(f"checkpoint {path} is unreadable ({error}); resume from another with --resume PATH") from None
+
+    def _read_checkpoint(self, path: Path) -> None:
         state = json.loads((path / STATE_NAME).read_text())
         expected = {"seed": self.config.seed, "num_processes": self.world, "batch_size": self.config.batch_size,
                     "lora": self.lora, "sharded": self.sharded}

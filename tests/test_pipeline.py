@@ -375,6 +375,22 @@ def test_threads_flag_sets_torchs_cpu_threads_before_the_command_runs(tmp_path, 
     assert "must be 0 (torch's default) or more" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--steps", "300"], "--steps must be at most 200, got 300"),
+        (["--teacher", "--steps", "1001"], "--steps must be at most 1000 with --teacher"),
+        (["--seed", "-1"], "--seed must be a non-negative integer"),
+        (["--guidance", "nan"], "--guidance must be a finite number"),
+        (["--motion-strength", "inf"], "--motion-strength must be a finite number"),
+    ],
+)
+def test_generate_flags_out_of_range_end_with_a_usage_error(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stopped:
+        main(["a red ball", "--model", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "c.gif"), *flags])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_generate_command_writes_readable_videos(tmp_path, capsys, chosen):
     vae_module = pytest.importorskip("t2v_turbo.models.vae", reason="t2v_turbo.models.vae is not there yet")
     text_module = pytest.importorskip(

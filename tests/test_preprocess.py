@@ -360,6 +360,19 @@ def test_command_line_synthetic_tiny_preset(tmp_path, capsys):
     assert "is a file, not a directory" in capsys.readouterr().err
 
 
+def test_command_line_fails_when_every_clip_is_unreadable(tmp_path, capsys):
+    """Said by preprocess, not left to train's "the cache holds no samples"."""
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    (tmp_path / "text.mp4").write_text("not a video")
+    (tmp_path / "videos.csv").write_text("path,caption\nzero.mp4,a\ntext.mp4,b\n")
+    common = ["--preset", "tiny", "--frames", "4", "--height", "24", "--width", "24", "--dtype", "float32", "--cpu",
+              "--no-progress", "--no-motion"]
+    assert run_cli(["--data", str(tmp_path / "videos.csv"), "--cache", str(tmp_path / "cache"), *common]) == 1
+    captured = capsys.readouterr()
+    assert "2 unreadable clips skipped" in captured.out
+    assert "every clip of" in captured.err and "was unreadable" in captured.err
+
+
 def test_command_line_interrupted_says_where_the_finished_clips_are(tmp_path, capsys, monkeypatch):
     """Ctrl-C (the library has stored the finished clips as a last shard): one line saying so,
     status 130, no traceback."""

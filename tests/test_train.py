@@ -439,6 +439,14 @@ def test_runs_neither_mix_with_nor_roll_back_an_earlier_run(assets, tmp_path):
         train(config(assets, out, max_steps=1, resume="latest"))
     assert [p.name for p in train_module.checkpoint_dirs(out)] == ["checkpoint-000002"]
     assert (out / "student" / "model.safetensors").read_bytes() == student
+    # A checkpoint damaged after it was written (they are written atomically), and a file in the
+    # output directory's place, end with a ValueError the command reports, not a traceback.
+    (out / "checkpoint-000002" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="checkpoint-000002 is unreadable .*--resume PATH"):
+        train(config(assets, out, max_steps=4, resume="latest"))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="a-file is a file, not a directory"):
+        prepare_training(config(assets, tmp_path / "a-file", max_steps=1))
 
 
 def test_train_command_reports_a_cache_without_a_global_batch(assets, tmp_path, capsys):
@@ -604,6 +612,13 @@ def test_config_files_overrides_and_errors(tmp_path):
         TrainConfig.load(overrides=["max_steps=many"])
     with pytest.raises(ValueError, match="w_min must be <= w_max"):
         TrainConfig(w_min=9, w_max=5)
+    (tmp_path / "broken.yaml").write_text("lr: [\n")
+    (tmp_path / "broken.toml").write_text("lr = \n")
+    for name in ("broken.yaml", "broken.toml"):
+        with pytest.raises(ValueError, match=f"config file {tmp_path / name} does not parse"):
+            TrainConfig.load(tmp_path / name)
+    with pytest.raises(ValueError, match=r"override 'lr=\[1': the value does not parse as YAML"):
+        TrainConfig.load(overrides=["lr=[1"])
 
 
 def test_train_command_points_to_preprocess_without_a_cache(tmp_path, capsys):

@@ -207,6 +207,13 @@ def test_missing_manifest_columns_raise_clear_errors(tmp_path):
         VideoTextDataset(tmp_path)
 
 
+def test_a_csv_manifest_with_a_byte_order_mark_reads_its_first_column(tmp_path):
+    """As spreadsheet programs write them: the mark is not part of the first column's name."""
+    (tmp_path / "bom.csv").write_text("\ufeffpath,caption\na.mp4,a cat\n", encoding="utf-8")
+    dataset = VideoTextDataset(tmp_path, manifest=tmp_path / "bom.csv")
+    assert len(dataset) == 1
+
+
 def test_synthetic_source_and_build_dataset(video_root):
     synthetic = build_dataset("synthetic", num_frames=6, size=(24, 40), num_clips=3, seed=2)
     assert isinstance(synthetic, SyntheticVideoText) and len(synthetic) == 3

@@ -8,6 +8,7 @@ time went (UNet, VAE, total).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -125,6 +126,18 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be a positive integer, got {value}")
+    from t2v_turbo import schedule
+
+    # The student samples on the 200-step grid; the teacher's DDIM on the 1000 training steps.
+    most_steps = schedule.NUM_TRAIN_TIMESTEPS if args.teacher else schedule.DDIM_GRID_STEPS
+    if args.steps is not None and args.steps > most_steps:
+        parser.error(f"--steps must be at most {most_steps}{' with --teacher' if args.teacher else ''}, got {args.steps}")
+    if args.seed < 0:
+        parser.error(f"--seed must be a non-negative integer, got {args.seed}")
+    for name in ("guidance", "motion_strength"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     import torch
 
     if args.device is None:

@@ -59,6 +59,10 @@ def run_preprocess(args: argparse.Namespace) -> int:
         f"{result.seconds:.1f} s ({result.clips_per_second:.3g} clips/s); {result.already_stored} were already "
         f"stored; {result.skipped} unreadable clips skipped ({result.skipped_total} in all)"
     )
+    if result.written + result.already_stored == 0 and result.skipped_total:
+        # Said here, not at train's "the cache holds no samples", which would point elsewhere.
+        print(f"t2v-turbo preprocess: error: every clip of {args.data} was unreadable: the cache holds none", file=sys.stderr)
+        return 1
     return 0
 
 

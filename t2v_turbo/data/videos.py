@@ -62,7 +62,8 @@ def read_manifest(manifest: str | Path) -> list[dict]:
     manifest = Path(manifest)
     suffix = manifest.suffix.lower()
     if suffix == ".csv":
-        with manifest.open(newline="", encoding="utf-8") as handle:
+        # utf-8-sig: spreadsheet programs start their CSV files with a byte-order mark.
+        with manifest.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
