@@ -404,7 +404,8 @@ class T2VTurboPipeline:
         """Loads what save_pretrained wrote; the UNet and VAE in `dtype`, all on `device`."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
-            raise FileNotFoundError(f"model directory {model_dir} does not exist")
+            what = "is a file, not a directory" if model_dir.exists() else "does not exist"
+            raise FileNotFoundError(f"model directory {model_dir} {what}")
         parts = {
             UNET_DIR: model_dir / UNET_DIR,
             VAE_DIR: model_dir / VAE_DIR,

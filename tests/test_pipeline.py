@@ -437,6 +437,9 @@ def test_generate_command_writes_readable_videos(tmp_path, capsys, chosen):
 def test_bad_model_paths_fail_clearly(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         T2VTurboPipeline.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FileNotFoundError, match="a-file is a file, not a directory"):
+        T2VTurboPipeline.from_pretrained(tmp_path / "a-file")
     (tmp_path / "partial" / "unet").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="missing vae, text_encoder, pipeline.json"):
         T2VTurboPipeline.from_pretrained(tmp_path / "partial")

@@ -207,6 +207,15 @@ def test_missing_manifest_columns_raise_clear_errors(tmp_path):
         VideoTextDataset(tmp_path)
 
 
+def test_empty_and_non_utf8_manifests_say_so(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match=r"empty\.csv is empty: it needs a header row"):
+        VideoTextDataset(tmp_path, manifest=tmp_path / "empty.csv")
+    (tmp_path / "latin1.csv").write_bytes("path,caption\na.mp4,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.csv is not UTF-8 text"):
+        VideoTextDataset(tmp_path, manifest=tmp_path / "latin1.csv")
+
+
 def test_a_csv_manifest_with_a_byte_order_mark_reads_its_first_column(tmp_path):
     """As spreadsheet programs write them: the mark is not part of the first column's name."""
     (tmp_path / "bom.csv").write_text("\ufeffpath,caption\na.mp4,a cat\n", encoding="utf-8")
@@ -228,5 +237,7 @@ def test_synthetic_source_and_build_dataset(video_root):
     from_file = build_dataset(str(video_root / "manifest.jsonl"), num_frames=4, size=(8, 8))
     assert isinstance(from_dir, VideoTextDataset) and isinstance(from_file, VideoTextDataset)
     assert len(from_dir) == len(from_file) == 4
-    with pytest.raises(ValueError, match="data spec"):
+    with pytest.raises(FileNotFoundError, match="manifest .*missing.csv does not exist"):
         build_dataset(video_root / "missing.csv")
+    with pytest.raises(ValueError, match="data spec"):
+        build_dataset(video_root / "missing.txt")

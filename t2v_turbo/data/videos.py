@@ -55,21 +55,20 @@ def _parse_flag(value: object, where: str) -> bool:
     raise ValueError(f"{where}: use_motion must be a boolean (true/false, 1/0, yes/no), got {value!r}")
 
 
-def read_manifest(manifest: str | Path) -> list[dict]:
-    """Rows of a CSV (header row) or JSONL (one object a line) manifest as dicts with path, caption,
-    short_caption (falls back to caption) and use_motion (default False). Raises ValueError naming the
-    file and the missing column when a row lacks path or caption."""
-    manifest = Path(manifest)
+def _raw_rows(manifest: Path) -> list[tuple[str, dict]]:
+    """(where, row) of every row of a CSV or JSONL manifest, `where` its file:line."""
     suffix = manifest.suffix.lower()
     if suffix == ".csv":
         # utf-8-sig: spreadsheet programs start their CSV files with a byte-order mark.
         with manifest.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
-            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if reader.fieldnames is None:
+                raise ValueError(f"manifest {manifest} is empty: it needs a header row with {list(REQUIRED_COLUMNS)}")
+            missing = [c for c in REQUIRED_COLUMNS if c not in reader.fieldnames]
             if missing:
                 raise ValueError(f"manifest {manifest} lacks the column(s) {missing}; it has {reader.fieldnames}")
-            raw_rows = [(f"{manifest}:{n}", row) for n, row in enumerate(reader, start=2)]
-    elif suffix == ".jsonl":
+            return [(f"{manifest}:{n}", row) for n, row in enumerate(reader, start=2)]
+    if suffix == ".jsonl":
         raw_rows = []
         with manifest.open(encoding="utf-8") as handle:
             for n, line in enumerate(handle, start=1):
@@ -82,8 +81,19 @@ def read_manifest(manifest: str | Path) -> list[dict]:
                 if not isinstance(row, dict):
                     raise ValueError(f"manifest {manifest}:{n} must be a JSON object, got {type(row).__name__}")
                 raw_rows.append((f"{manifest}:{n}", row))
-    else:
-        raise ValueError(f"manifest must be a .csv or .jsonl file, got {manifest}")
+        return raw_rows
+    raise ValueError(f"manifest must be a .csv or .jsonl file, got {manifest}")
+
+
+def read_manifest(manifest: str | Path) -> list[dict]:
+    """Rows of a CSV (header row) or JSONL (one object a line) manifest as dicts with path, caption,
+    short_caption (falls back to caption) and use_motion (default False). Raises ValueError naming the
+    file and the missing column when a row lacks path or caption."""
+    manifest = Path(manifest)
+    try:
+        raw_rows = _raw_rows(manifest)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"manifest {manifest} is not UTF-8 text: {error}") from None
     rows = []
     for where, row in raw_rows:
         missing = [c for c in REQUIRED_COLUMNS if not row.get(c)]
@@ -412,7 +422,9 @@ def build_dataset(
     path = Path(spec)
     if path.is_dir():
         return VideoTextDataset(path, num_frames=num_frames, fps=fps, size=size, seed=seed, video_backend=video_backend)
-    if path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
+    if path.suffix.lower() in (".csv", ".jsonl"):
+        if not path.is_file():
+            raise FileNotFoundError(f"manifest {path} does not exist")
         return VideoTextDataset(
             path.parent, manifest=path, num_frames=num_frames, fps=fps, size=size, seed=seed, video_backend=video_backend
         )
