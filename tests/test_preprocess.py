@@ -415,7 +415,7 @@ def test_clip_settings_come_from_the_model_directory_unless_given(tmp_path):
 def test_a_video_cache_continues_only_with_the_decoder_that_began_it(tmp_path, capsys):
     videos = tmp_path / "videos"
     videos.mkdir()
-    clip = torch.linspace(0, 1, 16 * 3 * 16 * 16).reshape(16, 3, 16, 16)
+    clip = torch.linspace(0, 1, 16 * 3 * 64 * 64).reshape(16, 3, 64, 64)  # decord misreads 16-pixel frames
     write_video(clip, videos / "ramp.mp4", fps=16)
     (videos / "manifest.csv").write_text("path,caption\nramp.mp4,a ramp\nramp.mp4,the ramp again\n")
     common = ["--preset", "tiny", "--data", str(videos), "--cache", str(tmp_path / "cache"), "--frames", "4",
