@@ -63,10 +63,7 @@ def teacher_timesteps(num_steps: int) -> list[int]:
     VideoCrafter's DDIM sampler: k * (1000 // N) + 1, so 981, 961, ..., 1 for N = 50. (VideoCrafter
     builds range(0, 1000, 1000 // N), which holds one step too many when N does not divide 1000;
     this always gives N.)"""
-    train_steps = schedule.NUM_TRAIN_TIMESTEPS
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= train_steps:
-        raise ValueError(f"num_steps must be an int in [1, {train_steps}], got {num_steps!r}")
-    stride = train_steps // num_steps
+    stride = schedule.NUM_TRAIN_TIMESTEPS // schedule.check_step_count(num_steps, schedule.NUM_TRAIN_TIMESTEPS)
     return [k * stride + DDIM_STEP_OFFSET for k in reversed(range(num_steps))]
 
 

@@ -50,10 +50,16 @@ def solver_timesteps(grid_index: torch.Tensor | int) -> tuple[torch.Tensor, torc
     return t_hi, (t_hi - SOLVER_SKIP).clamp(min=0)
 
 
+def check_step_count(num_steps: int, most: int) -> int:
+    """num_steps of a sampler over `most` timesteps: an int in [1, most], or a ValueError."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= most:
+        raise ValueError(f"num_steps must be an int in [1, {most}], got {num_steps!r}")
+    return num_steps
+
+
 def sampler_timesteps(num_steps: int) -> list[int]:
     """Timesteps of N-step consistency sampling: the 200-step grid reversed, stride 200 // N, first N.
     N=4 gives 999, 749, 499, 249."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= DDIM_GRID_STEPS:
-        raise ValueError(f"num_steps must be an int in [1, {DDIM_GRID_STEPS}], got {num_steps!r}")
+    check_step_count(num_steps, DDIM_GRID_STEPS)
     stride = DDIM_GRID_STEPS // num_steps
     return ddim_timesteps().flip(0)[::stride][:num_steps].tolist()

@@ -135,13 +135,23 @@ def storage_problem(*tensors: Tensor) -> Optional[str]:
     return None
 
 
+def channel_stride_problem(t: Tensor, name: str) -> Optional[str]:
+    """Why kernels that address the last (channel) dimension as contiguous cannot read t, or None;
+    every other dimension may have any stride. A single channel's stride, and an empty tensor's
+    (an expanded gradient of nothing), are never used."""
+    if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return f"{name} has channel stride {t.stride(-1)} (kernels need 1)"
+    return None
+
+
 def rows_problem(t: Tensor, name: str) -> Optional[str]:
     """Why row kernels cannot walk t as (rows, last dimension) with one row stride and unit
     stride along the last dimension (a view of it, no copy), or None."""
     if t.numel() == 0:
         return None
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return f"{name} has channel stride {t.stride(-1)} (kernels need 1)"
+    problem = channel_stride_problem(t, name)
+    if problem:
+        return problem
     try:
         t.view(-1, t.shape[-1])
     except RuntimeError:

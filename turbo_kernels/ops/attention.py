@@ -75,12 +75,7 @@ def _kernel_problem(tensors: dict[str, Tensor], num_frames: int, heads: int) -> 
     head_dim = first.shape[-1] // heads
     if head_dim > kernels.MAX_HEAD_DIM:
         return f"head dim {head_dim} exceeds {kernels.MAX_HEAD_DIM}"
-    for name, t in tensors.items():
-        # The kernels address channels as contiguous; every other dimension may have any stride
-        # (an empty tensor's, such as an expanded gradient of nothing, are never used).
-        if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
-            return f"{name} has channel stride {t.stride(-1)} (kernels need 1)"
-    return None
+    return next(filter(None, (checks.channel_stride_problem(t, name) for name, t in tensors.items())), None)
 
 
 def _forward_problem(q, k, v, num_frames, heads, layout, scale):

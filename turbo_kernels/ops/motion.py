@@ -77,12 +77,7 @@ def _kernel_problem(q: Tensor, k: Tensor, num_frames: int) -> Optional[str]:
         return problem
     if num_frames > _triton().MAX_FRAMES:
         return f"num_frames={num_frames} exceeds {_triton().MAX_FRAMES}"
-    for name, t in (("q", q), ("k", k)):
-        # The kernels address channels as contiguous; every other dimension may have any stride
-        # (an empty tensor's, such as an expanded gradient of nothing, are never used).
-        if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
-            return f"{name} has channel stride {t.stride(-1)} (kernels need 1)"
-    return None
+    return checks.channel_stride_problem(q, "q") or checks.channel_stride_problem(k, "k")
 
 
 def _register(op: str, reference_fn, problem) -> None:

@@ -106,12 +106,7 @@ def _kernel_problem(tensors: dict[str, Tensor], heads: int) -> Optional[str]:
     head_dim = first.shape[-1] // heads
     if head_dim > _triton().MAX_HEAD_DIM:
         return f"head dim {head_dim} exceeds {_triton().MAX_HEAD_DIM}"
-    for name, t in tensors.items():
-        # The kernels address channels as contiguous; the batch and token dimensions may have any
-        # stride (zero included).
-        if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
-            return f"{name} has channel stride {t.stride(-1)} (kernels need 1)"
-    return None
+    return next(filter(None, (checks.channel_stride_problem(t, name) for name, t in tensors.items())), None)
 
 
 def _forward_problem(q, k, v, heads, scale, kv_repeat):
