@@ -519,6 +519,10 @@ def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients_and_dr
         assert _max_error(ck_grads[name], grad) <= FLOAT64_TOL * grad.abs().max().item(), name
 
 
+# The tiny preset cut to one level of one block, random weights: tests of behaviour, not goldens.
+ONE_LEVEL_CONFIG = {**TINY_CONFIG, "num_res_blocks": 1, "channel_mult": [1]}
+
+
 @pytest.mark.skipif(
     turbo_kernels.dispatch.machine_unavailable_reason("triton", DEVICE) is not None,
     reason="Triton cannot run here (no GPU, no interpreter)",
@@ -527,8 +531,8 @@ def test_checkpointed_blocks_are_recomputed_on_the_forwards_backend(chosen):
     """The recomputation runs inside the backward, outside the forward's backend() block (on a
     GPU, on autograd's worker thread): it follows the forward's request, here Triton, which "auto"
     does not pick for CPU tensors, so a recomputation on the reference would show."""
-    # The tiny preset cut to one level of one block: the interpreter runs every kernel three times.
-    model = VC2UNet.from_original_config({**TINY_CONFIG, "num_res_blocks": 1, "channel_mult": [1]}).train()
+    # One level of one block: the interpreter runs every kernel three times.
+    model = VC2UNet.from_original_config(ONE_LEVEL_CONFIG).train()
     model.enable_gradient_checkpointing()
     config = model.config
     g = torch.Generator().manual_seed(19)
@@ -548,7 +552,7 @@ def test_conditioning_embeddings_take_the_models_widths():
     NoisePredictor build embeddings of the widths the model's layers take."""
     from t2v_turbo.models.adapter import NoisePredictor
 
-    config = {**TINY_CONFIG, "num_res_blocks": 1, "channel_mult": [1], "time_cond_proj_dim": 128, "motion_cond_proj_dim": 64}
+    config = {**ONE_LEVEL_CONFIG, "time_cond_proj_dim": 128, "motion_cond_proj_dim": 64}
     model = VC2UNet.from_original_config(config).eval()
     g = torch.Generator().manual_seed(20)
     x, context = torch.randn(2, 4, 2, 4, 4, generator=g), torch.randn(2, 3, config["context_dim"], generator=g)
@@ -604,7 +608,7 @@ def test_configurations_that_cannot_run_are_refused_when_built(change, match):
 
 @pytest.mark.parametrize("name", ["timesteps", "fps"])
 def test_per_sample_timesteps_and_fps_must_match_the_batch(name):
-    model = VC2UNet.from_original_config({**TINY_CONFIG, "num_res_blocks": 1, "channel_mult": [1]}).eval()
+    model = VC2UNet.from_original_config(ONE_LEVEL_CONFIG).eval()
     inputs = dict(timesteps=500, fps=8)
     inputs[name] = torch.tensor([1, 2, 3])
     with pytest.raises(ValueError, match=rf"{name} must be a number or 2 values \(one per sample\), got shape \(3,\)"):
