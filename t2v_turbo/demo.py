@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -287,10 +288,14 @@ def run_demo(config: DemoConfig) -> Path:
     student_dirs: dict[str, Path] = {}
     for variant in (v for v in VARIANTS if v.name in config.variants):
         clock = time.perf_counter()
+        run_dir = output / "runs" / variant.name
+        # The report is made anew each time; the variants train from step 0 (train refuses a
+        # directory holding an earlier run's student).
+        shutil.rmtree(run_dir, ignore_errors=True)
         train_config = TrainConfig(
             teacher=str(models_dir / "unet"),
             cache=str(cache_dir),
-            output_dir=str(output / "runs" / variant.name),
+            output_dir=str(run_dir),
             max_steps=config.train_steps,
             batch_size=config.batch_size,
             lr=config.lr,

@@ -72,6 +72,7 @@ CONDITIONING_LAYERS = ("time_cond_proj", "motion_cond_proj", "combine_proj", "ti
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"
 METRICS_NAME = "metrics.csv"
+STUDENT_NAME = "student"
 
 
 @dataclass
@@ -898,7 +899,7 @@ class _Trainer:
         finally:
             progress.close()
             logger.close()
-        student_dir = self.output_dir / "student"
+        student_dir = self.output_dir / STUDENT_NAME
         accelerator.wait_for_everyone()
         final = self._whole_student()
         if accelerator.is_main_process:
@@ -1131,30 +1132,37 @@ def prepare_training(
     resume, checks the cache against the run, builds the student, optimizer and reward path and
     loads the checkpoint. What fails here is the run's settings; `.run()` then trains."""
     config.validate()
-    if config.resume is None:
-        check_no_earlier_run(config.output_dir)
-        resume = None
-    else:
-        resume = resolve_resume(config.resume, config.output_dir)
+    resume = None if config.resume is None else resolve_resume(config.resume, config.output_dir)
+    if resume is None:
+        check_no_earlier_run(config.output_dir, resuming=config.resume is not None)
     trainer = _Trainer(config, reward, vae, accelerator)
     if resume is not None:
         trainer.load_checkpoint(resume)
         if trainer.step > config.max_steps:
             raise ValueError(
                 f"{resume} is at step {trainer.step}, beyond max_steps={config.max_steps}: resuming would rewrite "
-                f"{Path(config.output_dir) / 'student'} with an earlier state; raise --max-steps to train on"
+                f"{Path(config.output_dir) / STUDENT_NAME} with an earlier state; raise --max-steps to train on"
             )
     return trainer
 
 
-def check_no_earlier_run(output_dir: str | os.PathLike) -> None:
-    """A fresh run (no resume) refuses an output_dir that holds another run's checkpoints: its own
-    would be mixed with them, and keep_last would delete its own first."""
+def check_no_earlier_run(output_dir: str | os.PathLike, resuming: bool = False) -> None:
+    """A run that starts at step 0 refuses an output_dir holding what an earlier run wrote there:
+    its checkpoints (its own would be mixed with them, and keep_last would delete its own first),
+    its student or, for a fresh run, its metrics. `resuming` (--resume latest finding no
+    checkpoint): a run killed before its first checkpoint left metrics.csv only, and starts over."""
     found = checkpoint_dirs(output_dir)
     if found:
         raise ValueError(
             f"{output_dir} holds checkpoints of an earlier run (latest: {found[-1].name}): pass --resume latest to "
             "continue it, or choose another --output-dir"
+        )
+    earlier = [Path(output_dir) / STUDENT_NAME] + ([] if resuming else [Path(output_dir) / METRICS_NAME])
+    written = [path.name for path in earlier if path.exists()]
+    if written:
+        raise ValueError(
+            f"{output_dir} holds an earlier run's {' and '.join(written)} and no checkpoint to resume from: "
+            "choose another --output-dir, or move them away to start over there"
         )
 
 

@@ -5,6 +5,7 @@ a loss that falls on a fixed batch, NaN handling, LoRA, configuration and 2-proc
 import argparse
 import json
 import os
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -448,6 +449,25 @@ def test_runs_neither_mix_with_nor_roll_back_an_earlier_run(assets, tmp_path):
     with pytest.raises(ValueError, match="a-file is a file, not a directory"):
         prepare_training(config(assets, tmp_path / "a-file", max_steps=1))
 
+
+def test_a_run_without_checkpoints_is_not_overwritten(assets, tmp_path):
+    """A finished run that wrote no checkpoint leaves its student and metrics: a fresh run there is
+    refused, and --resume latest (no checkpoint to load) too while the student is there; a run
+    killed before its first checkpoint (metrics only) starts over under --resume latest."""
+    out = tmp_path / "run"
+    train(config(assets, out, max_steps=1, checkpoint_every=0))
+    student = (out / "student" / "model.safetensors").read_bytes()
+    metrics = (out / "metrics.csv").read_bytes()
+    with pytest.raises(ValueError, match="holds an earlier run's student and metrics.csv and no checkpoint"):
+        prepare_training(config(assets, out, max_steps=1, checkpoint_every=0))
+    with pytest.raises(ValueError, match="holds an earlier run's student and no checkpoint"):
+        prepare_training(config(assets, out, max_steps=1, checkpoint_every=0, resume="latest"))
+    assert (out / "student" / "model.safetensors").read_bytes() == student
+    assert (out / "metrics.csv").read_bytes() == metrics
+    shutil.rmtree(out / "student")
+    with pytest.raises(ValueError, match="holds an earlier run's metrics.csv and no checkpoint"):
+        prepare_training(config(assets, out, max_steps=1, checkpoint_every=0))
+    prepare_training(config(assets, out, max_steps=1, checkpoint_every=0, resume="latest"))
 
 def test_train_command_reports_a_cache_without_a_global_batch(assets, tmp_path, capsys):
     parser = argparse.ArgumentParser()
