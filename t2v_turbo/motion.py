@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import turbo_kernels
+from turbo_kernels import checks
 from t2v_turbo import schedule
 from t2v_turbo.models.adapter import NoisePredictor, is_diffusers_unet3d
 from t2v_turbo.models.vc2_unet import VC2UNet
@@ -97,6 +98,7 @@ def _checked_table(alphas_cumprod: Tensor | None, like: Tensor) -> Tensor:
         )
     if not alphas_cumprod.is_floating_point():
         raise TypeError(f"alphas_cumprod must be floating point, got {alphas_cumprod.dtype}")
+    checks.check_table_values(alphas_cumprod)
     return alphas_cumprod.to(dtype=dtype, device=like.device)
 
 

@@ -58,6 +58,28 @@ def test_guided_solver_step_errors_name_the_argument(overrides, error, match):
         _guided(**overrides)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -0.5, 1.5])
+def test_alphas_cumprod_values_outside_zero_one_are_refused(bad):
+    table = ACP.clone()
+    table[500] = bad
+    with pytest.raises(ValueError, match=r"alphas_cumprod must hold values in \(0, 1\]; 1 do not"):
+        _guided(alphas_cumprod=table)
+    with pytest.raises(ValueError, match=r"alphas_cumprod must hold values in \(0, 1\]"):
+        tk.consistency_output(_latents(), _latents(), 10, table)
+
+
+def test_a_table_is_checked_again_after_an_in_place_change():
+    """Values are read once a table version; a table changed in place is read again. A table
+    converted for the kernels (float16 here) is cached by identity, so calls after the first reuse
+    it (a lookup by tensor equality failed there)."""
+    for table in (ACP.clone(), ACP.half()):
+        _guided(alphas_cumprod=table)
+        _guided(alphas_cumprod=table)
+        table[3] = 2.0
+        with pytest.raises(ValueError, match=r"first: 2\.0"):
+            _guided(alphas_cumprod=table)
+
+
 def test_consistency_and_sampler_errors_name_the_argument():
     x = _latents()
     with pytest.raises(ValueError, match="eps has shape"):

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 Scalar = Union[float, int, Tensor]
 
@@ -57,6 +57,7 @@ def schedule_table(alphas_cumprod, device: torch.device) -> Tensor:
             f"alphas_cumprod must be a non-empty 1-D floating-point tensor, got shape "
             f"{tuple(alphas_cumprod.shape)} and dtype {alphas_cumprod.dtype}"
         )
+    check_table_values(alphas_cumprod)
     dtype = torch.float64 if alphas_cumprod.dtype == torch.float64 else torch.float32
     if alphas_cumprod.device == device and alphas_cumprod.dtype == dtype and alphas_cumprod.is_contiguous():
         return alphas_cumprod
@@ -66,13 +67,41 @@ def schedule_table(alphas_cumprod, device: torch.device) -> Tensor:
     # inside CUDA-graph capture fails; the cached copy is refreshed when the table is modified.
     per_table = _device_tables.setdefault(alphas_cumprod, {})
     cached = per_table.get((device, dtype))
-    if cached is None or cached[0] != alphas_cumprod._version:
-        cached = (alphas_cumprod._version, alphas_cumprod.to(device=device, dtype=dtype).contiguous())
+    if cached is None or cached[0] != _table_version(alphas_cumprod):
+        cached = (_table_version(alphas_cumprod), alphas_cumprod.to(device=device, dtype=dtype).contiguous())
         per_table[(device, dtype)] = cached
     return cached[1]
 
 
-_device_tables: "weakref.WeakKeyDictionary[Tensor, dict]" = weakref.WeakKeyDictionary()
+_device_tables: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def check_table_values(alphas_cumprod: Tensor) -> None:
+    """ᾱ_t is a signal fraction: every value in (0, 1] (a NaN or a value out of range gives NaN
+    coefficients). Read once a table version (a GPU table costs one synchronisation then); not
+    while torch.compile traces, a CUDA graph is captured or on the meta device, where no value
+    can be read."""
+    if torch.compiler.is_compiling() or alphas_cumprod.is_meta:
+        return
+    if alphas_cumprod.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if _checked_versions.get(alphas_cumprod) == _table_version(alphas_cumprod):
+        return
+    if not bool(((alphas_cumprod > 0) & (alphas_cumprod <= 1)).all()):
+        outside = alphas_cumprod[~((alphas_cumprod > 0) & (alphas_cumprod <= 1))]
+        raise ValueError(
+            f"alphas_cumprod must hold values in (0, 1]; {outside.numel()} do not (first: {outside[0].item()!r})"
+        )
+    _checked_versions[alphas_cumprod] = _table_version(alphas_cumprod)
+
+
+_checked_versions: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _table_version(table: Tensor) -> int:
+    # Tensors made under inference_mode keep no version counter: such a table is taken as it was
+    # first seen (modifying it in place needs inference_mode again).
+    return -1 if table.is_inference() else table._version
 
 
 def timesteps(t, name: str, batch: int, device: torch.device, num_train_timesteps: int) -> Tensor:
