@@ -61,6 +61,23 @@ def test_no_kernel_spills(rows):
     assert not spilling, "register spills:\n" + "\n".join(spilling)
 
 
+# The matrix kernels whose 16-bit launches must reach Hopper's warpgroup products (wgmma): a
+# tile or layout change that drops them to mma.sync halves their tensor-core rate.
+WGMMA_KERNELS = (
+    "strided_linear_kernel", "strided_linear_weight_grad_kernel", "temporal_attention_fwd_kernel",
+    "temporal_attention_bwd_kernel", "blocked_fwd_kernel", "blocked_bwd_dq_kernel", "blocked_bwd_dkdv_kernel",
+    "whole_kv_fwd_kernel",
+)
+
+
+def test_16_bit_matrix_kernels_use_warpgroup_products(rows):
+    checked = [row for row in rows if row.kernel in WGMMA_KERNELS and row.dtype in ("fp16", "bf16")]
+    assert {row.kernel for row in checked} == set(WGMMA_KERNELS)
+    without = [f"{row.kernel} [{row.label}, {row.dtype}]: {row.tensor_cores}" for row in checked
+               if "wgmma" not in row.tensor_cores]
+    assert not without, "no wgmma:\n" + "\n".join(without)
+
+
 def test_parse_ptxas_log_counts_spill_stores_and_loads():
     usage = kernel_report.parse_ptxas_log(SPILLING_PTXAS_LOG)
     assert usage == kernel_report.PtxasUsage(registers=24, spill_bytes=1880 + 2972, static_shared_bytes=2048)
@@ -72,9 +89,12 @@ def test_parse_ptxas_log_rejects_output_without_registers():
 
 
 def test_tensor_core_instructions_are_recognised_in_ptx():
-    assert kernel_report.uses_tensor_cores("\t@%p7 wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%r1}, %rd2;")
-    assert kernel_report.uses_tensor_cores("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1};")
-    assert not kernel_report.uses_tensor_cores('\t.file\t1 "/src/mma.py"\n\tld.global.v4.b32 {%r1, %r2}, [%rd1];')
+    wgmma = "\t@%p7 wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%r1}, %rd2;\n"
+    mma = "\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1};\n"
+    assert kernel_report.tensor_core_instructions(wgmma) == "wgmma"
+    assert kernel_report.tensor_core_instructions(mma) == "mma"
+    assert kernel_report.tensor_core_instructions(mma + wgmma) == "wgmma+mma"
+    assert kernel_report.tensor_core_instructions('\t.file\t1 "/src/mma.py"\n\tld.global.v4.b32 {%r1, %r2}, [%rd1];') == "no"
 
 
 def _row(kernel: str, spill_bytes: int) -> KernelReportRow:
@@ -87,7 +107,7 @@ def _row(kernel: str, spill_bytes: int) -> KernelReportRow:
         registers=255 if spill_bytes else 32,
         spill_bytes=spill_bytes,
         shared_bytes=0,
-        tensor_cores=False,
+        tensor_cores="no",
         sass_instructions=100,
     )
 

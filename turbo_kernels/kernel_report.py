@@ -5,7 +5,9 @@ Every configuration is compiled for sm_90a without a GPU; ptxas then reports reg
 spills (a CompiledKernel only learns its register count when loaded onto a device). SASS
 instructions are counted in the cubin's code section rather than disassembled: a disassembler run
 costs ~0.5 s a kernel, ten times the rest. Tensor-core use is read from the PTX, the only way
-Triton reaches tensor cores (mma / wgmma).
+Triton reaches tensor cores: Hopper's asynchronous warpgroup products (wgmma), or the synchronous
+warp products of earlier GPUs (mma), which Triton emits on Hopper for tiles too small for a
+warpgroup and which reach about half of Hopper's tensor-core rate.
 
     python -m turbo_kernels.kernel_report [--json PATH]
 
@@ -57,7 +59,7 @@ GPU_NAME = "sm_90a"
 WARP_SIZE = 32
 
 # An mma / wgmma instruction, possibly predicated, at the start of a PTX line.
-_TENSOR_CORE_PTX = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:wgmma|mma)\.", re.MULTILINE)
+_TENSOR_CORE_PTX = re.compile(r"^\s*(?:@!?%\w+\s+)?(wgmma|mma)\.", re.MULTILINE)
 # Since Volta every SASS instruction is 16 bytes with the opcode in the low 12 bits; NOP (0x918)
 # is alignment padding and not counted.
 _SASS_OPCODE_MASK = 0xFFF
@@ -74,7 +76,7 @@ class KernelReportRow:
     registers: int
     spill_bytes: int
     shared_bytes: int
-    tensor_cores: bool
+    tensor_cores: str
     sass_instructions: int
 
 
@@ -174,8 +176,10 @@ def sass_instruction_count(cubin: bytes, kernel_name: str) -> int:
     )
 
 
-def uses_tensor_cores(ptx: str) -> bool:
-    return _TENSOR_CORE_PTX.search(ptx) is not None
+def tensor_core_instructions(ptx: str) -> str:
+    """Which tensor-core instructions the kernel issues: "wgmma", "mma", "wgmma+mma" or "no"."""
+    kinds = set(_TENSOR_CORE_PTX.findall(ptx))
+    return "+".join(kind for kind in ("wgmma", "mma") if kind in kinds) or "no"
 
 
 def _compile(config, target, backend):
@@ -210,7 +214,7 @@ def _report_row(module_name: str, config, compiled) -> KernelReportRow:
         registers=usage.registers,
         spill_bytes=usage.spill_bytes,
         shared_bytes=compiled.metadata.shared + usage.static_shared_bytes,
-        tensor_cores=uses_tensor_cores(compiled.asm["ptx"]),
+        tensor_cores=tensor_core_instructions(compiled.asm["ptx"]),
         sass_instructions=sass_instruction_count(compiled.asm["cubin"], compiled.metadata.name),
     )
 
@@ -276,7 +280,7 @@ def format_table(rows: list[KernelReportRow]) -> str:
             str(row.registers),
             str(row.spill_bytes),
             str(row.shared_bytes),
-            "yes" if row.tensor_cores else "no",
+            row.tensor_cores,
             str(row.sass_instructions),
         )
         for row in rows
