@@ -98,11 +98,11 @@ stage build 240 build.log env TURBO_KERNELS_BUILD_CUDA=1 MAX_JOBS="$(nproc)" pyt
 building=$!
 # Each test prints its own line as it ends (-v), so a log cut short by the limit still says which passed.
 PYTEST=(python3 -m pytest -v -rfEs -p no:cacheprovider --timeout 120)
-stage tests 150 tests.log "${PYTEST[@]}" -n "$(( $(nproc) - 4 ))" "${TRITON_ONLY_TESTS[@]}"
+stage tests 180 tests.log "${PYTEST[@]}" -n "$(( $(nproc) - 4 ))" "${TRITON_ONLY_TESTS[@]}"
 wait "$building"
 tail -3 "$OUT/build.log"
 python3 -c "import turbo_kernels as tk; print('backends on cuda:', tk.backends('cuda'))"
-stage tests 120 tests.log "${PYTEST[@]}" -n "$(( $(nproc) * 3 / 4 ))" "${CUDA_BACKEND_TESTS[@]}"
+stage tests 180 tests.log "${PYTEST[@]}" -n "$(( $(nproc) * 3 / 4 ))" "${CUDA_BACKEND_TESTS[@]}"
 grep -E "^=+ .*(passed|failed|error)" "$OUT/tests.log"
 
 stage profile 120 bench.log "${BENCH[@]}" --warmup 1 --iters 2 --compile-budget 0 --batch-sizes 1 \

@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -89,6 +88,8 @@ def _pad_to_even(video: np.ndarray) -> np.ndarray:
 
 
 def _write_mp4(video: np.ndarray, path: Path, fps: int) -> None:
+    import av  # imported where used: sampling and the GIF and PNG writers run without PyAV
+
     video = _pad_to_even(video)
     codec = next(name for name in MP4_CODECS if name in av.codecs_available)
     with av.open(str(path), mode="w", format="mp4") as container:
@@ -141,6 +142,8 @@ def read_video(path: str | os.PathLike) -> Tensor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no video file at {path}")
+    import av
+
     with av.open(str(path)) as container:
         images = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     if not images:

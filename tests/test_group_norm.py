@@ -80,7 +80,7 @@ def test_statistics_of_a_large_mean_against_a_small_spread(frames, chosen):
     slice's mean, rounded to fp32, would carry an ulp of 1000 into the merge were the values not
     shifted (rstd off by 1e-3 relative): within the 2x rule of torch's var_mean on the same x."""
     g = torch.Generator().manual_seed(4)
-    x = (1000 + 0.01 * torch.randn(2, 64, frames, 5, 7, generator=g, dtype=torch.float64)).float()
+    x = (1000 + 0.01 * torch.randn(2, 64, frames, 5, 7, generator=g, dtype=torch.float64)).float().to(DEVICE)
     with torch.no_grad(), tk.backend("triton"):
         mean, rstd = group_norm_ops._group_stats(x, GROUPS, EPS)
     assert chosen == [("group_norm_stats", "triton")]

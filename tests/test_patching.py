@@ -33,14 +33,6 @@ CROSS_DIM = 16
 TEXT_TOKENS = 5
 
 
-@pytest.fixture(autouse=True)
-def _float32_without_tf32(monkeypatch):
-    """On a GPU cuDNN convolutions default to TF32 (a 10-bit mantissa): on an H100 the patched and
-    original models then differed by 2.5e-4 with the reference backend too, far above what these
-    tolerances allow attention to change. The comparisons here are of attention, so fp32 stays fp32."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
 # Processors on the tiny models below: UNet3D has 8 spatial (4 self, 4 cross: down 0, mid, 2 in
 # up 1) and 10 temporal (attn1 and attn2, both self-attention, of transformer_in, the down 0 and mid
 # temp_attentions and the 2 up 1 temp_attentions); UNetMotion has the same 8 spatial and 14

@@ -89,7 +89,7 @@ class TinyVideoReward(RewardModel):
             data = caption.encode()[:32]
             codes[row, : len(data)] = torch.tensor(list(data), dtype=torch.float32) / 128
         with torch.no_grad():
-            return l2_normalize(self.text(codes.to(self.text.weight.dtype)))
+            return l2_normalize(self.text(codes.to(self.text.weight.device, self.text.weight.dtype)))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -220,11 +220,14 @@ def test_a_stacked_group_runs_unstacked_without_autograd(models, monkeypatch):
         assert torch.allclose(value, stacked[name], atol=SCORE_TOL, rtol=0), name
 
 
-def test_scoring_through_cuda_graphs_equals_eager_scoring(models, monkeypatch):
+def test_scoring_through_cuda_graphs_equals_eager_scoring(monkeypatch):
     """On the CPU with captures recorded (helpers.record_graph_captures): under no_grad each model's
     call warms up, is captured and replayed, with the eager scores; with gradients nothing is
-    captured. On a GPU, the same with real graphs."""
+    captured. On a GPU, the same with real graphs (on models of its own: moving them to the GPU
+    would move the module fixture's too)."""
     from tests.helpers import record_graph_captures
+
+    models = tiny_clip(1), tiny_clip(2), TinyVideoReward()
 
     captures = [] if torch.cuda.is_available() else record_graph_captures(monkeypatch)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -526,8 +526,8 @@ def test_a_stream_of_no_positions(chosen):
     """Frames of no positions: NaN statistics as torch.var_mean gives (the kernels read nothing),
     and the block's empty output."""
     with tk.backend("triton"):
-        mean, rstd = torch.ops.turbo_kernels.group_norm_stats(torch.empty(2, 64, 0, 4), 1, 32, 1e-6)
-        out = FusedTemporalTransformer(64, 2, 32)(torch.randn(4, 64, 0, 3), 2)
+        mean, rstd = torch.ops.turbo_kernels.group_norm_stats(torch.empty(2, 64, 0, 4, device=DEVICE), 1, 32, 1e-6)
+        out = FusedTemporalTransformer(64, 2, 32).to(DEVICE)(torch.randn(4, 64, 0, 3, device=DEVICE), 2)
     assert mean.shape == rstd.shape == (2, 32) and mean.isnan().all() and rstd.isnan().all()
     assert out.shape == (4, 64, 0, 3)
 

@@ -532,14 +532,14 @@ def test_checkpointed_blocks_are_recomputed_on_the_forwards_backend(chosen):
     GPU, on autograd's worker thread): it follows the forward's request, here Triton, which "auto"
     does not pick for CPU tensors, so a recomputation on the reference would show."""
     # One level of one block: the interpreter runs every kernel three times.
-    model = VC2UNet.from_original_config(ONE_LEVEL_CONFIG).train()
+    model = VC2UNet.from_original_config(ONE_LEVEL_CONFIG).to(DEVICE).train()
     model.enable_gradient_checkpointing()
     config = model.config
     g = torch.Generator().manual_seed(19)
-    x = torch.randn(1, config["in_channels"], 2, 4, 4, generator=g, requires_grad=True)
-    context = torch.randn(1, 3, config["context_dim"], generator=g)
+    x = torch.randn(1, config["in_channels"], 2, 4, 4, generator=g).to(DEVICE).requires_grad_()
+    context = torch.randn(1, 3, config["context_dim"], generator=g).to(DEVICE)
     with turbo_kernels.backend("triton"):
-        out = model(x, torch.tensor([500]), context, 8)
+        out = model(x, torch.tensor([500], device=DEVICE), context, 8)
     forward_backends = {name for _, name in chosen}
     chosen.clear()
     out.square().mean().backward()
