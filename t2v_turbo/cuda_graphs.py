@@ -167,8 +167,12 @@ class GraphedCall:
             self._state = self._module_state()
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = _Graph(inputs=[_clone(leaf) for leaf in leaves])
-            return self._run_on_inputs(entry, spec)
+            # The eager warm-up call: kept only once it has run, so a call that raised (out of
+            # memory, say) is warmed up again rather than captured with its first-time work.
+            entry = _Graph(inputs=[_clone(leaf) for leaf in leaves])
+            result = self._run_on_inputs(entry, spec)
+            self._graphs[key] = entry
+            return result
         for static, leaf in zip(entry.inputs, leaves):
             if isinstance(leaf, Tensor):
                 static.copy_(leaf)

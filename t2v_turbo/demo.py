@@ -316,7 +316,10 @@ def run_demo(config: DemoConfig) -> Path:
     # 3. Sampling and scoring on held-out prompts.
     clock = time.perf_counter()
     eval_prompts = prompts("heldout", config.eval_prompts, seed=config.seed, config=WORLD)
-    scorer = evaluation_mixture(image_model, video_model)
+    # preprocess placed the teacher's models on the accelerator; the students load on the CPU and
+    # the reward models are where training left them (on the CPU when no variant used them).
+    device = teacher.device
+    scorer = evaluation_mixture(image_model, video_model).to(device)
     teacher_out = teacher.sample_teacher(
         eval_prompts, num_steps=config.teacher_steps, guidance_scale=config.guidance_scale + 1, seed=config.seed,
         progress=config.progress,
@@ -340,7 +343,7 @@ def run_demo(config: DemoConfig) -> Path:
         student = T2VTurboPipeline(
             unet, teacher.vae, teacher.text_encoder, fps=WORLD_FPS, defaults=teacher.defaults,
             use_kernels=torch.cuda.is_available(),
-        )
+        ).to(device)
         variant = next(v for v in VARIANTS if v.name == name)
         out = student.generate(
             eval_prompts,

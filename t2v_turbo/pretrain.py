@@ -218,7 +218,9 @@ def pretrain_teacher(
     if ranking and (swapped_contexts is None or swapped_contexts.shape != contexts.shape):
         raise ValueError("swapped_contexts (shaped as contexts) are needed when teacher_direction_ranking > 0")
     names_direction = (swapped_contexts != contexts).flatten(1).any(dim=1) if ranking else None
-    unet = VC2UNet(**WORLD_UNET_CONFIG, use_kernels=torch.cuda.is_available())
+    # Pretraining runs on the CPU whatever the machine has: plain PyTorch, so the world models
+    # come out the same with or without a GPU.
+    unet = VC2UNet(**WORLD_UNET_CONFIG, use_kernels=False)
     if initial is not None:
         unet.load_state_dict(initial.state_dict())
     ema = copy.deepcopy(unet).requires_grad_(False)

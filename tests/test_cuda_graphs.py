@@ -91,6 +91,28 @@ def test_first_call_warms_up_second_captures_then_replays_current_inputs(recorde
 
 
 @torch.no_grad()
+def test_a_warm_up_that_raised_is_warmed_up_again_before_a_capture(recorded_capture):
+    """A first call that raises (out of memory, caught by the caller, which retries) has not done
+    its first-time work: the retry is the warm-up, and only the call after it captures."""
+    calls = []
+
+    def fn(x):
+        calls.append("fails" if not calls else "runs")
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return x + 1
+
+    graphed = GraphedCall(fn)
+    x = torch.randn(3)
+    with pytest.raises(torch.OutOfMemoryError):
+        graphed(x)
+    torch.testing.assert_close(graphed(x), x + 1, rtol=0, atol=0)
+    assert not recorded_capture, "the retry is the warm-up, not a capture"
+    torch.testing.assert_close(graphed(x), x + 1, rtol=0, atol=0)
+    assert len(recorded_capture) == 1 and graphed.num_graphs == 1
+
+
+@torch.no_grad()
 def test_each_signature_gets_a_graph_and_they_share_one_pool(recorded_capture):
     model = Affine()
     graphed = GraphedCall(model, [model])
