@@ -41,7 +41,7 @@ CUDA_BACKEND_TESTS=(
     tests/test_temporal_attention.py tests/test_temporal_attention_cuda.py tests/test_solver_kernels.py
     tests/test_reward_preprocess.py tests/test_dispatch.py tests/test_patching.py
     tests/test_compile_and_registration.py tests/test_cuda_graphs.py tests/test_reward_mixture.py tests/test_bench.py
-    tests/test_vc2_unet.py tests/test_pipeline.py
+    tests/test_vc2_unet.py tests/test_pipeline.py tests/test_demo.py::test_short_demo_run_on_the_gpu
 )
 # Each stage's ops (override to time only what a previous lease left unmeasured). A stage's time
 # limit can be overridden too, as <STAGE>_S in capitals (BENCH_KERNELS_S=300; rest: up to the deadline;

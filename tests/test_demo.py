@@ -190,6 +190,20 @@ def test_short_demo_run_writes_the_report(tmp_path):
     assert report.count("\n| ") == 2 + len(models)  # the header, its rule and one row a model
 
 
+@pytest.mark.gpu
+def test_short_demo_run_on_the_gpu(tmp_path):
+    """On a GPU preprocess places the teacher there while the students load on the CPU, and with
+    no reward variant the reward models never leave it: evaluation brings them all to the
+    teacher's device."""
+    config = DemoConfig(
+        output_dir=str(tmp_path / "report"), train_clips=4, train_steps=1, batch_size=2, eval_prompts=2,
+        teacher_steps=2, motion_grid_range=(1, 3), variants="a", progress=False,
+    )
+    results = json.loads((run_demo(config) / "results.json").read_text())
+    assert len(results["rows"]) == 2
+    assert all(torch.isfinite(torch.tensor(row["image_reward"])) for row in results["rows"])
+
+
 def test_scores_summary_and_table_count_only_clips_with_a_direction():
     nan = float("nan")
     scores = {
