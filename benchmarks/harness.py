@@ -29,6 +29,7 @@ import re
 import statistics
 import sys
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from t2v_turbo.cuda_graphs import GraphCaptureWarning
 
 PASSES = ("fwd", "fwd+bwd")
 # The baselines every suite times and the table compares against.
@@ -57,11 +60,16 @@ L2_MULTIPLE = 3
 MAX_INPUT_SETS = 128
 
 # Head start of the GPU over the host for each timed call: the spin kernel lasts this many times
-# the host's issue time of one call, plus a fixed margin.
+# the host's issue time of one call, plus a fixed margin, at most SPIN_MAX_MS: a call issuing for
+# longer fills the launch queue (about a thousand kernels) or synchronises inside (sampling, the
+# reward pass), so a longer spin only leaves the GPU idle, tripling such a row's cost.
 SPIN_HOST_FACTOR = 2.0
 SPIN_MARGIN_MS = 0.05
-# Calls whose latency from an idle GPU makes wall_ms (at most the timed calls' count).
+SPIN_MAX_MS = 20.0
+# Calls whose latency from an idle GPU makes wall_ms (at most the timed calls' count); one for
+# calls of more than LONG_CALL_MS, whose latency varies little against its size.
 WALL_CALLS = 3
+LONG_CALL_MS = 100.0
 
 VALIDATE_ENV = "TURBO_KERNELS_VALIDATE"
 MAX_REASON_CHARS = 300
@@ -151,6 +159,11 @@ def _spin_cycles_per_ms(device: torch.device) -> float:
     return cycles / start.elapsed_time(end)
 
 
+def wall_calls(iters: int, median_ms: float) -> int:
+    """How many wall-latency calls follow `iters` timed calls of median `median_ms`."""
+    return min(iters, 1 if median_ms > LONG_CALL_MS else WALL_CALLS)
+
+
 def _time_cuda(fn: Callable, input_sets: Sequence, device: torch.device, warmup: int, iters: int) -> Timing:
     with torch.cuda.device(device):
         begin = time.perf_counter()
@@ -168,7 +181,7 @@ def _time_cuda(fn: Callable, input_sets: Sequence, device: torch.device, warmup:
             fn(input_sets[(i + 1) % len(input_sets)])
             issue_s.append(time.perf_counter() - begin)
         torch.cuda.synchronize()
-        spin_ms = SPIN_HOST_FACTOR * statistics.median(issue_s) * 1e3 + SPIN_MARGIN_MS
+        spin_ms = min(SPIN_HOST_FACTOR * statistics.median(issue_s) * 1e3 + SPIN_MARGIN_MS, SPIN_MAX_MS)
         spin_cycles = int(spin_ms * _spin_cycles_per_ms(device))
 
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
@@ -182,15 +195,15 @@ def _time_cuda(fn: Callable, input_sets: Sequence, device: torch.device, warmup:
             issue_s.append(time.perf_counter() - begin)
             ends[i].record()
         torch.cuda.synchronize()
+        device_ms = [start.elapsed_time(end) for start, end in zip(starts, ends)]
         # After the timed calls, not among the warm-ups: a call that records a CUDA graph on its
         # second use (t2v_turbo.cuda_graphs) is replaying by now.
         wall_s = []
-        for i in range(min(iters, WALL_CALLS)):
+        for i in range(wall_calls(iters, statistics.median(device_ms))):
             begin = time.perf_counter()
             fn(input_sets[i % len(input_sets)])
             torch.cuda.synchronize()
             wall_s.append(time.perf_counter() - begin)
-    device_ms = [start.elapsed_time(end) for start, end in zip(starts, ends)]
     return Timing(
         statistics.median(device_ms), statistics.median(issue_s) * 1e3, first_call_s, statistics.median(wall_s) * 1e3
     )
@@ -391,8 +404,13 @@ class RunSettings:
 
 
 class _Runner:
-    def __init__(self, settings: RunSettings):
+    """Times cases. `after_impl` runs after each implementation's row (or skip) is recorded: the
+    run's file is rewritten there, so a stage stopped inside a case of several long
+    implementations keeps those it measured."""
+
+    def __init__(self, settings: RunSettings, after_impl: Callable[[], None] = lambda: None):
         self.settings = settings
+        self.after_impl = after_impl
         self.compile_spent_s = 0.0
         self.rows: list[dict] = []
         self.skipped: list[dict] = []
@@ -420,9 +438,13 @@ class _Runner:
             for impl in runnable:
                 self._skip(case, impl, f"building the inputs failed: {_reason(exc)}")
             _release_memory(device)
+            self.after_impl()
             return
-        for impl in runnable:
+        # The compiling implementations last (in their order): a compile that outlasts the stage
+        # then costs only compiled rows.
+        for impl in sorted(runnable, key=lambda impl: impl.compiles):
             self._run_impl(case, impl, input_sets)
+            self.after_impl()
         del input_sets
         _release_memory(device)
 
@@ -438,7 +460,10 @@ class _Runner:
         begin = time.perf_counter()
         on_gpu = settings.device.type == "cuda"
         try:
-            timing = time_fn(impl.fn, input_sets, settings.device, settings.warmup, settings.iters)
+            # A graph variant whose capture failed would time eager calls under its name.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", GraphCaptureWarning)
+                timing = time_fn(impl.fn, input_sets, settings.device, settings.warmup, settings.iters)
         except Exception as exc:
             if impl.compiles:
                 self.compile_spent_s += time.perf_counter() - begin
@@ -723,13 +748,15 @@ def _notes(on_gpu: bool) -> list[str]:
     ]
     if on_gpu:
         return notes + [
-            "median_ms is device time: a spin kernel ahead of each timed call keeps the GPU from waiting on the "
-            "host; host_ms is the host's time to issue one call (above median_ms: launch-bound on its own); a call "
-            "of more than about a thousand kernels (the end-to-end ops) fills the launch queue behind the spin "
-            "kernel, and its host_ms then includes that wait: an upper bound; wall_ms is one call's latency from "
-            f"an idle GPU, issue to the end of its last kernel (median of {WALL_CALLS} synchronised calls after the "
-            "timed ones): well above median_ms (more than the tens of µs of a launch and a sync), the GPU waited on "
-            "the host",
+            "median_ms is device time: a spin kernel ahead of each timed call (twice the host's issue time, at "
+            f"most {SPIN_MAX_MS:g} ms) keeps the GPU from waiting on the host; host_ms is the host's time to issue "
+            "one call (above median_ms: launch-bound on its own); a call of more than about a thousand kernels (the "
+            "end-to-end ops) fills the launch queue behind the spin kernel, and its host_ms then includes that "
+            "wait: an upper bound; such calls, and those that synchronise inside (sampling, the reward pass), "
+            "issue past the spin, so their median_ms includes what the GPU waited on the host; wall_ms is one "
+            "call's latency from an idle GPU, issue to the end of its last kernel (median of "
+            f"{WALL_CALLS} synchronised calls after the timed ones, 1 for calls over {LONG_CALL_MS:g} ms): well "
+            "above median_ms (more than the tens of µs of a launch and a sync), the GPU waited on the host",
             f"inputs rotate over enough sets ({L2_MULTIPLE}x the L2, at most {MAX_INPUT_SETS}) to come from DRAM",
         ]
     return notes + ["median_ms is wall time on the CPU"]
@@ -799,7 +826,7 @@ def run(
         _check_names("--impls", args.impls, {i.name for c in cases for i in c.impls})
         copy_gbps = measure_copy_gbps(device, copy_bytes)
         print(f"copy ceiling: {copy_gbps:.1f} GB/s ({copy_bytes // MIB} MiB device-to-device copy, read + write)")
-        runner = _Runner(settings)
+        runner = _Runner(settings, after_impl=lambda: write_result(result_so_far(complete=False), args.out, created))
         run_settings = {
             "dtype": str(dtype).removeprefix("torch."),
             "warmup": settings.warmup,
@@ -818,8 +845,6 @@ def run(
             if args.ops is None or case.op in args.ops:
                 print(f"  timing {case.op} {case.case} {case.pass_name}", file=sys.stderr, flush=True)
                 runner.run(case)
-                # Rewritten after every case, so a run stopped part-way keeps what it measured.
-                write_result(result_so_far(complete=False), args.out, created)
 
     result = result_so_far(complete=True)
 

@@ -47,6 +47,10 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from turbo_kernels import dispatch
 
 
+class GraphCaptureWarning(UserWarning):
+    """A GraphedCall's capture failed: its calls run eagerly from then on."""
+
+
 @dataclass
 class _Graph:
     inputs: list  # static copies of the flattened arguments (non-tensors as they were)
@@ -184,7 +188,10 @@ class GraphedCall:
             except Exception as exc:
                 self.failure = _capture_error(exc)
                 self.reset()
-                warnings.warn(f"CUDA graph capture failed ({self.failure}); these calls run eagerly", stacklevel=2)
+                warnings.warn(
+                    f"CUDA graph capture failed ({self.failure}); these calls run eagerly", GraphCaptureWarning,
+                    stacklevel=2,
+                )
                 return self.fn(*args, **kwargs)
             self._pool = entry.graph.pool()
         entry.graph.replay()

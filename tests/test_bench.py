@@ -7,6 +7,7 @@ import argparse
 import datetime
 import json
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -137,6 +138,64 @@ def test_compiled_reference_is_timed_within_budget(tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_a_run_stopped_inside_a_case_keeps_the_implementations_it_timed(tmp_path):
+    """The file is rewritten after each implementation, compiled ones timed last: a stage stopped
+    (here: interrupted) in a case's third implementation keeps the two before it."""
+    order = []
+
+    def timed(name):
+        def fn(x):
+            order.append(name)
+            return x + 1
+        return fn
+
+    def stopped(_):
+        raise KeyboardInterrupt
+
+    def suite(options: harness.SuiteOptions):
+        yield harness.Case(
+            op="add_one", case="4", pass_name="fwd",
+            make_inputs=lambda: torch.zeros(4, device=options.device),
+            impls=(
+                harness.Impl("compiled", stopped, compiles=True),
+                harness.Impl("eager", timed("eager")),
+                harness.Impl("kernels", timed("kernels")),
+            ),
+            bytes_moved=32, dtype=torch.float32, shape=(4,),
+        )
+
+    with pytest.raises(KeyboardInterrupt):
+        _run_harness(tmp_path, suite, "--compile-budget", "60")
+    result = _written(tmp_path)
+    assert [row["impl"] for row in result["rows"]] == ["eager", "kernels"] and not result["complete"]
+    assert order[0] == "eager" and order[-1] == "kernels"
+
+
+def test_a_graph_variant_whose_capture_failed_is_skipped(tmp_path):
+    """A GraphedCall that cannot capture runs eagerly with a warning: the row would time eager
+    calls under the graph variant's name, so it is skipped with the warning as its reason."""
+    from t2v_turbo.cuda_graphs import GraphCaptureWarning
+
+    def graphed(x, calls=[]):
+        calls.append(None)
+        if len(calls) == 2:
+            warnings.warn("CUDA graph capture failed (not permitted); these calls run eagerly", GraphCaptureWarning)
+        return x + 1
+
+    def suite(options: harness.SuiteOptions):
+        yield harness.Case(
+            op="add_one", case="4", pass_name="fwd", make_inputs=lambda: torch.zeros(4, device=options.device),
+            impls=(harness.Impl("eager", lambda x: x + 1), harness.Impl("graphs", graphed)),
+            bytes_moved=32, dtype=torch.float32, shape=(4,),
+        )
+
+    assert _run_harness(tmp_path, suite) == 0
+    result = _written(tmp_path)
+    assert [row["impl"] for row in result["rows"]] == ["eager"]
+    (skipped,) = result["skipped"]
+    assert skipped["impl"] == "graphs" and "CUDA graph capture failed (not permitted)" in skipped["reason"]
+
+
 def test_a_failing_impl_is_skipped_with_its_reason(tmp_path):
     def broken(_):
         raise RuntimeError("kernel exploded")
@@ -204,7 +263,7 @@ def test_profile_records_where_each_row_spends_its_time(tmp_path, capsys):
 
 def test_a_failing_profiled_call_keeps_the_rows_timing(tmp_path):
     # The first call, --quick's warm-up and 3 timed calls, and on a GPU the wall-latency calls.
-    timed_calls = 1 + 1 + 3 + (min(3, harness.WALL_CALLS) if torch.cuda.is_available() else 0)
+    timed_calls = 1 + 1 + 3 + (harness.wall_calls(3, 0.0) if torch.cuda.is_available() else 0)
 
     def fails_when_profiled(x, calls=[]):
         calls.append(None)

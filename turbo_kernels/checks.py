@@ -78,12 +78,9 @@ _device_tables: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 def check_table_values(alphas_cumprod: Tensor) -> None:
     """ᾱ_t is a signal fraction: every value in (0, 1] (a NaN or a value out of range gives NaN
-    coefficients). Read once a table version (a GPU table costs one synchronisation then); not
-    while torch.compile traces, a CUDA graph is captured or on the meta device, where no value
-    can be read."""
-    if torch.compiler.is_compiling() or alphas_cumprod.is_meta:
-        return
-    if alphas_cumprod.is_cuda and torch.cuda.is_current_stream_capturing():
+    coefficients). Read once a table version (a GPU table costs one synchronisation then), as the
+    other value checks are (value_checks_enabled), and not on the meta device."""
+    if not value_checks_enabled() or alphas_cumprod.is_meta:
         return
     if _checked_versions.get(alphas_cumprod) == _table_version(alphas_cumprod):
         return
