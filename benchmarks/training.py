@@ -7,10 +7,13 @@
   (the run's dtype), per-block gradient checkpointing as the release trains. Four variants as in
   benchmarks.models.
 - `motion_prior` (clips a call): `t2v_turbo.motion.compute_motion_prior` (DDIM inversion to each
-  clip's t_hi, grid indices drawn uniformly over the 200-step grid, then the motion score) on a
-  batch of clips at once vs one clip at a time, with reference ops and with kernels, and batched
-  with kernels and the inversion through torch.compile (`preprocess --compile`). clips/s in the
-  summary.
+  clip's t_hi, then the motion score) on a batch of clips at once vs one clip at a time, with
+  reference ops and with kernels, and batched with kernels and the inversion through
+  torch.compile (`preprocess --compile`). The teacher is frozen, as preprocess holds it. clips/s
+  in the summary, at the case's inversion lengths: grid indices drawn from GPU_MOTION_GRID_RANGE,
+  10 to 20 inversion steps, not preprocess's 100 to 200 for motion clips (a call there takes
+  hundreds of UNet forwards, minutes a variant); batched and one-clip-at-a-time calls both spend
+  nearly all their time in those forwards, so their ratio carries over.
 - `whole_recipe` (batch 3, full fine-tune): distillation + HPSv2.1 + CLIP-H + InternVideo2 rewards on
   the VAE-decoded one-step prediction, backward and optimizer step, in one process: one row per
   set of memory savings, to read off what it takes to fit one 80 GB GPU (peak_mem_mb; a setup that
@@ -39,10 +42,14 @@ STEP_OP = "distillation_step"
 MOTION_OP = "motion_prior"
 RECIPE_OP = "whole_recipe"
 GPU_STEP_BATCH_SIZES = (1, 2, 3)
-GPU_MOTION_CLIPS = (4,)
+# Two clips: the motion score's backward through the full UNet keeps about 27 GiB of activations
+# a clip in bf16 with the teacher frozen, so four clips do not fit 80 GB.
+GPU_MOTION_CLIPS = (2,)
 QUICK_MOTION_CLIPS = (2,)
-# --quick inverts only a few grid steps (the tiny UNet on a CPU).
-QUICK_MAX_GRID_INDEX = 4
+# [lo, hi) grid indices of the motion cases; --quick inverts only a few grid steps (the tiny UNet
+# on a CPU).
+GPU_MOTION_GRID_RANGE = (10, 20)
+QUICK_MOTION_GRID_RANGE = (0, 4)
 RECIPE_BATCH = 3
 GPU_MEMORY_MB = 80 * 1000**3 / 2**20
 W_RANGE = (5.0, 15.0)
@@ -55,9 +62,12 @@ def _autocast(options: SuiteOptions) -> contextlib.AbstractContextManager:
     return torch.autocast(options.device.type, dtype=options.dtype)
 
 
-def _cache_batch(batch: int, scale: models.Scale, options: SuiteOptions, max_grid_index: int) -> dict[str, Tensor]:
+def _cache_batch(
+    batch: int, scale: models.Scale, options: SuiteOptions, grid_range: tuple[int, int]
+) -> dict[str, Tensor]:
     """What the teacher cache hands a training step: z_t, eps_cond, eps_uncond, score, context,
-    grid indices, w and the motion strength (on the noisier half of the grid)."""
+    grid indices drawn from [lo, hi) = grid_range, w and the motion strength (on the noisier half
+    of the grid)."""
     device = options.device
     generator = torch.Generator(device=device).manual_seed(options.seed)
     cpu_generator = torch.Generator().manual_seed(options.seed)
@@ -65,7 +75,7 @@ def _cache_batch(batch: int, scale: models.Scale, options: SuiteOptions, max_gri
     def latent() -> Tensor:
         return torch.randn(scale.latent_shape(batch), generator=generator, device=device, dtype=options.dtype)
 
-    grid_index = torch.randint(0, max_grid_index, (batch,), generator=cpu_generator)
+    grid_index = torch.randint(*grid_range, (batch,), generator=cpu_generator)
     return {
         "z_t": latent(), "eps_cond": latent(), "eps_uncond": latent(), "score": latent(),
         "context": models.random_context(batch, scale, device, options.dtype, options.seed),
@@ -91,7 +101,7 @@ def _step_inputs(batch: int, scale: models.Scale, options: SuiteOptions) -> Call
         return SimpleNamespace(
             student=student,
             optimizer=torch.optim.AdamW(student.parameters(), lr=1e-5),
-            batch=_cache_batch(batch, scale, options, schedule.DDIM_GRID_STEPS),
+            batch=_cache_batch(batch, scale, options, (0, schedule.DDIM_GRID_STEPS)),
             alphas_cumprod=schedule.alphas_cumprod(device=options.device),
             config=TrainConfig(preset=scale.unet_preset),
             cache={},
@@ -131,12 +141,15 @@ def _motion_unavailable() -> Optional[str]:
     return None
 
 
-def _motion_inputs(clips: int, scale: models.Scale, options: SuiteOptions) -> Callable[[], SimpleNamespace]:
-    max_grid_index = QUICK_MAX_GRID_INDEX if options.quick else schedule.DDIM_GRID_STEPS
+def _motion_grid_range(options: SuiteOptions) -> tuple[int, int]:
+    return QUICK_MOTION_GRID_RANGE if options.quick else GPU_MOTION_GRID_RANGE
 
+
+def _motion_inputs(clips: int, scale: models.Scale, options: SuiteOptions) -> Callable[[], SimpleNamespace]:
     def make_inputs() -> SimpleNamespace:
-        teacher = models.build(models.unet_factory(scale), options.device, options.dtype, options.seed).eval()
-        cached = _cache_batch(clips, scale, options, max_grid_index)
+        teacher = models.build(models.unet_factory(scale), options.device, options.dtype, options.seed)
+        teacher.eval().requires_grad_(False)
+        cached = _cache_batch(clips, scale, options, _motion_grid_range(options))
         return SimpleNamespace(
             teacher=teacher, z0=cached["eps_cond"], noise=cached["eps_uncond"], context=cached["context"],
             grid_index=cached["grid_index"], compiled_teacher=None, graphed_teacher=None,
@@ -224,7 +237,7 @@ def _recipe_inputs(batch: int, scale: models.Scale, reward_scale: rewards.Reward
         vae = models.build(models.vae_factory(scale), options.device, options.dtype, options.seed)
         return SimpleNamespace(
             vae=vae, setup=None, student=None, optimizer=None, mixture=None,
-            batch=_cache_batch(batch, scale, options, schedule.DDIM_GRID_STEPS),
+            batch=_cache_batch(batch, scale, options, (0, schedule.DDIM_GRID_STEPS)),
             alphas_cumprod=schedule.alphas_cumprod(device=options.device),
             config=TrainConfig(preset=scale.unet_preset),
         )
@@ -301,7 +314,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
     for clips in QUICK_MOTION_CLIPS if options.quick else GPU_MOTION_CLIPS:
         yield Case(
             op=MOTION_OP,
-            case=f"c{clips}-{scale.video}",
+            case="c{}-g{}-{}-{}".format(clips, *_motion_grid_range(options), scale.video),
             pass_name="fwd+bwd",
             make_inputs=_motion_inputs(clips, scale, options),
             impls=tuple(

@@ -185,6 +185,7 @@ def test_motion_prior_rows(tmp_path):
         ("per-clip-kernels", "batched-kernels", "batched-kernels-compile", "batched-kernels-graphs"), "no GPU"
     )
     case = result["rows"][0]["case"]
+    assert case.startswith("c2-g0-4-"), "clips, then the grid indices' range: the inversion lengths"
     result["rows"] += [_row(training.MOTION_OP, case, "batched-kernels", 2.0, p="fwd+bwd"),
                        _row(training.MOTION_OP, case, "batched-kernels-compile", 1.6, p="fwd+bwd")]
     (compiled,) = [line for line in training.summary(result) if "compiled inversion" in line]
