@@ -289,6 +289,11 @@ def _growth_inputs(image_models: int, scale: RewardScale, options: SuiteOptions)
 
 def _growth_call(impl: str) -> Callable[[SimpleNamespace], Any]:
     def call(x: SimpleNamespace):
+        # The mixtures share their towers: a stack another one built and holds would count in
+        # this one's peak memory.
+        for name, mixture in x.mixtures.items():
+            if name != impl:
+                mixture.free_stacked_weights()
         total, _ = x.mixtures[impl](x.frames, x.frame_indices, x.captions)
         return torch.autograd.grad(total, x.frames)
 

@@ -4,8 +4,10 @@ gradients), the text cache, a reward-ascent step, frame selection, input errors,
 (.pt, nested 'state_dict', .safetensors) and the release specs."""
 
 import dataclasses
+import gc
 import json
 import math
+import weakref
 
 import pytest
 import torch
@@ -288,6 +290,27 @@ def test_stacking_shares_weights_and_survives_a_cast(models):
     total, _ = mixture(frames.double(), indices, CAPTIONS, SHORT_CAPTIONS)
     mixture.to(torch.float32)
     assert abs(total.item() - reference.item()) < 1e-5
+
+
+def test_a_mixture_frees_its_stack_of_shared_models():
+    """Two mixtures of the same models each stack them (with gradients); the models' parameters
+    are views of the latest stack, so the first one's stack is held by it alone until it frees
+    it, and is rebuilt, with the same scores, on its next use."""
+    models = tiny_clip(1), tiny_clip(2), TinyVideoReward()
+    first, second = make_mixture(models), make_mixture(models)
+    indices = first.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(1))
+    assert second.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(1)) == indices
+    frames = decoded_frames(2, len(indices))
+    before, _ = first(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    (group,) = first._stacked
+    first_stack = weakref.ref(first._stacked[group][0]["model.clip.visual.conv1.weight"])
+    second(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    assert first_stack() is not None, "the first mixture's stack outlives the second's restacking"
+    first.free_stacked_weights()
+    gc.collect()
+    assert first_stack() is None
+    after, _ = first(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    assert abs(after.item() - before.item()) < SCORE_TOL
 
 
 def test_stacked_forward_never_copies_a_weight_per_token(models):

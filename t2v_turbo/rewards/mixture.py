@@ -353,6 +353,12 @@ class RewardMixture(nn.Module):
             gradient_checkpointing=self.gradient_checkpointing,
         )
 
+    def free_stacked_weights(self) -> None:
+        """Drops this mixture's stacked copies of its groups' weights (rebuilt on next use).
+        Mixtures that share models each stack them; the models' parameters are views of the
+        latest stack, so an earlier mixture's stack is memory nothing else uses."""
+        self._stacked.clear()
+
     def _apply(self, fn, recurse=True):
         # Moving or casting the models invalidates the stacked weights; they are rebuilt on use.
         self._stacked.clear()
