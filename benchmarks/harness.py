@@ -97,7 +97,9 @@ class Case:
     something (None for memory-bound ops). `rotate_inputs`: the run builds enough input sets to
     read them from DRAM (L2_MULTIPLE); False for inputs that hold models, whose weights alone are
     far beyond any cache and which would each be built again. `measure_working_memory`: one more
-    call measures the memory the call itself allocates (`working_memory_bytes`), on any device."""
+    call measures the memory the call itself allocates (`working_memory_bytes`), on any device.
+    `host_only`: the call runs on the host alone (decoding video files), so it is timed by the
+    wall clock on any device: CUDA events would time an empty stream."""
 
     op: str
     case: str
@@ -110,6 +112,7 @@ class Case:
     flops: Optional[int] = None
     rotate_inputs: bool = True
     measure_working_memory: bool = False
+    host_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -458,12 +461,13 @@ class _Runner:
             # recompile limit, after which it silently runs eager code.
             torch.compiler.reset()
         begin = time.perf_counter()
-        on_gpu = settings.device.type == "cuda"
+        on_gpu = settings.device.type == "cuda" and not case.host_only
         try:
             # A graph variant whose capture failed would time eager calls under its name.
+            timing_device = torch.device("cpu") if case.host_only else settings.device
             with warnings.catch_warnings():
                 warnings.simplefilter("error", GraphCaptureWarning)
-                timing = time_fn(impl.fn, input_sets, settings.device, settings.warmup, settings.iters)
+                timing = time_fn(impl.fn, input_sets, timing_device, settings.warmup, settings.iters)
         except Exception as exc:
             if impl.compiles:
                 self.compile_spent_s += time.perf_counter() - begin

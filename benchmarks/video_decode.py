@@ -104,6 +104,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             dtype=torch.uint8,
             shape=(num_frames, *size, 3),
             rotate_inputs=False,
+            host_only=True,
         )
 
 

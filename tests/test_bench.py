@@ -196,6 +196,24 @@ def test_a_graph_variant_whose_capture_failed_is_skipped(tmp_path):
     assert skipped["impl"] == "graphs" and "CUDA graph capture failed (not permitted)" in skipped["reason"]
 
 
+def test_host_only_cases_are_timed_by_the_wall_clock_on_a_gpu_run(monkeypatch):
+    """Decoding video files runs on the host: CUDA events around it would time an empty stream."""
+    timed_on = []
+
+    def time_fn(fn, input_sets, device, warmup, iters):
+        timed_on.append(device.type)
+        return harness.Timing(1.0, None, 0.1)
+
+    monkeypatch.setattr(harness, "time_fn", time_fn)
+    runner = harness._Runner(harness.RunSettings(torch.device("cuda"), 1, 3, None, 0.0))
+    runner.run(harness.Case(
+        op="decode", case="clip", pass_name="fwd", make_inputs=lambda: None,
+        impls=(harness.Impl("pyav", lambda x: None),), bytes_moved=8, dtype=torch.uint8, shape=(8,),
+        rotate_inputs=False, host_only=True,
+    ))
+    assert timed_on == ["cpu"] and runner.rows[0]["peak_mem_mb"] is None
+
+
 def test_a_failing_impl_is_skipped_with_its_reason(tmp_path):
     def broken(_):
         raise RuntimeError("kernel exploded")
