@@ -433,6 +433,7 @@ class _Runner:
             else:
                 runnable.append(impl)
         if not runnable:
+            self.after_impl()
             return
         device = self.settings.device
         try:
@@ -462,9 +463,9 @@ class _Runner:
             torch.compiler.reset()
         begin = time.perf_counter()
         on_gpu = settings.device.type == "cuda" and not case.host_only
+        timing_device = torch.device("cpu") if case.host_only else settings.device
         try:
             # A graph variant whose capture failed would time eager calls under its name.
-            timing_device = torch.device("cpu") if case.host_only else settings.device
             with warnings.catch_warnings():
                 warnings.simplefilter("error", GraphCaptureWarning)
                 timing = time_fn(impl.fn, input_sets, timing_device, settings.warmup, settings.iters)
@@ -502,7 +503,7 @@ class _Runner:
         if settings.profile_top:
             # The timing stands whatever happens to the extra, profiled call.
             try:
-                kernels, busy = profile_call(impl.fn, input_sets[0], settings.device, settings.profile_top)
+                kernels, busy = profile_call(impl.fn, input_sets[0], timing_device, settings.profile_top)
             except Exception as exc:
                 self.rows[-1]["profile_error"] = _reason(exc)
                 _release_memory(settings.device)
@@ -752,7 +753,8 @@ def _notes(on_gpu: bool) -> list[str]:
     ]
     if on_gpu:
         return notes + [
-            "median_ms is device time: a spin kernel ahead of each timed call (twice the host's issue time, at "
+            "median_ms is device time (wall time for host-only cases, such as video decoding, which have no "
+            "host_ms, wall_ms or peak_mem_mb): a spin kernel ahead of each timed call (twice the host's issue time, at "
             f"most {SPIN_MAX_MS:g} ms) keeps the GPU from waiting on the host; host_ms is the host's time to issue "
             "one call (above median_ms: launch-bound on its own); a call of more than about a thousand kernels (the "
             "end-to-end ops) fills the launch queue behind the spin kernel, and its host_ms then includes that "

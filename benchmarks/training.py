@@ -11,7 +11,7 @@
   reference ops and with kernels, and batched with kernels and the inversion through
   torch.compile (`preprocess --compile`). The teacher is frozen, as preprocess holds it. clips/s
   in the summary, at the case's inversion lengths: grid indices drawn from GPU_MOTION_GRID_RANGE,
-  10 to 20 inversion steps, not preprocess's 100 to 200 for motion clips (a call there takes
+  10 to 19, not preprocess's 100 to 199 for motion clips (a call there takes
   hundreds of UNet forwards, minutes a variant); batched and one-clip-at-a-time calls both spend
   nearly all their time in those forwards, so their ratio carries over.
 - `whole_recipe` (batch 3, full fine-tune): distillation + HPSv2.1 + CLIP-H + InternVideo2 rewards on
@@ -178,6 +178,9 @@ def _motion_call(
             if x.graphed_teacher is None:
                 x.graphed_teacher = NoisePredictor(x.teacher).enable_cuda_graphs()
             inversion_teacher = x.graphed_teacher
+        else:
+            # The graphs' memory pool would count in the next variant's peak (and crowd it).
+            x.graphed_teacher = None
         groups = [slice(None)] if batched else [slice(i, i + 1) for i in range(x.z0.shape[0])]
         with models.ops_backend(use_kernels):
             return [

@@ -98,7 +98,9 @@ def _checked_table(alphas_cumprod: Tensor | None, like: Tensor) -> Tensor:
         )
     if not alphas_cumprod.is_floating_point():
         raise TypeError(f"alphas_cumprod must be floating point, got {alphas_cumprod.dtype}")
-    checks.check_table_values(alphas_cumprod)
+    # The inversion and the noising never divide by sqrt(ᾱ) at the table's end: a
+    # zero-terminal-SNR table (ᾱ_999 = 0) is fine here.
+    checks.check_table_values(alphas_cumprod, allow_zero=True)
     return alphas_cumprod.to(dtype=dtype, device=like.device)
 
 

@@ -171,6 +171,23 @@ def test_a_run_stopped_inside_a_case_keeps_the_implementations_it_timed(tmp_path
     assert order[0] == "eager" and order[-1] == "kernels"
 
 
+def test_a_case_with_nothing_to_run_is_written_before_the_next(tmp_path):
+    def stopped(_):
+        raise KeyboardInterrupt
+
+    def suite(options: harness.SuiteOptions):
+        for name, impl in (("absent", harness.Impl("elsewhere", stopped, unavailable="not on this machine")),
+                           ("stopped", harness.Impl("stopped", stopped))):
+            yield harness.Case(
+                op="add_one", case=name, pass_name="fwd", make_inputs=lambda: torch.zeros(4, device=options.device),
+                impls=(impl,), bytes_moved=32, dtype=torch.float32, shape=(4,),
+            )
+
+    with pytest.raises(KeyboardInterrupt):
+        _run_harness(tmp_path, suite)
+    assert [(s["case"], s["reason"]) for s in _written(tmp_path)["skipped"]] == [("absent", "not on this machine")]
+
+
 def test_a_graph_variant_whose_capture_failed_is_skipped(tmp_path):
     """A GraphedCall that cannot capture runs eagerly with a warning: the row would time eager
     calls under the graph variant's name, so it is skipped with the warning as its reason."""

@@ -191,6 +191,7 @@ def test_short_demo_run_writes_the_report(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(300)  # a fresh machine compiles the UNet's Triton kernels first
 def test_short_demo_run_on_the_gpu(tmp_path):
     """On a GPU preprocess places the teacher there while the students load on the CPU, and with
     no reward variant the reward models never leave it: evaluation brings them all to the

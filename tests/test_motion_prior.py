@@ -284,7 +284,7 @@ def test_bad_arguments_are_refused(golden):
         ddim_inversion(model, z0, torch.tensor([3.0]), context)
     with pytest.raises(ValueError, match="alphas_cumprod must be"):
         ddim_inversion(model, z0, torch.tensor([3]), context, torch.ones(10))
-    with pytest.raises(ValueError, match=r"alphas_cumprod must hold values in \(0, 1\]; 1 do not \(first: nan\)"):
+    with pytest.raises(ValueError, match=r"alphas_cumprod must hold values in \[0, 1\]; 1 do not \(first: nan\)"):
         ddim_inversion(model, z0, torch.tensor([3]), context, torch.ones(1000).index_fill(0, torch.tensor([7]), torch.nan))
     with pytest.raises(ValueError, match="context must be"):
         ddim_inversion(model, z0, torch.tensor([3]), context[0])

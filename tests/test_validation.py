@@ -80,6 +80,31 @@ def test_a_table_is_checked_again_after_an_in_place_change():
             _guided(alphas_cumprod=table)
 
 
+def test_a_table_made_under_inference_mode_is_read_on_every_call():
+    """Inference tensors keep no version counter: their values are checked and converted anew on
+    each call, so an in-place change is neither missed by the check nor by the converted copy."""
+    with torch.inference_mode():
+        table = ACP.half()
+        _guided(alphas_cumprod=table)
+        z_lo, _ = _guided(alphas_cumprod=table)
+        table[999] = 0.5
+        changed, _ = _guided(alphas_cumprod=table, t_hi=torch.tensor([999, 999]))
+        table[5] = 3.0
+        with pytest.raises(ValueError, match=r"first: 3\.0"):
+            _guided(alphas_cumprod=table)
+    assert not torch.equal(changed, _guided(alphas_cumprod=ACP.half(), t_hi=torch.tensor([999, 999]))[0])
+
+
+def test_zero_is_a_value_only_where_a_caller_allows_it():
+    from turbo_kernels import checks
+
+    table = ACP.clone()
+    table[999] = 0.0
+    checks.check_table_values(table, allow_zero=True)
+    with pytest.raises(ValueError, match=r"values in \(0, 1\]; 1 do not \(first: 0\.0\)"):
+        checks.check_table_values(table)
+
+
 def test_consistency_and_sampler_errors_name_the_argument():
     x = _latents()
     with pytest.raises(ValueError, match="eps has shape"):

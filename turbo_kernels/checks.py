@@ -61,14 +61,15 @@ def schedule_table(alphas_cumprod, device: torch.device) -> Tensor:
     dtype = torch.float64 if alphas_cumprod.dtype == torch.float64 else torch.float32
     if alphas_cumprod.device == device and alphas_cumprod.dtype == dtype and alphas_cumprod.is_contiguous():
         return alphas_cumprod
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or alphas_cumprod.is_inference():
+        # Tensors made under inference_mode keep no version counter to tell a change by.
         return alphas_cumprod.to(device=device, dtype=dtype).contiguous()
     # A table kept on the CPU would otherwise be copied to the GPU on every call, and a host copy
     # inside CUDA-graph capture fails; the cached copy is refreshed when the table is modified.
     per_table = _device_tables.setdefault(alphas_cumprod, {})
     cached = per_table.get((device, dtype))
-    if cached is None or cached[0] != _table_version(alphas_cumprod):
-        cached = (_table_version(alphas_cumprod), alphas_cumprod.to(device=device, dtype=dtype).contiguous())
+    if cached is None or cached[0] != alphas_cumprod._version:
+        cached = (alphas_cumprod._version, alphas_cumprod.to(device=device, dtype=dtype).contiguous())
         per_table[(device, dtype)] = cached
     return cached[1]
 
@@ -76,29 +77,30 @@ def schedule_table(alphas_cumprod, device: torch.device) -> Tensor:
 _device_tables: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def check_table_values(alphas_cumprod: Tensor) -> None:
+def check_table_values(alphas_cumprod: Tensor, allow_zero: bool = False) -> None:
     """ᾱ_t is a signal fraction: every value in (0, 1] (a NaN or a value out of range gives NaN
-    coefficients). Read once a table version (a GPU table costs one synchronisation then), as the
-    other value checks are (value_checks_enabled), and not on the meta device."""
+    coefficients); `allow_zero` for callers that never divide by sqrt(ᾱ_t) at the table's end (a
+    zero-terminal-SNR table). Read once a table version (a GPU table costs one synchronisation
+    then; a table made under inference_mode, which keeps no version counter, on every call), as
+    the other value checks are (value_checks_enabled), and not on the meta device."""
     if not value_checks_enabled() or alphas_cumprod.is_meta:
         return
-    if _checked_versions.get(alphas_cumprod) == _table_version(alphas_cumprod):
+    versioned = not alphas_cumprod.is_inference()
+    if versioned and _checked_versions.get(alphas_cumprod, {}).get(allow_zero) == alphas_cumprod._version:
         return
-    if not bool(((alphas_cumprod > 0) & (alphas_cumprod <= 1)).all()):
-        outside = alphas_cumprod[~((alphas_cumprod > 0) & (alphas_cumprod <= 1))]
+    above = alphas_cumprod >= 0 if allow_zero else alphas_cumprod > 0
+    inside = above & (alphas_cumprod <= 1)
+    if not bool(inside.all()):
+        outside = alphas_cumprod[~inside]
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(
-            f"alphas_cumprod must hold values in (0, 1]; {outside.numel()} do not (first: {outside[0].item()!r})"
+            f"alphas_cumprod must hold values in {interval}; {outside.numel()} do not (first: {outside[0].item()!r})"
         )
-    _checked_versions[alphas_cumprod] = _table_version(alphas_cumprod)
+    if versioned:
+        _checked_versions.setdefault(alphas_cumprod, {})[allow_zero] = alphas_cumprod._version
 
 
 _checked_versions: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _table_version(table: Tensor) -> int:
-    # Tensors made under inference_mode keep no version counter: such a table is taken as it was
-    # first seen (modifying it in place needs inference_mode again).
-    return -1 if table.is_inference() else table._version
 
 
 def timesteps(t, name: str, batch: int, device: torch.device, num_train_timesteps: int) -> Tensor:
