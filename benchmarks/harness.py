@@ -462,8 +462,8 @@ class _Runner:
             # recompile limit, after which it silently runs eager code.
             torch.compiler.reset()
         begin = time.perf_counter()
-        on_gpu = settings.device.type == "cuda" and not case.host_only
         timing_device = torch.device("cpu") if case.host_only else settings.device
+        on_gpu = timing_device.type == "cuda"
         try:
             # A graph variant whose capture failed would time eager calls under its name.
             with warnings.catch_warnings():

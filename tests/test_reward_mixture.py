@@ -97,9 +97,14 @@ class TinyVideoReward(RewardModel):
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def fresh_models() -> tuple[OpenCLIPReward, OpenCLIPReward, TinyVideoReward]:
+    """Two image models of one architecture (they stack) and the video stand-in."""
+    return tiny_clip(1), tiny_clip(2), TinyVideoReward()
+
+
 @pytest.fixture(scope="module")
 def models():
-    return tiny_clip(1), tiny_clip(2), TinyVideoReward()
+    return fresh_models()
 
 
 def make_mixture(models, **options) -> RewardMixture:
@@ -229,7 +234,7 @@ def test_scoring_through_cuda_graphs_equals_eager_scoring(monkeypatch):
     would move the module fixture's too)."""
     from tests.helpers import record_graph_captures
 
-    models = tiny_clip(1), tiny_clip(2), TinyVideoReward()
+    models = fresh_models()
 
     captures = [] if torch.cuda.is_available() else record_graph_captures(monkeypatch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -259,7 +264,7 @@ def test_scoring_through_cuda_graphs_equals_eager_scoring(monkeypatch):
 def test_stacked_checkpointed_group_recomputes_without_its_models_block_checkpoints():
     """A stacked group checkpoints as a whole; its recomputation in the backward pass, after the
     forward has restored the models' own switches, must not take block checkpoints inside vmap."""
-    models = tiny_clip(1), tiny_clip(2), TinyVideoReward()
+    models = fresh_models()
     indices = None
     grads = []
     for checkpointing in (False, True):
@@ -296,7 +301,7 @@ def test_a_mixture_frees_its_stack_of_shared_models():
     """Two mixtures of the same models each stack them (with gradients); the models' parameters
     are views of the latest stack, so the first one's stack is held by it alone until it frees
     it, and is rebuilt, with the same scores, on its next use."""
-    models = tiny_clip(1), tiny_clip(2), TinyVideoReward()
+    models = fresh_models()
     first, second = make_mixture(models), make_mixture(models)
     indices = first.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(1))
     assert second.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(1)) == indices
@@ -343,7 +348,7 @@ def test_stacked_forward_never_copies_a_weight_per_token(models):
 
 def test_bf16_models_score_close_to_float32():
     # Own models: casting to bf16 and back would round the shared fixture's weights.
-    mixture = make_mixture((tiny_clip(1), tiny_clip(2), TinyVideoReward()))
+    mixture = make_mixture(fresh_models())
     indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(4))
     frames = decoded_frames(3, len(indices))
     _, ref_scores = mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)
