@@ -23,6 +23,7 @@ shared/vc2_reference/README.md, "Motion-score golden".
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -87,10 +88,19 @@ def _coefficient_dtype(latent_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if latent_dtype == torch.float64 else torch.float32
 
 
+@functools.lru_cache(maxsize=None)
+def _default_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """release_alphas_cumprod in `dtype` on `device`, made once: the inversion and the noising check
+    the table they are handed once a tensor version, so a table made anew every call would cost a
+    synchronisation every call on a GPU. Never handed to callers, so never changed in place."""
+    with torch.inference_mode(False):  # a table first made under inference_mode would be checked every call
+        return release_alphas_cumprod(dtype, device)
+
+
 def _checked_table(alphas_cumprod: Tensor | None, like: Tensor) -> Tensor:
     dtype = _coefficient_dtype(like.dtype)
     if alphas_cumprod is None:
-        return release_alphas_cumprod(dtype, like.device)
+        return _default_table(dtype, like.device)
     if not isinstance(alphas_cumprod, Tensor) or alphas_cumprod.shape != (schedule.NUM_TRAIN_TIMESTEPS,):
         raise ValueError(
             f"alphas_cumprod must be a ({schedule.NUM_TRAIN_TIMESTEPS},) tensor, got "

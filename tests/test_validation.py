@@ -68,22 +68,50 @@ def test_alphas_cumprod_values_outside_zero_one_are_refused(bad):
         tk.consistency_output(_latents(), _latents(), 10, table)
 
 
+def _table_reads(call) -> list[torch.Tensor]:
+    """The (1000,) tensors whose values `call()` reads through Tensor.all (the table check's read)."""
+    reads, tensor_all = [], torch.Tensor.all
+
+    def recorded_all(self, *args, **kwargs):
+        reads.append(self)
+        return tensor_all(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "all", recorded_all)
+        call()
+    return [r for r in reads if r.shape == ACP.shape]
+
+
+def test_the_motion_priors_default_table_is_read_once():
+    """Without a table the motion prior uses the release's, made once a dtype and device: its
+    inversion and noising check the table they are handed, and one made anew every call was read
+    every call (a synchronisation each on a GPU). Made outside inference_mode even when first asked
+    for inside it (an inference tensor has no version, so it is read on every call)."""
+    from t2v_turbo import motion
+    from t2v_turbo.models import VC2UNet
+
+    torch.manual_seed(0)
+    unet = VC2UNet.preset("tiny", use_kernels=False).eval()
+    z0 = _latents(1, 4, 2, 8, 8)
+    context = torch.randn(1, 77, unet.config["context_dim"])
+
+    def prior():
+        return motion.compute_motion_prior(unet, z0, torch.tensor([1]), torch.randn_like(z0), context)
+
+    motion._default_table.cache_clear()
+    with torch.inference_mode():
+        motion._default_table(torch.float32, z0.device)
+    prior()
+    assert not _table_reads(prior)
+
+
 def test_a_table_is_checked_again_after_an_in_place_change():
     """Values are read once a table version; a table changed in place is read again. A table
     converted for the kernels (float16 here) is cached by identity, so calls after the first reuse
     it (a lookup by tensor equality failed there)."""
     for table in (ACP.clone(), ACP.half()):
         _guided(alphas_cumprod=table)
-        reads, tensor_all = [], torch.Tensor.all
-
-        def recorded_all(self, *args, **kwargs):
-            reads.append(self)
-            return tensor_all(self, *args, **kwargs)
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(torch.Tensor, "all", recorded_all)
-            _guided(alphas_cumprod=table)
-        assert not [r for r in reads if r.shape == table.shape], "the table's values were read again"
+        assert not _table_reads(lambda: _guided(alphas_cumprod=table)), "the table's values were read again"
         table[3] = 2.0
         with pytest.raises(ValueError, match=r"first: 2\.0"):
             _guided(alphas_cumprod=table)
