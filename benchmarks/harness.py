@@ -1,9 +1,12 @@
-"""Op-agnostic benchmark harness: timing, the copy-bandwidth ceiling, the JSON contract, table, plot.
+"""Op-agnostic benchmark harness: timing, the measured ceilings (copy bandwidth, matrix rate), the
+JSON contract, table, plot.
 
 A suite (e.g. `benchmarks.solver`) turns `SuiteOptions` into `Case`s: one op at one shape for one
 pass, with a callable per implementation and the bytes an ideal kernel moves. The harness times
 every implementation it can, records the others as skipped with the reason, and writes one JSON
-file and one PNG a run (see benchmarks/results/README.md for the contract).
+file and one PNG a run (see benchmarks/results/README.md for the contract). Each row's share of
+the roofline is measured against two ceilings taken in the same run: a large device-to-device
+copy (bytes) and a large square matmul in the run's dtype (FLOPs, for cases that count them).
 
 Timing on a GPU is device time: before each timed call the stream gets a spin kernel long enough
 to cover the host's work of issuing that call, so the call's kernels run back to back as they do
@@ -53,6 +56,10 @@ MIB = 1024**2
 COPY_BYTES_GPU = 1024 * MIB
 COPY_BYTES_CPU = 256 * MIB
 COPY_BYTES_QUICK = 16 * MIB
+# Square matmul sizes for the matrix-rate ceiling (8192: what cuBLAS runs at its peak rate on an H100).
+MATMUL_SIZE_GPU = 8192
+MATMUL_SIZE_CPU = 1024
+MATMUL_SIZE_QUICK = 128
 
 # Inputs rotate over enough copies that each call reads them from DRAM, not from a warm L2
 # (an H100's 50 MiB L2 holds all inputs of a B=8 bf16 latent op).
@@ -94,7 +101,9 @@ class Impl:
 class Case:
     """One op at one shape for one pass. `make_inputs()` builds one fresh input set; `bytes_moved`
     is what an ideal kernel reads and writes a call, `flops` its arithmetic where that means
-    something (None for memory-bound ops). `rotate_inputs`: the run builds enough input sets to
+    something (None for memory-bound ops), or a callable that counts them, called once when the case
+    runs (counting a full model on the meta device takes seconds, which runs of other ops skip).
+    `rotate_inputs`: the run builds enough input sets to
     read them from DRAM (L2_MULTIPLE); False for inputs that hold models, whose weights alone are
     far beyond any cache and which would each be built again. `measure_working_memory`: one more
     call measures the memory the call itself allocates (`working_memory_bytes`), on any device.
@@ -109,7 +118,7 @@ class Case:
     bytes_moved: int
     dtype: torch.dtype
     shape: tuple[int, ...]
-    flops: Optional[int] = None
+    flops: Optional[int | Callable[[], int]] = None
     rotate_inputs: bool = True
     measure_working_memory: bool = False
     host_only: bool = False
@@ -144,6 +153,15 @@ def gbps(nbytes: float, ms: float) -> float:
 
 def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e9)
+
+
+def roofline_ms(nbytes: float, flops: Optional[float], copy_gbps: float, matmul_tflops: Optional[float]) -> float:
+    """The least time the run's measured ceilings allow a call: its bytes at the copy bandwidth or
+    its FLOPs at the matrix rate, whichever takes longer (bytes alone without either FLOPs or rate)."""
+    ms = nbytes / (copy_gbps * 1e6)
+    if flops is not None and matmul_tflops:
+        ms = max(ms, flops / (matmul_tflops * 1e9))
+    return ms
 
 
 # ---- timing ----------------------------------------------------------------------------------
@@ -240,6 +258,17 @@ def measure_copy_gbps(device: torch.device, nbytes: int, warmup: int = 3, iters:
     dst = torch.empty_like(src)
     timing = time_fn(lambda _: dst.copy_(src), [None], device, warmup, iters)
     return gbps(2 * nbytes, timing.median_ms)
+
+
+def measure_matmul_tflops(
+    device: torch.device, dtype: torch.dtype, size: int, warmup: int = 3, iters: int = 10
+) -> float:
+    """The matrix rate of one (size x size) @ (size x size) product in `dtype`, TFLOP/s (2 size³ a call)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty_like(a)
+    timing = time_fn(lambda _: torch.mm(a, b, out=out), [None], device, warmup, iters)
+    return tflops(2 * size**3, timing.median_ms)
 
 
 def busy_fraction(intervals: Iterable[tuple[float, float]]) -> Optional[float]:
@@ -373,6 +402,18 @@ def _input_set_count(case: Case, device: torch.device) -> int:
     return max(1, min(MAX_INPUT_SETS, math.ceil(L2_MULTIPLE * l2_bytes / case.bytes_moved)))
 
 
+def _counted_flops(case: Case) -> Optional[int]:
+    """case.flops, counted now where it is a callable; None (the row then has no FLOP rate) where
+    counting fails, which costs the case none of its timings."""
+    if not callable(case.flops):
+        return case.flops
+    try:
+        return int(case.flops())
+    except Exception as exc:
+        print(f"  {case.op} {case.case}: FLOPs not counted ({_reason(exc)})", file=sys.stderr, flush=True)
+        return None
+
+
 def _reason(exc: BaseException) -> str:
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
@@ -444,15 +485,16 @@ class _Runner:
             _release_memory(device)
             self.after_impl()
             return
+        flops = _counted_flops(case)
         # The compiling implementations last (in their order): a compile that outlasts the stage
         # then costs only compiled rows.
         for impl in sorted(runnable, key=lambda impl: impl.compiles):
-            self._run_impl(case, impl, input_sets)
+            self._run_impl(case, impl, input_sets, flops)
             self.after_impl()
         del input_sets
         _release_memory(device)
 
-    def _run_impl(self, case: Case, impl: Impl, input_sets: list) -> None:
+    def _run_impl(self, case: Case, impl: Impl, input_sets: list, flops: Optional[int]) -> None:
         settings = self.settings
         if impl.compiles:
             if self.compile_spent_s >= settings.compile_budget_s:
@@ -482,7 +524,8 @@ class _Runner:
                 **self._key(case, impl),
                 "median_ms": timing.median_ms,
                 "gbps": gbps(case.bytes_moved, timing.median_ms),
-                "tflops": None if case.flops is None else tflops(case.flops, timing.median_ms),
+                "tflops": None if flops is None else tflops(flops, timing.median_ms),
+                "flops": flops,
                 "host_ms": timing.host_ms,
                 "wall_ms": timing.wall_ms,
                 "first_call_s": timing.first_call_s,
@@ -539,8 +582,10 @@ def assemble(
     settings: dict,
     notes: list[str],
     complete: bool = True,
+    matmul_tflops: Optional[float] = None,
 ) -> dict:
-    """The run's record, in the contract of benchmarks/results/README.md."""
+    """The run's record, in the contract of benchmarks/results/README.md: each row with its share
+    of the roofline the two measured ceilings draw (roofline_ms)."""
     return {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -548,10 +593,18 @@ def assemble(
         "cuda": torch.version.cuda,
         "created": created.isoformat(timespec="seconds"),
         "copy_gbps": copy_gbps,
+        "matmul_tflops": matmul_tflops,
         "validation": False,
         "settings": settings,
         "notes": notes,
-        "rows": rows,
+        "rows": [
+            {
+                **row,
+                "roofline_pct": 100 * roofline_ms(row["bytes"], row.get("flops"), copy_gbps, matmul_tflops)
+                / row["median_ms"],
+            }
+            for row in rows
+        ],
         "skipped": skipped,
         "complete": complete,
     }
@@ -567,12 +620,18 @@ def _speedup(baseline_ms: Optional[float], ms: float) -> str:
     return "-" if baseline_ms is None else f"{baseline_ms / ms:.2f}x"
 
 
+def _format_optional(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def format_table(result: dict) -> str:
-    """One line a measured row: time, bandwidth, share of the copy ceiling, speed-ups over the reference."""
+    """One line a measured row: time, bandwidth and FLOP rate, shares of the copy ceiling and of the
+    roofline (runs before the matrix rate was measured have none), speed-ups over the reference."""
     copy = result["copy_gbps"]
     median = {(r["op"], r["case"], r["pass"], r["impl"]): r["median_ms"] for r in result["rows"]}
     header = (
-        "op", "case", "impl", "pass", "median ms", "host ms", "wall ms", "GB/s", "% copy", "vs eager", "vs compile"
+        "op", "case", "impl", "pass", "median ms", "host ms", "wall ms", "GB/s", "% copy", "TFLOP/s", "% roof",
+        "vs eager", "vs compile",
     )
     lines, previous_op = [], None
     for r in result["rows"]:
@@ -588,6 +647,8 @@ def format_table(result: dict) -> str:
                 _format_ms(r.get("wall_ms")),
                 f"{r['gbps']:.1f}",
                 f"{100 * r['gbps'] / copy:.1f}",
+                _format_optional(r.get("tflops"), ".4g"),
+                _format_optional(r.get("roofline_pct"), ".1f"),
                 _speedup(median.get(group + (EAGER,)), r["median_ms"]),
                 _speedup(median.get(group + (COMPILED,)), r["median_ms"]),
             )
@@ -749,6 +810,9 @@ def _notes(on_gpu: bool) -> list[str]:
     notes = [
         "gbps = bytes / median_ms, where bytes is what an ideal kernel moves: each input read once, each output "
         "written once; copy_gbps counts the copy's reads and writes alike",
+        "roofline_pct = the least time the measured ceilings allow (bytes at copy_gbps, or flops at matmul_tflops "
+        "where the case counts them, whichever is longer) / median_ms; matmul_tflops is one square matmul in the "
+        "run's dtype",
         f"value checks were off while timing ({VALIDATE_ENV}=0)",
     ]
     if on_gpu:
@@ -784,6 +848,8 @@ def show(paths: Sequence[Path], summaries: Sequence[Callable[[dict], list[str]]]
         print(f"{path}: {result.get('device')}, torch {result.get('torch')}, triton {result.get('triton')}, "
               f"{result.get('created')}{state}")
         print(f"copy ceiling: {copy_gbps:.1f} GB/s")
+        if result.get("matmul_tflops"):
+            print(f"matrix rate: {result['matmul_tflops']:.4g} TFLOP/s")
         print(format_table(result) if rows else "no rows")
         if result.get("skipped"):
             print(format_skipped(result["skipped"]))
@@ -820,6 +886,7 @@ def run(
         profile_top=args.profile,
     )
     copy_bytes = default(None, quick=COPY_BYTES_QUICK, cpu=COPY_BYTES_CPU, gpu=COPY_BYTES_GPU)
+    matmul_size = default(None, quick=MATMUL_SIZE_QUICK, cpu=MATMUL_SIZE_CPU, gpu=MATMUL_SIZE_GPU)
     created = datetime.datetime.now(datetime.timezone.utc)
 
     print(f"device: {device_name(device)}   torch {torch.__version__}   triton {_triton_version()}")
@@ -832,6 +899,8 @@ def run(
         _check_names("--impls", args.impls, {i.name for c in cases for i in c.impls})
         copy_gbps = measure_copy_gbps(device, copy_bytes)
         print(f"copy ceiling: {copy_gbps:.1f} GB/s ({copy_bytes // MIB} MiB device-to-device copy, read + write)")
+        matmul_tflops = measure_matmul_tflops(device, dtype, matmul_size)
+        print(f"matrix rate: {matmul_tflops:.4g} TFLOP/s ({matmul_size}³ {str(dtype).removeprefix('torch.')} matmul)")
         runner = _Runner(settings, after_impl=lambda: write_result(result_so_far(complete=False), args.out, created))
         run_settings = {
             "dtype": str(dtype).removeprefix("torch."),
@@ -844,7 +913,8 @@ def run(
 
         def result_so_far(complete: bool) -> dict:
             return assemble(
-                device, created, copy_gbps, runner.rows, runner.skipped, run_settings, _notes(on_gpu), complete
+                device, created, copy_gbps, runner.rows, runner.skipped, run_settings, _notes(on_gpu), complete,
+                matmul_tflops,
             )
 
         for case in cases:

@@ -24,7 +24,10 @@ GroupNorm then copies its input back to NCHW is what the rows tell. kernels-nhwc
 kernels as they are on such a model, not a channels-last kernel path: the fused temporal layers
 return NCHW (so the convolutions after them transpose again) and their GroupNorm statistics fall
 back to the reference (their kernel reads NCHW). `bytes` is the weight bytes one call must read (the traffic
-floor of batch-1 sampling). Peak memory per row needs the harness's `peak_mem_mb` field.
+floor of batch-1 sampling); `flops` the arithmetic of one call (the UNet forwards and the VAE
+decode, counted by torch's FlopCounterMode on the meta device, the plain PyTorch path: matrix
+products, convolutions and attention), so each row's roofline share is against the run's matrix
+rate. Peak memory per row needs the harness's `peak_mem_mb` field.
 
 End-to-end calls take seconds: run them with few iterations, e.g.
 `python -m benchmarks.models --warmup 1 --iters 5`, which also prints the targets of issue 4
@@ -45,6 +48,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import turbo_kernels as tk
 from benchmarks import harness
@@ -240,6 +244,43 @@ def parameter_count(factory: Callable[[], nn.Module]) -> int:
         return sum(p.numel() for p in factory().parameters())
 
 
+@functools.lru_cache(maxsize=None)
+def unet_flops(scale: Scale, batch: int) -> int:
+    """FLOPs of one conditioned UNet forward (guidance and motion embeddings, as timed) at `batch`,
+    counted on the meta device on the plain PyTorch path (the kernels' custom ops are opaque to the
+    counter; their arithmetic is the same)."""
+    with torch.device("meta"):
+        unet = VC2UNet.preset(scale.unet_preset, use_kernels=False).eval()
+        args = (
+            torch.empty(scale.latent_shape(batch)),
+            torch.full((batch,), 999),
+            torch.empty(batch, TEXT_TOKENS, scale.context_dim),
+            FPS,
+            guidance_embedding(torch.full((batch,), GUIDANCE_SCALE)),
+            motion_embedding(torch.full((batch,), MOTION_STRENGTH)),
+        )
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            unet(*args)
+    return counter.get_total_flops()
+
+
+@functools.lru_cache(maxsize=None)
+def vae_decode_flops(scale: Scale, batch: int) -> int:
+    """FLOPs of decoding `batch` clips of latents to frames, counted as unet_flops is."""
+    with torch.device("meta"):
+        vae = vae_factory(scale)()
+        latents = torch.empty(scale.latent_shape(batch))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            vae.decode(latents)
+    return counter.get_total_flops()
+
+
+def generate_flops(scale: Scale, steps: int, batch: int) -> int:
+    """Consistency sampling's FLOPs: one UNet forward a step (guidance is an embedding, not a second
+    pass), then the VAE decode."""
+    return steps * unet_flops(scale, batch) + vae_decode_flops(scale, batch)
+
+
 def unet_factory(scale: Scale) -> Callable[[], nn.Module]:
     return functools.partial(VC2UNet.preset, scale.unet_preset)
 
@@ -348,6 +389,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             bytes_moved=unet_bytes,
             dtype=options.dtype,
             shape=(batch, 4, scale.frames, scale.height, scale.width),
+            flops=functools.partial(unet_flops, scale, batch),
             rotate_inputs=False,
         )
     for steps in QUICK_GENERATE_STEPS if options.quick else GENERATE_STEPS:
@@ -363,6 +405,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             bytes_moved=steps * unet_bytes + vae_bytes,
             dtype=options.dtype,
             shape=(GENERATE_BATCH, 3, scale.frames, scale.height, scale.width),
+            flops=functools.partial(generate_flops, scale, steps, GENERATE_BATCH),
             rotate_inputs=False,
         )
 

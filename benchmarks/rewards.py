@@ -182,6 +182,13 @@ def tower_flops(tiny: bool, with_grad: bool) -> tuple[int, int]:
     )
 
 
+def mixture_flops(tiny: bool, with_grad: bool, clips: int) -> int:
+    """FLOPs of the mixture on `clips` clips: two image towers on IMAGE_FRAMES frames each, and
+    the video tower once a clip."""
+    image_flops, video_flops = tower_flops(tiny, with_grad)
+    return clips * (2 * IMAGE_FRAMES * image_flops + video_flops)
+
+
 def images_per_clip(video_frames: int) -> int:
     return 2 * IMAGE_FRAMES + video_frames
 
@@ -332,10 +339,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
     element_size = torch.empty((), dtype=options.dtype).element_size()
     for pass_name in ("fwd", "fwd+bwd"):
         with_grad = pass_name == "fwd+bwd"
-        flops_per_clip = None
-        if towers_reason is None and mixture_reason is None:
-            image_flops, video_flops = tower_flops(options.quick, with_grad)
-            flops_per_clip = 2 * IMAGE_FRAMES * image_flops + video_flops
+        countable = towers_reason is None and mixture_reason is None
         for clips in options.batch_sizes or (QUICK_CLIPS if options.quick else GPU_CLIPS):
             frames = clips * images_per_clip(video_frames)  # images scored a call
             yield Case(
@@ -358,7 +362,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
                 bytes_moved=(2 if with_grad else 1) * frames * 3 * scale.height * scale.width * element_size,
                 dtype=options.dtype,
                 shape=(clips, 3, scale.clip_frames, scale.height, scale.width),
-                flops=None if flops_per_clip is None else clips * flops_per_clip,
+                flops=functools.partial(mixture_flops, options.quick, with_grad, clips) if countable else None,
                 rotate_inputs=False,
             )
     unavailable = size_reason or towers_reason or mixture_reason

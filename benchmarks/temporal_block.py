@@ -12,7 +12,8 @@ Every level of the UNet runs one temporal transformer on its (B*F, C, H, W) stre
 1280, 1280 channels on 40x64, 20x32, 10x16 and 5x8 latents, with 5, 10, 20, 20 heads of 64. The
 input is the stream; forward+backward takes the gradients of the stream and of every parameter
 from a fixed upstream gradient, as training does. The forward alone runs under no_grad, as sampling
-does.
+does. A block's `flops` are the release path's (block_flops), so its rows' roofline share weighs its
+GEMMs against the run's matrix rate.
 
     python -m benchmarks.temporal_block [--warmup N --iters N ...]
 """
@@ -26,6 +27,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import turbo_kernels as tk
 from benchmarks import models
@@ -140,6 +142,20 @@ def _sizes(options: SuiteOptions) -> tuple[int, int, tuple, tuple[int, ...]]:
     return frames, head_dim, levels, batch_sizes
 
 
+@functools.lru_cache(maxsize=None)
+def block_flops(channels: int, heads: int, head_dim: int, shape: tuple[int, ...], frames: int, with_grad: bool) -> int:
+    """FLOPs of the release's block on a `shape` stream (forward; with_grad: then the gradients of the
+    stream and every parameter), counted by FlopCounterMode on the meta device."""
+    with torch.device("meta"):
+        module = FusedTemporalTransformer(channels, heads, head_dim)
+        x = torch.empty(shape, requires_grad=with_grad)
+        with torch.set_grad_enabled(with_grad), FlopCounterMode(display=False) as counter:
+            out = module.reference_forward(x, frames)
+            if with_grad:
+                out.backward(torch.empty_like(out))
+    return counter.get_total_flops()
+
+
 def cases(options: SuiteOptions) -> Iterator[Case]:
     """The fused temporal transformer forward and forward+backward at every level of the UNet."""
     frames, head_dim, levels, batch_sizes = _sizes(options)
@@ -164,6 +180,9 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
                                  + PARAMETER_TRAFFIC[pass_name] * parameters) * element_size,
                     dtype=options.dtype,
                     shape=shape,
+                    flops=functools.partial(
+                        block_flops, channels, heads, head_dim, shape, frames, pass_name == "fwd+bwd"
+                    ),
                 )
 
 

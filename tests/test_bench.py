@@ -22,6 +22,7 @@ TOP_LEVEL = {
     "triton": (str, type(None)),
     "created": str,
     "copy_gbps": float,
+    "matmul_tflops": float,
     "validation": bool,
     "rows": list,
     "skipped": list,
@@ -35,6 +36,8 @@ ROW = {
     "median_ms": float,
     "gbps": float,
     "tflops": (float, type(None)),
+    "flops": (int, type(None)),
+    "roofline_pct": float,
     "host_ms": (float, type(None)),
     "wall_ms": (float, type(None)),
     "bytes": int,
@@ -86,10 +89,14 @@ def test_quick_run_keeps_the_json_contract(tmp_path):
         assert row["pass"] in harness.PASSES
         assert row["median_ms"] > 0
         assert math.isclose(row["gbps"], harness.gbps(row["bytes"], row["median_ms"]))
+        least_ms = harness.roofline_ms(row["bytes"], row["flops"], result["copy_gbps"], result["matmul_tflops"])
+        assert math.isclose(row["roofline_pct"], 100 * least_ms / row["median_ms"])
+        assert (row["tflops"] is None) == (row["flops"] is None)
         # Latency from an idle GPU is a GPU measure: the CPU's median is its wall time already.
         assert (row["wall_ms"] is None) == (not torch.cuda.is_available())
         assert row["wall_ms"] is None or row["wall_ms"] > 0
     assert {row["op"] for row in result["rows"]} == set(KERNEL_OPS)
+    assert {row["op"] for row in result["rows"] if row["flops"]} >= {temporal_block.OP, *spatial.OPS}
     assert all(row["impl"] != harness.COMPILED for row in result["rows"]), "--quick compiles nothing"
 
     assert result["skipped"], "--quick skips torch.compile, so some rows are always skipped"
@@ -540,6 +547,81 @@ def test_bandwidth_arithmetic():
     assert bytes_moved[("guided_solver_step", "fwd")] == 6 * latent_bytes
     assert bytes_moved[("guided_solver_step", "fwd+bwd")] == 12 * latent_bytes
     assert bytes_moved[("pseudo_huber_loss", "fwd")] == 2 * latent_bytes
+
+
+def test_the_roofline_is_the_longer_of_the_bytes_and_the_flops_at_the_measured_ceilings():
+    # 3e9 bytes at 3000 GB/s take 1 ms; 4e12 FLOPs at 800 TFLOP/s take 5 ms.
+    assert harness.roofline_ms(3e9, 4e12, 3000.0, 800.0) == pytest.approx(5.0)
+    assert harness.roofline_ms(3e9, 4e11, 3000.0, 800.0) == pytest.approx(1.0)
+    assert harness.roofline_ms(3e9, None, 3000.0, 800.0) == pytest.approx(1.0)
+    assert harness.roofline_ms(3e9, 4e12, 3000.0, None) == pytest.approx(1.0), "a run without the matrix rate"
+    row = dict(op="mm", case="c", impl="i", **{"pass": "fwd"}, median_ms=10.0, bytes=3_000_000_000, flops=4 * 10**12)
+    result = harness.assemble(torch.device("cpu"), datetime.datetime.now(), 3000.0, [row, {**row, "flops": None}],
+                              [], {}, [], matmul_tflops=800.0)
+    assert [r["roofline_pct"] for r in result["rows"]] == pytest.approx([50.0, 10.0])
+    assert result["matmul_tflops"] == 800.0
+
+
+def test_matrix_rate_counts_two_flops_a_multiply_add(monkeypatch):
+    monkeypatch.setattr(harness, "time_fn", lambda *args: harness.Timing(median_ms=1.0, host_ms=None, first_call_s=0.0))
+    # 2 * 100³ FLOPs in 1 ms.
+    assert harness.measure_matmul_tflops(torch.device("cpu"), torch.float32, 100) == pytest.approx(2e6 / 1e9)
+
+
+def test_flops_counted_by_a_callable_are_counted_once_and_only_for_cases_that_run(tmp_path):
+    counted = []
+
+    def count():
+        counted.append(None)
+        return 8
+
+    def suite(options: harness.SuiteOptions):
+        for op in ("add_one", "other"):
+            yield harness.Case(
+                op=op, case="4", pass_name="fwd", make_inputs=lambda: torch.zeros(4, device=options.device),
+                impls=(harness.Impl("a", lambda x: x + 1), harness.Impl("b", lambda x: x + 2)),
+                bytes_moved=32, dtype=torch.float32, shape=(4,), flops=count,
+            )
+
+    assert _run_harness(tmp_path, suite, "--ops", "add_one") == 0
+    assert len(counted) == 1
+    assert [row["flops"] for row in _written(tmp_path)["rows"]] == [8, 8]
+
+
+def test_a_count_that_fails_leaves_the_rows_without_flops(tmp_path):
+    def suite(options: harness.SuiteOptions):
+        yield harness.Case(
+            op="add_one", case="4", pass_name="fwd", make_inputs=lambda: torch.zeros(4, device=options.device),
+            impls=(harness.Impl("a", lambda x: x + 1),), bytes_moved=32, dtype=torch.float32, shape=(4,),
+            flops=lambda: 1 // 0,
+        )
+
+    assert _run_harness(tmp_path, suite) == 0
+    (row,) = _written(tmp_path)["rows"]
+    assert row["flops"] is None and row["tflops"] is None
+
+
+def test_end_to_end_flops_add_up():
+    """A UNet forward's FLOPs grow with the batch exactly; sampling is one forward a step, then the
+    VAE decode; the temporal block's backward is about twice its forward. Counted on the meta
+    device, the counts equal those on real tensors with SDPA's math backend (the counter has no
+    formula for SDPA's CPU kernel, so on the CPU it would leave the VAE's attention out)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    scale = models.TINY
+    one, four = models.unet_flops(scale, 1), models.unet_flops(scale, 4)
+    assert one > 0 and four == 4 * one
+    assert models.generate_flops(scale, 3, 1) == 3 * one + models.vae_decode_flops(scale, 1)
+    torch.manual_seed(0)
+    vae = models.vae_factory(scale)()
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        vae.decode(torch.randn(scale.latent_shape(1)))
+    assert counter.get_total_flops() == models.vae_decode_flops(scale, 1)
+
+    shape = (2 * 4, 64, 4, 4)
+    forward = temporal_block.block_flops(64, 2, 16, shape, 4, False)
+    assert 2.5 * forward < temporal_block.block_flops(64, 2, 16, shape, 4, True) < 3.5 * forward
 
 
 def test_copy_bandwidth_counts_read_and_write(monkeypatch):

@@ -48,6 +48,7 @@ def test_unet_forward_rows(tmp_path):
     assert [(r["op"], r["impl"]) for r in result["rows"]] == [
         ("unet_forward", harness.EAGER), ("unet_forward", models.EAGER_NHWC)
     ]
+    assert all(r["flops"] == models.unet_flops(models.TINY, 1) for r in result["rows"])
     reasons = {s["impl"]: s["reason"] for s in result["skipped"]}
     assert reasons[models.KERNELS] == reasons[models.KERNELS_COMPILED] == reasons[models.KERNELS_NHWC] == "no GPU"
     assert reasons[models.KERNELS_GRAPHS] == reasons[models.KERNELS_COMPILED_GRAPHS] == "no GPU"
@@ -125,6 +126,8 @@ def test_reward_rows_carry_flops(tmp_path):
     }
     tflops = {(r["op"], r["pass"]): r["tflops"] for r in result["rows"] if r["impl"] == rewards.BATCHED}
     assert tflops[(rewards.OP, "fwd+bwd")] > 0
+    flops = {r["pass"]: r["flops"] for r in result["rows"] if r["op"] == rewards.OP}
+    assert flops == {p: rewards.mixture_flops(True, p == "fwd+bwd", 1) for p in harness.PASSES}
     # The backward to the pixels repeats every matmul with the weights transposed: more FLOPs than the forward.
     image_fwd, video_fwd = rewards.tower_flops(True, False)
     image_bwd, video_bwd = rewards.tower_flops(True, True)
