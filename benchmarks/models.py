@@ -245,12 +245,13 @@ def parameter_count(factory: Callable[[], nn.Module]) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def unet_flops(scale: Scale, batch: int) -> int:
-    """FLOPs of one conditioned UNet forward (guidance and motion embeddings, as timed) at `batch`,
-    counted on the meta device on the plain PyTorch path (the kernels' custom ops are opaque to the
-    counter; their arithmetic is the same)."""
+def unet_flops(scale: Scale, batch: int, training: bool = False) -> int:
+    """FLOPs of one conditioned UNet forward (guidance and motion embeddings, as timed) at `batch`;
+    `training`: the forward, then the backward to every parameter (no recomputation: what the
+    step's arithmetic needs, not what checkpointing adds). Counted on the meta device on the plain
+    PyTorch path (the kernels' custom ops are opaque to the counter; their arithmetic is the same)."""
     with torch.device("meta"):
-        unet = VC2UNet.preset(scale.unet_preset, use_kernels=False).eval()
+        unet = VC2UNet.preset(scale.unet_preset, use_kernels=False).train(training)
         args = (
             torch.empty(scale.latent_shape(batch)),
             torch.full((batch,), 999),
@@ -259,8 +260,10 @@ def unet_flops(scale: Scale, batch: int) -> int:
             guidance_embedding(torch.full((batch,), GUIDANCE_SCALE)),
             motion_embedding(torch.full((batch,), MOTION_STRENGTH)),
         )
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            unet(*args)
+        with torch.set_grad_enabled(training), FlopCounterMode(display=False) as counter:
+            out = unet(*args)
+            if training:
+                out.backward(torch.empty_like(out))
     return counter.get_total_flops()
 
 

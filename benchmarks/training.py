@@ -5,7 +5,8 @@
   grad, consistency_output, guided_solver_step with the motion score, the no-grad target forward,
   pseudo-Huber loss), then backward and an AdamW step: fp32 master weights under bf16 autocast
   (the run's dtype), per-block gradient checkpointing as the release trains. Four variants as in
-  benchmarks.models.
+  benchmarks.models. Its `flops` (step_flops) are the student's forward and backward and the
+  target's forward; checkpointing's recomputation, about one more forward, is left out.
 - `motion_prior` (clips a call): `t2v_turbo.motion.compute_motion_prior` (DDIM inversion to each
   clip's t_hi, then the motion score) on a batch of clips at once vs one clip at a time, with
   reference ops and with kernels, and batched with kernels and the inversion through
@@ -25,6 +26,7 @@ Calls take seconds: `python -m benchmarks.training --warmup 1 --iters 3` (prints
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Iterator, Optional, Sequence
@@ -128,6 +130,12 @@ def _step_call(variant: Variant, options: SuiteOptions) -> Callable[[SimpleNames
         return loss.detach()
 
     return call
+
+
+def step_flops(scale: models.Scale, batch: int) -> int:
+    """The arithmetic a distillation step needs: the student's forward and backward, and the no-grad
+    forward of its target (the solver ops, loss and optimizer are elementwise)."""
+    return models.unet_flops(scale, batch, training=True) + models.unet_flops(scale, batch)
 
 
 # ---- the motion prior --------------------------------------------------------------------------------
@@ -311,6 +319,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             bytes_moved=unet_params * 4 * (3 + 6),
             dtype=options.dtype,
             shape=scale.latent_shape(batch),
+            flops=functools.partial(step_flops, scale, batch),
             rotate_inputs=False,
         )
     motion_reason = _motion_unavailable()

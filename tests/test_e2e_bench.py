@@ -110,6 +110,10 @@ def test_distillation_step_rows(tmp_path):
     result = _run(tmp_path, training.cases, "--ops", training.STEP_OP)
     _check_rows(result)
     assert [(r["op"], r["impl"], r["pass"]) for r in result["rows"]] == [(training.STEP_OP, harness.EAGER, "fwd+bwd")]
+    # The student's forward and backward (about two forwards more) and the target's forward.
+    forward = models.unet_flops(models.TINY, 1)
+    assert result["rows"][0]["flops"] == training.step_flops(models.TINY, 1)
+    assert 3.5 * forward < training.step_flops(models.TINY, 1) < 4.5 * forward
 
 
 def test_reward_rows_carry_flops(tmp_path):
