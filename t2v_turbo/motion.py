@@ -390,16 +390,19 @@ def compute_motion_prior(
     _require_eval(unet)
     z0 = _checked_latents(z0, "z0")
     teacher = teacher_path(unet) if teacher is None else teacher
-    table = _checked_table(alphas_cumprod, z0)
+    # Checked here for an early error; the inversion and the noising get the caller's table, not
+    # this converted copy: a float64 table converted anew each call would be a new tensor each
+    # call, whose values they would read again (a synchronisation each on a GPU).
+    _checked_table(alphas_cumprod, z0)
     grid_index = _checked_grid_index(grid_index, z0.shape[0], z0.device)
     t_hi, _ = schedule.solver_timesteps(grid_index.cpu())
     t_hi = t_hi.to(z0.device)
     inversion = ddim_inversion(
-        teacher if inversion_teacher is None else inversion_teacher, z0, grid_index, context, table, fps,
+        teacher if inversion_teacher is None else inversion_teacher, z0, grid_index, context, alphas_cumprod, fps,
         return_trajectory, progress,
     )
     z_ref, trajectory = inversion if return_trajectory else (inversion, None)
-    z_t = noised_latents(z0, noise, t_hi, table)
+    z_t = noised_latents(z0, noise, t_hi, alphas_cumprod)
     result = motion_score(unet, z_t, t_hi, z_ref, context, layer_names, fps, teacher)
     prior = {"z_ref": z_ref, "z_t": z_t, **result._asdict()}
     if return_trajectory:

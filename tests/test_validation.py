@@ -82,11 +82,14 @@ def _table_reads(call) -> list[torch.Tensor]:
     return [r for r in reads if r.shape == ACP.shape]
 
 
-def test_the_motion_priors_default_table_is_read_once():
-    """Without a table the motion prior uses the release's, made once a dtype and device: its
-    inversion and noising check the table they are handed, and one made anew every call was read
-    every call (a synchronisation each on a GPU). Made outside inference_mode even when first asked
-    for inside it (an inference tensor has no version, so it is read on every call)."""
+@pytest.mark.parametrize("table", [None, "float64"])
+def test_the_motion_priors_table_is_read_once(table):
+    """The motion prior's table is read once a version, as preprocess calls it (a float64 table,
+    converted to float32 for float32 latents) and without one (the release's, made once a dtype
+    and device, outside inference_mode even when first asked for inside it: an inference tensor
+    has no version, so it is read on every call). Its inversion and noising check the table they
+    are handed: a converted copy or a default made anew every call was read every call (a
+    synchronisation each on a GPU)."""
     from t2v_turbo import motion
     from t2v_turbo.models import VC2UNet
 
@@ -95,8 +98,12 @@ def test_the_motion_priors_default_table_is_read_once():
     z0 = _latents(1, 4, 2, 8, 8)
     context = torch.randn(1, 77, unet.config["context_dim"])
 
+    table = None if table is None else motion.release_alphas_cumprod(torch.float64)
+
     def prior():
-        return motion.compute_motion_prior(unet, z0, torch.tensor([1]), torch.randn_like(z0), context)
+        return motion.compute_motion_prior(
+            unet, z0, torch.tensor([1]), torch.randn_like(z0), context, alphas_cumprod=table
+        )
 
     motion._default_table.cache_clear()
     with torch.inference_mode():
