@@ -402,16 +402,15 @@ def _input_set_count(case: Case, device: torch.device) -> int:
     return max(1, min(MAX_INPUT_SETS, math.ceil(L2_MULTIPLE * l2_bytes / case.bytes_moved)))
 
 
-def _counted_flops(case: Case) -> Optional[int]:
-    """case.flops, counted now where it is a callable; None (the row then has no FLOP rate) where
-    counting fails, which costs the case none of its timings."""
+def _counted_flops(case: Case) -> tuple[Optional[int], Optional[str]]:
+    """(case.flops, counted now where it is a callable, None), or (None, the reason) where counting
+    fails, which costs the case none of its timings: its rows have no FLOP rate."""
     if not callable(case.flops):
-        return case.flops
+        return case.flops, None
     try:
-        return int(case.flops())
+        return int(case.flops()), None
     except Exception as exc:
-        print(f"  {case.op} {case.case}: FLOPs not counted ({_reason(exc)})", file=sys.stderr, flush=True)
-        return None
+        return None, _reason(exc)
 
 
 def _reason(exc: BaseException) -> str:
@@ -485,16 +484,18 @@ class _Runner:
             _release_memory(device)
             self.after_impl()
             return
-        flops = _counted_flops(case)
+        flops, flops_error = _counted_flops(case)
         # The compiling implementations last (in their order): a compile that outlasts the stage
         # then costs only compiled rows.
         for impl in sorted(runnable, key=lambda impl: impl.compiles):
-            self._run_impl(case, impl, input_sets, flops)
+            self._run_impl(case, impl, input_sets, flops, flops_error)
             self.after_impl()
         del input_sets
         _release_memory(device)
 
-    def _run_impl(self, case: Case, impl: Impl, input_sets: list, flops: Optional[int]) -> None:
+    def _run_impl(
+        self, case: Case, impl: Impl, input_sets: list, flops: Optional[int], flops_error: Optional[str]
+    ) -> None:
         settings = self.settings
         if impl.compiles:
             if self.compile_spent_s >= settings.compile_budget_s:
@@ -535,6 +536,8 @@ class _Runner:
                 "peak_mem_mb": torch.cuda.max_memory_allocated(settings.device) / MIB if on_gpu else None,
             }
         )
+        if flops_error is not None:
+            self.rows[-1]["flops_error"] = flops_error
         if case.measure_working_memory:
             try:
                 working = working_memory_bytes(impl.fn, input_sets[0], settings.device)
@@ -585,7 +588,15 @@ def assemble(
     matmul_tflops: Optional[float] = None,
 ) -> dict:
     """The run's record, in the contract of benchmarks/results/README.md: each row with its share
-    of the roofline the two measured ceilings draw (roofline_ms)."""
+    of the roofline the two measured ceilings draw (roofline_ms); none for a row whose FLOPs run in
+    another dtype than the matrix rate was measured in (settings' dtype)."""
+
+    def roofline_pct(row: dict) -> Optional[float]:
+        flops = row.get("flops")
+        if flops is not None and row.get("dtype") != settings.get("dtype"):
+            return None
+        return 100 * roofline_ms(row["bytes"], flops, copy_gbps, matmul_tflops) / row["median_ms"]
+
     return {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -597,14 +608,7 @@ def assemble(
         "validation": False,
         "settings": settings,
         "notes": notes,
-        "rows": [
-            {
-                **row,
-                "roofline_pct": 100 * roofline_ms(row["bytes"], row.get("flops"), copy_gbps, matmul_tflops)
-                / row["median_ms"],
-            }
-            for row in rows
-        ],
+        "rows": [{**row, "roofline_pct": roofline_pct(row)} for row in rows],
         "skipped": skipped,
         "complete": complete,
     }
@@ -806,15 +810,18 @@ def _timing_conditions(device: torch.device) -> Iterator[None]:
         yield
 
 
-def _notes(on_gpu: bool) -> list[str]:
+def _notes(on_gpu: bool, quick: bool) -> list[str]:
     notes = [
         "gbps = bytes / median_ms, where bytes is what an ideal kernel moves: each input read once, each output "
         "written once; copy_gbps counts the copy's reads and writes alike",
         "roofline_pct = the least time the measured ceilings allow (bytes at copy_gbps, or flops at matmul_tflops "
         "where the case counts them, whichever is longer) / median_ms; matmul_tflops is one square matmul in the "
-        "run's dtype",
+        "run's dtype (rows whose FLOPs run in another dtype have none)",
         f"value checks were off while timing ({VALIDATE_ENV}=0)",
     ]
+    if quick:
+        notes.append("a --quick run's ceilings (a 16 MiB copy, a 128³ matmul) bound nothing: its roofline_pct "
+                     "only shows the arithmetic")
     if on_gpu:
         return notes + [
             "median_ms is device time (wall time for host-only cases, such as video decoding, which have no "
@@ -913,8 +920,8 @@ def run(
 
         def result_so_far(complete: bool) -> dict:
             return assemble(
-                device, created, copy_gbps, runner.rows, runner.skipped, run_settings, _notes(on_gpu), complete,
-                matmul_tflops,
+                device, created, copy_gbps, runner.rows, runner.skipped, run_settings, _notes(on_gpu, args.quick),
+                complete, matmul_tflops,
             )
 
         for case in cases:

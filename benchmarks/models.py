@@ -58,6 +58,8 @@ from t2v_turbo.models import VC2UNet, VideoVAE, guidance_embedding, motion_embed
 from t2v_turbo.pipeline import T2VTurboPipeline
 from turbo_kernels import dispatch
 
+UNET_OP = "unet_forward"
+GENERATE_OP = "generate"
 KERNELS = "kernels"
 KERNELS_COMPILED = "kernels-compile"
 EAGER_NHWC = "reference-eager-nhwc"
@@ -244,12 +246,20 @@ def parameter_count(factory: Callable[[], nn.Module]) -> int:
         return sum(p.numel() for p in factory().parameters())
 
 
-@functools.lru_cache(maxsize=None)
 def unet_flops(scale: Scale, batch: int, training: bool = False) -> int:
     """FLOPs of one conditioned UNet forward (guidance and motion embeddings, as timed) at `batch`;
     `training`: the forward, then the backward to every parameter (no recomputation: what the
-    step's arithmetic needs, not what checkpointing adds). Counted on the meta device on the plain
-    PyTorch path (the kernels' custom ops are opaque to the counter; their arithmetic is the same)."""
+    step's arithmetic needs, not what checkpointing adds). Every FLOP is a sample's, so one
+    sample's count (counted_unet_flops, seconds at full size) times the batch."""
+    return batch * counted_unet_flops(scale, 1, training)
+
+
+@functools.lru_cache(maxsize=None)
+def counted_unet_flops(scale: Scale, batch: int, training: bool = False) -> int:
+    """unet_flops counted at `batch` on the meta device on the plain PyTorch path (the kernels'
+    custom ops are opaque to the counter; their arithmetic is the same). Attention's backward
+    counts as the math path computes it, four products (FlashAttention-class kernels recompute
+    the scores, a fifth, which benchmarks.spatial's FLOPs include)."""
     with torch.device("meta"):
         unet = VC2UNet.preset(scale.unet_preset, use_kernels=False).train(training)
         args = (
@@ -269,13 +279,14 @@ def unet_flops(scale: Scale, batch: int, training: bool = False) -> int:
 
 @functools.lru_cache(maxsize=None)
 def vae_decode_flops(scale: Scale, batch: int) -> int:
-    """FLOPs of decoding `batch` clips of latents to frames, counted as unet_flops is."""
+    """FLOPs of decoding `batch` clips of latents to frames: one clip's, counted as
+    counted_unet_flops does, times the batch."""
     with torch.device("meta"):
         vae = vae_factory(scale)()
-        latents = torch.empty(scale.latent_shape(batch))
+        latents = torch.empty(scale.latent_shape(1))
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             vae.decode(latents)
-    return counter.get_total_flops()
+    return batch * counter.get_total_flops()
 
 
 def generate_flops(scale: Scale, steps: int, batch: int) -> int:
@@ -384,7 +395,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
     vae_bytes = parameter_count(vae_factory(scale)) * element_size
     for batch in options.batch_sizes or ((1,) if options.quick else UNET_BATCH_SIZES):
         yield Case(
-            op="unet_forward",
+            op=UNET_OP,
             case=f"b{batch}-{scale.video}",
             pass_name="fwd",
             make_inputs=_unet_inputs(batch, scale, options),
@@ -397,7 +408,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
         )
     for steps in QUICK_GENERATE_STEPS if options.quick else GENERATE_STEPS:
         yield Case(
-            op="generate",
+            op=GENERATE_OP,
             case=f"steps{steps}-b{GENERATE_BATCH}-{scale.video}",
             pass_name="fwd",
             make_inputs=_pipeline_inputs(scale, options),
@@ -466,16 +477,16 @@ def variant_targets(result: dict, op: str, case: str, label: str) -> list[str]:
 def summary(result: dict) -> list[str]:
     """Issue 4's targets for 4-step generation end to end, judged on a harness result, and what
     the experiments (channels-last, CUDA graphs) measured."""
-    cases_4_step = [row["case"] for row in result["rows"] if row["op"] == "generate" and row["case"].startswith("steps4-")]
+    cases_4_step = [row["case"] for row in result["rows"] if row["op"] == GENERATE_OP and row["case"].startswith("steps4-")]
     case = cases_4_step[0] if cases_4_step else f"steps4-b{GENERATE_BATCH}-{FULL.video}"
-    return variant_targets(result, "generate", case, f"4-step generation ({case})") + experiment_lines(result)
+    return variant_targets(result, GENERATE_OP, case, f"4-step generation ({case})") + experiment_lines(result)
 
 
 def experiment_lines(result: dict) -> list[str]:
     """Informational: each experiment variant's speed-up over the variant it changes, per case."""
     lines = []
     for experiment, (metric, pairs) in EXPERIMENTS.items():
-        for op in ("unet_forward", "generate"):
+        for op in (UNET_OP, GENERATE_OP):
             rows = rows_by(result, op)
 
             def time_of(row: dict) -> float:
