@@ -133,6 +133,31 @@ def test_release_golden_init_attn(chosen):
     torch.testing.assert_close(module(x, frames), want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("projections", ["strided", "cublas"])
+def test_the_fused_path_infers_shapes_on_the_meta_device(projections):
+    """Shape inference on meta tensors (a model built under torch.device("meta")) runs the fused
+    path through its ops' fake implementations, forward and backward: torch.autocast refuses the
+    meta device, and the fused block turned autocast off with it."""
+    with torch.device("meta"):
+        module = FusedTemporalTransformer(64, heads=2, head_dim=32, projections=projections)
+        x = torch.empty(2 * 4, 64, 5, 6, requires_grad=True)
+        out = module(x, 4)
+        out.sum().backward()
+    assert out.shape == x.shape and out.is_meta and x.grad.shape == x.shape
+
+
+def test_a_vc2_unet_with_kernels_infers_shapes_on_the_meta_device():
+    """The same for the whole UNet with kernels on (its default), GroupNorm + SiLU included."""
+    from t2v_turbo.models import VC2UNet
+
+    with torch.device("meta"):
+        unet = VC2UNet.preset("tiny")
+        x = torch.empty(1, 4, 4, 16, 16, requires_grad=True)
+        out = unet(x, torch.full((1,), 999), torch.empty(1, 77, unet.config["context_dim"]), 8)
+        out.sum().backward()
+    assert unet.use_kernels and out.shape == x.shape and x.grad.shape == x.shape
+
+
 def test_parameters_carry_the_release_names():
     module = FusedTemporalTransformer(320, heads=5, head_dim=64)
     assert list(module.state_dict()) == RELEASE_KEYS

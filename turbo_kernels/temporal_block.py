@@ -62,6 +62,7 @@ gradient checkpointing can recompute.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -462,7 +463,12 @@ def fused_temporal_transformer(
     projections = getattr(layer, "projections", "auto") if projections is None else projections
     rows, channels, height, width = x.shape
     cublas = projection_route(projections, height * width) == "cublas"
-    with torch.autocast(x.device.type, enabled=False):
+    # Meta tensors (shape inference) have no autocast to turn off, and torch.autocast refuses them.
+    no_autocast = (
+        torch.autocast(x.device.type, enabled=False)
+        if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext()
+    )
+    with no_autocast:
         scale, shift = _group_norm_affine(layer.norm, x, num_frames)
         stream = x.flatten(2)  # (B*F, C, H*W): a view of the stream
         proj_in_bias, proj_out_bias = layer.proj_in.bias.to(x.dtype), layer.proj_out.bias.to(x.dtype)
