@@ -223,7 +223,9 @@ def registered_ops() -> list[str]:
 
 def backends(device: str | torch.device | None = None) -> dict[str, list[str]]:
     """Per op, the backends usable on this machine for tensors on `device` (default: the GPU
-    when there is one, else the CPU), in the order "auto" prefers them."""
+    when there is one, else the CPU), in the order "auto" prefers them on CUDA tensors; on CPU
+    tensors "auto" runs the reference, and triton is listed where TRITON_INTERPRET=1 lets it be
+    forced."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

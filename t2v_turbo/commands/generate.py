@@ -2,7 +2,7 @@
 
 The student's few-step consistency sampler by default, the teacher's 50-step DDIM with
 classifier-free guidance with --teacher. Writes .mp4, .gif or a .png frame grid and prints where the
-time went (UNet, VAE, total).
+time went (text encoder, UNet, VAE, total).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def add_generate_command(subparsers) -> argparse.ArgumentParser:
         help="sample videos from prompts with a T2V-Turbo model directory",
         description="Sample one video a prompt with the student's few-step consistency sampler (or, with "
         "--teacher, the 50-step DDIM sampler with classifier-free guidance), write it as .mp4, .gif or a "
-        ".png frame grid, and print the UNet, VAE and total time.",
+        ".png frame grid, and print the text encoder, UNet, VAE and total time.",
     )
     add_arguments(parser)
 
