@@ -90,16 +90,19 @@ def _coefficient_dtype(latent_dtype: torch.dtype) -> torch.dtype:
 
 @functools.lru_cache(maxsize=None)
 def _default_table(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """release_alphas_cumprod in `dtype` on `device`, made once: the inversion and the noising check
-    the table they are handed once a tensor version, so a table made anew every call would cost a
-    synchronisation every call on a GPU. Never handed to callers, so never changed in place."""
-    with torch.inference_mode(False):  # a table first made under inference_mode would be checked every call
-        return release_alphas_cumprod(dtype, device)
+    """release_alphas_cumprod in `dtype` on `device`, made once: it is built on the host, so made
+    anew it would be a host-to-device copy, a synchronisation on a GPU, at each of the three
+    places a motion-prior call asks for it. Never handed to callers, so never changed in place."""
+    return release_alphas_cumprod(dtype, device)
 
 
 def _checked_table(alphas_cumprod: Tensor | None, like: Tensor) -> Tensor:
     dtype = _coefficient_dtype(like.dtype)
     if alphas_cumprod is None:
+        if type(like) is not Tensor or torch.compiler.is_compiling():
+            # Fake or traced tensors (torch.export, FakeTensorMode) would leave a table of theirs
+            # in the cache for every later eager call.
+            return release_alphas_cumprod(dtype, like.device)
         return _default_table(dtype, like.device)
     if not isinstance(alphas_cumprod, Tensor) or alphas_cumprod.shape != (schedule.NUM_TRAIN_TIMESTEPS,):
         raise ValueError(

@@ -176,6 +176,18 @@ def test_stacked_mixture_matches_each_model_run_separately(models, checkpointing
     assert all(p.grad is None and not p.requires_grad for m in models for p in m.parameters())
 
 
+def test_a_mixture_infers_shapes_on_the_meta_device():
+    """Meta frames have no values for the finite-frames check to read (it raised there); the rest
+    of the mixture runs on meta, stacked group included, forward and backward (captions embedded
+    each call: the text cache keeps embeddings on the host, which meta ones cannot reach)."""
+    mixture = make_mixture(fresh_models(), text_cache=False).to("meta")
+    frame_indices = mixture.select_frames(8, torch.Generator().manual_seed(0))
+    frames = torch.empty(2, 3, len(frame_indices), HEIGHT, WIDTH, device="meta", requires_grad=True)
+    total, scores = mixture(frames, frame_indices, ["a", "b"], ["c", "d"])
+    total.backward()
+    assert total.is_meta and frames.grad.is_meta and set(scores) == {"hpsv2", "clip", "video"}
+
+
 def test_models_whose_settings_differ_do_not_stack():
     """One architecture with and without the logit scale: the stack would score both through the
     first one's code, so each runs alone, and scores as it does in a mixture of its own."""

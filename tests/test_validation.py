@@ -82,14 +82,7 @@ def _table_reads(call) -> list[torch.Tensor]:
     return [r for r in reads if r.shape == ACP.shape]
 
 
-@pytest.mark.parametrize("table", [None, "float64"])
-def test_the_motion_priors_table_is_read_once(table):
-    """The motion prior's table is read once a version, as preprocess calls it (a float64 table,
-    converted to float32 for float32 latents) and without one (the release's, made once a dtype
-    and device, outside inference_mode even when first asked for inside it: an inference tensor
-    has no version, so it is read on every call). Its inversion and noising check the table they
-    are handed: a converted copy or a default made anew every call was read every call (a
-    synchronisation each on a GPU)."""
+def _tiny_motion_prior(table):
     from t2v_turbo import motion
     from t2v_turbo.models import VC2UNet
 
@@ -97,19 +90,43 @@ def test_the_motion_priors_table_is_read_once(table):
     unet = VC2UNet.preset("tiny", use_kernels=False).eval()
     z0 = _latents(1, 4, 2, 8, 8)
     context = torch.randn(1, 77, unet.config["context_dim"])
+    return lambda: motion.compute_motion_prior(
+        unet, z0, torch.tensor([1]), torch.randn_like(z0), context, alphas_cumprod=table
+    )
 
-    table = None if table is None else motion.release_alphas_cumprod(torch.float64)
 
-    def prior():
-        return motion.compute_motion_prior(
-            unet, z0, torch.tensor([1]), torch.randn_like(z0), context, alphas_cumprod=table
-        )
+def test_the_motion_priors_table_is_read_once():
+    """The table preprocess hands the motion prior (float64, converted to float32 for float32
+    latents) is read once a version: its inversion and noising check the table they are handed,
+    and a converted copy made every call was read every call (a synchronisation each on a GPU)."""
+    from t2v_turbo import motion
 
-    motion._default_table.cache_clear()
-    with torch.inference_mode():
-        motion._default_table(torch.float32, z0.device)
+    prior = _tiny_motion_prior(motion.release_alphas_cumprod(torch.float64))
     prior()
     assert not _table_reads(prior)
+
+
+def test_the_motion_priors_default_table_is_made_once(monkeypatch):
+    """Without a table the motion prior uses the release's, built on the host: made once a dtype
+    and device, not at each of the three places a call asks for it (a host-to-device copy each on
+    a GPU). Fake tensors (torch.export, FakeTensorMode) get a table of their own, never cached,
+    so a later eager call gets a real one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from t2v_turbo import motion
+
+    builds = []
+    build = motion.release_alphas_cumprod
+    monkeypatch.setattr(motion, "release_alphas_cumprod", lambda *a: builds.append(a) or build(*a))
+    motion._default_table.cache_clear()
+    with FakeTensorMode() as fake_mode:
+        fake_z = fake_mode.from_tensor(_latents(1, 4, 2, 8, 8))
+        motion.noised_latents(fake_z, torch.randn_like(fake_z), 5)
+    prior = _tiny_motion_prior(None)
+    prior()
+    made = len(builds)
+    z_t = prior()["z_t"]
+    assert len(builds) == made and type(z_t) is torch.Tensor
 
 
 def test_a_table_is_checked_again_after_an_in_place_change():

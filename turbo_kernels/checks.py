@@ -21,7 +21,7 @@ DENSE_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_la
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _reads_values(t: Tensor) -> bool:
+def reads_values(t: Tensor) -> bool:
     """Whether a value check reads `t`: checks are on, and it has values (meta tensors, for shape
     inference, have none)."""
     return value_checks_enabled() and not t.is_meta and t.numel() > 0
@@ -89,7 +89,7 @@ def check_table_values(alphas_cumprod: Tensor, allow_zero: bool = False) -> None
     zero-terminal-SNR table). Read once a table version (a GPU table costs one synchronisation
     then; a table made under inference_mode, which keeps no version counter, on every call), as
     the other value checks are (value_checks_enabled), and not on the meta device."""
-    if not _reads_values(alphas_cumprod):
+    if not reads_values(alphas_cumprod):
         return
     versioned = not alphas_cumprod.is_inference()
     if versioned and _checked_versions.get(alphas_cumprod, {}).get(allow_zero) == alphas_cumprod._version:
@@ -120,7 +120,7 @@ def timesteps(t, name: str, batch: int, device: torch.device, num_train_timestep
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer timesteps, got dtype {t.dtype}")
     t = _per_sample_shape(t, name, batch).to(device=device, dtype=torch.int64).contiguous()
-    if _reads_values(t) and bool(((t < 0) | (t >= num_train_timesteps)).any()):
+    if reads_values(t) and bool(((t < 0) | (t >= num_train_timesteps)).any()):
         bad = t[(t < 0) | (t >= num_train_timesteps)]
         raise ValueError(f"{name} has timesteps outside the schedule [0, {num_train_timesteps}): {bad.tolist()[:8]}")
     return t
@@ -144,7 +144,7 @@ def per_sample_scalar(
     if x.is_complex() or x.dtype == torch.bool:
         raise TypeError(f"{name} must be a real tensor, got dtype {x.dtype}")
     x = _per_sample_shape(x, name, batch).to(device=device, dtype=torch.float32).contiguous()
-    if _reads_values(x) and not bool(torch.isfinite(x).all()):
+    if reads_values(x) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} must be finite, got {x.tolist()[:8]}")
     return x
 

@@ -34,7 +34,8 @@ from torch.utils.checkpoint import checkpoint
 from t2v_turbo.cuda_graphs import GraphedCall
 from t2v_turbo.rewards import image_text
 from t2v_turbo.rewards.base import KINDS, RewardModel
-from turbo_kernels import PreprocessSpec, reward_preprocess, value_checks_enabled
+from turbo_kernels import PreprocessSpec, reward_preprocess
+from turbo_kernels.checks import reads_values
 from turbo_kernels.reference.preprocess import geometry as preprocess_geometry
 
 __all__ = [
@@ -456,7 +457,7 @@ class RewardMixture(nn.Module):
                 raise TypeError(f"{name} must be a list of strings")
             if len(texts) != batch:
                 raise ValueError(f"{name} holds {len(texts)} prompts for {batch} clips")
-        if value_checks_enabled() and not bool(torch.isfinite(frames).all()):
+        if reads_values(frames) and not bool(torch.isfinite(frames).all()):
             raise ValueError("frames holds NaN or infinite values")
         return selection
 
