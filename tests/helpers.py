@@ -11,6 +11,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from t2v_turbo import schedule
 from turbo_kernels.reference import attention as attention_reference
@@ -210,3 +211,26 @@ def torchrun(script_text: str, tmp_path, *args: str, processes: int = 2, expect_
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert (done.returncode != 0) == expect_failure, done.stderr[-4000:]
     return done.stdout + done.stderr
+
+
+# Ops that read a tensor's value back to the host (on a GPU a synchronisation; a capture refuses them).
+DEVICE_READS = frozenset({
+    torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default, torch.ops.aten.is_nonzero.default,
+})
+# Those, and lift_fresh: a tensor made from host data (torch.tensor, as_tensor of a number), which
+# on a GPU is a copy from pageable memory.
+HOST_READS = DEVICE_READS | {torch.ops.aten.lift_fresh.default}
+
+
+class RecordedOps(TorchDispatchMode):
+    """Records (in `calls`, by name) each call of one of `ops` made while it is active."""
+
+    def __init__(self, ops):
+        super().__init__()
+        self.ops = ops
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.ops:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -10,7 +10,6 @@ on the CPU by watching the dispatcher.
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import turbo_kernels
 from t2v_turbo import cuda_graphs
@@ -18,7 +17,7 @@ from t2v_turbo.commands.generate import main
 from t2v_turbo.cuda_graphs import GraphedCall
 from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
 from t2v_turbo.pipeline import T2VTurboPipeline
-from tests.helpers import record_graph_captures
+from tests.helpers import HOST_READS, RecordedOps, record_graph_captures
 from tests.test_pipeline import FRAMES, SIZE, LatentsAsPixels, PromptLength, small_unet
 
 
@@ -233,26 +232,6 @@ def test_generate_command_refuses_cuda_graphs_on_the_cpu(tmp_path, capsys):
     assert stopped.value.code == 2 and "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
 
 
-class HostReads(TorchDispatchMode):
-    """Records the ops that read a tensor's value back to the host: a capture refuses them."""
-
-    # lift_fresh: a tensor made from host data (torch.tensor, as_tensor of a number), which on a
-    # GPU is a copy from pageable memory.
-    READS = {
-        torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-        torch.ops.aten.is_nonzero.default, torch.ops.aten.lift_fresh.default,
-    }
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("use_kernels", [False, True])
 @torch.no_grad()
 def test_unet_forward_reads_nothing_back_to_the_host(use_kernels, monkeypatch, chosen):
@@ -265,9 +244,9 @@ def test_unet_forward_reads_nothing_back_to_the_host(use_kernels, monkeypatch, c
     model.use_kernels = use_kernels
     x, context = torch.randn(2, 4, FRAMES, SIZE, SIZE), torch.randn(2, 4, 32)
     w, m = guidance_embedding(torch.tensor([7.5, 3.0])), motion_embedding(torch.tensor([0.05, 0.0]))
-    with HostReads() as watcher:
+    with RecordedOps(HOST_READS) as watcher:
         out = model(x, 999, context, 8, timestep_cond=w, motion_cond=m)
-    assert watcher.reads == []
+    assert watcher.calls == []
     # The session fixture fuses every temporal layer whatever its size (tests/conftest.py).
     assert (("group_norm_stats", "reference") in chosen) == use_kernels
     with_tensors = model(x, torch.tensor([999, 999]), context, torch.tensor(8), timestep_cond=w, motion_cond=m)

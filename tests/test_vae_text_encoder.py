@@ -26,6 +26,8 @@ from t2v_turbo.models.vae import (
 )
 from t2v_turbo.schedule import VAE_SCALE_FACTOR
 
+from .helpers import DEVICE_READS, RecordedOps
+
 # Float32 convolutions over batches of different sizes round differently: ~1e-6 is observed.
 FLOAT32_TOL = 1e-5
 FLOAT64_TOL = 1e-10
@@ -140,6 +142,16 @@ def test_frame_indices_select_after_decoding(vae, latents):
         selected = vae.decode(latents, decode_chunk_size=3, frame_indices=per_clip)
     expected = torch.stack([full[0, :, [1, 3]], full[1, :, [0, 0]]])
     torch.testing.assert_close(selected, expected, atol=FLOAT32_TOL, rtol=0)
+
+
+def test_frame_indices_given_as_ints_are_checked_on_the_host(vae, latents):
+    """The reward path's frame selection is a list of ints: checked where they are, not by reading
+    their device copy back (a synchronisation on a GPU, ahead of the decode's work)."""
+    with torch.no_grad(), RecordedOps(DEVICE_READS) as watcher:
+        vae.decode(latents, frame_indices=[4, 0])
+    assert watcher.calls == []
+    with pytest.raises(ValueError, match=r"frame_indices must lie in \[0, 5\), got \[4, -1\]"):
+        vae.decode(latents, frame_indices=[4, -1])
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])

@@ -163,16 +163,23 @@ def _frame_index(frame_indices: Sequence[int] | Tensor | None, batch: int, frame
                 f"frame_indices as a tensor must be an int64 tensor of shape ({batch}, k), got "
                 f"{frame_indices.dtype} {tuple(frame_indices.shape)}"
             )
+        if frame_indices.shape[1] == 0:
+            raise ValueError("frame_indices selects no frame")
         index = frame_indices.to(device)
-    else:
-        if isinstance(frame_indices, (str, bytes)) or not all(isinstance(i, int) for i in frame_indices):
-            raise TypeError(f"frame_indices must be a sequence of ints or a (B, k) LongTensor, got {frame_indices!r}")
-        index = torch.tensor(list(frame_indices), dtype=torch.int64, device=device).expand(batch, -1)
-    if index.shape[1] == 0:
+        if turbo_kernels.checks.reads_values(index) and bool(((index < 0) | (index >= frames)).any()):
+            raise ValueError(f"frame_indices must lie in [0, {frames}), got {index.tolist()}")
+        return index
+    if isinstance(frame_indices, (str, bytes)) or not all(isinstance(i, int) for i in frame_indices):
+        raise TypeError(f"frame_indices must be a sequence of ints or a (B, k) LongTensor, got {frame_indices!r}")
+    frame_indices = list(frame_indices)
+    if not frame_indices:
         raise ValueError("frame_indices selects no frame")
-    if bool(((index < 0) | (index >= frames)).any()):
-        raise ValueError(f"frame_indices must lie in [0, {frames}), got {index.tolist()}")
-    return index
+    # Checked on the host, where the ints are: reading the device copy back would synchronise.
+    if any(not 0 <= i < frames for i in frame_indices):
+        raise ValueError(f"frame_indices must lie in [0, {frames}), got {frame_indices}")
+    # From pinned memory the copy to a GPU need not wait for the work queued ahead of it.
+    host = torch.tensor(frame_indices, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True).expand(batch, -1)
 
 
 def _check_chunk_size(value: int, name: str) -> None:
