@@ -33,6 +33,9 @@ UNET_DIR, VAE_DIR, TEXT_ENCODER_DIR = "unet", "vae", "text_encoder"
 TEACHER_STEPS = 50
 # VideoCrafter's DDIM adds this offset to its evenly spaced timesteps (1, 21, ..., 981 for 50 steps).
 DDIM_STEP_OFFSET = 1
+# The teacher's most DDIM steps: with the offset, a stride of 1 (1000 steps) would start at t = 1000,
+# past the schedule's last timestep, 999 (VideoCrafter's sampler fails there too).
+TEACHER_MAX_STEPS = schedule.NUM_TRAIN_TIMESTEPS // 2
 
 
 @dataclass
@@ -62,8 +65,8 @@ def teacher_timesteps(num_steps: int) -> list[int]:
     """The teacher's DDIM timesteps, high to low: evenly spaced "leading" steps with offset 1, as
     VideoCrafter's DDIM sampler: k * (1000 // N) + 1, so 981, 961, ..., 1 for N = 50. (VideoCrafter
     builds range(0, 1000, 1000 // N), which holds one step too many when N does not divide 1000;
-    this always gives N.)"""
-    stride = schedule.NUM_TRAIN_TIMESTEPS // schedule.check_step_count(num_steps, schedule.NUM_TRAIN_TIMESTEPS)
+    this always gives N.) At most TEACHER_MAX_STEPS."""
+    stride = schedule.NUM_TRAIN_TIMESTEPS // schedule.check_step_count(num_steps, TEACHER_MAX_STEPS)
     return [k * stride + DDIM_STEP_OFFSET for k in reversed(range(num_steps))]
 
 

@@ -136,6 +136,10 @@ def test_sampler_timesteps_are_spec_6(num_steps, expected):
 def test_teacher_timesteps_are_videocrafter_ddim():
     assert teacher_timesteps(50) == list(range(981, 0, -20))
     assert teacher_timesteps(3) == [667, 334, 1]
+    # The most steps start at the schedule's last timestep; one more would start past it.
+    assert teacher_timesteps(500)[0] == 999
+    with pytest.raises(ValueError, match=r"num_steps must be an int in \[1, 500\], got 501"):
+        teacher_timesteps(501)
 
 
 @pytest.mark.parametrize("timesteps", [schedule.sampler_timesteps, teacher_timesteps])
@@ -382,7 +386,7 @@ def test_threads_flag_sets_torchs_cpu_threads_before_the_command_runs(tmp_path, 
     "flags,message",
     [
         (["--steps", "300"], "--steps must be at most 200, got 300"),
-        (["--teacher", "--steps", "1001"], "--steps must be at most 1000 with --teacher"),
+        (["--teacher", "--steps", "501"], "--steps must be at most 500 with --teacher"),
         (["--seed", "-1"], "--seed must be a non-negative integer"),
         (["--guidance", "nan"], "--guidance must be a finite number"),
         (["--motion-strength", "inf"], "--motion-strength must be a finite number"),

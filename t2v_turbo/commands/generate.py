@@ -127,9 +127,10 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         if value is not None and value < 1:
             parser.error(f"--{name} must be a positive integer, got {value}")
     from t2v_turbo import schedule
+    from t2v_turbo.pipeline import TEACHER_MAX_STEPS
 
-    # The student samples on the 200-step grid; the teacher's DDIM on the 1000 training steps.
-    most_steps = schedule.NUM_TRAIN_TIMESTEPS if args.teacher else schedule.DDIM_GRID_STEPS
+    # The student samples on the 200-step grid; the teacher's DDIM on every other training step at most.
+    most_steps = TEACHER_MAX_STEPS if args.teacher else schedule.DDIM_GRID_STEPS
     if args.steps is not None and args.steps > most_steps:
         parser.error(f"--steps must be at most {most_steps}{' with --teacher' if args.teacher else ''}, got {args.steps}")
     if args.seed < 0:
