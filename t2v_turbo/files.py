@@ -1,13 +1,16 @@
 """Files written atomically (a temporary file beside the target, then os.replace) and readable
-as the umask allows: checkpoints, caches, configs and videos."""
+as the umask allows: checkpoints, caches, configs and videos; and weight and JSON files read with
+errors that name them."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def sibling_temporary(path: Path, suffix: str) -> Path:
@@ -65,3 +68,45 @@ def write_files_atomically(directory: Path, write: Callable[[Path], None]) -> No
             publish(written, directory / written.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# Weight files: safetensors, or torch pickles read with weights_only=True.
+SAFETENSORS_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def read_tensor_file(path: str | os.PathLike) -> Any:
+    """What a .safetensors file or a torch pickle (.pt, .pth, .bin, .ckpt; weights_only=True) holds,
+    on the CPU. A file that cannot be read (truncated, foreign, empty) is a ValueError naming it:
+    the parsers fail with errors of many types (KeyError, EOFError, OSError, UnpicklingError,
+    SafetensorError, ...), which all mean the same to the caller."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix not in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
+        expected = ", ".join((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
+        raise ValueError(f"{path}: unknown checkpoint format (expected one of {expected})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        if path.suffix == SAFETENSORS_SUFFIX:
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        hint = (
+            "; a pickle of more than tensors: save its state dict to safetensors first"
+            if isinstance(error, torch.serialization.pickle.UnpicklingError) else ""
+        )
+        raise ValueError(
+            f"{path}: not a readable {path.suffix} checkpoint ({type(error).__name__}: {error}{hint})"
+        ) from error
+
+
+def read_json_file(path: str | os.PathLike) -> Any:
+    """A JSON file's value; a ValueError naming the file when it is not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a JSON file ({error})") from None

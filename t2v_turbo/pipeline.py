@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import turbo_kernels
 from t2v_turbo import schedule
-from t2v_turbo.files import write_atomically
+from t2v_turbo.files import read_json_file, write_atomically
 from t2v_turbo.models import checkpoint
 from t2v_turbo.models.adapter import NoisePredictor, check_frame_size
 from t2v_turbo.models.vc2_unet import VC2UNet
@@ -438,7 +438,7 @@ class T2VTurboPipeline:
 def read_pipeline_config(model_dir: str | os.PathLike) -> tuple[int, GenerationDefaults]:
     """(fps, generation defaults) a model directory's pipeline.json records, without loading its
     models: the clip size and frame rate it was made for."""
-    config = json.loads((Path(model_dir) / PIPELINE_CONFIG_NAME).read_text())
+    config = read_json_file(Path(model_dir) / PIPELINE_CONFIG_NAME)
     known = {f.name for f in fields(GenerationDefaults)}
     defaults = GenerationDefaults(**{key: value for key, value in config.items() if key in known})
     return int(config.get("fps", schedule.DEFAULT_FPS)), defaults

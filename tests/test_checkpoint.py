@@ -116,6 +116,32 @@ def test_absent_unreadable_and_misshapen_checkpoints_fail_clearly(tmp_path, tiny
         from_pretrained(tmp_path)
 
 
+def test_every_weights_reader_names_a_file_it_cannot_read(tmp_path, tiny_state):
+    """Truncated downloads, empty files and foreign files are errors naming the file wherever weights
+    are read (a reward model's, a UNet directory's, its config): the parsers' own errors (OSError,
+    EOFError, KeyError, SafetensorError) reached `train` as tracebacks or as a bare "101"."""
+    from t2v_turbo.rewards.internvideo2 import read_state_dict_file
+
+    torch.save(tiny_state, tmp_path / "whole.pt")
+    save_pretrained(VC2UNet.preset("tiny"), tmp_path / "unet")
+    files = {
+        "empty.pt": b"",
+        "foreign.pt": b"hello\n",
+        "truncated.pt": (tmp_path / "whole.pt").read_bytes()[:5000],
+        "truncated.safetensors": (tmp_path / "unet" / "model.safetensors").read_bytes()[:5000],
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{re.escape(name)}: not a readable"):
+            read_state_dict_file(tmp_path / name)
+    (tmp_path / "unet" / "model.safetensors").write_bytes(files["truncated.safetensors"])
+    with pytest.raises(ValueError, match="model.safetensors: not a readable"):
+        from_pretrained(tmp_path / "unet")
+    (tmp_path / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not a JSON file"):
+        from_pretrained(tmp_path / "unet")
+
+
 def test_convert_cli_reports_unreadable_inputs(tmp_path, capsys):
     output = tmp_path / "out.safetensors"
     assert main(["convert", str(tmp_path / "absent.ckpt"), str(output)]) == 2

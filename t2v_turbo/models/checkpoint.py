@@ -10,16 +10,16 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from t2v_turbo.files import write_atomically, write_files_atomically
+from t2v_turbo.files import (
+    SAFETENSORS_SUFFIX, read_json_file, read_tensor_file, write_atomically, write_files_atomically,
+)
 from t2v_turbo.models.vc2_unet import VC2UNet
 
 # VideoCrafter2's model.ckpt holds the whole LatentDiffusion; the UNet's keys carry this prefix.
 ORIGINAL_PREFIX = "model.diffusion_model."
-PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")
-SAFETENSORS_SUFFIX = ".safetensors"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DIFFUSERS_UNET_CLASS = "UNet3DConditionModel"
@@ -42,22 +42,10 @@ def unet_state_dict(checkpoint: Mapping[str, object]) -> dict[str, Tensor]:
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The UNet state dict of a .safetensors, .pt, .ckpt or .bin file, on the CPU (see unet_state_dict)."""
+    """The UNet state dict of a .safetensors, .pt, .pth, .ckpt or .bin file, on the CPU (see
+    unet_state_dict)."""
     path = Path(path)
-    if path.suffix not in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
-        expected = ", ".join((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
-        raise ValueError(f"{path}: unknown checkpoint format (expected one of {expected})")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == SAFETENSORS_SUFFIX:
-            checkpoint = load_file(str(path))
-        else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    # A truncated or foreign file fails inside the unpickler or the safetensors parser with errors
-    # of many types (KeyError, EOFError, UnpicklingError, SafetensorError, ...); all mean the same.
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable {path.suffix} checkpoint ({type(error).__name__}: {error})") from error
+    checkpoint = read_tensor_file(path)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict")
     return unet_state_dict(checkpoint)
@@ -97,14 +85,14 @@ def from_pretrained(directory: str | os.PathLike, use_kernels: bool = True) -> V
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} holds no {name} (a VC2UNet directory has {CONFIG_NAME} and {WEIGHTS_NAME})")
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    config = read_json_file(directory / CONFIG_NAME)
     try:
         with torch.device("meta"):
             model = VC2UNet(**config, use_kernels=use_kernels)
     except TypeError as error:
         raise ValueError(f"{directory / CONFIG_NAME} is not a VC2UNet configuration ({error})") from None
     # Fresh (allocator-aligned) copies: CPU kernels on the file's buffer can round differently.
-    state = {key: value.clone() for key, value in load_file(str(directory / WEIGHTS_NAME)).items()}
+    state = {key: value.clone() for key, value in read_tensor_file(directory / WEIGHTS_NAME).items()}
     try:
         model.load_original_state_dict(state, assign=True)
     except (KeyError, ValueError) as error:
@@ -117,7 +105,8 @@ def is_diffusers_unet_dir(directory: str | os.PathLike) -> bool:
     config_path = Path(directory) / CONFIG_NAME
     if not config_path.is_file():
         return False
-    return json.loads(config_path.read_text()).get("_class_name") == DIFFUSERS_UNET_CLASS
+    config = read_json_file(config_path)
+    return isinstance(config, Mapping) and config.get("_class_name") == DIFFUSERS_UNET_CLASS
 
 
 def load_unet_dir(directory: str | os.PathLike, use_kernels: bool = True) -> torch.nn.Module:

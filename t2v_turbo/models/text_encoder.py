@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, _build_text_tower
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from t2v_turbo.files import write_atomically
+from t2v_turbo.files import read_json_file, read_tensor_file, write_atomically
 from t2v_turbo.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_state_dict_file
 from t2v_turbo.models.vae import read_checkpoint
 
@@ -157,11 +157,11 @@ class OpenCLIPTextEncoder(nn.Module):
         / VideoCrafter2 file (.bin, .pt, .ckpt, .safetensors) built as `preset`."""
         path = Path(path)
         if path.is_dir():
-            config = json.loads((path / CONFIG_NAME).read_text())
+            config = read_json_file(path / CONFIG_NAME)
             if config.get("kind") != OPENCLIP_KIND:
                 raise ValueError(f"path {path}: config kind is {config.get('kind')!r}, expected {OPENCLIP_KIND!r}")
             encoder = cls(config["preset"])
-            encoder.load_open_clip_state_dict(load_file(str(path / WEIGHTS_NAME)), source=str(path))
+            encoder.load_open_clip_state_dict(read_tensor_file(path / WEIGHTS_NAME), source=str(path))
             return encoder
         encoder = cls(preset)
         encoder.load_open_clip_state_dict(read_checkpoint(path), source=str(path))
@@ -248,7 +248,7 @@ def load_text_encoder(directory: str | os.PathLike) -> OpenCLIPTextEncoder | Min
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"directory {directory} holds no {CONFIG_NAME}")
-    config = json.loads(path.read_text())
+    config = read_json_file(path)
     kind = config.get("kind")
     if kind == OPENCLIP_KIND:
         return OpenCLIPTextEncoder.from_pretrained(directory)

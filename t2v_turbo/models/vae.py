@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import turbo_kernels
-from t2v_turbo.files import write_atomically, write_files_atomically
-from t2v_turbo.models.checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
+from t2v_turbo.files import read_json_file, read_tensor_file, write_atomically, write_files_atomically
+from t2v_turbo.models.checkpoint import CONFIG_NAME
 from t2v_turbo.schedule import VAE_SCALE_FACTOR
 
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -61,13 +60,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """Every tensor of a .safetensors, .pt, .ckpt or .bin file (pickles read with weights_only=True), on
     the CPU, unwrapped from a top-level "state_dict" entry when the file has one (Lightning checkpoints)."""
     path = Path(path)
-    if path.suffix == SAFETENSORS_SUFFIX:
-        checkpoint_data: Mapping[str, Any] = load_file(str(path))
-    elif path.suffix in PICKLE_SUFFIXES:
-        checkpoint_data = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        expected = ", ".join((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
-        raise ValueError(f"path {path}: unknown checkpoint format (expected one of {expected})")
+    checkpoint_data = read_tensor_file(path)
     if not isinstance(checkpoint_data, Mapping):
         raise TypeError(f"path {path}: holds a {type(checkpoint_data).__name__}, not a state dict")
     state = checkpoint_data.get("state_dict", checkpoint_data)
@@ -405,7 +398,7 @@ def load_vae(directory: str | os.PathLike, gradient_checkpointing: bool = False)
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"directory {directory} holds no {CONFIG_NAME}")
-    config = json.loads(path.read_text())
+    config = read_json_file(path)
     if config.get("kind") == PIXEL_KIND:
         return PixelSpace()
     if config.get("_class_name") == DIFFUSERS_CLASS_NAME:

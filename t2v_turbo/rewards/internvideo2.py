@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,10 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from t2v_turbo.files import read_tensor_file
 from t2v_turbo.rewards.base import RewardModel, VisionTextConfig
 
 MLP_ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
@@ -45,8 +44,6 @@ TEXT_PREFIX = "text_encoder."
 # (temperature, ITM head, BERT's MLM head).
 CHECKPOINT_PREFIXES = ("vision_encoder.", CHECKPOINT_TEXT_PREFIX, "vision_proj.", "text_proj.")
 NESTED_STATE_KEYS = ("module", "model", "state_dict")
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-SAFETENSORS_SUFFIX = ".safetensors"
 # BERT's additive attention-mask value for padded keys (in the model dtype, as the release forms it).
 MASK_VALUE = -10000.0
 
@@ -548,21 +545,9 @@ def _reward_part_of_training_checkpoint(state: Mapping[str, Tensor]) -> dict[str
 
 
 def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The state dict of a .safetensors file or a torch pickle (.pt/.pth/.bin/.ckpt, weights_only)."""
-    path = Path(path)
-    if path.suffix == SAFETENSORS_SUFFIX:
-        return _bare_state_dict(load_file(str(path)))
-    if path.suffix in PICKLE_SUFFIXES:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(
-                f"{path}: not loadable with weights_only=True ({error}); save its state dict "
-                "(e.g. the 'module' entry) to safetensors first"
-            ) from None
-        return _bare_state_dict(loaded)
-    expected = ", ".join((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
-    raise ValueError(f"{path}: unknown checkpoint format (expected one of {expected})")
+    """The state dict of a .safetensors file or a torch pickle (.pt/.pth/.bin/.ckpt, weights_only);
+    a file that cannot be read is a ValueError naming it."""
+    return _bare_state_dict(read_tensor_file(path))
 
 
 class InternVideo2Reward(RewardModel):

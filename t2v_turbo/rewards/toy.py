@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from t2v_turbo.files import write_atomically
+from t2v_turbo.files import read_json_file, read_tensor_file, write_atomically
 from t2v_turbo.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_state_dict_file
 from t2v_turbo.rewards.base import RewardModel, l2_normalize
 
@@ -135,16 +135,14 @@ TOY_REWARDS = {"image": ToyImageReward, "video": ToyVideoReward}
 
 def load_toy_reward(directory: str | os.PathLike, text_encoder: nn.Module | None = None) -> _ToyReward:
     """The model save_pretrained wrote, frozen, on the CPU."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"toy reward directory {directory} has no {name}")
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    config = read_json_file(directory / CONFIG_NAME)
     kind = config.pop("kind", None)
     if kind not in TOY_REWARDS:
         raise ValueError(f"{directory / CONFIG_NAME}: kind must be one of {sorted(TOY_REWARDS)}, got {kind!r}")
     model = TOY_REWARDS[kind](**config, text_encoder=text_encoder)
-    model.load_state_dict({k: v.float() for k, v in load_file(str(directory / WEIGHTS_NAME)).items()})
+    model.load_state_dict({k: v.float() for k, v in read_tensor_file(directory / WEIGHTS_NAME).items()})
     return model.freeze()
