@@ -145,6 +145,10 @@ class TrainConfig:
         for name in ("checkpoint_every", "lora_rank", "num_workers", "lr_warmup_steps", "video_reward_processes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        floats = [f.name for f in dataclasses.fields(self) if f.type in ("float", "Optional[float]")]
+        not_finite = [name for name in floats if getattr(self, name) is not None and not math.isfinite(getattr(self, name))]
+        if not_finite:
+            raise ValueError(f"{', '.join(not_finite)} must be finite, got {[getattr(self, n) for n in not_finite]}")
         if not self.w_min <= self.w_max:
             raise ValueError(f"w_min must be <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:

@@ -632,6 +632,11 @@ def test_config_files_overrides_and_errors(tmp_path):
         TrainConfig.load(overrides=["max_steps=many"])
     with pytest.raises(ValueError, match="w_min must be <= w_max"):
         TrainConfig(w_min=9, w_max=5)
+    # An infinite learning rate turned every weight into NaN at the first step (and the checkpoint
+    # of "the last good state" with it); an infinite Huber c failed inside the loss.
+    for override, name in (("lr=.inf", "lr"), ("huber_c=1e400", "huber_c"), ("w_max=.nan", "w_max")):
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            TrainConfig.load(overrides=[override])
     (tmp_path / "broken.yaml").write_text("lr: [\n")
     (tmp_path / "broken.toml").write_text("lr = \n")
     for name in ("broken.yaml", "broken.toml"):
