@@ -159,6 +159,16 @@ def test_convert_cli_creates_the_output_folder(tmp_path, tiny_state):
     assert load_file(str(output)).keys() == tiny_state.keys()
 
 
+def test_a_state_dict_with_shared_tensors_is_written(tmp_path):
+    """Tied weights and views share memory, which safetensors refuses: each key gets its own copy."""
+    weight = torch.randn(4, 3)
+    state = {"a.weight": weight, "b.weight": weight, "row": weight[1]}
+    torch.save(state, tmp_path / "tied.pt")
+    assert main(["convert", str(tmp_path / "tied.pt"), str(tmp_path / "tied.safetensors")]) == 0
+    written = load_file(str(tmp_path / "tied.safetensors"))
+    assert written.keys() == state.keys() and all(torch.equal(written[k], v) for k, v in state.items())
+
+
 def test_train_overrides_may_sit_between_its_flags(tmp_path, capsys):
     """Every KEY=VALUE reaches the config wherever it sits (the unknown key proves the second did)."""
     argv = ["train", "--cache", str(tmp_path), "kernels=off", "--max-steps", "1", "not_a_field=1"]

@@ -66,7 +66,13 @@ def save_state_dict_file(state: Mapping[str, Tensor], path: str | os.PathLike) -
     path = Path(path)
     if path.suffix != SAFETENSORS_SUFFIX:
         raise ValueError(f"{path}: the output must be a {SAFETENSORS_SUFFIX} file")
-    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    tensors, storages = {}, set()
+    for key, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        # safetensors refuses tensors that share memory (tied weights, views): later ones are copied.
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[key] = tensor.clone() if storage in storages else tensor
+        storages.add(storage)
     write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata={"format": "pt"}))
 
 
