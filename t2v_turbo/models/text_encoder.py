@@ -259,7 +259,10 @@ def load_text_encoder(directory: str | os.PathLike) -> OpenCLIPTextEncoder | Min
 
 class PromptCache:
     """Embeddings of every prompt seen so far, keyed by the exact prompt string and kept on the CPU;
-    encode() asks the encoder only for prompts it has not seen."""
+    encode() asks the encoder only for prompts it has not seen, one prompt a call: a prompt's
+    embedding then never depends on which others were new with it (batched, the encoder's products
+    round differently with the batch, so a resumed preprocess run would not equal an uninterrupted
+    one bit for bit)."""
 
     def __init__(self, encoder: TextEncoder, device: torch.device | str | None = None):
         self.encoder = encoder
@@ -278,10 +281,8 @@ class PromptCache:
         """(B, L, D) embeddings of `prompts` on the cache's device."""
         prompts = _check_prompts(prompts)
         unseen = list(dict.fromkeys(prompt for prompt in prompts if prompt not in self._embeddings))
-        if unseen:
-            embeddings = self.encoder.encode(unseen).detach().cpu()
-            for prompt, embedding in zip(unseen, embeddings, strict=True):
-                self._embeddings[prompt] = embedding
+        for prompt in unseen:
+            self._embeddings[prompt] = self.encoder.encode([prompt])[0].detach().cpu()
         return torch.stack([self._embeddings[prompt] for prompt in prompts]).to(self.device)
 
     def save(self, path: str | os.PathLike) -> None:
