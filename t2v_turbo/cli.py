@@ -32,9 +32,13 @@ def _add_convert(subparsers) -> None:
 
     def convert(args) -> int:
         from t2v_turbo.commands import error_text
+        from t2v_turbo.files import uncreatable_reason
 
         if not args.output.endswith(checkpoint.SAFETENSORS_SUFFIX):
             parser.error(f"OUTPUT must be a {checkpoint.SAFETENSORS_SUFFIX} file, got {args.output}")
+        problem = uncreatable_reason(args.output, directory=False)
+        if problem:
+            parser.error(f"OUTPUT: {problem}")
         try:
             state = checkpoint.load_state_dict_file(args.input)
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)

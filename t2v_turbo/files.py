@@ -110,3 +110,20 @@ def read_json_file(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not a JSON file ({error})") from None
+
+
+def uncreatable_reason(path: str | os.PathLike, directory: bool) -> str | None:
+    """Why `path` cannot be written as a directory (`directory`) or a file, checked before the work
+    that would write it: it exists as the other kind, or the nearest of its ancestors that exists
+    is not a directory. None when it can (permissions aside)."""
+    path = Path(path)
+    if path.exists():
+        if directory and not path.is_dir():
+            return f"{path} is a file, not a directory"
+        if not directory and path.is_dir():
+            return f"{path} is a directory, not a file"
+        return None
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file, so {path} cannot be created"
+    return None

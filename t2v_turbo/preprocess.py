@@ -48,7 +48,7 @@ from t2v_turbo.cache import MODELS_HANDED_IN_KEY, STORAGE_DTYPES, CacheWriter, m
 from t2v_turbo.data.videos import VIDEO_BACKENDS, build_dataset
 from t2v_turbo.models import OpenCLIPTextEncoder, PromptCache, VC2UNet, VideoVAE
 from t2v_turbo.models.adapter import NoisePredictor, check_frame_size
-from t2v_turbo.files import write_atomically
+from t2v_turbo.files import uncreatable_reason, write_atomically
 from t2v_turbo.motion import compute_motion_prior, noised_latents
 
 logger = logging.getLogger(__name__)
@@ -438,8 +438,9 @@ def preprocess(
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     _check_cuda_graphs_device(config, device)
     cache_dir = Path(config.cache)
-    if cache_dir.exists() and not cache_dir.is_dir():
-        raise ValueError(f"cache {cache_dir} is a file, not a directory")
+    problem = uncreatable_reason(cache_dir, directory=True)
+    if problem:
+        raise ValueError(f"cache: {problem}")
     _check_process_layout(cache_dir, world)
 
     if dataset is None:

@@ -53,7 +53,7 @@ from t2v_turbo.cache import MODELS_HANDED_IN_KEY, PREPROCESS_HINT, TeacherCache,
 from t2v_turbo.models import VC2UNet
 from t2v_turbo.models import checkpoint as unet_checkpoint
 from t2v_turbo.models.adapter import NoisePredictor
-from t2v_turbo.files import make_readable, write_atomically
+from t2v_turbo.files import make_readable, uncreatable_reason, write_atomically
 from turbo_kernels import MOTION_FORMS
 
 logger = logging.getLogger(__name__)
@@ -624,8 +624,9 @@ class _Trainer:
         check_cache_teacher(self.dataset.config, config)
         check_cache_data(self.dataset.config, config)
         check_cache_size(len(self.dataset), config, self.world)
-        if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise ValueError(f"output_dir {self.output_dir} is a file, not a directory")
+        problem = uncreatable_reason(self.output_dir, directory=True)
+        if problem:
+            raise ValueError(f"output_dir: {problem}")
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.fps = int(self.dataset.config.get("fps", schedule.DEFAULT_FPS))

@@ -159,6 +159,14 @@ def test_convert_cli_creates_the_output_folder(tmp_path, tiny_state):
     assert load_file(str(output)).keys() == tiny_state.keys()
 
 
+def test_convert_refuses_an_output_under_a_file(tmp_path, capsys, tiny_state):
+    torch.save(tiny_state, tmp_path / "model.pt")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        main(["convert", str(tmp_path / "model.pt"), str(tmp_path / "afile" / "o.safetensors")])
+    assert stopped.value.code == 2 and f"OUTPUT: {tmp_path / 'afile'} is a file, so" in capsys.readouterr().err
+
+
 def test_a_state_dict_with_shared_tensors_is_written(tmp_path):
     """Tied weights and views share memory, which safetensors refuses: each key gets its own copy."""
     weight = torch.randn(4, 3)

@@ -398,6 +398,17 @@ def test_generate_flags_out_of_range_end_with_a_usage_error(tmp_path, capsys, fl
     assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_sampling(tmp_path, capsys):
+    """A directory where the video should go, or a file where a folder on its path should be, was
+    found only when the sampled video was written; now before any model loads (tmp_path holds none)."""
+    (tmp_path / "clip.gif").mkdir()
+    (tmp_path / "afile").write_text("")
+    for out, message in (("clip.gif", "clip.gif is a directory, not a file"), ("afile/c.gif", "afile is a file, so")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["a red ball", "--model", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / out)])
+        assert stopped.value.code == 2 and f"--out: {tmp_path / message}" in capsys.readouterr().err
+
+
 def test_generate_command_writes_readable_videos(tmp_path, capsys, chosen):
     pytest.importorskip("av", reason=NEEDS_AV)
     vae_module = pytest.importorskip("t2v_turbo.models.vae", reason="t2v_turbo.models.vae is not there yet")

@@ -358,6 +358,8 @@ def test_command_line_synthetic_tiny_preset(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     assert run_cli(["--preset", "tiny", "--cache", str(tmp_path / "a-file"), "--frames", "4", "--cpu"]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+    assert run_cli(["--preset", "tiny", "--cache", str(tmp_path / "a-file" / "c"), "--frames", "4", "--cpu"]) == 2
+    assert "a-file is a file, so" in capsys.readouterr().err
 
 
 def test_command_line_fails_when_every_clip_is_unreadable(tmp_path, capsys):

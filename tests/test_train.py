@@ -448,6 +448,8 @@ def test_runs_neither_mix_with_nor_roll_back_an_earlier_run(assets, tmp_path):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ValueError, match="a-file is a file, not a directory"):
         prepare_training(config(assets, tmp_path / "a-file", max_steps=1))
+    with pytest.raises(ValueError, match="a-file is a file, so .*a-file/run cannot be created"):
+        prepare_training(config(assets, tmp_path / "a-file" / "run", max_steps=1))
 
 
 def test_a_run_without_checkpoints_is_not_overwritten(assets, tmp_path):

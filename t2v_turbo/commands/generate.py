@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from t2v_turbo.files import uncreatable_reason
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -122,6 +124,10 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
     if Path(args.out).suffix.lower() not in VIDEO_SUFFIXES:
         parser.error(f"--out must end in one of {', '.join(VIDEO_SUFFIXES)}, got {args.out}")
+    # Checked before sampling, which would otherwise end in the error.
+    problem = uncreatable_reason(args.out, directory=False)
+    if problem:
+        parser.error(f"--out: {problem}")
     for name in ("steps", "frames", "height", "width"):
         value = getattr(args, name)
         if value is not None and value < 1:
