@@ -270,10 +270,24 @@ class CacheWriter:
             self.close()
 
 
+def _check_shard_header(path: Path) -> None:
+    """A shard's safetensors header (which also covers the file's length) names every field."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys, metadata = set(handle.keys()), handle.metadata() or {}
+    except Exception as error:
+        raise ValueError(f"{path}: corrupt cache shard ({error})") from None
+    missing = [name for name in (*TENSOR_FIELDS, *TEXT_FIELDS) if name not in keys | set(metadata)]
+    if missing:
+        raise ValueError(f"{path}: cache shard lacks {missing}")
+
+
 class TeacherCache(Dataset):
     """The samples of a cache directory as a map-style dataset of dicts: the tensor fields of one
     sample (without the batch dimension, in the storage dtype) plus its caption and short_caption.
-    Shards are loaded on first use and the `max_loaded_shards` most recent are kept."""
+    Shards are loaded on first use and the `max_loaded_shards` most recent are kept; every shard's
+    header is read when the cache opens, so a truncated or foreign shard stops a run before its
+    first step, not hours in when the shard is first needed."""
 
     def __init__(self, directory: str | os.PathLike, max_loaded_shards: int = 2):
         self.directory = Path(directory)
@@ -293,6 +307,7 @@ class TeacherCache(Dataset):
             for shard in manifest["shards"]:
                 if not (self.directory / shard["file"]).is_file():
                     raise FileNotFoundError(f"{path} lists {shard['file']}, which is missing from {self.directory}")
+                _check_shard_header(self.directory / shard["file"])
                 self.shards.append((shard["file"], int(shard["num_samples"])))
         self._starts = []
         total = 0

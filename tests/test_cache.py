@@ -160,6 +160,16 @@ def test_process_shards_are_read_together(tmp_path):
     )
 
 
+def test_a_truncated_shard_is_found_when_the_cache_opens(tmp_path):
+    """Not when training first reads it, hours in, past its last checkpoint."""
+    with CacheWriter(tmp_path, shard_size=2) as writer:
+        writer.add(_batch(4, 0))
+    shard = sorted(tmp_path.glob("shard-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{shard.name}: corrupt cache shard"):
+        TeacherCache(tmp_path)
+
+
 def test_broken_caches_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="preprocess"):
         TeacherCache(tmp_path / "absent")
