@@ -764,7 +764,7 @@ class _Trainer:
             state = {
                 "step": self.step, "epoch": epoch, "batch_in_epoch": batch, "seed": self.config.seed,
                 "num_processes": self.world, "batch_size": self.config.batch_size, "lora": self.lora,
-                "sharded": self.sharded, "config": self.config.to_dict(),
+                "sharded": self.sharded, "config": self.config.to_dict(), **self._cache_identity(),
             }
             (temporary / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
             for written in temporary.iterdir():
@@ -823,6 +823,11 @@ class _Trainer:
         set_model_state_dict(self.model, weights, options=_whole_state_options(strict=not self.lora))
         set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=_whole_state_options())
 
+    def _cache_identity(self) -> dict[str, Any]:
+        """What a resumed run must find again: the data order is drawn over the cache's samples, so
+        a cache grown, shrunk or swapped since would not continue the run exactly."""
+        return {"cache_samples": len(self.dataset), "cache_config": self.dataset.config}
+
     def load_checkpoint(self, path: Path) -> None:
         try:
             self._read_checkpoint(path)
@@ -833,8 +838,10 @@ class _Trainer:
     def _read_checkpoint(self, path: Path) -> None:
         state = json.loads((path / STATE_NAME).read_text())
         expected = {"seed": self.config.seed, "num_processes": self.world, "batch_size": self.config.batch_size,
-                    "lora": self.lora, "sharded": self.sharded}
-        recorded = {"sharded": False, **state}  # checkpoints from before FSDP support are unsharded
+                    "lora": self.lora, "sharded": self.sharded, **self._cache_identity()}
+        # Checkpoints from before FSDP support are unsharded; those from before the cache was
+        # recorded are taken at their word.
+        recorded = {"sharded": False, **self._cache_identity(), **state}
         differing = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
         if differing:
             raise ValueError(f"cannot resume {path} exactly: (checkpoint, now) differ for {differing}")

@@ -210,6 +210,19 @@ def test_resume_continues_bit_for_bit(assets, tmp_path, monkeypatch):
     assert steps == ["1", "2", "3", "4", "5", "6"]
 
 
+def test_resume_refuses_a_cache_that_changed(assets, tmp_path):
+    """The data order is drawn over the cache's samples: a checkpoint records the cache it read
+    (sample count, producing config), and a resume that finds another refuses to go on."""
+    out = tmp_path / "run"
+    train(config(assets, out, max_steps=2, checkpoint_every=2))
+    state_path = out / "checkpoint-000002" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    assert state["cache_samples"] > 0 and "cache_config" in state
+    state_path.write_text(json.dumps({**state, "cache_samples": state["cache_samples"] + 8}))
+    with pytest.raises(ValueError, match="cannot resume .* differ for .*cache_samples"):
+        train(config(assets, out, max_steps=4, checkpoint_every=2, resume="latest"))
+
+
 def test_ema_target_starts_as_the_student_and_then_lags_it(assets, tmp_path):
     """With ema_decay the self-target is the EMA network: the first step's loss is the plain run's
     (the EMA starts as the student), the second's is not; each checkpoint holds the EMA, which is
