@@ -9,6 +9,7 @@ step. The real tiny VC2UNet (and a tiny diffusers UNet3DConditionModel) run at 4
 
 import argparse
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,7 +388,10 @@ def test_threads_flag_sets_torchs_cpu_threads_before_the_command_runs(tmp_path, 
     [
         (["--steps", "300"], "--steps must be at most 200, got 300"),
         (["--teacher", "--steps", "501"], "--steps must be at most 500 with --teacher"),
-        (["--seed", "-1"], "--seed must be a non-negative integer"),
+        (["--seed", "-1"], "--seed must be an integer in [0, 2**64)"),
+        (["--seed", str(2**64)], "--seed must be an integer in [0, 2**64)"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--teacher", "--motion-strength", "0.1"], "the teacher (--teacher) takes none"),
         (["--guidance", "nan"], "--guidance must be a finite number"),
         (["--motion-strength", "inf"], "--motion-strength must be a finite number"),
     ],
@@ -396,6 +400,23 @@ def test_generate_flags_out_of_range_end_with_a_usage_error(tmp_path, capsys, fl
     with pytest.raises(SystemExit) as stopped:
         main(["a red ball", "--model", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "c.gif"), *flags])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_prompts_clip_depends_on_its_prompt_and_seed_only(tmp_path, monkeypatch, capsys):
+    """Prompts are sampled --batch-size at a time (default 1), each batch from the seed: the first
+    prompt's clip is the same alone or followed by others (one batch of all prompts drew every
+    clip's noise from one generator, and held every clip in memory at once)."""
+    from t2v_turbo import video_io
+
+    model = Path(__file__).resolve().parents[1] / "t2v_turbo" / "assets" / "world"
+    written = []
+    monkeypatch.setattr(video_io, "write_video", lambda clip, path, **kwargs: written.append(clip.clone()))
+    base = ["--model", str(model), "--device", "cpu", "--out", str(tmp_path / "c.gif"), "--no-progress", "--seed", "3"]
+    assert main(["a red circle moving left", *base]) == 0
+    assert main(["a red circle moving left", "a blue square moving up", *base]) == 0
+    assert len(written) == 3 and torch.equal(written[0], written[1])
+    assert main(["a red circle moving left", "a blue square moving up", *base, "--batch-size", "2"]) == 0
+    assert len(written) == 5 and not torch.equal(written[3], written[2])
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_sampling(tmp_path, capsys):

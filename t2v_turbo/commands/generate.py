@@ -59,22 +59,28 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"t2v-turbo generate: error: {error_text(error)}", file=sys.stderr)
         return 2
-    if args.teacher:
-        steps = TEACHER_STEPS if args.steps is None else args.steps
-        guidance = 7.5 if args.guidance is None else args.guidance
-        result = pipeline.sample_teacher(args.prompts, num_steps=steps, guidance_scale=guidance, **common)
-    else:
-        result = pipeline.generate(
-            args.prompts,
-            num_steps=args.steps,
-            guidance_scale=args.guidance,
-            motion_strength=args.motion_strength,
-            **common,
+    def sample(prompts: list[str]):
+        if args.teacher:
+            steps = TEACHER_STEPS if args.steps is None else args.steps
+            guidance = 7.5 if args.guidance is None else args.guidance
+            return pipeline.sample_teacher(prompts, num_steps=steps, guidance_scale=guidance, **common)
+        return pipeline.generate(
+            prompts, num_steps=args.steps, guidance_scale=args.guidance, motion_strength=args.motion_strength, **common
         )
-    for clip, path in zip(result.frames, output_paths(args.out, len(args.prompts))):
-        video_io.write_video(clip, path, fps=pipeline.fps, layout="channels")
-        print(f"wrote {path}")
-    t = result.timings
+
+    # Batches of --batch-size prompts, each drawn from --seed: memory stays that of one batch, a
+    # batch's clips are written before the next is sampled, and at the default of 1 a prompt's
+    # clip depends on its prompt and the seed only, not on the prompts beside it.
+    paths = output_paths(args.out, len(args.prompts))
+    seconds: dict[str, float] = {}
+    for start in range(0, len(args.prompts), args.batch_size):
+        result = sample(args.prompts[start:start + args.batch_size])
+        for clip, path in zip(result.frames, paths[start:start + args.batch_size]):
+            video_io.write_video(clip, path, fps=pipeline.fps, layout="channels")
+            print(f"wrote {path}")
+        for name, value in result.timings.items():
+            seconds[name] = seconds.get(name, 0.0) + value
+    t = seconds
     print(f"time: UNet {t['unet_s']:.2f} s, VAE {t['vae_s']:.2f} s, text {t['text_s']:.2f} s, total {t['total_s']:.2f} s")
     return 0
 
@@ -103,6 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None, help="width in pixels (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
+        "--batch-size", type=int, default=1,
+        help="prompts sampled together (default 1: memory of one clip, and each clip depends on its prompt and "
+        "the seed only)",
+    )
+    parser.add_argument(
         "--out", default="clip.mp4", help="output .mp4, .gif or .png (frame grid); several prompts add _0, _1, ..."
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -128,6 +139,10 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     problem = uncreatable_reason(args.out, directory=False)
     if problem:
         parser.error(f"--out: {problem}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.teacher and args.motion_strength is not None:
+        parser.error("--motion-strength conditions the student; the teacher (--teacher) takes none")
     for name in ("steps", "frames", "height", "width"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -139,8 +154,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     most_steps = TEACHER_MAX_STEPS if args.teacher else schedule.DDIM_GRID_STEPS
     if args.steps is not None and args.steps > most_steps:
         parser.error(f"--steps must be at most {most_steps}{' with --teacher' if args.teacher else ''}, got {args.steps}")
-    if args.seed < 0:
-        parser.error(f"--seed must be a non-negative integer, got {args.seed}")
+    if not 0 <= args.seed < 2**64:
+        parser.error(f"--seed must be an integer in [0, 2**64), got {args.seed}")
     for name in ("guidance", "motion_strength"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
