@@ -765,6 +765,7 @@ class _Trainer:
                 "step": self.step, "epoch": epoch, "batch_in_epoch": batch, "seed": self.config.seed,
                 "num_processes": self.world, "batch_size": self.config.batch_size, "lora": self.lora,
                 "sharded": self.sharded, "config": self.config.to_dict(), **self._cache_identity(),
+                **self._target_identity(),
             }
             (temporary / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
             for written in temporary.iterdir():
@@ -828,6 +829,11 @@ class _Trainer:
         a cache grown, shrunk or swapped since would not continue the run exactly."""
         return {"cache_samples": len(self.dataset), "cache_config": self.dataset.config}
 
+    def _target_identity(self) -> dict[str, Any]:
+        """Whether the run keeps an EMA target: a checkpoint without one cannot give it its state,
+        and one with it would have its EMA dropped."""
+        return {"ema": self.ema is not None}
+
     def load_checkpoint(self, path: Path) -> None:
         try:
             self._read_checkpoint(path)
@@ -838,10 +844,11 @@ class _Trainer:
     def _read_checkpoint(self, path: Path) -> None:
         state = json.loads((path / STATE_NAME).read_text())
         expected = {"seed": self.config.seed, "num_processes": self.world, "batch_size": self.config.batch_size,
-                    "lora": self.lora, "sharded": self.sharded, **self._cache_identity()}
+                    "lora": self.lora, "sharded": self.sharded, **self._cache_identity(), **self._target_identity()}
         # Checkpoints from before FSDP support are unsharded; those from before the cache was
-        # recorded are taken at their word.
-        recorded = {"sharded": False, **self._cache_identity(), **state}
+        # recorded are taken at their word; whether one kept an EMA its config says.
+        kept_ema = state.get("config", {}).get("ema_decay") is not None
+        recorded = {"sharded": False, **self._cache_identity(), "ema": kept_ema, **state}
         differing = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
         if differing:
             raise ValueError(f"cannot resume {path} exactly: (checkpoint, now) differ for {differing}")

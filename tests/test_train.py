@@ -227,7 +227,7 @@ def test_ema_target_starts_as_the_student_and_then_lags_it(assets, tmp_path):
     """With ema_decay the self-target is the EMA network: the first step's loss is the plain run's
     (the EMA starts as the student), the second's is not; each checkpoint holds the EMA, which is
     decay * before + (1 - decay) * the student after the step."""
-    plain = train(config(assets, tmp_path / "plain", max_steps=2))
+    plain = train(config(assets, tmp_path / "plain", max_steps=2, checkpoint_every=2))
     ema = train(config(assets, tmp_path / "ema", max_steps=2, ema_decay=0.5, checkpoint_every=1, keep_last=2))
     assert ema.losses[0] == plain.losses[0]
     assert ema.losses[1] != pytest.approx(plain.losses[1], rel=1e-6, abs=0)
@@ -242,6 +242,12 @@ def test_ema_target_starts_as_the_student_and_then_lags_it(assets, tmp_path):
             moved += not torch.equal(value, before[key])
         assert moved > len(averaged) // 2
         before = averaged
+    # A resume must keep the EMA target or its absence: a checkpoint without one reported itself
+    # unreadable, and one with it had its EMA silently dropped.
+    for run, ema_decay in (("plain", 0.5), ("ema", None)):
+        (tmp_path / run / "student").rename(tmp_path / run / f"student-{ema_decay}")
+        with pytest.raises(ValueError, match=r"cannot resume .* differ for \{'ema'"):
+            train(config(assets, tmp_path / run, max_steps=3, ema_decay=ema_decay, checkpoint_every=1, resume="latest"))
 
 
 def test_keep_last_prunes_old_checkpoints_and_leaves_no_temporaries(assets, tmp_path):
@@ -273,7 +279,7 @@ def test_gradients_are_clipped_to_grad_clip_before_the_update(assets, tmp_path, 
 def test_gradient_checkpointing_trains_the_same(assets, tmp_path):
     """Recomputing each UNet block in the backward (dropout replayed from the saved RNG state)
     changes neither the losses nor the gradients."""
-    plain = train(config(assets, tmp_path / "plain", max_steps=2))
+    plain = train(config(assets, tmp_path / "plain", max_steps=2, checkpoint_every=2))
     checkpointed = train(config(assets, tmp_path / "checkpointed", max_steps=2, gradient_checkpointing=True))
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-6)
     for mine, theirs in zip(checkpointed.history, plain.history):
@@ -667,6 +673,21 @@ def test_train_command_points_to_preprocess_without_a_cache(tmp_path, capsys):
     args = parser.parse_args(["train", "--cache", str(tmp_path / "none"), "--max-steps", "3", "lr=2e-5"])
     assert args.handler(args) == 2
     assert "t2v-turbo preprocess --data synthetic --cache" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_train_ends_with_a_line_not_a_traceback(assets, tmp_path, capsys, monkeypatch):
+    def interrupted(trainer, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module._Trainer, "train_step", interrupted)
+    parser = argparse.ArgumentParser()
+    add_train_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "train", "--cache", assets["cache"], "--output-dir", str(tmp_path / "run"), "--max-steps", "2",
+        "--no-progress", f"teacher={assets['teacher']}", "kernels=off", "batch_size=2",
+    ])
+    assert args.handler(args) == 130
+    assert "interrupted at step 0; --resume latest continues" in capsys.readouterr().err
 
 
 # A large Adam epsilon makes each update nearly proportional to the gradient, so the comparison

@@ -171,6 +171,13 @@ def run_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as error:
         print(f"t2v-turbo train: stopped: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            f"t2v-turbo train: interrupted at step {trainer.step}; --resume latest continues from the last "
+            f"checkpoint in {config.output_dir} (if any)",
+            file=sys.stderr,
+        )
+        return 130
     last = result.losses[-1] if result.losses else float("nan")
     print(f"trained {result.steps} steps (last loss {last:.5g}); student in {result.student_dir}, metrics in {result.metrics_path}")
     return 0
