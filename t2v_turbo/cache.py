@@ -270,16 +270,20 @@ class CacheWriter:
             self.close()
 
 
-def _check_shard_header(path: Path) -> None:
-    """A shard's safetensors header (which also covers the file's length) names every field."""
+def _check_shard_header(path: Path, num_samples: int) -> None:
+    """A shard's safetensors header (which also covers the file's length) names every field and
+    holds the `num_samples` its manifest lists."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys, metadata = set(handle.keys()), handle.metadata() or {}
+            held = handle.get_slice("grid_index").get_shape()[0] if "grid_index" in keys else None
     except Exception as error:
         raise ValueError(f"{path}: corrupt cache shard ({error})") from None
     missing = [name for name in (*TENSOR_FIELDS, *TEXT_FIELDS) if name not in keys | set(metadata)]
     if missing:
         raise ValueError(f"{path}: cache shard lacks {missing}")
+    if held != num_samples:
+        raise ValueError(f"{path}: holds {held} samples, its manifest lists {num_samples} (a shard of another cache?)")
 
 
 class TeacherCache(Dataset):
@@ -307,7 +311,7 @@ class TeacherCache(Dataset):
             for shard in manifest["shards"]:
                 if not (self.directory / shard["file"]).is_file():
                     raise FileNotFoundError(f"{path} lists {shard['file']}, which is missing from {self.directory}")
-                _check_shard_header(self.directory / shard["file"])
+                _check_shard_header(self.directory / shard["file"], int(shard["num_samples"]))
                 self.shards.append((shard["file"], int(shard["num_samples"])))
         self._starts = []
         total = 0

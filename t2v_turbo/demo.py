@@ -89,9 +89,16 @@ class DemoConfig:
         unknown = set(self.variants) - {v.name for v in VARIANTS}
         if unknown or not self.variants:
             raise ValueError(f"variants must be letters from 'abcd', got {self.variants!r}")
+        from t2v_turbo import schedule
+        from t2v_turbo.pipeline import TEACHER_MAX_STEPS
+
         for name in ("train_clips", "train_steps", "batch_size", "eval_prompts", "teacher_steps", "student_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)}")
+        # Checked here, not when the samplers refuse them after the run's training.
+        for name, most in (("teacher_steps", TEACHER_MAX_STEPS), ("student_steps", schedule.DDIM_GRID_STEPS)):
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} must be at most {most}, got {getattr(self, name)}")
         if self.train_clips < self.batch_size:
             raise ValueError(f"train_clips ({self.train_clips}) must hold at least one batch ({self.batch_size})")
         if not Path(self.models).is_dir():

@@ -170,6 +170,17 @@ def test_a_truncated_shard_is_found_when_the_cache_opens(tmp_path):
         TeacherCache(tmp_path)
 
 
+def test_a_shard_of_another_cache_is_found_when_the_cache_opens(tmp_path):
+    """A whole shard, but not the one the manifest lists: its sample count gives it away (reading
+    past its end failed with an IndexError when training reached it)."""
+    for name, shard_size in (("a", 3), ("b", 2)):
+        with CacheWriter(tmp_path / name, shard_size=shard_size) as writer:
+            writer.add(_batch(6, 0))
+    (tmp_path / "a" / "shard-00001.safetensors").write_bytes((tmp_path / "b" / "shard-00001.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="shard-00001.safetensors: holds 2 samples, its manifest lists 3"):
+        TeacherCache(tmp_path / "a")
+
+
 def test_broken_caches_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="preprocess"):
         TeacherCache(tmp_path / "absent")

@@ -230,6 +230,8 @@ def test_scores_summary_and_table_count_only_clips_with_a_direction():
     [
         (["--variants", "xyz"], "variants must be letters"),
         (["--train-steps", "-1"], "train_steps must be a positive int"),
+        (["--teacher-steps", "600"], "teacher_steps must be at most 500"),
+        (["--student-steps", "201"], "student_steps must be at most 200"),
         (["--lr", "nan"], "lr must be a finite positive number"),
         (["--motion-grid-range", "150", "100"], "motion_grid_range"),
         (["--models", "/nonexistent-models"], "does not exist"),

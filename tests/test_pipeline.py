@@ -416,17 +416,23 @@ def test_a_prompts_clip_depends_on_its_prompt_and_seed_only(tmp_path, monkeypatc
     assert main(["a red circle moving left", "a blue square moving up", *base]) == 0
     assert len(written) == 3 and torch.equal(written[0], written[1])
     assert main(["a red circle moving left", "a blue square moving up", *base, "--batch-size", "2"]) == 0
-    assert len(written) == 5 and not torch.equal(written[3], written[2])
+    # Batched, the second prompt's clip is drawn after the first's: not its clip alone.
+    assert len(written) == 5 and not torch.equal(written[4], written[2])
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_sampling(tmp_path, capsys):
     """A directory where the video should go, or a file where a folder on its path should be, was
     found only when the sampled video was written; now before any model loads (tmp_path holds none)."""
     (tmp_path / "clip.gif").mkdir()
+    (tmp_path / "two_1.gif").mkdir()
     (tmp_path / "afile").write_text("")
-    for out, message in (("clip.gif", "clip.gif is a directory, not a file"), ("afile/c.gif", "afile is a file, so")):
+    for prompts, out, message in (
+        (["a red ball"], "clip.gif", "clip.gif is a directory, not a file"),
+        (["a red ball"], "afile/c.gif", "afile is a file, so"),
+        (["a red ball", "a blue box"], "two.gif", "two_1.gif is a directory, not a file"),  # the files two_0, two_1
+    ):
         with pytest.raises(SystemExit) as stopped:
-            main(["a red ball", "--model", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / out)])
+            main([*prompts, "--model", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / out)])
         assert stopped.value.code == 2 and f"--out: {tmp_path / message}" in capsys.readouterr().err
 
 

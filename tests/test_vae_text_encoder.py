@@ -205,6 +205,13 @@ def test_save_load_round_trips(vae, latents, tmp_path):
     assert json.loads((tmp_path / "pixel" / "config.json").read_text()) == {"kind": "pixel"}
     assert isinstance(load_vae(tmp_path / "pixel"), PixelSpace)
 
+    # A truncated weights file is an error naming the directory, one the commands report (diffusers
+    # raises an OSError, which they did not catch).
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=f"{tmp_path / 'vae'}: not a readable VAE directory"):
+        load_vae(tmp_path / "vae")
+
 
 def test_original_checkpoint_round_trip(vae, latents, tmp_path):
     num_levels = len(vae.config["block_out_channels"])

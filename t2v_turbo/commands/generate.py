@@ -135,10 +135,11 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
     if Path(args.out).suffix.lower() not in VIDEO_SUFFIXES:
         parser.error(f"--out must end in one of {', '.join(VIDEO_SUFFIXES)}, got {args.out}")
-    # Checked before sampling, which would otherwise end in the error.
-    problem = uncreatable_reason(args.out, directory=False)
-    if problem:
-        parser.error(f"--out: {problem}")
+    # Checked before sampling, which would otherwise end in the error: every file the prompts write.
+    for path in output_paths(args.out, len(args.prompts)):
+        problem = uncreatable_reason(path, directory=False)
+        if problem:
+            parser.error(f"--out: {problem}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.teacher and args.motion_strength is not None:

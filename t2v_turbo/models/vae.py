@@ -327,7 +327,11 @@ class VideoVAE(nn.Module):
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"directory {directory} holds no {CONFIG_NAME}")
-        autoencoder = AutoencoderKL.from_pretrained(directory, local_files_only=True)
+        try:
+            autoencoder = AutoencoderKL.from_pretrained(directory, local_files_only=True)
+        # diffusers reports a missing, truncated or foreign weights file as an OSError.
+        except OSError as error:
+            raise ValueError(f"{directory}: not a readable VAE directory ({error})") from None
         with torch.device("meta"):
             vae = cls(autoencoder.config, gradient_checkpointing=gradient_checkpointing)
         vae.autoencoder = autoencoder.requires_grad_(False).eval()
