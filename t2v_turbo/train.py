@@ -233,7 +233,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 return lowered in ("true", "on", "yes", "1")
             return bool(value)
         if base is int:
-            if isinstance(value, float) and not value.is_integer():
+            # YAML reads `true` as a bool, which int() would take as 1.
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             return int(value)
         if base is float:

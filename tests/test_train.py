@@ -658,6 +658,8 @@ def test_config_files_overrides_and_errors(tmp_path):
     for override, name in (("lr=.inf", "lr"), ("huber_c=1e400", "huber_c"), ("w_max=.nan", "w_max")):
         with pytest.raises(ValueError, match=f"{name} must be finite"):
             TrainConfig.load(overrides=[override])
+    with pytest.raises(ValueError, match="batch_size must be an integer, got True"):
+        TrainConfig.load(overrides=["batch_size=true"])  # YAML's true, which int() took as 1
     (tmp_path / "broken.yaml").write_text("lr: [\n")
     (tmp_path / "broken.toml").write_text("lr = \n")
     for name in ("broken.yaml", "broken.toml"):

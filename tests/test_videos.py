@@ -200,6 +200,13 @@ def test_missing_manifest_columns_raise_clear_errors(tmp_path):
     (tmp_path / "no_path.jsonl").write_text('{"path": "a.mp4", "caption": "x"}\n{"caption": "y"}\n')
     with pytest.raises(ValueError, match=r"no_path\.jsonl:2.*\['path'\]"):
         VideoTextDataset(tmp_path, manifest=tmp_path / "no_path.jsonl")
+    # A caption of spaces is no caption; a JSON list would have been stored as its repr.
+    (tmp_path / "blank.csv").write_text("path,caption\na.mp4,   \n")
+    with pytest.raises(ValueError, match=r"blank\.csv:2.*\['caption'\]"):
+        VideoTextDataset(tmp_path, manifest=tmp_path / "blank.csv")
+    (tmp_path / "list.jsonl").write_text('{"path": "a.mp4", "caption": ["a", "b"]}\n')
+    with pytest.raises(ValueError, match=r"list\.jsonl:1: \['caption'\] must be text, got \['list'\]"):
+        VideoTextDataset(tmp_path, manifest=tmp_path / "list.jsonl")
     (tmp_path / "bad_flag.jsonl").write_text('{"path": "a.mp4", "caption": "x", "use_motion": "maybe"}\n')
     with pytest.raises(ValueError, match="use_motion"):
         VideoTextDataset(tmp_path, manifest=tmp_path / "bad_flag.jsonl")

@@ -96,11 +96,15 @@ def read_manifest(manifest: str | Path) -> list[dict]:
         raise ValueError(f"manifest {manifest} is not UTF-8 text: {error}") from None
     rows = []
     for where, row in raw_rows:
-        missing = [c for c in REQUIRED_COLUMNS if not row.get(c)]
+        missing = [c for c in REQUIRED_COLUMNS if not str(row.get(c) or "").strip()]
         if missing:
             raise ValueError(
                 f"{where}: the row lacks a value for {missing} (required columns: {list(REQUIRED_COLUMNS)})"
             )
+        not_text = [c for c in ("path", "caption", "short_caption") if c in row and not isinstance(row[c], (str, type(None)))]
+        if not_text:
+            # A JSON list or number would be stored as its Python repr.
+            raise ValueError(f"{where}: {not_text} must be text, got {[type(row[c]).__name__ for c in not_text]}")
         caption = str(row["caption"])
         rows.append({
             "path": str(row["path"]),
