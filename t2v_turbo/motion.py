@@ -393,10 +393,9 @@ def compute_motion_prior(
     _require_eval(unet)
     z0 = _checked_latents(z0, "z0")
     teacher = teacher_path(unet) if teacher is None else teacher
-    # Checked here for an early error; the inversion and the noising get the caller's table, not
-    # this converted copy: a float64 table converted anew each call would be a new tensor each
-    # call, whose values they would read again (a synchronisation each on a GPU).
-    _checked_table(alphas_cumprod, z0)
+    # The inversion and the noising check and convert the caller's table themselves; handing them
+    # a converted copy made here would be a new tensor each call, whose values they would read
+    # again (a synchronisation each on a GPU).
     grid_index = _checked_grid_index(grid_index, z0.shape[0], z0.device)
     t_hi, _ = schedule.solver_timesteps(grid_index.cpu())
     t_hi = t_hi.to(z0.device)

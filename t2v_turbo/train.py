@@ -763,10 +763,8 @@ class _Trainer:
             torch.save(self.scheduler.state_dict(), temporary / "scheduler.pt")
             epoch, batch = self.sampler.position(self.step)
             state = {
-                "step": self.step, "epoch": epoch, "batch_in_epoch": batch, "seed": self.config.seed,
-                "num_processes": self.world, "batch_size": self.config.batch_size, "lora": self.lora,
-                "sharded": self.sharded, "config": self.config.to_dict(), **self._cache_identity(),
-                **self._target_identity(),
+                "step": self.step, "epoch": epoch, "batch_in_epoch": batch, "config": self.config.to_dict(),
+                **self._resume_identity(),
             }
             (temporary / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
             for written in temporary.iterdir():
@@ -825,15 +823,16 @@ class _Trainer:
         set_model_state_dict(self.model, weights, options=_whole_state_options(strict=not self.lora))
         set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=_whole_state_options())
 
-    def _cache_identity(self) -> dict[str, Any]:
-        """What a resumed run must find again: the data order is drawn over the cache's samples, so
-        a cache grown, shrunk or swapped since would not continue the run exactly."""
-        return {"cache_samples": len(self.dataset), "cache_config": self.dataset.config}
-
-    def _target_identity(self) -> dict[str, Any]:
-        """Whether the run keeps an EMA target: a checkpoint without one cannot give it its state,
-        and one with it would have its EMA dropped."""
-        return {"ema": self.ema is not None}
+    def _resume_identity(self) -> dict[str, Any]:
+        """What a checkpoint records and a resumed run must find again to continue exactly: the
+        seed, process count and batch size (the data order and draws), LoRA and sharding (the
+        saved states' form), the cache (the data order is drawn over its samples) and whether an
+        EMA target is kept (a checkpoint without one cannot give it its state)."""
+        return {
+            "seed": self.config.seed, "num_processes": self.world, "batch_size": self.config.batch_size,
+            "lora": self.lora, "sharded": self.sharded, "cache_samples": len(self.dataset),
+            "cache_config": self.dataset.config, "ema": self.ema is not None,
+        }
 
     def load_checkpoint(self, path: Path) -> None:
         try:
@@ -844,12 +843,13 @@ class _Trainer:
 
     def _read_checkpoint(self, path: Path) -> None:
         state = json.loads((path / STATE_NAME).read_text())
-        expected = {"seed": self.config.seed, "num_processes": self.world, "batch_size": self.config.batch_size,
-                    "lora": self.lora, "sharded": self.sharded, **self._cache_identity(), **self._target_identity()}
+        expected = self._resume_identity()
         # Checkpoints from before FSDP support are unsharded; those from before the cache was
         # recorded are taken at their word; whether one kept an EMA its config says.
         kept_ema = state.get("config", {}).get("ema_decay") is not None
-        recorded = {"sharded": False, **self._cache_identity(), "ema": kept_ema, **state}
+        earlier = {"sharded": False, "ema": kept_ema, "cache_samples": expected["cache_samples"],
+                   "cache_config": expected["cache_config"]}
+        recorded = {**earlier, **state}
         differing = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
         if differing:
             raise ValueError(f"cannot resume {path} exactly: (checkpoint, now) differ for {differing}")
