@@ -81,7 +81,7 @@ def _cache_batch(
     return {
         "z_t": latent(), "eps_cond": latent(), "eps_uncond": latent(), "score": latent(),
         "context": models.random_context(batch, scale, device, options.dtype, options.seed),
-        "grid_index": grid_index.to(device),
+        "grid_index": grid_index,  # on the host, as the trainer keeps it
         "w": torch.empty(batch).uniform_(*W_RANGE, generator=cpu_generator).to(device),
         "m": torch.where(grid_index >= schedule.DDIM_GRID_STEPS // 2, models.MOTION_STRENGTH, 0.0).to(device),
     }

@@ -132,8 +132,9 @@ def _checked_grid_index(grid_index: Tensor, batch: int, device: torch.device) ->
             f"grid_index must be an integer ({batch},) tensor (one grid index per clip), got "
             f"{tuple(grid_index.shape) if isinstance(grid_index, Tensor) else type(grid_index).__name__}"
         )
-    schedule.solver_timesteps(grid_index.cpu())  # range check, with its message
-    return grid_index.to(device=device, dtype=torch.int64)
+    # The range check, with its message, where the caller's indices are (free on the host).
+    schedule.solver_timesteps(grid_index)
+    return grid_index.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
 def _checked_context(context: Tensor, batch: int) -> Tensor:
@@ -397,8 +398,7 @@ def compute_motion_prior(
     # a converted copy made here would be a new tensor each call, whose values they would read
     # again (a synchronisation each on a GPU).
     grid_index = _checked_grid_index(grid_index, z0.shape[0], z0.device)
-    t_hi, _ = schedule.solver_timesteps(grid_index.cpu())
-    t_hi = t_hi.to(z0.device)
+    t_hi, _ = schedule.solver_timesteps(grid_index)
     inversion = ddim_inversion(
         teacher if inversion_teacher is None else inversion_teacher, z0, grid_index, context, alphas_cumprod, fps,
         return_trajectory, progress,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from turbo_kernels import checks
+
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 0.00085
 BETA_END = 0.012
@@ -42,11 +44,13 @@ def ddim_timesteps() -> torch.Tensor:
 
 
 def solver_timesteps(grid_index: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t_hi, t_lo) for grid indices n: t_hi = ddim_timesteps[n], t_lo = max(t_hi - 5, 0)."""
+    """(t_hi, t_lo) for grid indices n, on n's device: t_hi = ddim_timesteps[n] = 5 (n + 1) - 1,
+    t_lo = max(t_hi - 5, 0). The range check reads n's values; on a GPU, as the ops' value checks
+    do, only while turbo_kernels' checks are on (a synchronisation otherwise avoided)."""
     n = torch.as_tensor(grid_index, dtype=torch.int64)
-    if bool(((n < 0) | (n >= DDIM_GRID_STEPS)).any()):
+    if (n.device.type == "cpu" or checks.reads_values(n)) and bool(((n < 0) | (n >= DDIM_GRID_STEPS)).any()):
         raise ValueError(f"grid_index must lie in [0, {DDIM_GRID_STEPS}), got {n.tolist()}")
-    t_hi = ddim_timesteps()[n]
+    t_hi = (n + 1) * SOLVER_SKIP - 1
     return t_hi, (t_hi - SOLVER_SKIP).clamp(min=0)
 
 

@@ -352,8 +352,7 @@ def student_prediction(
 ) -> Tensor:
     """f_theta, the student's one-step prediction of z_0 from the cached z_t at t_hi (SPEC 3.3)."""
     z_t = batch["z_t"].float()
-    t_hi, _ = schedule.solver_timesteps(batch["grid_index"].cpu())
-    t_hi = t_hi.to(z_t.device)
+    t_hi = schedule.solver_timesteps(batch["grid_index"])[0].to(z_t.device, non_blocking=True)
     predictor = NoisePredictor(student)
     # The UNet returns a (B, F, C, h, w)-ordered view; the solver kernels stream one shared layout.
     eps_theta = predictor(z_t, t_hi, batch["context"].float(), fps, guidance=w.to(z_t.device), motion=m.to(z_t.device))
@@ -364,13 +363,13 @@ def distillation_loss(
     student: nn.Module, target_net: nn.Module, batch: Mapping[str, Tensor], w: Tensor, m: Tensor,
     alphas_cumprod: Tensor, config: TrainConfig, fps: int | Tensor = schedule.DEFAULT_FPS,
 ) -> StepOutput:
-    """L_CD of SPEC 3.3-3.6 for a batch of cached samples (tensors on the model's device).
+    """L_CD of SPEC 3.3-3.6 for a batch of cached samples (tensors on the model's device, but
+    grid_index best on the host: its timesteps are looked up and checked there without a wait).
     student and target_net: VC2UNets or diffusers UNet3DConditionModels (possibly wrapped by
     DDP / peft), called through NoisePredictor; fps: the fps conditioning the cache was made with."""
     z_t = batch["z_t"].float()
     context = batch["context"].float()
-    t_hi, t_lo = schedule.solver_timesteps(batch["grid_index"].cpu())
-    t_hi, t_lo = t_hi.to(z_t.device), t_lo.to(z_t.device)
+    t_hi, t_lo = (t.to(z_t.device, non_blocking=True) for t in schedule.solver_timesteps(batch["grid_index"]))
     w, m = w.to(z_t.device), m.to(z_t.device)
     f_theta = student_prediction(student, batch, w, m, alphas_cumprod, fps)
     with torch.no_grad():
@@ -878,7 +877,7 @@ class _Trainer:
         # The loader's own generator keeps its worker seeding off the global RNG, which resuming restores.
         loader = DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=collate_samples, num_workers=config.num_workers,
-            generator=torch.Generator().manual_seed(config.seed),
+            generator=torch.Generator().manual_seed(config.seed), pin_memory=self.device.type == "cuda",
         )
         logger = _MetricsLogger(self.output_dir, accelerator.is_main_process, self.step)
         progress = tqdm(
@@ -949,9 +948,14 @@ class _Trainer:
         """One optimizer step; NonFiniteLossError (before any update) when a loss term or the
         gradient is not finite on any process."""
         config, accelerator = self.config, self.accelerator
-        tensors = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, Tensor)}
-        w = draw_guidance_scales(config, self.step, config.batch_size * self.world, self.rank).to(self.device)
-        m = motion_strengths(tensors["grid_index"], tensors["use_motion"], config.motion_strength)
+        # Copies from the host that wait for nothing queued (pinned by the loader on a GPU); the
+        # grid indices stay there, where their timesteps are looked up and range-checked without a
+        # synchronisation. The step's one read of the device is its metrics, below.
+        tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, Tensor)}
+        tensors["grid_index"] = batch["grid_index"]
+        w = draw_guidance_scales(config, self.step, config.batch_size * self.world, self.rank)
+        m = motion_strengths(batch["grid_index"], batch["use_motion"], config.motion_strength)
+        w, m = w.to(self.device, non_blocking=True), m.to(self.device, non_blocking=True)
         terms: dict[str, Tensor] = {}
         with accelerator.autocast():
             if self.role == "main":
@@ -970,21 +974,31 @@ class _Trainer:
                 total = total - self.reward_scale * reward_total
         terms["loss"] = total
         reduced = self._reduce_terms(terms)
-        self._check_finite(reduced, "loss term")
         self.optimizer.zero_grad(set_to_none=True)
+        # The backward runs before the loss terms are read, so that the step reads the device once:
+        # a non-finite term only makes the gradient non-finite, and nothing is updated before the read.
         accelerator.backward(total)
         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a replicated DTensor
             grad_norm = grad_norm.full_tensor()
-        reduced["grad_norm"] = torch.as_tensor(grad_norm).float()
-        self._check_finite({"grad_norm": reduced["grad_norm"]}, "gradient")
+        reduced["grad_norm"] = torch.as_tensor(grad_norm, device=self.device).float()
+        metrics = self._read_metrics(reduced)
+        grad_norm_value = metrics.pop("grad_norm")
+        self._check_finite(metrics, "loss term")
+        self._check_finite({"grad_norm": grad_norm_value}, "gradient")
+        metrics["grad_norm"] = grad_norm_value
         self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
             ema_update(self.ema, self.unwrapped, config.ema_decay)
-        metrics = {name: float(value) for name, value in reduced.items()}
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
+
+    @staticmethod
+    def _read_metrics(reduced: dict[str, Tensor]) -> dict[str, float]:
+        """The step's values on the host, in one copy: on a GPU, the one wait of a step for the
+        work queued before it (the ops' value checks aside, TURBO_KERNELS_VALIDATE)."""
+        return dict(zip(reduced, torch.stack(list(reduced.values())).tolist()))
 
     def _reduce_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """Each term's mean over the processes that compute it (all of them, unless rewards are
@@ -992,15 +1006,15 @@ class _Trainer:
         names = self.term_names or list(terms)
         zero = torch.zeros((), device=self.device)
         values = torch.stack([terms.get(name, zero).detach().float().to(self.device) for name in names])
-        present = torch.tensor([float(name in terms) for name in names], device=self.device)
+        present = torch.tensor([float(name in terms) for name in names]).to(self.device, non_blocking=True)
         sums, counts = self.accelerator.reduce(torch.cat([values, present]), "sum").split(len(names))
         return {name: sums[i] / counts[i] for i, name in enumerate(names)}
 
-    def _check_finite(self, values: dict[str, Tensor], what: str) -> None:
+    def _check_finite(self, values: dict[str, float], what: str) -> None:
         # The values are already averaged over processes, so every process stops together.
-        bad = [name for name, value in values.items() if not torch.isfinite(value).all()]
+        bad = [name for name, value in values.items() if not math.isfinite(value)]
         if bad:
-            shown = ", ".join(f"{name}={float(values[name])}" for name in bad)
+            shown = ", ".join(f"{name}={values[name]}" for name in bad)
             raise NonFiniteLossError(f"step {self.step + 1}: non-finite {what} {shown}")
 
     def _reward(self, f_theta: Tensor, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -71,6 +71,18 @@ def test_schedule_tables_follow_spec():
         schedule.solver_timesteps(200)
 
 
+def test_solver_timesteps_are_the_grids_entries_on_the_indices_device(monkeypatch):
+    everywhere = torch.arange(schedule.DDIM_GRID_STEPS)
+    t_hi, t_lo = schedule.solver_timesteps(everywhere)
+    assert torch.equal(t_hi, schedule.ddim_timesteps()) and torch.equal(t_lo, (t_hi - 5).clamp(min=0))
+    # Indices on a device stay there (meta stands in; it has no values, so none are read).
+    on_device = torch.tensor([0, 250]).to("meta")
+    assert schedule.solver_timesteps(on_device)[0].device.type == "meta"
+    monkeypatch.setenv("TURBO_KERNELS_VALIDATE", "0")
+    with pytest.raises(ValueError, match="grid_index"):
+        schedule.solver_timesteps(torch.tensor([0, 250]))  # the host's are always checked
+
+
 @pytest.mark.parametrize("form", ["release", "classic"])
 @pytest.mark.parametrize("with_score", [True, False])
 def test_guided_solver_reference_matches_spec(form, with_score):

@@ -362,6 +362,39 @@ def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(assets, tmp_pat
     assert all(torch.equal(saved[k], final[k]) for k in final)
 
 
+@pytest.mark.gpu
+def test_a_step_waits_on_the_gpu_only_to_read_its_metrics(assets, tmp_path, monkeypatch):
+    """With the ops' value checks off (TURBO_KERNELS_VALIDATE=0), nothing in a step after the
+    first (whose one-time work may wait) synchronises with the GPU but the one read of its
+    metrics: torch's sync debug mode raises at any other."""
+    monkeypatch.setenv("TURBO_KERNELS_VALIDATE", "0")
+    read = train_module._Trainer._read_metrics
+    reads, steps = [], []
+
+    def read_allowed(reduced):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            reads.append(read(reduced))
+            return reads[-1]
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    def step_in_error_mode(self, batch):
+        torch.cuda.set_sync_debug_mode("error" if self.step > 0 else 0)
+        try:
+            steps.append(step(self, batch))
+            return steps[-1]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    step = train_module._Trainer.train_step
+    monkeypatch.setattr(train_module._Trainer, "_read_metrics", staticmethod(read_allowed))
+    monkeypatch.setattr(train_module._Trainer, "train_step", step_in_error_mode)
+    train(config(assets, tmp_path / "run", max_steps=2, kernels="on"))
+    assert len(reads) == len(steps) == 2
+
+
 def test_nan_stop_checkpoint_holds_the_rng_from_before_the_failed_step(assets, tmp_path):
     # Dropout (0.1) draws from the global RNG in every step, the failed one included.
     with pytest.raises(NonFiniteLossError):

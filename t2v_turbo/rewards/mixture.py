@@ -418,7 +418,8 @@ class RewardMixture(nn.Module):
             embedded = model.embed_text(missing).detach().cpu()
             for caption, row in zip(missing, embedded):
                 self._text[(model_index, caption)] = row
-        return torch.stack([self._text[(model_index, c)] for c in captions]).to(device)
+        # Kept on the host, read from the host: the copy waits for nothing queued on the device.
+        return torch.stack([self._text[(model_index, c)] for c in captions]).to(device, non_blocking=True)
 
     def cache_info(self) -> dict[str, int]:
         """hits and misses (one a caption looked up) and the number of cached embeddings."""
