@@ -126,7 +126,7 @@ def _checked_latents(z: Tensor, name: str) -> Tensor:
     return z
 
 
-def _checked_grid_index(grid_index: Tensor, batch: int, device: torch.device) -> Tensor:
+def _checked_grid_index(grid_index: Tensor, batch: int) -> Tensor:
     if not isinstance(grid_index, Tensor) or grid_index.shape != (batch,) or grid_index.is_floating_point():
         raise ValueError(
             f"grid_index must be an integer ({batch},) tensor (one grid index per clip), got "
@@ -134,7 +134,7 @@ def _checked_grid_index(grid_index: Tensor, batch: int, device: torch.device) ->
         )
     # The range check, with its message, where the caller's indices are (free on the host).
     schedule.solver_timesteps(grid_index)
-    return grid_index.to(device=device, dtype=torch.int64, non_blocking=True)
+    return grid_index.to(torch.int64)
 
 
 def _checked_context(context: Tensor, batch: int) -> Tensor:
@@ -202,19 +202,22 @@ def ddim_inversion(
     if isinstance(unet_fn, nn.Module):
         unet_fn = teacher_path(unet_fn)
     batch = z0.shape[0]
-    grid_index = _checked_grid_index(grid_index, batch, z0.device)
+    # Which clips advance at each step is the host's bookkeeping: indices on a device are read
+    # once here, not at every step.
+    grid_index = _checked_grid_index(grid_index, batch).cpu()
     context = _checked_context(context, batch)
     table = _checked_table(alphas_cumprod, z0)
-    grid = schedule.ddim_timesteps().to(z0.device)
+    grid = schedule.ddim_timesteps().tolist()
     x = z0.clone()
     trajectory = []
     num_steps = int(grid_index.max()) + 1
     with torch.no_grad():
         for step in tqdm(range(num_steps), desc="DDIM inversion", disable=not progress):
-            t = int(grid[step])
+            t = grid[step]
             p = max(t - schedule.SOLVER_SKIP, 0)
-            active = (grid_index >= step).nonzero().squeeze(1)
-            everyone = active.numel() == batch
+            active_on_host = (grid_index >= step).nonzero().squeeze(1)
+            everyone = active_on_host.numel() == batch
+            active = active_on_host.to(z0.device, non_blocking=True)
             x_active = x if everyone else x[active]
             eps = unet_fn(
                 x_active,
@@ -397,8 +400,8 @@ def compute_motion_prior(
     # The inversion and the noising check and convert the caller's table themselves; handing them
     # a converted copy made here would be a new tensor each call, whose values they would read
     # again (a synchronisation each on a GPU).
-    grid_index = _checked_grid_index(grid_index, z0.shape[0], z0.device)
-    t_hi, _ = schedule.solver_timesteps(grid_index)
+    grid_index = _checked_grid_index(grid_index, z0.shape[0])
+    t_hi = schedule.solver_timesteps(grid_index)[0].to(z0.device, non_blocking=True)
     inversion = ddim_inversion(
         teacher if inversion_teacher is None else inversion_teacher, z0, grid_index, context, alphas_cumprod, fps,
         return_trajectory, progress,

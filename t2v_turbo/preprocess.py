@@ -381,13 +381,14 @@ class TeacherPass:
             )
         motion = torch.tensor([bool(m) and self.config.motion for m in use_motion], dtype=torch.bool)
         grid_index, z0, noise = self._encode(frames, motion.tolist(), clip_indices)
-        t_hi = schedule.solver_timesteps(grid_index)[0].to(self.device)
+        t_hi = schedule.solver_timesteps(grid_index)[0].to(self.device, non_blocking=True)
         z_t = noised_latents(z0, noise, t_hi, self.alphas_cumprod)
         context = self.prompts.encode(list(captions))
         uncond = self.prompts.encode([""]).expand(batch, -1, -1)
 
-        plain = (~motion).nonzero().squeeze(1).to(self.device)
-        moving = motion.nonzero().squeeze(1).to(self.device)
+        plain = (~motion).nonzero().squeeze(1).to(self.device, non_blocking=True)
+        moving_on_host = motion.nonzero().squeeze(1)
+        moving = moving_on_host.to(self.device, non_blocking=True)
         with torch.no_grad():
             # ε_c of the plain clips and ε_u of every clip in one forward of (plain + B) clips.
             eps = self.no_grad_teacher(
@@ -400,7 +401,7 @@ class TeacherPass:
         score = torch.zeros_like(z_t)
         if moving.numel():
             prior = compute_motion_prior(
-                self.unet, z0[moving], grid_index[moving.cpu()].to(self.device), noise[moving], context[moving],
+                self.unet, z0[moving], grid_index[moving_on_host], noise[moving], context[moving],
                 alphas_cumprod=self.alphas_cumprod, fps=self.config.fps, teacher=self.teacher,
                 inversion_teacher=self.no_grad_teacher,
             )

@@ -292,3 +292,24 @@ def test_bad_arguments_are_refused(golden):
         motion_score(model, z0, 19, z0, context, ["nope"])
     with pytest.raises(ValueError, match="z_ref must have"):
         motion_score(model, z0, 19, z0[..., :8], context)
+
+
+@pytest.mark.gpu
+def test_the_prior_of_host_grid_indices_does_not_wait_on_the_gpu(monkeypatch):
+    """Grid indices on the host: the inversion's bookkeeping (which clips advance at each step)
+    and the timesteps stay there, so with the ops' value checks off (TURBO_KERNELS_VALIDATE=0) a
+    batch's prior, after a first call's one-time work, never synchronises: torch's sync debug mode
+    raises at any wait."""
+    monkeypatch.setenv("TURBO_KERNELS_VALIDATE", "0")
+    torch.manual_seed(0)
+    unet = VC2UNet.preset("tiny").cuda().eval()
+    z0, noise = torch.randn(2, 2, 4, 3, 8, 8, device="cuda").unbind(0)
+    context = torch.randn(2, 5, unet.config["context_dim"], device="cuda")
+    grid_index = torch.tensor([1, 3])
+    compute_motion_prior(unet, z0, grid_index, noise, context)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        prior = compute_motion_prior(unet, z0, grid_index, noise, context)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(prior["score"]).all()
