@@ -413,6 +413,23 @@ def _counted_flops(case: Case) -> tuple[Optional[int], Optional[str]]:
         return None, _reason(exc)
 
 
+class _TotalOnly(contextlib.nullcontext):
+    """A stand-in for FlopCounterMode's module tracker that attributes every FLOP to the total:
+    the tracker's backward hooks refuse torch.autograd.grad (the motion score's), and a case's
+    count needs no per-module breakdown."""
+
+    parents = ("Global",)
+
+
+def total_flop_counter():
+    """torch's FlopCounterMode (its formulas and decompositions), counting the total alone."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _TotalOnly()
+    return counter
+
+
 def _reason(exc: BaseException) -> str:
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."

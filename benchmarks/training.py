@@ -14,11 +14,14 @@
   in the summary, at the case's inversion lengths: grid indices drawn from GPU_MOTION_GRID_RANGE,
   10 to 19, not preprocess's 100 to 199 for motion clips (a call there takes
   hundreds of UNet forwards, minutes a variant); batched and one-clip-at-a-time calls both spend
-  nearly all their time in those forwards, so their ratio carries over.
+  nearly all their time in those forwards, so their ratio carries over. Its `flops`
+  (motion_prior_flops) are the case's teacher passes and attention energies, counted on the meta
+  device: at full size a clip at grid index n costs n + 4.04 no-grad forwards of 12.6 TFLOP.
 - `whole_recipe` (batch 3, full fine-tune): distillation + HPSv2.1 + CLIP-H + InternVideo2 rewards on
   the VAE-decoded one-step prediction, backward and optimizer step, in one process: one row per
   set of memory savings, to read off what it takes to fit one 80 GB GPU (peak_mem_mb; a setup that
-  runs out of memory is a skipped row whose reason says so).
+  runs out of memory is a skipped row whose reason says so). Its rows count no FLOPs: they are
+  there for the memory.
 
 Calls take seconds: `python -m benchmarks.training --warmup 1 --iters 3` (prints issue 6's targets).
 """
@@ -34,7 +37,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from benchmarks import models, rewards
+from benchmarks import harness, models, rewards
 from benchmarks.harness import Case, Impl, SuiteOptions
 from benchmarks.models import Variant
 from t2v_turbo import schedule
@@ -77,7 +80,7 @@ def _cache_batch(
     def latent() -> Tensor:
         return torch.randn(scale.latent_shape(batch), generator=generator, device=device, dtype=options.dtype)
 
-    grid_index = torch.randint(*grid_range, (batch,), generator=cpu_generator)
+    grid_index = _grid_indices(batch, options, grid_range, cpu_generator)
     return {
         "z_t": latent(), "eps_cond": latent(), "eps_uncond": latent(), "score": latent(),
         "context": models.random_context(batch, scale, device, options.dtype, options.seed),
@@ -85,6 +88,14 @@ def _cache_batch(
         "w": torch.empty(batch).uniform_(*W_RANGE, generator=cpu_generator).to(device),
         "m": torch.where(grid_index >= schedule.DDIM_GRID_STEPS // 2, models.MOTION_STRENGTH, 0.0).to(device),
     }
+
+
+def _grid_indices(
+    batch: int, options: SuiteOptions, grid_range: tuple[int, int], generator: torch.Generator | None = None
+) -> Tensor:
+    """The case's grid indices: the first draw of the seeded host generator (_cache_batch's)."""
+    generator = torch.Generator().manual_seed(options.seed) if generator is None else generator
+    return torch.randint(*grid_range, (batch,), generator=generator)
 
 
 def _student(scale: models.Scale, options: SuiteOptions, checkpointing: bool):
@@ -139,6 +150,37 @@ def step_flops(scale: models.Scale, batch: int) -> int:
 
 
 # ---- the motion prior --------------------------------------------------------------------------------
+
+
+def motion_prior_flops(scale: models.Scale, grid_index: Sequence[int]) -> int:
+    """compute_motion_prior's arithmetic for clips with these grid indices, batched or not (the
+    inversion evaluates only the clips still advancing): a clip at grid index n costs n more
+    no-grad teacher forwards than one at 0, whose whole prior (one inversion step, the reference
+    forward, the live forward, the attention energies and the backward to z_t) is counted."""
+    forward, prior_at_zero = _motion_pass_flops(scale)
+    return sum(n * forward + prior_at_zero for n in grid_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _motion_pass_flops(scale: models.Scale) -> tuple[int, int]:
+    """(one clip's no-grad teacher forward, one clip's compute_motion_prior at grid index 0),
+    counted on the meta device on the plain PyTorch path as models.counted_unet_flops counts."""
+    from t2v_turbo.models import VC2UNet
+    from t2v_turbo.motion import compute_motion_prior, teacher_path
+
+    with torch.device("meta"):
+        unet = VC2UNet.preset(scale.unet_preset, use_kernels=False).eval().requires_grad_(False)
+        latents = torch.empty(scale.latent_shape(1))
+        context = torch.empty(1, models.TEXT_TOKENS, scale.context_dim)
+        timestep = torch.full((1,), 999)
+    # Outside the meta device's scope: the inversion keeps its bookkeeping (grid indices, the
+    # timestep table) on the host.
+    forward, prior = harness.total_flop_counter(), harness.total_flop_counter()
+    with forward, torch.no_grad():
+        teacher_path(unet)(latents, timestep, context, models.FPS)
+    with prior:
+        compute_motion_prior(unet, latents, torch.zeros(1, dtype=torch.int64), latents, context, fps=models.FPS)
+    return forward.get_total_flops(), prior.get_total_flops()
 
 
 def _motion_unavailable() -> Optional[str]:
@@ -339,6 +381,9 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             bytes_moved=unet_params * torch.empty((), dtype=options.dtype).element_size(),
             dtype=options.dtype,
             shape=scale.latent_shape(clips),
+            flops=functools.partial(
+                motion_prior_flops, scale, _grid_indices(clips, options, _motion_grid_range(options)).tolist()
+            ),
             rotate_inputs=False,
         )
     batch = 1 if options.quick else RECIPE_BATCH

@@ -114,7 +114,7 @@ def test_distillation_step_rows(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "op", [models.UNET_OP, models.GENERATE_OP, training.STEP_OP, temporal_block.OP, rewards.OP]
+    "op", [models.UNET_OP, models.GENERATE_OP, training.STEP_OP, training.MOTION_OP, temporal_block.OP, rewards.OP]
 )
 def test_counted_flops_are_what_the_timed_call_computes(op):
     """A case's FLOPs, counted on the meta device, equal FlopCounterMode's count of its eager
@@ -122,9 +122,10 @@ def test_counted_flops_are_what_the_timed_call_computes(op):
     SDPA's math backend and nn.MultiheadAttention's fast path off (the counter has formulas for
     neither's CPU kernels), and the distillation step without checkpointing's recomputation."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    suites = {temporal_block.OP: temporal_block.cases, rewards.OP: rewards.cases, training.STEP_OP: training.cases}
+    suites = {
+        temporal_block.OP: temporal_block.cases, rewards.OP: rewards.cases, training.STEP_OP: training.cases,
+        training.MOTION_OP: training.cases,
+    }
     for case in suites.get(op, models.cases)(_cpu_options()):
         if case.op != op:
             continue
@@ -136,7 +137,8 @@ def test_counted_flops_are_what_the_timed_call_computes(op):
         torch.backends.mha.set_fastpath_enabled(False)
         try:
             impl.fn(x)
-            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            counter = harness.total_flop_counter()  # the motion score calls torch.autograd.grad
+            with sdpa_kernel(SDPBackend.MATH), counter:
                 impl.fn(x)
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
