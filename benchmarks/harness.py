@@ -458,7 +458,7 @@ class RunSettings:
     device: torch.device
     warmup: int
     iters: int
-    impls: Optional[frozenset[str]]
+    impls: Optional[tuple[str, ...]]
     compile_budget_s: float
     profile_top: int = 0
 
@@ -743,8 +743,9 @@ def plot_result(result: dict, path: Path) -> None:
 # ---- command line ------------------------------------------------------------------------------
 
 
-def _name_list(text: str) -> frozenset[str]:
-    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+def _name_list(text: str) -> tuple[str, ...]:
+    """The names in the order given, each once."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     if not names:
         raise argparse.ArgumentTypeError("expected a comma-separated list of names")
     return names
@@ -768,7 +769,10 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ops", type=_name_list, help="comma-separated ops to time (default: all)")
+    parser.add_argument(
+        "--ops", type=_name_list,
+        help="comma-separated ops to time, in this order, so that a run cut short has the first ones (default: all)",
+    )
     parser.add_argument(
         "--impls", type=_name_list,
         help=f"comma-separated implementations to time, e.g. {EAGER},{COMPILED},triton,cuda (default: all)",
@@ -808,8 +812,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_names(option: str, requested: Optional[frozenset[str]], known: set[str]) -> None:
-    unknown = sorted((requested or frozenset()) - known)
+def _check_names(option: str, requested: Optional[tuple[str, ...]], known: set[str]) -> None:
+    unknown = sorted(set(requested or ()) - known)
     if unknown:
         raise SystemExit(f"{option}: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})")
 
@@ -941,10 +945,11 @@ def run(
                 complete, matmul_tflops,
             )
 
+        if args.ops is not None:
+            cases = sorted((case for case in cases if case.op in args.ops), key=lambda case: args.ops.index(case.op))
         for case in cases:
-            if args.ops is None or case.op in args.ops:
-                print(f"  timing {case.op} {case.case} {case.pass_name}", file=sys.stderr, flush=True)
-                runner.run(case)
+            print(f"  timing {case.op} {case.case} {case.pass_name}", file=sys.stderr, flush=True)
+            runner.run(case)
 
     result = result_so_far(complete=True)
 

@@ -593,6 +593,22 @@ def test_flops_counted_by_a_callable_are_counted_once_and_only_for_cases_that_ru
     assert [row["flops"] for row in _written(tmp_path)["rows"]] == [8, 8]
 
 
+def test_ops_are_timed_in_the_order_named(tmp_path):
+    """A stage cut short keeps the ops named first, whatever order their suites list them in."""
+    def suite(options: harness.SuiteOptions):
+        for op in ("first_listed", "second_listed", "unnamed"):
+            for size in (4, 8):
+                yield harness.Case(
+                    op=op, case=str(size), pass_name="fwd", make_inputs=lambda: torch.zeros(4, device=options.device),
+                    impls=(harness.Impl("a", lambda x: x + 1),), bytes_moved=32, dtype=torch.float32, shape=(4,),
+                )
+
+    assert _run_harness(tmp_path, suite, "--ops", "second_listed,first_listed,second_listed") == 0
+    assert [(row["op"], row["case"]) for row in _written(tmp_path)["rows"]] == [
+        ("second_listed", "4"), ("second_listed", "8"), ("first_listed", "4"), ("first_listed", "8"),
+    ]
+
+
 def test_a_count_that_fails_leaves_the_rows_without_flops(tmp_path):
     def suite(options: harness.SuiteOptions):
         yield harness.Case(

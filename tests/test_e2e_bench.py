@@ -196,6 +196,17 @@ def test_reward_summary_judges_batched_and_reports_the_graph_path():
     assert graphs.startswith("info") and graphs.endswith("4.00x sequential, 3.37x batched")
 
 
+def test_reward_summary_takes_the_runs_matrix_rate_without_the_matmul_op():
+    case = "c2-img16-16x320x512"
+    rows = [_row(rewards.OP, case, rewards.BATCHED, 100.0)]
+    rows[0]["tflops"] = 40.0
+    run = {"rows": rows, "skipped": [], "matmul_tflops": 800.0, "settings": {"dtype": "bfloat16"}}
+    assert any("5.0% of the measured bf16 matrix rate" in line for line in rewards.summary(run))
+    # Another dtype's ceiling is not the bf16 rate the towers are held to.
+    run["settings"]["dtype"] = "float32"
+    assert any("matrix rate not measured" in line for line in rewards.summary(run))
+
+
 def test_motion_graph_impl_scores_what_the_batched_one_does(monkeypatch):
     """batched-kernels-graphs on the CPU with captures recorded: the inversion's steps replay a
     graph, and the scores equal batched-kernels' (the ops run their reference backends here)."""
