@@ -135,6 +135,8 @@ class PreprocessConfig:
                 )
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be a positive int or None, got {self.limit!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64) (torch's generators take no other), got {self.seed!r}")
         if self.compile is not None and self.compile not in torch.compiler.list_backends(exclude_tags=()):
             raise ValueError(
                 f"compile must be None or a torch.compile backend ({', '.join(torch.compiler.list_backends())}), "
@@ -255,8 +257,9 @@ def _aligned_batches(clips: Sequence[int], start: int, batch_size: int) -> list[
     return batches
 
 
-def _resume_position(clips: Sequence[int], stored: int, skipped: set[int], cache: Path) -> int:
-    """The position in `clips` after the `stored`-th clip that was not skipped."""
+def _resume_position(clips: Sequence[int], stored: int, skipped: set[int], cache: Path, limit: int | None) -> int:
+    """The position in `clips` after the `stored`-th clip that was not skipped; limit: the run's
+    --limit where it cut the dataset short."""
     count = 0
     for position, clip in enumerate(clips):
         if count == stored:
@@ -265,6 +268,12 @@ def _resume_position(clips: Sequence[int], stored: int, skipped: set[int], cache
             count += 1
     if count == stored:
         return len(clips)
+    if limit is not None:
+        raise ValueError(
+            f"cache {cache} holds {stored} samples of this process, more than the {count} readable clips that "
+            f"--limit {limit} gives it: it was written with a larger limit (raise --limit or drop it to continue "
+            "it, or use a new cache directory)"
+        )
     raise ValueError(
         f"cache {cache} holds {stored} samples of this process, but the dataset gives it only {count} readable "
         "clips: it was written from other data (use a new cache directory)"
@@ -452,7 +461,8 @@ def preprocess(
     clips = list(range(rank, total, world))
     skip_record = _SkipRecord(cache_dir / skip_record_name(rank, world))
     already_stored = CacheWriter.resume_point(cache_dir, rank, world)
-    start = _resume_position(clips, already_stored, skip_record.indices, cache_dir)
+    limited = config.limit if config.limit is not None and config.limit < len(dataset) else None
+    start = _resume_position(clips, already_stored, skip_record.indices, cache_dir, limited)
 
     if models is None:
         unet, vae, text_encoder = load_models(config, device)

@@ -149,6 +149,8 @@ class TrainConfig:
         not_finite = [name for name in floats if getattr(self, name) is not None and not math.isfinite(getattr(self, name))]
         if not_finite:
             raise ValueError(f"{', '.join(not_finite)} must be finite, got {[getattr(self, n) for n in not_finite]}")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must lie in [0, 2**64) (torch's generators take no other), got {self.seed}")
         if not self.w_min <= self.w_max:
             raise ValueError(f"w_min must be <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:

@@ -239,6 +239,8 @@ def test_a_limited_run_continued_equals_an_uninterrupted_one(models, uninterrupt
     assert_same_cache(tmp_path, uninterrupted)
     again = preprocess(make_config(tmp_path), dataset, models)
     assert (again.already_stored, again.written) == (5, 0)
+    with pytest.raises(ValueError, match="larger limit .*raise --limit"):
+        preprocess(make_config(tmp_path, limit=2), dataset, models)
 
 
 def test_a_killed_run_continued_equals_an_uninterrupted_one(models, uninterrupted, tmp_path):
@@ -450,6 +452,8 @@ def test_a_video_cache_continues_only_with_the_decoder_that_began_it(tmp_path, c
         (dict(dtype="float64"), "dtype must be one of"),
         (dict(batch_size=0), "batch_size"),
         (dict(limit=0), "limit"),
+        (dict(seed=-1), "seed must be an int in"),
+        (dict(seed=2**64), "seed must be an int in"),
         (dict(video_backend="opencv"), "video_backend must be one of"),
         (dict(compile="fastest"), "compile must be None or a torch.compile backend"),
     ],

@@ -684,6 +684,9 @@ def test_config_files_overrides_and_errors(tmp_path):
         TrainConfig(loss="l1")
     with pytest.raises(ValueError, match="max_steps must be an integer"):
         TrainConfig.load(overrides=["max_steps=many"])
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match="seed must lie in"):
+            TrainConfig.load(None, [f"seed={seed}"])
     with pytest.raises(ValueError, match="w_min must be <= w_max"):
         TrainConfig(w_min=9, w_max=5)
     # An infinite learning rate turned every weight into NaN at the first step (and the checkpoint

@@ -246,5 +246,8 @@ def test_synthetic_source_and_build_dataset(video_root):
     assert len(from_dir) == len(from_file) == 4
     with pytest.raises(FileNotFoundError, match="manifest .*missing.csv does not exist"):
         build_dataset(video_root / "missing.csv")
-    with pytest.raises(ValueError, match="data spec"):
+    with pytest.raises(FileNotFoundError, match="data: .*missing.txt does not exist"):
         build_dataset(video_root / "missing.txt")
+    (video_root / "notes.txt").write_text("not a manifest")
+    with pytest.raises(ValueError, match="data spec"):
+        build_dataset(video_root / "notes.txt")

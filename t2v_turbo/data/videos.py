@@ -432,4 +432,7 @@ def build_dataset(
         return VideoTextDataset(
             path.parent, manifest=path, num_frames=num_frames, fps=fps, size=size, seed=seed, video_backend=video_backend
         )
-    raise ValueError(f"data spec must be 'synthetic', a directory of videos or a .csv/.jsonl manifest, got {spec!r}")
+    expected = "'synthetic', a directory of videos with its manifest.csv / manifest.jsonl, or such a manifest file"
+    if not path.exists():
+        raise FileNotFoundError(f"data: {path} does not exist (expected {expected})")
+    raise ValueError(f"data spec must be {expected}, got {spec!r}")
