@@ -65,10 +65,11 @@ WEIGHT_GRAD_BIAS_TOKENS = 128
 
 
 @triton.jit
-def _group_shift(x_ptr, first_row, group, group_mask, groups, group_numel):
+def _group_shift(x_ptr, video_start, group, group_mask, group_stride):
     """The value every element of a video's group is taken relative to: the group's first element
-    in the video's first frame row (the same for all of the video's frames, so partials merge)."""
-    first = (first_row * groups + group).to(tl.int64) * group_numel
+    in the video's first frame (the same for all of the group's partials, so they merge), at
+    video_start (the video's first element, int64) + group * group_stride."""
+    first = video_start + group.to(tl.int64) * group_stride
     return tl.load(x_ptr + first, mask=group_mask, other=0.0).to(tl.float32)
 
 
@@ -83,7 +84,8 @@ def group_norm_partial_stats_kernel(
     group = (tl.program_id(0) % tiles) * GROUP_TILE + tl.arange(0, GROUP_TILE)
     group_mask = group < groups
     starts = (row * groups + group).to(tl.int64) * group_numel
-    shift = _group_shift(x_ptr, row - row % frames, group, group_mask, groups, group_numel)
+    video_start = (row // frames).to(tl.int64) * frames * groups * group_numel
+    shift = _group_shift(x_ptr, video_start, group, group_mask, group_numel)
     total = tl.zeros([GROUP_TILE, BLOCK], tl.float32)
     for start in range(0, group_numel, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
@@ -107,9 +109,11 @@ def group_norm_partial_stats_kernel(
 
 @triton.jit
 def group_norm_merge_stats_kernel(
-    x_ptr, partial_mean_ptr, partial_m2_ptr, mean_ptr, rstd_ptr, video_groups, frames, groups, group_numel, eps,
-    TILE: tl.constexpr, F_PAD: tl.constexpr,
+    x_ptr, partial_mean_ptr, partial_m2_ptr, mean_ptr, rstd_ptr, video_groups, frames, groups, group_numel,
+    video_stride, group_stride, eps, TILE: tl.constexpr, F_PAD: tl.constexpr,
 ):
+    # A (video, group)'s `frames` partials of group_numel values each, stored contiguously; its
+    # shift lies in x at video * video_stride + group * group_stride, as the partials took it.
     video_group = tl.program_id(0) * TILE + tl.arange(0, TILE)
     frame = tl.arange(0, F_PAD)
     row_mask = video_group < video_groups
@@ -121,7 +125,8 @@ def group_norm_merge_stats_kernel(
     spread = tl.where(mask, means - mean[:, None], 0.0)
     # Chan et al.: M2 = sum_f M2_f + n_f sum_f (mean_f - mean)^2, every frame holding n_f values.
     variance = (tl.sum(m2, axis=1) + group_numel * tl.sum(spread * spread, axis=1)) / (frames * group_numel)
-    shift = _group_shift(x_ptr, (video_group // groups) * frames, video_group % groups, row_mask, groups, group_numel)
+    video_start = (video_group // groups).to(tl.int64) * video_stride
+    shift = _group_shift(x_ptr, video_start, video_group % groups, row_mask, group_stride)
     tl.store(mean_ptr + video_group, shift + mean, mask=row_mask)
     tl.store(rstd_ptr + video_group, tl.div_rn(1.0, tl.sqrt_rn(variance + eps)), mask=row_mask)
 
@@ -477,7 +482,7 @@ _WEIGHT_GRAD_ARGS = dict(
 _STATS_ARGS = dict(mean_ptr="*fp32", m2_ptr="*fp32", frames="i32", groups="i32", group_numel="i32")
 _MERGE_ARGS = dict(
     partial_mean_ptr="*fp32", partial_m2_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32", video_groups="i32",
-    frames="i32", groups="i32", group_numel="i32", eps="fp32",
+    frames="i32", groups="i32", group_numel="i32", video_stride="i32", group_stride="i32", eps="fp32",
 )
 # (groups, channels a group x positions) at VideoCrafter2's three attention levels and the middle.
 _STATS_SHAPES = ((32, 10 * 2560), (32, 20 * 640), (32, 40 * 160), (32, 40 * 40))
@@ -692,8 +697,9 @@ def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tup
         x, partial_mean, partial_m2, num_frames, groups, group_numel, num_warps=num_warps, **params,
     )
     group_norm_merge_stats_kernel[(triton.cdiv(videos * groups, MERGE_TILE),)](
-        x, partial_mean, partial_m2, mean, rstd, videos * groups, num_frames, groups, group_numel, float(eps),
-        TILE=MERGE_TILE, F_PAD=triton.next_power_of_2(num_frames), num_warps=MERGE_NUM_WARPS,
+        x, partial_mean, partial_m2, mean, rstd, videos * groups, num_frames, groups, group_numel,
+        num_frames * groups * group_numel, group_numel, float(eps), TILE=MERGE_TILE,
+        F_PAD=triton.next_power_of_2(num_frames), num_warps=MERGE_NUM_WARPS,
     )
     return mean, rstd
 
