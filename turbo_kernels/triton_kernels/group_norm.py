@@ -13,6 +13,12 @@ of the raw values would each be off by up to an ulp of the mean, and the merge's
 term would carry those errors (rstd off by 2e-3 at mean 1000, spread 0.01; torch: 1e-7); shifted,
 the partials are small and exact to their own ulp, as the two-pass squares within a frame are.
 
+Channels-last statistics (group_norm_silu's channels_last frames and channels_last_3d videos,
+(B, F, H, W, C) in memory): a group's C/groups channels recur every C elements. A program reduces
+a few whole groups (one run of at most 128 channels at each position, read in tiles coalesced
+along it) over a chunk of positions into per-group partials shifted as above, and the same merge
+combines a group's chunks; the chunks divide the positions evenly, as the merge's formula needs.
+
 Strided linear. out[r, m, j] = sum_k a[r, m, k] W[j, k] (+ bias[j]) (+ residual[r, m, j]), where
 r is a frame row of the stream, m a token (spatial position) and every tensor is addressed
 through its own (row, token, channel) strides. That one GEMM covers the layout changes of the
@@ -54,9 +60,17 @@ from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, stora
 STATS_MIN_ELEMENTS = 65536
 STATS_TILE_ELEMENTS = 2048
 STATS_NUM_WARPS = 4
-# The merge reads B*groups*F partials: one program per 64 (video, group) pairs.
+# The merge reads B*groups*F partials: one program per 64 (video, group) pairs, fewer where a
+# group has more than 64 partials (tiles of at most 4096 partials).
 MERGE_TILE = 64
+MERGE_TILE_PARTIALS = 4096
 MERGE_NUM_WARPS = 4
+# Channels-last statistics: a program reduces whole groups of at most 128 channels over a chunk of
+# positions, the chunks splitting each sample into about 4 programs an H100 SM (132 SMs), at most
+# 128 partials a group (the merge's tile).
+CHANNELS_LAST_STATS_CHANNELS = 128
+CHANNELS_LAST_STATS_PROGRAMS = 528
+CHANNELS_LAST_STATS_MAX_CHUNKS = 128
 # Weight-gradient programs: enough to fill an H100 (132 SMs) about twice.
 WEIGHT_GRAD_PROGRAMS = 264
 # Its bias programs sum 128-token tiles: a 64-channel tile of them is 16 KiB (16-bit), so the
@@ -129,6 +143,53 @@ def group_norm_merge_stats_kernel(
     shift = _group_shift(x_ptr, video_start, video_group % groups, row_mask, group_stride)
     tl.store(mean_ptr + video_group, shift + mean, mask=row_mask)
     tl.store(rstd_ptr + video_group, tl.div_rn(1.0, tl.sqrt_rn(variance + eps)), mask=row_mask)
+
+
+@triton.jit
+def channels_last_group_norm_partial_stats_kernel(
+    x_ptr, mean_ptr, m2_ptr, positions, channels, groups, group_size, group_tile, chunk,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_PAD: tl.constexpr,
+):
+    # x lies as (B, P, C), P = F*H*W positions: a group's channels recur every C elements. A
+    # program reduces group_tile whole groups, one run of their channels at each position read in
+    # [BLOCK_P, BLOCK_C] tiles coalesced along it, over one chunk of positions, in two passes as the
+    # stream's kernel does. Channel sums become group sums through a (group, channel) mask: a
+    # group's size is no power of two (10, 20 and 40 channels at VideoCrafter2's widths).
+    tiles = tl.cdiv(groups, group_tile)
+    chunks = positions // chunk
+    tile = tl.program_id(0) % tiles
+    part = (tl.program_id(0) // tiles) % chunks
+    video = tl.program_id(0) // (tiles * chunks)
+    column = tl.arange(0, BLOCK_C)
+    tile_group = tl.arange(0, GROUP_PAD)
+    group = tile * group_tile + tile_group
+    group_mask = (tile_group < group_tile) & (group < groups)
+    column_group = tile * group_tile + column // group_size
+    column_mask = (column < group_tile * group_size) & (column_group < groups)
+    in_group = (column // group_size)[None, :] == tile_group[:, None]
+    video_start = video.to(tl.int64) * positions * channels
+    shift = _group_shift(x_ptr, video_start, column_group, column_mask, group_size)
+    chunk_ptr = x_ptr + video_start + part * chunk * channels + tile * group_tile * group_size
+    total = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    for start in range(0, chunk, BLOCK_P):
+        position = start + tl.arange(0, BLOCK_P)
+        mask = (position < chunk)[:, None] & column_mask[None, :]
+        values = tl.load(chunk_ptr + position[:, None] * channels + column[None, :], mask=mask, other=0.0)
+        total += tl.where(mask, values.to(tl.float32) - shift[None, :], 0.0)
+    mean = tl.sum(tl.where(in_group, tl.sum(total, axis=0)[None, :], 0.0), axis=1) / (chunk * group_size)
+    column_mean = tl.sum(tl.where(in_group, mean[:, None], 0.0), axis=0)
+    squares = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    for start in range(0, chunk, BLOCK_P):
+        position = start + tl.arange(0, BLOCK_P)
+        mask = (position < chunk)[:, None] & column_mask[None, :]
+        values = tl.load(chunk_ptr + position[:, None] * channels + column[None, :], mask=mask, other=0.0)
+        deviation = tl.where(mask, values.to(tl.float32) - shift[None, :] - column_mean[None, :], 0.0)
+        squares += deviation * deviation
+    m2 = tl.sum(tl.where(in_group, tl.sum(squares, axis=0)[None, :], 0.0), axis=1)
+    # Stored (video, group, chunk): the merge reads a group's partials contiguously.
+    index = (video * groups + group) * chunks + part
+    tl.store(mean_ptr + index, mean, mask=group_mask)
+    tl.store(m2_ptr + index, m2, mask=group_mask)
 
 
 @triton.jit
@@ -344,16 +405,39 @@ def _group_affine_elements(
     contiguous positions; its storage dtype), GroupNorm's affine scale = rstd*weight and shift =
     bias - mean*scale of the element's sample and channel, and its (sample, group) index."""
     video, channel, frame, position = _element_coordinates(offsets, channels, frames, positions)
-    video_group = video * groups + channel // group_size
     x = tl.load(
         x_ptr + video * x_stride_b + channel * x_stride_c + frame * x_stride_f + position, mask=mask, other=0.0
     )
+    scale, shift, video_group = _group_affine(
+        video, channel, mask, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, group_size, groups
+    )
+    return x, scale, shift, video_group
+
+
+@triton.jit
+def _channels_last_affine_elements(
+    offsets, mask, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, channels, sample_numel, group_size, groups
+):
+    """_group_affine_elements for elements `offsets` of a channels-last tensor ((B, P, C) in
+    memory), x lying so too."""
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    scale, shift, video_group = _group_affine(
+        offsets // sample_numel, offsets % channels, mask, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, group_size, groups
+    )
+    return x, scale, shift, video_group
+
+
+@triton.jit
+def _group_affine(video, channel, mask, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, group_size, groups):
+    """GroupNorm's affine scale = rstd*weight and shift = bias - mean*scale of samples `video` and
+    channels `channel`, and their (sample, group) index."""
+    video_group = video * groups + channel // group_size
     mean = tl.load(mean_ptr + video_group, mask=mask, other=0.0)
     scale = tl.load(rstd_ptr + video_group, mask=mask, other=0.0) * tl.load(
         weight_ptr + channel, mask=mask, other=0.0
     ).to(tl.float32)
     shift = tl.load(bias_ptr + channel, mask=mask, other=0.0).to(tl.float32) - mean * scale
-    return x, scale, shift, video_group
+    return scale, shift, video_group
 
 
 @triton.jit
@@ -372,9 +456,31 @@ def channel_affine_silu_kernel(
         offsets, mask, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, channels, frames, positions, group_size,
         groups, x_stride_b, x_stride_c, x_stride_f,
     )
-    a = (x.to(tl.float32) * scale + shift).to(out_ptr.dtype.element_ty).to(tl.float32)
-    y = a / (1.0 + tl.exp(-a))
+    y = _silu_at_rounded_affine(x, scale, shift, out_ptr.dtype.element_ty)
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def channels_last_affine_silu_kernel(
+    x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, out_ptr, numel, channels, sample_numel, group_size, groups,
+    BLOCK: tl.constexpr,
+):
+    # x and out both lie channels-last ((B, P, C) in memory, P = F*H*W positions): element i of one
+    # is element i of the other, so the pass runs in memory order.
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    x, scale, shift, _ = _channels_last_affine_elements(
+        offsets, mask, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, channels, sample_numel, group_size, groups
+    )
+    y = _silu_at_rounded_affine(x, scale, shift, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_at_rounded_affine(x, scale, shift, output_dtype: tl.constexpr):
+    """silu(a) at a = x*scale + shift rounded to the output's dtype, as a GroupNorm output is."""
+    a = (x.to(tl.float32) * scale + shift).to(output_dtype).to(tl.float32)
+    return a / (1.0 + tl.exp(-a))
 
 
 @triton.jit
@@ -435,15 +541,72 @@ def channel_affine_silu_grad_kernel(
         offsets, mask, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, channels, frames, positions, group_size,
         groups, x_stride_b, x_stride_c, x_stride_f,
     )
+    grad_x = _whole_grad_x(grad_ptr, offsets, mask, x, scale, shift, video_group, alpha_ptr, beta_ptr)
+    video, channel, frame, position = _element_coordinates(offsets, channels, frames, positions)
+    out = grad_x_ptr + video * out_stride_b + channel * out_stride_c + frame * out_stride_f + position
+    tl.store(out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _whole_grad_x(grad_ptr, offsets, mask, x, scale, shift, video_group, alpha_ptr, beta_ptr):
+    """d x = d a * scale + alpha * x + beta at elements `offsets` of the output's gradient (laid
+    out as the output), x there in its storage dtype."""
     x = x.to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     grad_a = _silu_grad_at_rounded_affine(x, grad, scale, shift, grad_ptr.dtype.element_ty)
     alpha = tl.load(alpha_ptr + video_group, mask=mask, other=0.0)
     beta = tl.load(beta_ptr + video_group, mask=mask, other=0.0)
-    grad_x = grad_a * scale + alpha * x + beta
-    video, channel, frame, position = _element_coordinates(offsets, channels, frames, positions)
-    out = grad_x_ptr + video * out_stride_b + channel * out_stride_c + frame * out_stride_f + position
-    tl.store(out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    return grad_a * scale + alpha * x + beta
+
+
+@triton.jit
+def channels_last_affine_silu_sums_kernel(
+    grad_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sum_grad_ptr, sum_grad_x_ptr,
+    positions, channels, group_size, groups, split_positions, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # The backward's first pass for channels-last x and d y ((B, P, C) in memory): one sample,
+    # BLOCK_C channels and one range of positions a program, read in [BLOCK_P, BLOCK_C] tiles
+    # coalesced along the channels; the range's sums of d a and d a * x kept per channel (partials
+    # summed over ranges on the host, in a fixed order).
+    video = tl.program_id(0)
+    channel = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    first = tl.program_id(2) * split_positions
+    channel_mask = channel < channels
+    scale, shift, _ = _group_affine(
+        video, channel, channel_mask, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, group_size, groups
+    )
+    video_start = video.to(tl.int64) * positions * channels
+    sum_grad = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    sum_grad_x = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    for start in range(first, tl.minimum(first + split_positions, positions), BLOCK_P):
+        position = start + tl.arange(0, BLOCK_P)
+        mask = (position < positions)[:, None] & channel_mask[None, :]
+        offsets = video_start + position[:, None] * channels + channel[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        grad_a = _silu_grad_at_rounded_affine(x, grad, scale[None, :], shift[None, :], grad_ptr.dtype.element_ty)
+        grad_a = tl.where(mask, grad_a, 0.0)
+        sum_grad += grad_a
+        sum_grad_x += grad_a * x
+    partial = (tl.program_id(2) * tl.num_programs(0) + video) * channels + channel
+    tl.store(sum_grad_ptr + partial, tl.sum(sum_grad, axis=0), mask=channel_mask)
+    tl.store(sum_grad_x_ptr + partial, tl.sum(sum_grad_x, axis=0), mask=channel_mask)
+
+
+@triton.jit
+def channels_last_affine_silu_grad_kernel(
+    grad_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, alpha_ptr, beta_ptr, grad_x_ptr,
+    numel, channels, sample_numel, group_size, groups, BLOCK: tl.constexpr,
+):
+    # The backward's second pass for channels-last x, d y and d x (one layout, (B, P, C) in
+    # memory): elementwise in memory order.
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    x, scale, shift, video_group = _channels_last_affine_elements(
+        offsets, mask, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, channels, sample_numel, group_size, groups
+    )
+    grad_x = _whole_grad_x(grad_ptr, offsets, mask, x, scale, shift, video_group, alpha_ptr, beta_ptr)
+    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
 def stats_params(groups: int, group_numel: int) -> tuple[dict, int]:
@@ -452,6 +615,32 @@ def stats_params(groups: int, group_numel: int) -> tuple[dict, int]:
     groups_for_min_elements = triton.cdiv(STATS_MIN_ELEMENTS, max(group_numel, 1))
     group_tile = min(triton.next_power_of_2(groups), triton.next_power_of_2(groups_for_min_elements))
     return dict(GROUP_TILE=group_tile, BLOCK=max(16, STATS_TILE_ELEMENTS // group_tile)), STATS_NUM_WARPS
+
+
+def channels_last_stats_params(groups: int, group_size: int) -> tuple[int, dict, int]:
+    """Groups a program of the channels-last statistics reduces (whole groups, as many as fit
+    CHANNELS_LAST_STATS_CHANNELS channels, at least one), its tile and warps."""
+    group_tile = max(1, min(groups, CHANNELS_LAST_STATS_CHANNELS // group_size))
+    block_c = triton.next_power_of_2(group_tile * group_size)
+    params = dict(
+        BLOCK_P=max(1, STATS_TILE_ELEMENTS // block_c), BLOCK_C=block_c, GROUP_PAD=triton.next_power_of_2(group_tile)
+    )
+    return group_tile, params, STATS_NUM_WARPS
+
+
+def channels_last_stats_chunks(samples: int, positions: int, tiles: int, block_p: int) -> int:
+    """How many chunks of positions the channels-last statistics split each sample into: about
+    CHANNELS_LAST_STATS_PROGRAMS programs in all (`tiles` of groups a chunk), at most
+    CHANNELS_LAST_STATS_MAX_CHUNKS, none shorter than a tile; a divisor of the positions, so that
+    every partial holds as many values (the merge's Chan formula takes equal counts)."""
+    wanted = min(CHANNELS_LAST_STATS_MAX_CHUNKS, triton.cdiv(CHANNELS_LAST_STATS_PROGRAMS, samples * tiles))
+    wanted = max(1, min(wanted, positions // block_p))
+    return next(chunks for chunks in range(wanted, 0, -1) if positions % chunks == 0)
+
+
+def merge_tile(f_pad: int) -> int:
+    """(video, group) pairs a merge program takes, of f_pad (padded) partials each."""
+    return max(1, min(MERGE_TILE, MERGE_TILE_PARTIALS // f_pad))
 
 
 def linear_params(fp32: bool) -> tuple[dict, int]:
@@ -567,6 +756,8 @@ _CHANNEL_AFFINE_ARGS = dict(
 # thread and the forward spilled in fp16.
 AFFINE_SILU_BLOCK = 1024
 AFFINE_SILU_NUM_WARPS = 4
+# Channels-last sums: tiles of as many elements, 16 positions of 64 channels.
+CHANNELS_LAST_SUMS_TILE = dict(BLOCK_P=16, BLOCK_C=64)
 _AFFINE_SILU_ARGS = dict(
     mean_ptr="*fp32", rstd_ptr="*fp32", numel="i32", channels="i32", frames="i32", positions="i32",
     group_size="i32", groups="i32", x_stride_b="i32", x_stride_c="i32", x_stride_f="i32",
@@ -583,12 +774,31 @@ _AFFINE_SILU_GRAD_ARGS = dict(
     frames="i32", positions="i32", group_size="i32", groups="i32",
     **{f"{name}_stride_{axis}": "i32" for name in ("x", "out") for axis in "bcf"},
 )
+_CHANNELS_LAST_STATS_ARGS = dict(
+    mean_ptr="*fp32", m2_ptr="*fp32", positions="i32", channels="i32", groups="i32", group_size="i32",
+    group_tile="i32", chunk="i32",
+)
+_CHANNELS_LAST_AFFINE_SILU_ARGS = dict(
+    mean_ptr="*fp32", rstd_ptr="*fp32", numel="i32", channels="i32", sample_numel="i32", group_size="i32",
+    groups="i32",
+)
+_CHANNELS_LAST_AFFINE_SILU_SUMS_ARGS = dict(
+    mean_ptr="*fp32", rstd_ptr="*fp32", sum_grad_ptr="*fp32", sum_grad_x_ptr="*fp32", positions="i32",
+    channels="i32", group_size="i32", groups="i32", split_positions="i32",
+)
+_CHANNELS_LAST_AFFINE_SILU_GRAD_ARGS = dict(
+    mean_ptr="*fp32", rstd_ptr="*fp32", alpha_ptr="*fp32", beta_ptr="*fp32", numel="i32", channels="i32",
+    sample_numel="i32", group_size="i32", groups="i32",
+)
 _AFFINE_SILU_AUTOCAST_ARGS = {
     kernel: dict(weight_ptr="*fp32", bias_ptr="*fp32", **{output: "*fp32"})
     for kernel, output in (
         (channel_affine_silu_kernel, "out_ptr"),
         (channel_affine_silu_sums_kernel, "grad_ptr"),
         (channel_affine_silu_grad_kernel, "grad_ptr"),
+        (channels_last_affine_silu_kernel, "out_ptr"),
+        (channels_last_affine_silu_sums_kernel, "grad_ptr"),
+        (channels_last_affine_silu_grad_kernel, "grad_ptr"),
     )
 }
 
@@ -611,15 +821,25 @@ REPORT_CONFIGS: list[KernelConfig] = (
             group_norm_partial_stats_kernel, _with_units(_STATS_ARGS, ("groups",)), *stats_params(1, group_numel)
         )
     ]
-    # The merge reads fp32 partials and each group's shift from the stream: a config a partial
-    # count (VideoCrafter2's 16 frames, and group_norm_silu's 20 and 40 channels a group of frames),
-    # for the stream's groups and group_norm_silu's slices (groups = 1).
+    # group_norm_silu's channels-last statistics, whole groups of 10, 20 or 40 channels.
     + [
         config
-        for f_pad in (16, 32, 64)
+        for group_size in (10, 20, 40)
+        for config in storage_configs(
+            channels_last_group_norm_partial_stats_kernel, _CHANNELS_LAST_STATS_ARGS,
+            *channels_last_stats_params(32, group_size)[1:],
+        )
+    ]
+    # The merge reads fp32 partials and each group's shift from the stream: a config a partial
+    # count (VideoCrafter2's 16 frames, group_norm_silu's 20 and 40 channels a group of frames, and
+    # its channels-last chunks, up to 128), for the stream's groups and group_norm_silu's slices
+    # (groups = 1).
+    + [
+        config
+        for f_pad in (16, 32, 64, 128)
         for units in ((), ("groups",))
         for config in storage_configs(
-            group_norm_merge_stats_kernel, _with_units(_MERGE_ARGS, units), dict(TILE=MERGE_TILE, F_PAD=f_pad),
+            group_norm_merge_stats_kernel, _with_units(_MERGE_ARGS, units), dict(TILE=merge_tile(f_pad), F_PAD=f_pad),
             MERGE_NUM_WARPS,
         )
     ]
@@ -663,6 +883,20 @@ REPORT_CONFIGS: list[KernelConfig] = (
         )
         if not (autocast and config.dtype == "fp32")
     ]
+    # The same passes on channels-last frames and videos.
+    + [
+        dataclasses.replace(config, label=f"{config.label} autocast") if autocast else config
+        for autocast in (False, True)
+        for kernel, args, tile in (
+            (channels_last_affine_silu_kernel, _CHANNELS_LAST_AFFINE_SILU_ARGS, dict(BLOCK=AFFINE_SILU_BLOCK)),
+            (channels_last_affine_silu_sums_kernel, _CHANNELS_LAST_AFFINE_SILU_SUMS_ARGS, CHANNELS_LAST_SUMS_TILE),
+            (channels_last_affine_silu_grad_kernel, _CHANNELS_LAST_AFFINE_SILU_GRAD_ARGS, dict(BLOCK=AFFINE_SILU_BLOCK)),
+        )
+        for config in storage_configs(
+            kernel, {**args, **(_AFFINE_SILU_AUTOCAST_ARGS[kernel] if autocast else {})}, tile, AFFINE_SILU_NUM_WARPS
+        )
+        if not (autocast and config.dtype == "fp32")
+    ]
 )
 
 
@@ -696,12 +930,47 @@ def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tup
     group_norm_partial_stats_kernel[(rows * triton.cdiv(groups, params["GROUP_TILE"]),)](
         x, partial_mean, partial_m2, num_frames, groups, group_numel, num_warps=num_warps, **params,
     )
-    group_norm_merge_stats_kernel[(triton.cdiv(videos * groups, MERGE_TILE),)](
-        x, partial_mean, partial_m2, mean, rstd, videos * groups, num_frames, groups, group_numel,
-        num_frames * groups * group_numel, group_numel, float(eps), TILE=MERGE_TILE,
-        F_PAD=triton.next_power_of_2(num_frames), num_warps=MERGE_NUM_WARPS,
-    )
+    video_numel = num_frames * groups * group_numel
+    _merge_stats(x, partial_mean, partial_m2, mean, rstd, group_numel, video_numel, group_numel, eps)
     return mean, rstd
+
+
+def channels_last_group_norm_stats(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, rstd), each (B, groups) float32, of every sample's channel groups over (C/groups, F,
+    H, W); x (B, C, F, H, W) lies channels-last, (B, F, H, W, C) in memory."""
+    samples, channels = x.shape[:2]
+    positions = math.prod(x.shape[2:])
+    group_size = channels // groups
+    mean = new_output((samples, groups), torch.float32, x.device)
+    rstd = new_output((samples, groups), torch.float32, x.device)
+    if mean.numel() == 0:
+        return mean, rstd
+    if x.numel() == 0:
+        return mean.fill_(math.nan), rstd.fill_(math.nan)
+    group_tile, params, num_warps = channels_last_stats_params(groups, group_size)
+    tiles = triton.cdiv(groups, group_tile)
+    chunks = channels_last_stats_chunks(samples, positions, tiles, params["BLOCK_P"])
+    chunk = positions // chunks
+    partial_mean = new_output((samples, groups, chunks), torch.float32, x.device)
+    partial_m2 = new_output((samples, groups, chunks), torch.float32, x.device)
+    channels_last_group_norm_partial_stats_kernel[(samples * chunks * tiles,)](
+        x, partial_mean, partial_m2, positions, channels, groups, group_size, group_tile, chunk,
+        num_warps=num_warps, **params,
+    )
+    _merge_stats(x, partial_mean, partial_m2, mean, rstd, chunk * group_size, positions * channels, group_size, eps)
+    return mean, rstd
+
+
+def _merge_stats(x, partial_mean, partial_m2, mean, rstd, group_numel, video_stride, group_stride, eps) -> None:
+    """mean and rstd (videos, groups) from partials (videos, groups, partials) of group_numel values
+    each, taken relative to each group's shift at x[video * video_stride + group * group_stride]."""
+    videos, groups, partials = partial_mean.shape
+    f_pad = triton.next_power_of_2(partials)
+    tile = merge_tile(f_pad)
+    group_norm_merge_stats_kernel[(triton.cdiv(videos * groups, tile),)](
+        x, partial_mean, partial_m2, mean, rstd, videos * groups, partials, groups, group_numel, video_stride,
+        group_stride, float(eps), TILE=tile, F_PAD=f_pad, num_warps=MERGE_NUM_WARPS,
+    )
 
 
 def _token_major(t: Tensor, channels_first: bool) -> Tensor:
@@ -852,6 +1121,67 @@ def channel_affine_silu_grad(grad, x, mean, rstd, weight, bias, alpha, beta):
             grad, x, mean, rstd, weight, bias, alpha, beta, grad_x, x.numel(), channels, frames,
             x.shape[3] * x.shape[4], channels // mean.shape[1], mean.shape[1], *x.stride()[:3], *grad_x.stride()[:3],
             BLOCK=AFFINE_SILU_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
+        )
+    return grad_x
+
+
+def _channels_last_output(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A (B, C, F, H, W) output lying channels-last, (B, F, H, W, C) in memory: the strides of
+    torch.channels_last_3d."""
+    samples, channels, *positions = x.shape
+    return new_output((samples, *positions, channels), dtype, x.device).movedim(-1, 1)
+
+
+def channels_last_affine_silu(x, mean, rstd, weight, bias, out_dtype=None):
+    """channel_affine_silu of x (B, C, F, H, W) lying channels-last ((B, F, H, W, C) in memory),
+    the output lying so too."""
+    channels, groups = x.shape[1], mean.shape[1]
+    out = _channels_last_output(x, x.dtype if out_dtype is None else out_dtype)
+    if out.numel():
+        channels_last_affine_silu_kernel[(triton.cdiv(out.numel(), AFFINE_SILU_BLOCK),)](
+            x, mean, rstd, weight, bias, out, out.numel(), channels, x[0].numel(), channels // groups, groups,
+            BLOCK=AFFINE_SILU_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
+        )
+    return out
+
+
+def channels_last_sums_splits(samples: int, positions: int, channels: int) -> int:
+    """How many position ranges channels_last_affine_silu_sums splits each sample into (shapes
+    only): about AFFINE_BACKWARD_PROGRAMS programs in all."""
+    channel_blocks = triton.cdiv(channels, CHANNELS_LAST_SUMS_TILE["BLOCK_C"])
+    position_blocks = triton.cdiv(positions, CHANNELS_LAST_SUMS_TILE["BLOCK_P"])
+    return max(1, min(position_blocks, AFFINE_BACKWARD_PROGRAMS // max(samples * channel_blocks, 1)))
+
+
+def channels_last_affine_silu_sums(grad, x, mean, rstd, weight, bias):
+    """channel_affine_silu_sums of x and the output's gradient both lying channels-last."""
+    samples, channels = x.shape[:2]
+    positions = math.prod(x.shape[2:])
+    splits = channels_last_sums_splits(samples, positions, channels)
+    sums = new_output((2, splits, samples, channels), torch.float32, x.device)
+    if x.numel():
+        block_p, block_c = CHANNELS_LAST_SUMS_TILE["BLOCK_P"], CHANNELS_LAST_SUMS_TILE["BLOCK_C"]
+        channels_last_affine_silu_sums_kernel[(samples, triton.cdiv(channels, block_c), splits)](
+            grad, x, mean, rstd, weight, bias, sums[0], sums[1], positions, channels, channels // mean.shape[1],
+            mean.shape[1], triton.cdiv(triton.cdiv(positions, block_p), splits) * block_p,
+            num_warps=AFFINE_SILU_NUM_WARPS, **CHANNELS_LAST_SUMS_TILE,
+        )
+    else:
+        sums.zero_()
+    # Fixed-order sums over position ranges: deterministic.
+    sum_grad, sum_grad_x = sums.sum(dim=1)
+    return sum_grad, sum_grad_x
+
+
+def channels_last_affine_silu_grad(grad, x, mean, rstd, weight, bias, alpha, beta):
+    """channel_affine_silu_grad of x and the output's gradient both lying channels-last: x's
+    gradient in x's strides (channels-last too)."""
+    channels, groups = x.shape[1], mean.shape[1]
+    grad_x = new_output_like(x)
+    if grad_x.numel():
+        channels_last_affine_silu_grad_kernel[(triton.cdiv(x.numel(), AFFINE_SILU_BLOCK),)](
+            grad, x, mean, rstd, weight, bias, alpha, beta, grad_x, x.numel(), channels, x[0].numel(),
+            channels // groups, groups, BLOCK=AFFINE_SILU_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
         )
     return grad_x
 
