@@ -1,8 +1,9 @@
 """turbo_kernels.group_norm_silu (GroupNorm then SiLU) against torch's composition, forward and
 first-order gradients, and its normalisation pass (turbo_kernels::channel_affine_silu) against
 its reference, in the layouts VideoCrafter2's UNet hands it: per-frame (N, C, H, W), contiguous
-videos (B, C, F, H, W) and the transposed view of the (B*F, C, H, W) stream. Triton's interpreter
-on the CPU; buffers poisoned with NaN first.
+videos (B, C, F, H, W) and the transposed view of the (B*F, C, H, W) stream, each also
+channels-last, as channels-last convolutions return them. Triton's interpreter on the CPU;
+buffers poisoned with NaN first.
 
 Tolerance: the kernels' error against float64 maths at most twice that of the reference run in
 the same storage dtype, plus one rounding of that dtype (helpers.assert_within_2x_of_reference).
@@ -20,10 +21,15 @@ from turbo_kernels.ops import group_norm as group_norm_ops
 from turbo_kernels.reference import temporal_block as ref
 from turbo_kernels.triton_kernels import group_norm as kernels
 
-from .helpers import DEVICE, KERNEL_DTYPES, assert_within_2x_of_reference, record_kernel_launches, unreported_launches
+from .helpers import (
+    DEVICE, KERNEL_DTYPES, RecordedOps, assert_within_2x_of_reference, record_kernel_launches, unreported_launches,
+)
 
 TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
 GROUPS, EPS = 32, 1e-5
+LAYOUTS = ["frames", "video", "stream"]
+# The same, channels-last: (B, F, H, W, C) in memory.
+CHANNELS_LAST_LAYOUTS = ["frames-cl", "video-cl", "stream-cl"]
 
 
 @pytest.fixture(autouse=True)
@@ -38,14 +44,32 @@ def _poisoned(monkeypatch):
 def _input(layout: str, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """2 videos of 3 frames, 64 channels of 5x7 (ragged blocks), channel means apart so that
     centring matters: 'frames' (6, 64, 5, 7), 'video' (2, 64, 3, 5, 7) contiguous, 'stream' the
-    same shape as the transposed view of a (6, 64, 5, 7) stream."""
+    same shape as the transposed view of a (6, 64, 5, 7) stream; with '-cl' channels-last: frames
+    in torch.channels_last, the video in torch.channels_last_3d, the transposed view of a
+    channels_last stream."""
     g = torch.Generator().manual_seed(seed)
     offsets = torch.linspace(-2, 2, 64, dtype=torch.float64).view(1, 64, 1, 1)
     stream = (torch.randn(6, 64, 5, 7, generator=g, dtype=torch.float64) + offsets).to(device=DEVICE, dtype=dtype)
-    if layout == "frames":
+    channels_last = layout.endswith("-cl")
+    if channels_last:
+        stream = stream.contiguous(memory_format=torch.channels_last)
+    if layout.startswith("frames"):
         return stream
     video = stream.unflatten(0, (2, 3)).transpose(1, 2)
-    return video.contiguous() if layout == "video" else video
+    if layout.startswith("video"):
+        return video.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    return video
+
+
+def _memory_format(layout: str) -> torch.memory_format:
+    """The layout the kernels write the output (and x's gradient) in."""
+    if not layout.endswith("-cl"):
+        return torch.contiguous_format
+    return torch.channels_last if layout.startswith("frames") else torch.channels_last_3d
+
+
+def _stats_op(layout: str) -> str:
+    return "channels_last_group_norm_stats" if layout.endswith("-cl") else "group_norm_stats"
 
 
 def _affine(channels: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,30 +84,34 @@ def _composition(x, weight, bias):
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("layout", ["frames", "video", "stream"])
+@pytest.mark.parametrize("layout", LAYOUTS + CHANNELS_LAST_LAYOUTS)
 def test_kernels_match_the_composition(layout, dtype, chosen):
     x = _input(layout, dtype, seed=1)
     weight, bias = _affine(64, torch.Generator().manual_seed(2))
     with torch.no_grad(), tk.backend("triton"):
         got = tk.group_norm_silu(x, weight.to(DEVICE, dtype), bias.to(DEVICE, dtype), GROUPS, EPS)
-    assert chosen == [("group_norm_stats", "triton"), ("channel_affine_silu", "triton")]
-    assert got.shape == x.shape and got.dtype == dtype and got.is_contiguous()
+    assert chosen == [(_stats_op(layout), "triton"), ("channel_affine_silu", "triton")]
+    assert got.shape == x.shape and got.dtype == dtype and got.is_contiguous(memory_format=_memory_format(layout))
     same_precision = _composition(x, weight.to(DEVICE, dtype), bias.to(DEVICE, dtype))
     exact = _composition(x.double(), weight.to(DEVICE), bias.to(DEVICE))
     assert_within_2x_of_reference(got, same_precision, exact)
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d], ids=["contiguous", "cl"])
 @pytest.mark.parametrize("frames", [3, 1], ids=["video", "frames"])
-def test_statistics_of_a_large_mean_against_a_small_spread(frames, chosen):
-    """Groups reduced as slices (a frame's, or a single frame's channel's) merged per group: each
-    slice's mean, rounded to fp32, would carry an ulp of 1000 into the merge were the values not
-    shifted (rstd off by 1e-3 relative): within the 2x rule of torch's var_mean on the same x."""
+def test_statistics_of_a_large_mean_against_a_small_spread(frames, memory_format, chosen):
+    """Groups reduced as slices (a frame's, or a single frame's channel's; channels-last, chunks of
+    positions) merged per group: each slice's mean, rounded to fp32, would carry an ulp of 1000
+    into the merge were the values not shifted (rstd off by 1e-3 relative): within the 2x rule of
+    torch's var_mean on the same x."""
     g = torch.Generator().manual_seed(4)
     x = (1000 + 0.01 * torch.randn(2, 64, frames, 5, 7, generator=g, dtype=torch.float64)).float().to(DEVICE)
+    x = x.contiguous(memory_format=memory_format)
     with torch.no_grad(), tk.backend("triton"):
         mean, rstd = group_norm_ops._group_stats(x, GROUPS, EPS)
-    assert chosen == [("group_norm_stats", "triton")]
+    cl = memory_format == torch.channels_last_3d
+    assert chosen == [("channels_last_group_norm_stats" if cl else "group_norm_stats", "triton")]
     per_group = x.reshape(2, GROUPS, -1)
     for got, same, exact in zip(
         (mean, rstd), _mean_rstd(per_group, EPS), _mean_rstd(per_group.double(), EPS)
@@ -151,26 +179,43 @@ def test_affine_silu_kernel_rounds_like_groupnorm(dtype):
 
 def test_reference_backend_and_the_float64_reference_agree(chosen):
     """On the reference backend (float64, which Triton does not take) the op is the composition
-    to round-off, in every layout."""
-    for layout in ("frames", "video", "stream"):
+    to round-off, in every layout, and writes the kernels' layout."""
+    for layout in LAYOUTS + CHANNELS_LAST_LAYOUTS:
         x = _input(layout, torch.float64, seed=5)
         weight, bias = (t.to(DEVICE) for t in _affine(64, torch.Generator().manual_seed(6)))
         with torch.no_grad(), tk.backend("reference"):
             got = tk.group_norm_silu(x, weight, bias, GROUPS, EPS)
         torch.testing.assert_close(got, _composition(x, weight, bias), rtol=1e-12, atol=1e-12)
+        assert got.is_contiguous(memory_format=_memory_format(layout))
     assert {name for _, name in chosen} == {"reference"} and ("channel_affine_silu", "reference") in chosen
+    assert ("channels_last_group_norm_stats", "reference") in chosen
 
 
 def test_layouts_the_kernels_do_not_read_run_the_composition(chosen):
+    """Neither positions contiguous nor channels innermost: torch's composition, in the layout it
+    gives."""
     weight, bias = (t.float().to(DEVICE) for t in _affine(64, torch.Generator().manual_seed(8)))
     with torch.no_grad():
         strided = _input("video", torch.float32, seed=9)[..., ::2]  # positions not contiguous
         torch.testing.assert_close(tk.group_norm_silu(strided, weight, bias, GROUPS, EPS), _composition(strided, weight, bias))
-        assert chosen == []
-        # Channels-last frames keep the layout torch's composition gives them.
-        frames = _input("frames", torch.float32, seed=10).contiguous(memory_format=torch.channels_last)
+        # Every other channel of channels-last frames of 128: the channels are not dense.
+        frames = torch.cat([_input("frames", torch.float32, seed=10)] * 2, dim=1)
+        every_other = frames.contiguous(memory_format=torch.channels_last)[:, ::2]
+        out = tk.group_norm_silu(every_other, weight, bias, GROUPS, EPS)
+        torch.testing.assert_close(out, _composition(every_other, weight, bias))
+    assert chosen == []
+
+
+def test_channels_last_frames_run_the_op_and_keep_their_layout(chosen):
+    """Channels-last frames, which the composition ran before, run the op (its reference on the
+    CPU's default backend) and keep the channels_last layout torch's composition gives them."""
+    weight, bias = (t.float().to(DEVICE) for t in _affine(64, torch.Generator().manual_seed(8)))
+    frames = _input("frames-cl", torch.float32, seed=10)
+    with torch.no_grad():
         out = tk.group_norm_silu(frames, weight, bias, GROUPS, EPS)
-        assert out.is_contiguous(memory_format=torch.channels_last) and chosen == []
+    assert [op for op, _ in chosen] == ["channels_last_group_norm_stats", "channel_affine_silu"]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, _composition(frames, weight, bias))
 
 
 AUTOCAST_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
@@ -183,12 +228,13 @@ def _autocast_composition(x, weight, bias):
     return _composition(x.float(), weight, bias)
 
 
+@pytest.mark.parametrize("layout", ["stream", "stream-cl"])
 @pytest.mark.parametrize("backend_name,dtype", AUTOCAST_CASES, ids=lambda v: str(v))
-def test_float32_output_from_16_bit_x_is_autocasts_groupnorm(backend_name, dtype, chosen):
+def test_float32_output_from_16_bit_x_is_autocasts_groupnorm(backend_name, dtype, layout, chosen):
     """The op as group_norm_silu runs it under CUDA autocast (out_dtype float32, float32 weight
     and bias): forward and d x, d weight, d bias within twice the error of the float32 composition
-    autocast would run, d x in x's dtype."""
-    x = _input("stream", dtype, seed=30).requires_grad_(True)
+    autocast would run, d x in x's dtype; the output in the kernels' layout."""
+    x = _input(layout, dtype, seed=30).requires_grad_(True)
     weight, bias = (t.float().to(DEVICE).requires_grad_(True) for t in _affine(64, torch.Generator().manual_seed(31)))
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(32)).to(DEVICE)
     with torch.no_grad():
@@ -197,7 +243,8 @@ def test_float32_output_from_16_bit_x_is_autocasts_groupnorm(backend_name, dtype
         out = torch.ops.turbo_kernels.channel_affine_silu(x, *stats, weight, bias, torch.float32)
         grads = _gradients(out, (x, weight, bias), grad_out)
     assert [name for _, name in chosen if _ == "channel_affine_silu"] == [backend_name]
-    assert out.dtype == torch.float32 and out.is_contiguous() and grads[0].dtype == dtype
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=_memory_format(layout))
+    assert grads[0].dtype == dtype and grads[0].stride() == x.stride()
     same = [t.detach().requires_grad_(True) for t in (x, weight, bias)]
     same_out = _autocast_composition(*same)
     same_grads = _gradients(same_out, same, grad_out)
@@ -211,18 +258,19 @@ def test_float32_output_from_16_bit_x_is_autocasts_groupnorm(backend_name, dtype
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["video", "video-cl"])
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
-def test_under_cuda_autocast_the_kernels_return_float32_like_the_composition(dtype, chosen):
+def test_under_cuda_autocast_the_kernels_return_float32_like_the_composition(dtype, layout, chosen):
     """CUDA autocast's GroupNorm computes and returns float32: the op runs its kernels and does
     the same, to within twice the composition's error, gradients included."""
-    x = _input("video", dtype, seed=16).requires_grad_(True)
+    x = _input(layout, dtype, seed=16).requires_grad_(True)
     weight, bias = (t.float().to(DEVICE).requires_grad_(True) for t in _affine(64, torch.Generator().manual_seed(17)))
     with torch.autocast("cuda", dtype=dtype):
         out = tk.group_norm_silu(x, weight, bias, GROUPS, EPS)
         same = [t.detach().requires_grad_(True) for t in (x, weight, bias)]
         want = _composition(*same)
-    assert [op for op, _ in chosen] == ["group_norm_stats", "channel_affine_silu"]
-    assert out.dtype == want.dtype == torch.float32
+    assert [op for op, _ in chosen] == [_stats_op(layout), "channel_affine_silu"]
+    assert out.dtype == want.dtype == torch.float32 and out.is_contiguous(memory_format=_memory_format(layout))
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(33)).to(DEVICE)
     grads = _gradients(out, (x, weight, bias), grad_out)
     want_grads = _gradients(want, same, grad_out)
@@ -273,38 +321,76 @@ def test_kernel_report_compiles_what_it_launches(monkeypatch, dtype):
     signature."""
     launches = record_kernel_launches(monkeypatch, kernels)
     weight, bias = (t.to(DEVICE, dtype) for t in _affine(64, torch.Generator().manual_seed(10)))
+    layouts = LAYOUTS + CHANNELS_LAST_LAYOUTS
     with torch.no_grad(), tk.backend("triton"):
-        for layout in ("frames", "video", "stream"):
+        for layout in layouts:
             tk.group_norm_silu(_input(layout, dtype, seed=11), weight, bias, GROUPS, EPS)
-    assert len(launches) == 3 * 3
+    assert len(launches) == 3 * len(layouts)
     with tk.backend("triton"):  # and each layout's backward: its two passes
-        for layout in ("frames", "video", "stream"):
+        for layout in layouts:
             x = _input(layout, dtype, seed=11).requires_grad_(True)
             tk.group_norm_silu(x, weight, bias, GROUPS, EPS).sum().backward()
     autocast_passes = 0
     if dtype != torch.float32:  # as under CUDA autocast: float32 weight, bias, output and its gradient
-        x = _input("video", dtype, seed=11).requires_grad_(True)
-        mean, rstd, weight32, bias32 = _statistics(12)
-        with tk.backend("triton"):
-            torch.ops.turbo_kernels.channel_affine_silu(x, mean, rstd, weight32, bias32, torch.float32).sum().backward()
-        autocast_passes = 3
-    passes = ("channel_affine_silu_kernel", "channel_affine_silu_sums_kernel", "channel_affine_silu_grad_kernel")
+        for layout in ("video", "video-cl"):
+            x = _input(layout, dtype, seed=11).requires_grad_(True)
+            mean, rstd, weight32, bias32 = _statistics(12)
+            with tk.backend("triton"):
+                out = torch.ops.turbo_kernels.channel_affine_silu(x, mean, rstd, weight32, bias32, torch.float32)
+                out.sum().backward()
+        autocast_passes = 2 * 3
+    passes = tuple(
+        f"{prefix}affine_silu{suffix}_kernel" for prefix in ("channel_", "channels_last_") for suffix in ("", "_sums", "_grad")
+    )
     exact = [launch for launch in launches if launch[0].__name__ in passes]
-    assert len(exact) == 3 + 3 + 2 * 3 + autocast_passes  # no-grad forwards, forwards, backwards
+    # no-grad forwards, forwards, backwards
+    assert len(exact) == len(layouts) + len(layouts) + 2 * len(layouts) + autocast_passes
     assert unreported_launches(exact, kernels.REPORT_CONFIGS) == []
     statistics = [launch for launch in launches if launch[0].__name__ not in passes]
-    assert unreported_launches(statistics, kernels.REPORT_CONFIGS, check_constexprs=False) == []
+    # A 5x7 frame is one chunk of positions, which the merge takes as frames = 1.
+    assert unreported_launches(statistics, kernels.REPORT_CONFIGS, ("frames",), check_constexprs=False) == []
 
 
-def test_opcheck():
-    x = _input("stream", torch.float32, seed=12)
-    half = _input("stream", torch.float16, seed=12)
+@pytest.mark.parametrize("layout", ["stream", "stream-cl"])
+def test_opcheck(layout):
+    x = _input(layout, torch.float32, seed=12)
+    half = _input(layout, torch.float16, seed=12)
     for backend_name in ["reference"] + (["triton"] if TRITON_USABLE else []):
         with tk.backend(backend_name):
             torch.library.opcheck(torch.ops.turbo_kernels.channel_affine_silu.default, (x, *_statistics(13)))
             torch.library.opcheck(
                 torch.ops.turbo_kernels.channel_affine_silu.default, (half, *_statistics(13), torch.float32)
             )
+            if layout == "stream-cl":
+                torch.library.opcheck(torch.ops.turbo_kernels.channels_last_group_norm_stats.default, (x, GROUPS, EPS))
+
+
+def _significant_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides that address t's elements (a size-1 dimension's is never used)."""
+    return tuple(stride for stride, size in zip(t.stride(), t.shape) if size > 1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS + CHANNELS_LAST_LAYOUTS)
+def test_the_fakes_give_the_backends_layouts(layout):
+    """opcheck compares strides on CUDA only: here the fake (shape inference on the meta device)
+    against each backend's output and gradient, dimension by dimension."""
+    x = _input(layout, torch.float32, seed=38)
+    video = x if x.dim() == 5 else x.unsqueeze(2)
+    with torch.no_grad(), tk.backend("reference"):
+        stats = (*group_norm_ops._group_stats(video, GROUPS, EPS), *_statistics(39)[2:])
+    grad = torch.randn(video.shape, generator=torch.Generator().manual_seed(40)).to(DEVICE)
+    fake_out = torch.ops.turbo_kernels.channel_affine_silu(video.to("meta"), *(t.to("meta") for t in stats))
+    fake_grad_x, _, _ = torch.ops.turbo_kernels.channel_affine_silu_backward(
+        grad.to("meta"), video.to("meta"), *(t.to("meta") for t in stats), True
+    )
+    for backend_name in ["reference"] + (["triton"] if TRITON_USABLE else []):
+        with tk.backend(backend_name):
+            out = torch.ops.turbo_kernels.channel_affine_silu(video, *stats)
+            grad_x, _, _ = torch.ops.turbo_kernels.channel_affine_silu_backward(grad, video, *stats, True, backend_name)
+        assert _significant_strides(out) == _significant_strides(fake_out), backend_name
+        assert _significant_strides(grad_x) == _significant_strides(fake_grad_x) == _significant_strides(video)
+        channels_last = layout.endswith("-cl")
+        assert out.is_contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
@@ -380,11 +466,12 @@ def _gradient_input(layout: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend_name,dtype", GRADIENT_CASES, ids=lambda v: str(v))
-@pytest.mark.parametrize("layout", ["frames", "video", "stream", "wide"])
+@pytest.mark.parametrize("layout", LAYOUTS + CHANNELS_LAST_LAYOUTS + ["wide"])
 def test_gradients_match_the_composition(layout, backend_name, dtype, chosen):
     """d x, d weight and d bias through the kernels (the normalisation pass's backward and the
     statistics' backward) against autograd through torch's composition: float64 on the reference
-    backend to round-off; on Triton within twice the same-precision composition's error."""
+    backend to round-off; on Triton within twice the same-precision composition's error. The
+    output's gradient arrives contiguous, so channels-last layouts copy it once."""
     x = _gradient_input(layout, dtype).requires_grad_(True)
     weight, bias = (t.to(DEVICE, dtype).requires_grad_(True) for t in _affine(64, torch.Generator().manual_seed(21)))
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64).to(DEVICE, dtype)
@@ -392,8 +479,9 @@ def test_gradients_match_the_composition(layout, backend_name, dtype, chosen):
         out = tk.group_norm_silu(x, weight, bias, GROUPS, EPS)
         grads = _gradients(out, (x, weight, bias), grad_out)
     # The statistics need no backward of their own: the pass's backward gives x's whole gradient.
-    assert [op for op, _ in chosen] == ["group_norm_stats", "channel_affine_silu", "channel_affine_silu_backward"]
+    assert [op for op, _ in chosen] == [_stats_op(layout), "channel_affine_silu", "channel_affine_silu_backward"]
     assert {name for _, name in chosen} == {backend_name}
+    assert out.is_contiguous(memory_format=_memory_format(layout))
     assert grads[0].shape == x.shape and grads[0].stride() == x.stride()
     exact = [t.detach().double().requires_grad_(True) for t in (x, weight, bias)]
     want = _gradients(_composition(*exact), exact, grad_out.double())
@@ -407,8 +495,9 @@ def test_gradients_match_the_composition(layout, backend_name, dtype, chosen):
             assert_within_2x_of_reference(got, lp, expected, name)
 
 
-def test_backward_opcheck():
-    x = _input("video", torch.float32, seed=23)
+@pytest.mark.parametrize("layout", ["video", "video-cl"])
+def test_backward_opcheck(layout):
+    x = _input(layout, torch.float32, seed=23)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(24)).to(DEVICE)
     for backend_name in ["reference"] + (["triton"] if TRITON_USABLE else []):
         with tk.backend(backend_name):
@@ -425,6 +514,78 @@ def test_backward_opcheck():
     with pytest.raises(ValueError, match="mean and rstd require grad"):
         mean, rstd, weight, bias = _statistics(27)
         torch.ops.turbo_kernels.channel_affine_silu(x.requires_grad_(True), mean.requires_grad_(True), rstd, weight, bias)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", CHANNELS_LAST_LAYOUTS)
+def test_channels_last_kernels_read_x_in_place(layout, dtype, monkeypatch, chosen):
+    """Channels-last x reaches every kernel as itself (its storage and strides), forward and
+    backward, as does an output gradient in the output's layout; nothing outside the ops copies
+    it; x's gradient is written in x's layout."""
+    launches = record_kernel_launches(monkeypatch, kernels)
+    x = _input(layout, dtype, seed=41).requires_grad_(True)
+    weight, bias = (t.to(DEVICE, dtype).requires_grad_(True) for t in _affine(64, torch.Generator().manual_seed(42)))
+    copies = {torch.ops.aten.clone.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default}
+    with tk.backend("triton"):
+        with RecordedOps(copies) as forward:
+            out = tk.group_norm_silu(x, weight, bias, GROUPS, EPS)
+        grad_out = torch.randn_like(out)  # in out's layout
+        grad_x, _, _ = torch.autograd.grad(out, (x, weight, bias), grad_out)
+    assert forward.calls == []
+    assert chosen == [
+        ("channels_last_group_norm_stats", "triton"), ("channel_affine_silu", "triton"),
+        ("channel_affine_silu_backward", "triton"),
+    ]
+    assert [kernel.__name__ for kernel, _, _ in launches] == [
+        "channels_last_group_norm_partial_stats_kernel", "group_norm_merge_stats_kernel",
+        "channels_last_affine_silu_kernel", "channels_last_affine_silu_sums_kernel",
+        "channels_last_affine_silu_grad_kernel",
+    ]
+    # x is the statistics' and the forward's first argument, the backward passes' second (after
+    # the output's gradient); their x views may differ only by an inserted frame dimension.
+    first, second = zip(*[(args[0], args[1]) for _, args, _ in launches])
+    for got in first[:3] + second[3:]:
+        assert got.data_ptr() == x.data_ptr() and _significant_strides(got) == _significant_strides(x)
+    for got in first[3:]:
+        assert got.data_ptr() == grad_out.data_ptr()
+    assert out.is_contiguous(memory_format=_memory_format(layout)) and grad_x.stride() == x.stride()
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("channels,groups", [(160, 8), (320, 32)], ids=["20-a-group", "10-a-group"])
+def test_channels_last_groups_are_found_by_their_channels(channels, groups, chosen):
+    """Groups of 20 or 10 channels (no power of two; VideoCrafter2's first level is 320 in 32)
+    over 105 positions, channels-last: a statistics program takes 6 or 12 whole groups (120 of its
+    128 lanes), the last fewer, over 5 chunks of 21 positions (no multiple of its 16-position
+    tile), the sums 64-channel blocks (160 is no multiple). Each channel's mean and spread lie far
+    from its neighbours', so a channel counted in the wrong group, or a group's partials merged
+    with another's, would move the statistics far outside the 2x rule; forward and gradients."""
+    g = torch.Generator().manual_seed(43)
+    centres = 20 * torch.randn(channels, generator=g, dtype=torch.float64).view(1, channels, 1, 1, 1)
+    spreads = torch.exp(torch.randn(channels, generator=g, dtype=torch.float64)).view(1, channels, 1, 1, 1)
+    x64 = centres + spreads * torch.randn(2, channels, 3, 5, 7, generator=g, dtype=torch.float64)
+    x = x64.float().to(DEVICE).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+    weight, bias = (t.float().to(DEVICE).requires_grad_(True) for t in _affine(channels, g))
+    grad_out = torch.randn(x.shape, generator=g, dtype=torch.float64).float().to(DEVICE)
+    with tk.backend("triton"):
+        out = tk.group_norm_silu(x, weight, bias, groups, EPS)
+        grads = _gradients(out, (x, weight, bias), grad_out)
+    assert [name for _, name in chosen] == ["triton"] * 3 and chosen[0][0] == "channels_last_group_norm_stats"
+
+    def composition(*inputs):
+        return F.silu(F.group_norm(inputs[0], groups, inputs[1], inputs[2], EPS))
+
+    same = [t.detach().requires_grad_(True) for t in (x, weight, bias)]
+    same_out = composition(*same)
+    exact = [t.detach().double().requires_grad_(True) for t in (x, weight, bias)]
+    exact_out = composition(*exact)
+    assert_within_2x_of_reference(out.detach(), same_out.detach(), exact_out.detach())
+    for name, got, lp, expected in zip(
+        ("d x", "d weight", "d bias"), grads, _gradients(same_out, same, grad_out),
+        _gradients(exact_out, exact, grad_out.double()),
+    ):
+        assert_within_2x_of_reference(got, lp, expected, name)
 
 
 def test_weight_and_bias_gradients_without_x_gradient(chosen):

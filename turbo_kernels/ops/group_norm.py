@@ -2,8 +2,10 @@
 run them: `turbo_kernels.group_norm_silu(x, weight, bias, groups, eps)`.
 
 The statistics come from the fused temporal block's reduction (`turbo_kernels::group_norm_stats`,
-deterministic partials merged with Chan's formula), the normalisation and SiLU from one pass
-(`turbo_kernels::channel_affine_silu`) that writes a contiguous output. torch's GroupNorm reduces
+deterministic partials merged with Chan's formula; for channels-last x
+`turbo_kernels::channels_last_group_norm_stats`, whose partials the same merge combines), the
+normalisation and SiLU from one pass (`turbo_kernels::channel_affine_silu`) that writes a
+contiguous output, or a channels-last one for channels-last x. torch's GroupNorm reduces
 each (sample, group) in one thread block: a temporal convolution's GroupNorm normalises each
 video's (C/32, F, H, W), 32 rows of 410k elements at the first level of a 16-frame 320x512 clip,
 so 32 blocks on 132 SMs; on the second lease's H100 its statistics kernel took 52 of the 519 ms of
@@ -11,8 +13,13 @@ a 4-step generation, its normalisation 23 ms more, and the SiLU after it another
 statistics split every group into partials (a frame's share of a video's group, one channel of
 a frame's group; the stream's transposed view four groups of a frame a program), merged
 exactly, and the affine, normalisation and SiLU are one pass: three launches a call. Layouts
-without a copy: x contiguous, or the transposed view of the (B*F, C, H, W) stream that
-VC2UNet's temporal convolutions normalise first.
+without a copy: x contiguous, the transposed view of the (B*F, C, H, W) stream that VC2UNet's
+temporal convolutions normalise first, and channels-last x ((B, F, H, W, C) in memory: (N, C, H,
+W) frames in torch.channels_last, (B, C, F, H, W) videos in torch.channels_last_3d, the
+transposed view of a channels_last stream), as channels-last convolutions hand them over. There
+a group's channels recur every C elements: a statistics program reduces a few whole groups in
+tiles along the channels over a chunk of positions, and the output and x's gradient keep x's
+layout, as the composition's do (an output gradient in another layout is copied into it once).
 
 Differentiable (first-order gradients only): `channel_affine_silu_backward` is two passes, the
 per-(sample, channel) sums of d a = d y * silu'(a) and d a * x, then x's whole gradient (through
@@ -44,6 +51,11 @@ def _triton():
     return group_norm
 
 
+def _channels_last(x: Tensor) -> bool:
+    """Whether the passes read x, and write their output, channels-last ((B, F, H, W, C) in memory)."""
+    return ref.affine_silu_memory_format(x) == torch.channels_last_3d
+
+
 def _affine_silu_problem(
     x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, out_dtype: Optional[torch.dtype] = None
 ) -> Optional[str]:
@@ -51,8 +63,9 @@ def _affine_silu_problem(
     if problem:
         return problem
     # A dimension of size 1 has no stride to honour (a transposed (..., 1, W) view reports any).
-    if (x.shape[4] > 1 and x.stride(4) != 1) or (x.shape[3] > 1 and x.stride(3) != x.shape[4]):
-        return "x's positions (H, W) are not contiguous"
+    positions_contiguous = (x.shape[4] == 1 or x.stride(4) == 1) and (x.shape[3] == 1 or x.stride(3) == x.shape[4])
+    if not (positions_contiguous or _channels_last(x)):
+        return "x's positions (H, W) are not contiguous, nor is x channels-last"
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (mean, rstd)):
         return "mean and rstd must be contiguous float32"
     if not (weight.is_contiguous() and bias.is_contiguous()):
@@ -66,20 +79,33 @@ def _affine_silu_backward_problem(grad, x, mean, rstd, weight, bias, with_x) -> 
     return checks.storage_problem(grad) or _affine_silu_problem(x, mean, rstd, weight, bias)
 
 
+def _triton_forward(x, mean, rstd, weight, bias, out_dtype=None):
+    kernels = _triton()
+    forward = kernels.channels_last_affine_silu if _channels_last(x) else kernels.channel_affine_silu
+    return forward(x, mean, rstd, weight, bias, out_dtype)
+
+
 dispatch.register("channel_affine_silu", "reference")(ref.channel_affine_silu)
-dispatch.register("channel_affine_silu", "triton", _affine_silu_problem)(lambda *a: _triton().channel_affine_silu(*a))
+dispatch.register("channel_affine_silu", "triton", _affine_silu_problem)(_triton_forward)
+
+
 def _triton_backward(grad, x, mean, rstd, weight, bias, with_x):
     """Two passes: the sums (Triton), the (B, C) coefficients (PyTorch, tiny), x's whole gradient
-    (Triton; skipped when x needs none)."""
+    (Triton; skipped when x needs none). The output's gradient is read in the output's layout
+    (copied once where it arrives in another)."""
     kernels = _triton()
-    grad = grad.contiguous()
-    sum_grad, sum_grad_x = kernels.channel_affine_silu_sums(grad, x, mean, rstd, weight, bias)
+    memory_format = ref.affine_silu_memory_format(x)
+    channels_last = memory_format == torch.channels_last_3d
+    grad = grad.contiguous(memory_format=memory_format)
+    sums = kernels.channels_last_affine_silu_sums if channels_last else kernels.channel_affine_silu_sums
+    sum_grad, sum_grad_x = sums(grad, x, mean, rstd, weight, bias)
     grad_weight, grad_bias, alpha, beta = ref.group_norm_silu_coefficients(
         sum_grad, sum_grad_x, tuple(x.shape), mean, rstd, weight
     )
     if not with_x:
         return x.new_empty(0), grad_weight, grad_bias
-    grad_x = kernels.channel_affine_silu_grad(grad, x, mean, rstd, weight, bias, alpha.contiguous(), beta.contiguous())
+    grad_x_pass = kernels.channels_last_affine_silu_grad if channels_last else kernels.channel_affine_silu_grad
+    grad_x = grad_x_pass(grad, x, mean, rstd, weight, bias, alpha.contiguous(), beta.contiguous())
     return grad_x, grad_weight, grad_bias
 
 
@@ -104,7 +130,10 @@ def _channel_affine_silu(
 
 @_channel_affine_silu.register_fake
 def _(x, mean, rstd, weight, bias, out_dtype=None):
-    return x.new_empty(x.shape, dtype=x.dtype if out_dtype is None else out_dtype)
+    return torch.empty(
+        x.shape, dtype=x.dtype if out_dtype is None else out_dtype, device=x.device,
+        memory_format=ref.affine_silu_memory_format(x),
+    )
 
 
 @torch.library.custom_op("turbo_kernels::channel_affine_silu_backward", mutates_args=())
@@ -150,6 +179,31 @@ def _affine_silu_backward(ctx, grad):
 _channel_affine_silu.register_autograd(_affine_silu_backward, setup_context=_affine_silu_setup)
 
 
+def _channels_last_stats_problem(x: Tensor, groups: int, eps: float) -> Optional[str]:
+    if not x.is_contiguous(memory_format=torch.channels_last_3d):
+        return "x is not channels-last ((B, F, H, W, C) in memory)"
+    return checks.storage_problem(x)
+
+
+dispatch.register("channels_last_group_norm_stats", "reference")(ref.video_group_norm_stats)
+dispatch.register("channels_last_group_norm_stats", "triton", _channels_last_stats_problem)(
+    lambda *a: _triton().channels_last_group_norm_stats(*a)
+)
+
+
+@torch.library.custom_op("turbo_kernels::channels_last_group_norm_stats", mutates_args=())
+def _channels_last_group_norm_stats(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, rstd), each (B, groups), of x (B, C, F, H, W) channels-last over every sample's
+    (C/groups, F, H, W); no gradient (group_norm_silu takes them without a graph)."""
+    return dispatch.run("channels_last_group_norm_stats", x.device, x, groups, eps)
+
+
+@_channels_last_group_norm_stats.register_fake
+def _(x, groups, eps):
+    shape = (x.shape[0], groups)
+    return x.new_empty(shape, dtype=ref.compute_dtype(x)), x.new_empty(shape, dtype=ref.compute_dtype(x))
+
+
 def _group_stats(x: Tensor, groups: int, eps: float) -> Optional[tuple[Tensor, Tensor]]:
     """(mean, rstd), each (B, groups), of x (B, C, F, H, W) over every (sample, group)'s (C/groups,
     F, H, W), read without a copy; None for a layout the reduction cannot take."""
@@ -165,6 +219,11 @@ def _group_stats(x: Tensor, groups: int, eps: float) -> Optional[tuple[Tensor, T
     if x.transpose(1, 2).is_contiguous():
         # The stream (B*F, C, H, W) itself: every frame's groups are contiguous runs.
         return _group_norm_stats(x.transpose(1, 2).reshape(batch * frames, channels, height, width), frames, groups, eps)
+    if x.is_contiguous(memory_format=torch.channels_last_3d):
+        # Channels innermost, (B, F, H, W, C) in memory (channels_last frames, channels_last_3d
+        # videos, the transposed view of a channels_last stream): a group's channels recur every C
+        # elements, reduced in tiles across the channels.
+        return _channels_last_group_norm_stats(x, groups, eps)
     return None
 
 
@@ -186,11 +245,11 @@ def _kernels_output_dtype(x: Tensor) -> Optional[torch.dtype]:
 def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
     """silu(group_norm(x)) of x (N, C, H, W) (each sample's groups over (C/groups, H, W)) or (B, C,
     F, H, W) (each video's over (C/groups, F, H, W)), with the affine weight and bias (C,), as
-    F.silu(F.group_norm(x, groups, weight, bias, eps)) computes it: contiguous and in the
-    composition's dtype from the kernels (x's; float32 from 16-bit x under CUDA autocast, whose
-    GroupNorm computes in float32), differentiable (first order) in x, weight and bias. Runs that
-    very composition (its dtype and layout) while torch.compile traces, under autocast on other
-    devices, or for layouts the kernels do not read (module docstring)."""
+    F.silu(F.group_norm(x, groups, weight, bias, eps)) computes it: from the kernels contiguous,
+    or channels-last for channels-last x, and in the composition's dtype (x's; float32 from 16-bit
+    x under CUDA autocast, whose GroupNorm computes in float32), differentiable (first order) in x,
+    weight and bias. Runs that very composition (its dtype and layout) while torch.compile traces,
+    under autocast on other devices, or for layouts the kernels do not read (module docstring)."""
     checks.floating_tensor(x, "x")
     if x.dim() not in (4, 5):
         raise ValueError(f"x must be (N, C, H, W) or (B, C, F, H, W), got shape {tuple(x.shape)}")

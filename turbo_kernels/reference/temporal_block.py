@@ -117,6 +117,12 @@ def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tup
     return mean, torch.rsqrt(variance + eps)
 
 
+def video_group_norm_stats(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """group_norm_stats of x (B, C, F, H, W) in any layout: each sample's groups over (C/groups,
+    F, H, W)."""
+    return group_norm_stats(x.transpose(1, 2).flatten(0, 1), x.shape[2], groups, eps)
+
+
 def group_norm_stats_backward(
     x: Tensor, mean: Tensor, rstd: Tensor, grad_mean: Tensor, grad_rstd: Tensor, num_frames: int
 ) -> Tensor:
@@ -170,16 +176,27 @@ def _rounded_affine(x: Tensor, scale: Tensor, shift: Tensor, rounding: torch.dty
     return a.to(rounding).to(cdt)
 
 
+def affine_silu_memory_format(x: Tensor) -> torch.memory_format:
+    """The layout of channel_affine_silu's output for x (B, C, F, H, W): channels-last
+    (torch.channels_last_3d, (B, F, H, W, C) in memory) where x lies so and is not contiguous,
+    else contiguous. torch's test ignores the strides of size-1 dimensions, so a channels_last
+    (N, C, H, W) x with a frame dimension inserted counts, as does the transposed view of a
+    channels_last (B*F, C, H, W) stream."""
+    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def channel_affine_silu(
     x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, out_dtype: Optional[torch.dtype] = None
 ) -> Tensor:
     """silu(a), a = x*scale + shift rounded to the output's dtype (GroupNorm's output), (scale,
     shift) = group_affine(...) per (sample, channel), of a (B, C, F, H, W) x with (B, groups)
-    statistics and (C,) weight and bias; contiguous, in out_dtype (default x's; float32 from 16-bit
-    x is what CUDA autocast's GroupNorm returns)."""
+    statistics and (C,) weight and bias; in out_dtype (default x's; float32 from 16-bit x is what
+    CUDA autocast's GroupNorm returns), laid out as affine_silu_memory_format(x) says."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     a = _rounded_affine(x, *group_affine(mean, rstd, weight, bias), out_dtype)
-    return F.silu(a).to(out_dtype).contiguous()
+    return F.silu(a).to(out_dtype).contiguous(memory_format=affine_silu_memory_format(x))
 
 
 def silu_grad_at_rounded_affine(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
