@@ -21,9 +21,10 @@ eager variants with every convolution's weight channels-last (NHWC), so cuDNN's 
 return channels-last activations instead of transposing to and from NCHW around each call (a
 profile of 4-step generation put 59 of 519 ms in those transposes, H100); whether torch's
 GroupNorm then copies its input back to NCHW is what the rows tell. kernels-nhwc measures the
-kernels as they are on such a model, not a channels-last kernel path: the fused temporal layers
-return NCHW (so the convolutions after them transpose again) and their GroupNorm statistics fall
-back to the reference (their kernel reads NCHW). `bytes` is the weight bytes one call must read (the traffic
+kernels as they are on such a model: group_norm_silu (the ResBlocks' and temporal convolutions'
+GroupNorm + SiLU) reads and writes channels-last, but the fused temporal layers return NCHW (so
+the convolutions after them transpose again) and their GroupNorm statistics fall back to the
+reference (their kernel reads NCHW). `bytes` is the weight bytes one call must read (the traffic
 floor of batch-1 sampling); `flops` the arithmetic of one call (the UNet forwards and the VAE
 decode, counted by torch's FlopCounterMode on the meta device, the plain PyTorch path: matrix
 products, convolutions and attention), so each row's roofline share is against the run's matrix
