@@ -403,7 +403,10 @@ def layer_norm_cases(options: SuiteOptions) -> Iterator[Case]:
 GROUP_NORM_OP = "group_norm_silu"
 # How the UNet hands GroupNorm + SiLU its input: a ResBlock's frames (B*F, C, H, W), a temporal
 # convolution's first videos (the stream's transposed view) and its next ones (contiguous).
-GROUP_NORM_LAYOUTS = ("frames", "stream", "video")
+# x as the UNet hands it over: a ResBlock's frames (N, C, H, W), the transposed view of the
+# stream (B, C, F, H, W) that a temporal convolution normalises, a contiguous video; the first two
+# also channels-last, as channels-last convolutions return them (`-nhwc`).
+GROUP_NORM_LAYOUTS = ("frames", "stream", "video", "frames-nhwc", "stream-nhwc")
 
 
 def _group_norm_inputs(layout: str, videos: int, frames: int, channels: int, height: int, width: int,
@@ -415,15 +418,19 @@ def _group_norm_inputs(layout: str, videos: int, frames: int, channels: int, hei
             return torch.randn(shape, generator=generator, device=options.device, dtype=options.dtype)
 
         stream = randn(videos * frames, channels, height, width)
+        if layout.endswith("-nhwc"):
+            stream = stream.contiguous(memory_format=torch.channels_last)
         video = stream.unflatten(0, (videos, frames)).transpose(1, 2)
-        x = {"frames": stream, "stream": video, "video": video.contiguous()}[layout]
+        x = {"video": video.contiguous()}.get(layout, stream if layout.startswith("frames") else video)
         weight, bias = 1 + 0.1 * randn(channels), 0.1 * randn(channels)
         if autocast:  # float32 master weights, as mixed-precision training holds them
             weight, bias = weight.float(), bias.float()
         differentiable = tuple(t.requires_grad_(with_grad) for t in (x, weight, bias))
         return SimpleNamespace(
             x=x, weight=weight, bias=bias, differentiable=differentiable if with_grad else (),
-            grad_out=randn(*x.shape).to(torch.float32 if autocast else options.dtype) if with_grad else None,
+            # In x's layout, as the output's gradient arrives from a consumer of the same layout.
+            grad_out=torch.empty_like(x, dtype=torch.float32 if autocast else options.dtype).copy_(randn(*x.shape))
+            if with_grad else None,
         )
 
     return make_inputs
