@@ -401,12 +401,11 @@ def layer_norm_cases(options: SuiteOptions) -> Iterator[Case]:
 
 
 GROUP_NORM_OP = "group_norm_silu"
-# How the UNet hands GroupNorm + SiLU its input: a ResBlock's frames (B*F, C, H, W), a temporal
-# convolution's first videos (the stream's transposed view) and its next ones (contiguous).
 # x as the UNet hands it over: a ResBlock's frames (N, C, H, W), the transposed view of the
 # stream (B, C, F, H, W) that a temporal convolution normalises, a contiguous video; the first two
 # also channels-last, as channels-last convolutions return them (`-nhwc`).
 GROUP_NORM_LAYOUTS = ("frames", "stream", "video", "frames-nhwc", "stream-nhwc")
+GROUP_NORM_OUTPUT_FORMATS = {("frames-nhwc", 4): torch.channels_last, ("stream-nhwc", 5): torch.channels_last_3d}
 
 
 def _group_norm_inputs(layout: str, videos: int, frames: int, channels: int, height: int, width: int,
@@ -428,9 +427,11 @@ def _group_norm_inputs(layout: str, videos: int, frames: int, channels: int, hei
         differentiable = tuple(t.requires_grad_(with_grad) for t in (x, weight, bias))
         return SimpleNamespace(
             x=x, weight=weight, bias=bias, differentiable=differentiable if with_grad else (),
-            # In x's layout, as the output's gradient arrives from a consumer of the same layout.
-            grad_out=torch.empty_like(x, dtype=torch.float32 if autocast else options.dtype).copy_(randn(*x.shape))
-            if with_grad else None,
+            # In the layout of the kernels' output, as the next layer's gradient arrives: channels-last
+            # for the -nhwc layouts (a channels-last convolution's), contiguous for the others.
+            grad_out=randn(*x.shape).to(torch.float32 if autocast else options.dtype).contiguous(
+                memory_format=GROUP_NORM_OUTPUT_FORMATS.get((layout, x.dim()), torch.contiguous_format)
+            ) if with_grad else None,
         )
 
     return make_inputs

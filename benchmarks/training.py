@@ -16,7 +16,8 @@
   hundreds of UNet forwards, minutes a variant); batched and one-clip-at-a-time calls both spend
   nearly all their time in those forwards, so their ratio carries over. Its `flops`
   (motion_prior_flops) are the case's teacher passes and attention energies, counted on the meta
-  device: at full size a clip at grid index n costs n + 4.04 no-grad forwards of 12.6 TFLOP.
+  device: at full size a clip at grid index n costs as much as n + 4.04 no-grad forwards of 12.6 TFLOP
+  (the score's forward with gradients and its backward included).
 - `whole_recipe` (batch 3, full fine-tune): distillation + HPSv2.1 + CLIP-H + InternVideo2 rewards on
   the VAE-decoded one-step prediction, backward and optimizer step, in one process: one row per
   set of memory savings, to read off what it takes to fit one 80 GB GPU (peak_mem_mb; a setup that

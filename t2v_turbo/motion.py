@@ -153,6 +153,10 @@ def _checked_timesteps(t: Tensor | int, batch: int, device: torch.device, name: 
     return t.expand(batch)
 
 
+def _on_host(value: Tensor | int) -> bool:
+    return not isinstance(value, Tensor) or value.device.type == "cpu"
+
+
 def _per_clip(value: Tensor | int, rows: Tensor) -> Tensor | int:
     """A per-clip conditioning value restricted to the clips in `rows` (a Python int broadcasts)."""
     if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] > 1:
@@ -202,9 +206,11 @@ def ddim_inversion(
     if isinstance(unet_fn, nn.Module):
         unet_fn = teacher_path(unet_fn)
     batch = z0.shape[0]
-    # Which clips advance at each step is the host's bookkeeping: indices on a device are read
-    # once here, not at every step.
-    grid_index = _checked_grid_index(grid_index, batch).cpu()
+    if isinstance(grid_index, Tensor):
+        # Which clips advance at each step is the host's bookkeeping: indices on a device are read
+        # once here, not at every step, and checked on the host (their values are read anyway).
+        grid_index = grid_index.cpu()
+    grid_index = _checked_grid_index(grid_index, batch)
     context = _checked_context(context, batch)
     table = _checked_table(alphas_cumprod, z0)
     grid = schedule.ddim_timesteps().tolist()
@@ -223,7 +229,7 @@ def ddim_inversion(
                 x_active,
                 torch.full((active.numel(),), t, dtype=torch.int64, device=z0.device),
                 context if everyone else context[active],
-                fps if everyone else _per_clip(fps, active),
+                fps if everyone else _per_clip(fps, active_on_host if _on_host(fps) else active),
             )
             sigma_p, sigma_t = (1 - table[p]).sqrt(), (1 - table[t]).sqrt()
             ratio = (table[t] / table[p]).sqrt()

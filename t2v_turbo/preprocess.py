@@ -257,9 +257,12 @@ def _aligned_batches(clips: Sequence[int], start: int, batch_size: int) -> list[
     return batches
 
 
-def _resume_position(clips: Sequence[int], stored: int, skipped: set[int], cache: Path, limit: int | None) -> int:
+def _resume_position(
+    clips: Sequence[int], stored: int, skipped: set[int], cache: Path, limit: int | None = None,
+    unlimited_clips: Sequence[int] = (),
+) -> int:
     """The position in `clips` after the `stored`-th clip that was not skipped; limit: the run's
-    --limit where it cut the dataset short."""
+    --limit where it cut the dataset short, unlimited_clips: this process's clips without it."""
     count = 0
     for position, clip in enumerate(clips):
         if count == stored:
@@ -268,7 +271,7 @@ def _resume_position(clips: Sequence[int], stored: int, skipped: set[int], cache
             count += 1
     if count == stored:
         return len(clips)
-    if limit is not None:
+    if limit is not None and sum(clip not in skipped for clip in unlimited_clips) >= stored:
         raise ValueError(
             f"cache {cache} holds {stored} samples of this process, more than the {count} readable clips that "
             f"--limit {limit} gives it: it was written with a larger limit (raise --limit or drop it to continue "
@@ -462,7 +465,9 @@ def preprocess(
     skip_record = _SkipRecord(cache_dir / skip_record_name(rank, world))
     already_stored = CacheWriter.resume_point(cache_dir, rank, world)
     limited = config.limit if config.limit is not None and config.limit < len(dataset) else None
-    start = _resume_position(clips, already_stored, skip_record.indices, cache_dir, limited)
+    start = _resume_position(
+        clips, already_stored, skip_record.indices, cache_dir, limited, range(rank, len(dataset), world)
+    )
 
     if models is None:
         unet, vae, text_encoder = load_models(config, device)

@@ -616,7 +616,7 @@ class _Trainer:
             reward.to(self.device)
         self.term_names = self._split_term_names() if config.video_reward_processes else None
         # Dropout and other global draws differ per process; data order and w do not (see module doc).
-        seed_all(config.seed + self.rank)
+        seed_all((config.seed + self.rank) % 2**64)  # the seed's range is the generators'
 
         if config.cache is None:
             raise ValueError(f"config.cache is not set: training reads a teacher cache; {PREPROCESS_HINT}")

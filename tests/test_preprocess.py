@@ -461,3 +461,14 @@ def test_a_video_cache_continues_only_with_the_decoder_that_began_it(tmp_path, c
 def test_bad_config_is_rejected_with_the_field_named(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         make_config(tmp_path, **overrides)
+
+
+def test_a_cache_larger_than_the_limit_allows_is_told_from_one_of_other_data(tmp_path):
+    from t2v_turbo.preprocess import _resume_position
+
+    # 8 samples: more than --limit 5 gives, fewer than the 10 clips without it.
+    with pytest.raises(ValueError, match="larger limit"):
+        _resume_position(range(5), 8, set(), tmp_path, 5, range(10))
+    # 20 samples: more than the whole data holds, whatever the limit.
+    with pytest.raises(ValueError, match="other data"):
+        _resume_position(range(5), 20, set(), tmp_path, 5, range(10))

@@ -19,7 +19,8 @@ W) frames in torch.channels_last, (B, C, F, H, W) videos in torch.channels_last_
 transposed view of a channels_last stream), as channels-last convolutions hand them over. There
 a group's channels recur every C elements: a statistics program reduces a few whole groups in
 tiles along the channels over a chunk of positions, and the output and x's gradient keep x's
-layout, as the composition's do (an output gradient in another layout is copied into it once).
+layout, as the composition does on the CPU (CUDA's GroupNorm returns contiguous; an output
+gradient in another layout is copied into x's once).
 
 Differentiable (first-order gradients only): `channel_affine_silu_backward` is two passes, the
 per-(sample, channel) sums of d a = d y * silu'(a) and d a * x, then x's whole gradient (through

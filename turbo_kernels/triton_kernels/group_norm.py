@@ -169,12 +169,12 @@ def channels_last_group_norm_partial_stats_kernel(
     in_group = (column // group_size)[None, :] == tile_group[:, None]
     video_start = video.to(tl.int64) * positions * channels
     shift = _group_shift(x_ptr, video_start, column_group, column_mask, group_size)
-    chunk_ptr = x_ptr + video_start + part * chunk * channels + tile * group_tile * group_size
+    chunk_ptr = x_ptr + video_start + part.to(tl.int64) * chunk * channels + tile * group_tile * group_size
     total = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for start in range(0, chunk, BLOCK_P):
         position = start + tl.arange(0, BLOCK_P)
         mask = (position < chunk)[:, None] & column_mask[None, :]
-        values = tl.load(chunk_ptr + position[:, None] * channels + column[None, :], mask=mask, other=0.0)
+        values = tl.load(chunk_ptr + position.to(tl.int64)[:, None] * channels + column[None, :], mask=mask, other=0.0)
         total += tl.where(mask, values.to(tl.float32) - shift[None, :], 0.0)
     mean = tl.sum(tl.where(in_group, tl.sum(total, axis=0)[None, :], 0.0), axis=1) / (chunk * group_size)
     column_mean = tl.sum(tl.where(in_group, mean[:, None], 0.0), axis=0)
@@ -182,7 +182,7 @@ def channels_last_group_norm_partial_stats_kernel(
     for start in range(0, chunk, BLOCK_P):
         position = start + tl.arange(0, BLOCK_P)
         mask = (position < chunk)[:, None] & column_mask[None, :]
-        values = tl.load(chunk_ptr + position[:, None] * channels + column[None, :], mask=mask, other=0.0)
+        values = tl.load(chunk_ptr + position.to(tl.int64)[:, None] * channels + column[None, :], mask=mask, other=0.0)
         deviation = tl.where(mask, values.to(tl.float32) - shift[None, :] - column_mean[None, :], 0.0)
         squares += deviation * deviation
     m2 = tl.sum(tl.where(in_group, tl.sum(squares, axis=0)[None, :], 0.0), axis=1)
@@ -581,7 +581,7 @@ def channels_last_affine_silu_sums_kernel(
     for start in range(first, tl.minimum(first + split_positions, positions), BLOCK_P):
         position = start + tl.arange(0, BLOCK_P)
         mask = (position < positions)[:, None] & channel_mask[None, :]
-        offsets = video_start + position[:, None] * channels + channel[None, :]
+        offsets = video_start + position.to(tl.int64)[:, None] * channels + channel[None, :]
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         grad_a = _silu_grad_at_rounded_affine(x, grad, scale[None, :], shift[None, :], grad_ptr.dtype.element_ty)
