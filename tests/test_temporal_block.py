@@ -546,6 +546,44 @@ def test_group_norm_stats_kernel(dtype, frames, channels, height, width, spread,
     assert_within_2x_of_reference(rstd, same_rstd, want_rstd, "rstd")
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("channels", [64, 160])
+@pytest.mark.parametrize("spread", [1.0, 0.01], ids=["spread-1", "spread-0.01"])
+def test_group_norm_stats_of_a_channels_last_stream(backend_name, dtype, channels, spread, chosen, monkeypatch):
+    """A channels_last stream's statistics (Triton: the channels-last reduction on its videos,
+    whole groups a program) and, through autograd, x's gradient (Triton: the elementwise backward
+    indexing channels innermost), in x's layout; a mean of 1000 against a small spread, 5 frames
+    of 7x9. Within the 2x rule of the references on the same storage."""
+    launches = record_kernel_launches(monkeypatch, kernels)
+    g = seeded_generator(dtype.itemsize, channels, spread)
+    frames = 5
+    x = (1000 + spread * randn((2 * frames, channels, 7, 9), torch.float64, g)).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad_mean, grad_rstd = (randn((2, 32), torch.float32, g) for _ in range(2))
+    leaf = x.detach().clone().requires_grad_(True)
+    with tk.backend(backend_name):
+        mean, rstd = torch.ops.turbo_kernels.group_norm_stats(leaf, frames, 32, 1e-6)
+        (grad_x,) = torch.autograd.grad((mean, rstd), leaf, (grad_mean, grad_rstd))
+    assert chosen == [("group_norm_stats", backend_name), ("group_norm_stats_backward", backend_name)]
+    if backend_name == "triton":
+        launched = [kernel.__name__ for kernel, *_ in launches]
+        assert launched[0] == "channels_last_group_norm_partial_stats_kernel", launched
+        assert launches[-1][2]["CHANNELS_LAST"] and launches[-1][1][0].data_ptr() == leaf.data_ptr()
+    assert grad_x.stride() == x.stride()
+
+    def reference(cast):
+        x_ref = cast(x).requires_grad_(True)
+        stats = ref.group_norm_stats(x_ref, frames, 32, 1e-6)
+        return (*stats, *torch.autograd.grad(stats, x_ref, (cast(grad_mean), cast(grad_rstd))))
+
+    for name, got, same, exact in zip(
+        ("mean", "rstd", "d x"), (mean, rstd, grad_x), reference(lambda t: t.detach().clone()),
+        reference(lambda t: t.detach().double()),
+    ):
+        assert_within_2x_of_reference(got.detach(), same, exact, name)
+
+
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 def test_a_stream_of_no_positions(chosen):
     """Frames of no positions: NaN statistics as torch.var_mean gives (the kernels read nothing),
@@ -630,18 +668,30 @@ def test_gradient_kernels_match_their_references(dtype, layout, chosen):
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
-def test_a_channels_last_stream_falls_back_for_the_statistics(chosen):
-    """The statistics kernel walks a contiguous stream; a channels_last one runs that op's
-    reference (warned once), while the projections read it in place."""
+def test_a_channel_strided_stream_falls_back_for_the_statistics(chosen):
+    """The statistics' kernels walk a contiguous or channels_last stream; every other channel of a
+    wider one (neither) runs that op's reference and its backward's (warned), while the
+    projections read it in place; forward and x's gradient match the reference."""
     videos, frames, channels, height, width, heads, head_dim = CASES[0]
     g = torch.Generator().manual_seed(17)
-    x = _stream(videos, frames, channels, height, width, torch.float32, g)
+    wide = _stream(videos, frames, 2 * channels, height, width, torch.float32, g)
+    grad_out = randn((videos * frames, channels, height, width), torch.float32, g)
     module = _module(channels, heads, head_dim)
+
+    def forward_backward(forward):
+        x = wide.detach().requires_grad_(True)
+        out = forward(x[:, ::2], frames)
+        out.backward(grad_out)
+        return out.detach(), x.grad[:, ::2]
+
     with tk.backend("triton"):
-        with pytest.warns(tk.TurboKernelsFallbackWarning, match="not a contiguous"):
-            out = module(x.contiguous(memory_format=torch.channels_last), frames)
-    assert ("group_norm_stats", "reference") in chosen and ("strided_linear", "triton") in chosen
-    torch.testing.assert_close(out, module.reference_forward(x, frames), rtol=1e-5, atol=1e-5)
+        with pytest.warns(tk.TurboKernelsFallbackWarning, match="neither a contiguous nor a channels_last"):
+            out, grad_x = forward_backward(module)
+    assert {("group_norm_stats", "reference"), ("group_norm_stats_backward", "reference")} <= set(chosen)
+    assert ("strided_linear", "triton") in chosen
+    want, want_grad_x = forward_backward(module.reference_forward)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_x, want_grad_x, rtol=1e-5, atol=1e-5)
 
 
 def test_auto_on_cpu_runs_the_reference(chosen):
@@ -690,26 +740,31 @@ def test_opcheck(backend_name):
     scale, shift = (randn((rows // frames, k), torch.float32, g) for _ in range(2))
     residual = randn((rows, j, tokens), torch.float32, g)
     stream = randn((rows, 32, 2, 2), torch.float32, g)
+    channels_last_stream = randn((rows, 32, 3, 1), torch.float32, g, memory_format=torch.channels_last)
     with tk.backend(backend_name):
         for args in (
             (leaf(x), leaf(weight), leaf(weight[:, 0]), None, leaf(scale), leaf(shift), frames, False),
             (leaf(x), leaf(weight), None, leaf(residual), None, None, frames, True),
         ):
             torch.library.opcheck(torch.ops.turbo_kernels.strided_linear.default, args)
-        torch.library.opcheck(torch.ops.turbo_kernels.group_norm_stats.default, (leaf(stream), frames, 32, 1e-6))
+        for x_stream in (stream, channels_last_stream):
+            torch.library.opcheck(torch.ops.turbo_kernels.group_norm_stats.default, (leaf(x_stream), frames, 32, 1e-6))
         torch.library.opcheck(
             torch.ops.turbo_kernels.strided_linear_weight_grad.default,
             (randn((rows, tokens, j), torch.float32, g), x, scale, shift, frames),
         )
-        torch.library.opcheck(
-            torch.ops.turbo_kernels.channel_affine_backward.default,
-            (_channels_first_tokens(rows, k, tokens, torch.float32, g), x, scale, frames),
-        )
+        # proj_in's operands on either route: channel-major, and a channels_last stream's row-major.
+        for grad_a, tokens_x in (
+            (_channels_first_tokens(rows, k, tokens, torch.float32, g), x),
+            (randn((rows, tokens, k), torch.float32, g), randn((rows, tokens, k), torch.float32, g)),
+        ):
+            torch.library.opcheck(torch.ops.turbo_kernels.channel_affine_backward.default, (grad_a, tokens_x, scale, frames))
         statistics = [randn((rows // frames, 32), torch.float32, g) for _ in range(4)]
         statistics[1] = statistics[1].abs() + 0.5  # rstd
-        torch.library.opcheck(
-            torch.ops.turbo_kernels.group_norm_stats_backward.default, (stream, *statistics, frames)
-        )
+        for x_stream in (stream, channels_last_stream):
+            torch.library.opcheck(
+                torch.ops.turbo_kernels.group_norm_stats_backward.default, (x_stream, *statistics, frames)
+            )
 
 
 @pytest.mark.parametrize("projections", ["strided", "cublas"])

@@ -104,10 +104,16 @@ def _kernel_problem(storage: dict[str, Optional[Tensor]], fp32: dict[str, Option
     return None
 
 
+def _stream_layout_problem(x: Tensor) -> Optional[str]:
+    """Why the statistics' kernels cannot walk x: they take a (B*F, C, H, W) stream contiguous or
+    torch.channels_last."""
+    if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+        return "x is neither a contiguous nor a channels_last (B*F, C, H, W) stream"
+    return None
+
+
 def _stats_problem(x, num_frames, groups, eps):
-    if not x.is_contiguous():
-        return "x is not a contiguous (B*F, C, H, W) stream"
-    return _kernel_problem(dict(x=x), {})
+    return _stream_layout_problem(x) or _kernel_problem(dict(x=x), {})
 
 
 def _linear_problem(x, weight, bias, residual, scale, shift, num_frames, channels_first_out):
@@ -119,8 +125,9 @@ def _weight_grad_problem(grad_out, x, scale, shift, num_frames):
 
 
 def _stats_backward_problem(x, mean, rstd, grad_mean, grad_rstd, num_frames):
-    if not x.is_contiguous():
-        return "x is not a contiguous (B*F, C, H, W) stream"
+    problem = _stream_layout_problem(x)
+    if problem:
+        return problem
     videos = x.shape[0] // num_frames
     if any(t.dim() != 2 or t.shape[0] != videos for t in (mean, rstd, grad_mean, grad_rstd)):
         return f"the statistics and their gradients must be ({videos}, groups)"

@@ -13,11 +13,12 @@ of the raw values would each be off by up to an ulp of the mean, and the merge's
 term would carry those errors (rstd off by 2e-3 at mean 1000, spread 0.01; torch: 1e-7); shifted,
 the partials are small and exact to their own ulp, as the two-pass squares within a frame are.
 
-Channels-last statistics (group_norm_silu's channels_last frames and channels_last_3d videos,
-(B, F, H, W, C) in memory): a group's C/groups channels recur every C elements. A program reduces
-a few whole groups (one run of at most 128 channels at each position, read in tiles coalesced
-along it) over a chunk of positions into per-group partials shifted as above, and the same merge
-combines a group's chunks; the chunks divide the positions evenly, as the merge's formula needs.
+Channels-last statistics (group_norm_silu's channels_last frames and channels_last_3d videos, and
+the videos of the fused temporal block's channels_last stream, (B, F, H, W, C) in memory): a
+group's C/groups channels recur every C elements. A program reduces a few whole groups (one run
+of at most 128 channels at each position, read in tiles coalesced along it) over a chunk of
+positions into per-group partials shifted as above, and the same merge combines a group's chunks;
+the chunks divide the positions evenly, as the merge's formula needs.
 
 Strided linear. out[r, m, j] = sum_k a[r, m, k] W[j, k] (+ bias[j]) (+ residual[r, m, j]), where
 r is a frame row of the stream, m a token (spatial position) and every tensor is addressed
@@ -310,15 +311,21 @@ def strided_linear_weight_grad_kernel(
 @triton.jit
 def group_norm_stats_backward_kernel(
     x_ptr, mean_ptr, rstd_ptr, grad_mean_ptr, grad_rstd_ptr, grad_x_ptr,
-    numel, frames, channels, group_channels, groups, positions, count, BLOCK: tl.constexpr,
+    numel, frames, channels, group_channels, groups, positions, count,
+    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # x is a contiguous (B*F, C, H*W) stream: element i lies in frame row i // (C*H*W), channel
-    # (i // H*W) % C, and its statistics are its video's, of its channel's group.
+    # x is a (B*F, C, H*W) stream, and x's gradient lies as x does. Contiguous, element i lies in
+    # frame row i // (C*H*W), channel (i // H*W) % C; channels_last ((B*F, H*W, C) in memory), in
+    # the same row, channel i % C. Its statistics are its video's, of its channel's group.
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
-    row_channel = offsets // positions
-    channel = row_channel % channels
-    video_group = (row_channel // channels // frames) * groups + channel // group_channels
+    if CHANNELS_LAST:
+        channel = offsets % channels
+        video_group = (offsets // (positions * channels) // frames) * groups + channel // group_channels
+    else:
+        row_channel = offsets // positions
+        channel = row_channel % channels
+        video_group = (row_channel // channels // frames) * groups + channel // group_channels
     mean = tl.load(mean_ptr + video_group, mask=mask, other=0.0)
     rstd = tl.load(rstd_ptr + video_group, mask=mask, other=0.0)
     grad_mean = tl.load(grad_mean_ptr + video_group, mask=mask, other=0.0)
@@ -844,13 +851,14 @@ REPORT_CONFIGS: list[KernelConfig] = (
         )
     ]
     + [config for dtype in ("fp32", "fp16", "bf16") for config in _linear_configs(dtype) + _weight_grad_configs(dtype)]
-    # The stream's statistics, and group_norm_silu's slices (one group of one position a row).
+    # The stream's statistics, contiguous or channels_last, and group_norm_silu's slices (one group
+    # of one position a row).
     + [
         config
-        for units in ((), ("groups", "positions"))
+        for channels_last, units in ((False, ()), (False, ("groups", "positions")), (True, ()))
         for config in storage_configs(
-            group_norm_stats_backward_kernel, _with_units(_STATS_BACKWARD_ARGS, units), dict(BLOCK=STATS_BACKWARD_BLOCK),
-            STATS_BACKWARD_NUM_WARPS,
+            group_norm_stats_backward_kernel, _with_units(_STATS_BACKWARD_ARGS, units),
+            dict(CHANNELS_LAST=channels_last, BLOCK=STATS_BACKWARD_BLOCK), STATS_BACKWARD_NUM_WARPS,
         )
     ]
     + [
@@ -912,7 +920,11 @@ def new_output_like(t: Tensor) -> Tensor:
 
 def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tuple[Tensor, Tensor]:
     """(mean, rstd), each (B, groups) float32, of every video's channel groups over (C/groups, F,
-    H, W); x is a contiguous (B*F, C, H, W) stream."""
+    H, W); x is a (B*F, C, H, W) stream, contiguous or torch.channels_last."""
+    if not x.is_contiguous():
+        # A channels_last stream's videos, (B, C, F, H, W), lie channels-last ((B, F, H, W, C) in
+        # memory): the channels-last reduction reads them as they are.
+        return channels_last_group_norm_stats(x.unflatten(0, (-1, num_frames)).transpose(1, 2), groups, eps)
     rows = x.shape[0]
     videos = rows // num_frames
     group_numel = math.prod(x.shape[1:]) // groups
@@ -1040,8 +1052,8 @@ def strided_linear_weight_grad(grad_out, x, scale, shift, num_frames, tiles=None
 
 
 def group_norm_stats_backward(x, mean, rstd, grad_mean, grad_rstd, num_frames):
-    """The gradient of x (a contiguous (B*F, C, H, W) stream) through its groups' (mean, rstd),
-    each (B, groups) float32, from their gradients; in x's dtype."""
+    """The gradient of x (a (B*F, C, H, W) stream, contiguous or torch.channels_last) through its
+    groups' (mean, rstd), each (B, groups) float32, from their gradients; in x's dtype and layout."""
     grad_x = new_output_like(x)
     if grad_x.numel() == 0:
         return grad_x
@@ -1051,7 +1063,7 @@ def group_norm_stats_backward(x, mean, rstd, grad_mean, grad_rstd, num_frames):
     group_norm_stats_backward_kernel[launch_grid](
         x, mean, rstd, grad_mean, grad_rstd, grad_x, x.numel(), num_frames, channels, channels // groups, groups,
         positions, num_frames * (channels // groups) * positions,
-        BLOCK=STATS_BACKWARD_BLOCK, num_warps=STATS_BACKWARD_NUM_WARPS,
+        CHANNELS_LAST=not x.is_contiguous(), BLOCK=STATS_BACKWARD_BLOCK, num_warps=STATS_BACKWARD_NUM_WARPS,
     )
     return grad_x
 
