@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -43,6 +44,10 @@ OPS = (
 # C, 2 channels a group) at an odd frame count, and init_attn's (inner = 2C, 1 channel a group).
 CASES = [(2, 3, 64, 3, 4, 2, 32), (2, 4, 32, 2, 3, 4, 16)]
 CASE_IDS = ["inner=C", "inner=2C"]
+# Channels-last streams: odd H*W, and 2, 3 and 5 channels a group (the statistics' programs take
+# whole groups, 32 a program at 2 and 3 channels, 25 at 5: a ragged second tile).
+CHANNELS_LAST_CASES = [(2, 3, 64, 3, 5, 2, 32), (1, 4, 96, 5, 3, 3, 32), (2, 2, 160, 3, 3, 5, 32)]
+CHANNELS_LAST_IDS = ["C=64", "C=96", "C=160"]
 
 # The release's state-dict keys of one temporal transformer, in its order.
 ATTENTION_KEYS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")
@@ -133,17 +138,23 @@ def test_release_golden_init_attn(chosen):
     torch.testing.assert_close(module(x, frames), want, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("projections", ["strided", "cublas"])
-def test_the_fused_path_infers_shapes_on_the_meta_device(projections):
+@pytest.mark.parametrize(
+    "projections,memory_format",
+    [("strided", torch.contiguous_format), ("cublas", torch.contiguous_format), ("auto", torch.channels_last)],
+    ids=["strided", "cublas", "channels-last"],
+)
+def test_the_fused_path_infers_shapes_on_the_meta_device(projections, memory_format):
     """Shape inference on meta tensors (a model built under torch.device("meta")) runs the fused
     path through its ops' fake implementations, forward and backward: torch.autocast refuses the
-    meta device, and the fused block turned autocast off with it."""
+    meta device, and the fused block turned autocast off with it. The output and x's gradient lie
+    as x does."""
     with torch.device("meta"):
         module = FusedTemporalTransformer(64, heads=2, head_dim=32, projections=projections)
-        x = torch.empty(2 * 4, 64, 5, 6, requires_grad=True)
+        x = torch.empty(2 * 4, 64, 5, 6, memory_format=memory_format, requires_grad=True)
         out = module(x, 4)
         out.sum().backward()
     assert out.shape == x.shape and out.is_meta and x.grad.shape == x.shape
+    assert out.stride() == x.grad.stride() == x.stride()
 
 
 def test_a_vc2_unet_with_kernels_infers_shapes_on_the_meta_device():
@@ -205,20 +216,27 @@ def _assert_rms_within_2x_of_reference(got, ref_same_precision, ref64, name):
     assert error <= budget, f"{name}: RMS error {error:.3e} > budget {budget:.3e} (reference RMS error {ref_error:.3e})"
 
 
-def _check_fused_against_reference(case, dtype, backend_name, chosen, projections="strided"):
+def _check_fused_against_reference(
+    case, dtype, backend_name, chosen, projections="strided", memory_format=torch.contiguous_format
+):
+    """The fused path against the reference, on x (and the output's gradient) in `memory_format`:
+    every op on `backend_name` (no fallback), the output and x's gradient in x's layout."""
     videos, frames, channels, height, width, heads, head_dim = case
     g = seeded_generator(*case, dtype.itemsize)
-    x = _stream(videos, frames, channels, height, width, dtype, g)
-    grad_out = randn(x.shape, dtype, g)
+    x = _stream(videos, frames, channels, height, width, dtype, g).contiguous(memory_format=memory_format)
+    grad_out = randn(x.shape, dtype, g, memory_format=memory_format)
     module = _module(channels, heads, head_dim, dtype=dtype)
     module.projections = projections
-    with tk.backend(backend_name):
+    with tk.backend(backend_name), warnings.catch_warnings():
+        warnings.simplefilter("error", tk.TurboKernelsFallbackWarning)
         out, grad_x, grads = _forward_backward(module, x, grad_out, frames, reference=False)
+    route = "cublas" if memory_format == torch.channels_last else projections
     projection_ops = {"strided": {"strided_linear", "strided_linear_weight_grad"}, "cublas": {"channel_affine"}}
-    want_ops = (set(OPS) - projection_ops["strided"]) | projection_ops[projections] | {
+    want_ops = (set(OPS) - projection_ops["strided"]) | projection_ops[route] | {
         "temporal_attention", "temporal_attention_backward_packed", "geglu", "geglu_backward", "layer_norm", "layer_norm_backward"
     }
     assert set(chosen) == {(op, backend_name) for op in want_ops}, chosen
+    assert out.stride() == grad_x.stride() == x.stride()
 
     out_lp, grad_x_lp, grads_lp = _forward_backward(module, x, grad_out, frames, reference=True)
     out64, grad_x64, grads64 = _forward_backward(
@@ -255,15 +273,31 @@ def test_cublas_projections_match_reference(backend_name, dtype, chosen):
     _check_fused_against_reference(CASES[0], dtype, backend_name, chosen, projections="cublas")
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CHANNELS_LAST_CASES, ids=CHANNELS_LAST_IDS)
+def test_a_channels_last_stream_matches_reference(case, dtype, backend_name, chosen):
+    """A channels_last stream ((B*F, H, W, C) in memory, as channels-last convolutions hand it
+    over) takes the cuBLAS route whatever "auto" would pick for a contiguous one: its tokens are
+    row-major already. Statistics on its videos' channels-last layout, no fallback; the output
+    and x's gradient channels_last too."""
+    _check_fused_against_reference(case, dtype, backend_name, chosen, "auto", torch.channels_last)
+
+
 def test_projection_routes(monkeypatch, chosen):
     """"auto" takes cuBLAS below the threshold (the library's, which tests/conftest.py sets to 0
-    for the session), and a default module takes that route on small frames."""
+    for the session), and a default module takes that route on small frames. A channels_last
+    stream takes cuBLAS at any size, and refuses "strided" (its tokens are row-major: there is
+    no layout change for strided_linear to absorb)."""
     from turbo_kernels import temporal_block
     from turbo_kernels.temporal_block import projection_route
 
     monkeypatch.setattr(temporal_block, "CUBLAS_PROJECTIONS_BELOW", 640)
     assert projection_route("strided", 1) == "strided" and projection_route("cublas", 10**6) == "cublas"
     assert projection_route("auto", 640) == "strided" and projection_route("auto", 639) == "cublas"
+    assert projection_route("auto", 10**6, channels_last=True) == projection_route("cublas", 1, True) == "cublas"
+    with pytest.raises(ValueError, match='a channels_last stream takes "cublas"'):
+        projection_route("strided", 10**6, channels_last=True)
     videos, frames, channels, height, width, heads, head_dim = CASES[0]
     x = _stream(videos, frames, channels, height, width, torch.float32, torch.Generator().manual_seed(27))
     with tk.backend("reference"):
@@ -293,9 +327,12 @@ def test_channel_affine_kernel(dtype, chosen):
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
-def test_channel_affine_opcheck(backend_name):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["stream", "channels-last"])
+def test_channel_affine_opcheck(backend_name, memory_format):
+    """On a contiguous stream's channel-major tokens and a channels_last stream's row-major ones."""
     g = torch.Generator().manual_seed(24)
-    tokens = _stream(2, 2, 64, 3, 5, torch.float32, g).flatten(2).transpose(1, 2)
+    stream = _stream(2, 2, 64, 3, 5, torch.float32, g).contiguous(memory_format=memory_format)
+    tokens = stream.flatten(2).transpose(1, 2)
     scale, shift = (randn((2, 64), torch.float32, g) for _ in range(2))
     with tk.backend(backend_name):
         for requires_grad in (False, True):
@@ -328,22 +365,29 @@ class _CopyRecorder(TorchDispatchMode):
         return [(name, shape) for name, shape in self.copies if torch.Size(shape).numel() >= numel]
 
 
-@pytest.mark.parametrize("projections", ["strided", "cublas"])
-def test_fused_block_makes_no_activation_copies(projections):
+@pytest.mark.parametrize(
+    "projections,memory_format",
+    [("strided", torch.contiguous_format), ("cublas", torch.contiguous_format), ("auto", torch.channels_last)],
+    ids=["strided", "cublas", "channels-last"],
+)
+def test_fused_block_makes_no_activation_copies(projections, memory_format):
     """The reference pays the release's layout round trip, 11 copies here: 2 rearranges into
     tokens, 4 head split/merge copies in each attention and the rearrange back (GroupNorm also
     makes its permuted input contiguous, inside aten::native_group_norm in this torch, so not
     counted). The fused forward and backward copy only weights: the packed attention's backward
     writes the gradient of the q/k/v projection as one tensor, and turbo_kernels.geglu's both
-    halves of its input's gradient. On cuBLAS projections the backward copies one activation:
-    proj_out's gradient, transposed, made contiguous for its GEMMs."""
+    halves of its input's gradient. On cuBLAS projections the backward of a contiguous stream
+    copies one activation: proj_out's gradient, transposed, made contiguous for its GEMMs. A
+    channels_last stream (cuBLAS too) copies none: its tokens, and proj_out's gradient in the
+    output's layout, are row-major already."""
     videos, frames, channels, height, width, heads, head_dim = 1, 4, 64, 8, 8, 2, 32
     # 256 tokens: activations (16384 elements) outnumber the concatenated qkv weight (12288).
     activation = videos * frames * height * width * channels
     g = torch.Generator().manual_seed(12)
     module = _module(channels, heads, head_dim)
     module.projections = projections
-    x = _stream(videos, frames, channels, height, width, torch.float32, g).requires_grad_(True)
+    x = _stream(videos, frames, channels, height, width, torch.float32, g).contiguous(memory_format=memory_format)
+    x.requires_grad_(True)
     counts = {}
     for path in ("reference", "fused"):
         with _CopyRecorder() as forward:
@@ -356,7 +400,7 @@ def test_fused_block_makes_no_activation_copies(projections):
     fused_forward, fused_backward = counts["fused"]
     assert fused_forward == []
     assert len(reference_forward) >= 11, reference_forward
-    if projections == "strided":
+    if projections != "cublas":
         assert fused_backward == []
     else:
         assert [shape for _, shape in fused_backward] == [(videos * frames, height * width, channels)], fused_backward
@@ -396,9 +440,43 @@ def test_kernels_read_and_write_the_stream_in_place(monkeypatch):
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+def test_kernels_read_and_write_a_channels_last_stream_in_place(monkeypatch):
+    """On a channels_last stream the statistics reduce its videos' channels-last memory, the
+    normalisation reads its row-major tokens, the output lies as x does, and the backward's
+    statistics and affine passes read x in place."""
+    launches = record_kernel_launches(monkeypatch, kernels)
+    videos, frames, channels, height, width, heads, head_dim = CHANNELS_LAST_CASES[0]
+    g = torch.Generator().manual_seed(13)
+    x = _stream(videos, frames, channels, height, width, torch.float32, g).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    with tk.backend("triton"):
+        out = _module(channels, heads, head_dim)(x, frames)
+        out.backward(torch.ones_like(out))
+
+    tokens = height * width
+    by_name = {}
+    for kernel, args, constexprs in launches:
+        by_name.setdefault(kernel.__name__, []).append((args, constexprs))
+    assert launches[0][0].__name__ == "channels_last_group_norm_partial_stats_kernel"
+    assert launches[0][1][0].data_ptr() == x.data_ptr()
+    ((affine_args, _),) = by_name["channel_affine_kernel"]
+    assert (affine_args[0].data_ptr(), affine_args[0].stride()) == (x.data_ptr(), (tokens * channels, channels, 1))
+    assert out.stride() == x.grad.stride() == x.stride()
+    ((stats_backward_args, stats_backward_constexprs),) = by_name["group_norm_stats_backward_kernel"]
+    assert stats_backward_args[0].data_ptr() == x.data_ptr() and stats_backward_constexprs["CHANNELS_LAST"]
+    ((affine_backward_args, _),) = by_name["channel_affine_backward_kernel"]
+    assert affine_backward_args[1].data_ptr() == x.data_ptr()
+    assert "strided_linear_kernel" not in by_name
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("projections", ["strided", "cublas"])
-def test_kernel_report_compiles_what_the_block_launches(monkeypatch, dtype, projections):
+@pytest.mark.parametrize(
+    "projections,memory_format",
+    [("strided", torch.contiguous_format), ("cublas", torch.contiguous_format), ("auto", torch.channels_last)],
+    ids=["strided", "cublas", "channels-last"],
+)
+def test_kernel_report_compiles_what_the_block_launches(monkeypatch, dtype, projections, memory_format):
     """Every GEMM and gradient-pass launch of the fused block's forward and backward matches a
     REPORT_CONFIGS entry, unit strides, constexprs and warps included (the strides decide which
     accesses the compiler vectorises and pipelines). The statistics kernels' tiles follow the shapes, declared at
@@ -406,18 +484,20 @@ def test_kernel_report_compiles_what_the_block_launches(monkeypatch, dtype, proj
     launches = record_kernel_launches(monkeypatch, kernels)
     videos, frames, channels, height, width, heads, head_dim = CASES[0]
     g = torch.Generator().manual_seed(17)
-    x = _stream(videos, frames, channels, height, width, dtype, g).requires_grad_(True)
+    x = _stream(videos, frames, channels, height, width, dtype, g).contiguous(memory_format=memory_format)
+    x.requires_grad_(True)
     module = _module(channels, heads, head_dim, dtype=dtype)
     module.projections = projections
     with tk.backend("triton"):
-        module(x, frames).backward(torch.randn(x.shape, generator=g).to(device=DEVICE, dtype=dtype))
+        module(x, frames).backward(randn(x.shape, dtype, g, memory_format=memory_format))
 
     # proj_in and proj_out: forward, input gradient, weight gradient (strided), or proj_in's
-    # normalisation (cuBLAS); GroupNorm's two gradient passes.
+    # normalisation (cuBLAS, a channels_last stream's route); GroupNorm's two gradient passes.
+    route = "cublas" if memory_format == torch.channels_last else projections
     shape_free, count = {
         "strided": ({"strided_linear_kernel", "strided_linear_weight_grad_kernel"}, 8),
         "cublas": ({"channel_affine_kernel"}, 3),
-    }[projections]
+    }[route]
     shape_free = shape_free | {"channel_affine_backward_kernel", "group_norm_stats_backward_kernel"}
     checked = [launch for launch in launches if launch[0].__name__ in shape_free]
     assert {kernel.__name__ for kernel, *_ in checked} == shape_free
@@ -692,6 +772,13 @@ def test_a_channel_strided_stream_falls_back_for_the_statistics(chosen):
     want, want_grad_x = forward_backward(module.reference_forward)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_x, want_grad_x, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_projections_refuse_a_channels_last_stream():
+    module = FusedTemporalTransformer(64, 2, 32, projections="strided")
+    x = torch.randn(4, 64, 2, 3).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match='projections="strided" reads and writes a contiguous stream'):
+        module(x, 2)
 
 
 def test_auto_on_cpu_runs_the_reference(chosen):

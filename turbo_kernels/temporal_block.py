@@ -391,19 +391,35 @@ PROJECTION_ROUTES = ("auto", "strided", "cublas")
 CUBLAS_PROJECTIONS_BELOW = 640
 
 
-def projection_route(projections: str, positions: int) -> str:
+def projection_route(projections: str, positions: int, channels_last: bool = False) -> str:
     """"strided" or "cublas": the route `projections` ("auto", "strided" or "cublas") takes for
-    frames of `positions` latent pixels."""
+    frames of `positions` latent pixels, of a channels_last stream if `channels_last`. A
+    channels_last stream's tokens are already row-major, so there is no layout change for
+    strided_linear to absorb: it takes cuBLAS whatever the size, and refuses "strided"."""
     if projections not in PROJECTION_ROUTES:
         raise ValueError(f"projections must be one of {PROJECTION_ROUTES}, got {projections!r}")
+    if channels_last:
+        if projections == "strided":
+            raise ValueError(
+                'projections="strided" reads and writes a contiguous stream; a channels_last stream takes "cublas" '
+                '(or "auto")'
+            )
+        return "cublas"
     if projections != "auto":
         return projections
     return "cublas" if positions < CUBLAS_PROJECTIONS_BELOW else "strided"
 
 
+def is_channels_last_stream(x: Tensor) -> bool:
+    """Whether the (B*F, C, H, W) stream x lies torch.channels_last ((B*F, H, W, C) in memory) and
+    not also contiguous (frames of one pixel are both): the fused path's channels-last route."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 class FusedTemporalTransformer(nn.Module):
     """VideoCrafter2's TemporalTransformer (use_linear, temporal self-attention only) on the main
-    stream x (B*F, C, H, W), frame-major; forward(x, num_frames) returns the same shape and dtype.
+    stream x (B*F, C, H, W), frame-major, contiguous or channels_last; forward(x, num_frames)
+    returns the same shape, dtype and layout.
 
     Parameters carry the release's state-dict names (norm, proj_in, transformer_blocks.{i}.{attn1,
     ff, attn2, norm1, norm2, norm3}, proj_out), so a checkpoint's temporal transformer loads
@@ -462,14 +478,17 @@ def fused_temporal_transformer(
     (projection_route): "strided" runs them on strided_linear, reading and writing the stream's
     layout; "cublas" normalises the stream into row-major tokens (channel_affine, one pass),
     projects on cuBLAS, and adds proj_out's output back transposed (one more pass, and autograd
-    copies its gradient once for cuBLAS). Parameters are cast to the stream's dtype (the
+    copies its gradient once for cuBLAS). A channels_last stream (is_channels_last_stream) always
+    takes "cublas" and refuses "strided": its tokens are row-major as they lie, the output and
+    x's gradient are channels_last, and neither pass copies an activation (an output gradient in
+    another layout is copied once for cuBLAS). Parameters are cast to the stream's dtype (the
     LayerNorms read float32 ones as they are) and autocast is off inside."""
     _check_stream(layer.norm, x, num_frames)
     proj_in_weight = layer.proj_in.weight if proj_in_weight is None else proj_in_weight
     proj_out_weight = layer.proj_out.weight if proj_out_weight is None else proj_out_weight
     projections = getattr(layer, "projections", "auto") if projections is None else projections
     rows, channels, height, width = x.shape
-    cublas = projection_route(projections, height * width) == "cublas"
+    cublas = projection_route(projections, height * width, is_channels_last_stream(x)) == "cublas"
     # Meta tensors (shape inference) have no autocast to turn off, and torch.autocast refuses them.
     no_autocast = (
         torch.autocast(x.device.type, enabled=False)

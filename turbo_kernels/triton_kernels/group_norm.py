@@ -380,9 +380,9 @@ def channel_affine_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One frame row, BLOCK_M tokens and BLOCK_K channels a program: a = x*scale + shift rounded to
-    # the storage dtype. Reading the stream's channel-major tokens and writing row-major ones, the
-    # load and the store each get a coalesced layout (Triton moves the tile between them through
-    # shared memory).
+    # the storage dtype. Reading a contiguous stream's channel-major tokens and writing row-major
+    # ones, the load and the store each get a coalesced layout (Triton moves the tile between them
+    # through shared memory); a channels_last stream's tokens are row-major already.
     row = tl.program_id(0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -742,22 +742,26 @@ _STATS_BACKWARD_ARGS = dict(
     channels="i32", group_channels="i32", groups="i32", positions="i32", count="i32",
 )
 # proj_in's operands: the stream's tokens (channel-major, token stride 1) and their gradient,
-# channel-major from strided_linear or row-major from cuBLAS (the cuBLAS projection route).
+# channel-major from strided_linear or row-major from cuBLAS (the cuBLAS projection route); a
+# channels_last stream's tokens are row-major, as are their gradient from cuBLAS and x's.
 _AFFINE_BACKWARD_ARGS = dict(
     scale_ptr="*fp32", sum_grad_ptr="*fp32", sum_grad_x_ptr="*fp32", tokens="i32", channels="i32", frames="i32",
     tokens_per_split="i32",
     **{f"{name}_stride_{axis}": "i32" for name in ("grad", "x", "out") for axis in "rmk"},
 )
 _AFFINE_BACKWARD_UNITS = (
-    ("grad_stride_m", "x_stride_m", "out_stride_m"), ("grad_stride_k", "x_stride_m", "out_stride_m")
+    ("grad_stride_m", "x_stride_m", "out_stride_m"), ("grad_stride_k", "x_stride_m", "out_stride_m"),
+    ("grad_stride_k", "x_stride_k", "out_stride_k"),
 )
-# The cuBLAS route's normalisation: the stream's channel-major tokens in, row-major tokens out.
+# The cuBLAS route's normalisation: the stream's tokens in, channel-major (a contiguous stream) or
+# row-major (a channels_last one), row-major tokens out.
 CHANNEL_AFFINE_TILE = dict(BLOCK_M=64, BLOCK_K=64)
 CHANNEL_AFFINE_NUM_WARPS = 4
 _CHANNEL_AFFINE_ARGS = dict(
     scale_ptr="*fp32", shift_ptr="*fp32", tokens="i32", channels="i32", frames="i32",
     **{f"{name}_stride_{axis}": "i32" for name in ("x", "out") for axis in "rmk"},
 )
+_CHANNEL_AFFINE_UNITS = (("x_stride_m", "out_stride_k"), ("x_stride_k", "out_stride_k"))
 # GroupNorm + SiLU of the UNet's ResBlocks and temporal convolutions, forward and backward: blocks
 # (or position chunks) of 1024 elements; at 2048 the elementwise passes took 80-128 registers a
 # thread and the forward spilled in fp16.
@@ -869,10 +873,13 @@ REPORT_CONFIGS: list[KernelConfig] = (
             AFFINE_BACKWARD_NUM_WARPS,
         )
     ]
-    + storage_configs(
-        channel_affine_kernel, _with_units(_CHANNEL_AFFINE_ARGS, ("x_stride_m", "out_stride_k")), CHANNEL_AFFINE_TILE,
-        CHANNEL_AFFINE_NUM_WARPS,
-    )
+    + [
+        config
+        for units in _CHANNEL_AFFINE_UNITS
+        for config in storage_configs(
+            channel_affine_kernel, _with_units(_CHANNEL_AFFINE_ARGS, units), CHANNEL_AFFINE_TILE, CHANNEL_AFFINE_NUM_WARPS
+        )
+    ]
     # The temporal convolutions' videos, and the ResBlocks' frames (one frame a sample); in the
     # storage dtype throughout, or under CUDA autocast (16-bit x, float32 master weight and bias,
     # float32 output and output gradient).
