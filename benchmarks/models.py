@@ -22,9 +22,8 @@ return channels-last activations instead of transposing to and from NCHW around 
 profile of 4-step generation put 59 of 519 ms in those transposes, H100); whether torch's
 GroupNorm then copies its input back to NCHW is what the rows tell. kernels-nhwc measures the
 kernels as they are on such a model: group_norm_silu (the ResBlocks' and temporal convolutions'
-GroupNorm + SiLU) reads and writes channels-last, but the fused temporal layers return NCHW (so
-the convolutions after them transpose again) and their GroupNorm statistics fall back to the
-reference (their kernel reads NCHW). `bytes` is the weight bytes one call must read (the traffic
+GroupNorm + SiLU) and the fused temporal layers (their statistics included) read and write
+channels-last, the latter on their cuBLAS projection route. `bytes` is the weight bytes one call must read (the traffic
 floor of batch-1 sampling); `flops` the arithmetic of one call (the UNet forwards and the VAE
 decode, counted by torch's FlopCounterMode on the meta device, the plain PyTorch path: matrix
 products, convolutions and attention), so each row's roofline share is against the run's matrix

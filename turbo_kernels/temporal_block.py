@@ -45,6 +45,18 @@ runs proj_in and proj_out on cuBLAS instead: channel_affine normalises the strea
 tokens in one Triton pass, and proj_out's output is added back to the stream transposed
 (projection_route, fused_temporal_transformer).
 
+A torch.channels_last stream, as VC2UNet's channels-last convolutions hand it over
+(benchmarks.models' kernels-nhwc), is (B*F, H, W, C) in memory: its tokens, the view
+x.flatten(2).transpose(1, 2), are already the row-major "frames" layout, and its videos
+(B, C, F, H, W) lie channels_last_3d. It takes the cuBLAS route at any size (and refuses
+"strided": there is no layout change left for strided_linear to absorb): group_norm_stats reduces
+the videos with the channels-last statistics kernel group_norm_silu uses, channel_affine reads
+the tokens in place, and proj_out's output, row-major tokens, is the stream's own layout, so the
+residual add returns a channels_last output. Backward, channel_affine_backward reads and writes
+row-major tokens and group_norm_stats_backward indexes channels innermost, so x's gradient is
+channels_last too. No activation copy either way (when the output's gradient arrives
+channels_last).
+
 Autograd: group_norm_stats, strided_linear and its weight gradient are torch.library custom ops
 (dispatch picks triton | reference per call), differentiable through composition: GroupNorm enters
 proj_in as scale = rstd*gamma and shift = beta - mean*scale, tiny (B, C) tensors built with plain
