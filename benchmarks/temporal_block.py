@@ -60,6 +60,9 @@ TRITON_COMPILED = "triton-compile"
 # The block with its proj_in and proj_out forced onto each route (turbo_kernels.temporal_block.
 # projection_route); `triton` takes the "auto" one.
 ROUTE_IMPLS = {"strided": "triton-strided", "cublas": "triton-cublas"}
+# The block on a channels_last stream, as the UNet's channels-last convolutions hand it over
+# (benchmarks.models' kernels-nhwc): its cuBLAS route, no layout copy.
+TRITON_NHWC = "triton-nhwc"
 STRIDED_LINEAR_OP = "strided_linear"
 CUBLAS_CONTIGUOUS = "cublas-contiguous"
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps) of strided_linear's 16-bit tile sweep, and (BLOCK_M, BLOCK_J,
@@ -77,12 +80,20 @@ def _inputs(shape, pass_name: str, make_module: Callable[[], FusedTemporalTransf
     def make_inputs() -> SimpleNamespace:
         module = make_module()
         x = torch.randn(shape, generator=generator, device=options.device, dtype=options.dtype)
+        grad_out = torch.randn(shape, generator=generator, device=options.device, dtype=options.dtype)
+        # The same values channels_last, the output's gradient too (a channels-last convolution's).
+        x_nhwc = x.contiguous(memory_format=torch.channels_last)
         return SimpleNamespace(
             module=module,
             x=x.requires_grad_(with_grad),
             differentiable=(x, *module.parameters()) if with_grad else (),
-            grad_out=torch.randn(shape, generator=generator, device=options.device, dtype=options.dtype)
-            if with_grad else None,
+            grad_out=grad_out if with_grad else None,
+            channels_last=SimpleNamespace(
+                module=module,
+                x=x_nhwc.requires_grad_(with_grad),
+                differentiable=(x_nhwc, *module.parameters()) if with_grad else (),
+                grad_out=grad_out.contiguous(memory_format=torch.channels_last) if with_grad else None,
+            ),
         )
 
     return make_inputs
@@ -119,6 +130,9 @@ def _impls(frames: int, with_grad: bool, device: torch.device) -> tuple[Impl, ..
 
         return call
 
+    def on_channels_last(call: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNamespace], Any]:
+        return lambda inputs: call(inputs.channels_last)
+
     kernels_unavailable = models.kernels_unavailable(device)
     return (
         Impl(EAGER, _timed(lambda inputs: inputs.module.reference_forward(inputs.x, frames), with_grad)),
@@ -129,6 +143,7 @@ def _impls(frames: int, with_grad: bool, device: torch.device) -> tuple[Impl, ..
             Impl(name, _timed(fused_on_route(route), with_grad), unavailable=kernels_unavailable)
             for route, name in ROUTE_IMPLS.items()
         ),
+        Impl(TRITON_NHWC, on_channels_last(_timed(fused, with_grad)), unavailable=kernels_unavailable),
     )
 
 
@@ -515,6 +530,9 @@ def summary(result: dict) -> list[str]:
             lines.append(models.speedup_line(label, rows, case, TRITON, EAGER, TARGET_SPEEDUP))
             lines.append(models.speedup_line(label, rows, case, TRITON_COMPILED, COMPILED, COMPILED_TARGET_SPEEDUP))
             lines.extend(route_lines(rows, case, label))
+            if (case, TRITON_NHWC) in rows and (case, TRITON) in rows:
+                ratio = rows[(case, TRITON)]["median_ms"] / rows[(case, TRITON_NHWC)]["median_ms"]
+                lines.append(f"info  {label}: {TRITON_NHWC} {ratio:.2f}x {TRITON} (a channels_last stream)")
         rows = models.rows_by(result, GEGLU_OP, pass_name)
         for case in dict.fromkeys(case for case, _ in rows):
             # The UNet's GEGLU modules take the kernel wherever use_kernels is on: it must never lose.

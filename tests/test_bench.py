@@ -403,8 +403,9 @@ def test_growth_summary_calls_memory_bounded_only_below_the_share():
 
 
 def test_temporal_block_route_impls_compute_the_block():
-    """The forced-route impls run the block the reference computes (Triton's interpreter on a
-    CPU), forward and forward+backward."""
+    """The forced-route impls, and the block on a channels_last stream, run the block the reference
+    computes (Triton's interpreter on a CPU), forward and forward+backward; the channels_last one
+    takes a channels_last stream and returns one."""
     from .helpers import DEVICE
 
     options = harness.SuiteOptions(DEVICE, torch.float32, None, quick=True)
@@ -412,9 +413,13 @@ def test_temporal_block_route_impls_compute_the_block():
         x = case.make_inputs()
         impls = {impl.name: impl for impl in case.impls}
         want = impls[harness.EAGER].fn(x)
-        for name in temporal_block.ROUTE_IMPLS.values():
+        for name in (*temporal_block.ROUTE_IMPLS.values(), temporal_block.TRITON_NHWC):
             got = impls[name].fn(x)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{case.pass_name} {name}: {m}")
+        nhwc = impls[temporal_block.TRITON_NHWC].fn(x)
+        first = nhwc[0] if isinstance(nhwc, tuple) else nhwc
+        assert x.channels_last.x.is_contiguous(memory_format=torch.channels_last) and not x.channels_last.x.is_contiguous()
+        assert first.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_group_norm_cases_compute_the_composition():
@@ -464,6 +469,10 @@ def test_temporal_block_summary_judges_the_fused_block_eager_and_compiled():
                         "median_ms": ms} for impl, ms in zip(temporal_block.ROUTE_IMPLS.values(), (1.7, 1.3))]
     (route_line,) = [line for line in temporal_block.summary(result) if "projections" in line]
     assert route_line.startswith("info") and route_line.endswith("strided 1.700 ms, cublas 1.300 ms: cublas faster")
+    result["rows"].append({"op": temporal_block.OP, "case": "b1-c320-40x64-h5", "pass": "fwd",
+                           "impl": temporal_block.TRITON_NHWC, "median_ms": 0.95})
+    (nhwc_line,) = [line for line in temporal_block.summary(result) if temporal_block.TRITON_NHWC in line]
+    assert nhwc_line.startswith("info") and "triton-nhwc 2.00x triton" in nhwc_line
 
 
 def test_strided_linear_tile_sweep_runs_the_block_gemms_it_names(monkeypatch):
