@@ -80,20 +80,12 @@ def _inputs(shape, pass_name: str, make_module: Callable[[], FusedTemporalTransf
     def make_inputs() -> SimpleNamespace:
         module = make_module()
         x = torch.randn(shape, generator=generator, device=options.device, dtype=options.dtype)
-        grad_out = torch.randn(shape, generator=generator, device=options.device, dtype=options.dtype)
-        # The same values channels_last, the output's gradient too (a channels-last convolution's).
-        x_nhwc = x.contiguous(memory_format=torch.channels_last)
         return SimpleNamespace(
             module=module,
             x=x.requires_grad_(with_grad),
             differentiable=(x, *module.parameters()) if with_grad else (),
-            grad_out=grad_out if with_grad else None,
-            channels_last=SimpleNamespace(
-                module=module,
-                x=x_nhwc.requires_grad_(with_grad),
-                differentiable=(x_nhwc, *module.parameters()) if with_grad else (),
-                grad_out=grad_out.contiguous(memory_format=torch.channels_last) if with_grad else None,
-            ),
+            grad_out=torch.randn(shape, generator=generator, device=options.device, dtype=options.dtype)
+            if with_grad else None,
         )
 
     return make_inputs
@@ -131,7 +123,20 @@ def _impls(frames: int, with_grad: bool, device: torch.device) -> tuple[Impl, ..
         return call
 
     def on_channels_last(call: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNamespace], Any]:
-        return lambda inputs: call(inputs.channels_last)
+        def run(inputs: SimpleNamespace) -> Any:
+            # The same values channels_last, the output's gradient too (a channels-last
+            # convolution's), made on this impl's first call so no other impl's memory holds them.
+            if not hasattr(inputs, "channels_last"):
+                x = inputs.x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(with_grad)
+                inputs.channels_last = SimpleNamespace(
+                    module=inputs.module, x=x,
+                    differentiable=(x, *inputs.module.parameters()) if with_grad else (),
+                    grad_out=None if inputs.grad_out is None
+                    else inputs.grad_out.contiguous(memory_format=torch.channels_last),
+                )
+            return call(inputs.channels_last)
+
+        return run
 
     kernels_unavailable = models.kernels_unavailable(device)
     return (

@@ -103,12 +103,14 @@ def _stream(videos, frames, channels, height, width, dtype, g):
 
 
 def _forward_backward(module, x, grad_out, num_frames, reference: bool):
-    """(out, d x, {name: d parameter}) of a fresh copy of `module`."""
+    """(out, d x, {name: d parameter}) of a fresh copy of `module`. The gradients as the backward
+    returns them (torch.autograd.grad): a leaf's .grad would take x's strides whatever they were."""
     module = copy.deepcopy(module)
     x = x.detach().clone().requires_grad_(True)
     out = module.reference_forward(x, num_frames) if reference else module(x, num_frames)
-    out.backward(grad_out)
-    return out.detach(), x.grad, {name: p.grad for name, p in module.named_parameters()}
+    names, parameters = zip(*module.named_parameters())
+    grad_x, *grads = torch.autograd.grad(out, (x, *parameters), grad_out, allow_unused=True)
+    return out.detach(), grad_x, dict(zip(names, grads))
 
 
 # ---- the release ---------------------------------------------------------------------------------
@@ -152,9 +154,9 @@ def test_the_fused_path_infers_shapes_on_the_meta_device(projections, memory_for
         module = FusedTemporalTransformer(64, heads=2, head_dim=32, projections=projections)
         x = torch.empty(2 * 4, 64, 5, 6, memory_format=memory_format, requires_grad=True)
         out = module(x, 4)
-        out.sum().backward()
-    assert out.shape == x.shape and out.is_meta and x.grad.shape == x.shape
-    assert out.stride() == x.grad.stride() == x.stride()
+        (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert out.shape == x.shape and out.is_meta and grad_x.shape == x.shape
+    assert out.stride() == grad_x.stride() == x.stride()
 
 
 def test_a_vc2_unet_with_kernels_infers_shapes_on_the_meta_device():
@@ -451,7 +453,7 @@ def test_kernels_read_and_write_a_channels_last_stream_in_place(monkeypatch):
     x.requires_grad_(True)
     with tk.backend("triton"):
         out = _module(channels, heads, head_dim)(x, frames)
-        out.backward(torch.ones_like(out))
+        (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
 
     tokens = height * width
     by_name = {}
@@ -461,7 +463,7 @@ def test_kernels_read_and_write_a_channels_last_stream_in_place(monkeypatch):
     assert launches[0][1][0].data_ptr() == x.data_ptr()
     ((affine_args, _),) = by_name["channel_affine_kernel"]
     assert (affine_args[0].data_ptr(), affine_args[0].stride()) == (x.data_ptr(), (tokens * channels, channels, 1))
-    assert out.stride() == x.grad.stride() == x.stride()
+    assert out.stride() == grad_x.stride() == x.stride()
     ((stats_backward_args, stats_backward_constexprs),) = by_name["group_norm_stats_backward_kernel"]
     assert stats_backward_args[0].data_ptr() == x.data_ptr() and stats_backward_constexprs["CHANNELS_LAST"]
     ((affine_backward_args, _),) = by_name["channel_affine_backward_kernel"]

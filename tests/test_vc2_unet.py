@@ -613,3 +613,37 @@ def test_per_sample_timesteps_and_fps_must_match_the_batch(name):
     inputs[name] = torch.tensor([1, 2, 3])
     with pytest.raises(ValueError, match=rf"{name} must be a number or 2 values \(one per sample\), got shape \(3,\)"):
         model(torch.randn(2, 4, 2, 4, 4), inputs["timesteps"], torch.randn(2, 3, 32), inputs["fps"])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_channels_last_convolutions_keep_the_stream_channels_last(io, fused, monkeypatch, chosen):
+    """With every convolution's weight channels-last (benchmarks.models' kernels-nhwc), each
+    temporal transformer, fused or not, takes a channels_last stream and returns one (so the next
+    convolution need not transpose), the kernels run without falling back, and the output is the
+    NCHW model's."""
+    if not fused:
+        monkeypatch.setattr(TemporalTransformer, "fused_min_positions", 10**9)
+    model = _tiny()
+    want = _run(model, io, torch.float32)
+    chosen.clear()
+    with torch.no_grad():
+        for conv in model.modules():
+            if isinstance(conv, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                memory_format = torch.channels_last if conv.weight.dim() == 4 else torch.channels_last_3d
+                conv.weight.data = conv.weight.data.contiguous(memory_format=memory_format)
+    layouts = []
+
+    def record(module, args, output):
+        layouts.append(tuple(t.is_contiguous(memory_format=torch.channels_last) for t in (args[0], output)))
+
+    for layer in model.modules():
+        if isinstance(layer, TemporalTransformer):
+            layer.register_forward_hook(record)  # on the layer itself: it still fuses
+    with turbo_kernels.backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("error", turbo_kernels.TurboKernelsFallbackWarning)
+        got = _run(model, io, torch.float32)
+    assert len(layouts) == TEMPORAL_TRANSFORMERS and all(layout == (True, True) for layout in layouts), layouts
+    # Every GroupNorm + SiLU of this model reads channels-last x (channels_last_group_norm_stats),
+    # so the stream statistics counted are the fused layers'.
+    assert sum(op == "group_norm_stats" for op, _ in chosen) == (TEMPORAL_TRANSFORMERS if fused else 0)
+    assert _max_error(got, want) < FLOAT32_TOL

@@ -491,9 +491,10 @@ def fused_temporal_transformer(
     layout; "cublas" normalises the stream into row-major tokens (channel_affine, one pass),
     projects on cuBLAS, and adds proj_out's output back transposed (one more pass, and autograd
     copies its gradient once for cuBLAS). A channels_last stream (is_channels_last_stream) always
-    takes "cublas" and refuses "strided": its tokens are row-major as they lie, the output and
-    x's gradient are channels_last, and neither pass copies an activation (an output gradient in
-    another layout is copied once for cuBLAS). Parameters are cast to the stream's dtype (the
+    takes "cublas" and refuses "strided": its tokens are row-major as they lie, the output is
+    channels_last, and neither pass copies an activation when the output's gradient arrives
+    channels_last too (then x's gradient is channels_last); a gradient in another layout is
+    copied once for cuBLAS, and x's gradient then takes that layout. Parameters are cast to the stream's dtype (the
     LayerNorms read float32 ones as they are) and autocast is off inside."""
     _check_stream(layer.norm, x, num_frames)
     proj_in_weight = layer.proj_in.weight if proj_in_weight is None else proj_in_weight

@@ -337,8 +337,9 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context)
         h = self.proj_out(h).transpose(1, 2).reshape(rows, channels, height, width)
-        # x first: the sum then takes x's contiguous layout rather than h's transposed one, and the
-        # temporal transformer that follows needs a contiguous stream for its fused kernels.
+        # x first: the sum then takes x's layout (contiguous, or channels_last after channels-last
+        # convolutions) rather than h's transposed one; the fused temporal transformer that
+        # follows reads either without a copy.
         return x + h
 
 
@@ -387,6 +388,11 @@ class TemporalTransformer(nn.Module):
         )
 
     def _project(self, proj: nn.Module, tokens: Tensor) -> Tensor:
+        if self.conv_proj and not _has_hooks(proj):
+            # Conv1d(k=1) is this linear map; run as one, it returns row-major tokens, where the
+            # convolution's (N, C, F) output read transposed had a channel stride of F, which the
+            # LayerNorm and attention kernels after it do not take.
+            return F.linear(tokens, proj.weight.squeeze(-1), proj.bias)
         if self.conv_proj:
             return proj(tokens.transpose(1, 2)).transpose(1, 2)
         return proj(tokens)
@@ -409,7 +415,9 @@ class TemporalTransformer(nn.Module):
             .permute(0, 3, 4, 1, 2)
             .reshape(rows, channels, height, width)
         )
-        return h + x
+        # x first: the sum takes x's layout (a channels_last stream stays one for the next
+        # convolution) rather than h's contiguous one.
+        return x + h
 
 
 def _norm_silu_layers(layers: nn.Sequential, x: Tensor, use_kernels: bool) -> Tensor:
