@@ -623,6 +623,7 @@ def test_channels_last_convolutions_keep_the_stream_channels_last(io, fused, mon
     NCHW model's."""
     if not fused:
         monkeypatch.setattr(TemporalTransformer, "fused_min_positions", 10**9)
+    io = {name: value[:1] if value.dim() else value for name, value in io.items()}  # one clip: the interpreter is slow
     model = _tiny()
     want = _run(model, io, torch.float32)
     chosen.clear()
@@ -643,7 +644,7 @@ def test_channels_last_convolutions_keep_the_stream_channels_last(io, fused, mon
         warnings.simplefilter("error", turbo_kernels.TurboKernelsFallbackWarning)
         got = _run(model, io, torch.float32)
     assert len(layouts) == TEMPORAL_TRANSFORMERS and all(layout == (True, True) for layout in layouts), layouts
-    # Every GroupNorm + SiLU of this model reads channels-last x (channels_last_group_norm_stats),
-    # so the stream statistics counted are the fused layers'.
-    assert sum(op == "group_norm_stats" for op, _ in chosen) == (TEMPORAL_TRANSFORMERS if fused else 0)
+    # A fused layer on a channels_last stream normalises its tokens with channel_affine (cuBLAS
+    # route), once a layer; nothing else runs it.
+    assert sum(op == "channel_affine" for op, _ in chosen) == (TEMPORAL_TRANSFORMERS if fused else 0)
     assert _max_error(got, want) < FLOAT32_TOL
