@@ -425,7 +425,7 @@ GROUP_NORM_OP = "group_norm_silu"
 # stream (B, C, F, H, W) that a temporal convolution normalises, a contiguous video; the first two
 # also channels-last, as channels-last convolutions return them (`-nhwc`).
 GROUP_NORM_LAYOUTS = ("frames", "stream", "video", "frames-nhwc", "stream-nhwc")
-GROUP_NORM_OUTPUT_FORMATS = {("frames-nhwc", 4): torch.channels_last, ("stream-nhwc", 5): torch.channels_last_3d}
+GROUP_NORM_OUTPUT_FORMATS = {"frames-nhwc": torch.channels_last, "stream-nhwc": torch.channels_last_3d}
 
 
 def _group_norm_inputs(layout: str, videos: int, frames: int, channels: int, height: int, width: int,
@@ -450,7 +450,7 @@ def _group_norm_inputs(layout: str, videos: int, frames: int, channels: int, hei
             # In the layout of the kernels' output, as the next layer's gradient arrives: channels-last
             # for the -nhwc layouts (a channels-last convolution's), contiguous for the others.
             grad_out=randn(*x.shape).to(torch.float32 if autocast else options.dtype).contiguous(
-                memory_format=GROUP_NORM_OUTPUT_FORMATS.get((layout, x.dim()), torch.contiguous_format)
+                memory_format=GROUP_NORM_OUTPUT_FORMATS.get(layout, torch.contiguous_format)
             ) if with_grad else None,
         )
 

@@ -126,15 +126,18 @@ def _checked_latents(z: Tensor, name: str) -> Tensor:
     return z
 
 
-def _checked_grid_index(grid_index: Tensor, batch: int) -> Tensor:
+def _host_grid_index(grid_index: Tensor, batch: int) -> Tensor:
+    """The clips' grid indices as an int64 host tensor, range-checked there. The inversion's
+    bookkeeping (which clips advance at each step) and t_hi are the host's: indices on a device
+    are read once here, not at every step."""
     if not isinstance(grid_index, Tensor) or grid_index.shape != (batch,) or grid_index.is_floating_point():
         raise ValueError(
             f"grid_index must be an integer ({batch},) tensor (one grid index per clip), got "
             f"{tuple(grid_index.shape) if isinstance(grid_index, Tensor) else type(grid_index).__name__}"
         )
-    # The range check, with its message, where the caller's indices are (free on the host).
-    schedule.solver_timesteps(grid_index)
-    return grid_index.to(torch.int64)
+    grid_index = grid_index.to("cpu", torch.int64)
+    schedule.solver_timesteps(grid_index)  # the range check, with its message
+    return grid_index
 
 
 def _checked_context(context: Tensor, batch: int) -> Tensor:
@@ -153,14 +156,11 @@ def _checked_timesteps(t: Tensor | int, batch: int, device: torch.device, name: 
     return t.expand(batch)
 
 
-def _on_host(value: Tensor | int) -> bool:
-    return not isinstance(value, Tensor) or value.device.type == "cpu"
-
-
 def _per_clip(value: Tensor | int, rows: Tensor) -> Tensor | int:
-    """A per-clip conditioning value restricted to the clips in `rows` (a Python int broadcasts)."""
+    """A per-clip conditioning value restricted to the clips in `rows`, host indices (a Python int
+    broadcasts)."""
     if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] > 1:
-        return value[rows.to(value.device)]
+        return value[rows.to(value.device, non_blocking=True)]
     return value
 
 
@@ -206,11 +206,7 @@ def ddim_inversion(
     if isinstance(unet_fn, nn.Module):
         unet_fn = teacher_path(unet_fn)
     batch = z0.shape[0]
-    if isinstance(grid_index, Tensor):
-        # Which clips advance at each step is the host's bookkeeping: indices on a device are read
-        # once here, not at every step, and checked on the host (their values are read anyway).
-        grid_index = grid_index.cpu()
-    grid_index = _checked_grid_index(grid_index, batch)
+    grid_index = _host_grid_index(grid_index, batch)
     context = _checked_context(context, batch)
     table = _checked_table(alphas_cumprod, z0)
     grid = schedule.ddim_timesteps().tolist()
@@ -229,7 +225,7 @@ def ddim_inversion(
                 x_active,
                 torch.full((active.numel(),), t, dtype=torch.int64, device=z0.device),
                 context if everyone else context[active],
-                fps if everyone else _per_clip(fps, active_on_host if _on_host(fps) else active),
+                fps if everyone else _per_clip(fps, active_on_host),
             )
             sigma_p, sigma_t = (1 - table[p]).sqrt(), (1 - table[t]).sqrt()
             ratio = (table[t] / table[p]).sqrt()
@@ -406,7 +402,7 @@ def compute_motion_prior(
     # The inversion and the noising check and convert the caller's table themselves; handing them
     # a converted copy made here would be a new tensor each call, whose values they would read
     # again (a synchronisation each on a GPU).
-    grid_index = _checked_grid_index(grid_index, z0.shape[0])
+    grid_index = _host_grid_index(grid_index, z0.shape[0])
     t_hi = schedule.solver_timesteps(grid_index)[0].to(z0.device, non_blocking=True)
     inversion = ddim_inversion(
         teacher if inversion_teacher is None else inversion_teacher, z0, grid_index, context, alphas_cumprod, fps,

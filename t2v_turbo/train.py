@@ -333,6 +333,10 @@ def draw_guidance_scales(config: TrainConfig, step: int, global_batch: int, proc
     return w[process_index * config.batch_size : (process_index + 1) * config.batch_size].float()
 
 
+# The cache fields a step reads on the host: their values pick timesteps and strengths.
+HOST_FIELDS = ("grid_index", "use_motion")
+
+
 def motion_strengths(grid_index: Tensor, use_motion: Tensor, strength: float) -> Tensor:
     """m of SPEC 3.2: `strength` for motion clips whose grid index lies in the noisier half, else 0."""
     on = use_motion.bool() & (grid_index >= MOTION_GRID_START)
@@ -951,10 +955,13 @@ class _Trainer:
         gradient is not finite on any process."""
         config, accelerator = self.config, self.accelerator
         # Copies from the host that wait for nothing queued (pinned by the loader on a GPU); the
-        # grid indices stay there, where their timesteps are looked up and range-checked without a
-        # synchronisation. The step's one read of the device is its metrics, below.
-        tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, Tensor)}
-        tensors["grid_index"] = batch["grid_index"]
+        # grid indices and motion flags stay there, where the timesteps and motion strengths are
+        # formed and checked without a synchronisation. The step's one read of the device is its
+        # metrics, below.
+        tensors = {
+            k: v if k in HOST_FIELDS else v.to(self.device, non_blocking=True)
+            for k, v in batch.items() if isinstance(v, Tensor)
+        }
         w = draw_guidance_scales(config, self.step, config.batch_size * self.world, self.rank)
         m = motion_strengths(batch["grid_index"], batch["use_motion"], config.motion_strength)
         w, m = w.to(self.device, non_blocking=True), m.to(self.device, non_blocking=True)

@@ -925,6 +925,19 @@ def new_output_like(t: Tensor) -> Tensor:
     return torch.empty_like(t)
 
 
+def _new_stats(samples: int, groups: int, x: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Buffers for (mean, rstd), each (samples, groups) float32, and whether they are final
+    already: no groups at all, or groups of no values, whose statistics are NaN as torch.var_mean
+    gives them (the kernels would read each group's shift from an empty x)."""
+    mean = new_output((samples, groups), torch.float32, x.device)
+    rstd = new_output((samples, groups), torch.float32, x.device)
+    if mean.numel() == 0:
+        return mean, rstd, True
+    if x.numel() == 0:
+        return mean.fill_(math.nan), rstd.fill_(math.nan), True
+    return mean, rstd, False
+
+
 def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tuple[Tensor, Tensor]:
     """(mean, rstd), each (B, groups) float32, of every video's channel groups over (C/groups, F,
     H, W); x is a (B*F, C, H, W) stream, contiguous or torch.channels_last."""
@@ -935,14 +948,9 @@ def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tup
     rows = x.shape[0]
     videos = rows // num_frames
     group_numel = math.prod(x.shape[1:]) // groups
-    mean = new_output((videos, groups), torch.float32, x.device)
-    rstd = new_output((videos, groups), torch.float32, x.device)
-    if mean.numel() == 0:
+    mean, rstd, final = _new_stats(videos, groups, x)
+    if final:
         return mean, rstd
-    if x.numel() == 0:
-        # Groups of no values: NaN statistics, as torch.var_mean gives (the kernels would read
-        # each group's shift from an empty stream).
-        return mean.fill_(math.nan), rstd.fill_(math.nan)
     partial_mean = new_output((videos, groups, num_frames), torch.float32, x.device)
     partial_m2 = new_output((videos, groups, num_frames), torch.float32, x.device)
     params, num_warps = stats_params(groups, group_numel)
@@ -960,12 +968,9 @@ def channels_last_group_norm_stats(x: Tensor, groups: int, eps: float) -> tuple[
     samples, channels = x.shape[:2]
     positions = math.prod(x.shape[2:])
     group_size = channels // groups
-    mean = new_output((samples, groups), torch.float32, x.device)
-    rstd = new_output((samples, groups), torch.float32, x.device)
-    if mean.numel() == 0:
+    mean, rstd, final = _new_stats(samples, groups, x)
+    if final:
         return mean, rstd
-    if x.numel() == 0:
-        return mean.fill_(math.nan), rstd.fill_(math.nan)
     group_tile, params, num_warps = channels_last_stats_params(groups, group_size)
     tiles = triton.cdiv(groups, group_tile)
     chunks = channels_last_stats_chunks(samples, positions, tiles, params["BLOCK_P"])
