@@ -1,6 +1,7 @@
 """temporal_attention_probs and motion_energy: the Triton kernels (interpreter on the CPU, real on
 a GPU) against the reference, forward and backward, in both layouts, on odd frame counts, head
-dims and sequence counts, strided views of one fused projection, per-video means and ties; the
+dims and sequence counts, strided views (of one fused projection; q and k with different strides),
+per-video means and ties; the
 conventions against the release's stored maps; argument errors, opcheck, torch.compile and the
 capture utility.
 
@@ -30,21 +31,22 @@ from .helpers import (
 TRITON_USABLE = dispatch.machine_unavailable_reason("triton", DEVICE) is None
 GOLDEN = SHARED / "vc2_reference"
 
-# (layout, batch, frames, positions, heads, head dim, fused): F in {1, 4, 16, 17, 64} (4 is the
+# (layout, batch, frames, positions, heads, head dim, source): F in {1, 4, 16, 17, 64} (4 is the
 # tiny model's, 17 and 64 run one sequence a program), head dims 8, 16, 40 (several ragged
 # head-dim chunks), 32, 64 (VideoCrafter2's) and 128, sequence counts that leave ragged last
-# blocks, several heads, and q/k sliced from one fused qkv projection.
+# blocks, several heads, and q/k (_qk's sources) from two projections, sliced from one fused qkv
+# projection, or with strides of their own (q its own projection, k a slice of a fused kv).
 CASES = [
-    ("frames", 2, 4, 3, 2, 8, False),
-    ("sequences", 2, 16, 5, 2, 40, True),
-    ("frames", 2, 16, 9, 1, 32, True),
-    ("frames", 1, 17, 3, 2, 16, True),
-    ("sequences", 2, 1, 2, 3, 8, False),
-    ("sequences", 1, 64, 2, 1, 16, False),
-    ("frames", 1, 16, 3, 2, 64, True),  # VideoCrafter2's head dim
-    ("frames", 1, 8, 2, 1, 128, False),
+    ("frames", 2, 4, 3, 2, 8, "separate"),
+    ("sequences", 2, 16, 5, 2, 40, "fused"),
+    ("frames", 2, 16, 9, 1, 32, "fused"),
+    ("frames", 1, 17, 3, 2, 16, "mixed"),
+    ("sequences", 2, 1, 2, 3, 8, "separate"),
+    ("sequences", 1, 64, 2, 1, 16, "mixed"),
+    ("frames", 1, 16, 3, 2, 64, "fused"),  # VideoCrafter2's head dim
+    ("frames", 1, 8, 2, 1, 128, "mixed"),
 ]
-CASE_IDS = [f"{c[0]}-B{c[1]}F{c[2]}N{c[3]}h{c[4]}d{c[5]}{'-fused' if c[6] else ''}" for c in CASES]
+CASE_IDS = [f"{c[0]}-B{c[1]}F{c[2]}N{c[3]}h{c[4]}d{c[5]}-{c[6]}" for c in CASES]
 
 pytestmark = pytest.mark.skipif(not TRITON_USABLE, reason="Triton cannot run here (no GPU, no interpreter)")
 
@@ -67,13 +69,17 @@ def _assert_ran(chosen, backend_name, ops):
     assert all(name == backend_name for _, name in chosen), f"expected {backend_name} everywhere, got {chosen}"
 
 
-def _qk(layout, batch, frames, positions, heads, head_dim, fused, dtype, g):
+def _qk(layout, batch, frames, positions, heads, head_dim, source, dtype, g):
     rows, second = (batch * frames, positions) if layout == "frames" else (batch * positions, frames)
     channels = heads * head_dim
-    if fused:
+    if source == "fused":
         qkv = randn((rows, second, 3 * channels), dtype, g)
         return qkv[..., :channels], qkv[..., channels : 2 * channels]
-    return randn((rows, second, channels), dtype, g), randn((rows, second, channels), dtype, g)
+    q = randn((rows, second, channels), dtype, g)
+    if source == "mixed":
+        return q, randn((rows, second, 2 * channels), dtype, g)[..., :channels]
+    assert source == "separate", source
+    return q, randn((rows, second, channels), dtype, g)
 
 
 def _ref_probs(num_sequences, heads, frames, g, dtype=torch.float32):
@@ -88,7 +94,7 @@ def _leaves(*tensors):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_probs_forward_and_backward(case, dtype, chosen):
-    layout, batch, frames, positions, heads, head_dim, fused = case
+    layout, batch, frames, positions, heads, head_dim, source = case
     g = torch.Generator().manual_seed(_seed(case, str(dtype)))
     q, k = _qk(*case, dtype, g)
     num_sequences = batch * positions
@@ -116,7 +122,7 @@ def test_probs_forward_and_backward(case, dtype, chosen):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_motion_energy_forward_and_backward(case, dtype, per_video, chosen):
-    layout, batch, frames, positions, heads, head_dim, fused = case
+    layout, batch, frames, positions, heads, head_dim, source = case
     g = torch.Generator().manual_seed(_seed(case, str(dtype), per_video))
     q, k = _qk(*case, dtype, g)
     num_sequences = batch * positions
@@ -152,7 +158,7 @@ def test_16bit_gradients_round_once(dtype, magnitude):
     for upstream gradients at the bottom of fp16's range. The 2x rule cannot see this."""
     g = torch.Generator().manual_seed(_seed(str(dtype), magnitude))
     frames, heads, head_dim = 16, 2, 32
-    q, k = _qk("sequences", 2, frames, 8, heads, head_dim, False, dtype, g)
+    q, k = _qk("sequences", 2, frames, 8, heads, head_dim, "separate", dtype, g)
     upstream = randn((16, heads, frames, frames), torch.float32, g) * magnitude
 
     def grads_of(probs_fn, q, k, upstream):
@@ -179,8 +185,8 @@ def test_kernel_report_compiles_what_the_motion_prior_launches(monkeypatch, dtyp
     launches = record_kernel_launches(monkeypatch, kernels)
     g = torch.Generator().manual_seed(29)
     frames, heads = 16, 2
-    q_ref, k_ref = _qk("sequences", 2, frames, 3, heads, 32, False, dtype, g)
-    q, k = _leaves(*_qk("sequences", 2, frames, 3, heads, 32, False, dtype, g))
+    q_ref, k_ref = _qk("sequences", 2, frames, 3, heads, 32, "separate", dtype, g)
+    q, k = _leaves(*_qk("sequences", 2, frames, 3, heads, 32, "separate", dtype, g))
     with tk.backend("triton"):
         with torch.no_grad():
             ref_probs = temporal_attention_probs(q_ref, k_ref, frames, heads, "sequences")
@@ -196,7 +202,7 @@ def test_ties_keep_the_first_key(backend_name):
     """Rows of ref_probs with several equal maxima keep the first, as torch.argmax does."""
     g = torch.Generator().manual_seed(7)
     frames, heads = 4, 2
-    q, k = _qk("sequences", 1, frames, 6, heads, 8, False, torch.float32, g)
+    q, k = _qk("sequences", 1, frames, 6, heads, 8, "separate", torch.float32, g)
     rows = torch.tensor(
         [[0.4, 0.1, 0.4, 0.1], [0.25, 0.25, 0.25, 0.25], [0.1, 0.3, 0.3, 0.3], [0.0, 0.5, 0.0, 0.5]],
         dtype=torch.float32,
@@ -215,7 +221,7 @@ def test_ties_keep_the_first_key(backend_name):
 def test_ref_probs_of_any_dtype_and_strides_and_expanded_grads(chosen):
     g = torch.Generator().manual_seed(3)
     batch, frames, positions, heads = 2, 4, 3, 2
-    q, k = _qk("frames", batch, frames, positions, heads, 8, False, torch.float32, g)
+    q, k = _qk("frames", batch, frames, positions, heads, 8, "separate", torch.float32, g)
     num_sequences = batch * positions
     # A (B*N, F, heads, F) buffer seen as (B*N, heads, F, F): strided on every axis.
     strided = _ref_probs(num_sequences, heads, frames, g).permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
@@ -237,7 +243,7 @@ def test_ref_probs_of_any_dtype_and_strides_and_expanded_grads(chosen):
 
 def test_probs_of_a_strided_grad():
     g = torch.Generator().manual_seed(4)
-    q, k = _qk("sequences", 1, 16, 3, 2, 16, True, torch.float32, g)
+    q, k = _qk("sequences", 1, 16, 3, 2, 16, "fused", torch.float32, g)
     upstream = randn((3, 16, 2, 16), torch.float32, g).transpose(1, 2)
     q_in, k_in = _leaves(q, k)
     with tk.backend("triton"):
@@ -247,6 +253,28 @@ def test_probs_of_a_strided_grad():
     want = torch.autograd.grad(want64, (q64, k64), upstream.double())
     for out, w in zip(grads, want):
         torch.testing.assert_close(out.double(), w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["frames", "sequences"])
+def test_q_and_k_with_their_own_strides_are_read_in_place(monkeypatch, layout):
+    """Every kernel reads q and k where they lie, even when their strides differ (q its own
+    projection, k a slice of a fused kv projection): no contiguous copy of either."""
+    launches = record_kernel_launches(monkeypatch, kernels)
+    g = torch.Generator().manual_seed(31)
+    frames, heads = 16, 2
+    q, k = _qk(layout, 2, frames, 3, heads, 16, "mixed", torch.float32, g)
+    assert q.stride() != k.stride()
+    q_in, k_in = (t.detach().requires_grad_(True) for t in (q, k))  # leaves keeping their strides
+    ref_probs = _ref_probs(2 * 3, heads, frames, g)
+    with tk.backend("triton"):
+        probs = temporal_attention_probs(q_in, k_in, frames, heads, layout)
+        torch.autograd.grad(probs, (q_in, k_in), torch.ones_like(probs))
+        energy = motion_energy(q_in, k_in, ref_probs, frames, heads, layout)
+        torch.autograd.grad(energy, (q_in, k_in))
+    assert len(launches) == 4
+    for kernel, args, _ in launches:
+        q_arg, k_arg = (args[0], args[1]) if kernel.__name__.endswith("fwd_kernel") else (args[1], args[2])
+        assert (q_arg.data_ptr(), k_arg.data_ptr()) == (q_in.data_ptr(), k_in.data_ptr()), kernel.__name__
 
 
 def _realising_qk(probs: torch.Tensor, head_dim: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,10 +327,10 @@ def test_conventions_match_the_release_maps_and_top1_indices():
 
 def test_unsupported_inputs_fall_back_to_the_reference(chosen):
     g = torch.Generator().manual_seed(5)
-    q, k = _qk("sequences", 1, 65, 2, 1, 8, False, torch.float32, g)
+    q, k = _qk("sequences", 1, 65, 2, 1, 8, "separate", torch.float32, g)
     with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match="num_frames=65 exceeds 64"):
         temporal_attention_probs(q, k, 65, 1, "sequences")
-    q, k = _qk("frames", 1, 4, 2, 1, 8, False, torch.float32, g)
+    q, k = _qk("frames", 1, 4, 2, 1, 8, "separate", torch.float32, g)
     with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match="mixed storage dtypes"):
         motion_energy(q, k.half(), _ref_probs(2, 1, 4, g), 4, 1)
     assert [name for _, name in chosen] == ["reference", "reference"]
@@ -310,7 +338,7 @@ def test_unsupported_inputs_fall_back_to_the_reference(chosen):
 
 def test_float64_runs_the_reference(chosen):
     g = torch.Generator().manual_seed(6)
-    q, k = _qk("frames", 1, 4, 2, 1, 8, False, torch.float64, g)
+    q, k = _qk("frames", 1, 4, 2, 1, 8, "separate", torch.float64, g)
     energy = motion_energy(q, k, _ref_probs(2, 1, 4, g), 4, 1)
     assert energy.dtype == torch.float64 and chosen == [("motion_energy", "reference")]
 
@@ -362,7 +390,7 @@ def test_probs_errors_name_the_argument():
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
 def test_opcheck(backend_name):
     g = torch.Generator().manual_seed(8)
-    q, k = _qk("frames", 2, 4, 3, 2, 8, True, torch.float32, g)
+    q, k = _qk("frames", 2, 4, 3, 2, 8, "fused", torch.float32, g)
     q, k = q.requires_grad_(True), k.requires_grad_(True)
     ref_probs = _ref_probs(6, 2, 4, g)
     with tk.backend(backend_name):
@@ -375,7 +403,7 @@ def test_opcheck(backend_name):
 
 def test_torch_compile_fullgraph_matches_eager():
     g = torch.Generator().manual_seed(9)
-    q, k = _qk("sequences", 2, 4, 3, 2, 8, True, torch.float32, g)
+    q, k = _qk("sequences", 2, 4, 3, 2, 8, "fused", torch.float32, g)
     ref_probs = _ref_probs(6, 2, 4, g)
 
     def loss(q, k):
@@ -458,7 +486,7 @@ def test_production_shapes_on_gpu():
     grid of over 100k sequences."""
     g = torch.Generator().manual_seed(11)
     for batch, positions, heads in ((2, 2560, 5), (1, 131072, 1)):
-        q, k = _qk("sequences", batch, 16, positions, heads, 64, True, torch.bfloat16, g)
+        q, k = _qk("sequences", batch, 16, positions, heads, 64, "fused", torch.bfloat16, g)
         ref_probs = _ref_probs(batch * positions, heads, 16, g)
         # One unit of upstream gradient per kept entry makes the gradients O(1).
         upstream = torch.full((batch,), float(positions * heads * 16), device=DEVICE)

@@ -2,7 +2,7 @@
 
 One program takes BLOCK_SEQ attention sequences of one head: it walks their q and k rows in
 (BLOCK_SEQ, F, BLOCK_D) tiles straight from the caller's layout (any strides with a unit
-last-dimension stride), accumulates S = q k^T per sequence with batched tl.dot, and softmaxes the
+last-dimension stride, q's and k's their own), accumulates S = q k^T per sequence with batched tl.dot, and softmaxes the
 rows in fp32. Grid axis 0 walks (group, sequence block, head) with the head fastest, so
 neighbouring programs read the same token rows. F and the chunk are padded to powers of two of
 at least 16 (tl.dot's smallest tile) and masked.
@@ -107,14 +107,15 @@ def _batched_dot(a, b, acc):
 
 @triton.jit
 def _probabilities(
-    q_ptr, k_ptr, offs, row_ok, head_dim, num_frames, qk_scale_log2, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr
+    q_ptr, k_ptr, q_offs, k_offs, row_ok, head_dim, num_frames, qk_scale_log2,
+    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """softmax_j(scale q_i . k_j) per sequence, fp32; padded keys get probability 0."""
-    scores = tl.zeros((offs.shape[0], BLOCK_F, BLOCK_F), dtype=tl.float32)
+    scores = tl.zeros((q_offs.shape[0], BLOCK_F, BLOCK_F), dtype=tl.float32)
     for chunk_start in range(0, head_dim, BLOCK_D):
         mask = _chunk_mask(row_ok, chunk_start, head_dim, BLOCK_D)
-        q = tl.load(q_ptr + offs + chunk_start, mask=mask, other=0.0)
-        k = tl.load(k_ptr + offs + chunk_start, mask=mask, other=0.0)
+        q = tl.load(q_ptr + q_offs + chunk_start, mask=mask, other=0.0)
+        k = tl.load(k_ptr + k_offs + chunk_start, mask=mask, other=0.0)
         scores = _batched_dot(q, tl.permute(k, (0, 2, 1)), scores)
     key_ok = tl.arange(0, BLOCK_F) < num_frames
     scores = tl.where(key_ok[None, None, :], scores * qk_scale_log2, float("-inf"))
@@ -156,7 +157,7 @@ def _times_fp32(a_hi, a_lo, b):
 
 @triton.jit
 def _store_input_grads(
-    d_scores, q_ptr, k_ptr, dq_ptr, dk_ptr, offs, grad_offs, row_ok, head_dim, scale, BLOCK_D: tl.constexpr
+    d_scores, q_ptr, k_ptr, dq_ptr, dk_ptr, q_offs, k_offs, grad_offs, row_ok, head_dim, scale, BLOCK_D: tl.constexpr
 ):
     """dq = scale dS k and dk = scale dS^T q, chunk by chunk of the head dim, in the input layout."""
     dtype = q_ptr.dtype.element_ty
@@ -171,8 +172,8 @@ def _store_input_grads(
     dst_hi, dst_lo = _split(tl.permute(d_scores, (0, 2, 1)), dtype)
     for chunk_start in range(0, head_dim, BLOCK_D):
         mask = _chunk_mask(row_ok, chunk_start, head_dim, BLOCK_D)
-        q = tl.load(q_ptr + offs + chunk_start, mask=mask, other=0.0)
-        k = tl.load(k_ptr + offs + chunk_start, mask=mask, other=0.0)
+        q = tl.load(q_ptr + q_offs + chunk_start, mask=mask, other=0.0)
+        k = tl.load(k_ptr + k_offs + chunk_start, mask=mask, other=0.0)
         dq = _times_fp32(ds_hi, ds_lo, k) * scale
         dk = _times_fp32(dst_hi, dst_lo, q) * scale
         tl.store(dq_ptr + grad_offs + chunk_start, dq.to(dq_ptr.dtype.element_ty), mask=mask)
@@ -182,13 +183,19 @@ def _store_input_grads(
 @triton.jit
 def attention_probs_fwd_kernel(
     q_ptr, k_ptr, p_ptr, n_seq, heads, num_frames, head_dim,
-    positions, stride_video, stride_pos, stride_frame, qk_scale_log2,
+    positions, q_stride_video, q_stride_pos, q_stride_frame, k_stride_video, k_stride_pos, k_stride_frame,
+    qk_scale_log2,
     BLOCK_SEQ: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _, head, seq, seq_ok = _program_sequences(n_seq, tl.cdiv(n_seq, BLOCK_SEQ), heads, BLOCK_SEQ)
-    offs = _token_offsets(seq, head, positions, stride_video, stride_pos, stride_frame, head_dim, BLOCK_F, BLOCK_D)
+    q_offs = _token_offsets(
+        seq, head, positions, q_stride_video, q_stride_pos, q_stride_frame, head_dim, BLOCK_F, BLOCK_D
+    )
+    k_offs = _token_offsets(
+        seq, head, positions, k_stride_video, k_stride_pos, k_stride_frame, head_dim, BLOCK_F, BLOCK_D
+    )
     row_ok = _rows_ok(seq_ok, num_frames, BLOCK_F)
-    p = _probabilities(q_ptr, k_ptr, offs, row_ok, head_dim, num_frames, qk_scale_log2, BLOCK_F, BLOCK_D)
+    p = _probabilities(q_ptr, k_ptr, q_offs, k_offs, row_ok, head_dim, num_frames, qk_scale_log2, BLOCK_F, BLOCK_D)
     square = num_frames * num_frames
     p_offs = _square_offsets(seq, head, heads * square, square, num_frames, 1, BLOCK_F)
     tl.store(p_ptr + p_offs, p, mask=_square_mask(row_ok, num_frames, BLOCK_F))
@@ -197,35 +204,47 @@ def attention_probs_fwd_kernel(
 @triton.jit
 def attention_probs_bwd_kernel(
     grad_ptr, q_ptr, k_ptr, dq_ptr, dk_ptr, n_seq, heads, num_frames, head_dim,
-    positions, stride_video, stride_pos, stride_frame,
+    positions, q_stride_video, q_stride_pos, q_stride_frame, k_stride_video, k_stride_pos, k_stride_frame,
     grad_positions, grad_stride_video, grad_stride_pos, grad_stride_frame,
     g_stride_seq, g_stride_head, g_stride_query, g_stride_key, scale, qk_scale_log2,
     BLOCK_SEQ: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _, head, seq, seq_ok = _program_sequences(n_seq, tl.cdiv(n_seq, BLOCK_SEQ), heads, BLOCK_SEQ)
-    offs = _token_offsets(seq, head, positions, stride_video, stride_pos, stride_frame, head_dim, BLOCK_F, BLOCK_D)
+    q_offs = _token_offsets(
+        seq, head, positions, q_stride_video, q_stride_pos, q_stride_frame, head_dim, BLOCK_F, BLOCK_D
+    )
+    k_offs = _token_offsets(
+        seq, head, positions, k_stride_video, k_stride_pos, k_stride_frame, head_dim, BLOCK_F, BLOCK_D
+    )
     row_ok = _rows_ok(seq_ok, num_frames, BLOCK_F)
-    p = _probabilities(q_ptr, k_ptr, offs, row_ok, head_dim, num_frames, qk_scale_log2, BLOCK_F, BLOCK_D)
+    p = _probabilities(q_ptr, k_ptr, q_offs, k_offs, row_ok, head_dim, num_frames, qk_scale_log2, BLOCK_F, BLOCK_D)
     g_offs = _square_offsets(seq, head, g_stride_seq, g_stride_head, g_stride_query, g_stride_key, BLOCK_F)
     dp = tl.load(grad_ptr + g_offs, mask=_square_mask(row_ok, num_frames, BLOCK_F), other=0.0).to(tl.float32)
     d_scores = p * (dp - tl.sum(dp * p, axis=2)[:, :, None])
     grad_offs = _token_offsets(
         seq, head, grad_positions, grad_stride_video, grad_stride_pos, grad_stride_frame, head_dim, BLOCK_F, BLOCK_D
     )
-    _store_input_grads(d_scores, q_ptr, k_ptr, dq_ptr, dk_ptr, offs, grad_offs, row_ok, head_dim, scale, BLOCK_D)
+    _store_input_grads(
+        d_scores, q_ptr, k_ptr, dq_ptr, dk_ptr, q_offs, k_offs, grad_offs, row_ok, head_dim, scale, BLOCK_D
+    )
 
 
 @triton.jit
 def motion_energy_fwd_kernel(
     q_ptr, k_ptr, ref_ptr, partial_ptr, seq_per_group, heads, num_frames, head_dim,
-    positions, stride_video, stride_pos, stride_frame,
+    positions, q_stride_video, q_stride_pos, q_stride_frame, k_stride_video, k_stride_pos, k_stride_frame,
     r_stride_seq, r_stride_head, r_stride_query, r_stride_key, qk_scale_log2,
     BLOCK_SEQ: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _, head, seq, seq_ok = _program_sequences(seq_per_group, tl.cdiv(seq_per_group, BLOCK_SEQ), heads, BLOCK_SEQ)
-    offs = _token_offsets(seq, head, positions, stride_video, stride_pos, stride_frame, head_dim, BLOCK_F, BLOCK_D)
+    q_offs = _token_offsets(
+        seq, head, positions, q_stride_video, q_stride_pos, q_stride_frame, head_dim, BLOCK_F, BLOCK_D
+    )
+    k_offs = _token_offsets(
+        seq, head, positions, k_stride_video, k_stride_pos, k_stride_frame, head_dim, BLOCK_F, BLOCK_D
+    )
     row_ok = _rows_ok(seq_ok, num_frames, BLOCK_F)
-    p = _probabilities(q_ptr, k_ptr, offs, row_ok, head_dim, num_frames, qk_scale_log2, BLOCK_F, BLOCK_D)
+    p = _probabilities(q_ptr, k_ptr, q_offs, k_offs, row_ok, head_dim, num_frames, qk_scale_log2, BLOCK_F, BLOCK_D)
     is_top, ref_top = _top1(
         ref_ptr, seq, row_ok, head, num_frames, r_stride_seq, r_stride_head, r_stride_query, r_stride_key, BLOCK_F
     )
@@ -236,15 +255,20 @@ def motion_energy_fwd_kernel(
 @triton.jit
 def motion_energy_bwd_kernel(
     grad_ptr, q_ptr, k_ptr, ref_ptr, dq_ptr, dk_ptr, seq_per_group, heads, num_frames, head_dim,
-    positions, stride_video, stride_pos, stride_frame,
+    positions, q_stride_video, q_stride_pos, q_stride_frame, k_stride_video, k_stride_pos, k_stride_frame,
     grad_positions, grad_stride_video, grad_stride_pos, grad_stride_frame,
     r_stride_seq, r_stride_head, r_stride_query, r_stride_key, two_over_count, scale, qk_scale_log2,
     BLOCK_SEQ: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     group, head, seq, seq_ok = _program_sequences(seq_per_group, tl.cdiv(seq_per_group, BLOCK_SEQ), heads, BLOCK_SEQ)
-    offs = _token_offsets(seq, head, positions, stride_video, stride_pos, stride_frame, head_dim, BLOCK_F, BLOCK_D)
+    q_offs = _token_offsets(
+        seq, head, positions, q_stride_video, q_stride_pos, q_stride_frame, head_dim, BLOCK_F, BLOCK_D
+    )
+    k_offs = _token_offsets(
+        seq, head, positions, k_stride_video, k_stride_pos, k_stride_frame, head_dim, BLOCK_F, BLOCK_D
+    )
     row_ok = _rows_ok(seq_ok, num_frames, BLOCK_F)
-    p = _probabilities(q_ptr, k_ptr, offs, row_ok, head_dim, num_frames, qk_scale_log2, BLOCK_F, BLOCK_D)
+    p = _probabilities(q_ptr, k_ptr, q_offs, k_offs, row_ok, head_dim, num_frames, qk_scale_log2, BLOCK_F, BLOCK_D)
     is_top, ref_top = _top1(
         ref_ptr, seq, row_ok, head, num_frames, r_stride_seq, r_stride_head, r_stride_query, r_stride_key, BLOCK_F
     )
@@ -257,7 +281,9 @@ def motion_energy_bwd_kernel(
     grad_offs = _token_offsets(
         seq, head, grad_positions, grad_stride_video, grad_stride_pos, grad_stride_frame, head_dim, BLOCK_F, BLOCK_D
     )
-    _store_input_grads(d_scores, q_ptr, k_ptr, dq_ptr, dk_ptr, offs, grad_offs, row_ok, head_dim, scale, BLOCK_D)
+    _store_input_grads(
+        d_scores, q_ptr, k_ptr, dq_ptr, dk_ptr, q_offs, k_offs, grad_offs, row_ok, head_dim, scale, BLOCK_D
+    )
 
 
 def block_config(num_frames: int) -> tuple[dict[str, int], int]:
@@ -278,8 +304,9 @@ def block_config(num_frames: int) -> tuple[dict[str, int], int]:
 # grads, ref_probs and partial sums are fp32; q, k, dq and dk take the storage dtype. The motion
 # prior captures q and k in the "sequences" layout, one position a sequence: positions is 1.
 _TOKEN_ARGS = dict(
-    heads="i32", num_frames="i32", head_dim="i32", positions=UNIT, stride_video="i32", stride_pos="i32",
-    stride_frame="i32", qk_scale_log2="fp32",
+    heads="i32", num_frames="i32", head_dim="i32", positions=UNIT,
+    **{f"{x}_stride_{axis}": "i32" for x in "qk" for axis in ("video", "pos", "frame")},
+    qk_scale_log2="fp32",
 )
 _GRAD_TOKEN_ARGS = dict(
     grad_positions=UNIT, grad_stride_video="i32", grad_stride_pos="i32", grad_stride_frame="i32", scale="fp32"
@@ -338,11 +365,10 @@ def _token_layout(x: Tensor, num_frames: int, layout: str) -> tuple[int, int, in
     return 1, x.stride(0), 0, x.stride(1)
 
 
-def _shared_layout(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-    # One set of strides addresses both; q and k from one fused projection, or from two, share them.
-    if q.stride() == k.stride():
-        return q, k
-    return q.contiguous(), k.contiguous()
+def _qk_layout(q: Tensor, k: Tensor, num_frames: int, layout: str) -> tuple[int, ...]:
+    """(positions, q's three strides, k's three strides): q and k share a shape, not their strides."""
+    positions, *q_strides = _token_layout(q, num_frames, layout)
+    return positions, *q_strides, *_token_layout(k, num_frames, layout)[1:]
 
 
 def _geometry(q: Tensor, num_frames: int, heads: int, layout: str) -> tuple[int, int]:
@@ -361,10 +387,9 @@ def temporal_attention_probs(q, k, num_frames, heads, layout, scale):
     probs = new_output((n_seq, heads, num_frames, num_frames), torch.float32, q.device)
     if probs.numel() == 0:
         return probs
-    q, k = _shared_layout(q, k)
     blocks, num_warps = block_config(num_frames)
     attention_probs_fwd_kernel[(triton.cdiv(n_seq, blocks["BLOCK_SEQ"]) * heads,)](
-        q, k, probs, n_seq, heads, num_frames, head_dim, *_token_layout(q, num_frames, layout), _qk_scale_log2(scale),
+        q, k, probs, n_seq, heads, num_frames, head_dim, *_qk_layout(q, k, num_frames, layout), _qk_scale_log2(scale),
         **blocks, num_warps=num_warps,
     )
     return probs
@@ -379,11 +404,10 @@ def temporal_attention_probs_backward(grad, q, k, num_frames, heads, layout, sca
     dq, dk = _input_grads(q, k)
     if n_seq * num_frames * head_dim * heads == 0:
         return dq, dk
-    q, k = _shared_layout(q, k)
     blocks, num_warps = block_config(num_frames)
     attention_probs_bwd_kernel[(triton.cdiv(n_seq, blocks["BLOCK_SEQ"]) * heads,)](
         grad, q, k, dq, dk, n_seq, heads, num_frames, head_dim,
-        *_token_layout(q, num_frames, layout), *_token_layout(dq, num_frames, layout), *grad.stride(),
+        *_qk_layout(q, k, num_frames, layout), *_token_layout(dq, num_frames, layout), *grad.stride(),
         float(scale), _qk_scale_log2(scale),
         **blocks, num_warps=num_warps,
     )
@@ -403,10 +427,9 @@ def motion_energy(q, k, ref_probs, num_frames, heads, layout, scale, num_videos)
     groups, seq_per_group, blocks_per_group = _groups(n_seq, num_videos, blocks["BLOCK_SEQ"])
     partial = new_output((groups, blocks_per_group * heads), torch.float32, q.device)
     if partial.numel():
-        q, k = _shared_layout(q, k)
-        motion_energy_fwd_kernel[(partial.numel(),)](
+            motion_energy_fwd_kernel[(partial.numel(),)](
             q, k, ref_probs, partial, seq_per_group, heads, num_frames, head_dim,
-            *_token_layout(q, num_frames, layout), *ref_probs.stride(), _qk_scale_log2(scale),
+            *_qk_layout(q, k, num_frames, layout), *ref_probs.stride(), _qk_scale_log2(scale),
             **blocks, num_warps=num_warps,
         )
     # Summing the partials in torch keeps the result deterministic (no atomics). An empty input
@@ -422,12 +445,11 @@ def motion_energy_backward(grad, q, k, ref_probs, num_frames, heads, layout, sca
     groups, seq_per_group, blocks_per_group = _groups(n_seq, num_videos, blocks["BLOCK_SEQ"])
     if n_seq * num_frames * head_dim * heads == 0:
         return dq, dk
-    q, k = _shared_layout(q, k)
     count = seq_per_group * heads * num_frames
     per_group_grad = grad.reshape(groups).to(torch.float32).contiguous()
     motion_energy_bwd_kernel[(groups * blocks_per_group * heads,)](
         per_group_grad, q, k, ref_probs, dq, dk, seq_per_group, heads, num_frames, head_dim,
-        *_token_layout(q, num_frames, layout), *_token_layout(dq, num_frames, layout), *ref_probs.stride(),
+        *_qk_layout(q, k, num_frames, layout), *_token_layout(dq, num_frames, layout), *ref_probs.stride(),
         2.0 / count, float(scale), _qk_scale_log2(scale),
         **blocks, num_warps=num_warps,
     )
