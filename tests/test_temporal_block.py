@@ -803,6 +803,13 @@ def test_errors_name_the_argument(shape, frames, match):
         FusedTemporalTransformer(64, 2, 32)(torch.randn(shape), frames)
 
 
+@pytest.mark.parametrize("use_reference", [False, True], ids=["fused", "reference"])
+def test_x_on_another_device_than_the_parameters_is_named(use_reference):
+    module = FusedTemporalTransformer(64, 2, 32, use_reference=use_reference).to("meta")
+    with pytest.raises(ValueError, match=r"x is on cpu, expected the device of the layer's parameters \(meta\)"):
+        module(torch.randn(4, 64, 2, 2), 2)
+
+
 def test_channels_must_split_into_32_groups():
     with pytest.raises(ValueError, match="groups=32 does not divide the 48 channels"):
         FusedTemporalTransformer(48, 2, 24)

@@ -573,3 +573,5 @@ def _check_stream(norm: nn.GroupNorm, x: Tensor, num_frames: int) -> None:
     checks.positive_int(num_frames, "num_frames")
     if x.shape[0] % num_frames:
         raise ValueError(f"x's first dimension {x.shape[0]} (B*F) is not divisible by num_frames={num_frames}")
+    if x.device != norm.weight.device:
+        raise ValueError(f"x is on {x.device}, expected the device of the layer's parameters ({norm.weight.device})")
