@@ -358,6 +358,16 @@ def test_cuda_matches_reference(shape, specs, input_range, dtype, chosen):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+def test_kernels_at_the_release_size_320x512_to_224(backend_name, poisoned, chosen):
+    """The release's three pipelines on 320x512 frames, forward and backward (a GPU test: the
+    interpreter takes over a minute on it)."""
+    if backend_name == "cuda" and _cuda_extension_error() is not None:
+        pytest.skip(_cuda_extension_error())
+    _check_kernels_against_reference(backend_name, (1, 4, 3, 320, 512), (HPS, CLIP, _video()), "unit", torch.float32, chosen)
+
+
+@pytest.mark.gpu
 def test_cuda_falls_back_with_one_warning_beyond_eight_specs(chosen):
     if _cuda_extension_error() is not None:
         pytest.skip(_cuda_extension_error())
