@@ -30,12 +30,16 @@ import random
 import shutil
 import sys
 import time
-import tomllib
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 import numpy as np
 import torch
@@ -53,6 +57,7 @@ from t2v_turbo.cache import MODELS_HANDED_IN_KEY, PREPROCESS_HINT, TeacherCache,
 from t2v_turbo.models import VC2UNet
 from t2v_turbo.models import checkpoint as unet_checkpoint
 from t2v_turbo.models.adapter import NoisePredictor
+from t2v_turbo.pipeline import UNET_DIR
 from t2v_turbo.files import make_readable, uncreatable_reason, write_atomically
 from turbo_kernels import MOTION_FORMS
 
@@ -63,6 +68,7 @@ MOTION_GRID_START = schedule.DDIM_GRID_STEPS // 2
 PRESETS = ("tiny", "vc2")
 LOSSES = ("huber", "l2")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+FP16_SMALLEST_SUBNORMAL = 2.0**-24
 KERNEL_SWITCHES = ("on", "off")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # Layers that the teacher does not have (SPEC 1): with LoRA they are trained in full. The first
@@ -116,7 +122,8 @@ class TrainConfig:
     video_reward_processes: int = 0
     decode_chunk_size: int = 8
     temporal_conv_dropout: float = 0.1
-    mixed_precision: str = "no"
+    # None: accelerate's setting (`accelerate config`, `accelerate launch --mixed_precision`), else "no".
+    mixed_precision: Optional[str] = None
     gradient_checkpointing: bool = False
     lora_rank: int = 0  # 0: full fine-tune
     cpu: bool = False  # force the CPU even when a GPU is present
@@ -133,7 +140,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         choices = {
-            "preset": PRESETS, "loss": LOSSES, "mixed_precision": MIXED_PRECISIONS,
+            "preset": PRESETS, "loss": LOSSES, "mixed_precision": (None, *MIXED_PRECISIONS),
             "motion_form": MOTION_FORMS, "kernels": KERNEL_SWITCHES,
         }
         for name, allowed in choices.items():
@@ -242,7 +249,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if base is float:
             return float(value)
         if base is str and isinstance(value, bool):
-            # YAML 1.1 reads on/off as booleans: `kernels: on` means the string "on".
+            # YAML 1.1 reads on/off/no as booleans: `kernels: on` means the string "on",
+            # `mixed_precision: no` the string "no".
+            if name == "mixed_precision" and not value:
+                return "no"
             return "on" if value else "off"
         return str(value)
     except (TypeError, ValueError):
@@ -745,7 +755,8 @@ class _Trainer:
     def save_checkpoint(self, rng_state: tuple[dict[str, Tensor], dict[str, str]] | None = None) -> Path:
         """checkpoint-{step:06d}: weights (safetensors), optimizer and scheduler (torch.save, read
         back with weights_only=True), every process's RNG states (`rng_state`, an `_rng_state()`
-        snapshot, instead of the current ones when given), the data position."""
+        snapshot, instead of the current ones when given), the data position and fp16's loss
+        scaler state."""
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         temporary = self.output_dir / f".{final.name}.tmp"
         accelerator = self.accelerator
@@ -771,6 +782,8 @@ class _Trainer:
                 "step": self.step, "epoch": epoch, "batch_in_epoch": batch, "config": self.config.to_dict(),
                 **self._resume_identity(),
             }
+            if accelerator.scaler is not None:
+                state["grad_scaler"] = accelerator.scaler.state_dict()
             (temporary / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
             for written in temporary.iterdir():
                 make_readable(written)
@@ -867,6 +880,8 @@ class _Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if self.accelerator.scaler is not None and "grad_scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         rng_path = path / f"rng-p{self.rank}.safetensors"
         with safe_open(str(rng_path), framework="pt") as handle:
             metadata = handle.metadata()
@@ -917,13 +932,18 @@ class _Trainer:
                     losses.append(metrics["loss"])
                     if self.step % config.log_every == 0 or self.step == config.max_steps:
                         logger.log(self.step, metrics)
-                    progress.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in PROGRESS_COLUMNS})
+                    progress.set_postfix(
+                        {k: f"{v:.4g}" for k, v in metrics.items() if k in PROGRESS_COLUMNS or k.startswith("reward_")}
+                    )
                     progress.update(1)
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                         last_checkpoint = self.save_checkpoint()
         finally:
             progress.close()
             logger.close()
+        # The last steps too, so that a longer run can resume from where this one ended.
+        if config.checkpoint_every and (last_checkpoint is None or _checkpoint_step(last_checkpoint) != self.step):
+            last_checkpoint = self.save_checkpoint()
         student_dir = self.output_dir / STUDENT_NAME
         accelerator.wait_for_everyone()
         final = self._whole_student()
@@ -994,14 +1014,35 @@ class _Trainer:
         metrics = self._read_metrics(reduced)
         grad_norm_value = metrics.pop("grad_norm")
         self._check_finite(metrics, "loss term")
-        self._check_finite({"grad_norm": grad_norm_value}, "gradient")
+        scaler = accelerator.scaler
+        if scaler is None:
+            self._check_finite({"grad_norm": grad_norm_value}, "gradient")
         metrics["grad_norm"] = grad_norm_value
         self.optimizer.step()
+        if scaler is not None:
+            # fp16: an overflowing gradient is the loss scaler's to handle. It skipped the update
+            # and lowered its scale, and the schedule and the EMA skip the step with it.
+            metrics["loss_scale"] = scaler.get_scale()
+            if self.optimizer.step_was_skipped:
+                self._check_scale_usable(metrics["loss_scale"], grad_norm_value)
+                logger.info("step %d: gradient overflow in fp16, update skipped, loss scale now %g",
+                            self.step + 1, metrics["loss_scale"])
+                metrics["lr"] = self.scheduler.get_last_lr()[0]
+                return metrics
         self.scheduler.step()
         if self.ema is not None:
             ema_update(self.ema, self.unwrapped, config.ema_decay)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
+
+    def _check_scale_usable(self, scale: float, grad_norm: float) -> None:
+        """A gradient that stays non-finite however far the scaler lowers its scale is not an
+        overflow: below fp16's smallest subnormal every scaled loss is 0, so stop there."""
+        if scale < FP16_SMALLEST_SUBNORMAL:
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: non-finite gradient grad_norm={grad_norm} with the fp16 loss scale down to "
+                f"{scale:g}"
+            )
 
     @staticmethod
     def _read_metrics(reduced: dict[str, Tensor]) -> dict[str, float]:
@@ -1052,7 +1093,8 @@ def ema_update(ema: nn.Module, online: nn.Module, decay: float) -> None:
 
 
 # What the progress bar shows of each logged step (peak_memory_mib on CUDA, max_rss_mib elsewhere).
-PROGRESS_COLUMNS = ("loss", "reward_total", "step_time", "peak_memory_mib", "max_rss_mib")
+# On the progress bar, besides every reward term (reward_total and one a model).
+PROGRESS_COLUMNS = ("loss", "loss_cd", "step_time", "peak_memory_mib", "max_rss_mib")
 
 
 class _MetricsLogger:
@@ -1116,12 +1158,29 @@ class _MetricsLogger:
 
 
 def check_cache_teacher(cache_config: Mapping[str, Any], config: TrainConfig) -> None:
-    """A cache made from a seeded random preset teacher must be trained with that same teacher
-    (no teacher directory, the same preset and seed), or the student would be distilled from an
-    unrelated network's outputs. Caches from a model directory, from handed-in models or without
-    these fields (older caches) are not checked."""
+    """The student must start from the teacher whose outputs the cache holds, or it would be
+    distilled from an unrelated network's. A cache made from a model directory (preprocess
+    --model DIR) needs teacher= set: without one the student would be a random preset network;
+    a teacher other than DIR/unet is only warned about (it may be a copy). A cache made from a
+    seeded random preset teacher must be trained with that same teacher (no teacher directory,
+    the same preset and seed). Caches from handed-in models or without these fields (older
+    caches) are not checked."""
+    if cache_config.get(MODELS_HANDED_IN_KEY):
+        return
+    model_dir = cache_config.get("model")
+    if model_dir is not None:
+        unet_dir = str(Path(model_dir) / UNET_DIR)
+        if config.teacher is None:
+            raise ValueError(
+                f"cache {config.cache} was made by the teacher in {model_dir}: set teacher={unet_dir} (the student "
+                f"starts from the teacher's weights; without it, it would be a random {config.preset!r} network)"
+            )
+        if not _same_path(unet_dir, config.teacher):
+            logger.warning("cache %s was made by the teacher in %s, but the student starts from teacher=%s: "
+                           "train from %s unless that is a copy of it", config.cache, unet_dir, config.teacher, unet_dir)
+        return
     preset, seed = cache_config.get("preset"), cache_config.get("seed")
-    if preset is None or seed is None or cache_config.get(MODELS_HANDED_IN_KEY):
+    if preset is None or seed is None:
         return
     if config.teacher is not None or config.preset != preset or config.seed != seed:
         raise ValueError(

@@ -4,6 +4,7 @@ a loss that falls on a fixed batch, NaN handling, LoRA, configuration and 2-proc
 
 import argparse
 import json
+import math
 import os
 import shutil
 import textwrap
@@ -140,7 +141,8 @@ def test_end_to_end_first_loss_follows_spec_and_writes_outputs(assets, tmp_path)
     assert result.steps == 3 and len(result.losses) == 3
     # float32 model and ops vs float64 maths on the same weights.
     assert result.losses[0] == pytest.approx(expected_first_loss(assets, cfg), rel=1e-4)
-    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-000002"]
+    # Checkpoints at step 2 and at the last step, keep_last=1 of them kept.
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-000003"]
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss,loss_cd") and len(rows) == 4
     # Without CUDA the memory figure is the process's peak resident memory, at least the model's weights.
@@ -436,6 +438,19 @@ def test_a_preset_cache_refuses_another_teacher(assets, tmp_path):
     train_module.check_cache_teacher({}, TrainConfig(seed=8))  # an older cache without these fields
 
 
+def test_a_model_directory_cache_needs_its_teacher(tmp_path, caplog):
+    produced = {"model": "runs/model", "preset": None, "seed": 0}
+    with pytest.raises(ValueError, match=r"made by the teacher in runs/model: set teacher=runs/model/unet"):
+        train_module.check_cache_teacher(produced, TrainConfig(cache="runs/cache"))
+    (tmp_path / "runs" / "model" / "unet").mkdir(parents=True)
+    with caplog.at_level("WARNING", logger=train_module.__name__):
+        train_module.check_cache_teacher(produced, TrainConfig(teacher=str(tmp_path / "runs" / "model" / "unet")))
+        assert not caplog.records
+        train_module.check_cache_teacher(produced, TrainConfig(teacher=str(tmp_path / "other" / "unet")))
+    assert "unless that is a copy of it" in caplog.text
+    train_module.check_cache_teacher({**produced, "models_handed_in": True}, TrainConfig())
+
+
 def test_a_cache_built_from_other_data_is_refused(assets, tmp_path):
     cache = write_cache(tmp_path / "cache", producing_config={"data": "videos/manifest.csv"})
     with pytest.raises(ValueError, match="built from data 'videos/manifest.csv', not from data='synthetic'"):
@@ -480,7 +495,7 @@ def test_runs_neither_mix_with_nor_roll_back_an_earlier_run(assets, tmp_path):
     out = tmp_path / "run"
     previous = os.umask(0o022)
     try:
-        train(config(assets, out, max_steps=3, checkpoint_every=2))
+        train(config(assets, out, max_steps=2, checkpoint_every=2))
     finally:
         os.umask(previous)
     for written in (out / "checkpoint-000002" / "model.safetensors", out / "student" / "model.safetensors"):
@@ -639,6 +654,71 @@ def test_accelerate_dynamo_backend_compiles_the_student(assets, tmp_path, monkey
     assert [row["loss"] for row in compiled.history] == pytest.approx([row["loss"] for row in eager.history], rel=1e-6)
     saved = load_file(str(compiled.student_dir / "model.safetensors"))
     assert set(saved) == set(load_file(str(eager.student_dir / "model.safetensors")))
+
+
+def test_mixed_precision_defaults_to_accelerates_setting(assets, tmp_path, monkeypatch, fresh_accelerate_state):
+    """`accelerate launch --mixed_precision bf16` (or `accelerate config`) sets the precision when
+    the config leaves it null; a value in the config wins."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert prepare_training(config(assets, tmp_path / "launched", cpu=True)).accelerator.mixed_precision == "bf16"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    chosen = config(assets, tmp_path / "configured", cpu=True, mixed_precision="no")
+    assert prepare_training(chosen).accelerator.mixed_precision == "no"
+    assert TrainConfig.from_dict({"mixed_precision": False}).mixed_precision == "no"  # YAML 1.1's `no`
+
+
+def _fp16_accelerator(init_scale: float):
+    """fp16 with a loss scaler on the CPU, where accelerate gives none: as it sets up a GPU."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return accelerator
+
+
+def test_fp16_overflows_skip_the_update_and_the_scaler_resumes(assets, tmp_path, fresh_accelerate_state):
+    """With fp16's loss scaler a non-finite gradient is an overflow, not an error: the update, the
+    schedule and the EMA skip the step and the scale halves. Found by hand: from 2.5e5, steps 1
+    and 3 overflow. The scaler's state is checkpointed (at the last step too), so a run of 2
+    steps continued to 3 halves the scale it ended with, as the straight run does."""
+    runs = {}
+    for name, steps, resume in (("straight", 3, None), ("split", 2, None), ("split", 3, "latest")):
+        runs[name] = train(config(assets, tmp_path / name, max_steps=steps, checkpoint_every=5, ema_decay=0.5,
+                                  resume=resume), accelerator=_fp16_accelerator(2.5e5))
+    straight = runs["straight"].history
+    assert [row["loss_scale"] for row in straight] == [1.25e5, 1.25e5, 6.25e4]
+    assert [math.isfinite(row["grad_norm"]) for row in straight] == [False, True, False]
+    assert [row["loss_scale"] for row in runs["split"].history] == [6.25e4]
+    first = load_file(str(tmp_path / "split" / "checkpoint-000002" / "model.safetensors"))
+    for run in ("straight", "split"):
+        last = load_file(str(tmp_path / run / "checkpoint-000003" / "model.safetensors"))
+        assert all(torch.equal(first[k], last[k]) for k in first), "a skipped step changed the weights"
+        ema = load_file(str(tmp_path / run / "checkpoint-000003" / "ema.safetensors"))
+        ema_before = load_file(str(tmp_path / "split" / "checkpoint-000002" / "ema.safetensors"))
+        assert all(torch.equal(ema_before[k], ema[k]) for k in ema), "a skipped step moved the EMA"
+    state = json.loads((tmp_path / "split" / "checkpoint-000003" / "trainer_state.json").read_text())
+    assert state["grad_scaler"]["scale"] == 6.25e4
+
+
+def test_fp16_stops_when_the_loss_scale_cannot_help():
+    trainer = argparse.Namespace(step=7)
+    train_module._Trainer._check_scale_usable(trainer, 2.0**-24, float("nan"))
+    with pytest.raises(NonFiniteLossError, match="step 8: non-finite gradient grad_norm=nan with the fp16 loss scale"):
+        train_module._Trainer._check_scale_usable(trainer, 2.0**-25, float("nan"))
+
+
+def test_a_finished_run_checkpoints_its_last_step_and_continues_exactly(assets, tmp_path):
+    straight = train(config(assets, tmp_path / "straight", max_steps=3, checkpoint_every=2))
+    first = train(config(assets, tmp_path / "extended", max_steps=1, checkpoint_every=2))
+    assert first.last_checkpoint.name == "checkpoint-000001"
+    extended = train(config(assets, tmp_path / "extended", max_steps=3, checkpoint_every=2, resume="latest"))
+    assert first.losses + extended.losses == straight.losses
+    names = [path.name for path in train_module.checkpoint_dirs(tmp_path / "extended")]
+    assert names == ["checkpoint-000001", "checkpoint-000002", "checkpoint-000003"]
+    assert train(config(assets, tmp_path / "none", max_steps=1, checkpoint_every=0)).last_checkpoint is None
 
 
 def test_training_solver_uses_the_release_table():
