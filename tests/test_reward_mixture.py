@@ -1,17 +1,20 @@
 """OpenCLIPReward and RewardMixture on tiny random open_clip models and a tiny video stand-in:
 the batched, stacked mixture against each model run separately clip by clip (values and frame
 gradients), the text cache, a reward-ascent step, frame selection, input errors, checkpoint loading
-(.pt, nested 'state_dict', .safetensors) and the release specs."""
+(.pt, nested 'state_dict', .safetensors), the release specs, timm vision towers and tokenizers."""
 
 import dataclasses
 import gc
 import json
 import math
+import re
 import weakref
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.timm_model import TimmModel
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -46,6 +49,13 @@ TINY_CONFIG = {
     "vision_cfg": {"image_size": TINY_SIZE, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+# A timm vision tower set up as open_clip's convnext configs set theirs (convnext_base.json).
+TIMM_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "",
+                   "timm_proj": "linear", "image_size": TINY_SIZE},
+    "text_cfg": TINY_CONFIG["text_cfg"],
+}
 # float32 end to end; the stacked (vmapped) and the per-clip paths sum in different orders.
 SCORE_TOL = 2e-6
 GRAD_TOL = 1e-6
@@ -54,9 +64,9 @@ CAPTIONS = ["a red fox runs through snow", "two boats on a calm lake"]
 SHORT_CAPTIONS = ["fox in snow", "boats"]
 
 
-def tiny_clip(seed: int) -> OpenCLIPReward:
+def tiny_clip(seed: int, config=TINY_CONFIG) -> OpenCLIPReward:
     torch.manual_seed(seed)
-    model = OpenCLIPReward(TINY_CONFIG)
+    model = OpenCLIPReward(config)
     # open_clip initialises some tensors to constants (class/positional scales, zero biases):
     # randomise everything so two instances differ everywhere.
     with torch.no_grad():
@@ -562,6 +572,120 @@ def test_loading_errors_and_logit_scale(tmp_path, models):
     cosine = plain.score(pixels, text)
     assert torch.allclose(scaled.score(pixels, text), cosine * scaled.clip.logit_scale.exp())
     assert cosine.abs().max() <= 1 + 1e-6
+
+
+def test_a_timm_vision_tower_builds_offline_scores_checkpoints_and_loads(tmp_path):
+    model = tiny_clip(1, TIMM_CONFIG)
+    assert isinstance(model.clip.visual, TimmModel) and model.image_size == TINY_SIZE
+    pixels = torch.rand(2, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    text = model.embed_text(CAPTIONS)
+    visual = model.embed_visual(pixels)
+    assert visual.shape == (2, TIMM_CONFIG["embed_dim"])
+    torch.testing.assert_close(visual.norm(dim=-1), torch.ones(2))
+    (grad,) = torch.autograd.grad(model.score(pixels, text).sum(), pixels)
+    assert grad.abs().max() > 1e-4, "the score should depend on the pixels"
+    assert not model.gradient_checkpointing
+    model.gradient_checkpointing = True
+    assert model.gradient_checkpointing
+    (checkpointed,) = torch.autograd.grad(model.score(pixels, text).sum(), pixels)
+    model.gradient_checkpointing = False
+    assert not model.gradient_checkpointing
+    torch.testing.assert_close(checkpointed, grad, rtol=1e-5, atol=1e-7)
+    # Built on the meta device by from_weights, then loaded strictly. The file's tensors are read in
+    # place, at addresses aligned to 4 bytes only, where the CPU convolutions round differently (1 ulp).
+    path = tmp_path / "timm.safetensors"
+    save_file({key: value.contiguous() for key, value in model.clip.state_dict().items()}, str(path))
+    loaded = OpenCLIPReward.from_weights(TIMM_CONFIG, path)
+    torch.testing.assert_close(loaded.embed_visual(pixels.detach()), visual.detach(), rtol=0, atol=1e-6)
+
+
+def test_stacked_timm_towers_match_each_model_run_separately():
+    timm_models = [tiny_clip(seed, TIMM_CONFIG) for seed in (1, 2)]
+    entries = [
+        RewardEntry(f"timm{i}", model, clip_spec(TINY_SIZE), "random", 2, 0.5, "short")
+        for i, model in enumerate(timm_models)
+    ]
+    mixture = RewardMixture(entries, stack_same_architecture=True)
+    assert mixture.groups == [(0, 1)]
+    indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(5))
+    frames = decoded_frames(0, len(indices)).requires_grad_()
+    total, scores = mixture(frames, indices, CAPTIONS)
+    (grad,) = torch.autograd.grad(total, frames)
+    assert mixture.groups == [(0, 1)], "the stacked forward fell back to running the models one by one"
+
+    leaf = frames.detach().clone().requires_grad_()
+    by_index = {f: leaf[:, :, i] for i, f in enumerate(indices)}
+    expected_total, expected = separate_reference(mixture, by_index, CAPTIONS, CAPTIONS)
+    (expected_grad,) = torch.autograd.grad(expected_total, leaf)
+    for name, value in scores.items():
+        assert torch.allclose(value, expected[name], atol=SCORE_TOL, rtol=0), name
+    assert abs(total.item() - expected_total.item()) < SCORE_TOL
+    assert grad.abs().max() > 1e-4, "the reward should depend on the frames"
+    assert torch.allclose(grad, expected_grad, atol=GRAD_TOL, rtol=1e-4)
+
+
+def test_unsupported_open_clip_architectures_fail_naming_why():
+    with pytest.raises(ValueError, match="'coca_ViT-B-32' is a CoCa model.*not supported"):
+        OpenCLIPReward("coca_ViT-B-32")
+    hf_text = {**TINY_CONFIG, "text_cfg": {**TINY_CONFIG["text_cfg"], "hf_model_name": "roberta-base"}}
+    with pytest.raises(ValueError, match="hf_model_name='roberta-base'.*fetches its model config from the Hugging Face hub"):
+        OpenCLIPReward(hf_text)
+    pretrained = {**TIMM_CONFIG, "vision_cfg": {**TIMM_CONFIG["vision_cfg"], "timm_model_pretrained": True}}
+    with pytest.raises(ValueError, match="timm_model_pretrained, which would download timm's pretrained weights"):
+        OpenCLIPReward(pretrained)
+
+
+@pytest.mark.parametrize(
+    "architecture, hf_tokenizer", [("ViT-H-14-worldwide", "facebook/xlm-v-base"), ("ViT-L-14-CLIPA", "bert-base-uncased")]
+)
+def test_an_architecture_with_a_hugging_face_tokenizer_needs_one_passed_in(architecture, hf_tokenizer):
+    expected = f"{architecture!r} tokenises with the Hugging Face tokenizer {hf_tokenizer!r}"
+    with pytest.raises(ValueError, match=re.escape(expected) + ".*pass tokenizer="):
+        OpenCLIPReward(architecture)
+
+
+def test_a_passed_tokenizer_tokenises_the_captions(tmp_path):
+    """A tiny stand-in for ViT-H-14-worldwide's text tower: a Hugging Face tokenizer's ids, pooled at
+    its eos id (2)."""
+    context_length = 8
+    text_cfg = {**TINY_CONFIG["text_cfg"], "context_length": context_length, "hf_tokenizer_name": "facebook/xlm-v-base",
+                "pool_type": "eos", "eos_id": 2}
+    config = {**TINY_CONFIG, "text_cfg": text_cfg}
+    calls = []
+
+    def tokenizer(captions):
+        calls.append(captions)
+        ids = torch.zeros(len(captions), context_length, dtype=torch.long)
+        for row, caption in enumerate(captions):
+            ids[row, :3] = torch.tensor([0, 5 + len(caption), 2])
+        return ids
+
+    with pytest.raises(ValueError, match="'custom' tokenises with the Hugging Face tokenizer 'facebook/xlm-v-base'"):
+        OpenCLIPReward(config)
+    model = OpenCLIPReward(config, tokenizer=tokenizer)
+    embedded = model.embed_text(CAPTIONS)
+    assert calls == [CAPTIONS]
+    assert torch.equal(embedded, l2_normalize(model.clip.encode_text(tokenizer(CAPTIONS))))
+    path = tmp_path / "weights.safetensors"
+    save_file({key: value.contiguous() for key, value in model.clip.state_dict().items()}, str(path))
+    loaded = OpenCLIPReward.from_weights(config, path, tokenizer=tokenizer)
+    assert loaded.tokenizer is tokenizer and torch.equal(loaded.embed_text(CAPTIONS), embedded)
+
+    def too_long(captions):
+        return torch.zeros(len(captions), 77, dtype=torch.long)
+
+    with pytest.raises(ValueError, match=re.escape("tokenizer must return a (2, 8) tensor of token ids")):
+        OpenCLIPReward(config, tokenizer=too_long).embed_text(CAPTIONS)
+    with pytest.raises(TypeError, match="tokenizer must be a callable"):
+        OpenCLIPReward(config, tokenizer="facebook/xlm-v-base")
+
+
+def test_the_bpe_tokenizer_takes_the_architectures_tokenizer_kwargs():
+    config = {**TINY_CONFIG, "text_cfg": {**TINY_CONFIG["text_cfg"], "tokenizer_kwargs": {"clean": "canonicalize"}}}
+    caption = ["A fox, running!"]
+    canonical = OpenCLIPReward(config).tokenizer(caption)
+    assert torch.equal(canonical, open_clip.SimpleTokenizer(context_length=77, clean="canonicalize")(caption))
+    assert not torch.equal(canonical, OpenCLIPReward(TINY_CONFIG).tokenizer(caption))
 
 
 def test_release_specs_and_vit_h_on_meta():

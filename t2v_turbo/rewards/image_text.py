@@ -7,6 +7,9 @@ wraps any open_clip architecture, named (a built-in config such as "ViT-H-14") o
 config dict (tiny test models), with weights from a local .pt/.pth/.bin/.ckpt (weights_only) or
 .safetensors file; HPSv2.1's checkpoint nests them under 'state_dict'. Its score is the cosine of
 the L2-normalised image and text features, as the release computes it (logit scale optional).
+Nothing is fetched from the network: vision towers are open_clip's own or timm's (built without
+pretrained weights); text towers are open_clip's own, tokenised by open_clip's BPE tokenizer
+unless the architecture names a Hugging Face tokenizer, which the caller then passes in.
 
 The preprocessing itself is `turbo_kernels.reward_preprocess`, run by the mixture for every model
 at once; `hpsv2_spec`, `clip_spec` and `video_spec` are the release's pipelines as PreprocessSpecs
@@ -18,7 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import open_clip
@@ -37,6 +40,8 @@ __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "OpenCLIPRe
 # Checkpoints saved from a DistributedDataParallel wrapper carry this prefix on every key.
 DDP_PREFIX = "module."
 RELEASE_IMAGE_SIZE = 224
+# captions -> (len(captions), context_length) integer token ids, as open_clip's tokenizers are called.
+Tokenizer = Callable[[list[str]], Tensor]
 
 
 def hpsv2_spec(size: int = RELEASE_IMAGE_SIZE) -> PreprocessSpec:
@@ -77,11 +82,28 @@ def _model_config(architecture: str | Mapping[str, Any]) -> dict[str, Any]:
     return copy.deepcopy(dict(architecture))
 
 
+def _check_supported(config: Mapping[str, Any], architecture: str) -> None:
+    """Refuses what this package cannot build offline or score with: timm vision towers build
+    offline unless told to load timm's pretrained weights; a Hugging Face text tower reads its
+    model config from the hub; CoCa models need a class of their own."""
+    if "multimodal_cfg" in config:
+        raise ValueError(f"architecture {architecture!r} is a CoCa model (it has a multimodal_cfg); CoCa is not supported")
+    if config["text_cfg"].get("hf_model_name"):
+        raise ValueError(
+            f"architecture {architecture!r} has a Hugging Face text tower (text_cfg.hf_model_name="
+            f"{config['text_cfg']['hf_model_name']!r}), which fetches its model config from the Hugging Face hub; "
+            "only open_clip's own text tower is supported"
+        )
+    if config["vision_cfg"].get("timm_model_pretrained"):
+        raise ValueError(
+            f"architecture {architecture!r} sets vision_cfg.timm_model_pretrained, which would download timm's "
+            "pretrained weights; set it to False and load the weights with from_weights"
+        )
+
+
 def _build_clip(config: Mapping[str, Any]) -> nn.Module:
     """The open_clip model class create_model would pick for this config, with random weights."""
     config = copy.deepcopy(dict(config))
-    if config.get("vision_cfg", {}).get("timm_model_name") or config.get("text_cfg", {}).get("hf_model_name"):
-        raise ValueError("timm / Hugging Face towers would fetch pretrained weights; only open_clip's own towers are supported")
     custom_text = config.pop("custom_text", False)
     model_class = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
     return model_class(**config)
@@ -97,25 +119,55 @@ class OpenCLIPReward(RewardModel):
     exp(logit_scale) when `use_logit_scale` (the release leaves it off).
 
     `architecture`: a built-in open_clip model name ("ViT-H-14") or a config dict (embed_dim,
-    vision_cfg, text_cfg, optional quick_gelu / custom_text ...). Weights are random; use
-    `from_weights` to load a file."""
+    vision_cfg, text_cfg, optional quick_gelu / custom_text ...). The vision tower may be open_clip's
+    own or a timm model (vision_cfg.timm_model_name, built without timm's pretrained weights); the
+    text tower must be open_clip's own (no text_cfg.hf_model_name); CoCa models are not supported.
+    Weights are random; use `from_weights` to load a file.
+
+    `tokenizer`: captions -> (len(captions), context_length) integer token ids, such as
+    `open_clip.get_tokenizer(name)` returns where the tokenizer files are at hand. Without one,
+    open_clip's BPE tokenizer (shipped with the package) at the architecture's context length and
+    text_cfg.tokenizer_kwargs; an architecture whose text_cfg names a Hugging Face tokenizer
+    (hf_tokenizer_name: "ViT-H-14-worldwide", "ViT-L-14-CLIPA", the SigLIP models) needs one,
+    since this package never fetches from the hub."""
 
     kind = "image"
     num_frames = 1
 
-    def __init__(self, architecture: str | Mapping[str, Any], use_logit_scale: bool = False) -> None:
+    def __init__(
+        self,
+        architecture: str | Mapping[str, Any],
+        use_logit_scale: bool = False,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(use_logit_scale, bool):
             raise TypeError(f"use_logit_scale must be a bool, got {type(use_logit_scale).__name__}")
+        if tokenizer is not None and not callable(tokenizer):
+            raise TypeError(f"tokenizer must be a callable from a list of captions to token ids, got {type(tokenizer).__name__}")
         self.architecture = architecture if isinstance(architecture, str) else "custom"
         self.config = _model_config(architecture)
         self.use_logit_scale = use_logit_scale
-        self.clip = _build_clip(self.config)
+        _check_supported(self.config, self.architecture)
         text_cfg = self.config["text_cfg"]
         self.context_length = int(text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH))
-        # open_clip's BPE tokenizer (its vocabulary ships with the package: no download).
-        self.tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
+        # Before the towers are built: a missing tokenizer fails fast, whatever the model's size.
+        self.tokenizer = tokenizer if tokenizer is not None else self._bpe_tokenizer()
+        self.clip = _build_clip(self.config)
         self.freeze()
+
+    def _bpe_tokenizer(self) -> open_clip.SimpleTokenizer:
+        """open_clip's BPE tokenizer (its vocabulary ships with the package: no download), set up as
+        open_clip.get_tokenizer sets it up for this architecture."""
+        text_cfg = self.config["text_cfg"]
+        hf_tokenizer_name = text_cfg.get("hf_tokenizer_name")
+        if hf_tokenizer_name:
+            raise ValueError(
+                f"architecture {self.architecture!r} tokenises with the Hugging Face tokenizer {hf_tokenizer_name!r}, "
+                "which this package never fetches from the hub: pass tokenizer= (e.g. what open_clip.get_tokenizer "
+                "returns for the architecture with that tokenizer's files available locally)"
+            )
+        return open_clip.SimpleTokenizer(context_length=self.context_length, **text_cfg.get("tokenizer_kwargs", {}))
 
     @classmethod
     def from_weights(
@@ -125,14 +177,16 @@ class OpenCLIPReward(RewardModel):
         use_logit_scale: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
+        tokenizer: Tokenizer | None = None,
     ) -> OpenCLIPReward:
         """The model with a local checkpoint's weights, loaded strictly, built without a random
-        initialisation (on the meta device), in the checkpoint's dtype unless `dtype` is given."""
+        initialisation (on the meta device), in the checkpoint's dtype unless `dtype` is given;
+        `tokenizer` as for the constructor."""
         state = read_state_dict_file(path)
         if state and all(key.startswith(DDP_PREFIX) for key in state):
             state = {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}
         with torch.device("meta"):
-            model = cls(architecture, use_logit_scale=use_logit_scale)
+            model = cls(architecture, use_logit_scale=use_logit_scale, tokenizer=tokenizer)
         try:
             model.clip.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as error:
@@ -166,7 +220,9 @@ class OpenCLIPReward(RewardModel):
 
     @property
     def gradient_checkpointing(self) -> bool:
-        return bool(self.clip.visual.transformer.grad_checkpointing)
+        # Where the switch lives depends on the tower: open_clip's ViT holds it on its transformer,
+        # a timm tower on its trunk or on each of the trunk's stages.
+        return any(getattr(module, "grad_checkpointing", False) for module in self.clip.visual.modules())
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enabled: bool) -> None:
@@ -189,7 +245,12 @@ class OpenCLIPReward(RewardModel):
             raise TypeError("captions must be a sequence of strings")
         if len(captions) == 0:
             raise ValueError("captions must hold at least one caption")
-        tokens = self.tokenizer(list(captions)).to(self.clip.logit_scale.device)
+        tokens = self.tokenizer(list(captions))
+        expected = (len(captions), self.context_length)
+        if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int32, torch.int64) or tokens.shape != expected:
+            got = f"shape {tuple(tokens.shape)}, dtype {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"tokenizer must return a {expected} tensor of token ids for {len(captions)} captions, got {got}")
+        tokens = tokens.to(self.clip.logit_scale.device)
         with torch.no_grad():
             return l2_normalize(self.clip.encode_text(tokens))
 
