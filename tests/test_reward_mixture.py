@@ -31,6 +31,7 @@ from t2v_turbo.rewards.image_text import (
     hpsv2_spec,
     video_spec,
 )
+from t2v_turbo.rewards.internvideo2 import InternVideo2Config, InternVideo2Reward
 from t2v_turbo.rewards.mixture import (
     RELEASE_IMAGE_WEIGHT,
     RELEASE_VIDEO_WEIGHT,
@@ -39,6 +40,8 @@ from t2v_turbo.rewards.mixture import (
     _random_crop,
     default_mixture,
 )
+from t2v_turbo.rewards.toy import ToyImageReward
+from t2v_turbo.rewards.viclip import ViCLIPConfig, ViCLIPReward
 from turbo_kernels.ops.preprocess import reward_preprocess
 
 from .helpers import SHARED
@@ -686,6 +689,23 @@ def test_the_bpe_tokenizer_takes_the_architectures_tokenizer_kwargs():
     canonical = OpenCLIPReward(config).tokenizer(caption)
     assert torch.equal(canonical, open_clip.SimpleTokenizer(context_length=77, clean="canonicalize")(caption))
     assert not torch.equal(canonical, OpenCLIPReward(TINY_CONFIG).tokenizer(caption))
+
+
+def test_an_entry_spec_must_preprocess_to_the_models_input_size(models):
+    hps, _, _ = models
+    with pytest.raises(ValueError, match="RewardEntry 'hpsv2': spec size 224 differs from the model's input size 32"):
+        RewardEntry("hpsv2", hps, hpsv2_spec(), "random", 2)
+    with torch.device("meta"):
+        video_models = [InternVideo2Reward(InternVideo2Config.preset("tiny")), ViCLIPReward(ViCLIPConfig.preset("tiny"))]
+    for video_model in video_models:
+        assert video_model.image_size == video_model.config.image_size == 56
+        RewardEntry("video", video_model, video_spec(56), "strided")
+        with pytest.raises(ValueError, match="RewardEntry 'video': spec size 224 differs from the model's input size 56"):
+            RewardEntry("video", video_model, video_spec(), "strided")
+    # The toy image model pools whatever size it is given.
+    toy = ToyImageReward()
+    assert toy.image_size is None
+    RewardEntry("toy", toy, clip_spec(), "random", 2)
 
 
 def test_release_specs_and_vit_h_on_meta():

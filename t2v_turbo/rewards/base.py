@@ -22,11 +22,13 @@ KINDS = ("image", "video")
 
 class RewardModel(nn.Module):
     """Base of every reward model. Subclasses set `kind` ("image" or "video"), `num_frames` (video
-    models: frames a clip is scored on) and implement `embed_visual` and `embed_text`, both
+    models: frames a clip is scored on), `image_size` (the side S of the square frames embed_visual
+    takes; None where any size will do) and implement `embed_visual` and `embed_text`, both
     returning L2-normalised rows."""
 
     kind: ClassVar[str]
     num_frames: int = 1
+    image_size: int | None = None
 
     def embed_visual(self, pixels: Tensor) -> Tensor:
         """image: (N, 3, S, S) -> (N, D); video: (N, T, 3, S, S) -> (N, D)."""

@@ -575,6 +575,10 @@ class InternVideo2Reward(RewardModel):
         return self.config.num_frames
 
     @property
+    def image_size(self) -> int:  # type: ignore[override]
+        return self.config.image_size
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.vision_encoder.patch_embed.proj.weight.dtype
 

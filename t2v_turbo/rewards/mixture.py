@@ -72,14 +72,15 @@ def _check_floating_tensor(value: object, name: str) -> None:
 class RewardEntry:
     """One reward in the mixture.
 
-    frames: "random" (`num_frames` distinct random frames of the clip), "strided" (`num_frames`
-    frames at stride clip_frames // num_frames from a random start below the stride) or a fixed
-    list of frame indices. num_frames defaults to 2 for image models (SPEC 5) and to the model's
-    own `num_frames` for video models, which must score exactly that many. caption: "short" (the
-    image rewards' short_txt) or "dense" (the video reward's txt). random_crop (a spec of mode
-    "crop" without crop_offset only): each forward crops at a (top, left) drawn from the step's
-    generator, the same for every frame of every clip, as the release's RandomCrop on the whole
-    stack; otherwise the spec's crop (centred)."""
+    spec: the model's preprocessing; its size must be the model's `image_size` where the model
+    has one. frames: "random" (`num_frames` distinct random frames of the clip), "strided"
+    (`num_frames` frames at stride clip_frames // num_frames from a random start below the stride)
+    or a fixed list of frame indices. num_frames defaults to 2 for image models (SPEC 5) and to the
+    model's own `num_frames` for video models, which must score exactly that many. caption:
+    "short" (the image rewards' short_txt) or "dense" (the video reward's txt). random_crop (a spec
+    of mode "crop" without crop_offset only): each forward crops at a (top, left) drawn from the
+    step's generator, the same for every frame of every clip, as the release's RandomCrop on the
+    whole stack; otherwise the spec's crop (centred)."""
 
     name: str
     model: RewardModel
@@ -99,6 +100,12 @@ class RewardEntry:
             raise ValueError(f"RewardEntry {self.name!r}: model.kind must be one of {KINDS}, got {self.model.kind!r}")
         if not isinstance(self.spec, PreprocessSpec):
             raise TypeError(f"RewardEntry {self.name!r}: spec must be a PreprocessSpec, got {type(self.spec).__name__}")
+        model_size = self.model.image_size
+        if model_size is not None and self.spec.size != model_size:
+            raise ValueError(
+                f"RewardEntry {self.name!r}: spec size {self.spec.size} differs from the model's input size {model_size} "
+                f"(the spec must preprocess frames to {model_size} x {model_size})"
+            )
         if isinstance(self.frames, str):
             if self.frames not in FRAME_RULES:
                 raise ValueError(f"RewardEntry {self.name!r}: frames must be one of {FRAME_RULES} or a list of ints, got {self.frames!r}")

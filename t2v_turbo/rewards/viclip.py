@@ -280,6 +280,10 @@ class ViCLIPReward(RewardModel):
         return self.config.num_frames
 
     @property
+    def image_size(self) -> int:  # type: ignore[override]
+        return self.config.image_size
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.vision_encoder.conv1.weight.dtype
 
