@@ -178,6 +178,17 @@ class PreprocessResult:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
+# The PreprocessResult fields that count clips or samples: a run's are the sum of its processes'.
+RESULT_COUNTS = ("num_clips", "already_stored", "written", "motion_clips", "skipped", "skipped_total")
+
+
+def run_totals(results: Sequence[PreprocessResult]) -> PreprocessResult:
+    """What a run did over all its processes, from every process's result (one each, as
+    accelerate's gather_object collects them): the counts summed, the seconds of the slowest."""
+    counts = {name: sum(getattr(result, name) for result in results) for name in RESULT_COUNTS}
+    return PreprocessResult(results[0].cache, **counts, seconds=max(result.seconds for result in results))
+
+
 def clip_generator(seed: int, clip_index: int) -> torch.Generator:
     """The CPU generator of one clip's draws (grid index, VAE posterior noise, ε), keyed on (seed, clip)."""
     state = np.random.SeedSequence([seed, CLIP_STREAM, clip_index]).generate_state(1, dtype=np.uint64)[0]

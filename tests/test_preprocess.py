@@ -377,6 +377,28 @@ def test_command_line_fails_when_every_clip_is_unreadable(tmp_path, capsys):
     assert "every clip of" in captured.err and "was unreadable" in captured.err
 
 
+CLI_SCRIPT = "import sys\nfrom t2v_turbo.cli import main\nraise SystemExit(main(sys.argv[1:]))\n"
+
+
+@pytest.mark.slow
+def test_a_process_given_only_unreadable_clips_does_not_fail_the_launch(tmp_path):
+    """Under `accelerate launch` (torchrun here) the unreadable-data verdict and the summary line are
+    the run's: a process that got only unreadable clips does not fail a run whose other process
+    stored its clips, and the main process alone prints the totals."""
+    write_video(torch.linspace(0, 1, 16 * 3 * 32 * 32).reshape(16, 3, 32, 32), tmp_path / "ramp.mp4", fps=16)
+    (tmp_path / "text.mp4").write_text("not a video")
+    # Process 0 takes row 0 (a video), process 1 row 1 (text).
+    (tmp_path / "videos.csv").write_text("path,caption\nramp.mp4,a ramp\ntext.mp4,b\n")
+    output = torchrun(
+        CLI_SCRIPT, tmp_path, "preprocess", "--preset", "tiny", "--data", str(tmp_path / "videos.csv"), "--cache",
+        str(tmp_path / "cache"), "--frames", "4", "--height", "16", "--width", "16", "--dtype", "float32", "--cpu",
+        "--no-progress", "--no-motion",
+    )
+    assert "error:" not in output, output[-2000:]
+    assert output.count("wrote ") == 1 and "wrote 1 samples" in output and "by 2 processes" in output, output[-2000:]
+    assert "1 unreadable clips skipped (1 in all)" in output, output[-2000:]
+
+
 def test_command_line_interrupted_says_where_the_finished_clips_are(tmp_path, capsys, monkeypatch):
     """Ctrl-C (the library has stored the finished clips as a last shard): one line saying so,
     status 130, no traceback."""

@@ -31,7 +31,10 @@ def clip_settings(args: argparse.Namespace) -> dict[str, int]:
 
 
 def run_preprocess(args: argparse.Namespace) -> int:
-    from t2v_turbo.preprocess import PreprocessConfig, preprocess
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from t2v_turbo.preprocess import PreprocessConfig, preprocess, run_totals
 
     try:
         clip = clip_settings(args)
@@ -54,14 +57,24 @@ def run_preprocess(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    print(
-        f"wrote {result.written} samples ({result.motion_clips} with motion priors) to {result.cache} in "
-        f"{result.seconds:.1f} s ({result.clips_per_second:.3g} clips/s); {result.already_stored} were already "
-        f"stored; {result.skipped} unreadable clips skipped ({result.skipped_total} in all)"
-    )
-    if result.written + result.already_stored == 0 and result.skipped_total:
-        # Said here, not at train's "the cache holds no samples", which would point elsewhere.
-        print(f"t2v-turbo preprocess: error: every clip of {args.data} was unreadable: the cache holds none", file=sys.stderr)
+    # Under `accelerate launch` each process holds only its own clips' counts: a process whose clips
+    # were all unreadable has not failed a run whose other processes stored theirs.
+    state = PartialState()
+    run = run_totals(gather_object([result]))
+    processes = f" by {state.num_processes} processes" if state.num_processes > 1 else ""
+    if state.is_main_process:
+        print(
+            f"wrote {run.written} samples ({run.motion_clips} with motion priors) to {run.cache}{processes} in "
+            f"{run.seconds:.1f} s ({run.clips_per_second:.3g} clips/s); {run.already_stored} were already "
+            f"stored; {run.skipped} unreadable clips skipped ({run.skipped_total} in all)"
+        )
+    if run.written + run.already_stored == 0 and run.skipped_total:
+        if state.is_main_process:
+            # Said here, not at train's "the cache holds no samples", which would point elsewhere.
+            print(
+                f"t2v-turbo preprocess: error: every clip of {args.data} was unreadable: the cache holds none",
+                file=sys.stderr,
+            )
         return 1
     return 0
 
