@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import textwrap
 from pathlib import Path
@@ -785,12 +787,32 @@ def test_config_files_overrides_and_errors(tmp_path):
         TrainConfig.load(overrides=["lr=[1"])
 
 
-def test_train_command_points_to_preprocess_without_a_cache(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_train_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["train", "--cache", str(tmp_path / "none"), "--max-steps", "3", "lr=2e-5"])
-    assert args.handler(args) == 2
-    assert "t2v-turbo preprocess --data synthetic --cache" in capsys.readouterr().err
+def test_train_command_points_to_a_preprocess_command_that_parses(tmp_path, capsys):
+    """The command it suggests names the teacher that preprocess needs (--model or --preset) and
+    the run's data and cache, quoted for the shell."""
+    from t2v_turbo.cli import build_parser
+
+    (tmp_path / "model" / "unet").mkdir(parents=True)
+    (tmp_path / "model" / "pipeline.json").write_text("{}")
+    cache = str(tmp_path / "no cache")
+
+    def suggested(*argv: str) -> tuple[argparse.Namespace, str]:
+        parser = argparse.ArgumentParser()
+        add_train_command(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(["train", "--cache", cache, "--max-steps", "3", *argv])
+        assert args.handler(args) == 2
+        error = capsys.readouterr().err
+        command = shlex.split(re.search(r"`(t2v-turbo preprocess [^`]*)`", error).group(1))
+        return build_parser("preprocess").parse_args(command[1:]), error
+
+    args, _ = suggested("--preset", "vc2", "--seed", "3")
+    assert (args.preset, args.model, args.seed, args.data, args.cache) == ("vc2", None, 3, "synthetic", cache)
+    args, _ = suggested("--data", "videos.csv", f"teacher={tmp_path / 'model' / 'unet'}")
+    assert (args.preset, args.model, args.data, args.cache) == (None, str(tmp_path / "model"), "videos.csv", cache)
+    # A teacher outside a model directory: preprocess also needs its VAE and text encoder.
+    args, error = suggested(f"teacher={tmp_path / 'model'}")
+    assert args.model == "MODEL_DIR"
+    assert f"MODEL_DIR: the model directory, with its VAE and text encoder, of the teacher {tmp_path / 'model'}" in error
 
 
 def test_ctrl_c_in_train_ends_with_a_line_not_a_traceback(assets, tmp_path, capsys, monkeypatch):

@@ -10,6 +10,7 @@ VAE-decoded frames (--vae), weighted by the config's image_reward_weight and vid
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,24 @@ REWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 def _has_manifest(cache: str) -> bool:
     directory = Path(cache)
     return directory.is_dir() and any(directory.glob("manifest*.json"))
+
+
+def _preprocess_hint(config: TrainConfig) -> str:
+    """How to build the cache this run reads: the `t2v-turbo preprocess` command line, from the
+    teacher the run trains from: the model directory that a MODEL_DIR/unet teacher lies in, else
+    the random preset with the run's seed, as check_cache_teacher requires."""
+    from t2v_turbo.pipeline import PIPELINE_CONFIG_NAME
+
+    unknown = ""
+    if config.teacher is None:
+        teacher = ["--preset", config.preset, "--seed", str(config.seed)]
+    elif (Path(config.teacher).parent / PIPELINE_CONFIG_NAME).is_file():
+        teacher = ["--model", str(Path(config.teacher).parent)]
+    else:
+        teacher = ["--model", "MODEL_DIR"]
+        unknown = f" (MODEL_DIR: the model directory, with its VAE and text encoder, of the teacher {config.teacher})"
+    command = ["t2v-turbo", "preprocess", *teacher, "--data", config.data or "synthetic", "--cache", config.cache or "DIR"]
+    return f"build it first with `{shlex.join(command)}`{unknown}"
 
 
 def _load_rewards(args: argparse.Namespace, config: TrainConfig) -> tuple[RewardMixture | None, nn.Module | None]:
@@ -138,10 +157,9 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"t2v-turbo train: error: {error}", file=sys.stderr)
         return 2
     if config.cache is None or not _has_manifest(config.cache):
-        where = config.cache or "DIR"
         print(
-            f"t2v-turbo train: error: no teacher cache at {where} (no {MANIFEST_NAME}); build it first with "
-            f"`t2v-turbo preprocess --data {config.data or 'synthetic'} --cache {where}`",
+            f"t2v-turbo train: error: no teacher cache at {config.cache or 'DIR'} (no {MANIFEST_NAME}); "
+            f"{_preprocess_hint(config)}",
             file=sys.stderr,
         )
         return 2
