@@ -29,6 +29,7 @@ def _add_bench(subparsers) -> None:
 
 def _add_convert(subparsers) -> None:
     from t2v_turbo.models import checkpoint
+    from t2v_turbo.models.vc2_unet import ORIGINAL_PREFIX
 
     def convert(args) -> int:
         from t2v_turbo.commands import error_text
@@ -54,7 +55,7 @@ def _add_convert(subparsers) -> None:
         "convert",
         help="copy a checkpoint's UNet state dict into a .safetensors file",
         description="Load a .pt/.ckpt/.bin checkpoint with weights_only=True (or a .safetensors file), take its "
-        f"UNet state dict (under 'state_dict' if nested; keys under '{checkpoint.ORIGINAL_PREFIX}' with the "
+        f"UNet state dict (under 'state_dict' if nested; keys under '{ORIGINAL_PREFIX}' with the "
         "prefix stripped, if any carry it) and write it to OUTPUT atomically.",
     )
     parser.add_argument("input", help="checkpoint to read (.pt, .ckpt, .bin or .safetensors)")

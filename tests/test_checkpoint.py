@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from t2v_turbo.cli import main
 from t2v_turbo.models import VC2UNet
 from t2v_turbo.models import checkpoint
+from t2v_turbo.models.vc2_unet import ORIGINAL_PREFIX
 from t2v_turbo.models.checkpoint import (
-    ORIGINAL_PREFIX,
     from_pretrained,
     load_checkpoint,
     load_state_dict_file,
@@ -96,6 +96,40 @@ def test_load_checkpoint_names_missing_and_unexpected_keys(tmp_path, tiny_state)
     torch.save(_release_checkpoint(state), path)
     with pytest.raises(KeyError, match=r"model.ckpt: .*1 missing \['out.2.weight'\], 1 unexpected \['extra.weight'\]"):
         load_checkpoint(VC2UNet.preset("tiny"), path)
+
+
+TEACHER_LACKS = ("time_cond_proj.weight", "motion_cond_proj.weight", "combine_proj.weight")
+
+
+def test_a_student_starts_from_videocrafter2s_teacher_checkpoint(tmp_path, tiny_state):
+    """VideoCrafter2's model.ckpt has no conditioning projections: strictly it is refused, naming
+    them; not strictly the student takes every teacher weight and keeps its projections as built."""
+    teacher = {key: value for key, value in tiny_state.items() if key not in TEACHER_LACKS}
+    path = tmp_path / "model.ckpt"
+    torch.save(_release_checkpoint(teacher), path)
+    with pytest.raises(KeyError, match=r"3 missing \['combine_proj.weight', 'motion_cond_proj.weight', 'time_cond_proj"):
+        load_checkpoint(VC2UNet.preset("tiny"), path)
+    torch.manual_seed(0)
+    student = VC2UNet.preset("tiny")
+    built = {key: student.state_dict()[key].clone() for key in TEACHER_LACKS}
+    load_checkpoint(student, path, strict=False)
+    loaded = student.state_dict()
+    _assert_identical({key: loaded[key] for key in teacher}, teacher)
+    _assert_identical({key: loaded[key] for key in TEACHER_LACKS}, built)
+
+
+def test_load_original_state_dict_reads_a_whole_latent_diffusion(tiny_state):
+    """The release's whole-model keys (model.diffusion_model.*, besides the VAE's and text
+    encoder's) load as the bare ones do, strict or not; not strict, a state dict sharing no key
+    with the model is an error, not a silent no-op."""
+    whole = _release_checkpoint(tiny_state)["state_dict"]
+    for strict in (True, False):
+        model = VC2UNet.preset("tiny")
+        model.load_original_state_dict(whole, strict=strict)
+        _assert_identical(model.state_dict(), tiny_state)
+    unrelated = {"encoder." + key: value for key, value in tiny_state.items()}
+    with pytest.raises(KeyError, match="none of its 945 keys is the model's"):
+        VC2UNet.preset("tiny").load_original_state_dict(unrelated, strict=False)
 
 
 def test_absent_unreadable_and_misshapen_checkpoints_fail_clearly(tmp_path, tiny_state):

@@ -16,10 +16,8 @@ from torch import Tensor
 from t2v_turbo.files import (
     SAFETENSORS_SUFFIX, read_json_file, read_tensor_file, write_atomically, write_files_atomically,
 )
-from t2v_turbo.models.vc2_unet import VC2UNet
+from t2v_turbo.models.vc2_unet import VC2UNet, strip_original_prefix
 
-# VideoCrafter2's model.ckpt holds the whole LatentDiffusion; the UNet's keys carry this prefix.
-ORIGINAL_PREFIX = "model.diffusion_model."
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DIFFUSERS_UNET_CLASS = "UNet3DConditionModel"
@@ -31,10 +29,7 @@ def unet_state_dict(checkpoint: Mapping[str, object]) -> dict[str, Tensor]:
     state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, Mapping):
         raise TypeError(f"the checkpoint's 'state_dict' is a {type(state).__name__}, not a mapping")
-    if any(key.startswith(ORIGINAL_PREFIX) for key in state):
-        state = {
-            key.removeprefix(ORIGINAL_PREFIX): value for key, value in state.items() if key.startswith(ORIGINAL_PREFIX)
-        }
+    state = strip_original_prefix(state)
     not_tensors = sorted(key for key, value in state.items() if not isinstance(value, Tensor))
     if not_tensors:
         raise TypeError(f"{len(not_tensors)} state dict entries are not tensors: {not_tensors[:20]}")
@@ -51,11 +46,13 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     return unet_state_dict(checkpoint)
 
 
-def load_checkpoint(model: VC2UNet, path: str | os.PathLike) -> VC2UNet:
-    """Loads a checkpoint file into `model` strictly; a mismatch names the missing and unexpected keys."""
+def load_checkpoint(model: VC2UNet, path: str | os.PathLike, strict: bool = True) -> VC2UNet:
+    """Loads a checkpoint file into `model`; strictly, a mismatch names the missing and unexpected
+    keys. strict=False starts a student from VideoCrafter2's model.ckpt, which lacks its three
+    conditioning projections (VC2UNet.load_original_state_dict)."""
     state = load_state_dict_file(path)
     try:
-        model.load_original_state_dict(state)
+        model.load_original_state_dict(state, strict=strict)
     except (KeyError, ValueError) as error:
         raise type(error)(f"{path}: {error.args[0]}") from None
     return model

@@ -47,6 +47,8 @@ TRANSFORMER_GROUP_NORM_EPS = 1e-6
 INIT_ATTN_HEADS = 8
 TEMPORAL_CONV_DROPOUT = 0.1
 COND_EMBED_DIM = 256
+# VideoCrafter2's model.ckpt holds the whole LatentDiffusion; the UNet's keys carry this prefix.
+ORIGINAL_PREFIX = "model.diffusion_model."
 MAX_PERIOD = 10000
 
 TINY_CONFIG: dict[str, Any] = {
@@ -123,6 +125,14 @@ _FIXED_KWARGS: dict[str, Any] = {
 # Kwargs with no effect on parameters or values: checkpointing, the clip length (used only by
 # relative position / causal masks), and attention-probability recording.
 _IGNORED_KWARGS = ("use_checkpoint", "temporal_length", "record_attn_probs")
+
+
+def strip_original_prefix(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The UNet's keys of a state dict: when any key carries ORIGINAL_PREFIX (a whole
+    LatentDiffusion's), only those, prefix stripped; else all of them."""
+    if not any(key.startswith(ORIGINAL_PREFIX) for key in state):
+        return dict(state)
+    return {key.removeprefix(ORIGINAL_PREFIX): value for key, value in state.items() if key.startswith(ORIGINAL_PREFIX)}
 
 
 def sinusoid_a(values: Tensor, dim: int) -> Tensor:
@@ -704,10 +714,19 @@ class VC2UNet(nn.Module):
         return cls.from_original_config({**PRESETS[name], "use_kernels": use_kernels})
 
     def load_original_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
-        """Loads a release checkpoint's bare UNet state dict (strip `model.diffusion_model.` first).
-        Raises KeyError naming the missing and unexpected keys (strict), and ValueError naming the
-        tensors whose shapes differ from this configuration's."""
+        """Loads a release checkpoint's UNet state dict: bare, or a whole LatentDiffusion's (only
+        the keys under `model.diffusion_model.` are read, prefix stripped). Raises KeyError naming
+        the missing and unexpected keys (strict) or, not strict, when no key is this model's; and
+        ValueError naming the tensors whose shapes differ from this configuration's. Not strict,
+        the student's layers that VideoCrafter2's model.ckpt lacks (time_cond_proj,
+        motion_cond_proj, combine_proj) keep their initialisation, as the release starts them."""
+        state_dict = strip_original_prefix(state_dict)
         own = self.state_dict()
+        if not strict and state_dict and own and not set(own) & set(state_dict):
+            raise KeyError(
+                f"state dict does not match VC2UNet: none of its {len(state_dict)} keys is the model's "
+                f"(it has {sorted(state_dict)[:5]}..., the model {sorted(own)[:5]}...)"
+            )
         if strict:
             expected, given = set(own), set(state_dict)
             missing, unexpected = sorted(expected - given), sorted(given - expected)
