@@ -64,6 +64,9 @@ CONTENT_FIELDS = (
     "data", "model", "preset", "num_frames", "fps", "size", "seed", "motion_grid_range", "grid_range",
     "motion", "dtype",
 )
+# Decoding a 16-frame clip takes tens of milliseconds, a teacher pass with the motion prior seconds:
+# two processes keep the teacher fed.
+VIDEO_DECODE_WORKERS = 2
 SKIP_RECORD_KEY = "skipped_clip_indices"
 # Distinguishes the per-clip streams of this pass from other seeded streams of the project.
 CLIP_STREAM = 3
@@ -97,7 +100,9 @@ class PreprocessConfig:
     # the inversion runs the same shapes for up to 200 steps. GPU only.
     cuda_graphs: bool = False
     limit: Optional[int] = None  # process only the first `limit` clips of the dataset
-    num_workers: int = 0
+    # Data loader processes; None: VIDEO_DECODE_WORKERS for video files, which then decode while
+    # the teacher runs, 0 for synthetic clips (drawn in a few milliseconds).
+    num_workers: Optional[int] = None
     video_backend: str = "pyav"  # decoder of real videos: "pyav" or "decord"
     cpu: bool = False  # force the CPU even when a GPU is present
     progress: bool = True
@@ -144,8 +149,13 @@ class PreprocessConfig:
             )
         if self.video_backend not in VIDEO_BACKENDS:
             raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS}, got {self.video_backend!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ValueError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
+        if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
+            raise ValueError(f"num_workers must be an int >= 0 or None, got {self.num_workers!r}")
+
+    def loader_workers(self) -> int:
+        if self.num_workers is not None:
+            return self.num_workers
+        return 0 if self.data == "synthetic" else VIDEO_DECODE_WORKERS
 
     def content(self) -> dict[str, Any]:
         """The fields that decide the cache's values, stored in its manifest. The decoders' pixels differ by
@@ -494,7 +504,7 @@ def preprocess(
 
     loader = DataLoader(
         _IndexedClips(dataset), batch_sampler=_aligned_batches(clips, start, config.batch_size),
-        collate_fn=_collate_indexed, num_workers=config.num_workers,
+        collate_fn=_collate_indexed, num_workers=config.loader_workers(),
     )
     progress = tqdm(
         total=len(clips) - start, unit="clip", desc=f"preprocess (process {rank})" if world > 1 else "preprocess",

@@ -478,11 +478,20 @@ def test_a_video_cache_continues_only_with_the_decoder_that_began_it(tmp_path, c
         (dict(seed=2**64), "seed must be an int in"),
         (dict(video_backend="opencv"), "video_backend must be one of"),
         (dict(compile="fastest"), "compile must be None or a torch.compile backend"),
+        (dict(num_workers=-1), "num_workers must be an int >= 0 or None"),
     ],
 )
 def test_bad_config_is_rejected_with_the_field_named(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         make_config(tmp_path, **overrides)
+
+
+def test_video_files_decode_in_worker_processes_by_default(tmp_path):
+    from t2v_turbo.preprocess import VIDEO_DECODE_WORKERS
+
+    assert make_config(tmp_path, data="synthetic").loader_workers() == 0
+    assert make_config(tmp_path, data="videos/manifest.csv").loader_workers() == VIDEO_DECODE_WORKERS == 2
+    assert make_config(tmp_path, data="videos/manifest.csv", num_workers=0).loader_workers() == 0
 
 
 def test_a_cache_larger_than_the_limit_allows_is_told_from_one_of_other_data(tmp_path):

@@ -116,7 +116,8 @@ def add_preprocess_command(subparsers) -> None:
                         help="replay the teacher's no-grad passes from CUDA graphs, one a batch size (GPU only): the "
                         "DDIM inversion runs the same shapes for up to 200 steps")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N clips of the data")
-    parser.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="data loader worker processes (default: 2 for video files, 0 for synthetic clips)")
     parser.add_argument("--video-backend", choices=("pyav", "decord"), default="pyav",
                         help="decoder of real videos (decord must be installed)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
