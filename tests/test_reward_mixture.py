@@ -535,6 +535,12 @@ def test_errors_name_the_argument(models):
     bad[1, 0, 2, 3, 4] = math.nan
     with pytest.raises(ValueError, match="frames holds NaN"):
         mixture(bad, everything, CAPTIONS, SHORT_CAPTIONS)
+    bad[1, 0, 2, 3, 4] = math.inf
+    with pytest.raises(ValueError, match="frames holds NaN or infinite"):
+        mixture(bad, everything, CAPTIONS, SHORT_CAPTIONS)
+    with pytest.raises(ValueError, match=r"frames must lie in \[0, 1\] .*got values in \[-1, 0\.9999\]"):
+        mixture(frames * 2 - 1, everything, CAPTIONS, SHORT_CAPTIONS)
+    mixture(frames * (1 + 1e-4), everything, CAPTIONS, SHORT_CAPTIONS)  # rounding past 1 is let through
     with pytest.raises(ValueError, match="video model scores clips of 2 frames"):
         RewardEntry("video", models[2], video_spec(TINY_SIZE), "strided", 4)
     with pytest.raises(ValueError, match="distinct names"):

@@ -36,6 +36,10 @@ from t2v_turbo.rewards import image_text
 from t2v_turbo.rewards.base import KINDS, RewardModel
 from turbo_kernels import PreprocessSpec, reward_preprocess
 from turbo_kernels.checks import reads_values
+
+# How far outside [0, 1] frames may stray (rounding) before the mixture calls them another range:
+# the preprocessing's normalisation assumes [0, 1], and [-1, 1] frames would be scored silently.
+FRAME_RANGE_SLACK = 1e-3
 from turbo_kernels.reference.preprocess import geometry as preprocess_geometry
 
 __all__ = [
@@ -465,8 +469,15 @@ class RewardMixture(nn.Module):
                 raise TypeError(f"{name} must be a list of strings")
             if len(texts) != batch:
                 raise ValueError(f"{name} holds {len(texts)} prompts for {batch} clips")
-        if reads_values(frames) and not bool(torch.isfinite(frames).all()):
-            raise ValueError("frames holds NaN or infinite values")
+        if reads_values(frames) and frames.numel():
+            low, high = torch.stack(torch.aminmax(frames.detach())).float().tolist()  # NaN propagates
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError("frames holds NaN or infinite values")
+            if low < -FRAME_RANGE_SLACK or high > 1 + FRAME_RANGE_SLACK:
+                raise ValueError(
+                    f"frames must lie in [0, 1] (decoded frames as (x / 2 + 0.5).clamp(0, 1)), got values in "
+                    f"[{low:.4g}, {high:.4g}]"
+                )
         return selection
 
     def forward(
