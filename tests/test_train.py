@@ -182,6 +182,20 @@ def test_kernel_path_matches_reference_path(assets, tmp_path, monkeypatch, chose
         assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.gpu
+def test_kernel_path_with_the_unets_kernels_matches_reference_path(assets, tmp_path, chosen):
+    """On a GPU the whole step, the UNet's temporal attention, GroupNorm-SiLU, LayerNorm and GEGLU
+    included, runs on the kernels; float32 throughout, so only rounding differs."""
+    reference = train(config(assets, tmp_path / "reference", kernels="off", temporal_conv_dropout=0.0))
+    chosen.clear()
+    kernels = train(config(assets, tmp_path / "kernels", kernels="on", temporal_conv_dropout=0.0))
+    ran = {op for op, backend in chosen if backend != "reference"}
+    assert {"temporal_attention", "channel_affine_silu", "layer_norm", "geglu", "guided_solver_step"} <= ran, chosen
+    assert kernels.losses == pytest.approx(reference.losses, rel=1e-4)
+    for mine, theirs in zip(kernels.history, reference.history):
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-3)
+
+
 def test_resume_continues_bit_for_bit(assets, tmp_path, monkeypatch):
     straight = train(config(assets, tmp_path / "straight", max_steps=6, checkpoint_every=2))
     step = train_module._Trainer.train_step
