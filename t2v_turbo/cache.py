@@ -42,7 +42,7 @@ FLOAT_FIELDS = LATENT_FIELDS + ("context",)
 TENSOR_FIELDS = FLOAT_FIELDS + ("grid_index", "use_motion")
 TEXT_FIELDS = ("caption", "short_caption")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-PREPROCESS_HINT = "build it with `t2v-turbo preprocess --cache DIR`"
+PREPROCESS_HINT = "build it with `t2v-turbo preprocess --model MODEL_DIR --data DATA --cache DIR` (--preset tiny|vc2 for a random teacher)"
 # Set in a cache's producing config when preprocess() was handed its models: its model / preset
 # fields then do not name the teacher.
 MODELS_HANDED_IN_KEY = "models_handed_in"
