@@ -122,7 +122,8 @@ class TrainConfig:
     video_reward_processes: int = 0
     decode_chunk_size: int = 8
     temporal_conv_dropout: float = 0.1
-    # None: accelerate's setting (`accelerate config`, `accelerate launch --mixed_precision`), else "no".
+    # None: what `accelerate launch` sets (its --mixed_precision, or the file `accelerate config`
+    # wrote), else "no".
     mixed_precision: Optional[str] = None
     gradient_checkpointing: bool = False
     lora_rank: int = 0  # 0: full fine-tune
@@ -609,6 +610,9 @@ class _Trainer:
 
         self.config = config
         self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+        if self.accelerator.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"mixed_precision {self.accelerator.mixed_precision!r} (from accelerate launch) is not "
+                             f"supported: use one of {MIXED_PRECISIONS}")
         self.sharded = check_distribution(self.accelerator)
         if self.sharded and config.ema_decay is not None:
             raise ValueError("ema_decay is not supported with FSDP (the EMA target would be a whole network on every "
@@ -941,8 +945,10 @@ class _Trainer:
         finally:
             progress.close()
             logger.close()
-        # The last steps too, so that a longer run can resume from where this one ended.
-        if config.checkpoint_every and (last_checkpoint is None or _checkpoint_step(last_checkpoint) != self.step):
+        # The last steps too, so that a longer run can resume from where this one ended (a resumed
+        # run with no step left to take writes nothing).
+        saved_now = last_checkpoint is not None and _checkpoint_step(last_checkpoint) == self.step
+        if config.checkpoint_every and losses and not saved_now:
             last_checkpoint = self.save_checkpoint()
         student_dir = self.output_dir / STUDENT_NAME
         accelerator.wait_for_everyone()
@@ -972,7 +978,9 @@ class _Trainer:
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One optimizer step; NonFiniteLossError (before any update) when a loss term or the
-        gradient is not finite on any process."""
+        gradient is not finite on any process. With fp16's loss scaler a non-finite gradient is an
+        overflow: the scaler skips the update and lowers its scale, and only a scale below
+        FP16_SMALLEST_SUBNORMAL stops the run (_check_scale_usable)."""
         config, accelerator = self.config, self.accelerator
         # Copies from the host that wait for nothing queued (pinned by the loader on a GPU); the
         # grid indices and motion flags stay there, where the timesteps and motion strengths are

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from t2v_turbo.cli import main
 from t2v_turbo.models import VC2UNet
 from t2v_turbo.models import checkpoint
-from t2v_turbo.models.vc2_unet import ORIGINAL_PREFIX
+from t2v_turbo.models.vc2_unet import ORIGINAL_PREFIX, STUDENT_ONLY_KEYS
 from t2v_turbo.models.checkpoint import (
     from_pretrained,
     load_checkpoint,
@@ -101,6 +101,10 @@ def test_load_checkpoint_names_missing_and_unexpected_keys(tmp_path, tiny_state)
 TEACHER_LACKS = ("time_cond_proj.weight", "motion_cond_proj.weight", "combine_proj.weight")
 
 
+def test_student_only_keys_are_the_three_conditioning_projections():
+    assert STUDENT_ONLY_KEYS == set(TEACHER_LACKS)
+
+
 def test_a_student_starts_from_videocrafter2s_teacher_checkpoint(tmp_path, tiny_state):
     """VideoCrafter2's model.ckpt has no conditioning projections: strictly it is refused, naming
     them; not strictly the student takes every teacher weight and keeps its projections as built."""
@@ -120,16 +124,23 @@ def test_a_student_starts_from_videocrafter2s_teacher_checkpoint(tmp_path, tiny_
 
 def test_load_original_state_dict_reads_a_whole_latent_diffusion(tiny_state):
     """The release's whole-model keys (model.diffusion_model.*, besides the VAE's and text
-    encoder's) load as the bare ones do, strict or not; not strict, a state dict sharing no key
-    with the model is an error, not a silent no-op."""
+    encoder's) load as the bare ones do, strict or not. Not strict, only the student's three
+    projections may be missing: any other gap, an unexpected key, an unrelated or empty state
+    dict is an error naming the keys, not a partial load."""
     whole = _release_checkpoint(tiny_state)["state_dict"]
     for strict in (True, False):
         model = VC2UNet.preset("tiny")
         model.load_original_state_dict(whole, strict=strict)
         _assert_identical(model.state_dict(), tiny_state)
+    lacking_more = {key: value for key, value in tiny_state.items() if key not in ("out.2.weight", *TEACHER_LACKS)}
+    with pytest.raises(KeyError, match=r"4 missing \['combine_proj.weight', .*'out.2.weight'.*strict=False lets only"):
+        VC2UNet.preset("tiny").load_original_state_dict(lacking_more, strict=False)
+    with pytest.raises(KeyError, match=r"0 missing \[\], 1 unexpected \['extra'\]"):
+        VC2UNet.preset("tiny").load_original_state_dict({**tiny_state, "extra": torch.ones(1)}, strict=False)
     unrelated = {"encoder." + key: value for key, value in tiny_state.items()}
-    with pytest.raises(KeyError, match="none of its 945 keys is the model's"):
-        VC2UNet.preset("tiny").load_original_state_dict(unrelated, strict=False)
+    for state in (unrelated, {}):
+        with pytest.raises(KeyError, match="945 missing"):
+            VC2UNet.preset("tiny").load_original_state_dict(state, strict=False)
 
 
 def test_absent_unreadable_and_misshapen_checkpoints_fail_clearly(tmp_path, tiny_state):

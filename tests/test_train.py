@@ -703,10 +703,13 @@ def test_fp16_overflows_skip_the_update_and_the_scaler_resumes(assets, tmp_path,
     runs = {}
     for name, steps, resume in (("straight", 3, None), ("split", 2, None), ("split", 3, "latest")):
         runs[name] = train(config(assets, tmp_path / name, max_steps=steps, checkpoint_every=5, ema_decay=0.5,
-                                  resume=resume), accelerator=_fp16_accelerator(2.5e5))
+                                  lr_warmup_steps=10, resume=resume), accelerator=_fp16_accelerator(2.5e5))
     straight = runs["straight"].history
     assert [row["loss_scale"] for row in straight] == [1.25e5, 1.25e5, 6.25e4]
     assert [math.isfinite(row["grad_norm"]) for row in straight] == [False, True, False]
+    # The warmup's learning rate moves on with the one update only.
+    rates = [row["lr"] for row in straight]
+    assert rates[0] < rates[1] == rates[2]
     assert [row["loss_scale"] for row in runs["split"].history] == [6.25e4]
     first = load_file(str(tmp_path / "split" / "checkpoint-000002" / "model.safetensors"))
     for run in ("straight", "split"):
@@ -719,11 +722,14 @@ def test_fp16_overflows_skip_the_update_and_the_scaler_resumes(assets, tmp_path,
     assert state["grad_scaler"]["scale"] == 6.25e4
 
 
-def test_fp16_stops_when_the_loss_scale_cannot_help():
-    trainer = argparse.Namespace(step=7)
-    train_module._Trainer._check_scale_usable(trainer, 2.0**-24, float("nan"))
-    with pytest.raises(NonFiniteLossError, match="step 8: non-finite gradient grad_norm=nan with the fp16 loss scale"):
-        train_module._Trainer._check_scale_usable(trainer, 2.0**-25, float("nan"))
+def test_fp16_stops_when_the_loss_scale_cannot_help(assets, tmp_path, fresh_accelerate_state):
+    """A gradient that is NaN whatever the scale: steps are skipped while the scale halves, down
+    to 2^-24, and the step that takes it below stops the run."""
+    trainer = prepare_training(config(assets, tmp_path / "run", max_steps=5), accelerator=_fp16_accelerator(2.0**-23))
+    next(trainer.model.parameters()).register_hook(lambda grad: grad * math.nan)
+    with pytest.raises(NonFiniteLossError, match="step 2: non-finite gradient grad_norm=nan with the fp16 loss scale "
+                                                 "down to 2.98023e-08"):
+        trainer.run()
 
 
 def test_a_finished_run_checkpoints_its_last_step_and_continues_exactly(assets, tmp_path):
@@ -735,6 +741,10 @@ def test_a_finished_run_checkpoints_its_last_step_and_continues_exactly(assets, 
     names = [path.name for path in train_module.checkpoint_dirs(tmp_path / "extended")]
     assert names == ["checkpoint-000001", "checkpoint-000002", "checkpoint-000003"]
     assert train(config(assets, tmp_path / "none", max_steps=1, checkpoint_every=0)).last_checkpoint is None
+    # Resuming a finished run with no step left writes (and so prunes) nothing.
+    before = [path.name for path in train_module.checkpoint_dirs(tmp_path / "extended")]
+    train(config(assets, tmp_path / "extended", max_steps=3, checkpoint_every=2, keep_last=1, resume="latest"))
+    assert [path.name for path in train_module.checkpoint_dirs(tmp_path / "extended")] == before
 
 
 def test_training_solver_uses_the_release_table():

@@ -427,7 +427,7 @@ def motion_energy(q, k, ref_probs, num_frames, heads, layout, scale, num_videos)
     groups, seq_per_group, blocks_per_group = _groups(n_seq, num_videos, blocks["BLOCK_SEQ"])
     partial = new_output((groups, blocks_per_group * heads), torch.float32, q.device)
     if partial.numel():
-            motion_energy_fwd_kernel[(partial.numel(),)](
+        motion_energy_fwd_kernel[(partial.numel(),)](
             q, k, ref_probs, partial, seq_per_group, heads, num_frames, head_dim,
             *_qk_layout(q, k, num_frames, layout), *ref_probs.stride(), _qk_scale_log2(scale),
             **blocks, num_warps=num_warps,
