@@ -28,7 +28,9 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -269,6 +271,37 @@ class RewardMixture(Protocol):
     def __call__(
         self, frames: Tensor, frame_indices: Sequence[int], captions: Sequence[str], short_captions: Sequence[str]
     ) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+
+# Reduced with each step's loss terms: how many processes were asked to stop (SIGINT, SIGTERM).
+STOP_REQUESTS = "stop_requests"
+
+
+class _StopSignals:
+    """While entered (in the main thread), SIGINT and SIGTERM ask the run to stop after a whole
+    step, with a checkpoint: a cluster's preemption notice or a Ctrl-C loses no step. A second
+    SIGINT stops at once, as KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              "(Ctrl-C again stops at once)", file=sys.stderr)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -633,6 +666,7 @@ class _Trainer:
         if isinstance(reward, nn.Module):
             reward.to(self.device)
         self.term_names = self._split_term_names() if config.video_reward_processes else None
+        self.stop_signals = _StopSignals()
         # Dropout and other global draws differ per process; data order and w do not (see module doc).
         seed_all((config.seed + self.rank) % 2**64)  # the seed's range is the generators'
 
@@ -913,8 +947,9 @@ class _Trainer:
         last_checkpoint = checkpoint_dirs(self.output_dir)[-1] if checkpoint_dirs(self.output_dir) else None
         # "on" leaves the choice to turbo_kernels' dispatch; "off" forces the plain PyTorch references.
         kernels = turbo_kernels.backend("reference") if config.kernels == "off" else contextlib.nullcontext()
+        self.stop_signals = _StopSignals()
         try:
-            with kernels:
+            with kernels, self.stop_signals:
                 for batch in loader:
                     started = time.perf_counter()
                     if self.device.type == "cuda":
@@ -924,10 +959,11 @@ class _Trainer:
                     try:
                         metrics = self.train_step(batch)
                     except NonFiniteLossError as error:
-                        if last_checkpoint is None or _checkpoint_step(last_checkpoint) != self.step:
+                        if not self._saved_at_this_step(last_checkpoint):
                             last_checkpoint = self.save_checkpoint(rng_before_step)
                         raise NonFiniteLossError(f"{error}; the last good state is in {last_checkpoint}") from None
                     self.step += 1
+                    stop_requested = metrics.pop(STOP_REQUESTS) > 0
                     metrics["step_time"] = time.perf_counter() - started
                     if self.device.type == "cuda":
                         metrics["peak_memory_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -942,13 +978,16 @@ class _Trainer:
                     progress.update(1)
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                         last_checkpoint = self.save_checkpoint()
+                    if stop_requested:
+                        if config.checkpoint_every and not self._saved_at_this_step(last_checkpoint):
+                            self.save_checkpoint()
+                        raise KeyboardInterrupt
         finally:
             progress.close()
             logger.close()
         # The last steps too, so that a longer run can resume from where this one ended (a resumed
         # run with no step left to take writes nothing).
-        saved_now = last_checkpoint is not None and _checkpoint_step(last_checkpoint) == self.step
-        if config.checkpoint_every and losses and not saved_now:
+        if config.checkpoint_every and losses and not self._saved_at_this_step(last_checkpoint):
             last_checkpoint = self.save_checkpoint()
         student_dir = self.output_dir / STUDENT_NAME
         accelerator.wait_for_everyone()
@@ -959,6 +998,9 @@ class _Trainer:
             unet_checkpoint.save_unet_dir(final, student_dir)
         accelerator.wait_for_everyone()
         return TrainResult(self.step, losses, student_dir, last_checkpoint, logger.path, logger.history)
+
+    def _saved_at_this_step(self, last_checkpoint: Optional[Path]) -> bool:
+        return last_checkpoint is not None and _checkpoint_step(last_checkpoint) == self.step
 
     def _whole_student(self) -> nn.Module | None:
         """The trained student as one unsharded module on the main process (None on the others
@@ -1064,9 +1106,13 @@ class _Trainer:
         names = self.term_names or list(terms)
         zero = torch.zeros((), device=self.device)
         values = torch.stack([terms.get(name, zero).detach().float().to(self.device) for name in names])
-        present = torch.tensor([float(name in terms) for name in names]).to(self.device, non_blocking=True)
-        sums, counts = self.accelerator.reduce(torch.cat([values, present]), "sum").split(len(names))
-        return {name: sums[i] / counts[i] for i, name in enumerate(names)}
+        # Whether this process was asked to stop rides along, so that every process reads the
+        # same verdict in the same step.
+        host = [float(name in terms) for name in names] + [float(self.stop_signals.received is not None)]
+        present = torch.tensor(host).to(self.device, non_blocking=True)
+        reduced = self.accelerator.reduce(torch.cat([values, present]), "sum")
+        sums, counts, stops = reduced.split([len(names), len(names), 1])
+        return {**{name: sums[i] / counts[i] for i, name in enumerate(names)}, STOP_REQUESTS: stops[0]}
 
     def _check_finite(self, values: dict[str, float], what: str) -> None:
         # The values are already averaged over processes, so every process stops together.

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import textwrap
 from pathlib import Path
 
@@ -226,6 +227,40 @@ def test_resume_continues_bit_for_bit(assets, tmp_path, monkeypatch):
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (6, 3, 0)
     steps = [line.split(",")[0] for line in (tmp_path / "killed" / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == ["1", "2", "3", "4", "5", "6"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_stop_signal_ends_the_run_after_a_whole_step_with_a_checkpoint(assets, tmp_path, monkeypatch, signum):
+    """SIGINT or SIGTERM during step 2 (after its terms were reduced) reaches every process
+    through step 3's reduction: the run stops after step 3 with a checkpoint of it, and resuming
+    continues exactly."""
+    straight = train(config(assets, tmp_path / "straight", max_steps=5, checkpoint_every=100))
+    step = train_module._Trainer.train_step
+
+    def signalled_in_step_2(trainer, batch):
+        metrics = step(trainer, batch)
+        if trainer.step == 1:
+            os.kill(os.getpid(), signum)
+        return metrics
+
+    handler_before = signal.getsignal(signum)
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module._Trainer, "train_step", signalled_in_step_2)
+        with pytest.raises(KeyboardInterrupt):
+            train(config(assets, tmp_path / "stopped", max_steps=5, checkpoint_every=100))
+    assert [p.name for p in train_module.checkpoint_dirs(tmp_path / "stopped")] == ["checkpoint-000003"]
+    assert signal.getsignal(signum) is handler_before
+    resumed = train(config(assets, tmp_path / "stopped", max_steps=5, checkpoint_every=100, resume="latest"))
+    assert resumed.losses == straight.losses[3:]
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    with train_module._StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_resume_refuses_a_cache_that_changed(assets, tmp_path):
