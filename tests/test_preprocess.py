@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from t2v_turbo.cache import TeacherCache
 from t2v_turbo.commands.preprocess import add_preprocess_command
+from t2v_turbo.commands.train import add_train_command
 from t2v_turbo.models import OpenCLIPTextEncoder, VC2UNet, VideoVAE
 from t2v_turbo.models.checkpoint import save_pretrained
 from t2v_turbo.motion import compute_motion_prior
@@ -352,6 +353,15 @@ def test_command_line_synthetic_tiny_preset(tmp_path, capsys):
     assert sample["z_t"].shape == (4, 4, 12, 12) and sample["context"].shape == (77, 32)
     assert not bool(sample["use_motion"]) and torch.count_nonzero(sample["score"]) == 0
     assert cache.config["preset"] == "tiny" and cache.config["motion"] is False
+    # The commands chain as the README shows: train reads that cache with the same random teacher.
+    parser = argparse.ArgumentParser()
+    add_train_command(parser.add_subparsers(dest="command", required=True))
+    train_args = parser.parse_args([
+        "train", "--preset", "tiny", "--data", "synthetic", "--cache", str(tmp_path / "cache"), "--max-steps", "1",
+        "--output-dir", str(tmp_path / "run"), "--no-progress", "kernels=off", "batch_size=2", "cpu=true",
+    ])
+    assert train_args.handler(train_args) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
 
     status = run_cli(["--model", str(tmp_path / "missing"), "--cache", str(tmp_path / "other"), "--frames", "4"])
     assert status == 2
