@@ -43,9 +43,12 @@ CUDA_BACKEND_TESTS=(
     tests/test_compile_and_registration.py tests/test_cuda_graphs.py tests/test_reward_mixture.py tests/test_bench.py
     tests/test_vc2_unet.py tests/test_pipeline.py tests/test_demo.py::test_short_demo_run_on_the_gpu
 )
+# Files whose GPU tier alone runs here (their CPU tests are CI's): a training step and the
+# motion prior waiting on the GPU only to read their results, training on the UNet's kernels.
+GPU_TIER_ONLY_TESTS=(tests/test_train.py tests/test_motion_prior.py)
 # Each stage's ops (override to time only what a previous lease left unmeasured). A stage's time
 # limit can be overridden too, as <STAGE>_S in capitals (BENCH_KERNELS_S=300; rest: up to the deadline;
-# TESTS_S sets both test stages).
+# TESTS_S sets every test stage).
 ALL_KERNEL_OPS=guided_solver_step,consistency_output,consistency_sampler_step,pseudo_huber_loss
 ALL_KERNEL_OPS+=,temporal_attention,temporal_block,geglu,layer_norm,group_norm_silu,strided_linear,spatial_self_attention,spatial_cross_attention,reward_preprocess
 KERNEL_OPS=${KERNEL_OPS:-$ALL_KERNEL_OPS}
@@ -103,6 +106,7 @@ wait "$building"
 tail -3 "$OUT/build.log"
 python3 -c "import turbo_kernels as tk; print('backends on cuda:', tk.backends('cuda'))"
 stage tests 180 tests.log "${PYTEST[@]}" -n "$(( $(nproc) * 3 / 4 ))" "${CUDA_BACKEND_TESTS[@]}"
+stage tests 90 tests.log "${PYTEST[@]}" -m gpu "${GPU_TIER_ONLY_TESTS[@]}"
 grep -E "^=+ .*(passed|failed|error)" "$OUT/tests.log"
 
 stage profile 120 bench.log "${BENCH[@]}" --warmup 1 --iters 2 --compile-budget 0 --batch-sizes 1 \
