@@ -583,6 +583,15 @@ def test_loading_errors_and_logit_scale(tmp_path, models):
     assert cosine.abs().max() <= 1 + 1e-6
 
 
+def test_a_tower_without_gradient_checkpointing_says_so():
+    """open_clip's ModifiedResNet (RN50 and kin) takes the checkpointing switch and ignores it."""
+    resnet = {**TINY_CONFIG, "vision_cfg": {"image_size": TINY_SIZE, "layers": [1, 1, 1, 1], "width": 8}}
+    model = OpenCLIPReward(resnet)
+    model.gradient_checkpointing = False
+    with pytest.raises(ValueError, match="custom: its ModifiedResNet vision tower has no gradient checkpointing"):
+        model.gradient_checkpointing = True
+
+
 def test_a_timm_vision_tower_builds_offline_scores_checkpoints_and_loads(tmp_path):
     model = tiny_clip(1, TIMM_CONFIG)
     assert isinstance(model.clip.visual, TimmModel) and model.image_size == TINY_SIZE

@@ -228,6 +228,10 @@ class OpenCLIPReward(RewardModel):
     def gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each vision block in the backward pass instead of storing its activations."""
         self.clip.visual.set_grad_checkpointing(bool(enabled))
+        if enabled and not self.gradient_checkpointing:
+            # open_clip's ModifiedResNet (the RN* architectures) takes the switch and ignores it.
+            raise ValueError(f"{self.architecture}: its {type(self.clip.visual).__name__} vision tower has no gradient "
+                             "checkpointing")
 
     def embed_visual(self, pixels: Tensor) -> Tensor:
         """(N, 3, S, S) preprocessed images -> (N, embed_dim) normalised image features, in the model
