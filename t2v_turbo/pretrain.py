@@ -128,10 +128,12 @@ def _seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def world_pool(size: int, seed: int) -> dict:
+def world_pool(size: int, seed: int, progress: bool = True) -> dict:
     """`size` training clips: frames (N, 3, F, H, W) in [-1, 1] and their captions."""
     dataset = WorldDataset("train", size=size, seed=seed, config=WORLD)
-    items = [dataset[i] for i in tqdm(range(size), desc="rendering world clips", leave=False)]
+    items = [
+        dataset[i] for i in tqdm(range(size), desc="rendering world clips", leave=False, disable=not progress)
+    ]
     return {
         "frames": torch.stack([item["frames"] for item in items]),
         "caption": [item["caption"] for item in items],
@@ -334,7 +336,7 @@ def pretrain(config: PretrainConfig) -> Path:
     started = time.time()
     output = Path(config.output_dir)
     generator = _seed_everything(config.seed)
-    pool = world_pool(config.pool_size, config.seed)
+    pool = world_pool(config.pool_size, config.seed, config.progress)
     text_encoder = MiniLMTextEncoder()
     cache = PromptCache(text_encoder)
 

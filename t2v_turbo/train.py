@@ -646,6 +646,9 @@ class _Trainer:
         if self.accelerator.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision {self.accelerator.mixed_precision!r} (from accelerate launch) is not "
                              f"supported: use one of {MIXED_PRECISIONS}")
+        if self.accelerator.mixed_precision == "fp16" and not self.accelerator.native_amp:
+            raise ValueError(f"mixed_precision=fp16 needs a GPU: on {self.accelerator.device.type} accelerate runs neither "
+                             "fp16 autocast nor a loss scaler, so the run would be float32; use bf16 or no")
         self.sharded = check_distribution(self.accelerator)
         if self.sharded and config.ema_decay is not None:
             raise ValueError("ema_decay is not supported with FSDP (the EMA target would be a whole network on every "

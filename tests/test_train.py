@@ -720,6 +720,11 @@ def test_mixed_precision_defaults_to_accelerates_setting(assets, tmp_path, monke
     assert TrainConfig.from_dict({"mixed_precision": False}).mixed_precision == "no"  # YAML 1.1's `no`
 
 
+def test_fp16_without_a_gpu_is_refused(assets, tmp_path, fresh_accelerate_state):
+    with pytest.raises(ValueError, match="mixed_precision=fp16 needs a GPU: on cpu accelerate runs neither"):
+        prepare_training(config(assets, tmp_path / "run", cpu=True, mixed_precision="fp16"))
+
+
 def _fp16_accelerator(init_scale: float):
     """fp16 with a loss scaler on the CPU, where accelerate gives none: as it sets up a GPU."""
     from accelerate import Accelerator
@@ -866,12 +871,27 @@ def test_train_command_points_to_a_preprocess_command_that_parses(tmp_path, caps
 
     args, _ = suggested("--preset", "vc2", "--seed", "3")
     assert (args.preset, args.model, args.seed, args.data, args.cache) == ("vc2", None, 3, "synthetic", cache)
+    # The random tiny teacher at the README's small clips, not preprocess's 1024 of 16x320x512.
+    args, _ = suggested("--preset", "tiny")
+    assert (args.preset, args.frames, args.height, args.width, args.limit) == ("tiny", 8, 32, 32, 64)
     args, _ = suggested("--data", "videos.csv", f"teacher={tmp_path / 'model' / 'unet'}")
     assert (args.preset, args.model, args.data, args.cache) == (None, str(tmp_path / "model"), "videos.csv", cache)
     # A teacher outside a model directory: preprocess also needs its VAE and text encoder.
     args, error = suggested(f"teacher={tmp_path / 'model'}")
     assert args.model == "MODEL_DIR"
     assert f"MODEL_DIR: the model directory, with its VAE and text encoder, of the teacher {tmp_path / 'model'}" in error
+
+
+def test_train_command_resuming_a_finished_run_says_there_is_nothing_to_train(assets, tmp_path, capsys):
+    train(config(assets, tmp_path / "run", max_steps=1, checkpoint_every=5))
+    parser = argparse.ArgumentParser()
+    add_train_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "train", "--cache", assets["cache"], "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--resume",
+        "latest", "--no-progress", f"teacher={assets['teacher']}", "kernels=off", "batch_size=2", "seed=3",
+    ])
+    assert args.handler(args) == 0
+    assert "nothing to train: the resumed run is already at step 1 (max_steps)" in capsys.readouterr().out
 
 
 def test_ctrl_c_in_train_ends_with_a_line_not_a_traceback(assets, tmp_path, capsys, monkeypatch):

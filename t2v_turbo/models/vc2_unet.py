@@ -808,6 +808,12 @@ class VC2UNet(nn.Module):
                 f"context must be (B={x.shape[0]}, L, {config['context_dim']}) text embeddings, "
                 f"got shape {tuple(context.shape)}"
             )
+        weights = self.time_embed[0].weight.dtype
+        device_type = x.device.type
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        if x.dtype != weights and not autocast:
+            raise ValueError(f"x is {x.dtype} but the model's weights are {weights} (from_pretrained keeps the saved "
+                             "dtype): cast one to the other, e.g. unet.to(x.dtype), or run under torch.autocast")
 
     def _run_block(self, block: UNetBlock, h: Tensor, emb: Tensor, context: Tensor, num_frames: int) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
