@@ -277,10 +277,16 @@ class RewardMixture(Protocol):
 STOP_REQUESTS = "stop_requests"
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class _StopSignals:
     """While entered (in the main thread), SIGINT and SIGTERM ask the run to stop after a whole
-    step, with a checkpoint: a cluster's preemption notice or a Ctrl-C loses no step. A second
-    SIGINT stops at once, as KeyboardInterrupt."""
+    step, with a checkpoint: a cluster's preemption notice or a Ctrl-C loses no step. The first
+    one hands both signals back to their previous handlers, so a second SIGINT stops at once (as
+    KeyboardInterrupt) and a second SIGTERM as it would have. A signal that was ignored (a run
+    started in the background) or handled outside Python stays as it was. A process stuck in C
+    code (a collective whose peer died) runs no Python handler: SIGKILL ends it."""
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
@@ -288,20 +294,33 @@ class _StopSignals:
 
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+            for signum in STOP_SIGNALS:
+                handler = signal.getsignal(signum)
+                if handler is not None and handler is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
 
     def _handle(self, signum: int, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
         self.received = signum
+        self._restore()
         print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
               "(Ctrl-C again stops at once)", file=sys.stderr)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A data loader worker leaves SIGINT and SIGTERM to the main process, which stops the run
+    between steps; a worker that died of them would end it mid-step (spawn and forkserver workers
+    do not inherit the main process's handlers)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -643,13 +662,13 @@ class _Trainer:
 
         self.config = config
         self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+        self.sharded = check_distribution(self.accelerator)
         if self.accelerator.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision {self.accelerator.mixed_precision!r} (from accelerate launch) is not "
                              f"supported: use one of {MIXED_PRECISIONS}")
         if self.accelerator.mixed_precision == "fp16" and not self.accelerator.native_amp:
             raise ValueError(f"mixed_precision=fp16 needs a GPU: on {self.accelerator.device.type} accelerate runs neither "
                              "fp16 autocast nor a loss scaler, so the run would be float32; use bf16 or no")
-        self.sharded = check_distribution(self.accelerator)
         if self.sharded and config.ema_decay is not None:
             raise ValueError("ema_decay is not supported with FSDP (the EMA target would be a whole network on every "
                              "process): set ema_decay=null or train with DDP")
@@ -940,6 +959,7 @@ class _Trainer:
         loader = DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=collate_samples, num_workers=config.num_workers,
             generator=torch.Generator().manual_seed(config.seed), pin_memory=self.device.type == "cuda",
+            worker_init_fn=_ignore_stop_signals,
         )
         logger = _MetricsLogger(self.output_dir, accelerator.is_main_process, self.step)
         progress = tqdm(
@@ -981,8 +1001,10 @@ class _Trainer:
                     progress.update(1)
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                         last_checkpoint = self.save_checkpoint()
-                    if stop_requested:
-                        if config.checkpoint_every and not self._saved_at_this_step(last_checkpoint):
+                    # A stop in the last step lets the run finish (its checkpoint and student).
+                    if stop_requested and self.step < config.max_steps:
+                        # Written even with checkpoint_every=0: the run would otherwise be lost.
+                        if not self._saved_at_this_step(last_checkpoint):
                             self.save_checkpoint()
                         raise KeyboardInterrupt
         finally:

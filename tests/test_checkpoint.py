@@ -141,6 +141,24 @@ def test_load_original_state_dict_reads_a_whole_latent_diffusion(tiny_state):
     for state in (unrelated, {}):
         with pytest.raises(KeyError, match="945 missing"):
             VC2UNet.preset("tiny").load_original_state_dict(state, strict=False)
+    teacher = {key: value for key, value in tiny_state.items() if key not in TEACHER_LACKS}
+    with torch.device("meta"):
+        on_meta = VC2UNet.preset("tiny")
+    with pytest.raises(ValueError, match="built on the meta device, so they have no initialisation"):
+        on_meta.load_original_state_dict(teacher, strict=False, assign=True)
+
+
+def test_the_unet_names_an_input_of_another_dtype_than_its_weights():
+    """Outside autocast x must have the weights' dtype (from_pretrained keeps the saved one);
+    autocast reconciles float32 weights or its own dtype's, not float16 ones under bfloat16."""
+    model = VC2UNet.preset("tiny", use_kernels=False).half()
+    x, context = torch.randn(1, 4, 2, 16, 16), torch.randn(1, 77, model.config["context_dim"])
+    with pytest.raises(ValueError, match="x is torch.float32 but the model's weights are torch.float16"):
+        model(x, 10, context, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="dtype=torch.float16"):
+        model(x, 10, context, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.float()(x.bfloat16(), 10, context, 8).dtype == torch.bfloat16
 
 
 def test_absent_unreadable_and_misshapen_checkpoints_fail_clearly(tmp_path, tiny_state):

@@ -583,13 +583,28 @@ def test_loading_errors_and_logit_scale(tmp_path, models):
     assert cosine.abs().max() <= 1 + 1e-6
 
 
-def test_a_tower_without_gradient_checkpointing_says_so():
-    """open_clip's ModifiedResNet (RN50 and kin) takes the checkpointing switch and ignores it."""
+def test_a_tower_without_block_checkpoints_is_checkpointed_whole_in_a_mixture():
+    """open_clip's ModifiedResNet (RN50 and kin) takes the checkpointing switch and ignores it: set
+    directly it says so; a checkpointing mixture recomputes its whole call instead (the same
+    gradients) and leaves the other models' switches as they were."""
     resnet = {**TINY_CONFIG, "vision_cfg": {"image_size": TINY_SIZE, "layers": [1, 1, 1, 1], "width": 8}}
-    model = OpenCLIPReward(resnet)
-    model.gradient_checkpointing = False
+    rn, vit = tiny_clip(5, resnet), tiny_clip(6)
+    assert not rn.supports_block_checkpointing and vit.supports_block_checkpointing
+    rn.gradient_checkpointing = False
     with pytest.raises(ValueError, match="custom: its ModifiedResNet vision tower has no gradient checkpointing"):
-        model.gradient_checkpointing = True
+        rn.gradient_checkpointing = True
+    grads = []
+    for checkpointing in (False, True):
+        mixture = RewardMixture(
+            [RewardEntry("vit", vit, clip_spec(TINY_SIZE), "random", 2), RewardEntry("rn", rn, clip_spec(TINY_SIZE), "random", 2)],
+            gradient_checkpointing=checkpointing,
+        )
+        indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(3))
+        frames = decoded_frames(1, len(indices)).requires_grad_()
+        total, _ = mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+        grads.append(torch.autograd.grad(total, frames)[0])
+        assert not vit.gradient_checkpointing
+    torch.testing.assert_close(grads[1], grads[0], atol=GRAD_TOL, rtol=1e-4)
 
 
 def test_a_timm_vision_tower_builds_offline_scores_checkpoints_and_loads(tmp_path):

@@ -254,13 +254,53 @@ def test_a_stop_signal_ends_the_run_after_a_whole_step_with_a_checkpoint(assets,
     assert resumed.losses == straight.losses[3:]
 
 
-def test_a_second_ctrl_c_stops_at_once():
+def _signalled_in_step_1(monkeypatch, signum):
+    step = train_module._Trainer.train_step
+
+    def signalled(trainer, batch):
+        metrics = step(trainer, batch)
+        if trainer.step == 0:
+            os.kill(os.getpid(), signum)
+        return metrics
+
+    monkeypatch.setattr(train_module._Trainer, "train_step", signalled)
+
+
+def test_a_stop_is_checkpointed_without_periodic_checkpoints_and_the_last_step_finishes(assets, tmp_path, monkeypatch):
+    _signalled_in_step_1(monkeypatch, signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(assets, tmp_path / "stopped", max_steps=3, checkpoint_every=0))
+    assert [p.name for p in train_module.checkpoint_dirs(tmp_path / "stopped")] == ["checkpoint-000002"]
+    # Read in step 2 of 2: the run ends as it would have, its student written.
+    finished = train(config(assets, tmp_path / "finished", max_steps=2, checkpoint_every=5))
+    assert finished.steps == 2 and (finished.student_dir / "model.safetensors").is_file()
+
+
+def test_a_second_ctrl_c_stops_at_once_and_an_ignored_signal_stays_ignored(monkeypatch):
     with train_module._StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.received == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # A run started in the background inherits SIGINT ignored: Ctrl-C in that terminal is not for it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with train_module._StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_data_loader_workers_leave_stop_signals_to_the_main_process():
+    previous = {signum: signal.getsignal(signum) for signum in train_module.STOP_SIGNALS}
+    try:
+        train_module._ignore_stop_signals(0)
+        assert all(signal.getsignal(signum) is signal.SIG_IGN for signum in train_module.STOP_SIGNALS)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def test_resume_refuses_a_cache_that_changed(assets, tmp_path):

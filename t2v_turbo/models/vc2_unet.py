@@ -744,7 +744,12 @@ class VC2UNet(nn.Module):
                 f"state dict does not match this VC2UNet configuration: {len(mismatched)} with other shapes "
                 f"({'; '.join(mismatched[:10])})"
             )
-        return self.load_state_dict(state_dict, strict=False, assign=assign)
+        result = self.load_state_dict(state_dict, strict=False, assign=assign)
+        left_on_meta = [key for key in missing if own[key].is_meta]
+        if left_on_meta:
+            raise ValueError(f"{left_on_meta} are not in the state dict and this model was built on the meta device, so "
+                             "they have no initialisation: build it on a real device to start them as constructed")
+        return result
 
     def condition_embedding(self, timestep_cond: Tensor | None, motion_cond: Tensor | None, dtype) -> Tensor | None:
         """c added to the timestep sinusoid: combine_proj of both projections, or the guidance one alone."""
@@ -811,9 +816,13 @@ class VC2UNet(nn.Module):
         weights = self.time_embed[0].weight.dtype
         device_type = x.device.type
         autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-        if x.dtype != weights and not autocast:
+        # Autocast reconciles x with float32 weights or with weights of its own dtype, not others
+        # (GroupNorm, for one, refuses float16 weights under bfloat16 autocast).
+        reconciled = autocast and weights in (torch.float32, torch.get_autocast_dtype(device_type))
+        if x.dtype != weights and not reconciled:
             raise ValueError(f"x is {x.dtype} but the model's weights are {weights} (from_pretrained keeps the saved "
-                             "dtype): cast one to the other, e.g. unet.to(x.dtype), or run under torch.autocast")
+                             f"dtype): cast one to the other, e.g. unet.to(x.dtype), or run under torch.autocast "
+                             f"with dtype={weights}")
 
     def _run_block(self, block: UNetBlock, h: Tensor, emb: Tensor, context: Tensor, num_frames: int) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

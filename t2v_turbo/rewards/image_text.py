@@ -227,11 +227,17 @@ class OpenCLIPReward(RewardModel):
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each vision block in the backward pass instead of storing its activations."""
-        self.clip.visual.set_grad_checkpointing(bool(enabled))
-        if enabled and not self.gradient_checkpointing:
-            # open_clip's ModifiedResNet (the RN* architectures) takes the switch and ignores it.
+        if enabled and not self.supports_block_checkpointing:
             raise ValueError(f"{self.architecture}: its {type(self.clip.visual).__name__} vision tower has no gradient "
-                             "checkpointing")
+                             "checkpointing (a RewardMixture checkpoints such a model's whole call instead)")
+        self.clip.visual.set_grad_checkpointing(bool(enabled))
+
+    @property
+    def supports_block_checkpointing(self) -> bool:
+        """Whether the vision tower has block checkpoints: open_clip's ViT and timm trunks do (a
+        grad_checkpointing flag); its ModifiedResNet (the RN* architectures) takes the switch and
+        ignores it."""
+        return any(hasattr(module, "grad_checkpointing") for module in self.clip.visual.modules())
 
     def embed_visual(self, pixels: Tensor) -> Tensor:
         """(N, 3, S, S) preprocessed images -> (N, embed_dim) normalised image features, in the model

@@ -36,10 +36,6 @@ from t2v_turbo.rewards import image_text
 from t2v_turbo.rewards.base import KINDS, RewardModel
 from turbo_kernels import PreprocessSpec, reward_preprocess
 from turbo_kernels.checks import reads_values
-
-# How far outside [0, 1] frames may stray (rounding) before the mixture calls them another range:
-# the preprocessing's normalisation assumes [0, 1], and [-1, 1] frames would be scored silently.
-FRAME_RANGE_SLACK = 1e-3
 from turbo_kernels.reference.preprocess import geometry as preprocess_geometry
 
 __all__ = [
@@ -58,6 +54,9 @@ CAPTION_KINDS = ("short", "dense")
 RELEASE_IMAGE_WEIGHT = 0.2
 RELEASE_VIDEO_WEIGHT = 0.5 * 2 / 6
 RELEASE_IMAGE_FRAMES = 2
+# How far outside [0, 1] frames may stray (rounding) before the mixture calls them another range:
+# the preprocessing's normalisation assumes [0, 1], and [-1, 1] frames would be scored silently.
+FRAME_RANGE_SLACK = 1e-3
 
 
 def _check_positive_int(value: object, name: str) -> None:
@@ -179,15 +178,21 @@ class _Scorer(nn.Module):
         return self.model.score(pixels, text_embeddings)
 
 
+def _has_block_checkpoints(model: RewardModel) -> bool:
+    """Whether the model checkpoints block by block itself: a `gradient_checkpointing` switch that
+    its tower honours (an OpenCLIPReward on a ModifiedResNet has the switch, not the blocks)."""
+    return hasattr(model, "gradient_checkpointing") and getattr(model, "supports_block_checkpointing", True)
+
+
 @contextmanager
 def _block_checkpoints(models: Iterable[RewardModel], enabled: bool) -> Iterator[None]:
     """Sets the models' own per-block checkpoint switches (where they have one) for the call and
     restores them after."""
-    switched = [model for model in models if hasattr(model, "gradient_checkpointing")]
+    switched = [model for model in models if _has_block_checkpoints(model)]
     before = [model.gradient_checkpointing for model in switched]
-    for model in switched:
-        model.gradient_checkpointing = enabled
     try:
+        for model in switched:
+            model.gradient_checkpointing = enabled
         yield
     finally:
         for model, was in zip(switched, before):
@@ -551,7 +556,7 @@ class RewardMixture(nn.Module):
         return [self._single_scores(self.entries[index].model, *inputs[k]) for k, index in enumerate(group)]
 
     def _single_scores(self, model: RewardModel, pixels: Tensor, text: Tensor) -> Tensor:
-        if self.gradient_checkpointing and not hasattr(model, "gradient_checkpointing") and torch.is_grad_enabled():
+        if self.gradient_checkpointing and not _has_block_checkpoints(model) and torch.is_grad_enabled():
             return checkpoint(model.score, pixels, text, use_reentrant=False)
         if self._graphs is not None:
             # GraphedCall itself runs calls with gradients eagerly.
