@@ -44,6 +44,8 @@ from torch.utils._pytree import tree_leaves
 
 from t2v_turbo.cuda_graphs import GraphCaptureWarning
 
+# The command lines' description: the module docstring's first paragraph.
+DESCRIPTION = " ".join(__doc__.split("\n\n")[0].split())
 PASSES = ("fwd", "fwd+bwd")
 # The baselines every suite times and the table compares against.
 EAGER = "reference-eager"

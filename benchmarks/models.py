@@ -508,7 +508,7 @@ def experiment_lines(result: dict) -> list[str]:
 
 def run_suite(suite: harness.Suite, summarize: Callable[[dict], list[str]], argv: Optional[Sequence[str]], prog: str) -> int:
     """The harness on one suite (its usual options), then the suite's target lines from the JSON it wrote."""
-    parser = argparse.ArgumentParser(prog=prog, description=harness.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=harness.DESCRIPTION)
     harness.add_arguments(parser)
     args = parser.parse_args(argv)
     before = set(Path(args.out).glob("*.json")) if Path(args.out).is_dir() else set()
