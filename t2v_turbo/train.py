@@ -970,7 +970,6 @@ class _Trainer:
         last_checkpoint = checkpoint_dirs(self.output_dir)[-1] if checkpoint_dirs(self.output_dir) else None
         # "on" leaves the choice to turbo_kernels' dispatch; "off" forces the plain PyTorch references.
         kernels = turbo_kernels.backend("reference") if config.kernels == "off" else contextlib.nullcontext()
-        self.stop_signals = _StopSignals()
         try:
             with kernels, self.stop_signals:
                 for batch in loader:
@@ -1094,19 +1093,19 @@ class _Trainer:
             self._check_finite({"grad_norm": grad_norm_value}, "gradient")
         metrics["grad_norm"] = grad_norm_value
         self.optimizer.step()
+        # fp16: an overflowing gradient is the loss scaler's to handle. It skipped the update and
+        # lowered its scale, and the schedule and the EMA skip the step with it.
+        skipped = scaler is not None and self.optimizer.step_was_skipped
         if scaler is not None:
-            # fp16: an overflowing gradient is the loss scaler's to handle. It skipped the update
-            # and lowered its scale, and the schedule and the EMA skip the step with it.
             metrics["loss_scale"] = scaler.get_scale()
-            if self.optimizer.step_was_skipped:
-                self._check_scale_usable(metrics["loss_scale"], grad_norm_value)
-                logger.info("step %d: gradient overflow in fp16, update skipped, loss scale now %g",
-                            self.step + 1, metrics["loss_scale"])
-                metrics["lr"] = self.scheduler.get_last_lr()[0]
-                return metrics
-        self.scheduler.step()
-        if self.ema is not None:
-            ema_update(self.ema, self.unwrapped, config.ema_decay)
+        if skipped:
+            self._check_scale_usable(metrics["loss_scale"], grad_norm_value)
+            logger.info("step %d: gradient overflow in fp16, update skipped, loss scale now %g",
+                        self.step + 1, metrics["loss_scale"])
+        else:
+            self.scheduler.step()
+            if self.ema is not None:
+                ema_update(self.ema, self.unwrapped, config.ema_decay)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
 

@@ -229,23 +229,29 @@ def test_resume_continues_bit_for_bit(assets, tmp_path, monkeypatch):
     assert steps == ["1", "2", "3", "4", "5", "6"]
 
 
+def _signal_after_step(patch, signum, step_number: int) -> None:
+    """Sends `signum` to this process when step `step_number` has reduced its terms (inside
+    train_step, before the loop counts the step)."""
+    step = train_module._Trainer.train_step
+
+    def signalled(trainer, batch):
+        metrics = step(trainer, batch)
+        if trainer.step == step_number - 1:
+            os.kill(os.getpid(), signum)
+        return metrics
+
+    patch.setattr(train_module._Trainer, "train_step", signalled)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 def test_a_stop_signal_ends_the_run_after_a_whole_step_with_a_checkpoint(assets, tmp_path, monkeypatch, signum):
     """SIGINT or SIGTERM during step 2 (after its terms were reduced) reaches every process
     through step 3's reduction: the run stops after step 3 with a checkpoint of it, and resuming
     continues exactly."""
     straight = train(config(assets, tmp_path / "straight", max_steps=5, checkpoint_every=100))
-    step = train_module._Trainer.train_step
-
-    def signalled_in_step_2(trainer, batch):
-        metrics = step(trainer, batch)
-        if trainer.step == 1:
-            os.kill(os.getpid(), signum)
-        return metrics
-
     handler_before = signal.getsignal(signum)
     with monkeypatch.context() as patch:
-        patch.setattr(train_module._Trainer, "train_step", signalled_in_step_2)
+        _signal_after_step(patch, signum, 2)
         with pytest.raises(KeyboardInterrupt):
             train(config(assets, tmp_path / "stopped", max_steps=5, checkpoint_every=100))
     assert [p.name for p in train_module.checkpoint_dirs(tmp_path / "stopped")] == ["checkpoint-000003"]
@@ -254,20 +260,8 @@ def test_a_stop_signal_ends_the_run_after_a_whole_step_with_a_checkpoint(assets,
     assert resumed.losses == straight.losses[3:]
 
 
-def _signalled_in_step_1(monkeypatch, signum):
-    step = train_module._Trainer.train_step
-
-    def signalled(trainer, batch):
-        metrics = step(trainer, batch)
-        if trainer.step == 0:
-            os.kill(os.getpid(), signum)
-        return metrics
-
-    monkeypatch.setattr(train_module._Trainer, "train_step", signalled)
-
-
 def test_a_stop_is_checkpointed_without_periodic_checkpoints_and_the_last_step_finishes(assets, tmp_path, monkeypatch):
-    _signalled_in_step_1(monkeypatch, signal.SIGTERM)
+    _signal_after_step(monkeypatch, signal.SIGTERM, 1)
     with pytest.raises(KeyboardInterrupt):
         train(config(assets, tmp_path / "stopped", max_steps=3, checkpoint_every=0))
     assert [p.name for p in train_module.checkpoint_dirs(tmp_path / "stopped")] == ["checkpoint-000002"]
