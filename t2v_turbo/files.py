@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -94,13 +95,31 @@ def read_tensor_file(path: str | os.PathLike) -> Any:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        hint = (
-            "; a pickle of more than tensors: save its state dict to safetensors first"
-            if isinstance(error, torch.serialization.pickle.UnpicklingError) else ""
-        )
-        raise ValueError(
-            f"{path}: not a readable {path.suffix} checkpoint ({type(error).__name__}: {error}{hint})"
-        ) from error
+        raise ValueError(f"{path}: not a readable {path.suffix} checkpoint ({_unreadable_reason(error)})") from error
+
+
+# torch's refusal under weights_only=True: several paragraphs (one advising weights_only=False)
+# around the one line that says what was refused.
+_WEIGHTS_UNPICKLER_MARK = "WeightsUnpickler error:"
+
+
+def _unreadable_reason(error: Exception) -> str:
+    text = str(error)
+    if _WEIGHTS_UNPICKLER_MARK in text:
+        refused = text.split(_WEIGHTS_UNPICKLER_MARK, 1)[1].strip().splitlines()[0]
+        unsupported_global = re.match(r"Unsupported global: GLOBAL (\S+)", refused)
+        if unsupported_global:
+            return (
+                f"it pickles {unsupported_global.group(1)}, which weights_only=True does not build: if you trust "
+                "the file, load it with torch.load(weights_only=False) yourself and save its state dict with safetensors"
+            )
+        return f"not a torch checkpoint: {refused}"
+    if isinstance(error, EOFError):
+        return "the file ends early: empty or truncated"
+    package = type(error).__module__.split(".")[0]
+    kind = type(error).__name__ if package == "builtins" else f"{package}.{type(error).__name__}"
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{kind}: {first_line}" if first_line else kind
 
 
 def read_json_file(path: str | os.PathLike) -> Any:

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 import turbo_kernels
 from t2v_turbo import schedule
 from t2v_turbo.cache import MODELS_HANDED_IN_KEY, PREPROCESS_HINT, TeacherCache, collate_samples
+from t2v_turbo.data.videos import default_manifest
 from t2v_turbo.models import VC2UNet
 from t2v_turbo.models import checkpoint as unet_checkpoint
 from t2v_turbo.models.adapter import NoisePredictor
@@ -1270,13 +1271,28 @@ def check_cache_teacher(cache_config: Mapping[str, Any], config: TrainConfig) ->
 
 def check_cache_data(cache_config: Mapping[str, Any], config: TrainConfig) -> None:
     """With config.data set, the cache must have been built from that data: the same string, or
-    paths that resolve to the same place. Caches that do not record their data are not checked."""
+    paths that resolve to the same place, a directory and the manifest it is read through counting
+    as one. Caches that do not record their data are not checked."""
     built_from = cache_config.get("data")
     if config.data is None or built_from is None or built_from == config.data:
         return
-    if built_from != "synthetic" and config.data != "synthetic" and _same_path(built_from, config.data):
+    if built_from != "synthetic" and config.data != "synthetic" and any(
+        _same_path(built_from, spelling) for spelling in _data_spellings(config.data)
+    ):
         return
     raise ValueError(f"cache {config.cache} was built from data {built_from!r}, not from data={config.data!r}")
+
+
+def _data_spellings(data: str) -> list[str]:
+    """`data` and, where it names a directory of videos or the manifest that directory is read
+    through by default, the other of the two."""
+    path = Path(data)
+    if path.is_dir():
+        manifest = default_manifest(path)
+        return [data] if manifest is None else [data, str(manifest)]
+    if path.is_file() and default_manifest(path.parent) == path:
+        return [data, str(path.parent)]
+    return [data]
 
 
 def _same_path(recorded: str, given: str) -> bool:

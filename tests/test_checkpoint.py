@@ -213,6 +213,15 @@ def test_convert_cli_reports_unreadable_inputs(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "junk.pt"), str(output)]) == 2
     assert "not a readable .pt checkpoint" in capsys.readouterr().err
     assert not output.exists()
+    # torch's refusal is paragraphs long (and advises weights_only=False): one line says what it refused.
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1.0)}, tmp_path / "lightning.ckpt")
+    assert main(["convert", str(tmp_path / "lightning.ckpt"), str(output)]) == 2
+    error = capsys.readouterr().err
+    assert "it pickles argparse.Namespace, which weights_only=True does not build" in error
+    assert error.count("\n") == 1 and "Check the documentation" not in error
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert main(["convert", str(tmp_path / "empty.pt"), str(output)]) == 2
+    assert "empty.pt: not a readable .pt checkpoint (the file ends early: empty or truncated)" in capsys.readouterr().err
 
 
 def test_convert_cli_creates_the_output_folder(tmp_path, tiny_state):

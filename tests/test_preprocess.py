@@ -374,6 +374,29 @@ def test_command_line_synthetic_tiny_preset(tmp_path, capsys):
     assert "a-file is a file, so" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
+        (["--frames", "-2"], "argument --frames: must be a positive integer, got -2"),
+        (["--limit", "0"], "argument --limit: must be a positive integer, got 0"),
+        (["--num-workers", "-1"], "argument --num-workers: must be 0 or more, got -1"),
+        (["--fps", "eight"], "argument --fps: must be an integer, got 'eight'"),
+        (["--grid-range", "5", "2"], "--grid-range must be LO HI with 0 <= LO < HI <= 200, got 5 2"),
+        (["--motion-grid-range", "100", "201"], "--motion-grid-range must be LO HI with 0 <= LO < HI <= 200"),
+    ],
+)
+def test_command_line_errors_name_the_flag(tmp_path, capsys, flags, message):
+    """Not the PreprocessConfig field behind it (num_frames for --frames)."""
+    argv = ["--preset", "tiny", "--cache", str(tmp_path / "cache"), "--cpu", "--no-progress", *flags]
+    try:
+        status = run_cli(argv)
+    except SystemExit as stopped:  # argparse's own usage error
+        status = stopped.code
+    assert status == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
 def test_command_line_fails_when_every_clip_is_unreadable(tmp_path, capsys):
     """Said by preprocess, not left to train's "the cache holds no samples"."""
     (tmp_path / "zero.mp4").write_bytes(b"")

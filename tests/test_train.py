@@ -550,6 +550,18 @@ def test_a_cache_built_from_other_data_is_refused(assets, tmp_path):
         check({"data": "videos/manifest.csv"}, TrainConfig(data="/elsewhere/other/manifest.csv"))
     with pytest.raises(ValueError, match="built from data 'synthetic'"):
         check({"data": "synthetic"}, TrainConfig(data="videos"))
+    # A directory and the manifest it is read through are one source, either way round; a directory
+    # read through manifest.csv is not the same data as its manifest.jsonl.
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "manifest.csv").write_text("path,caption\n")
+    (videos / "manifest.jsonl").write_text("")
+    check({"data": str(videos)}, TrainConfig(data=str(videos / "manifest.csv")))
+    check({"data": str(videos / "manifest.csv")}, TrainConfig(data=str(videos)))
+    with pytest.raises(ValueError, match="built from data"):
+        check({"data": str(videos)}, TrainConfig(data=str(videos / "manifest.jsonl")))
+    with pytest.raises(ValueError, match="built from data"):
+        check({"data": str(videos / "manifest.jsonl")}, TrainConfig(data=str(videos)))
 
 
 def test_train_command_reports_unusable_settings(assets, tmp_path, capsys):

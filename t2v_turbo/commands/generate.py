@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from t2v_turbo.commands import positive_int
 from t2v_turbo.files import uncreatable_reason
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -93,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a UNet directory to sample with instead of the model's (e.g. the student/ that `t2v-turbo train` writes)",
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="sampling steps (default: the model's, usually 4; 50 with --teacher)"
+        "--steps", type=positive_int, default=None, help="sampling steps (default: the model's, usually 4; 50 with --teacher)"
     )
     parser.add_argument(
         "--guidance",
@@ -104,12 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--motion-strength", type=float, default=None, help="motion-guidance strength m (default: the model's, 0.05)"
     )
-    parser.add_argument("--frames", type=int, default=None, help="frames a video (default: the model's)")
-    parser.add_argument("--height", type=int, default=None, help="height in pixels (default: the model's)")
-    parser.add_argument("--width", type=int, default=None, help="width in pixels (default: the model's)")
+    parser.add_argument("--frames", type=positive_int, default=None, help="frames a video (default: the model's)")
+    parser.add_argument("--height", type=positive_int, default=None, help="height in pixels (default: the model's)")
+    parser.add_argument("--width", type=positive_int, default=None, help="width in pixels (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
-        "--batch-size", type=int, default=1,
+        "--batch-size", type=positive_int, default=1,
         help="prompts sampled together (default 1: memory of one clip, and each clip depends on its prompt and "
         "the seed only)",
     )
@@ -140,14 +141,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         problem = uncreatable_reason(path, directory=False)
         if problem:
             parser.error(f"--out: {problem}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.teacher and args.motion_strength is not None:
         parser.error("--motion-strength conditions the student; the teacher (--teacher) takes none")
-    for name in ("steps", "frames", "height", "width"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be a positive integer, got {value}")
     from t2v_turbo import schedule
     from t2v_turbo.pipeline import TEACHER_MAX_STEPS
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from t2v_turbo.commands import non_negative_int, positive_int
+
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -35,7 +37,13 @@ def run_preprocess(args: argparse.Namespace) -> int:
     from accelerate.utils import gather_object
 
     from t2v_turbo.preprocess import PreprocessConfig, preprocess, run_totals
+    from t2v_turbo.schedule import DDIM_GRID_STEPS
 
+    for flag, (lo, hi) in (("--grid-range", args.grid_range), ("--motion-grid-range", args.motion_grid_range)):
+        if not 0 <= lo < hi <= DDIM_GRID_STEPS:
+            limits = f"0 <= LO < HI <= {DDIM_GRID_STEPS}"
+            print(f"t2v-turbo preprocess: error: {flag} must be LO HI with {limits}, got {lo} {hi}", file=sys.stderr)
+            return 2
     try:
         clip = clip_settings(args)
         config = PreprocessConfig(
@@ -94,13 +102,13 @@ def add_preprocess_command(subparsers) -> None:
                          help="random weights of this architecture, seeded by --seed as `train` seeds its student")
     parser.add_argument("--data", default="synthetic", help="synthetic, a directory of videos or a .csv/.jsonl manifest")
     parser.add_argument("--cache", required=True, help="the cache directory to write (or continue)")
-    parser.add_argument("--frames", type=int, default=None, help="frames a clip (default: --model's, else 16)")
-    parser.add_argument("--fps", type=int, default=None,
+    parser.add_argument("--frames", type=positive_int, default=None, help="frames a clip (default: --model's, else 16)")
+    parser.add_argument("--fps", type=positive_int, default=None,
                         help="frame rate of the clips and the teacher's fps conditioning (default: --model's, else 8)")
-    parser.add_argument("--height", type=int, default=None, help="frame height in pixels (default: --model's, else 320)")
-    parser.add_argument("--width", type=int, default=None, help="frame width in pixels (default: --model's, else 512)")
-    parser.add_argument("--batch-size", type=int, default=4, help="clips a teacher batch")
-    parser.add_argument("--shard-size", type=int, default=64, help="samples a cache shard")
+    parser.add_argument("--height", type=positive_int, default=None, help="frame height in pixels (default: --model's, else 320)")
+    parser.add_argument("--width", type=positive_int, default=None, help="frame width in pixels (default: --model's, else 512)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="clips a teacher batch")
+    parser.add_argument("--shard-size", type=positive_int, default=64, help="samples a cache shard")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the UNet and the VAE")
     parser.add_argument("--seed", type=int, default=0, help="seed of every per-clip draw (grid index, noise)")
     parser.add_argument("--no-motion", action="store_true", help="no motion priors: every clip is a plain clip")
@@ -115,8 +123,8 @@ def add_preprocess_command(subparsers) -> None:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the teacher's no-grad passes from CUDA graphs, one a batch size (GPU only): the "
                         "DDIM inversion runs the same shapes for up to 200 steps")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N clips of the data")
-    parser.add_argument("--num-workers", type=int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N clips of the data")
+    parser.add_argument("--num-workers", type=non_negative_int, default=None,
                         help="data loader worker processes (default: 2 for video files, 0 for synthetic clips)")
     parser.add_argument("--video-backend", choices=("pyav", "decord"), default="pyav",
                         help="decoder of real videos (decord must be installed)")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from t2v_turbo.cache import MANIFEST_NAME
-from t2v_turbo.commands import error_text
+from t2v_turbo.commands import error_text, positive_int
 
 if TYPE_CHECKING:
     from torch import nn
@@ -227,7 +227,7 @@ def add_train_command(subparsers) -> None:
         help="synthetic or a dataset path: what the cache must have been built from (checked against its manifest)",
     )
     parser.add_argument("--cache", default=None, help="teacher cache directory")
-    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps in all (a resumed run included)")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps in all (a resumed run included)")
     parser.add_argument("--output-dir", default=None, help="where checkpoints, metrics.csv and the student go")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     parser.add_argument("--seed", type=int, default=None, help="seed of the data order, w draws and dropout")

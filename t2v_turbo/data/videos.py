@@ -297,6 +297,12 @@ def _check_size(size: Sequence[int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def default_manifest(root: str | Path) -> Path | None:
+    """The manifest a directory of videos is read through when none is named: the first of
+    MANIFEST_NAMES it holds, or None."""
+    return next((Path(root) / name for name in MANIFEST_NAMES if (Path(root) / name).is_file()), None)
+
+
 class VideoTextDataset(Dataset):
     """Videos under `root` listed in a manifest (CSV or JSONL: path relative to root, caption, optional
     short_caption and use_motion; default root/manifest.csv or root/manifest.jsonl).
@@ -322,13 +328,12 @@ class VideoTextDataset(Dataset):
         if not self.root.is_dir():
             raise ValueError(f"root must be a directory of videos, got {root}")
         if manifest is None:
-            candidates = [self.root / name for name in MANIFEST_NAMES if (self.root / name).is_file()]
-            if not candidates:
+            manifest = default_manifest(self.root)
+            if manifest is None:
                 raise ValueError(
                     f"{root} holds none of {list(MANIFEST_NAMES)}: give the manifest file itself (the data path on "
                     "the command line, manifest= in Python)"
                 )
-            manifest = candidates[0]
         if not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
         if not fps > 0:
