@@ -40,11 +40,12 @@ def spec_guided_step(z, eps_c, eps_u, score, t_hi, t_lo, w, m, form):
     return z_lo, x0
 
 
-def spec_consistency(sample, eps, t):
+def spec_consistency(sample, eps, t, timestep_scaling=10.0, sigma_data=0.5):
     out = torch.empty_like(sample)
+    sd2 = sigma_data * sigma_data
     for b in range(sample.shape[0]):
-        s = 10.0 * t[b]
-        c_skip, c_out = 0.25 / (s * s + 0.25), s / math.sqrt(s * s + 0.25)
+        s = timestep_scaling * t[b]
+        c_skip, c_out = sd2 / (s * s + sd2), s / math.sqrt(s * s + sd2)
         x0 = (sample[b] - math.sqrt(1 - ACP[t[b]]) * eps[b]) / math.sqrt(ACP[t[b]])
         out[b] = c_skip * sample[b] + c_out * x0
     return out
@@ -187,6 +188,25 @@ def test_consistency_backward_formulas_match_autograd():
     want = _vjp(lambda a, b, c: ref.consistency_sampler_step(a, b, c, t, t_prev, ACP_TABLE), [x, eps, noise], (g1, g2))
     got = ref.consistency_sampler_step_backward(g1, g2, t, t_prev, ACP_TABLE, 10.0, 0.5)
     for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_consistency_references_follow_their_scalings():
+    """timestep_scaling and sigma_data other than SPEC's 10 and 0.5 reach c_skip and c_out, in
+    consistency_output, in the sampler step (which must hand them on) and in both backwards: every
+    other test uses the defaults, where a scaling that is ignored or squared wrongly goes unseen."""
+    (x, eps, noise, g1, g2), _ = _inputs((2, 3, 2, 3), seed=12, n=5)
+    t, t_prev = torch.tensor([999, 3]), torch.tensor([749, 0])
+    scalings = dict(timestep_scaling=0.002, sigma_data=1.7)  # at t = 999 s ~ 2: c_skip 0.42, c_out 0.76
+    want = spec_consistency(x, eps, t.tolist(), 0.002, 1.7)
+    torch.testing.assert_close(ref.consistency_output(x, eps, t, ACP_TABLE, **scalings), want, rtol=1e-12, atol=1e-12)
+    denoised, _ = ref.consistency_sampler_step(x, eps, noise, t, t_prev, ACP_TABLE, **scalings)
+    torch.testing.assert_close(denoised, want, rtol=1e-12, atol=1e-12)
+    fwd = _vjp(lambda a, b: ref.consistency_output(a, b, t, ACP_TABLE, **scalings), [x, eps], (g1,))
+    for a, b in zip(ref.consistency_output_backward(g1, t, ACP_TABLE, 0.002, 1.7), fwd):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    fwd = _vjp(lambda a, b, c: ref.consistency_sampler_step(a, b, c, t, t_prev, ACP_TABLE, **scalings), [x, eps, noise], (g1, g2))
+    for a, b in zip(ref.consistency_sampler_step_backward(g1, g2, t, t_prev, ACP_TABLE, 0.002, 1.7), fwd):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
