@@ -150,6 +150,38 @@ def test_motion_energy_forward_and_backward(case, dtype, per_video, chosen):
         assert_within_2x_of_reference(out, lp, w64, name)
 
 
+@pytest.mark.parametrize("per_video", [False, True], ids=["pooled", "per-video"])
+@pytest.mark.parametrize("case", CASES[:2], ids=CASE_IDS[:2])
+def test_reference_backend_backwards_match_autograd(case, per_video, chosen):
+    """The reference backend's hand-written backwards (ops.motion._reference_probs_backward and
+    _reference_energy_backward: the CPU default and every fallback) against autograd of the
+    reference forwards, in float64. The tests above hold the Triton backwards to those forwards but
+    never run these: a dropped factor 2, a per-video count taken over the whole batch, a softmax
+    backward summed over queries, or dk = dS q instead of dS^T q all passed."""
+    layout, batch, frames, positions, heads, head_dim, source = case
+    g = torch.Generator().manual_seed(_seed(case, per_video, "reference-backward"))
+    q, k = _qk(*case, torch.float64, g)
+    num_sequences = batch * positions
+    ref_probs = _ref_probs(num_sequences, heads, frames, g, torch.float64)
+    num_videos = batch if per_video else None
+    probs_upstream = randn((num_sequences, heads, frames, frames), torch.float64, g)
+    energy_upstream = (0.5 + torch.rand((batch,) if per_video else (), generator=g, dtype=torch.float64)).to(DEVICE)
+
+    def both(probs_fn, energy_fn, q, k):
+        q, k = _leaves(q, k)
+        probs_grads = torch.autograd.grad(probs_fn(q, k, frames, heads, layout), (q, k), probs_upstream)
+        energy = energy_fn(q, k, ref_probs, frames, heads, layout, num_videos=num_videos)
+        return probs_grads + torch.autograd.grad(energy, (q, k), energy_upstream)
+
+    with tk.backend("reference"):
+        got = both(temporal_attention_probs, motion_energy, q, k)
+    ops = ["temporal_attention_probs", "temporal_attention_probs_backward", "motion_energy", "motion_energy_backward"]
+    _assert_ran(chosen, "reference", ops)
+    want = both(ref.temporal_attention_probs, ref.motion_energy, q, k)
+    for name, out, w in zip(("probs d q", "probs d k", "energy d q", "energy d k"), got, want):
+        torch.testing.assert_close(out, w, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("magnitude", [1.0, 1e-5])
 @pytest.mark.parametrize("dtype", [d for d in KERNEL_DTYPES if d != torch.float32], ids=str)
 def test_16bit_gradients_round_once(dtype, magnitude):
