@@ -283,11 +283,16 @@ def poisoned(monkeypatch):
 TRITON_CASES = [
     ((1, 1, 3, 40, 64), (PreprocessSpec(36, "pad"), _video(size=34), PreprocessSpec(20, "squash")), "unit"),
     ((1, 4, 3, 13, 21), (PreprocessSpec(12, "crop", "bilinear", False, crop_offset=(0, 6)), PreprocessSpec(9, "pad")), "signed"),
+    # Upsampling (the cases above only shrink): bilinear 5x4 -> 33 leaves outputs 32 (rows and
+    # columns) weighing only the last input row or column, one CHUNK past every other's window, so
+    # a window that drops the last row's or column's span (forward or backward) loses them.
+    ((1, 2, 3, 5, 4), (PreprocessSpec(33, "squash", "bilinear", False), PreprocessSpec(20, "pad")), "unit"),
 ]
+TRITON_IDS = ["40x64-3-specs", "13x21-strided-signed", "5x4-upsampled"]
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("shape,specs,input_range", TRITON_CASES, ids=["40x64-3-specs", "13x21-strided-signed"])
+@pytest.mark.parametrize("shape,specs,input_range", TRITON_CASES, ids=TRITON_IDS)
 def test_triton_matches_reference(shape, specs, input_range, dtype, poisoned, chosen):
     _check_kernels_against_reference("triton", shape, specs, input_range, dtype, chosen)
 
@@ -348,7 +353,7 @@ def test_cuda_schemas_are_registered_when_the_extension_is_built():
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize(
     "shape,specs,input_range", CUDA_CASES,
-    ids=["40x64-3-specs", "13x21-strided-signed", "70x150-upsampled", "3-clips-24x40"],
+    ids=TRITON_IDS + ["70x150-upsampled", "3-clips-24x40"],
 )
 def test_cuda_matches_reference(shape, specs, input_range, dtype, chosen):
     """New CUDA buffers start as NaN (helpers.poison_cuda_allocator): an unwritten element fails."""
