@@ -125,13 +125,16 @@ def test_packed_qkv_must_hold_three_parts():
         temporal_attention_packed(torch.randn(4, 192), 2, 2)
 
 
-@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize("backend_name", ["reference"] + (["triton"] if TRITON_USABLE else []))
 @pytest.mark.parametrize("layout", ref.LAYOUTS)
-def test_saved_logsumexp_and_explicit_scale(layout):
+def test_saved_logsumexp_and_explicit_scale(layout, backend_name):
+    """The op's second output, the logsumexp of every scaled query row, on each backend. The
+    reference forward computes its own for a Triton backward to read; without its scale it passed
+    every other test (the reference backward never reads it)."""
     g = torch.Generator().manual_seed(3)
     frames, heads, head_dim, scale = 6, 2, 32, 0.3
     q, k, v = (randn(_shape(layout, 2, frames, 5, heads, head_dim), torch.float32, g) for _ in range(3))
-    with tk.backend("triton"):
+    with tk.backend(backend_name):
         out, lse = torch.ops.turbo_kernels.temporal_attention(q, k, v, frames, heads, layout, scale)
     q_s, k_s = (ref.to_sequences(x.double(), frames, heads, layout) for x in (q, k))
     want = torch.logsumexp(torch.matmul(q_s, k_s.transpose(-1, -2)) * scale, dim=-1)
