@@ -137,12 +137,15 @@ def test_kernel_report_compiles_what_the_unet_launches(monkeypatch, dtype):
     assert unreported_launches(launches, kernels.REPORT_CONFIGS) == []
 
 
-@needs_triton
-def test_saved_logsumexp_and_explicit_scale():
+@pytest.mark.parametrize("backend_name", ["reference"] + (["triton"] if TRITON_USABLE else []))
+def test_saved_logsumexp_and_explicit_scale(backend_name):
+    """The op's second output, the logsumexp of every scaled query row, on each backend. The
+    reference forward computes its own for a Triton backward to read; without its scale it passed
+    every other test (the reference backward never reads it)."""
     g = torch.Generator().manual_seed(3)
     heads, scale, kv_repeat = 2, 0.3, 2
     q, k, v, _ = _inputs(4, 7, 9, heads, 16, kv_repeat, torch.float32, g)
-    with tk.backend("triton"):
+    with tk.backend(backend_name):
         out, lse = torch.ops.turbo_kernels.spatial_attention(q, k, v, heads, scale, kv_repeat)
     q_h = ref.split_heads(q.double(), heads)
     k_h = ref.split_heads(k.double(), heads).repeat_interleave(kv_repeat, dim=0)
