@@ -140,6 +140,17 @@ def test_pseudo_huber_reference_matches_spec():
     assert abs(ref.pseudo_huber_loss(p, q).item() - want) < 1e-15
 
 
+def test_pseudo_huber_reference_keeps_its_digits_far_below_c():
+    """|d| ~ 1e-6 << c (a student at its target): sqrt(d^2 + c^2) - c computed in float32 cancels
+    to a few percent of the loss; the float32 reference must stay at float32 precision."""
+    (p, q), _ = _inputs((4, 64), seed=7, n=2)
+    p, q = p * 1e-6, q * 1e-6
+    want = ref.pseudo_huber_loss(p, q)
+    got = ref.pseudo_huber_loss(p.float(), q.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+
+
 def test_reference_fp32_close_to_float64():
     (z, ec, eu, sc), _ = _inputs((2, 4, 3, 4, 4), seed=6)
     t_hi, t_lo, w, m = torch.tensor([999, 9]), torch.tensor([994, 4]), torch.tensor([6.0, 14.0]), torch.tensor([0.05, 0.05])
