@@ -33,7 +33,7 @@ def suites() -> tuple[tuple[harness.Suite, ...], tuple]:
             rewards.cases,
             video_decode.cases,
         ),
-        (temporal_block.summary, models.summary, training.summary, rewards.summary, video_decode.summary),
+        (attention.summary, spatial.summary, temporal_block.summary, models.summary, training.summary, rewards.summary, video_decode.summary),
     )
 
 

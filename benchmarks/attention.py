@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import turbo_kernels as tk
+from benchmarks import models
 from benchmarks.harness import COMPILED, EAGER, Case, Impl, SuiteOptions
-from benchmarks.spatial import SDPA_BACKENDS, XFORMERS, sdpa_unavailable, xformers_unavailable
+from benchmarks.spatial import SDPA_BACKENDS, XFORMERS, fastest_sdpa, sdpa_unavailable, xformers_unavailable
 from turbo_kernels import dispatch
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.reference import attention as ref
@@ -47,6 +48,11 @@ QUICK_BATCH_SIZES = (1,)
 # is left out).
 FWD_TRAFFIC = 4
 BWD_TRAFFIC = 7
+# Issue 3's targets for temporal attention forward+backward: this many times the fastest SDPA
+# backend with its permutes, and this effective bandwidth (GB/s of `bytes`) on an H100.
+TARGET_SPEEDUP = 3.0
+TARGET_GBPS = 2500.0
+TARGET_GBPS_DEVICE = "H100"
 
 
 def _sdpa(backend: SDPBackend) -> Callable:
@@ -151,3 +157,30 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
                     dtype=options.dtype,
                     shape=shape,
                 )
+
+
+def summary(result: dict) -> list[str]:
+    """Issue 3's targets for temporal attention forward+backward, per measured case: the Triton
+    op >= 3x the fastest SDPA backend run on the reference layout with its permutes, and >= 2.5
+    TB/s effective (judged on an H100 only, the device the issue sets it for)."""
+    rows = models.rows_by(result, OP, "fwd+bwd")
+    device = result.get("device") or "an unnamed device"
+    lines = []
+    for case in dict.fromkeys(case for case, _ in rows):
+        label = f"temporal attention {case} fwd+bwd"
+        sdpa = fastest_sdpa(rows, case)
+        if sdpa is None:
+            lines.append(f"n/a   {label}: no SDPA backend measured")
+        else:
+            lines.append(models.speedup_line(label, rows, case, "triton", sdpa, TARGET_SPEEDUP))
+        kernel = rows.get((case, "triton"))
+        if kernel is None:
+            lines.append(f"n/a   {label} effective bandwidth: triton not measured")
+        elif TARGET_GBPS_DEVICE not in device:
+            lines.append(f"n/a   {label} effective bandwidth: triton {kernel['gbps']:.0f} GB/s on {device} "
+                         f"(the target of {TARGET_GBPS:g} GB/s is set for an {TARGET_GBPS_DEVICE})")
+        else:
+            verdict = "PASS" if kernel["gbps"] >= TARGET_GBPS else "FAIL"
+            lines.append(f"{verdict}  {label} effective bandwidth: triton {kernel['gbps']:.0f} GB/s "
+                         f"(target >= {TARGET_GBPS:g} GB/s)")
+    return lines

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import turbo_kernels as tk
+from benchmarks import models
 from benchmarks.harness import COMPILED, EAGER, MAX_REASON_CHARS, Case, Impl, SuiteOptions
 from turbo_kernels import dispatch
 from turbo_kernels.ops.spatial import spatial_attention
@@ -226,3 +227,27 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
                         shape=(rows, queries, channels),
                         flops=int(flops * (1 + BWD_FLOPS_FACTOR)) if with_grad else flops,
                     )
+
+
+def fastest_sdpa(rows: dict, case: str) -> Optional[str]:
+    """The SDPA backend with the least median time on `case` among `rows` ((case, impl) -> row), or None
+    (`sdpa`: the one row of torch's own choice that runs before 2026-11-26's second lease had)."""
+    measured = [name for name in (*SDPA_BACKENDS, "sdpa") if (case, name) in rows]
+    return min(measured, key=lambda name: rows[(case, name)]["median_ms"]) if measured else None
+
+
+def summary(result: dict) -> list[str]:
+    """Issue 3's target for spatial self- and cross-attention, per measured case and pass: the
+    Triton op never slower than the fastest SDPA backend."""
+    lines = []
+    for op in OPS:
+        for pass_name in ("fwd", "fwd+bwd"):
+            rows = models.rows_by(result, op, pass_name)
+            for case in dict.fromkeys(case for case, _ in rows):
+                label = f"{op} {case} {pass_name}"
+                sdpa = fastest_sdpa(rows, case)
+                if sdpa is None:
+                    lines.append(f"n/a   {label}: no SDPA backend measured")
+                else:
+                    lines.append(models.speedup_line(label, rows, case, "triton", sdpa, 1.0))
+    return lines

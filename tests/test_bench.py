@@ -656,3 +656,35 @@ def test_copy_bandwidth_counts_read_and_write(monkeypatch):
     monkeypatch.setattr(harness, "time_fn", lambda *args: harness.Timing(median_ms=1.0, host_ms=None, first_call_s=0.0))
     # 1e6 bytes read and 1e6 written in 1 ms.
     assert harness.measure_copy_gbps(torch.device("cpu"), 1_000_000) == pytest.approx(2.0)
+
+
+def test_attention_summaries_judge_issue_3s_targets_against_the_fastest_sdpa_backend():
+    import benchmarks
+
+    assert {attention.summary, spatial.summary} <= set(benchmarks.suites()[1]), "the run prints their lines"
+    case = "b8-n2560-h5"
+    times = {"sdpa-flash": 2.0, "sdpa-cudnn": 1.5, "sdpa-efficient": 3.0, harness.EAGER: 8.0, "triton": 0.45}
+    rows = [{"op": attention.OP, "case": case, "pass": "fwd+bwd", "impl": impl, "median_ms": ms, "gbps": 2700.0}
+            for impl, ms in times.items()]
+    result = {"device": "NVIDIA H100 80GB HBM3", "rows": rows}
+    speed, bandwidth = attention.summary(result)
+    # Against the fastest SDPA backend (cuDNN, 1.5 ms), not the slowest or the reference.
+    assert speed.startswith("PASS") and "triton 3.33x sdpa-cudnn" in speed and ">= 3x" in speed
+    assert bandwidth.startswith("PASS") and "2700 GB/s" in bandwidth
+    rows[-1].update(median_ms=0.6, gbps=2400.0)
+    speed, bandwidth = attention.summary(result)
+    assert speed.startswith("FAIL") and bandwidth.startswith("FAIL")
+    # The bandwidth target is an H100's; another device's rows are not judged by it.
+    assert attention.summary({**result, "device": "NVIDIA H200"})[1].startswith("n/a")
+    # Forward rows carry no target; a missing kernel row is n/a, never PASS.
+    assert not attention.summary({"rows": [{**row, "pass": "fwd"} for row in rows]})
+    assert all(line.startswith("n/a") for line in attention.summary({"rows": rows[:-1]}))
+    assert attention.summary({"rows": rows[-1:]})[0].startswith("n/a")
+
+    cross = [{"op": spatial.CROSS_OP, "case": "b1-n2560-h5-m77", "pass": "fwd", "impl": impl, "median_ms": ms}
+             for impl, ms in {"sdpa-flash": 0.0523, "sdpa-cudnn": 0.0355, "triton": 0.0585}.items()]
+    (line,) = spatial.summary({"rows": cross})
+    assert line.startswith("FAIL") and "sdpa-cudnn" in line and "(target >= 1x)" in line
+    cross[-1]["median_ms"] = 0.03
+    assert spatial.summary({"rows": cross})[0].startswith("PASS")
+    assert spatial.summary({"rows": cross[-1:]})[0].startswith("n/a")
