@@ -26,6 +26,7 @@ matrix rate. Run alone: `python -m benchmarks.rewards --warmup 2 --iters 10`.
 from __future__ import annotations
 
 import functools
+import zlib
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -116,12 +117,17 @@ def _video_reward_class():
     from t2v_turbo.rewards.internvideo2 import InternVideo2Reward
 
     class VideoRewardWithoutTokenizer(InternVideo2Reward):
-        """InternVideo2 whose caption embeddings are seeded random unit rows: there is no tokenizer
-        vocabulary offline, and text embeddings are computed once a prompt, outside the timing."""
+        """InternVideo2 whose caption embeddings are seeded random unit rows, one per caption
+        (seeded by the caption, so a caption embeds alike alone or in any batch, as a text tower
+        would: the sequential path and the mixture's cache then score against the same rows):
+        there is no tokenizer vocabulary offline, and text embeddings are computed once a prompt,
+        outside the timing."""
 
         def embed_text(self, text: Sequence[str], attention_mask: Optional[Tensor] = None, normalize: bool = True) -> Tensor:
-            generator = torch.Generator().manual_seed(len(text))
-            rows = torch.randn(len(text), self.config.embed_dim, generator=generator)
+            rows = torch.stack([
+                torch.randn(self.config.embed_dim, generator=torch.Generator().manual_seed(zlib.crc32(caption.encode())))
+                for caption in text
+            ])
             return (rows / rows.norm(dim=-1, keepdim=True)).to(self.text_proj.weight)
 
     return VideoRewardWithoutTokenizer

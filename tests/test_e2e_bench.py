@@ -293,3 +293,17 @@ def test_target_lines_judge_speed_and_memory():
     assert eager.startswith("PASS") and "1.67x" in eager  # 300 / 180 = 1.67 >= 1.5
     assert compiled.startswith("FAIL") and "1.11x" in compiled  # 200 / 180 = 1.11 < 1.15
     assert memory.startswith("FAIL")  # 1001 MiB > 1000 MiB
+
+
+def test_sequential_and_batched_reward_paths_compute_the_same_reward():
+    """Issue 5 compares them at equal numerics: the same frames, models and text rows, so the
+    same total and the same gradient of the frames (the stand-in video text tower once seeded
+    its rows by the batch's length, so the paths scored against different captions)."""
+    options = _cpu_options()
+    for with_grad in (False, True):
+        x = rewards._inputs(2, rewards.TINY, options, with_grad)()
+        sequential = rewards._timed(rewards.sequential_rewards)(x)
+        batched = rewards._timed(rewards.batched_rewards)(x)
+        if with_grad:
+            (sequential,), (batched,) = sequential, batched
+        torch.testing.assert_close(sequential, batched, rtol=1e-4, atol=1e-6)
