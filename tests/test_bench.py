@@ -688,3 +688,23 @@ def test_attention_summaries_judge_issue_3s_targets_against_the_fastest_sdpa_bac
     cross[-1]["median_ms"] = 0.03
     assert spatial.summary({"rows": cross})[0].startswith("PASS")
     assert spatial.summary({"rows": cross[-1:]})[0].startswith("n/a")
+
+
+def test_no_temporal_block_impl_runs_beside_triton_nhwc_copies(monkeypatch):
+    """triton-nhwc keeps channels-last copies of the stream (and its gradient) in each input set;
+    the harness times the compiled impls after it, so every other impl drops them first: they
+    would count in its peak memory."""
+    from .helpers import DEVICE
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the compiled impls, run eagerly
+    options = harness.SuiteOptions(DEVICE, torch.float32, None, quick=True)
+    for case in temporal_block.cases(options):
+        x = case.make_inputs()
+        impls = {impl.name: impl for impl in case.impls}
+        for name, impl in impls.items():
+            if name == temporal_block.TRITON_NHWC:
+                continue
+            impls[temporal_block.TRITON_NHWC].fn(x)
+            assert hasattr(x, "channels_last")
+            impl.fn(x)
+            assert not hasattr(x, "channels_last"), f"{case.pass_name} {name} ran beside triton-nhwc's copies"
