@@ -114,5 +114,5 @@ stage profile 120 bench.log "${BENCH[@]}" --warmup 1 --iters 2 --compile-budget 
 stage bench_kernels 140 bench.log "${BENCH[@]}" --compile-budget 90 --ops "$KERNEL_OPS" "${KERNEL_ARGS[@]}"
 stage bench_rewards 60 bench.log "${BENCH[@]}" --warmup 2 --iters 5 --compile-budget 0 --ops "$REWARD_OPS" "${REWARD_ARGS[@]}"
 stage bench_models rest bench.log "${BENCH[@]}" --warmup 1 --iters 3 --compile-budget "$MODEL_COMPILE_S" --ops "$MODEL_OPS" "${MODEL_ARGS[@]}"
-grep -E "^(PASS|FAIL|n/a|info) " "$OUT/bench.log"
+grep -E "^(PASS|FAIL|FITS|OVER|n/a|info) " "$OUT/bench.log"
 say "done"

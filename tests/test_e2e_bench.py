@@ -307,3 +307,18 @@ def test_sequential_and_batched_reward_paths_compute_the_same_reward():
         if with_grad:
             (sequential,), (batched,) = sequential, batched
         torch.testing.assert_close(sequential, batched, rtol=1e-4, atol=1e-6)
+
+
+def test_device_check_reports_every_verdict_the_summaries_print():
+    """device_check.sh ends by grepping bench.log for the target lines: the whole recipe's
+    FITS/OVER verdicts (issue 6's one-GPU memory) must be among them."""
+    import re
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.sh").read_text()
+    (pattern,) = re.findall(r'^grep -E "(\^\(.*\) )" "\$OUT/bench\.log"$', script, flags=re.M)
+    recipe = [_row(training.RECIPE_OP, "b3-full-finetune-16x320x512", setup.name, 1000.0, peak=peak, p="fwd+bwd")
+              for setup, peak in zip(training.RECIPE_SETUPS, (90_000.0, 60_000.0))]
+    lines = training.summary({"rows": recipe, "skipped": []})
+    assert {line.split()[0] for line in lines} == {"OVER", "FITS"}
+    assert all(re.match(pattern, line) for line in lines), (pattern, lines)
