@@ -73,7 +73,10 @@ def write_source(width: int, height: int, keyframe_interval: int, frames: int) -
 
 def _decode_call(backend: str, num_frames: int, size: tuple[int, int]) -> Callable[[SimpleNamespace], torch.Tensor]:
     def call(x: SimpleNamespace) -> torch.Tensor:
-        return decode_clip(x.path, num_frames, CLIP_FPS, size, random.Random(next(x.starts)), backend)
+        # Each backend draws the same sequence of starts: they share the one input set, and a
+        # shared draw would give them different seeks to time.
+        starts = x.starts.setdefault(backend, itertools.count(x.seed))
+        return decode_clip(x.path, num_frames, CLIP_FPS, size, random.Random(next(starts)), backend)
 
     return call
 
@@ -88,7 +91,7 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
 
         def make_inputs(width=width, height=height, keyframe_interval=keyframe_interval, frames=frames):
             return SimpleNamespace(
-                path=write_source(width, height, keyframe_interval, frames), starts=itertools.count(options.seed)
+                path=write_source(width, height, keyframe_interval, frames), seed=options.seed, starts={}
             )
 
         yield Case(

@@ -322,3 +322,23 @@ def test_device_check_reports_every_verdict_the_summaries_print():
     lines = training.summary({"rows": recipe, "skipped": []})
     assert {line.split()[0] for line in lines} == {"OVER", "FITS"}
     assert all(re.match(pattern, line) for line in lines), (pattern, lines)
+
+
+def test_video_backends_decode_the_same_clips(monkeypatch):
+    """The backends share the case's one input set: each must draw the same starts, so the
+    summary's decord / PyAV ratio compares the same seeks."""
+    drawn = {}
+
+    def decode_clip(path, num_frames, fps, size, rng, backend):
+        drawn.setdefault(backend, []).append(rng.random())
+
+    monkeypatch.setattr(video_decode, "decode_clip", decode_clip)
+    monkeypatch.setattr(video_decode, "write_source", lambda *args: "a video")
+    (case,) = video_decode.cases(_cpu_options())
+    x = case.make_inputs()
+    for impl in case.impls:
+        for _ in range(3):
+            impl.fn(x)
+    assert len(drawn) == len(case.impls) > 1
+    first, *others = drawn.values()
+    assert len(set(first)) == 3 and all(other == first for other in others)
