@@ -683,11 +683,13 @@ def test_attention_summaries_judge_issue_3s_targets_against_the_fastest_sdpa_bac
 
     cross = [{"op": spatial.CROSS_OP, "case": "b1-n2560-h5-m77", "pass": "fwd", "impl": impl, "median_ms": ms}
              for impl, ms in {"sdpa-flash": 0.0523, "sdpa-cudnn": 0.0355, "triton": 0.0585}.items()]
-    (line,) = spatial.summary({"rows": cross})
+    line, models_note = spatial.summary({"rows": cross})
     assert line.startswith("FAIL") and "sdpa-cudnn" in line and "(target >= 1x)" in line
+    assert models_note == spatial.MODELS_RUN_SDPA
     cross[-1]["median_ms"] = 0.03
     assert spatial.summary({"rows": cross})[0].startswith("PASS")
     assert spatial.summary({"rows": cross[-1:]})[0].startswith("n/a")
+    assert not spatial.summary({"rows": []})
 
 
 def test_no_temporal_block_impl_runs_beside_triton_nhwc_copies(monkeypatch):
