@@ -37,8 +37,11 @@ from t2v_turbo.train import (
 
 from .helpers import torchrun
 
+# 64 channels, two a GroupNorm(32) group: with one channel a group every norm removed the timestep,
+# guidance and motion embeddings' per-channel shift, and t, w and m changed eps by ~1e-6, so no test
+# here could see the student or its target conditioned on the wrong t, w or m.
 SMALL_UNET = dict(
-    in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1], num_res_blocks=1,
+    in_channels=4, out_channels=4, model_channels=64, attention_resolutions=[1], num_res_blocks=1,
     channel_mult=[1], num_head_channels=8, context_dim=16, time_cond_proj_dim=256, motion_cond_proj_dim=256,
 )
 LATENT = (4, 2, 4, 4)  # C, F, h, w
@@ -395,7 +398,7 @@ def test_loss_decreases_on_a_fixed_batch(assets, tmp_path):
         temporal_conv_dropout=0.0,
     )
     losses = train(cfg).losses
-    # The random teacher targets leave a floor near 0.48 (from 0.58); a wrong sign or a dead update stays above 0.9x.
+    # The random teacher targets leave a floor near 0.37 (from 0.55); a wrong sign or a dead update stays above 0.9x.
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
 
 
