@@ -133,7 +133,8 @@ def expected_first_loss(assets, cfg: TrainConfig) -> float:
         eps_c, eps_u, score = (batch[k].double() for k in ("eps_cond", "eps_uncond", "score"))
         x0_c, x0_u = (z64 - s(t_hi) * eps_c) / a(t_hi), (z64 - s(t_hi) * eps_u) / a(t_hi)
         x0 = x0_c + per_sample(w) * (x0_c - x0_u)
-        g = (1 - a(t_hi)).sqrt()  # the release's g(t) = sqrt(1 - sqrt(abar))
+        # The release's g(t) = sqrt(1 - sqrt(abar)), or the classic sqrt(1 - abar).
+        g = (1 - a(t_hi)).sqrt() if cfg.motion_form == "release" else s(t_hi)
         eps_hat = eps_c + per_sample(w) * (eps_c - eps_u) - per_sample(m) * g * score
         z_lo = a(t_lo) * x0 + s(t_lo) * eps_hat
         eps_target = unet(z_lo.float(), t_lo, ctx, 8, guidance_embedding(w.float()), motion_embedding(m)).double()
@@ -158,6 +159,18 @@ def test_end_to_end_first_loss_follows_spec_and_writes_outputs(assets, tmp_path)
     assert student.config == teacher.config
     moved = [k for k, v in student.state_dict().items() if not torch.equal(v, teacher.state_dict()[k])]
     assert len(moved) > len(teacher.state_dict()) // 2
+
+
+@pytest.mark.parametrize("form", ["release", "classic"])
+def test_first_loss_of_a_motion_clip_follows_spec(assets, tmp_path, form):
+    """Seed 5's first batch holds sample 1 (a motion clip at n = 150, so m = motion_strength) and
+    sample 2 (a motion clip at n = 40, m = 0). Pins the motion term of the guided solver step:
+    the cached score enters with its sign and the configured g(t), and the self-target gets the
+    same motion embedding m as the student (the seed-3 batch of the end-to-end test has m = 0)."""
+    cfg = config(assets, tmp_path / "run", seed=5, max_steps=1, temporal_conv_dropout=0.0, motion_form=form)
+    indices = next(iter(StepBatchSampler(NUM_SAMPLES, cfg.batch_size, cfg.seed, 0, 1)))
+    assert sorted(indices) == [1, 2] and GRID_INDEX[1] >= 100 and USE_MOTION[1]
+    assert train(cfg).losses[0] == pytest.approx(expected_first_loss(assets, cfg), rel=1e-4)
 
 
 def test_kernel_path_matches_reference_path(assets, tmp_path, monkeypatch, chosen):
