@@ -173,6 +173,28 @@ def test_first_loss_of_a_motion_clip_follows_spec(assets, tmp_path, form):
     assert train(cfg).losses[0] == pytest.approx(expected_first_loss(assets, cfg), rel=1e-4)
 
 
+def test_the_self_target_takes_no_gradient(assets, tmp_path):
+    """SPEC 3.5: the target is computed under no_grad, so L_CD's gradient reaches the network only
+    through the student's f_theta: a separate target network (here a copy of the student) gets
+    none."""
+    import copy
+
+    from t2v_turbo.cache import TeacherCache, collate_samples
+
+    cfg = config(assets, tmp_path / "unused", motion_strength=0.05)
+    batch = collate_samples([TeacherCache(cfg.cache)[i] for i in (1, 3)])
+    student = from_pretrained(assets["teacher"], use_kernels=False).train()
+    target_net = copy.deepcopy(student)
+    w = torch.tensor([6.0, 12.0])
+    m = train_module.motion_strengths(batch["grid_index"], batch["use_motion"], cfg.motion_strength)
+    acp = schedule.release_alphas_cumprod(torch.float32)
+    with turbo_kernels.backend("reference"):
+        out = train_module.distillation_loss(student, target_net, batch, w, m, acp, cfg)
+        out.loss_cd.backward()
+    assert all(p.grad is None for p in target_net.parameters())
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in student.parameters())
+
+
 def test_kernel_path_matches_reference_path(assets, tmp_path, monkeypatch, chosen):
     # The loop's own ops (solver step, boundary output, loss, and their backwards) on Triton; the
     # UNet keeps plain PyTorch attention here, because Triton's interpreter would take minutes on
