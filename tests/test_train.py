@@ -351,9 +351,10 @@ def test_resume_refuses_a_cache_that_changed(assets, tmp_path):
 def test_ema_target_starts_as_the_student_and_then_lags_it(assets, tmp_path):
     """With ema_decay the self-target is the EMA network: the first step's loss is the plain run's
     (the EMA starts as the student), the second's is not; each checkpoint holds the EMA, which is
-    decay * before + (1 - decay) * the student after the step."""
+    decay * before + (1 - decay) * the student after the step (decay 0.75: at 0.5 the two weights
+    are equal, and a loop passing 1 - decay would go unseen)."""
     plain = train(config(assets, tmp_path / "plain", max_steps=2, checkpoint_every=2))
-    ema = train(config(assets, tmp_path / "ema", max_steps=2, ema_decay=0.5, checkpoint_every=1, keep_last=2))
+    ema = train(config(assets, tmp_path / "ema", max_steps=2, ema_decay=0.75, checkpoint_every=1, keep_last=2))
     assert ema.losses[0] == plain.losses[0]
     assert ema.losses[1] != pytest.approx(plain.losses[1], rel=1e-6, abs=0)
     before = from_pretrained(assets["teacher"]).state_dict()
@@ -363,7 +364,7 @@ def test_ema_target_starts_as_the_student_and_then_lags_it(assets, tmp_path):
         assert averaged.keys() == student.keys()
         moved = 0
         for key, value in averaged.items():
-            torch.testing.assert_close(value, 0.5 * before[key] + 0.5 * student[key], rtol=1e-6, atol=1e-7, msg=key)
+            torch.testing.assert_close(value, 0.75 * before[key] + 0.25 * student[key], rtol=1e-6, atol=1e-7, msg=key)
             moved += not torch.equal(value, before[key])
         assert moved > len(averaged) // 2
         before = averaged
@@ -373,6 +374,17 @@ def test_ema_target_starts_as_the_student_and_then_lags_it(assets, tmp_path):
         (tmp_path / run / "student").rename(tmp_path / run / f"student-{ema_decay}")
         with pytest.raises(ValueError, match=r"cannot resume .* differ for \{'ema'"):
             train(config(assets, tmp_path / run, max_steps=3, ema_decay=ema_decay, checkpoint_every=1, resume="latest"))
+
+
+def test_ema_update_moves_a_fraction_one_minus_decay_toward_the_student():
+    """ema <- decay * ema + (1 - decay) * online. The run above uses decay 0.5, where swapping
+    decay and 1 - decay changes nothing; 0.95 (SPEC 3.5's EMA) tells them apart."""
+    torch.manual_seed(0)
+    ema, online = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    train_module.ema_update(ema, online, 0.95)
+    for key, value in ema.state_dict().items():
+        torch.testing.assert_close(value, 0.95 * before[key] + 0.05 * online.state_dict()[key], rtol=1e-6, atol=1e-7)
 
 
 def test_keep_last_prunes_old_checkpoints_and_leaves_no_temporaries(assets, tmp_path):
