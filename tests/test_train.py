@@ -438,6 +438,26 @@ def test_guidance_scales_are_uniform_on_w_min_w_max_and_split_by_process(assets,
     assert torch.equal(both, draw_guidance_scales(cfg, 7, 4, 0))
 
 
+def test_each_sample_of_a_step_draws_its_own_guidance_scale(assets, tmp_path):
+    """SPEC 3.1: w ~ U[5, 15] per sample, not one w shared by the batch (which the histogram of
+    all draws above would not notice)."""
+    cfg = config(assets, tmp_path / "unused", batch_size=4)
+    for step in range(20):
+        draws = draw_guidance_scales(cfg, step, 4, 0)
+        assert len(set(draws.tolist())) == 4, (step, draws)
+
+
+def test_motion_strength_applies_to_motion_clips_from_grid_index_100():
+    """SPEC 3.2: m = strength for motion clips with n >= 100 (the noisier half), n = 100 included;
+    0 for n <= 99 and for clips without motion guidance. The cache of these tests has no clip at
+    the boundary."""
+    grid_index = torch.tensor([0, 99, 100, 101, 199, 100, 199])
+    use_motion = torch.tensor([True, True, True, True, True, False, False])
+    m = train_module.motion_strengths(grid_index, use_motion, 0.05)
+    assert m.dtype == torch.float32
+    assert m.tolist() == pytest.approx([0, 0, 0.05, 0.05, 0.05, 0, 0])
+
+
 def test_loss_decreases_on_a_fixed_batch(assets, tmp_path):
     cache = write_cache(tmp_path / "cache2", num_samples=2, seed=5)
     cfg = config(
