@@ -458,6 +458,20 @@ def test_motion_strength_applies_to_motion_clips_from_grid_index_100():
     assert m.tolist() == pytest.approx([0, 0, 0.05, 0.05, 0.05, 0, 0])
 
 
+def test_each_epoch_is_a_new_permutation_split_between_processes():
+    """The data order (module doc of t2v_turbo.train): every epoch visits each sample once, in an
+    order of its own (not the first epoch's again), and process r takes the r-th slice of each
+    global batch, so two processes together see what one process with twice the batch sees (the
+    2-process DDP test checks this too, but is marked slow)."""
+    num_samples, batch, steps = 8, 2, 6  # 2 steps an epoch with 2 processes
+    per_process = [list(StepBatchSampler(num_samples, batch, 3, 0, steps, rank, 2)) for rank in (0, 1)]
+    alone = list(StepBatchSampler(num_samples, 2 * batch, 3, 0, steps))
+    assert [a + b for a, b in zip(*per_process)] == alone
+    epochs = [sum(alone[e * 2:(e + 1) * 2], []) for e in range(3)]
+    assert all(sorted(order) == list(range(num_samples)) for order in epochs)
+    assert len({tuple(order) for order in epochs}) == 3, epochs
+
+
 def test_loss_decreases_on_a_fixed_batch(assets, tmp_path):
     cache = write_cache(tmp_path / "cache2", num_samples=2, seed=5)
     cfg = config(
