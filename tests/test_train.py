@@ -472,6 +472,17 @@ def test_each_epoch_is_a_new_permutation_split_between_processes():
     assert len({tuple(order) for order in epochs}) == 3, epochs
 
 
+def test_default_config_is_the_release_objective():
+    """SPEC 3: w ~ U[5, 15], m = 0.05 with the release's g(t), pseudo-Huber with c = 0.001, the
+    online student as its own target, reward weights 0.2 and 0.5 * 2/6, grad norm clipped at 1.0,
+    lr 1e-5, temporal-conv dropout 0.1."""
+    cfg = TrainConfig()
+    assert (cfg.w_min, cfg.w_max, cfg.motion_strength, cfg.motion_form) == (5.0, 15.0, 0.05, "release")
+    assert (cfg.loss, cfg.huber_c, cfg.ema_decay) == ("huber", 1e-3, None)
+    assert cfg.image_reward_weight == 0.2 and cfg.video_reward_weight == pytest.approx(1 / 6, rel=1e-12)
+    assert (cfg.grad_clip, cfg.lr, cfg.temporal_conv_dropout) == (1.0, 1e-5, 0.1)
+
+
 def test_loss_decreases_on_a_fixed_batch(assets, tmp_path):
     cache = write_cache(tmp_path / "cache2", num_samples=2, seed=5)
     cfg = config(
