@@ -56,7 +56,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def write_cache(
     directory: Path, num_samples: int = NUM_SAMPLES, seed: int = 0, dtype=torch.float16, producing_config=None,
-    latent: tuple[int, ...] = LATENT,
+    latent: tuple[int, ...] = LATENT, short_captions: bool = False,
 ) -> Path:
     g = torch.Generator().manual_seed(seed)
     grid = (GRID_INDEX * num_samples)[:num_samples]
@@ -71,6 +71,7 @@ def write_cache(
             "grid_index": torch.tensor(grid),
             "use_motion": torch.tensor(motion),
             "caption": [f"clip {i}" for i in range(num_samples)],
+            **({"short_caption": [f"short {i}" for i in range(num_samples)]} if short_captions else {}),
         })
     return directory
 
@@ -531,6 +532,47 @@ def test_reward_path_changes_the_update(assets, tmp_path):
     # The reward's gradient reaches the student through the decoded frames.
     assert row["grad_norm"] != pytest.approx(plain.history[0]["grad_norm"], rel=0.05)
     assert "reward_brightness" in (tmp_path / "reward" / "metrics.csv").read_text().splitlines()[0]
+
+
+class RecordingReward(ToyReward):
+    """ToyReward that keeps what each call was handed."""
+
+    def __init__(self):
+        super().__init__(weight=1.0)
+        self.seen = []
+
+    def __call__(self, frames, frame_indices, captions, short_captions):
+        self.seen.append((frames.detach().clone(), list(frame_indices), list(captions), list(short_captions)))
+        return super().__call__(frames, frame_indices, captions, short_captions)
+
+
+class RecordingPreview(LatentPreview):
+    """LatentPreview that keeps what it decoded."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoded = []
+
+    def decode(self, latents, decode_chunk_size=8, frame_indices=None):
+        out = super().decode(latents, decode_chunk_size, frame_indices)
+        self.decoded.append((out.detach().clone(), list(frame_indices)))
+        return out
+
+
+def test_the_reward_scores_the_decoded_frames_in_0_1_with_each_caption_in_its_place(assets, tmp_path):
+    """SPEC 5: the reward gets the VAE's decoded frames as x / 2 + 0.5 clamped to [0, 1], of the
+    frames select_frames drew, with the clips' dense captions as `captions` and their short ones
+    as `short_captions` (ToyReward reads neither, so swapping them went unseen)."""
+    cache = write_cache(tmp_path / "cache", short_captions=True)
+    reward, vae = RecordingReward(), RecordingPreview()
+    train(config(assets, tmp_path / "run", cache=str(cache), max_steps=2), reward=reward, vae=vae)
+    assert len(reward.seen) == len(vae.decoded) == 2
+    for (frames, indices, captions, shorts), (decoded, decoded_indices) in zip(reward.seen, vae.decoded):
+        assert indices == decoded_indices and frames.shape[2] == len(indices)
+        assert decoded.min() < 0, "the stand-in decodes to [-1, 1], so the mapping to [0, 1] shows"
+        torch.testing.assert_close(frames, (decoded / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-7)
+        assert all(c.startswith("clip ") for c in captions) and all(t.startswith("short ") for t in shorts)
+        assert [c.split()[-1] for c in captions] == [t.split()[-1] for t in shorts]
 
 
 def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(assets, tmp_path):
