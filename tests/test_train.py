@@ -575,6 +575,21 @@ def test_the_reward_scores_the_decoded_frames_in_0_1_with_each_caption_in_its_pl
         assert [c.split()[-1] for c in captions] == [t.split()[-1] for t in shorts]
 
 
+def test_lr_warms_up_linearly_from_the_first_step(assets, tmp_path, monkeypatch):
+    """lr_warmup_steps = 4: the optimizer steps with lr * 1/4, 2/4, 3/4, then lr (the first
+    update already moves; an off-by-one would make it a step with lr 0)."""
+    used = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        used.append(optimizer.param_groups[0]["lr"])
+        return step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    train(config(assets, tmp_path / "run", max_steps=5, lr=1e-3, lr_warmup_steps=4))
+    assert used == pytest.approx([1e-3 * k for k in (0.25, 0.5, 0.75, 1.0, 1.0)], rel=1e-12)
+
+
 def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(assets, tmp_path):
     cfg = config(assets, tmp_path / "nan", max_steps=5)
     with pytest.raises(NonFiniteLossError, match=r"step 3: non-finite loss term .*reward_total=nan") as caught:
