@@ -148,6 +148,22 @@ def test_stored_values_match_direct_teacher_calls_and_solo_motion_priors(models,
             assert torch.count_nonzero(sample["score"]) == 0
 
 
+def test_motion_off_stores_clips_flagged_for_motion_as_plain_clips(models, tmp_path):
+    """motion=False (no motion priors): clips the data flags for motion are stored as plain clips,
+    n drawn from grid_range, use_motion False, a zero score and the teacher's eps_c with the
+    prompt; no motion prior is computed."""
+    dataset = Clips(2, motion={0, 1})
+    result = preprocess(make_config(tmp_path, motion=False, storage_dtype="float32"), dataset, models)
+    assert (result.written, result.motion_clips) == (2, 0)
+    stored = samples_by_caption(tmp_path)
+    for index in (0, 1):
+        item = {**dataset[index], "use_motion": False}
+        sample, expected = stored[item["caption"]], expected_clip(models, item, index)
+        assert not bool(sample["use_motion"]) and int(sample["grid_index"]) == expected["n"]
+        assert torch.count_nonzero(sample["score"]) == 0
+        torch.testing.assert_close(sample["eps_cond"], expected["eps_cond"], rtol=1e-5, atol=1e-5)
+
+
 COMPILED_GRAPHS = []
 
 
