@@ -311,9 +311,13 @@ def test_motion_embedding_only_on_early_steps(unet):
     assert spy.calls == [(999, 6.0, 0.05), (749, 6.0, 0.05), (499, 6.0, 0.0), (249, 6.0, 0.0)]
 
 
-@pytest.mark.parametrize("fraction, motions", [(0.25, [0.1, 0.1] + [0] * 6), (0.75, [0.1] * 6 + [0, 0])])
+@pytest.mark.parametrize(
+    "fraction, motions",
+    [(0.25, [0.1, 0.1] + [0] * 6), (0.251, [0.1] * 3 + [0] * 5), (0.75, [0.1] * 6 + [0, 0])],
+)
 def test_motion_fraction_sets_the_threshold(unet, fraction, motions):
-    """m applies for t >= 1000 (1 - fraction): 750 and 250 with the 8-step timesteps 999, 874, ..., 124."""
+    """m applies for t >= 1000 (1 - fraction): 750 and 250 with the 8-step timesteps 999, 874, ..., 124;
+    749 (fraction 0.251) is a timestep, and m applies on it."""
     pipeline = point_mass_pipeline(unet)
     pipeline.generate(
         ["a cat"], num_steps=8, motion_strength=0.1, motion_fraction=fraction, num_frames=FRAMES, height=SIZE,
