@@ -21,7 +21,7 @@ from t2v_turbo.commands.generate import add_generate_command, main
 from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
 from t2v_turbo.models.adapter import NoisePredictor
 from t2v_turbo.models.vc2_unet import TINY_CONFIG
-from t2v_turbo.pipeline import T2VTurboPipeline, teacher_timesteps
+from t2v_turbo.pipeline import T2VTurboPipeline, ddim_step, teacher_timesteps
 from t2v_turbo.video_io import read_video, write_gif_grid, write_video
 
 CONTEXT_DIM = 32
@@ -260,6 +260,23 @@ def test_teacher_ddim_with_cfg_recovers_guided_point_mass(unet, eta):
     assert [call["t"] for call in predictor.calls] == teacher_timesteps(5)
     assert all(call["guidance"] is None and call["motion"] is None for call in predictor.calls)
     assert predictor.calls[0]["x"].shape[0] == 2  # unconditional and conditional in one pass
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_draws_noise_of_the_ddim_sigma(eta):
+    """DDIM (Song et al. eq. 12, 16): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s noise,
+    s = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev), the posterior's
+    standard deviation at eta = 1. The point-mass test above lands on x0* whatever s is."""
+    abar = schedule.alphas_cumprod(torch.float64)
+    abar_t, abar_prev = float(abar[501]), float(abar[481])
+    g = torch.Generator().manual_seed(0)
+    sample, eps, noise = (torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    x0, previous = ddim_step(sample, eps, abar_t, abar_prev, eta, noise)
+    s = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+    want_x0 = (sample - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+    want = math.sqrt(abar_prev) * want_x0 + math.sqrt(1 - abar_prev - s * s) * eps + s * noise
+    torch.testing.assert_close(x0, want_x0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(previous, want, rtol=1e-12, atol=1e-12)
 
 
 # ---- the real tiny UNet ------------------------------------------------------------------------
