@@ -21,7 +21,7 @@ from t2v_turbo.commands.generate import add_generate_command, main
 from t2v_turbo.models import VC2UNet, guidance_embedding, motion_embedding
 from t2v_turbo.models.adapter import NoisePredictor
 from t2v_turbo.models.vc2_unet import TINY_CONFIG
-from t2v_turbo.pipeline import T2VTurboPipeline, ddim_step, teacher_timesteps
+from t2v_turbo.pipeline import GenerationDefaults, T2VTurboPipeline, ddim_step, teacher_timesteps
 from t2v_turbo.video_io import read_video, write_gif_grid, write_video
 
 CONTEXT_DIM = 32
@@ -277,6 +277,12 @@ def test_ddim_step_draws_noise_of_the_ddim_sigma(eta):
     want = math.sqrt(abar_prev) * want_x0 + math.sqrt(1 - abar_prev - s * s) * eps + s * noise
     torch.testing.assert_close(x0, want_x0, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(previous, want, rtol=1e-12, atol=1e-12)
+
+
+def test_generation_defaults_are_spec_6():
+    """SPEC 6 (the hosted predictor's defaults): w = 7.5, m = 0.05 on the steps with t >= 1000 (1 - 0.5)."""
+    defaults = GenerationDefaults()
+    assert (defaults.guidance_scale, defaults.motion_strength, defaults.motion_fraction) == (7.5, 0.05, 0.5)
 
 
 # ---- the real tiny UNet ------------------------------------------------------------------------
