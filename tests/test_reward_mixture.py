@@ -442,6 +442,20 @@ def test_select_frames_covers_entries_and_is_reproducible(models):
         mixture.select_frames(1)
 
 
+def test_strided_frames_start_anywhere_below_the_stride(models):
+    """"strided" (the video reward): frames at stride clip_frames // num_frames from a start drawn
+    below the stride, as the release draws it; 64 draws reach every start 0..7 of a 16-frame clip
+    (the test above only bounds the start, and its image frames differ between seeds anyway)."""
+    mixture = make_mixture(models)
+    starts = set()
+    for seed in range(64):
+        mixture.select_frames(16, torch.Generator().manual_seed(seed))
+        video = mixture.entry_frames["video"]
+        assert video == (video[0], video[0] + 8)
+        starts.add(video[0])
+    assert starts == set(range(8))
+
+
 GOLDEN = SHARED / "reward_reference"
 
 
