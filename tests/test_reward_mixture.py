@@ -790,6 +790,17 @@ def test_default_mixture_uses_the_release_weights(models):
     assert default_mixture(None, clip, None, clip_spec=clip_spec(TINY_SIZE), image_weight=1.0).entries[0].weight == 1.0
 
 
+def test_default_mixture_weighs_each_image_model_by_its_own_weight(models):
+    """Image entries weigh image_weight * hps_weight and image_weight * clip_weight (both 1 in the
+    release, where leaving either factor out goes unseen)."""
+    hps, clip, _ = models
+    mixture = default_mixture(hps, clip, None, hps_spec=hpsv2_spec(TINY_SIZE), clip_spec=clip_spec(TINY_SIZE),
+                              image_weight=0.2, hps_weight=2.0, clip_weight=0.5)
+    assert {entry.name: entry.weight for entry in mixture.entries} == {
+        "hpsv2": pytest.approx(0.4, rel=1e-12), "clip": pytest.approx(0.1, rel=1e-12)
+    }
+
+
 def _image_mixture(image_models, **options) -> RewardMixture:
     entries = [
         RewardEntry(f"image{i}", model, hpsv2_spec(TINY_SIZE), "random", 2, 0.2, "short")
