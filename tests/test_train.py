@@ -575,6 +575,24 @@ def test_the_reward_scores_the_decoded_frames_in_0_1_with_each_caption_in_its_pl
         assert [c.split()[-1] for c in captions] == [t.split()[-1] for t in shorts]
 
 
+def test_each_step_draws_its_own_reward_frames(assets, tmp_path):
+    """SPEC 5: the frames scored are drawn anew every step, from a generator seeded by (seed, step)
+    (so a resumed run draws what the straight run drew), not the same frames all run long."""
+    class DrawRecordingReward(ToyReward):
+        def __init__(self):
+            super().__init__()
+            self.draws = []
+
+        def select_frames(self, num_frames, generator):
+            self.draws.append(int(torch.randint(2**31, (1,), generator=generator)))
+            return [0]
+
+    runs = [DrawRecordingReward(), DrawRecordingReward()]
+    for name, reward in zip(("a", "b"), runs):
+        train(config(assets, tmp_path / name, max_steps=3), reward=reward, vae=LatentPreview())
+    assert runs[0].draws == runs[1].draws and len(set(runs[0].draws)) == 3, runs[0].draws
+
+
 def test_lr_warms_up_linearly_from_the_first_step(assets, tmp_path, monkeypatch):
     """lr_warmup_steps = 4: the optimizer steps with lr * 1/4, 2/4, 3/4, then lr (the first
     update already moves; an off-by-one would make it a step with lr 0)."""
