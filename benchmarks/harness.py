@@ -42,6 +42,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from t2v_turbo.commands import positive_int
 from t2v_turbo.cuda_graphs import GraphCaptureWarning
 
 # The command lines' description: the module docstring's first paragraph.
@@ -763,13 +764,6 @@ def _size_list(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ops", type=_name_list,
@@ -787,10 +781,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=sorted(DTYPES), help="storage dtype (default: bf16 on a GPU, fp32 on the CPU)"
     )
     parser.add_argument(
-        "--warmup", type=_positive_int, help="untimed calls after the first (default: 10 GPU, 2 CPU)"
+        "--warmup", type=positive_int, help="untimed calls after the first (default: 10 GPU, 2 CPU)"
     )
     parser.add_argument(
-        "--iters", type=_positive_int, help="timed calls, of which the median counts (default: 100 GPU, 10 CPU)"
+        "--iters", type=positive_int, help="timed calls, of which the median counts (default: 100 GPU, 10 CPU)"
     )
     parser.add_argument(
         "--out", type=Path, default=RESULTS_DIR, help="folder for the JSON and PNG (default: benchmarks/results)"
@@ -808,7 +802,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(e.g. benchmarks/results/*.json)",
     )
     parser.add_argument(
-        "--profile", type=_positive_int, metavar="N", default=0,
+        "--profile", type=positive_int, metavar="N", default=0,
         help="after timing each row, profile one more call and record its N costliest kernels (GPU) or operators "
         "(CPU) in the row's top_kernels and, on a GPU, the share of the call the GPU was busy (gpu_busy); print them",
     )
