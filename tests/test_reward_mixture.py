@@ -322,6 +322,30 @@ def test_stacking_shares_weights_and_survives_a_cast(models):
     assert abs(total.item() - reference.item()) < 1e-5
 
 
+def test_a_cast_restacks_the_weights_it_scores_with(models):
+    """Casting the mixture drops its stacked weights: the next stacked pass stacks the cast weights
+    and rebinds the members to views of that stack, so the weights are held once, in the new
+    dtype, and are what the stacked forward reads (a stale float32 stack was a second copy of the
+    weights, scored in place of the float64 ones)."""
+    hps, clip, _ = models
+    mixture = make_mixture(models)
+    indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(1))
+    frames = decoded_frames(2, len(indices))
+    mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)  # stacks the float32 weights
+    try:
+        mixture.to(torch.float64)
+        mixture(frames.double(), indices, CAPTIONS, SHORT_CAPTIONS)
+        ((params, _),) = mixture._stacked.values()
+        stack = params["model.clip.visual.conv1.weight"]
+        assert stack.dtype == torch.float64
+        for model in (hps, clip):
+            weight = model.clip.visual.conv1.weight
+            assert weight.dtype == torch.float64
+            assert weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr(), "held twice"
+    finally:
+        mixture.to(torch.float32)
+
+
 def test_a_mixture_frees_its_stack_of_shared_models():
     """Two mixtures of the same models each stack them (with gradients); the models' parameters
     are views of the latest stack, so the first one's stack is held by it alone until it frees
