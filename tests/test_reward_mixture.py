@@ -435,6 +435,24 @@ def test_text_cache_reuses_embeddings_without_recomputing(models):
     assert video.text_calls == 3 and uncached.cache_info()["size"] == 0
 
 
+def test_clearing_the_text_cache_embeds_the_captions_anew():
+    """clear_text_cache drops every cached row: after a model's text tower changes (new weights),
+    the next pass embeds the captions with it (the cleared cache scored the old rows)."""
+    video = TinyVideoReward()
+    mixture = RewardMixture([RewardEntry("video", video, video_spec(TINY_SIZE), "strided", None, 1.0, "dense")])
+    indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(0))
+    frames = decoded_frames(1, len(indices))
+    _, before = mixture(frames, indices, CAPTIONS)
+    with torch.no_grad():  # text rows -> their negation, so every score flips sign
+        video.text.weight.neg_()
+        video.text.bias.neg_()
+    mixture.clear_text_cache()
+    assert mixture.cache_info()["size"] == 0
+    _, after = mixture(frames, indices, CAPTIONS)
+    assert before["video"].abs().min() > 1e-3
+    torch.testing.assert_close(after["video"], -before["video"], rtol=0, atol=SCORE_TOL)
+
+
 def test_gradient_ascent_step_increases_the_reward(models):
     _, clip, _ = models
     mixture = RewardMixture([RewardEntry("clip", clip, clip_spec(TINY_SIZE), [0], weight=1.0)])
