@@ -484,18 +484,21 @@ def test_select_frames_covers_entries_and_is_reproducible(models):
         mixture.select_frames(1)
 
 
-def test_strided_frames_start_anywhere_below_the_stride(models):
-    """"strided" (the video reward): frames at stride clip_frames // num_frames from a start drawn
-    below the stride, as the release draws it; 64 draws reach every start 0..7 of a 16-frame clip
-    (the test above only bounds the start, and its image frames differ between seeds anyway)."""
+def test_frame_draws_reach_every_frame_and_every_strided_start(models):
+    """Over seeds, the image entries' random frames take every frame of the clip (not the same
+    frames every step) and the video entry's strided start takes every value in [0, stride), as
+    the release's randint(0, stride) does."""
     mixture = make_mixture(models)
-    starts = set()
+    starts, image_frames, image_draws = set(), set(), set()
     for seed in range(64):
         mixture.select_frames(16, torch.Generator().manual_seed(seed))
-        video = mixture.entry_frames["video"]
-        assert video == (video[0], video[0] + 8)
-        starts.add(video[0])
+        drawn = mixture.entry_frames
+        assert drawn["video"] == (drawn["video"][0], drawn["video"][0] + 8)
+        starts.add(drawn["video"][0])
+        image_frames.update(drawn["hpsv2"])
+        image_draws.add(drawn["hpsv2"])
     assert starts == set(range(8))
+    assert image_frames == set(range(16)) and len(image_draws) > 16
 
 
 GOLDEN = SHARED / "reward_reference"
