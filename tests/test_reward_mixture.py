@@ -606,6 +606,18 @@ def test_errors_name_the_argument(models):
         RewardMixture([RewardEntry("a", models[0], clip_spec(TINY_SIZE)), RewardEntry("a", models[1], clip_spec(TINY_SIZE))])
 
 
+def test_frames_of_a_range_above_one_are_refused(models):
+    """The range check bounds frames from above too: [0, 255] frames (not divided by 255) or
+    [0, 2] ones would be normalised as if in [0, 1] and scored silently."""
+    mixture = make_mixture(models)
+    mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(0))
+    frames = decoded_frames(0, CLIP_FRAMES)
+    everything = list(range(CLIP_FRAMES))
+    for scale in (255, 2):
+        with pytest.raises(ValueError, match=r"frames must lie in \[0, 1\] .*got values in \[[\d.e-]+, [\d.]+\]"):
+            mixture(frames * scale, everything, CAPTIONS, SHORT_CAPTIONS)
+
+
 @pytest.mark.parametrize("layout", ["pt", "nested_pt", "safetensors"])
 def test_loads_weights_from_a_file(tmp_path, models, layout):
     source = models[0]
