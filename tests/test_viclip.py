@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from t2v_turbo.rewards.base import RewardModel
+from t2v_turbo.rewards.base import RewardModel, l2_normalize
 from t2v_turbo.rewards.viclip import ViCLIPConfig, ViCLIPReward, release_key_shapes
 
 from .helpers import SHARED
@@ -167,6 +167,23 @@ def test_bf16_weights_give_float32_embeddings_and_gradients_to_the_frames(tiny_s
     assert score.dtype == torch.float32 and grad.dtype == torch.float32
     assert _max_error(score, io["score"]) < BF16_SCORE_TOL
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_bf16_embeddings_are_normalised_in_float32(tiny_state, io):
+    """The release casts with `.float()` before normalising: over bf16 towers both embeddings are
+    the float32 normalisation of the raw bf16 ones, unit rows to float32 precision (normalised in
+    bf16 and then cast, the norms are off by up to ~4e-3)."""
+    model = _tiny(tiny_state, dtype=torch.bfloat16)
+    with torch.no_grad():
+        raw_video = model.embed_video(io["pixel_values"].float(), normalize=False)
+        video = model.embed_video(io["pixel_values"].float())
+        raw_text = model.embed_text(io["text_token_ids"], normalize=False)
+        text = model.embed_text(io["text_token_ids"])
+    assert raw_video.dtype == raw_text.dtype == torch.bfloat16
+    for raw, normalized in ((raw_video, video), (raw_text, text)):
+        assert normalized.dtype == torch.float32
+        torch.testing.assert_close(normalized, l2_normalize(raw.float()), rtol=0, atol=1e-7)
+        torch.testing.assert_close(normalized.norm(dim=-1), torch.ones(len(normalized)), rtol=0, atol=1e-6)
 
 
 def test_checkpoint_file_formats(tiny_state, tiny64, io, tmp_path):
