@@ -415,6 +415,17 @@ def test_prompt_cache_encodes_each_prompt_once(clip_encoder, tmp_path):
         cache.encode([])
 
 
+def test_prompt_cache_returns_one_row_a_prompt_repeats_included(clip_encoder):
+    """encode returns the batch it was given, in order: a prompt that appears twice gets its row
+    twice (rows for the distinct prompts only would misalign every later row with its clip)."""
+    cache = PromptCache(clip_encoder)
+    rows = cache.encode(["b", "a", "b", "c"])
+    assert rows.shape == (4, clip_encoder.max_length, clip_encoder.context_dim)
+    for index, prompt in enumerate(["b", "a", "b", "c"]):
+        torch.testing.assert_close(rows[index], clip_encoder.encode([prompt])[0], atol=0, rtol=0)
+    assert not torch.equal(rows[1], rows[0])
+
+
 def test_prompt_cache_rejects_other_encoders_file(clip_encoder, tmp_path):
     cache = PromptCache(clip_encoder)
     cache.encode(["a"])
