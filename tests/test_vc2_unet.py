@@ -567,6 +567,25 @@ def test_conditioning_embeddings_take_the_models_widths():
     torch.testing.assert_close(predicted, explicit, rtol=0, atol=0)
 
 
+def test_noise_predictor_passes_its_fps_to_the_unet(tiny64, io):
+    """NoisePredictor hands fps to the VC2UNet's fps embedding: at fps 16 its eps is the model's
+    own call at 16, which differs from the call at the default 8 (an fps left at the default
+    would pass any test run at 8)."""
+    from t2v_turbo.models.adapter import NoisePredictor
+    from t2v_turbo.schedule import DEFAULT_FPS
+
+    crop = _crop(io)
+    args = (crop["x"], crop["timesteps"], crop["context"])
+    cond = {"timestep_cond": crop["timestep_cond"], "motion_cond": crop["motion_cond"]}
+    assert DEFAULT_FPS != 16
+    with torch.no_grad():
+        predicted = NoisePredictor(tiny64)(*args, 16, guidance=io["w"], motion=io["motion_gs"])
+        at_16 = tiny64(*args, 16, **cond)
+        at_default = tiny64(*args, DEFAULT_FPS, **cond)
+    assert _max_error(predicted, at_16) < FLOAT64_TOL
+    assert _max_error(at_16, at_default) > 1e-4
+
+
 def test_forward_guided_builds_the_release_embeddings(tiny64, io):
     crop = _crop(io)
     args = (crop["x"], crop["timesteps"], crop["context"], crop["fps"])
