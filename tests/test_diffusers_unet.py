@@ -86,6 +86,27 @@ def test_any_latent_size_is_accepted_for_a_diffusers_unet():
     assert eps.shape == x.shape
 
 
+def test_guidance_reaches_a_diffusers_unet_as_its_timestep_cond():
+    """NoisePredictor passes the guidance scale w to a UNet3DConditionModel as timestep_cond, the
+    LCM sinusoid at its time_cond_proj_dim: eps is the model's own call with that embedding and
+    differs from the teacher call (guidance=None), which a dropped embedding would equal."""
+    from t2v_turbo.models.adapter import NoisePredictor
+    from t2v_turbo.models.vc2_unet import sinusoid_b
+
+    unet = tiny_unet()
+    predictor = NoisePredictor(unet)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 2, 8, 8, generator=generator)
+    context = torch.randn(2, 3, CONTEXT_DIM, generator=generator)
+    w = torch.tensor([4.0, 7.5])
+    with torch.no_grad():
+        guided = predictor(x, 10, context, guidance=w)
+        teacher = predictor(x, 10, context)
+        want = unet(x, torch.tensor([10, 10]), encoder_hidden_states=context, timestep_cond=sinusoid_b(w, 256)).sample
+    torch.testing.assert_close(guided, want, rtol=0, atol=0)
+    assert (guided - teacher).abs().max() > 1e-4
+
+
 def test_temporal_attention_capture_is_in_the_sequences_layout():
     # diffusers' TransformerTemporalModel turns (B·F, C, H, W) into (B·H·W, F, C) before its
     # blocks, so attn1's to_q / to_k outputs are (B·H·W, F, heads·d), batch-major.
