@@ -231,7 +231,8 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
 
 def fastest_sdpa(rows: dict, case: str) -> Optional[str]:
     """The SDPA backend with the least median time on `case` among `rows` ((case, impl) -> row), or None
-    (`sdpa`: the one row of torch's own choice that runs before 2026-11-26's second lease had)."""
+    (runs from before 2026-11-26's second lease have one row of torch's own backend choice, `sdpa`,
+    instead of a row a backend)."""
     measured = [name for name in (*SDPA_BACKENDS, "sdpa") if (case, name) in rows]
     return min(measured, key=lambda name: rows[(case, name)]["median_ms"]) if measured else None
 

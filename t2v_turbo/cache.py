@@ -147,8 +147,8 @@ class CacheWriter:
                 differing = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
                 values = "; ".join(f"{k}: {stored.get(k)!r} stored, {config.get(k)!r} now" for k in differing)
                 raise CacheMismatchError(
-                    f"{self.manifest_path}: the cache was produced with another config (differing: "
-                    f"{', '.join(differing)}; {values}); use a new directory or the same config to continue it"
+                    f"{self.manifest_path}: the cache was produced with another config (differing: {values}); "
+                    "use a new directory or the same config to continue it"
                 )
         else:
             manifest = {

@@ -100,20 +100,25 @@ def read_tensor_file(path: str | os.PathLike) -> Any:
 
 # torch's refusal under weights_only=True: several paragraphs (one advising weights_only=False)
 # around the one line that says what was refused.
+_WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
 _WEIGHTS_UNPICKLER_MARK = "WeightsUnpickler error:"
+_PICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def _unreadable_reason(error: Exception) -> str:
     text = str(error)
-    if _WEIGHTS_UNPICKLER_MARK in text:
-        refused = text.split(_WEIGHTS_UNPICKLER_MARK, 1)[1].strip().splitlines()[0]
-        unsupported_global = re.match(r"Unsupported global: GLOBAL (\S+)", refused)
-        if unsupported_global:
+    if _WEIGHTS_ONLY_REFUSAL in text:
+        pickled = _PICKLED_GLOBAL.search(text)
+        if pickled and "is blocked" in text:
+            return f"it pickles {pickled.group(1)}, which no weights file holds: never load it with weights_only=False"
+        if pickled:
             return (
-                f"it pickles {unsupported_global.group(1)}, which weights_only=True does not build: if you trust "
+                f"it pickles {pickled.group(1)}, which weights_only=True does not build: if you trust "
                 "the file, load it with torch.load(weights_only=False) yourself and save its state dict with safetensors"
             )
-        return f"not a torch checkpoint: {refused}"
+        _, marked, detail = text.partition(_WEIGHTS_UNPICKLER_MARK)
+        refused = detail.strip().splitlines() if marked else []
+        return f"not a torch checkpoint: {refused[0]}" if refused else "torch refused it under weights_only=True"
     if isinstance(error, EOFError):
         return "the file ends early: empty or truncated"
     package = type(error).__module__.split(".")[0]

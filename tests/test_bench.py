@@ -548,6 +548,17 @@ def test_unknown_op_is_refused():
         main(["bench", "--quick", "--ops", "no_such_op"])
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [(["--iters", "0"], "argument --iters: must be a positive integer, got 0"),
+     (["--warmup", "ten"], "argument --warmup: must be an integer, got 'ten'")],
+)
+def test_counts_out_of_range_name_their_flag(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--quick", *flags])
+    assert message in capsys.readouterr().err
+
+
 def test_bandwidth_arithmetic():
     # 3e9 bytes in 1 ms is 3e12 bytes a second.
     assert harness.gbps(3e9, 1.0) == pytest.approx(3000.0)

@@ -143,7 +143,7 @@ def test_a_shard_renamed_before_the_manifest_update_is_adopted(tmp_path):
 def test_a_different_config_cannot_continue_a_cache(tmp_path):
     with CacheWriter(tmp_path, config={"seed": 0, "fps": 8}) as writer:
         writer.add(_batch(1, 0))
-    with pytest.raises(ValueError, match=r"another config \(differing: seed; seed: 0 stored, 1 now\)"):
+    with pytest.raises(ValueError, match=r"another config \(differing: seed: 0 stored, 1 now\)"):
         CacheWriter(tmp_path, config={"seed": 1, "fps": 8})
 
 

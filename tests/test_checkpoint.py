@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -205,6 +206,13 @@ def test_every_weights_reader_names_a_file_it_cannot_read(tmp_path, tiny_state):
         from_pretrained(tmp_path / "unet")
 
 
+class _RunsACommand:
+    """Pickles as a call of os.system, which torch's weights_only loader blocks outright."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
 def test_convert_cli_reports_unreadable_inputs(tmp_path, capsys):
     output = tmp_path / "out.safetensors"
     assert main(["convert", str(tmp_path / "absent.ckpt"), str(output)]) == 2
@@ -219,6 +227,9 @@ def test_convert_cli_reports_unreadable_inputs(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "it pickles argparse.Namespace, which weights_only=True does not build" in error
     assert error.count("\n") == 1 and "Check the documentation" not in error
+    torch.save({"w": torch.zeros(1), "payload": _RunsACommand()}, tmp_path / "hostile.pt")
+    assert main(["convert", str(tmp_path / "hostile.pt"), str(output)]) == 2
+    assert re.search(r"it pickles \w+\.system, which no weights file holds: never load it", capsys.readouterr().err)
     (tmp_path / "empty.pt").write_bytes(b"")
     assert main(["convert", str(tmp_path / "empty.pt"), str(output)]) == 2
     assert "empty.pt: not a readable .pt checkpoint (the file ends early: empty or truncated)" in capsys.readouterr().err

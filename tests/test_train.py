@@ -378,8 +378,8 @@ def test_ema_target_starts_as_the_student_and_then_lags_it(assets, tmp_path):
 
 
 def test_ema_update_moves_a_fraction_one_minus_decay_toward_the_student():
-    """ema <- decay * ema + (1 - decay) * online. The run above uses decay 0.5, where swapping
-    decay and 1 - decay changes nothing; 0.95 (SPEC 3.5's EMA) tells them apart."""
+    """ema <- decay * ema + (1 - decay) * online, on its own, at SPEC 3.5's decay 0.95 (the EMA run
+    above checks it through training at 0.75)."""
     torch.manual_seed(0)
     ema, online = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     before = {k: v.clone() for k, v in ema.state_dict().items()}
@@ -587,10 +587,13 @@ def test_each_step_draws_its_own_reward_frames(assets, tmp_path):
             self.draws.append(int(torch.randint(2**31, (1,), generator=generator)))
             return [0]
 
-    runs = [DrawRecordingReward(), DrawRecordingReward()]
-    for name, reward in zip(("a", "b"), runs):
-        train(config(assets, tmp_path / name, max_steps=3), reward=reward, vae=LatentPreview())
-    assert runs[0].draws == runs[1].draws and len(set(runs[0].draws)) == 3, runs[0].draws
+    straight, first_two, resumed = DrawRecordingReward(), DrawRecordingReward(), DrawRecordingReward()
+    train(config(assets, tmp_path / "straight", max_steps=3), reward=straight, vae=LatentPreview())
+    train(config(assets, tmp_path / "killed", max_steps=2, checkpoint_every=1), reward=first_two, vae=LatentPreview())
+    train(config(assets, tmp_path / "killed", max_steps=3, checkpoint_every=1, resume="latest"), reward=resumed,
+          vae=LatentPreview())
+    assert len(set(straight.draws)) == 3, straight.draws
+    assert first_two.draws + resumed.draws == straight.draws
 
 
 def test_lr_warms_up_linearly_from_the_first_step(assets, tmp_path, monkeypatch):
@@ -752,6 +755,9 @@ def test_train_command_reports_unusable_settings(assets, tmp_path, capsys):
                               f"teacher={tmp_path / 'absent'}", *overrides[1:]])
     assert args.handler(args) == 2
     assert f"teacher: no UNet directory at {tmp_path / 'absent'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args([*run, "--max-steps", "0"])
+    assert "argument --max-steps: must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_runs_neither_mix_with_nor_roll_back_an_earlier_run(assets, tmp_path):
