@@ -72,6 +72,13 @@ SKIP_RECORD_KEY = "skipped_clip_indices"
 CLIP_STREAM = 3
 
 
+def is_grid_range(bounds: Sequence[int]) -> bool:
+    """Whether `bounds` are grid indices [lo, hi) of the DDIM grid: ints, 0 <= lo < hi <= 200."""
+    return (
+        len(bounds) == 2 and all(isinstance(b, int) for b in bounds) and 0 <= bounds[0] < bounds[1] <= schedule.DDIM_GRID_STEPS
+    )
+
+
 @dataclass
 class PreprocessConfig:
     """Everything a preprocessing run reads. Exactly one of `model` (a T2VTurboPipeline directory)
@@ -133,8 +140,7 @@ class PreprocessConfig:
             raise ValueError(f"size must be a (height, width) pair of positive ints, got {self.size!r}")
         for name in ("motion_grid_range", "grid_range"):
             bounds = getattr(self, name)
-            if not (len(bounds) == 2 and all(isinstance(b, int) for b in bounds)
-                    and 0 <= bounds[0] < bounds[1] <= schedule.DDIM_GRID_STEPS):
+            if not is_grid_range(bounds):
                 raise ValueError(
                     f"{name} must be integers [lo, hi) with 0 <= lo < hi <= {schedule.DDIM_GRID_STEPS}, got {bounds!r}"
                 )

@@ -415,6 +415,13 @@ def test_command_line_errors_name_the_flag(tmp_path, capsys, flags, message):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("bounds", [(5, 2), (100, 201), (-1, 10), (0.0, 10), (3,)])
+def test_a_config_refuses_grid_ranges_off_the_grid(tmp_path, bounds):
+    for name in ("grid_range", "motion_grid_range"):
+        with pytest.raises(ValueError, match=f"{name} must be integers \\[lo, hi\\) with 0 <= lo < hi <= 200"):
+            PreprocessConfig(cache=str(tmp_path / "cache"), preset="tiny", **{name: bounds})
+
+
 def test_command_line_fails_when_every_clip_is_unreadable(tmp_path, capsys):
     """Said by preprocess, not left to train's "the cache holds no samples"."""
     (tmp_path / "zero.mp4").write_bytes(b"")

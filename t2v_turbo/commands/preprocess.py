@@ -36,11 +36,11 @@ def run_preprocess(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from t2v_turbo.preprocess import PreprocessConfig, preprocess, run_totals
+    from t2v_turbo.preprocess import PreprocessConfig, is_grid_range, preprocess, run_totals
     from t2v_turbo.schedule import DDIM_GRID_STEPS
 
     for flag, (lo, hi) in (("--grid-range", args.grid_range), ("--motion-grid-range", args.motion_grid_range)):
-        if not 0 <= lo < hi <= DDIM_GRID_STEPS:
+        if not is_grid_range((lo, hi)):
             limits = f"0 <= LO < HI <= {DDIM_GRID_STEPS}"
             print(f"t2v-turbo preprocess: error: {flag} must be LO HI with {limits}, got {lo} {hi}", file=sys.stderr)
             return 2
