@@ -251,3 +251,15 @@ def test_synthetic_source_and_build_dataset(video_root):
     (video_root / "notes.txt").write_text("not a manifest")
     with pytest.raises(ValueError, match="data spec"):
         build_dataset(video_root / "notes.txt")
+
+
+def test_clip_span_uses_the_requested_fps_and_every_start_is_reachable(video_root):
+    # valid.mp4: 30 frames at 24 fps. 20 frames at 24 fps span 19 source frames, so the start is one of
+    # frames 0..10 (the clip is too short for 20 frames at any lower fps, e.g. the default 8).
+    starts = set()
+    for seed in range(40):
+        frames = decode_clip(video_root / "clips" / "valid.mp4", 20, 24, (8, 12), random.Random(seed), "pyav")
+        indices = _frame_indices(frames.permute(3, 0, 1, 2).float() / 127.5 - 1)
+        assert indices == list(range(indices[0], indices[0] + 20)), (seed, indices)
+        starts.add(indices[0])
+    assert starts == set(range(11))
