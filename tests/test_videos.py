@@ -24,6 +24,7 @@ from t2v_turbo.data.videos import (
     collate_skipping,
     decode_clip,
     check_video_backend,
+    _centre_crop,
 )
 
 av = pytest.importorskip("av")
@@ -263,3 +264,11 @@ def test_clip_span_uses_the_requested_fps_and_every_start_is_reachable(video_roo
         assert indices == list(range(indices[0], indices[0] + 20)), (seed, indices)
         starts.add(indices[0])
     assert starts == set(range(11))
+
+
+def test_centre_crop_takes_the_floor_centred_window_for_odd_margins():
+    images = np.arange(2 * 5 * 7 * 3).reshape(2, 5, 7, 3)
+    cropped = _centre_crop(images, 2, 2)
+    # margins of 3 rows and 5 columns: 1 row above, 2 columns left (the extra one goes below / right).
+    assert np.array_equal(cropped, images[:, 1:3, 2:4, :])
+    assert np.array_equal(_centre_crop(images, 4, 6), images[:, 0:4, 0:6, :])
