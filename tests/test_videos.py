@@ -24,6 +24,7 @@ from t2v_turbo.data.videos import (
     collate_skipping,
     decode_clip,
     check_video_backend,
+    read_manifest,
     _centre_crop,
 )
 
@@ -272,3 +273,17 @@ def test_centre_crop_takes_the_floor_centred_window_for_odd_margins():
     # margins of 3 rows and 5 columns: 1 row above, 2 columns left (the extra one goes below / right).
     assert np.array_equal(cropped, images[:, 1:3, 2:4, :])
     assert np.array_equal(_centre_crop(images, 4, 6), images[:, 0:4, 0:6, :])
+
+
+def test_use_motion_words_and_numbers_parse_strictly(tmp_path):
+    values = ["false", "False", " FALSE ", "0", "no", "n", "f", 0, False, None,
+              "true", "TRUE", "1", "yes", "Y", "t", 1, True, 1.0]
+    expected = [False] * 10 + [True] * 9
+    manifest = tmp_path / "flags.jsonl"
+    manifest.write_text("".join(json.dumps({"path": f"{i}.mp4", "caption": "c", "use_motion": v}) + "\n"
+                                for i, v in enumerate(values)))
+    assert [row["use_motion"] for row in read_manifest(manifest)] == expected
+    for bad in (2, -1, 0.5, "2", "maybe"):
+        manifest.write_text(json.dumps({"path": "a.mp4", "caption": "c", "use_motion": bad}) + "\n")
+        with pytest.raises(ValueError, match="use_motion"):
+            read_manifest(manifest)
