@@ -198,3 +198,16 @@ def test_broken_caches_give_clear_errors(tmp_path):
         CacheWriter(tmp_path / "bad2").add({**_batch(2, 0), "eps_cond": torch.zeros(2, 4, 2, 3, 4)})
     with pytest.raises(ValueError, match="caption"):
         CacheWriter(tmp_path / "bad3").add({**_batch(2, 0), "caption": ["only one"]})
+
+
+def test_an_unreadable_file_at_the_next_shard_name_is_never_overwritten(tmp_path):
+    # A file the writer cannot adopt (not a complete shard) sits where its first shard would go:
+    # the writer refuses to replace it rather than silently rewriting a shard name.
+    junk = b"not a safetensors file"
+    (tmp_path / "shard-00000.safetensors").write_bytes(junk)
+    assert CacheWriter.resume_point(tmp_path) == 0
+    writer = CacheWriter(tmp_path, shard_size=2)
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        writer.add(_batch(2, 0))
+    assert (tmp_path / "shard-00000.safetensors").read_bytes() == junk
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["shards"] == []
