@@ -1249,3 +1249,35 @@ def test_two_process_ddp_matches_one_process(assets, tmp_path):
     one = load_file(str(single.student_dir / "model.safetensors"))
     two = load_file(str(tmp_path / "ddp" / "student" / "model.safetensors"))
     _assert_same_update(start, one, two, "ddp")
+
+
+def test_rng_snapshot_restores_python_numpy_and_torch_generators(tmp_path):
+    import random
+
+    import numpy as np
+
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        _check_rng_round_trip(tmp_path)
+    finally:
+        random.setstate(saved[0]), np.random.set_state(saved[1]), torch.set_rng_state(saved[2])
+
+
+def _check_rng_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    random.seed(11), np.random.seed(12), torch.manual_seed(13)
+    np.random.standard_normal()  # leaves a cached gauss in numpy's state
+    tensors, metadata = train_module._rng_state()
+    # Through a file, as a checkpoint keeps them.
+    save_file(tensors, str(tmp_path / "rng.safetensors"), metadata=metadata)
+    draws = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    with safe_open(str(tmp_path / "rng.safetensors"), framework="pt") as handle:
+        stored = handle.metadata()
+    train_module._set_rng_state(load_file(str(tmp_path / "rng.safetensors")), stored)
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == draws
