@@ -1281,3 +1281,13 @@ def _check_rng_round_trip(tmp_path):
         stored = handle.metadata()
     train_module._set_rng_state(load_file(str(tmp_path / "rng.safetensors")), stored)
     assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == draws
+
+
+def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
+    for step in (5, 999_999, 1_000_000, 20):
+        directory = tmp_path / f"{train_module.CHECKPOINT_PREFIX}{step:06d}"
+        directory.mkdir()
+        (directory / train_module.STATE_NAME).write_text("{}")
+    found = train_module.checkpoint_dirs(tmp_path)
+    assert [train_module._checkpoint_step(path) for path in found] == [5, 20, 999_999, 1_000_000]
+    assert train_module.resolve_resume("latest", tmp_path) == found[-1]
