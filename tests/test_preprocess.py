@@ -561,3 +561,14 @@ def test_a_cache_larger_than_the_limit_allows_is_told_from_one_of_other_data(tmp
     # 20 samples: more than the whole data holds, whatever the limit.
     with pytest.raises(ValueError, match="other data"):
         _resume_position(range(5), 20, set(), tmp_path, 5, range(10))
+
+
+def test_resumed_batches_keep_the_uninterrupted_runs_boundaries():
+    from t2v_turbo.preprocess import _aligned_batches
+
+    clips = list(range(100, 110))
+    assert _aligned_batches(clips, 0, 4) == [clips[0:4], clips[4:8], clips[8:10]]
+    # Resuming at position 3: only the first batch is short, the rest fall where a whole run put them.
+    assert _aligned_batches(clips, 3, 4) == [clips[3:4], clips[4:8], clips[8:10]]
+    assert _aligned_batches(clips, 4, 4) == [clips[4:8], clips[8:10]]
+    assert _aligned_batches(clips, 10, 4) == []
