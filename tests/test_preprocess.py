@@ -572,3 +572,18 @@ def test_resumed_batches_keep_the_uninterrupted_runs_boundaries():
     assert _aligned_batches(clips, 3, 4) == [clips[3:4], clips[4:8], clips[8:10]]
     assert _aligned_batches(clips, 4, 4) == [clips[4:8], clips[8:10]]
     assert _aligned_batches(clips, 10, 4) == []
+
+
+def test_resume_position_counts_only_clips_that_were_not_skipped(tmp_path):
+    from t2v_turbo.preprocess import _resume_position
+
+    clips = [0, 2, 4, 6, 8, 10]
+    assert _resume_position(clips, 0, set(), tmp_path) == 0
+    assert _resume_position(clips, 0, {0}, tmp_path) == 0
+    assert _resume_position(clips, 2, set(), tmp_path) == 2
+    # Clips 2 and 4 were skipped: the 2nd stored sample is clip 6, so the run continues at clip 8.
+    assert _resume_position(clips, 2, {2, 4}, tmp_path) == 4
+    # A skipped clip right after the stored ones is met again (and skipped again) on resume.
+    assert _resume_position(clips, 1, {2}, tmp_path) == 1
+    assert _resume_position(clips, 5, {2}, tmp_path) == 6
+    assert _resume_position(clips, 6, set(), tmp_path) == 6
