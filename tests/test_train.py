@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import shlex
 import shutil
@@ -13,9 +14,11 @@ import signal
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import turbo_kernels
 from t2v_turbo import motion as motion_module
@@ -1252,35 +1255,22 @@ def test_two_process_ddp_matches_one_process(assets, tmp_path):
 
 
 def test_rng_snapshot_restores_python_numpy_and_torch_generators(tmp_path):
-    import random
-
-    import numpy as np
-
+    """A checkpoint's RNG states, through a safetensors file, restore each global generator
+    (numpy's with the cached Gaussian it keeps); the suite's own states are put back after."""
     saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
-        _check_rng_round_trip(tmp_path)
+        random.seed(11), np.random.seed(12), torch.manual_seed(13)
+        np.random.standard_normal()  # leaves a cached gauss in numpy's state
+        tensors, metadata = train_module._rng_state()
+        save_file(tensors, str(tmp_path / "rng.safetensors"), metadata=metadata)
+        draws = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        with safe_open(str(tmp_path / "rng.safetensors"), framework="pt") as handle:
+            stored = handle.metadata()
+        train_module._set_rng_state(load_file(str(tmp_path / "rng.safetensors")), stored)
+        assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == draws
     finally:
         random.setstate(saved[0]), np.random.set_state(saved[1]), torch.set_rng_state(saved[2])
-
-
-def _check_rng_round_trip(tmp_path):
-    import random
-
-    import numpy as np
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    random.seed(11), np.random.seed(12), torch.manual_seed(13)
-    np.random.standard_normal()  # leaves a cached gauss in numpy's state
-    tensors, metadata = train_module._rng_state()
-    # Through a file, as a checkpoint keeps them.
-    save_file(tensors, str(tmp_path / "rng.safetensors"), metadata=metadata)
-    draws = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
-    random.seed(0), np.random.seed(0), torch.manual_seed(0)
-    with safe_open(str(tmp_path / "rng.safetensors"), framework="pt") as handle:
-        stored = handle.metadata()
-    train_module._set_rng_state(load_file(str(tmp_path / "rng.safetensors")), stored)
-    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == draws
 
 
 def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
