@@ -27,7 +27,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import turbo_kernels as tk
 from benchmarks import models
 from benchmarks.harness import COMPILED, EAGER, Case, Impl, SuiteOptions
-from benchmarks.spatial import SDPA_BACKENDS, XFORMERS, fastest_sdpa, sdpa_unavailable, xformers_unavailable
+from benchmarks.spatial import (
+    SDPA_BACKENDS, XFORMERS, sdpa_unavailable, triton_against_fastest_sdpa, xformers_unavailable,
+)
 from turbo_kernels import dispatch
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.reference import attention as ref
@@ -168,11 +170,7 @@ def summary(result: dict) -> list[str]:
     lines = []
     for case in dict.fromkeys(case for case, _ in rows):
         label = f"temporal attention {case} fwd+bwd"
-        sdpa = fastest_sdpa(rows, case)
-        if sdpa is None:
-            lines.append(f"n/a   {label}: no SDPA backend measured")
-        else:
-            lines.append(models.speedup_line(label, rows, case, "triton", sdpa, TARGET_SPEEDUP))
+        lines.append(triton_against_fastest_sdpa(label, rows, case, TARGET_SPEEDUP))
         kernel = rows.get((case, "triton"))
         if kernel is None:
             lines.append(f"n/a   {label} effective bandwidth: triton not measured")

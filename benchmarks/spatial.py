@@ -229,12 +229,16 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
                     )
 
 
-def fastest_sdpa(rows: dict, case: str) -> Optional[str]:
-    """The SDPA backend with the least median time on `case` among `rows` ((case, impl) -> row), or None
-    (runs from before 2026-11-26's second lease have one row of torch's own backend choice, `sdpa`,
-    instead of a row a backend)."""
+def triton_against_fastest_sdpa(label: str, rows: dict, case: str, target: float) -> str:
+    """The target line of the Triton op's speed-up on `case` over the SDPA backend with the least
+    median time among `rows` ((case, impl) -> row), or n/a when no SDPA row was measured (runs from
+    before 2026-11-26's second lease have one row of torch's own backend choice, `sdpa`, instead of
+    a row a backend)."""
     measured = [name for name in (*SDPA_BACKENDS, "sdpa") if (case, name) in rows]
-    return min(measured, key=lambda name: rows[(case, name)]["median_ms"]) if measured else None
+    if not measured:
+        return f"n/a   {label}: no SDPA backend measured"
+    fastest = min(measured, key=lambda name: rows[(case, name)]["median_ms"])
+    return models.speedup_line(label, rows, case, "triton", fastest, target)
 
 
 # Where the Triton kernels lose, models do not run them: said under the lines, which judge the kernels.
@@ -252,10 +256,5 @@ def summary(result: dict) -> list[str]:
         for pass_name in ("fwd", "fwd+bwd"):
             rows = models.rows_by(result, op, pass_name)
             for case in dict.fromkeys(case for case, _ in rows):
-                label = f"{op} {case} {pass_name}"
-                sdpa = fastest_sdpa(rows, case)
-                if sdpa is None:
-                    lines.append(f"n/a   {label}: no SDPA backend measured")
-                else:
-                    lines.append(models.speedup_line(label, rows, case, "triton", sdpa, 1.0))
+                lines.append(triton_against_fastest_sdpa(f"{op} {case} {pass_name}", rows, case, 1.0))
     return [*lines, MODELS_RUN_SDPA] if lines else lines
