@@ -12,7 +12,10 @@ in that layout, so the baselines pay for their layout round trips:
   scaled_dot_product_attention forced to one backend; xformers: around xformers'
   memory_efficient_attention, when installed. Backends that cannot take a case (their grid limit
   of 65,535 blocks, for one) are skipped with their error;
-- triton, cuda: the public op on that backend, which reads and writes the frames layout in place.
+- triton, cuda: the public op on that backend, which reads and writes the frames layout in place;
+- triton-r<rows>-w<warps>: the Triton kernels at each tile of a sweep (rows of a program's tile,
+  warps), forward and backward, in 16-bit storage: which tile each level wants, measured rather
+  than guessed (the op's own launch is `triton`; the summary names the fastest tile a case).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from benchmarks.spatial import (
 from turbo_kernels import dispatch
 from turbo_kernels.ops.attention import temporal_attention
 from turbo_kernels.reference import attention as ref
+from turbo_kernels.triton_kernels import temporal_attention as triton_attention
 
 OP = "temporal_attention"
 FRAMES = 16
@@ -55,6 +59,12 @@ BWD_TRAFFIC = 7
 TARGET_SPEEDUP = 3.0
 TARGET_GBPS = 2500.0
 TARGET_GBPS_DEVICE = "H100"
+# (rows, warps) of the 16-bit tile sweep; the op's own choice is (TENSOR_CORE_ROWS, NUM_WARPS) at
+# F = 16. One 16-frame sequence a program at 16 rows (no block-diagonal waste, four times the
+# programs: the small levels at batch 1 fill 132 SMs with 64-row tiles only 1.5 times) up to eight
+# at 128. All compile for sm_90a without spills (the kernel report's compiler, bf16: 38-167
+# registers, up to 80 KiB of shared memory); 128 rows at 4 warps takes 255 registers, left out.
+TILES = ((16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (128, 8))
 
 
 def _sdpa(backend: SDPBackend) -> Callable:
@@ -105,6 +115,37 @@ def _timed(forward: Callable, with_grad: bool) -> Callable:
     return call
 
 
+def tile_impl_name(tile: triton_attention.Tile) -> str:
+    return "triton-r{}-w{}".format(*tile)
+
+
+class _TiledAttention(torch.autograd.Function):
+    """The Triton kernels at one tile, with none of the op's dispatch around them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, num_frames, heads, tile):
+        scale = (q.shape[-1] // heads) ** -0.5
+        out, lse = triton_attention.temporal_attention(q, k, v, num_frames, heads, "frames", scale, tile)
+        ctx.save_for_backward(q, k, v, lse)
+        ctx.args = num_frames, heads, scale, tile
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        num_frames, heads, scale, tile = ctx.args
+        grads = triton_attention.temporal_attention_backward(
+            grad_out, *ctx.saved_tensors, num_frames, heads, "frames", scale, tile=tile
+        )
+        return (*grads, None, None, None)
+
+
+def _tiled(tile: triton_attention.Tile) -> Callable:
+    def forward(q, k, v, num_frames: int, heads: int, layout: str) -> torch.Tensor:
+        return _TiledAttention.apply(q, k, v, num_frames, heads, tile)
+
+    return forward
+
+
 def _impls(with_grad: bool, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[Impl, ...]:
     compiled = torch.compile(ref.temporal_attention, dynamic=False)
 
@@ -120,6 +161,9 @@ def _impls(with_grad: bool, device: torch.device, dtype: torch.dtype, head_dim: 
         # The Triton interpreter (TRITON_INTERPRET=1) is a testing tool, never worth timing.
         return "no GPU" if device.type != "cuda" else dispatch.machine_unavailable_reason(backend_name, device)
 
+    tile_unavailable = unavailable("triton") or (
+        None if dtype in (torch.float16, torch.bfloat16) else "the tile sweep is of the 16-bit tensor-core tiles"
+    )
     sdpa = tuple(
         Impl(name, _timed(_sdpa(backend), with_grad), unavailable=sdpa_unavailable(name, device, dtype, head_dim))
         for name, backend in SDPA_BACKENDS.items()
@@ -131,6 +175,7 @@ def _impls(with_grad: bool, device: torch.device, dtype: torch.dtype, head_dim: 
         Impl(COMPILED, _timed(compiled, with_grad), compiles=True),
         Impl("triton", kernel_call("triton"), unavailable=unavailable("triton")),
         Impl("cuda", kernel_call("cuda"), unavailable=unavailable("cuda")),
+        *(Impl(tile_impl_name(tile), _timed(_tiled(tile), with_grad), unavailable=tile_unavailable) for tile in TILES),
     )
 
 
@@ -181,4 +226,31 @@ def summary(result: dict) -> list[str]:
             verdict = "PASS" if kernel["gbps"] >= TARGET_GBPS else "FAIL"
             lines.append(f"{verdict}  {label} effective bandwidth: triton {kernel['gbps']:.0f} GB/s "
                          f"(target >= {TARGET_GBPS:g} GB/s)")
+    return lines + tile_sweep_lines(result)
+
+
+# The tile the op launches at F = 16 in 16-bit storage, which the sweep's other tiles are compared with.
+OWN_TILE = (triton_attention.TENSOR_CORE_ROWS, triton_attention.NUM_WARPS)
+
+
+def tile_sweep_lines(result: dict) -> list[str]:
+    """Per case and pass: the sweep's fastest tile, its bandwidth, and its speed-up over the op's
+    own tile (informational: the sweep chooses tiles, it sets no target)."""
+    own = tile_impl_name(OWN_TILE)
+    lines = []
+    for pass_name in ("fwd", "fwd+bwd"):
+        rows = models.rows_by(result, OP, pass_name)
+        for case in dict.fromkeys(case for case, _ in rows):
+            tiles = {impl: row for (c, impl), row in rows.items() if c == case and impl.startswith("triton-r")}
+            if not tiles:
+                continue
+            best = min(tiles, key=lambda impl: tiles[impl]["median_ms"])
+            against = (
+                f"{tiles[own]['median_ms'] / tiles[best]['median_ms']:.2f}x {own}'s" if own in tiles
+                else f"{own} not measured"
+            )
+            lines.append(
+                f"info  temporal attention {case} {pass_name} tile sweep: fastest {best} "
+                f"{tiles[best]['gbps']:.0f} GB/s, {against}"
+            )
     return lines

@@ -526,6 +526,48 @@ def test_tile_sweep_summary_reads_tiles_against_cublas():
     assert f"default {default} 3.00x" in line and f"fastest {other} 1.50x" in line
 
 
+def test_temporal_attention_tile_sweep_runs_each_tile_it_names(monkeypatch):
+    """Every tile of the sweep launches the kernels at its rows and warps and computes the op's
+    forward and gradients (Triton's interpreter, fp16, quick shapes); fp32 runs have no sweep."""
+    from .helpers import DEVICE, record_kernel_launches
+    from turbo_kernels.reference import attention as attention_reference
+    from turbo_kernels.triton_kernels import temporal_attention as kernels
+
+    launches = record_kernel_launches(monkeypatch, kernels)
+    options = harness.SuiteOptions(DEVICE, torch.float16, None, quick=True)
+    for case in attention.cases(options):
+        x = case.make_inputs()
+        want = attention._timed(attention_reference.temporal_attention, case.pass_name == "fwd+bwd")(x)
+        tiles = [impl for impl in case.impls if impl.name.startswith("triton-r")]
+        assert [impl.name for impl in tiles] == [attention.tile_impl_name(t) for t in attention.TILES]
+        for impl, (rows, warps) in zip(tiles, attention.TILES):
+            del launches[:]
+            torch.testing.assert_close(impl.fn(x), want, rtol=2e-3, atol=2e-3,
+                                       msg=lambda m: f"{case.case} {case.pass_name} {impl.name}: {m}")
+            kernels_run = [kernel.__name__ for kernel, _, _ in launches]
+            want_kernels = ["temporal_attention_fwd_kernel"] + ["temporal_attention_bwd_kernel"] * (case.pass_name == "fwd+bwd")
+            assert kernels_run == want_kernels
+            assert all(c["ROWS"] == rows and c["num_warps"] == warps for _, _, c in launches), impl.name
+    fp32 = harness.SuiteOptions(DEVICE, torch.float32, None, quick=True)
+    for case in attention.cases(fp32):
+        tiles = [impl for impl in case.impls if impl.name.startswith("triton-r")]
+        assert tiles and all("16-bit" in impl.unavailable or impl.unavailable == "no GPU" for impl in tiles)
+
+
+def test_temporal_attention_tile_sweep_summary_names_the_fastest_tile():
+    own = attention.tile_impl_name(attention.OWN_TILE)
+    assert own in {attention.tile_impl_name(t) for t in attention.TILES}
+    times = {"triton": 0.05, own: 0.048, "triton-r16-w1": 0.032, "triton-r32-w2": 0.04}
+    rows = [{"op": attention.OP, "case": "b1-n40-h20", "pass": "fwd", "impl": impl, "median_ms": ms, "gbps": 0.2 / ms}
+            for impl, ms in times.items()]
+    (line,) = attention.tile_sweep_lines({"rows": rows})
+    assert line.startswith("info") and "b1-n40-h20 fwd" in line
+    assert "fastest triton-r16-w1 6 GB/s, 1.50x triton-r64-w4's" in line
+    (without_own,) = attention.tile_sweep_lines({"rows": [row for row in rows if row["impl"] != own]})
+    assert "triton-r64-w4 not measured" in without_own
+    assert not attention.tile_sweep_lines({"rows": rows[:1]}), "no sweep rows, no line"
+
+
 def test_inputs_rotate_out_of_l2_unless_they_hold_models(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=50 * 2**20))
     gpu = torch.device("cuda")

@@ -366,6 +366,16 @@ def test_torch_compile_fullgraph_matches_eager(backend_name):
     torch.testing.assert_close(got_grad, eager_grad, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("tile", [(8, 4), (16, 4), (48, 4), (32, 3), (32, 16)], ids=str)
+def test_a_tile_below_the_padded_frames_or_not_a_power_of_two_is_refused(tile):
+    """F = 17 pads to 32 frames: a tile needs at least that many rows, a power of two."""
+    with pytest.raises(ValueError, match=r"tile must be \(rows, num_warps\).*at least 32.*got"):
+        kernels.launch_params(17, 64, False, tile)
+    assert kernels.launch_params(17, 64, False, (64, 8)) == (
+        dict(NUM_FRAMES=17, HEAD_DIM=64, F_PAD=32, D_PAD=64, ROWS=64), 8
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ref.LAYOUTS)
 def test_more_sequences_than_a_grid_axis_holds(layout, chosen):

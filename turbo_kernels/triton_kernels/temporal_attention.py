@@ -25,6 +25,8 @@ probabilities are rounded to the storage dtype only as tensor-core operands, as 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +47,9 @@ TENSOR_CORE_ROWS = 64
 FP32_ROWS = 16
 FP32_WARPS_FROM_ELEMENTS = 16 * 64
 NUM_WARPS = 4
+TILE_WARPS = (1, 2, 4, 8)
+# (tile rows, num_warps)
+Tile = tuple[int, int]
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -155,13 +160,22 @@ def temporal_attention_bwd_kernel(
     tl.store(grad_k_ptr + grad_offsets, grad_k.to(grad_k_ptr.dtype.element_ty), mask=tile_mask)
 
 
-def launch_params(num_frames: int, head_dim: int, fp32: bool) -> tuple[dict, int]:
+def launch_params(num_frames: int, head_dim: int, fp32: bool, tile: Optional[Tile] = None) -> tuple[dict, int]:
     """The kernels' constexprs and num_warps: frames and head dim padded to powers of two (and
-    masked), and the tile rows, a multiple of the padded frame count."""
+    masked), and the tile rows, a multiple of the padded frame count. `tile` = (rows, num_warps)
+    replaces the production choice (the benchmark harness's tile sweep)."""
     f_pad = triton.next_power_of_2(num_frames)
     d_pad = max(triton.next_power_of_2(head_dim), MIN_DOT)
-    rows = max(FP32_ROWS if fp32 else TENSOR_CORE_ROWS, f_pad)
-    num_warps = 8 if fp32 and rows * d_pad > FP32_WARPS_FROM_ELEMENTS else NUM_WARPS
+    if tile is None:
+        rows = max(FP32_ROWS if fp32 else TENSOR_CORE_ROWS, f_pad)
+        num_warps = 8 if fp32 and rows * d_pad > FP32_WARPS_FROM_ELEMENTS else NUM_WARPS
+    else:
+        rows, num_warps = tile
+        if rows < max(f_pad, MIN_DOT) or rows != triton.next_power_of_2(rows) or num_warps not in TILE_WARPS:
+            raise ValueError(
+                f"tile must be (rows, num_warps) with rows a power of two of at least {max(f_pad, MIN_DOT)} "
+                f"(the padded frame count, and {MIN_DOT}) and num_warps in {TILE_WARPS}, got {tile}"
+            )
     return dict(NUM_FRAMES=num_frames, HEAD_DIM=head_dim, F_PAD=f_pad, D_PAD=d_pad, ROWS=rows), num_warps
 
 
@@ -210,26 +224,27 @@ def sequence_strides(x: Tensor, num_frames: int, layout: str) -> tuple[int, int,
     return 0, x.stride(0), x.stride(1)
 
 
-def _launch(kernel, tensors: list[Tensor], strided: list[Tensor], q: Tensor, num_frames, heads, layout, scale):
+def _launch(kernel, tensors: list[Tensor], strided: list[Tensor], q: Tensor, num_frames, heads, layout, scale, tile):
     sequences = num_sequences(q, num_frames, layout)
     positions = q.shape[1] if layout == "frames" else sequences
-    constexprs, num_warps = launch_params(num_frames, q.shape[2] // heads, q.dtype == torch.float32)
+    constexprs, num_warps = launch_params(num_frames, q.shape[2] // heads, q.dtype == torch.float32, tile)
     grid = (triton.cdiv(sequences, constexprs["ROWS"] // constexprs["F_PAD"]) * heads,)
     strides = [stride for x in strided for stride in sequence_strides(x, num_frames, layout)]
     kernel[grid](*tensors, sequences, positions, heads, float(scale), *strides, **constexprs, num_warps=num_warps)
 
 
-def temporal_attention(q, k, v, num_frames, heads, layout, scale):
+def temporal_attention(q, k, v, num_frames, heads, layout, scale, tile: Optional[Tile] = None):
     """(out in q's layout and dtype, lse (sequences, heads, F) fp32)."""
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((num_sequences(q, num_frames, layout), heads, num_frames), torch.float32, q.device)
     if q.numel() == 0:
         return out, lse
-    _launch(temporal_attention_fwd_kernel, [q, k, v, out, lse], [q, k, v, out], q, num_frames, heads, layout, scale)
+    _launch(temporal_attention_fwd_kernel, [q, k, v, out, lse], [q, k, v, out], q, num_frames, heads, layout, scale, tile)
     return out, lse
 
 
-def temporal_attention_backward(grad_out, q, k, v, lse, num_frames, heads, layout, scale, grads=None):
+def temporal_attention_backward(grad_out, q, k, v, lse, num_frames, heads, layout, scale, grads=None,
+                                tile: Optional[Tile] = None):
     """(grad_q, grad_k, grad_v), each contiguous in q's layout and dtype; or written into `grads`,
     three tensors of q's shape and dtype with unit channel stride that share their strides (the
     slices of one packed buffer)."""
@@ -244,6 +259,6 @@ def temporal_attention_backward(grad_out, q, k, v, lse, num_frames, heads, layou
         temporal_attention_bwd_kernel,
         [grad_out, q, k, v, lse, grad_q, grad_k, grad_v],
         [grad_out, q, k, v, grad_q],
-        q, num_frames, heads, layout, scale,
+        q, num_frames, heads, layout, scale, tile,
     )
     return grad_q, grad_k, grad_v
