@@ -15,7 +15,11 @@ in that layout, so the baselines pay for their layout round trips:
 - triton, cuda: the public op on that backend, which reads and writes the frames layout in place;
 - triton-r<rows>-w<warps>: the Triton kernels at each tile of a sweep (rows of a program's tile,
   warps), forward and backward, in 16-bit storage: which tile each level wants, measured rather
-  than guessed (the op's own launch is `triton`; the summary names the fastest tile a case).
+  than guessed (the op's own launch is `triton`; the summary names the fastest tile a case);
+- copy-same-bytes: no attention, only torch.cat copies of the inputs that read and write the
+  case's bytes in as many kernels as the Triton op launches (one forward, one more backward): what
+  bandwidth a call of that size and launch count reaches at all, where launch latency, not
+  bandwidth, bounds the small levels at batch 1.
 """
 
 from __future__ import annotations
@@ -115,6 +119,24 @@ def _timed(forward: Callable, with_grad: bool) -> Callable:
     return call
 
 
+COPY_SAME_BYTES = "copy-same-bytes"
+
+
+def _copy_same_bytes(with_grad: bool) -> Callable:
+    """torch.cat copies moving FWD_TRAFFIC tensor sizes (q and k read, as much written) and, with
+    gradients, BWD_TRAFFIC more in a second kernel, read from the rotating inputs so they come
+    from DRAM as the op's do."""
+
+    def call(x: SimpleNamespace) -> torch.Tensor:
+        q, k, v = (t.detach().view(-1) for t in x.args[:3])
+        out = torch.cat([q, k])
+        if with_grad:
+            out = torch.cat([k, v, x.grad_out.view(-1), q[: q.numel() // 2]])
+        return out
+
+    return call
+
+
 def tile_impl_name(tile: triton_attention.Tile) -> str:
     return "triton-r{}-w{}".format(*tile)
 
@@ -176,6 +198,7 @@ def _impls(with_grad: bool, device: torch.device, dtype: torch.dtype, head_dim: 
         Impl("triton", kernel_call("triton"), unavailable=unavailable("triton")),
         Impl("cuda", kernel_call("cuda"), unavailable=unavailable("cuda")),
         *(Impl(tile_impl_name(tile), _timed(_tiled(tile), with_grad), unavailable=tile_unavailable) for tile in TILES),
+        Impl(COPY_SAME_BYTES, _copy_same_bytes(with_grad)),
     )
 
 
@@ -226,6 +249,10 @@ def summary(result: dict) -> list[str]:
             verdict = "PASS" if kernel["gbps"] >= TARGET_GBPS else "FAIL"
             lines.append(f"{verdict}  {label} effective bandwidth: triton {kernel['gbps']:.0f} GB/s "
                          f"(target >= {TARGET_GBPS:g} GB/s)")
+        copy = rows.get((case, COPY_SAME_BYTES))
+        if kernel is not None and copy is not None:
+            lines.append(f"info  {label}: copying the same bytes in as many kernels (2) reaches {copy['gbps']:.0f} GB/s; "
+                         f"triton {kernel['gbps']:.0f} GB/s, {100 * kernel['gbps'] / copy['gbps']:.0f}% of it")
     return lines + tile_sweep_lines(result)
 
 
