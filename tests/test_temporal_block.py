@@ -611,11 +611,15 @@ def test_weight_grad_of_empty_channels(out_features, in_features):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("frames,channels,height,width", [(5, 64, 7, 9), (3, 32, 1, 1)], ids=["ragged", "1x1"])
 @pytest.mark.parametrize("spread", [1.0, 0.01, 0.0], ids=["spread-1", "spread-0.01", "constant"])
-def test_group_norm_stats_kernel(dtype, frames, channels, height, width, spread, chosen):
+@pytest.mark.parametrize("min_programs", [None, 1], ids=["group-a-program", "groups-a-program"])
+def test_group_norm_stats_kernel(dtype, frames, channels, height, width, spread, min_programs, chosen, monkeypatch):
     """Statistics span each video's frames, and a mean of 1000 against a small spread, or none,
     neither cancels (a one-pass sum of squares would lose the variance) nor carries the fp32
     rounding of per-frame means into the merge (rstd was off by 2e-3 at spread 0.01): within
-    the 2x rule of torch's var_mean on the same storage."""
+    the 2x rule of torch's var_mean on the same storage. These few rows take a group a program;
+    without the program floor, all 32 groups of a row are one program's tile."""
+    if min_programs is not None:
+        monkeypatch.setattr(kernels, "STATS_MIN_PROGRAMS", min_programs)
     g = torch.Generator().manual_seed(16)
     x = (1000 + spread * randn((2 * frames, channels, height, width), torch.float64, g)).to(dtype)
     with tk.backend("triton"):
@@ -626,6 +630,20 @@ def test_group_norm_stats_kernel(dtype, frames, channels, height, width, spread,
     assert mean.shape == rstd.shape == (2, 32) and mean.dtype == rstd.dtype == torch.float32
     assert_within_2x_of_reference(mean, same_mean, want_mean, "mean")
     assert_within_2x_of_reference(rstd, same_rstd, want_rstd, "rstd")
+
+
+def test_group_norm_stats_launch_enough_programs_at_batch_1():
+    """At batch 1 (16 frame rows of 32 groups) every VideoCrafter2 level launches a group a
+    program, 512 programs; with many rows a program streams at least STATS_MIN_ELEMENTS again
+    (or a row's 32 groups, at the middle block's 40 x 40)."""
+    for (_, group_numel), min_elements_tile in zip(kernels._STATS_SHAPES, (4, 8, 16, 32)):
+        params, _ = kernels.stats_params(16, 32, group_numel)
+        assert params == dict(GROUP_TILE=1, BLOCK=kernels.STATS_TILE_ELEMENTS)
+        params, _ = kernels.stats_params(2048, 32, group_numel)
+        assert params["GROUP_TILE"] == min_elements_tile
+        assert params["GROUP_TILE"] * params["BLOCK"] == kernels.STATS_TILE_ELEMENTS
+    # Between the two: the largest tile that keeps the floor (64 rows: 2 groups a program, 1024 programs).
+    assert kernels.stats_params(64, 32, 40 * 160)[0]["GROUP_TILE"] == 2
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

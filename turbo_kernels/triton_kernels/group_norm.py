@@ -57,8 +57,12 @@ from torch import Tensor
 
 from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, storage_configs
 
-# GroupNorm statistics: programs stream at least 64K elements in tiles of 2048.
+# GroupNorm statistics: programs stream at least 64K elements in tiles of 2048, unless that leaves
+# fewer than 4 programs an H100 SM (132 SMs): a program's loads are one serial loop, so few
+# programs are latency-bound (at batch 1, 16 frame rows of 32 groups made 32 programs at 10x16
+# and 128 at 40x64, which took 54 and 35 µs on the third lease's H100 for 6.5 and 26 MB).
 STATS_MIN_ELEMENTS = 65536
+STATS_MIN_PROGRAMS = 528
 STATS_TILE_ELEMENTS = 2048
 STATS_NUM_WARPS = 4
 # The merge reads B*groups*F partials: one program per 64 (video, group) pairs, fewer where a
@@ -616,11 +620,14 @@ def channels_last_affine_silu_grad_kernel(
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
-def stats_params(groups: int, group_numel: int) -> tuple[dict, int]:
-    """Groups a program reduces (enough that it streams at least STATS_MIN_ELEMENTS, e.g. 4 groups
-    of 10 channels x 2560 positions at VideoCrafter2's first level) and the tile width."""
+def stats_params(rows: int, groups: int, group_numel: int) -> tuple[dict, int]:
+    """Groups a program reduces, of one of `rows` frame rows: enough that it streams at least
+    STATS_MIN_ELEMENTS (e.g. 4 groups of 10 channels x 2560 positions at VideoCrafter2's first
+    level), fewer where that would leave under STATS_MIN_PROGRAMS programs; and the tile width."""
     groups_for_min_elements = triton.cdiv(STATS_MIN_ELEMENTS, max(group_numel, 1))
     group_tile = min(triton.next_power_of_2(groups), triton.next_power_of_2(groups_for_min_elements))
+    while group_tile > 1 and rows * triton.cdiv(groups, group_tile) < STATS_MIN_PROGRAMS:
+        group_tile //= 2
     return dict(GROUP_TILE=group_tile, BLOCK=max(16, STATS_TILE_ELEMENTS // group_tile)), STATS_NUM_WARPS
 
 
@@ -680,8 +687,10 @@ _MERGE_ARGS = dict(
     partial_mean_ptr="*fp32", partial_m2_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32", video_groups="i32",
     frames="i32", groups="i32", group_numel="i32", video_stride="i32", group_stride="i32", eps="fp32",
 )
-# (groups, channels a group x positions) at VideoCrafter2's three attention levels and the middle.
+# (groups, channels a group x positions) at VideoCrafter2's three attention levels and the middle,
+# and the frame rows of 1 to 32 videos of 16 frames.
 _STATS_SHAPES = ((32, 10 * 2560), (32, 20 * 640), (32, 40 * 160), (32, 40 * 40))
+_STATS_ROWS = (16, 32, 64, 128, 256, 512)
 # (AFFINE, HAS_BIAS, HAS_RESIDUAL, unit strides) of each launch. The stream's tokens are read
 # channel-major (token stride 1), the blocks' tokens row-major (channel stride 1); backward GEMMs
 # take the weight transposed (output-feature stride 1) and write the gradient in its input's layout.
@@ -814,24 +823,21 @@ _AFFINE_SILU_AUTOCAST_ARGS = {
 }
 
 
-# group_norm_silu's statistics reduce each group as slices, one group a row (groups = 1): a frame's
-# share of a video's group, or one channel of a frame's, at VideoCrafter2's four levels.
-_STATS_SLICE_NUMELS = (10 * 2560, 20 * 640, 40 * 160, 40 * 40, 2560, 640, 160, 40)
-
-
 REPORT_CONFIGS: list[KernelConfig] = (
     [
         config
-        for groups, group_numel in _STATS_SHAPES
-        for config in storage_configs(group_norm_partial_stats_kernel, _STATS_ARGS, *stats_params(groups, group_numel))
+        for params, num_warps in {
+            tuple(params.items()): (params, num_warps)
+            for rows in _STATS_ROWS
+            for groups, group_numel in _STATS_SHAPES
+            for params, num_warps in [stats_params(rows, groups, group_numel)]
+        }.values()
+        for config in storage_configs(group_norm_partial_stats_kernel, _STATS_ARGS, params, num_warps)
     ]
-    + [
-        config
-        for group_numel in _STATS_SLICE_NUMELS
-        for config in storage_configs(
-            group_norm_partial_stats_kernel, _with_units(_STATS_ARGS, ("groups",)), *stats_params(1, group_numel)
-        )
-    ]
+    # group_norm_silu's statistics reduce each group as slices, one group a row (groups = 1): a
+    # frame's share of a video's group, or one channel of a frame's; a tile of one group whatever
+    # the slice's size or the rows.
+    + storage_configs(group_norm_partial_stats_kernel, _with_units(_STATS_ARGS, ("groups",)), *stats_params(1, 1, 1))
     # group_norm_silu's channels-last statistics, whole groups of 10, 20 or 40 channels.
     + [
         config
@@ -953,7 +959,7 @@ def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tup
         return mean, rstd
     partial_mean = new_output((videos, groups, num_frames), torch.float32, x.device)
     partial_m2 = new_output((videos, groups, num_frames), torch.float32, x.device)
-    params, num_warps = stats_params(groups, group_numel)
+    params, num_warps = stats_params(rows, groups, group_numel)
     group_norm_partial_stats_kernel[(rows * triton.cdiv(groups, params["GROUP_TILE"]),)](
         x, partial_mean, partial_m2, num_frames, groups, group_numel, num_warps=num_warps, **params,
     )
