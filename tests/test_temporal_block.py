@@ -309,6 +309,33 @@ def test_projection_routes(monkeypatch, chosen):
         FusedTemporalTransformer(64, 2, 32, projections="triton")
 
 
+def test_auto_route_compares_a_frames_positions(monkeypatch, chosen):
+    """"auto" compares a frame's H*W positions with the threshold, not one side of it: at a
+    threshold of 10, 3x4 frames (12 positions, each side below 10) take the strided route and
+    3x3 frames (9) cuBLAS."""
+    from turbo_kernels import temporal_block
+
+    monkeypatch.setattr(temporal_block, "CUBLAS_PROJECTIONS_BELOW", 10)
+    module = _module(64, 2, 32)
+    g = torch.Generator().manual_seed(29)
+    for (height, width), op in (((3, 4), "strided_linear"), ((3, 3), "channel_affine")):
+        chosen.clear()
+        with tk.backend("reference"):
+            module(_stream(1, 2, 64, height, width, torch.float32, g), 2)
+        assert (op, "reference") in chosen, ((height, width), chosen)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_frames_of_one_pixel_are_a_contiguous_stream(backend_name, chosen):
+    """A (B*F, C, 1, 1) stream is both contiguous and channels_last in torch's sense; it is a
+    contiguous stream, so projections="strided" takes it (rather than refusing it as
+    channels_last) and runs strided_linear on one token a frame row, forward and backward
+    (the weight gradient's bias programs sum a single-token tile)."""
+    case = (2, 3, 64, 1, 1, 2, 32)
+    assert _stream(*case[:5], torch.float32, torch.Generator()).is_contiguous(memory_format=torch.channels_last)
+    _check_fused_against_reference(case, torch.float32, backend_name, chosen, projections="strided")
+
+
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_channel_affine_kernel(dtype, chosen):
