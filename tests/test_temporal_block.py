@@ -336,6 +336,35 @@ def test_frames_of_one_pixel_are_a_contiguous_stream(backend_name, chosen):
     _check_fused_against_reference(case, torch.float32, backend_name, chosen, projections="strided")
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_bias_only_training_gets_the_bias_gradients(backend_name):
+    """Bias-only fine-tuning (BitFit): x from frozen layers, every weight frozen. proj_out's bias
+    gradient then comes without its weight's (summed from the output's gradient, which arrives
+    channel-first), and proj_in's normalisation needs the shift's gradient (GroupNorm's bias)
+    without the scale's: each bias gradient within the 2x rule of the reference path's."""
+    videos, frames, channels, height, width, heads, head_dim = CASES[0]
+    g = torch.Generator().manual_seed(30)
+    x = _stream(videos, frames, channels, height, width, torch.float32, g)
+    grad_out = randn(x.shape, torch.float32, g)
+    module = _module(channels, heads, head_dim)
+    for name, parameter in module.named_parameters():
+        parameter.requires_grad_(name.endswith("bias"))
+
+    def bias_gradients(module, x, grad_out, reference):
+        out = module.reference_forward(x, frames) if reference else module(x, frames)
+        names, biases = zip(*[(n, p) for n, p in module.named_parameters() if p.requires_grad])
+        return dict(zip(names, torch.autograd.grad(out, biases, grad_out)))
+
+    with tk.backend(backend_name), warnings.catch_warnings():
+        warnings.simplefilter("error", tk.TurboKernelsFallbackWarning)
+        got = bias_gradients(module, x, grad_out, reference=False)
+    same = bias_gradients(module, x, grad_out, reference=True)
+    exact = bias_gradients(copy.deepcopy(module).double(), x.double(), grad_out.double(), reference=True)
+    assert set(got) == set(exact) and "norm.bias" in got and "proj_out.bias" in got
+    for name in exact:
+        _assert_rms_within_2x_of_reference(got[name], same[name], exact[name], f"d {name}")
+
+
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_channel_affine_kernel(dtype, chosen):
