@@ -824,6 +824,28 @@ def test_gradient_kernels_match_their_references(dtype, layout, chosen):
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+def test_affine_backward_token_ranges_that_do_not_divide_the_token_blocks(monkeypatch, chosen):
+    """Fewer programs than token blocks, in a count that does not divide them, as at
+    VideoCrafter2's 40x64 level (16 rows, 10 channel blocks: 40 token blocks in 3 ranges of 14):
+    here 201 tokens' 4 blocks in 3 ranges of 2, 2 and none. Every token counted once in the sums
+    and its d x written (poisoned buffers)."""
+    g = torch.Generator().manual_seed(31)
+    frames, channels, tokens = 2, 32, 201
+    monkeypatch.setattr(kernels, "AFFINE_BACKWARD_PROGRAMS", 3 * frames)
+    assert kernels.affine_backward_splits(frames, tokens, channels) == 3
+    x = _channels_first_tokens(frames, channels, tokens, torch.float32, g)
+    grad_a = randn(x.shape, torch.float32, g)
+    scale = randn((1, channels), torch.float32, g)
+    with tk.backend("triton"):
+        got = torch.ops.turbo_kernels.channel_affine_backward(grad_a, x, scale, frames)
+    assert chosen == [("channel_affine_backward", "triton")]
+    want = ref.channel_affine_backward(grad_a, x, scale, frames)
+    want64 = ref.channel_affine_backward(grad_a.double(), x.double(), scale.double(), frames)
+    for name, value, same_precision, exact in zip(("d x", "d scale", "d shift"), got, want, want64):
+        assert_within_2x_of_reference(value, same_precision, exact, name)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 def test_a_channel_strided_stream_falls_back_for_the_statistics(chosen):
     """The statistics' kernels walk a contiguous or channels_last stream; every other channel of a
     wider one (neither) runs that op's reference and its backward's (warned), while the
