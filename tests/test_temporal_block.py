@@ -846,6 +846,45 @@ def test_affine_backward_token_ranges_that_do_not_divide_the_token_blocks(monkey
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+def test_float32_operands_in_another_layout_fall_back(chosen):
+    """The kernels index scale and shift as contiguous (B, K) rows: strided views of them run the
+    reference, warned, to the same result, rather than being read as rows."""
+    g = torch.Generator().manual_seed(32)
+    frames, rows, tokens, k, j = 2, 4, 5, 16, 8
+    x = _channels_first_tokens(rows, k, tokens, torch.float32, g)
+    weight = randn((j, k), torch.float32, g)
+    scale, shift = (randn((k, rows // frames), torch.float32, g).t() for _ in range(2))
+    with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match="scale must be contiguous"):
+        out = torch.ops.turbo_kernels.strided_linear(x, weight, None, None, scale, shift, frames, False)
+        tokens_out = torch.ops.turbo_kernels.channel_affine(x, scale, shift, frames)
+    assert chosen == [("strided_linear", "reference"), ("channel_affine", "reference")]
+    torch.testing.assert_close(out, ref.strided_linear(x, weight, None, None, scale, shift, frames, False))
+    torch.testing.assert_close(tokens_out, ref.channel_affine(x, scale, shift, frames))
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+def test_statistics_gradients_in_any_layout_or_unused_run_the_kernel(chosen):
+    """The statistics op's backward hands the kernel its (B, groups) gradients contiguous (the
+    kernel indexes them as rows, and refuses other layouts): gradients arriving as transposed
+    views run the kernel, no fallback, to the reference's d x; so does a loss of rstd alone."""
+    g = torch.Generator().manual_seed(33)
+    frames = 3
+    x = _stream(2, frames, 64, 2, 3, torch.float32, g).requires_grad_(True)
+    grad_mean, grad_rstd = (randn((32, 2), torch.float32, g).t() for _ in range(2))
+    with tk.backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("error", tk.TurboKernelsFallbackWarning)
+        mean, rstd = torch.ops.turbo_kernels.group_norm_stats(x, frames, 32, 1e-6)
+        (grad_x,) = torch.autograd.grad((mean, rstd), x, (grad_mean, grad_rstd), retain_graph=True)
+        (grad_x_rstd_only,) = torch.autograd.grad(rstd, x, grad_rstd)
+    assert chosen == [("group_norm_stats", "triton")] + [("group_norm_stats_backward", "triton")] * 2
+    args = (x.detach(), mean.detach(), rstd.detach())
+    want = ref.group_norm_stats_backward(*args, grad_mean, grad_rstd, frames)
+    want_rstd_only = ref.group_norm_stats_backward(*args, torch.zeros_like(grad_mean), grad_rstd, frames)
+    torch.testing.assert_close(grad_x, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_x_rstd_only, want_rstd_only, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 def test_a_channel_strided_stream_falls_back_for_the_statistics(chosen):
     """The statistics' kernels walk a contiguous or channels_last stream; every other channel of a
     wider one (neither) runs that op's reference and its backward's (warned), while the
