@@ -140,3 +140,23 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.autograd.grad(torch.compile(tk.geglu, fullgraph=True, backend="aot_eager")(h), h, grad)[0]
     torch.compiler.reset()
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("case", ["transposed", "expanded"])
+def test_an_output_gradient_in_another_layout(poisoned, chosen, case):
+    """The backward kernel reads the output's gradient as contiguous rows: one arriving in another
+    layout (a transposed view, as a downstream permute hands it back, or the stride-0 expansion
+    of out.sum()'s) is made contiguous first: h's gradient within the 2x rule."""
+    if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
+        pytest.skip("Triton cannot run here (no GPU, no interpreter)")
+    generator = seeded_generator("gradient layout", case)
+    h = _views("contiguous", torch.float32, generator)[0].requires_grad_()  # (17, 2 x 37)
+    if case == "transposed":
+        grad = torch.randn(37, 17, generator=generator, dtype=torch.float64).to(DEVICE, torch.float32).t()
+    else:
+        grad = torch.full((1, 1), 0.5, device=DEVICE).expand(17, 37)
+    with tk.backend("triton"):
+        (grad_h,) = torch.autograd.grad(tk.geglu(h), h, grad)
+    assert chosen == [("geglu", "triton"), ("geglu_backward", "triton")]
+    want = ref.geglu_backward(grad.contiguous(), h.detach())
+    assert_within_2x_of_reference(grad_h, want, ref.geglu_backward(grad.double(), h.detach().double()), "grad_h")

@@ -205,6 +205,29 @@ def test_inputs_the_kernels_refuse_fall_back_with_one_warning(chosen, monkeypatc
     torch.testing.assert_close(grad_x, ref.layer_norm_backward(grad, x.detach(), weight, EPS)[0])
 
 
+@pytest.mark.parametrize("case", ["transposed", "expanded"])
+def test_an_output_gradient_in_another_layout(poisoned, chosen, case):
+    """The backward kernel reads the output's gradient as contiguous rows: one arriving in another
+    layout (a transposed view, as a downstream permute hands it back, or the stride-0 expansion
+    of out.sum()'s) is made contiguous first: d x, d weight and d bias within the 2x rule."""
+    if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
+        pytest.skip("Triton cannot run here (no GPU, no interpreter)")
+    generator = seeded_generator("gradient layout", case)
+    x = _views("contiguous", torch.float32, generator)[0].requires_grad_()  # (17, 40)
+    weight, bias = (t.requires_grad_() for t in _parameters(40, torch.float32, generator))
+    if case == "transposed":
+        grad = torch.randn(40, 17, generator=generator, dtype=torch.float64).to(DEVICE, torch.float32).t()
+    else:
+        grad = torch.full((1, 1), 0.5, device=DEVICE).expand(17, 40)
+    with tk.backend("triton"):
+        grads = torch.autograd.grad(tk.layer_norm(x, weight, bias, EPS), (x, weight, bias), grad)
+    assert chosen == [("layer_norm", "triton"), ("layer_norm_backward", "triton")]
+    want = ref.layer_norm_backward(grad.contiguous(), x.detach(), weight.detach(), EPS)
+    want64 = ref.layer_norm_backward(grad.double(), x.detach().double(), weight.detach().double(), EPS)
+    for name, got, same_precision, exact in zip(("x", "weight", "bias"), grads, want, want64):
+        assert_within_2x_of_reference(got, same_precision, exact, f"grad {name}")
+
+
 def test_bad_input_is_rejected_naming_the_argument():
     x, weight, bias = torch.randn(2, 6), torch.randn(6), torch.randn(6)
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
