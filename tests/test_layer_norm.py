@@ -179,6 +179,7 @@ def test_triton_matches_reference_forward_and_backward(poisoned, chosen, monkeyp
     ("permuted", "do not flatten"),  # leading dimensions swapped
     ("too-wide", "channels"),  # wider than MAX_CHANNELS (lowered here)
     ("double-parameters", "parameters in torch.float64"),
+    ("strided-parameters", "parameters must be contiguous"),  # weight: every other element of a wider tensor
 ])
 def test_inputs_the_kernels_refuse_fall_back_with_one_warning(chosen, monkeypatch, layout, reason):
     if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
@@ -189,13 +190,15 @@ def test_inputs_the_kernels_refuse_fall_back_with_one_warning(chosen, monkeypatc
         x = torch.randn(4, 12 * 2, device=DEVICE)[:, ::2]
     elif layout == "permuted":
         x = torch.randn(4, 3, 12, device=DEVICE).transpose(0, 1)
-    elif layout == "double-parameters":
+    elif layout in ("double-parameters", "strided-parameters"):
         x = torch.randn(4, 12, device=DEVICE)
     else:
         x = torch.randn(4, 20, device=DEVICE)
     x.requires_grad_()
     parameter_dtype = torch.float64 if layout == "double-parameters" else torch.float32
     weight, bias = (torch.randn(x.shape[-1], device=DEVICE, dtype=parameter_dtype) for _ in range(2))
+    if layout == "strided-parameters":
+        weight = torch.randn(2 * x.shape[-1], device=DEVICE)[::2]
     grad = torch.randn(x.shape, device=DEVICE)
     with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match=reason):
         out = tk.layer_norm(x, weight, bias, EPS)
@@ -226,6 +229,23 @@ def test_an_output_gradient_in_another_layout(poisoned, chosen, case):
     want64 = ref.layer_norm_backward(grad.double(), x.detach().double(), weight.detach().double(), EPS)
     for name, got, same_precision, exact in zip(("x", "weight", "bias"), grads, want, want64):
         assert_within_2x_of_reference(got, same_precision, exact, f"grad {name}")
+
+
+def test_rows_of_max_channels_run_the_kernels(poisoned, chosen, monkeypatch):
+    """MAX_CHANNELS (lowered to 16 here) is the widest row the kernels take: a row of exactly that
+    many channels runs them, forward and backward; only wider ones fall back."""
+    if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
+        pytest.skip("Triton cannot run here (no GPU, no interpreter)")
+    monkeypatch.setattr(triton_layer_norm, "MAX_CHANNELS", 16)
+    generator = seeded_generator("max channels")
+    x = torch.randn(4, 16, generator=generator).to(DEVICE).requires_grad_()
+    weight, bias = _parameters(16, torch.float32, generator)
+    with tk.backend("triton"):
+        out = tk.layer_norm(x, weight, bias, EPS)
+        (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert chosen == [("layer_norm", "triton"), ("layer_norm_backward", "triton")]
+    torch.testing.assert_close(out, ref.layer_norm(x.detach(), weight, bias, EPS))
+    torch.testing.assert_close(grad_x, ref.layer_norm_backward(torch.ones_like(out), x.detach(), weight, EPS)[0])
 
 
 def test_bad_input_is_rejected_naming_the_argument():
