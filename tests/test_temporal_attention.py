@@ -151,9 +151,9 @@ def test_an_unwritten_output_element_fails(monkeypatch):
     leaves NaN behind, which the comparison reports."""
     original = kernels._launch
 
-    def skip_last_sequence(kernel, tensors, strided, q, num_frames, heads, layout, scale):
+    def skip_last_sequence(kernel, tensors, strided, q, num_frames, heads, layout, scale, tile):
         # The launch takes the sequence count from q: in the "sequences" layout, one row fewer.
-        original(kernel, tensors, strided, q[:-1], num_frames, heads, layout, scale)
+        original(kernel, tensors, strided, q[:-1], num_frames, heads, layout, scale, tile)
 
     monkeypatch.setattr(kernels, "_launch", skip_last_sequence)
     g = torch.Generator().manual_seed(4)
