@@ -119,6 +119,67 @@ def test_auto_tries_triton_before_cuda():
     assert listed[0] == "triton" and listed == [n for n in ("triton", "cuda", "reference") if n in listed]
 
 
+CUDA_DEVICE = torch.device("cuda")
+
+
+def _register_toy(monkeypatch, unavailable=(), **checks):
+    """Registers the op "toy": its reference, and a kernel backend for each keyword whose value is
+    what that backend's supports check answers (None or a reason). Backends in `unavailable`
+    cannot run on this machine; the others can, whatever it has, so "auto" on CUDA tensors can be
+    followed without a GPU (select reads no tensor)."""
+    monkeypatch.setitem(dispatch._registry, "toy", {})
+    dispatch.register("toy", "reference")(lambda x: x)
+    for name, reason in checks.items():
+        dispatch.register("toy", name, lambda x, reason=reason: reason)(lambda x: x)
+    monkeypatch.setattr(
+        dispatch, "machine_unavailable_reason", lambda name, device: "absent" if name in unavailable else None
+    )
+
+
+def test_auto_takes_the_first_kernel_backend_that_runs_here_and_accepts_the_inputs(monkeypatch):
+    """On CUDA tensors "auto" passes over a backend that cannot run on this machine or refuses the
+    inputs, and takes the next one: the CUDA kernel where Triton refuses (a kernel ran, so no
+    warning), the CUDA kernel where Triton is missing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _register_toy(monkeypatch, triton="head dim 80", cuda=None)
+        assert dispatch.select("toy", CUDA_DEVICE, None) == "cuda"
+        _register_toy(monkeypatch, unavailable=("triton",), triton=None, cuda=None)
+        assert dispatch.select("toy", CUDA_DEVICE, None) == "cuda"
+
+
+def test_auto_falls_back_with_one_warning_per_reason_naming_every_refusal(monkeypatch):
+    """Every kernel backend refusing: the reference runs, with a warning naming each refusal,
+    given once; inputs refused for another reason warn again (the key holds the reason)."""
+    _register_toy(monkeypatch, triton="head dim 80", cuda="head dim 80 (the CUDA kernels take 64)")
+    with pytest.warns(tk.TurboKernelsFallbackWarning) as record:
+        assert dispatch.select("toy", CUDA_DEVICE, None) == "reference"
+        assert dispatch.select("toy", CUDA_DEVICE, None) == "reference"
+    assert [str(w.message) for w in record] == [
+        "turbo_kernels.toy: auto cannot take these inputs (triton: head dim 80; cuda: head dim 80 (the CUDA "
+        "kernels take 64)); using the reference"
+    ]
+    _register_toy(monkeypatch, triton="num_frames=65 exceeds 64", cuda="num_frames=65 exceeds 32")
+    with pytest.warns(tk.TurboKernelsFallbackWarning, match="triton: num_frames=65 exceeds 64"):
+        assert dispatch.select("toy", CUDA_DEVICE, None) == "reference"
+
+
+def test_forcing_a_backend_the_op_lacks_runs_the_reference_with_a_warning(monkeypatch):
+    """The CPU-runnable counterpart of the CUDA test above: an op without a CUDA kernel, forced to
+    CUDA on a machine that can run it."""
+    _register_toy(monkeypatch, triton=None)
+    with tk.backend("cuda"), pytest.warns(tk.TurboKernelsFallbackWarning, match="toy has no cuda implementation"):
+        assert dispatch.select("toy", CUDA_DEVICE, None) == "reference"
+
+
+def test_forcing_cuda_on_cpu_tensors_is_an_error_also_for_ops_without_a_cuda_kernel():
+    """Whether the forced backend can run on these tensors is asked first: pseudo_huber_loss has
+    no CUDA kernel, and forcing CUDA on CPU tensors is still an error, not a silent reference run."""
+    x = torch.randn(2, 3)
+    with tk.backend("cuda"), pytest.raises(tk.BackendUnavailableError, match="cuda.*forced"):
+        tk.pseudo_huber_loss(x, x)
+
+
 def _differentiable_calls():
     """name -> (leaf inputs, call returning a scalar) for every op with a dispatched backward."""
     g = torch.Generator().manual_seed(5)
