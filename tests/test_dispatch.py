@@ -1,5 +1,6 @@
 """The dispatch seam: requested backend, auto order, fallbacks with one warning, clear errors."""
 
+import runpy
 import threading
 import warnings
 
@@ -34,6 +35,16 @@ def test_report_says_why_a_backend_is_unusable():
     text = tk.backend_report("cpu")
     assert "guided_solver_step" in text
     assert "cuda" in text and ("CUDA tensors" in text or "not built" in text)
+
+
+def test_info_prints_the_report_and_it_names_the_backends_an_op_lacks(capsys):
+    """`python -m turbo_kernels.info` prints the report; a backend an op has no implementation of
+    is reported as such, not by what the machine could run."""
+    runpy.run_module("turbo_kernels.info", run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("turbo_kernels backends for")
+    sampler = lines.index("  consistency_sampler_step")
+    assert lines[sampler + 1].split(None, 1) == ["cuda", "not implemented"]
 
 
 def test_context_manager_overrides_env_and_restores(monkeypatch):
@@ -178,6 +189,39 @@ def test_forcing_cuda_on_cpu_tensors_is_an_error_also_for_ops_without_a_cuda_ker
     x = torch.randn(2, 3)
     with tk.backend("cuda"), pytest.raises(tk.BackendUnavailableError, match="cuda.*forced"):
         tk.pseudo_huber_loss(x, x)
+
+
+def test_the_request_defaults_to_auto_and_the_variable_is_read_loosely(monkeypatch):
+    """No block and no variable, or an empty one, request "auto"; the variable's case and
+    surrounding space do not matter."""
+    assert dispatch.requested_backend() == "auto"
+    monkeypatch.setenv(dispatch.ENV_VAR, "")
+    assert dispatch.requested_backend() == "auto"
+    monkeypatch.setenv(dispatch.ENV_VAR, " Triton\n")
+    assert dispatch.requested_backend() == "triton"
+
+
+def test_a_block_left_by_an_exception_restores_the_request():
+    with pytest.raises(KeyError):
+        with tk.backend("reference"):
+            raise KeyError("inside")
+    assert dispatch.requested_backend() == "auto"
+
+
+def test_registering_an_unknown_backend_is_an_error():
+    with pytest.raises(ValueError, match="backend_name must be one of .* got 'cudnn'"):
+        dispatch.register("toy", "cudnn")
+
+
+def test_triton_takes_cpu_tensors_only_under_the_interpreter_and_no_other_device(monkeypatch):
+    """The machine check itself, whatever this machine runs under: the interpreter's variable is
+    read at each call."""
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in dispatch.machine_unavailable_reason("triton", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.machine_unavailable_reason("triton", cpu) is None
+    assert dispatch.machine_unavailable_reason("triton", meta) == "Triton kernels do not run on meta tensors"
 
 
 def _differentiable_calls():
