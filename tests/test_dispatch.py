@@ -224,6 +224,30 @@ def test_triton_takes_cpu_tensors_only_under_the_interpreter_and_no_other_device
     assert dispatch.machine_unavailable_reason("triton", meta) == "Triton kernels do not run on meta tensors"
 
 
+@pytest.mark.skipif(dispatch.machine_unavailable_reason("triton", DEVICE) is not None, reason="Triton not usable here")
+def test_tensors_of_different_layouts_fall_back_to_reference():
+    """The kernels stream every tensor with the strides of the first: a channels_last_3d eps beside
+    a contiguous sample is refused, though each is dense."""
+    sample = torch.randn(2, 4, 3, 5, 6, device=DEVICE)
+    eps = torch.randn(2, 4, 3, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
+    with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match="one memory layout"):
+        out = tk.consistency_output(sample, eps, 600, alphas_cumprod())
+    with tk.backend("reference"):
+        want = tk.consistency_output(sample, eps, 600, alphas_cumprod())
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_the_batch_limit_of_the_kernel_grid():
+    """Samples walk grid axis 1, at most 65535 programs: 65535 samples run the kernel, one more
+    falls back (select only, nothing is launched)."""
+    with tk.backend("triton"):
+        fits = torch.empty(65535, 1, device=DEVICE)
+        assert dispatch.select("consistency_output", fits.device, fits, fits) == "triton"
+        over = torch.empty(65536, 1, device=DEVICE)
+        with pytest.warns(tk.TurboKernelsFallbackWarning, match="batch size 65536 exceeds 65535"):
+            assert dispatch.select("consistency_output", over.device, over, over) == "reference"
+
+
 def _differentiable_calls():
     """name -> (leaf inputs, call returning a scalar) for every op with a dispatched backward."""
     g = torch.Generator().manual_seed(5)
