@@ -44,12 +44,17 @@ def test_valid_call_passes():
         (dict(t_lo=-1), ValueError, "t_lo=-1 is outside the schedule"),
         (dict(t_hi=torch.tensor([999.0, 500.0])), TypeError, "t_hi must hold integer timesteps"),
         (dict(t_hi=2.5), TypeError, "t_hi must be an int"),
+        (dict(t_hi=True), TypeError, "t_hi must be an int or an integer tensor, got bool"),
+        (dict(t_lo=torch.tensor([True, False])), TypeError, "t_lo must hold integer timesteps, got dtype torch.bool"),
+        (dict(w=True), TypeError, "w must be a float or a tensor, got bool"),
+        (dict(w=torch.tensor([True, True])), TypeError, "w must be a real tensor, got dtype torch.bool"),
         (dict(score=torch.randn(2, 4, 3, 4, 5)), ValueError, "score and motion_scale go together"),
         (dict(motion_scale=0.05), ValueError, "score and motion_scale go together"),
         (dict(score=torch.randn(2, 4, 3, 4, 5), motion_scale=float("nan")), ValueError, "motion_scale must be finite"),
         (dict(score=torch.randn(2, 4, 1), motion_scale=0.05), ValueError, "score has shape"),
         (dict(motion_form="paper"), ValueError, "motion_form must be one of"),
         (dict(alphas_cumprod=ACP.reshape(10, 100)), ValueError, "alphas_cumprod must be a non-empty 1-D"),
+        (dict(alphas_cumprod=torch.ones(1000, dtype=torch.int64)), ValueError, "alphas_cumprod must be a non-empty 1-D floating"),
         (dict(z_t=torch.tensor(1.0)), ValueError, "z_t must have at least 1 dimension"),
     ],
 )
@@ -139,6 +144,21 @@ def test_a_table_is_checked_again_after_an_in_place_change():
         table[3] = 2.0
         with pytest.raises(ValueError, match=r"first: 2\.0"):
             _guided(alphas_cumprod=table)
+
+
+def test_the_converted_copy_of_a_table_follows_an_in_place_change():
+    """The float32 copy kept of a float16 table is made again once the table changes in place (to
+    values that pass the check): a stale copy would step with the old schedule."""
+    def z_lo(table):
+        torch.manual_seed(0)
+        return _guided(alphas_cumprod=table, t_hi=torch.tensor([999, 999]))[0]
+
+    table = ACP.half()
+    before = z_lo(table)
+    table[999] = 0.5
+    after = z_lo(table)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, z_lo(table.clone()))
 
 
 def test_a_table_made_under_inference_mode_is_read_on_every_call():
