@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("diffusers", reason="diffusers is not installed (the GPU machines lack it unless carried as a wheel)")
 
 from diffusers import UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel  # noqa: E402
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
 
 import turbo_kernels as tk
 from turbo_kernels import dispatch, patching
@@ -172,12 +172,13 @@ def test_patched_model_matches_original(backend, kind, batch, frames, size, temp
 
 def _attention_module(**features) -> Attention:
     torch.manual_seed(4)
-    return Attention(query_dim=16, heads=2, dim_head=8, **features).to(DEVICE)
+    return Attention(**{"query_dim": 16, "heads": 2, "dim_head": 8, **features}).to(DEVICE)
 
 
 def _run(processor, attn, hidden_states, **kwargs):
     hidden_states = hidden_states.clone().requires_grad_(True)
     attn.zero_grad(set_to_none=True)
+    torch.manual_seed(8)
     out = processor(attn, hidden_states, **kwargs)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.device))
     grads = [hidden_states.grad] + [p.grad for p in attn.parameters()]
@@ -188,6 +189,8 @@ def _run(processor, attn, hidden_states, **kwargs):
 FEATURES = {
     "qk-layer-norm": dict(qk_norm="layer_norm"),
     "group-norm-residual-rescale": dict(norm_num_groups=4, residual_connection=True, rescale_output_factor=2.0),
+    # Training mode: both processors draw the output dropout's mask from the same seed.
+    "output-dropout": dict(dropout=0.5),
 }
 
 
@@ -209,6 +212,55 @@ def test_processors_match_attn_processor_2_0(processor_kind, features, temporal_
         assert_close_to(grad, want, f"grad {index}", GRAD_TOLERANCE, grad_scale)
 
 
+@pytest.mark.parametrize("processor_kind", ["temporal", "spatial"])
+def test_processors_scale_by_the_modules_scale(processor_kind, temporal_calls):
+    """A module built with scale_qk=False scales its logits by 1, not 1/sqrt(d); diffusers gives
+    it the classic AttnProcessor, which reads attn.scale (AttnProcessor2_0 would not). The
+    processors read it too."""
+    attn = _attention_module(scale_qk=False)
+    assert attn.scale == 1.0 and type(attn.processor) is AttnProcessor
+    hidden_states = torch.randn(6, 5, 16, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    want_out, want_grads = _run(AttnProcessor(), attn, hidden_states)
+    processor = TemporalAttnProcessor(AttnProcessor()) if processor_kind == "temporal" else SpatialAttnProcessor()
+    with tk.backend("reference"):
+        out, grads = _run(processor, attn, hidden_states)
+    assert len(temporal_calls) == (1 if processor_kind == "temporal" else 0)
+    assert_close_to(out, want_out, "output", OUTPUT_TOLERANCE)
+    grad_scale = max(want.abs().max().item() for want in want_grads)
+    for index, (grad, want) in enumerate(zip(grads, want_grads)):
+        assert_close_to(grad, want, f"grad {index}", GRAD_TOLERANCE, grad_scale)
+
+
+# Calls of the spatial processor the tiny UNets do not make: (module features, hidden states'
+# shape, with a 4-D temb for SpatialNorm, with a text context).
+SPATIAL_CALLS = {
+    "cross-attention-norm": (dict(cross_attention_dim=16, cross_attention_norm="layer_norm"), (2, 5, 16), False, True),
+    "image-shaped": ({}, (2, 16, 2, 3), False, False),
+    # SpatialNorm (the VAE's attention) group-norms 32 groups: 32 channels.
+    "image-shaped-spatial-norm": (dict(query_dim=32, spatial_norm_dim=4), (2, 32, 2, 3), True, False),
+}
+
+
+@pytest.mark.parametrize("features,shape,with_temb,with_context", SPATIAL_CALLS.values(), ids=SPATIAL_CALLS.keys())
+def test_spatial_processor_matches_attn_processor_2_0_on_other_calls(features, shape, with_temb, with_context):
+    """A context through the module's cross norm; (B, C, H, W) maps, flattened to tokens and back,
+    after the module's spatial norm of temb."""
+    attn = _attention_module(**features)
+    g = torch.Generator().manual_seed(9)
+    hidden_states = torch.randn(shape, generator=g).to(DEVICE)
+    kwargs = {}
+    if with_temb:
+        kwargs["temb"] = torch.randn(shape[0], 4, 1, 2, generator=g).to(DEVICE)
+    if with_context:
+        kwargs["encoder_hidden_states"] = torch.randn(shape[0], 3, 16, generator=g).to(DEVICE)
+    want_out, want_grads = _run(AttnProcessor2_0(), attn, hidden_states, **kwargs)
+    out, grads = _run(SpatialAttnProcessor(), attn, hidden_states, **kwargs)
+    assert_close_to(out, want_out, "output", OUTPUT_TOLERANCE)
+    grad_scale = max(want.abs().max().item() for want in want_grads)
+    for index, (grad, want) in enumerate(zip(grads, want_grads)):
+        assert_close_to(grad, want, f"grad {index}", GRAD_TOLERANCE, grad_scale)
+
+
 class RecordingProcessor(AttnProcessor2_0):
     def __init__(self):
         super().__init__()
@@ -219,7 +271,14 @@ class RecordingProcessor(AttnProcessor2_0):
         return super().__call__(*args, **kwargs)
 
 
-@pytest.mark.parametrize("call", ["attention_mask", "encoder_hidden_states", "image_shaped"])
+class AddedEmbedding(torch.nn.Module):
+    """A spatial norm that takes token-shaped states (diffusers' SpatialNorm takes maps only)."""
+
+    def forward(self, hidden_states, temb):
+        return hidden_states + temb
+
+
+@pytest.mark.parametrize("call", ["attention_mask", "encoder_hidden_states", "image_shaped", "spatial_norm"])
 def test_temporal_processor_falls_back_for_what_it_does_not_take(call, temporal_calls):
     attn = _attention_module()
     hidden_states = torch.randn(2, 4, 16, device=DEVICE)
@@ -227,9 +286,12 @@ def test_temporal_processor_falls_back_for_what_it_does_not_take(call, temporal_
         "attention_mask": dict(attention_mask=torch.zeros(2, 1, 4, device=DEVICE)),
         "encoder_hidden_states": dict(encoder_hidden_states=torch.randn(2, 3, 16, device=DEVICE)),
         "image_shaped": {},
+        "spatial_norm": dict(temb=torch.randn(2, 4, 16, device=DEVICE)),
     }[call]
     if call == "image_shaped":
         hidden_states = torch.randn(2, 16, 2, 2, device=DEVICE)
+    if call == "spatial_norm":
+        attn.spatial_norm = AddedEmbedding()
     fallback = RecordingProcessor()
     out = TemporalAttnProcessor(fallback)(attn, hidden_states, **kwargs)
     assert fallback.calls == 1 and temporal_calls == []
