@@ -402,8 +402,15 @@ def test_a_processor_set_after_patch_is_kept(then):
     assert model.attn_processors[name] is custom
 
 
+class ReadOnlyKernelSwitch(torch.nn.Module):
+    @property
+    def use_kernels(self) -> bool:
+        return True
+
+
 UNSUPPORTED = {
     "Linear": lambda: torch.nn.Linear(2, 2),
+    "read-only-use_kernels": ReadOnlyKernelSwitch,
     "UNet2DConditionModel": lambda: UNet2DConditionModel(
         block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4,
@@ -441,6 +448,18 @@ def test_patch_switches_vc2_unet_kernels_and_unpatch_restores_them():
     unpatch(model)
     unpatch(model)  # unpatching an unpatched model leaves it as it is
     assert model.use_kernels
+
+
+def test_unpatch_after_two_patches_of_a_vc2_unet_restores_the_value_before_the_first():
+    """The second patch starts again from the unpatched value, so the first patch's value is not
+    taken for the model's own."""
+    from t2v_turbo.models.vc2_unet import VC2UNet
+
+    model = VC2UNet.preset("tiny", use_kernels=False)
+    patch(model)
+    patch(model, temporal=False)
+    unpatch(model)
+    assert not model.use_kernels
 
 
 @pytest.mark.slow
