@@ -365,7 +365,13 @@ def test_unsupported_inputs_fall_back_to_the_reference(chosen):
     q, k = _qk("frames", 1, 4, 2, 1, 8, "separate", torch.float32, g)
     with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match="mixed storage dtypes"):
         motion_energy(q, k.half(), _ref_probs(2, 1, 4, g), 4, 1)
-    assert [name for _, name in chosen] == ["reference", "reference"]
+    # Only k with a channel stride: the check covers both tensors.
+    k_every_other = torch.stack([k, torch.zeros_like(k)], dim=-1).flatten(-2)[..., ::2]
+    ref_probs = _ref_probs(2, 1, 4, g)
+    with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match="k has channel stride 2"):
+        energy = motion_energy(q, k_every_other, ref_probs, 4, 1)
+    torch.testing.assert_close(energy, ref.motion_energy(q, k, ref_probs, 4, 1, "frames"))
+    assert [name for _, name in chosen] == ["reference"] * 3
 
 
 def test_float64_runs_the_reference(chosen):
@@ -506,10 +512,31 @@ def test_capture_records_q_and_k_with_their_graphs():
     torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-9)
 
 
+def test_capture_keeps_each_modules_latest_call():
+    layer = _TemporalSelfAttention(8, 2, 4).to(DEVICE)
+    first, second = (torch.randn(3, 4, 8, device=DEVICE) for _ in range(2))
+    with torch.no_grad(), capture_attention_inputs({"layer": layer}) as qk:
+        layer(first)
+        layer(second)
+        want = (layer.to_q(second), layer.to_k(second))
+    assert torch.equal(qk["layer"][0], want[0]) and torch.equal(qk["layer"][1], want[1])
+
+
+def test_capture_removes_its_hooks_when_the_block_raises():
+    layer = _TemporalSelfAttention(8, 2, 4)
+    with pytest.raises(RuntimeError, match="the forward failed"):
+        with capture_attention_inputs({"layer": layer}):
+            raise RuntimeError("the forward failed")
+    assert all(not module._forward_hooks for module in layer.modules()), "hooks left behind"
+
+
 def test_capture_names_a_module_without_projections():
+    """And removes the hooks it had put on the modules before it."""
+    layer = _TemporalSelfAttention(8, 2, 4)
     with pytest.raises(TypeError, match=r"modules\['proj'\] \(Linear\) has no to_q"):
-        with capture_attention_inputs({"proj": nn.Linear(4, 4)}):
+        with capture_attention_inputs({"layer": layer, "proj": nn.Linear(4, 4)}):
             pass
+    assert all(not module._forward_hooks for module in layer.modules()), "hooks left behind"
 
 
 @pytest.mark.gpu
