@@ -260,6 +260,23 @@ def test_unsupported_inputs_fall_back_to_the_reference_once(make, reason, chosen
     torch.testing.assert_close(out, ref.spatial_attention(q, k, v, 2))
 
 
+@needs_triton
+def test_a_backward_handed_a_logsumexp_the_kernels_cannot_read_runs_the_reference(chosen):
+    """The backward op called directly with a float64 logsumexp (the kernels read float32): the
+    reference runs, with a warning naming lse."""
+    g = torch.Generator().manual_seed(9)
+    q, grad_out = (randn((4, 3, 32), torch.float32, g) for _ in range(2))
+    k, v = (randn((2, 5, 32), torch.float32, g) for _ in range(2))
+    out, lse = torch.ops.turbo_kernels.spatial_attention(q, k, v, 2, 0.25, 2)
+    backward = torch.ops.turbo_kernels.spatial_attention_backward
+    with pytest.warns(tk.TurboKernelsFallbackWarning, match="lse must be a contiguous float32 tensor"):
+        grads = backward(grad_out, q, k, v, out, lse.double(), 2, 0.25, 2, "triton")
+    assert chosen[-1] == ("spatial_attention_backward", "reference")
+    want = backward(grad_out, q, k, v, out, lse, 2, 0.25, 2, "reference")
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_auto_on_cpu_runs_the_reference(chosen):
     if HAS_GPU:
         pytest.skip("checks the CPU default; this machine has a GPU")
