@@ -405,6 +405,29 @@ def test_triton_falls_back_with_one_warning_for_float64(poisoned):
     torch.testing.assert_close(got, ref.release_pipeline(frames, PreprocessSpec(8, "squash")), rtol=0, atol=1e-12)
 
 
+def test_triton_falls_back_with_one_warning_for_a_float64_output(poisoned):
+    """float32 frames the kernels take, but an output dtype they cannot write."""
+    frames = _frames((1, 1, 3, 9, 12), seed=2).to(DEVICE)
+    spec = PreprocessSpec(8, "squash")
+    with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match="output dtype torch.float64"):
+        (got,) = reward_preprocess(frames, [spec], out_dtype=torch.float64)
+    with tk.backend("reference"):
+        (want,) = reward_preprocess(frames, [spec], out_dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_image_limit_of_the_kernel_grid():
+    """The (frame, channel) images walk grid axis 1, at most 65535 programs: 21845 frames of 3
+    channels run the kernels, one frame more falls back (select only, nothing is launched)."""
+    dispatch._warned.clear()
+    with tk.backend("triton"):
+        fits = torch.empty(1, 21845, 3, 1, 1, device=DEVICE)
+        assert dispatch.select("reward_preprocess", fits.device, fits, None, [1], 1.0, 0.0, fits.dtype) == "triton"
+        over = torch.empty(1, 21846, 3, 1, 1, device=DEVICE)
+        with pytest.warns(tk.TurboKernelsFallbackWarning, match="65538 .* images exceed 65535"):
+            assert dispatch.select("reward_preprocess", over.device, over, None, [1], 1.0, 0.0, over.dtype) == "reference"
+
+
 def test_cpu_auto_runs_the_reference(chosen):
     reward_preprocess(_frames((1, 1, 3, 9, 12), seed=2), [PreprocessSpec(8, "pad")])
     assert chosen == [("reward_preprocess", "reference")]
