@@ -116,6 +116,20 @@ def test_layouts_the_kernels_refuse_fall_back_with_one_warning(chosen, layout, r
     torch.testing.assert_close(grad_h, ref.geglu_backward(grad, h.detach()))
 
 
+def test_a_backward_handed_a_gradient_of_another_dtype_runs_the_reference(chosen):
+    """The backward op called directly with a float16 gradient of float32 h (autograd hands in the
+    output's dtype; the kernels read one storage dtype): the reference runs, with a warning."""
+    if dispatch.machine_unavailable_reason("triton", DEVICE) is not None:
+        pytest.skip("Triton cannot run here (no GPU, no interpreter)")
+    dispatch._warned.clear()
+    h = torch.randn(4, 12, device=DEVICE)
+    grad = torch.randn(4, 6, device=DEVICE).half()
+    with pytest.warns(tk.TurboKernelsFallbackWarning, match="mixed storage dtypes"):
+        grad_h = torch.ops.turbo_kernels.geglu_backward(grad, h, "triton")
+    assert chosen == [("geglu_backward", "reference")]
+    torch.testing.assert_close(grad_h, ref.geglu_backward(grad, h), rtol=0, atol=0)
+
+
 def test_bad_input_is_rejected_naming_h():
     with pytest.raises(ValueError, match="h's last dimension must be even"):
         tk.geglu(torch.randn(2, 5))
