@@ -4,10 +4,12 @@ handling, and the bandwidth arithmetic."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -789,3 +791,107 @@ def test_no_temporal_block_impl_runs_beside_triton_nhwc_copies(monkeypatch):
             assert not any(hasattr(x, "channels_last") for x in sets), (
                 f"{case.pass_name} {name} ran beside triton-nhwc's copies"
             )
+
+
+def _one_case(name: str, *impls: harness.Impl, **fields) -> harness.Case:
+    """A case of a 2-element input on the CPU whose implementations are `impls`."""
+    return harness.Case(
+        op=fields.pop("op", "op"), case=name, pass_name="fwd", make_inputs=lambda: torch.zeros(2), impls=impls,
+        bytes_moved=8, dtype=torch.float32, shape=(2,), **fields,
+    )
+
+
+def test_the_compile_budget_skips_compiled_rows_once_spent(monkeypatch):
+    """--compile-budget counts a compiled row's first call, and the time a compiled row took to
+    fail; once the spend reaches the budget, later compiled rows are skipped with the budget as
+    their reason, and the eager rows beside them still run."""
+    clock = [0.0]
+    monkeypatch.setattr(harness, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    # Each impl returns the timing it stands for.
+    monkeypatch.setattr(harness, "time_fn", lambda fn, *args: fn(None))
+
+    def fails_after(seconds: float):
+        def fn(_):
+            clock[0] += seconds
+            raise RuntimeError("inductor failed")
+        return fn
+
+    eager = harness.Impl("eager", lambda _: harness.Timing(1.0, None, 0.0))
+    runner = harness._Runner(harness.RunSettings(torch.device("cpu"), 1, 3, None, compile_budget_s=4.0))
+    for name, compiled in (
+        ("first", lambda _: harness.Timing(1.0, None, 2.5)), ("fails", fails_after(1.5)),
+        ("third", lambda _: harness.Timing(1.0, None, 0.1)),
+    ):
+        runner.run(_one_case(name, eager, harness.Impl("compile", compiled, compiles=True), rotate_inputs=False))
+    assert runner.compile_spent_s == pytest.approx(4.0)
+    assert [(row["case"], row["impl"]) for row in runner.rows] == [
+        ("first", "eager"), ("first", "compile"), ("fails", "eager"), ("third", "eager")
+    ]
+    assert [(s["case"], s["reason"]) for s in runner.skipped] == [
+        ("fails", "RuntimeError: inductor failed"), ("third", "compile budget of 4 s spent (--compile-budget)")
+    ]
+
+
+def test_a_rewrite_cut_short_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    """The run's file is rewritten after every implementation, each time into a side file renamed
+    over it: a write cut short (a full disk, the stage's kill) leaves the last record readable,
+    never half a JSON, and a finished write leaves no side file."""
+    created = datetime.datetime(2026, 11, 27, tzinfo=datetime.timezone.utc)
+    before = {"device": "cpu", "rows": [], "complete": False}
+    path = harness.write_result(before, tmp_path, created)
+    write_text = Path.write_text
+
+    def cut_short(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", cut_short)
+        with pytest.raises(OSError):
+            harness.write_result({**before, "rows": [{"op": "op"}]}, tmp_path, created)
+    assert json.loads(path.read_text()) == before
+    harness.write_result({**before, "complete": True}, tmp_path, created)
+    assert list(tmp_path.iterdir()) == [path] and json.loads(path.read_text())["complete"] is True
+
+
+def test_a_run_that_measured_nothing_exits_1_with_its_file_written(tmp_path):
+    def broken(_):
+        raise RuntimeError("kernel exploded")
+
+    def suite(options: harness.SuiteOptions):
+        yield _one_case("4", harness.Impl("broken", broken))
+
+    assert _run_harness(tmp_path, suite) == 1
+    result = _written(tmp_path)
+    assert not result["rows"] and [s["impl"] for s in result["skipped"]] == ["broken"]
+
+
+def test_only_the_implementations_named_are_timed_or_recorded(tmp_path):
+    """--impls selects rows: the others are neither timed nor recorded as skipped."""
+    def suite(options: harness.SuiteOptions):
+        yield _one_case("4", harness.Impl("a", lambda x: x + 1), harness.Impl("b", lambda x: x + 2),
+                        harness.Impl("c", lambda x: x, unavailable="not here"))
+
+    assert _run_harness(tmp_path, suite, "--impls", "b") == 0
+    result = _written(tmp_path)
+    assert [row["impl"] for row in result["rows"]] == ["b"] and result["skipped"] == []
+
+
+def test_a_case_whose_inputs_fail_is_written_before_the_next(tmp_path):
+    """Its rows are skipped with the error, and the file is rewritten then: a stage stopped in the
+    next case still records why this one has no rows."""
+    def stopped(_):
+        raise KeyboardInterrupt
+
+    def no_inputs():
+        raise MemoryError("out of memory")
+
+    def suite(options: harness.SuiteOptions):
+        yield dataclasses.replace(_one_case("huge", harness.Impl("a", lambda x: x)), make_inputs=no_inputs)
+        yield _one_case("next", harness.Impl("stopped", stopped))
+
+    with pytest.raises(KeyboardInterrupt):
+        _run_harness(tmp_path, suite)
+    assert [(s["case"], s["reason"]) for s in _written(tmp_path)["skipped"]] == [
+        ("huge", "building the inputs failed: MemoryError: out of memory")
+    ]
