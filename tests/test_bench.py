@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -854,6 +855,45 @@ def test_a_rewrite_cut_short_leaves_the_previous_file_whole(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == [path] and json.loads(path.read_text())["complete"] is True
 
 
+def _contract_fields(table: str) -> tuple[set[str], set[str]]:
+    """(the fields every record has, the settings' keys) of a table of benchmarks/results/README.md:
+    each line's first-column names, less those whose meaning starts with "only"."""
+    always, settings = set(), set()
+    for line in table.splitlines():
+        if not line.startswith("| `"):
+            continue
+        names, meaning = line.split("|")[1:3]
+        if not meaning.strip().startswith("only"):
+            always |= set(re.findall(r"`([a-z_]+)`", names))
+        if "`settings`" in names:
+            settings = set(re.findall(r"`([a-z_]+)`", meaning))
+    return always, settings
+
+
+def test_a_runs_record_carries_every_field_the_readme_contract_names(tmp_path):
+    """benchmarks/results/README.md is the contract readers of the committed runs rely on: a run's
+    file has every top-level field and settings key it names, each row every row field it does not
+    mark as present only sometimes; a run that ran to its end says so, and --quick's compile budget
+    (0 s) is recorded as such, not as unlimited (null)."""
+    readme = (harness.RESULTS_DIR / "README.md").read_text()
+    top_table, rest = readme.split("## The JSON contract", 1)[1].split("Each row:", 1)
+    top_level, settings = _contract_fields(top_table)
+    row_fields, _ = _contract_fields(rest.split("## Runs", 1)[0])
+    assert {"cuda", "notes", "complete"} <= top_level and {"compile_budget_s", "profile_top"} <= settings
+    assert {"first_call_s", "shape", "peak_mem_mb"} <= row_fields and "flops_error" not in row_fields
+
+    def suite(options: harness.SuiteOptions):
+        yield _one_case("4", harness.Impl("only", lambda x: x + 1))
+
+    assert _run_harness(tmp_path, suite) == 0
+    result = _written(tmp_path)
+    assert top_level <= set(result) and settings <= set(result["settings"])
+    (row,) = result["rows"]
+    assert row_fields <= set(row), row_fields - set(row)
+    assert row["shape"] == [2] and row["first_call_s"] > 0
+    assert result["complete"] is True and result["settings"]["compile_budget_s"] == 0.0
+
+
 def test_a_run_that_measured_nothing_exits_1_with_its_file_written(tmp_path):
     def broken(_):
         raise RuntimeError("kernel exploded")
@@ -875,6 +915,17 @@ def test_only_the_implementations_named_are_timed_or_recorded(tmp_path):
     assert _run_harness(tmp_path, suite, "--impls", "b") == 0
     result = _written(tmp_path)
     assert [row["impl"] for row in result["rows"]] == ["b"] and result["skipped"] == []
+
+
+def test_show_calls_a_run_stopped_part_way_only_when_its_file_says_so(tmp_path, capsys):
+    """Files written before `complete` was recorded are whole runs: only `complete: false` marks a
+    run as stopped part-way."""
+    run = {"device": "NVIDIA H100 80GB HBM3", "created": "2026-11-26T00:00:00+00:00", "copy_gbps": 3000.0, "rows": [],
+           "skipped": []}
+    for name, fields in (("old.json", {}), ("done.json", {"complete": True})):
+        (tmp_path / name).write_text(json.dumps({**run, **fields}))
+        assert harness.show([tmp_path / name]) == 0
+        assert "stopped part-way" not in capsys.readouterr().out
 
 
 def test_a_case_whose_inputs_fail_is_written_before_the_next(tmp_path):
