@@ -4,6 +4,7 @@ handling, and the bandwidth arithmetic."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -928,6 +929,75 @@ def test_show_calls_a_run_stopped_part_way_only_when_its_file_says_so(tmp_path, 
         assert "stopped part-way" not in capsys.readouterr().out
 
 
+def test_table_reads_each_row_against_the_copy_ceiling_and_each_reference():
+    """The table's % copy is a percentage of the run's copy ceiling, `vs eager` and `vs compile`
+    are the row's speed-up over the reference-eager and reference-compile rows of its case and
+    pass; the skipped rows are counted per (impl, reason)."""
+    rows = [dict(op="op", case="c", impl=impl, **{"pass": "fwd"}, median_ms=ms, host_ms=None, gbps=300.0 / ms)
+            for impl, ms in ((harness.EAGER, 2.0), (harness.COMPILED, 1.0), ("triton", 0.5))]
+    rows.append({**rows[0], "pass": "fwd+bwd", "median_ms": 8.0})  # another pass: not the fwd rows' baseline
+    lines = harness.format_table({"copy_gbps": 3000.0, "rows": rows}).splitlines()
+    header = re.split(r"\s{2,}", lines[0])
+    cells = {(line.split()[2], line.split()[3]): dict(zip(header, line.split())) for line in lines[2:]}
+    triton = cells[("triton", "fwd")]
+    assert (triton["GB/s"], triton["% copy"], triton["vs eager"], triton["vs compile"]) == ("600.0", "20.0", "4.00x", "2.00x")
+    assert cells[(harness.EAGER, "fwd+bwd")]["vs compile"] == "-"
+    skip = dict(op="op", case="c", impl="cuda", **{"pass": "fwd"}, reason="no extension")
+    assert harness.format_skipped([skip, {**skip, "case": "d"}]).splitlines() == [
+        "skipped 2 row(s):", "  cuda (2 row(s)): no extension"
+    ]
+
+
+def test_input_sets_span_three_times_the_l2(monkeypatch):
+    """Inputs rotate over enough sets that together they are L2_MULTIPLE times the L2 cache."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=50 * 2**20))
+    case = _one_case("10MiB")
+    for mib, sets in ((10, 15), (40, 4), (200, 1)):
+        assert harness._input_set_count(dataclasses.replace(case, bytes_moved=mib * 2**20), torch.device("cuda")) == sets
+
+
+def test_wall_latency_takes_one_call_only_for_long_calls():
+    assert harness.wall_calls(100, 0.5) == harness.WALL_CALLS
+    assert harness.wall_calls(100, 2 * harness.LONG_CALL_MS) == 1
+    assert harness.wall_calls(2, 0.5) == 2, "never more than the timed calls"
+
+
+def test_cpu_timing_is_the_median_of_the_timed_calls(monkeypatch):
+    """On the CPU: the first call timed apart, in seconds; the warm-ups untimed; the median (not
+    the least or the mean) of the timed calls, which cycle through the input sets."""
+    clock = [0.0]
+    monkeypatch.setattr(harness, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    # The first call, 2 warm-ups, 5 timed calls (median 3, least 1, mean 3.8, most 9).
+    durations_ms = iter([500.0, 40.0, 40.0, 3.0, 1.0, 2.0, 9.0, 4.0])
+    inputs_seen = []
+
+    def fn(inputs):
+        inputs_seen.append(inputs)
+        clock[0] += next(durations_ms) / 1e3
+
+    timing = harness.time_fn(fn, ["a", "b", "c"], torch.device("cpu"), warmup=2, iters=5)
+    assert timing.median_ms == pytest.approx(3.0) and timing.first_call_s == pytest.approx(0.5)
+    assert timing.host_ms is None and timing.wall_ms is None
+    assert inputs_seen == ["a", "b", "c", "a", "b", "c", "a", "b"]
+
+
+def test_a_gpu_rows_memory_and_timings_are_recorded_in_mib_and_ms(monkeypatch):
+    """peak_mem_mb is the allocator's peak in MiB, working_mem_mb the extra call's in MiB, host_ms
+    and wall_ms are the timing's own, and the rates are per median call (the GPU path, its
+    measurements stubbed)."""
+    monkeypatch.setattr(harness, "time_fn", lambda *args: harness.Timing(2.0, 0.5, 0.1, 2.5))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * harness.MIB)
+    monkeypatch.setattr(harness, "working_memory_bytes", lambda fn, inputs, device: 5 * harness.MIB)
+    runner = harness._Runner(harness.RunSettings(torch.device("cuda"), 1, 3, None, 0.0))
+    runner.run(_one_case("4", harness.Impl("only", lambda x: x), rotate_inputs=False, measure_working_memory=True,
+                         flops=4 * 10**9))
+    (row,) = runner.rows
+    assert (row["median_ms"], row["host_ms"], row["wall_ms"]) == (2.0, 0.5, 2.5)
+    assert row["peak_mem_mb"] == 3.0 and row["working_mem_mb"] == 5.0
+    # 8 bytes and 4e9 FLOPs in 2 ms.
+    assert row["gbps"] == pytest.approx(4e-6) and row["tflops"] == pytest.approx(2.0)
+
+
 def test_a_case_whose_inputs_fail_is_written_before_the_next(tmp_path):
     """Its rows are skipped with the error, and the file is rewritten then: a stage stopped in the
     next case still records why this one has no rows."""
@@ -946,3 +1016,40 @@ def test_a_case_whose_inputs_fail_is_written_before_the_next(tmp_path):
     assert [(s["case"], s["reason"]) for s in _written(tmp_path)["skipped"]] == [
         ("huge", "building the inputs failed: MemoryError: out of memory")
     ]
+
+
+def test_gpu_timing_reads_device_time_issue_time_and_idle_latency_apart(monkeypatch):
+    """time_fn's GPU path, its CUDA calls stubbed (a device clock the events read, a host clock):
+    median_ms is the median of the events' device times around the timed calls, host_ms the
+    median host time to issue them, wall_ms the median of the synchronised calls after them, and
+    first_call_s the first call's, in seconds."""
+    host_s, device_ms = [0.0], [0.0]
+
+    class Event:
+        def __init__(self, enable_timing: bool = False):
+            self.at = None
+
+        def record(self):
+            self.at = device_ms[0]
+
+        def elapsed_time(self, end: Event) -> float:
+            return end.at - self.at
+
+    for name, stub in (("Event", Event), ("device", lambda device: contextlib.nullcontext()), ("_sleep", lambda cycles: None),
+                       ("synchronize", lambda device=None: None), ("reset_peak_memory_stats", lambda device=None: None)):
+        monkeypatch.setattr(torch.cuda, name, stub)
+    monkeypatch.setattr(harness, "_spin_cycles_per_ms", lambda device: 1000.0)
+    monkeypatch.setattr(harness, "time", SimpleNamespace(perf_counter=lambda: host_s[0]))
+    # (host ms, device ms) of each call: the first, 2 warm-ups, 3 timed calls, then 3 wall calls.
+    # Their medians (means): timed device 5 (4), issue 0.4 (0.5) ms; wall 8 (9) ms.
+    calls = iter([(700.0, 90.0), (1.0, 1.0), (1.0, 1.0), (0.2, 6.0), (0.9, 1.0), (0.4, 5.0), (7.0, 5.0), (12.0, 5.0), (8.0, 5.0)])
+
+    def fn(_):
+        host, device = next(calls)
+        host_s[0] += host / 1e3
+        device_ms[0] += device
+
+    timing = harness.time_fn(fn, [None], torch.device("cuda"), warmup=2, iters=3)
+    assert timing.median_ms == pytest.approx(5.0) and timing.host_ms == pytest.approx(0.4)
+    assert timing.wall_ms == pytest.approx(8.0) and timing.first_call_s == pytest.approx(0.7)
+    assert next(calls, None) is None
