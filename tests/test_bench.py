@@ -998,6 +998,64 @@ def test_a_gpu_rows_memory_and_timings_are_recorded_in_mib_and_ms(monkeypatch):
     assert row["gbps"] == pytest.approx(4e-6) and row["tflops"] == pytest.approx(2.0)
 
 
+def test_bytes_moved_count_each_tensor_an_ideal_pass_reads_or_writes():
+    """gbps and roofline_pct are only as right as each case's `bytes` (the contract: each input
+    read once, each output written once), counted here tensor by tensor from the case's shape;
+    the solver ops' are in test_bandwidth_arithmetic. fp16: 2 bytes an element, float32 under
+    autocast."""
+    from turbo_kernels import FusedTemporalTransformer
+
+    options = harness.SuiteOptions(torch.device("cpu"), torch.float16, (2,), quick=True)
+
+    def bytes_of(cases) -> dict:
+        return {(c.op, c.case, c.pass_name): (c.bytes_moved, c.shape) for c in cases}
+
+    # Temporal attention: q, k, v read, out written; the backward reads q, k, v and dO and writes
+    # dq, dk, dv (its kernel recomputes the output's row sums, it never reads the output).
+    for (_, _, pass_name), (moved, shape) in bytes_of(attention.cases(options)).items():
+        assert moved == {"fwd": 4, "fwd+bwd": 4 + 7}[pass_name] * math.prod(shape) * 2
+    # Spatial attention, per query row: q read, out written; per key row: k, v read; the backward
+    # reads q, out, dO, k, v and writes dq, dk, dv. Cross-attention's keys are one text context a
+    # video (batch 2), shared by its frames (2 each).
+    for (op, _, pass_name), (moved, (rows, queries, channels)) in bytes_of(spatial.cases(options)).items():
+        kv_rows, keys = (rows, queries) if op == spatial.SELF_OP else (2, spatial.QUICK_TEXT_TOKENS)
+        assert rows == 2 * spatial.QUICK_FRAMES
+        per_row = {"fwd": 2, "fwd+bwd": 2 + 4}[pass_name]
+        assert moved == per_row * channels * (rows * queries + kv_rows * keys) * 2, (op, pass_name)
+    # The fused temporal block: the stream read and the output written, then the stream and dO read
+    # and dx written; its parameters read, then read again and their gradients written.
+    ((channels, _, _, heads),) = temporal_block.QUICK_LEVELS
+    parameters = sum(p.numel() for p in FusedTemporalTransformer(channels, heads, temporal_block.QUICK_HEAD_DIM).parameters())
+    for (_, _, pass_name), (moved, shape) in bytes_of(temporal_block.cases(options)).items():
+        stream, weights = {"fwd": (2, 1), "fwd+bwd": (2 + 3, 1 + 2)}[pass_name]
+        assert moved == (stream * math.prod(shape) + weights * parameters) * 2
+    # GEGLU: h (2 hidden) read, the output (hidden) written; backward: h and dO read, dh written.
+    for (_, _, pass_name), (moved, (tokens, two_hidden)) in bytes_of(temporal_block.geglu_cases(options)).items():
+        assert moved == tokens * two_hidden // 2 * {"fwd": 2 + 1, "fwd+bwd": 2 + 1 + 2 + 1 + 2}[pass_name] * 2
+    # LayerNorm: x read, the output written; backward: x and dO read, dx written (its float32
+    # weight and bias are negligible).
+    for (_, _, pass_name), (moved, shape) in bytes_of(temporal_block.layer_norm_cases(options)).items():
+        assert moved == math.prod(shape) * {"fwd": 2, "fwd+bwd": 2 + 3}[pass_name] * 2
+    # GroupNorm + SiLU: x read, the output written (float32 under autocast); backward: x and dO
+    # read, dx written.
+    for (_, case, pass_name), (moved, shape) in bytes_of(temporal_block.group_norm_cases(options)).items():
+        out = 4 if case.endswith("-autocast") else 2
+        assert moved == math.prod(shape) * {"fwd": 2 + out, "fwd+bwd": 2 + out + 2 + out + 2}[pass_name], case
+    # Reward preprocessing: the frames read and the three specs' outputs written; the backward
+    # reads the outputs' gradients and writes the frames'.
+    size = preprocess.QUICK_SIZE
+    for (_, _, pass_name), (moved, (clips, frames, _, height, width)) in bytes_of(preprocess.cases(options)).items():
+        images = clips * frames * 3
+        once = images * (height * width + 3 * size * size) * 2
+        assert moved == {"fwd": once, "fwd+bwd": 2 * once}[pass_name]
+    # The reward mixture: each scored frame read once; the backward writes its gradient.
+    reward_cases = [c for c in rewards.cases(options) if c.op == rewards.OP]
+    for (_, case, pass_name), (moved, (_, _, _, height, width)) in bytes_of(reward_cases).items():
+        images = int(case.split("-")[1].removeprefix("img"))
+        assert moved == {"fwd": 1, "fwd+bwd": 2}[pass_name] * images * 3 * height * width * 2
+    assert {c.pass_name for c in reward_cases} == set(harness.PASSES)
+
+
 def test_a_case_whose_inputs_fail_is_written_before_the_next(tmp_path):
     """Its rows are skipped with the error, and the file is rewritten then: a stage stopped in the
     next case still records why this one has no rows."""
