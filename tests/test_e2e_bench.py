@@ -342,3 +342,79 @@ def test_video_backends_decode_the_same_clips(monkeypatch):
     assert len(drawn) == len(case.impls) > 1
     first, *others = drawn.values()
     assert len(set(first)) == 3 and all(other == first for other in others)
+
+
+def test_target_lines_pass_at_their_targets_and_hold_each_reference_to_its_own():
+    """A speed-up equal to its target and a peak equal to the reference's pass; the eager
+    reference is held to 1.5x and the compiled one to 1.15x; a peak missing on either side is n/a."""
+    case = "steps4-b1-16x320x512"
+
+    def lines(eager_ms, compiled_ms, eager_peak, kernels_peak):
+        return models.summary({"rows": [
+            _row("generate", case, harness.EAGER, eager_ms, peak=eager_peak),
+            _row("generate", case, harness.COMPILED, compiled_ms),
+            _row("generate", case, models.KERNELS_COMPILED, 200.0, peak=kernels_peak),
+        ], "skipped": []})
+
+    eager, compiled, memory = lines(300.0, 230.0, 1000.0, 1000.0)  # 1.5x, 1.15x, equal peaks
+    assert eager.startswith("PASS") and compiled.startswith("PASS") and memory.startswith("PASS")
+    assert "(target >= 1.5x)" in eager and "(target >= 1.15x)" in compiled
+    eager, compiled, memory = lines(280.0, 240.0, None, 900.0)  # 1.4x, 1.2x
+    assert eager.startswith("FAIL") and compiled.startswith("PASS") and memory.startswith("n/a")
+
+
+def test_reward_summary_reads_rates_memory_and_latency_right():
+    """Issue 5's lines: batched >= 2x sequential (1.8x fails), batched's peak no higher than
+    sequential's, images/s from ms, the towers' share of the bf16_matmul row's rate (the op's own
+    measurement, before the run's ceiling), and batched-graphs by latency from an idle GPU."""
+    case = "c2-img16-16x320x512"
+    rows = [_row(rewards.OP, case, impl, ms, peak=peak) for impl, ms, peak in (
+        (rewards.SEQUENTIAL, 144.0, 900.0), (rewards.BATCHED, 80.0, 1000.0), (rewards.BATCHED_GRAPHS, 60.0, None)
+    )]
+    for row, wall in zip(rows, (200.0, 100.0, 50.0)):
+        row["wall_ms"] = wall
+    rows[1]["tflops"] = 50.0
+    rows.append({"op": rewards.MATMUL_OP, "case": "8192x8192x8192", "impl": "torch", "pass": "fwd", "median_ms": 1.0,
+                 "tflops": 500.0})
+    lines = rewards.summary({"rows": rows, "skipped": [], "matmul_tflops": 800.0, "settings": {"dtype": "bfloat16"}})
+    speed, memory = (line for line in lines if line.split()[0] in ("PASS", "FAIL", "n/a") and case in line)
+    assert speed.startswith("FAIL") and "batched 1.80x sequential" in speed
+    assert memory.startswith("FAIL") and "batched 1000 MiB vs sequential 900 MiB" in memory
+    assert any(line.endswith("batched-graphs (wall_ms) 4.00x sequential, 2.00x batched") for line in lines)
+    assert f"info  {rewards.OP} {case} fwd batched: 200.0 images/s, 10.0% of the measured bf16 matrix rate" in lines
+
+
+def test_training_summary_judges_the_step_motion_against_the_release_and_recipes_against_80_gb():
+    """The step's targets from its rows (no peak memory on these: n/a); the motion prior's, batched
+    kernels >= 3x the release's one clip at a time; its CUDA-graph line by latency from an idle
+    GPU; clips/s from ms. A recipe fits 80 GB (8e10 bytes, 76,294 MiB: 78,000 MiB is over); one
+    without a peak, or skipped, is n/a."""
+    case = "c2-g10-20-16x320x512"
+    motion = [_row(training.MOTION_OP, case, impl, ms, p="fwd+bwd") for impl, ms in (
+        ("per-clip-reference", 7.5), ("batched-reference", 4.0), ("batched-kernels", 3.0), ("batched-kernels-graphs", 2.5)
+    )]
+    motion[2]["wall_ms"], motion[3]["wall_ms"] = 4.0, 2.0
+    recipe = [_row(training.RECIPE_OP, "b3-full-finetune-16x320x512", setup.name, 1000.0, peak=peak, p="fwd+bwd")
+              for setup, peak in zip(training.RECIPE_SETUPS[:3], (78_000.0, 70_000.0, None))]
+    skipped = [{"op": training.RECIPE_OP, "case": "b3-full-finetune-16x320x512", "impl": training.RECIPE_SETUPS[3].name,
+                "pass": "fwd+bwd", "reason": "bitsandbytes AdamW8bit needs a GPU"}]
+    step = [_row(training.STEP_OP, "b1-16x320x512", impl, ms, p="fwd+bwd") for impl, ms in (
+        (harness.EAGER, 300.0), (harness.COMPILED, 200.0), (models.KERNELS_COMPILED, 150.0)
+    )]
+    lines = training.summary({"rows": step + motion + recipe, "skipped": skipped})
+    assert [line.split()[0] for line in lines[:3]] == ["PASS", "PASS", "n/a"]
+    assert "training step (b1-16x320x512) vs reference compile: kernels-compile 1.33x" in lines[1]
+    (target,) = [line for line in lines if "batched-kernels 2.50x" in line]
+    assert target.startswith("FAIL") and "per-clip-reference (target >= 3x)" in target
+    assert f"info  motion prior ({case}) inversion from CUDA graphs (wall_ms): 2.00x batched-kernels" in lines
+    assert f"info  motion prior ({case}) batched-kernels: 666.667 clips/s" in lines
+    recipe_lines = [line for line in lines if "whole recipe" in line]
+    assert [line.split()[0] for line in recipe_lines] == ["OVER", "FITS", "n/a", "n/a"]
+    assert recipe_lines[3].endswith("8bit-adam: bitsandbytes AdamW8bit needs a GPU")
+
+
+def test_video_decode_summary_is_decords_time_over_pyavs():
+    rows = [_row(video_decode.OP, "360p-g250-to-16x320x512", impl, ms) for impl, ms in (("pyav", 60.0), ("decord", 30.0))]
+    assert video_decode.summary({"rows": rows}) == [
+        "info  video decode 360p-g250-to-16x320x512: decord 0.50x PyAV's time (60 ms a clip)"
+    ]
