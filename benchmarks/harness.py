@@ -856,6 +856,12 @@ def _notes(on_gpu: bool, quick: bool) -> list[str]:
     return notes + ["median_ms is wall time on the CPU"]
 
 
+def targets_heading(quick: bool) -> str:
+    """The line above a run's target lines: --quick times tiny stand-ins for the target shapes, so
+    its verdicts only show the lines work."""
+    return "targets (a --quick run's tiny shapes: not the targets' verdict):" if quick else "targets:"
+
+
 def show(paths: Sequence[Path], summaries: Sequence[Callable[[dict], list[str]]] = ()) -> int:
     """Prints saved runs as `run` printed them: device and versions, the table, the skipped rows
     and the summaries' lines. Returns 2 when a file cannot be read as a run."""
@@ -879,7 +885,7 @@ def show(paths: Sequence[Path], summaries: Sequence[Callable[[dict], list[str]]]
             print(format_skipped(result["skipped"]))
         target_lines = [line for summary in summaries for line in summary(result)]
         if target_lines:
-            print("targets:")
+            print(targets_heading(result.get("settings", {}).get("quick", False)))
             print("\n".join(target_lines))
     return 0
 
@@ -957,8 +963,7 @@ def run(
     target_lines = [line for summary in summaries for line in summary(result)]
     if target_lines:
         print()
-        # --quick times tiny stand-ins for the target shapes: the verdicts only show the lines work.
-        print("targets (a --quick run's tiny shapes: not the targets' verdict):" if args.quick else "targets:")
+        print(targets_heading(args.quick))
         print("\n".join(target_lines))
     path = write_result(result, args.out, created)
     print(f"wrote {path}")

@@ -518,7 +518,7 @@ def run_suite(suite: harness.Suite, summarize: Callable[[dict], list[str]], argv
     if written:
         result = json.loads(max(written, key=lambda p: p.stat().st_mtime).read_text())
         print()
-        print("targets:")
+        print(harness.targets_heading(args.quick))
         for line in summarize(result):
             print(f"  {line}")
     return status

@@ -1168,3 +1168,22 @@ def test_gpu_timing_reads_device_time_issue_time_and_idle_latency_apart(monkeypa
     assert timing.median_ms == pytest.approx(5.0) and timing.host_ms == pytest.approx(0.4)
     assert timing.wall_ms == pytest.approx(8.0) and timing.first_call_s == pytest.approx(0.7)
     assert next(calls, None) is None
+
+
+def test_a_quick_runs_target_lines_say_they_judge_nothing_wherever_printed(tmp_path, capsys):
+    """--quick times tiny stand-ins for the target shapes, so its verdicts only show the lines
+    work: the run says so above them, and so must a suite run on its own (python -m
+    benchmarks.<suite>) and --show reading the run's file back, which print the same lines."""
+    heading = "targets (a --quick run's tiny shapes: not the targets' verdict):"
+
+    def summary(result: dict) -> list[str]:
+        return [f"PASS  {len(result['rows'])} row(s)"]
+
+    def suite(options: harness.SuiteOptions):
+        yield _one_case("4", harness.Impl("only", lambda x: x + 1))
+
+    assert models.run_suite(suite, summary, ["--quick", "--out", str(tmp_path), "--no-plot"], "prog") == 0
+    assert f"{heading}\n  PASS  1 row(s)" in capsys.readouterr().out
+    (path,) = tmp_path.glob("*.json")
+    assert harness.show([path], [summary]) == 0
+    assert f"{heading}\nPASS  1 row(s)" in capsys.readouterr().out
