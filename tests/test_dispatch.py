@@ -103,15 +103,31 @@ def test_unsupported_inputs_fall_back_to_reference_with_one_warning():
     torch.testing.assert_close(again, want, rtol=0, atol=0)
 
 
+def _strided_view_and_contiguous():
+    view = torch.randn(2, 4, 6, device=DEVICE).transpose(1, 2)  # not dense in any layout the kernels stream
+    return view, torch.randn(2, 6, 4, device=DEVICE)
+
+
+def _contiguous_and_channels_last_3d():
+    sample = torch.randn(2, 4, 3, 5, 6, device=DEVICE)
+    return sample, torch.randn(2, 4, 3, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
+
+
 @pytest.mark.skipif(dispatch.machine_unavailable_reason("triton", DEVICE) is not None, reason="Triton not usable here")
-def test_strided_views_fall_back_to_reference():
-    base = torch.randn(2, 4, 6, device=DEVICE)
-    view = base.transpose(1, 2)  # not dense in any layout the kernels stream
-    other = torch.randn(2, 6, 4, device=DEVICE)
-    with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match="layout"):
-        out = tk.consistency_output(view, other, 3, alphas_cumprod())
+@pytest.mark.parametrize(
+    "make,match",
+    [(_strided_view_and_contiguous, "layout"), (_contiguous_and_channels_last_3d, "one memory layout")],
+    ids=["strided-view", "different-layouts"],
+)
+def test_layouts_the_kernels_cannot_stream_fall_back_to_reference(make, match):
+    """The kernels stream every tensor with the strides of the first, which must be dense: a
+    strided view is refused, and so is a channels_last_3d eps beside a contiguous sample, though
+    each is dense."""
+    sample, eps = make()
+    with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match=match):
+        out = tk.consistency_output(sample, eps, 600, alphas_cumprod())
     with tk.backend("reference"):
-        want = tk.consistency_output(view, other, 3, alphas_cumprod())
+        want = tk.consistency_output(sample, eps, 600, alphas_cumprod())
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
@@ -222,19 +238,6 @@ def test_triton_takes_cpu_tensors_only_under_the_interpreter_and_no_other_device
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.machine_unavailable_reason("triton", cpu) is None
     assert dispatch.machine_unavailable_reason("triton", meta) == "Triton kernels do not run on meta tensors"
-
-
-@pytest.mark.skipif(dispatch.machine_unavailable_reason("triton", DEVICE) is not None, reason="Triton not usable here")
-def test_tensors_of_different_layouts_fall_back_to_reference():
-    """The kernels stream every tensor with the strides of the first: a channels_last_3d eps beside
-    a contiguous sample is refused, though each is dense."""
-    sample = torch.randn(2, 4, 3, 5, 6, device=DEVICE)
-    eps = torch.randn(2, 4, 3, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
-    with tk.backend("triton"), pytest.warns(tk.TurboKernelsFallbackWarning, match="one memory layout"):
-        out = tk.consistency_output(sample, eps, 600, alphas_cumprod())
-    with tk.backend("reference"):
-        want = tk.consistency_output(sample, eps, 600, alphas_cumprod())
-    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 def test_the_batch_limit_of_the_kernel_grid():

@@ -198,9 +198,17 @@ FEATURES = {
 @pytest.mark.parametrize("processor_kind", ["temporal", "spatial"])
 def test_processors_match_attn_processor_2_0(processor_kind, features, temporal_calls):
     attn = _attention_module(**features)
+    _assert_processor_matches(processor_kind, AttnProcessor2_0, attn, temporal_calls)
+
+
+def _assert_processor_matches(processor_kind, diffusers_processor, attn, temporal_calls):
+    """Our processor of `processor_kind` (the temporal one wrapping `diffusers_processor` as its
+    fallback) gives diffusers_processor's output and gradients on `attn`, with the reference ops."""
     hidden_states = torch.randn(6, 5, 16, generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    want_out, want_grads = _run(AttnProcessor2_0(), attn, hidden_states)
-    processor = TemporalAttnProcessor(AttnProcessor2_0()) if processor_kind == "temporal" else SpatialAttnProcessor()
+    want_out, want_grads = _run(diffusers_processor(), attn, hidden_states)
+    processor = (
+        TemporalAttnProcessor(diffusers_processor()) if processor_kind == "temporal" else SpatialAttnProcessor()
+    )
     with tk.backend("reference"):
         out, grads = _run(processor, attn, hidden_states)
     assert len(temporal_calls) == (1 if processor_kind == "temporal" else 0)
@@ -219,16 +227,7 @@ def test_processors_scale_by_the_modules_scale(processor_kind, temporal_calls):
     processors read it too."""
     attn = _attention_module(scale_qk=False)
     assert attn.scale == 1.0 and type(attn.processor) is AttnProcessor
-    hidden_states = torch.randn(6, 5, 16, generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    want_out, want_grads = _run(AttnProcessor(), attn, hidden_states)
-    processor = TemporalAttnProcessor(AttnProcessor()) if processor_kind == "temporal" else SpatialAttnProcessor()
-    with tk.backend("reference"):
-        out, grads = _run(processor, attn, hidden_states)
-    assert len(temporal_calls) == (1 if processor_kind == "temporal" else 0)
-    assert_close_to(out, want_out, "output", OUTPUT_TOLERANCE)
-    grad_scale = max(want.abs().max().item() for want in want_grads)
-    for index, (grad, want) in enumerate(zip(grads, want_grads)):
-        assert_close_to(grad, want, f"grad {index}", GRAD_TOLERANCE, grad_scale)
+    _assert_processor_matches(processor_kind, AttnProcessor, attn, temporal_calls)
 
 
 # Calls of the spatial processor the tiny UNets do not make: (module features, hidden states'
