@@ -63,10 +63,9 @@ BWD_TRAFFIC = 7
 TARGET_SPEEDUP = 3.0
 TARGET_GBPS = 2500.0
 TARGET_GBPS_DEVICE = "H100"
-# (rows, warps) of the 16-bit tile sweep; the op's own choice is (TENSOR_CORE_ROWS, NUM_WARPS) at
-# F = 16. One 16-frame sequence a program at 16 rows (no block-diagonal waste, four times the
-# programs: the small levels at batch 1 fill 132 SMs with 64-row tiles only 1.5 times) up to eight
-# at 128. All compile for sm_90a without spills (the kernel report's compiler, bf16: 38-167
+# (rows, warps) of the 16-bit tile sweep, the op's own choice (OWN_TILE) among them. One 16-frame
+# sequence a program at 16 rows (no block-diagonal waste, four times the programs: the small levels
+# at batch 1 fill 132 SMs with 64-row tiles only 1.5 times) up to eight at 128. All compile for sm_90a without spills (the kernel report's compiler, bf16: 38-167
 # registers, up to 80 KiB of shared memory); 128 rows at 4 warps takes 255 registers, left out.
 TILES = ((16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (128, 8))
 
@@ -256,8 +255,14 @@ def summary(result: dict) -> list[str]:
     return lines + tile_sweep_lines(result)
 
 
-# The tile the op launches at F = 16 in 16-bit storage, which the sweep's other tiles are compared with.
-OWN_TILE = (triton_attention.TENSOR_CORE_ROWS, triton_attention.NUM_WARPS)
+def _own_tile() -> triton_attention.Tile:
+    """The tile the op launches at VideoCrafter2's F and head dim in 16-bit storage, which the
+    sweep's other tiles are compared with."""
+    constexprs, num_warps = triton_attention.launch_params(FRAMES, HEAD_DIM, fp32=False)
+    return constexprs["ROWS"], num_warps
+
+
+OWN_TILE = _own_tile()
 
 
 def tile_sweep_lines(result: dict) -> list[str]:

@@ -210,6 +210,7 @@ def test_forcing_cuda_on_cpu_tensors_is_an_error_also_for_ops_without_a_cuda_ker
 def test_the_request_defaults_to_auto_and_the_variable_is_read_loosely(monkeypatch):
     """No block and no variable, or an empty one, request "auto"; the variable's case and
     surrounding space do not matter."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     assert dispatch.requested_backend() == "auto"
     monkeypatch.setenv(dispatch.ENV_VAR, "")
     assert dispatch.requested_backend() == "auto"
