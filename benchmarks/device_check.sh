@@ -53,7 +53,7 @@ ALL_KERNEL_OPS=guided_solver_step,consistency_output,consistency_sampler_step,ps
 ALL_KERNEL_OPS+=,temporal_attention,temporal_block,geglu,layer_norm,group_norm_silu,strided_linear,spatial_self_attention,spatial_cross_attention,reward_preprocess
 KERNEL_OPS=${KERNEL_OPS:-$ALL_KERNEL_OPS}
 REWARD_OPS=${REWARD_OPS:-bf16_matmul,reward_mixture,reward_mixture_growth}
-MODEL_OPS=${MODEL_OPS:-unet_forward,generate,distillation_step,motion_prior,whole_recipe}
+MODEL_OPS=${MODEL_OPS:-unet_forward,generate,vae_decode,distillation_step,motion_prior,whole_recipe}
 # Seconds the end-to-end stage may spend compiling (the reference-compile and kernels-compile
 # variants of issues 4 and 6; a full UNet compiles in minutes): 0 skips them.
 MODEL_COMPILE_S=${MODEL_COMPILE_S:-0}

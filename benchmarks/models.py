@@ -8,7 +8,14 @@ The full `vc2` VC2UNet (1.41 B parameters) with random weights, built directly o
 - `generate`: 4-step and 16-step consistency sampling of one clip with T2VTurboPipeline, VAE
   decode included (the `ldm` VideoVAE). The text encoder is a stand-in returning random (B, 77,
   1024) contexts: the real OpenCLIP ViT-H text tower runs once a prompt, before the sampling loop,
-  so its cost is not in these numbers.
+  so its cost is not in these numbers;
+- `vae_decode`: the `ldm` VideoVAE decoding one clip's latents (what generation ends with), in
+  the eager variants: `kernels` fuses the autoencoder's GroupNorm + SiLU pairs (VideoVAE's
+  `use_kernels`), `-nhwc` makes its convolutions channels-last. Expected on an H100 (written before
+  any GPU run): kernels 1.1-1.2x reference-eager (three passes over each normalised activation
+  instead of five, and RowwiseMoments' slow statistics gone), and more channels-last, where torch's
+  GroupNorm copies each channels-last activation to NCHW and back and group_norm_silu reads it in
+  place.
 
 Each row is one variant (`impl`): reference-eager (use_kernels off, solver ops on the reference
 backend), reference-compile (the same under torch.compile), kernels (use_kernels on, ops on the
@@ -40,6 +47,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +68,7 @@ from turbo_kernels import dispatch
 
 UNET_OP = "unet_forward"
 GENERATE_OP = "generate"
+VAE_OP = "vae_decode"
 KERNELS = "kernels"
 KERNELS_COMPILED = "kernels-compile"
 EAGER_NHWC = "reference-eager-nhwc"
@@ -303,6 +312,14 @@ def vae_factory(scale: Scale) -> Callable[[], nn.Module]:
     return functools.partial(VideoVAE.preset, scale.vae_preset)
 
 
+@functools.lru_cache(maxsize=None)
+def decoder_parameter_count(scale: Scale) -> int:
+    """Parameters a VAE decode reads (the decoder and post_quant_conv), counted on the meta device."""
+    with torch.device("meta"):
+        autoencoder = vae_factory(scale)().autoencoder
+    return sum(p.numel() for module in (autoencoder.decoder, autoencoder.post_quant_conv) for p in module.parameters())
+
+
 def random_context(batch: int, scale: Scale, device: torch.device, dtype: torch.dtype, seed: int) -> Tensor:
     generator = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(batch, TEXT_TOKENS, scale.context_dim, generator=generator, device=device, dtype=dtype)
@@ -387,8 +404,31 @@ def _generate_call(variant: Variant, steps: int, batch: int, scale: Scale) -> Ca
     return call
 
 
+def _vae_inputs(scale: Scale, options: SuiteOptions) -> Callable[[], SimpleNamespace]:
+    def make_inputs() -> SimpleNamespace:
+        device, dtype = options.device, options.dtype
+        vae = build(vae_factory(scale), device, dtype, options.seed)
+        generator = torch.Generator(device=device).manual_seed(options.seed)
+        latents = torch.randn(scale.latent_shape(GENERATE_BATCH), generator=generator, device=device, dtype=dtype)
+        return SimpleNamespace(vae=vae, latents=latents, cache={})
+
+    return make_inputs
+
+
+def _vae_call(variant: Variant) -> Callable[[SimpleNamespace], Tensor]:
+    @torch.no_grad()
+    def call(x: SimpleNamespace) -> Tensor:
+        if x.vae.use_kernels != variant.use_kernels:
+            x.vae.use_kernels = variant.use_kernels
+        set_conv_memory_format(x.cache, [x.vae], variant.channels_last)
+        return x.vae.decode(x.latents)
+
+    return call
+
+
 def cases(options: SuiteOptions) -> Iterator[Case]:
-    """UNet forward at batch 1 and 4, and 4- and 16-step generation with VAE decode, in four variants."""
+    """UNet forward at batch 1 and 4, 4- and 16-step generation with VAE decode, in four variants,
+    and the VAE decode alone, eager."""
     scale = scale_of(options)
     element_size = torch.empty((), dtype=options.dtype).element_size()
     unet_bytes = parameter_count(unet_factory(scale)) * element_size
@@ -422,6 +462,22 @@ def cases(options: SuiteOptions) -> Iterator[Case]:
             flops=functools.partial(generate_flops, scale, steps, GENERATE_BATCH),
             rotate_inputs=False,
         )
+    frames_shape = (GENERATE_BATCH, 3, scale.frames, scale.height, scale.width)
+    yield Case(
+        op=VAE_OP,
+        case=f"b{GENERATE_BATCH}-{scale.video}",
+        pass_name="fwd",
+        make_inputs=_vae_inputs(scale, options),
+        impls=variant_impls(options, _vae_call, tuple(v for v in VARIANTS if not v.compiled) + NHWC_VARIANTS),
+        # The decoder's weights, the latents read and the frames written.
+        bytes_moved=element_size * (
+            decoder_parameter_count(scale) + math.prod(scale.latent_shape(GENERATE_BATCH)) + math.prod(frames_shape)
+        ),
+        dtype=options.dtype,
+        shape=frames_shape,
+        flops=functools.partial(vae_decode_flops, scale, GENERATE_BATCH),
+        rotate_inputs=False,
+    )
 
 
 # ---- targets and the summary ----------------------------------------------------------------------
@@ -479,7 +535,19 @@ def summary(result: dict) -> list[str]:
     the experiments (channels-last, CUDA graphs) measured."""
     cases_4_step = [row["case"] for row in result["rows"] if row["op"] == GENERATE_OP and row["case"].startswith("steps4-")]
     case = cases_4_step[0] if cases_4_step else f"steps4-b{GENERATE_BATCH}-{FULL.video}"
-    return variant_targets(result, GENERATE_OP, case, f"4-step generation ({case})") + experiment_lines(result)
+    return variant_targets(result, GENERATE_OP, case, f"4-step generation ({case})") + vae_lines(result) + experiment_lines(result)
+
+
+def vae_lines(result: dict) -> list[str]:
+    """Informational: the fused GroupNorm + SiLU's speed-up on the VAE decode, contiguous and
+    channels-last."""
+    rows = rows_by(result, VAE_OP)
+    return [
+        f"info  {VAE_OP} {case}: {fast} {rows[(case, slow)]['median_ms'] / rows[(case, fast)]['median_ms']:.2f}x {slow}"
+        for case in dict.fromkeys(case for case, _ in rows)
+        for fast, slow in ((KERNELS, EAGER), (KERNELS_NHWC, EAGER_NHWC), (KERNELS_NHWC, EAGER))
+        if (case, fast) in rows and (case, slow) in rows
+    ]
 
 
 def experiment_lines(result: dict) -> list[str]:

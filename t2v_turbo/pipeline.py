@@ -130,13 +130,21 @@ def _prompt_list(prompts: str | Sequence[str]) -> list[str]:
     return prompts
 
 
+def set_vae_kernels(vae: Any, use_kernels: bool) -> None:
+    """Sets `use_kernels` on a VAE that has that switch (VideoVAE: fused GroupNorm + SiLU); a
+    PixelSpace or a stand-in has nothing to switch."""
+    if isinstance(getattr(type(vae), "use_kernels", None), property):
+        vae.use_kernels = use_kernels
+
+
 class T2VTurboPipeline:
     """unet (a VC2UNet or a diffusers UNet3DConditionModel), vae (encode/decode of scaled latents,
     with latent_channels and downsample), text_encoder (encode(prompts) -> (B, L, D)).
 
     use_kernels: the VC2UNet's temporal attention and the consistency step run through
     turbo_kernels' dispatch (kernels where the device has them); a diffusers UNet gets
-    `turbo_kernels.patch`. Off, everything is plain PyTorch.
+    `turbo_kernels.patch`, and a VideoVAE its fused GroupNorm + SiLU. Off, everything is plain
+    PyTorch.
     """
 
     def __init__(
@@ -194,6 +202,7 @@ class T2VTurboPipeline:
             turbo_kernels.patch(self.unet)
         else:
             turbo_kernels.unpatch(self.unet)
+        set_vae_kernels(self.vae, self._use_kernels)
 
     @property
     def device(self) -> torch.device:

@@ -50,6 +50,7 @@ from t2v_turbo.models import OpenCLIPTextEncoder, PromptCache, VC2UNet, VideoVAE
 from t2v_turbo.models.adapter import NoisePredictor, check_frame_size
 from t2v_turbo.files import uncreatable_reason, write_atomically
 from t2v_turbo.motion import compute_motion_prior, noised_latents
+from t2v_turbo.pipeline import set_vae_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -504,6 +505,7 @@ def preprocess(
         _place(unet, device, dtype)
         _place(vae, device, dtype)
         _place(text_encoder, device)
+    set_vae_kernels(vae, config.kernels == "on")
     teacher = TeacherPass(unet, vae, text_encoder, config, device)
     # Made once the data, the models and the clip size are known to work: a refused run leaves nothing.
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,7 @@ from t2v_turbo.data.videos import default_manifest
 from t2v_turbo.models import VC2UNet
 from t2v_turbo.models import checkpoint as unet_checkpoint
 from t2v_turbo.models.adapter import NoisePredictor
-from t2v_turbo.pipeline import UNET_DIR
+from t2v_turbo.pipeline import UNET_DIR, set_vae_kernels
 from t2v_turbo.files import make_readable, uncreatable_reason, write_atomically
 from turbo_kernels import MOTION_FORMS
 
@@ -795,6 +795,7 @@ class _Trainer:
             from t2v_turbo.models.vae import load_vae
 
             vae = load_vae(self.config.vae, gradient_checkpointing=self.config.gradient_checkpointing)
+        set_vae_kernels(vae, self.config.kernels == "on")
         return vae.to(self.device).requires_grad_(False)
 
     @property

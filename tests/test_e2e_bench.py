@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import pytest
@@ -72,6 +73,44 @@ def test_channels_last_variants_compute_what_their_nchw_variants_do():
         assert all(conv.weight.is_contiguous() for conv in convs)
 
 
+def test_vae_decode_rows_and_variants(tmp_path):
+    """The VAE decode case times the eager variants; each variant decodes the same frames (the
+    kernel ones run here on the reference backend), and the reference variants unfuse the norms."""
+    from turbo_kernels.patching import GroupNormSiLU
+
+    result = _run(tmp_path, models.cases, "--ops", models.VAE_OP)
+    _check_rows(result)
+    assert [r["impl"] for r in result["rows"]] == [harness.EAGER, models.EAGER_NHWC]
+    assert {s["impl"]: s["reason"] for s in result["skipped"]} == {models.KERNELS: "no GPU", models.KERNELS_NHWC: "no GPU"}
+    assert all(r["flops"] == models.vae_decode_flops(models.TINY, 1) for r in result["rows"])
+    frames = math.prod((1, 3, models.TINY.frames, models.TINY.height, models.TINY.width))
+    assert result["rows"][0]["bytes"] == 4 * (
+        models.decoder_parameter_count(models.TINY) + math.prod(models.TINY.latent_shape(1)) + frames
+    )
+
+    case = next(c for c in models.cases(_cpu_options()) if c.op == models.VAE_OP)
+    x = case.make_inputs()
+    impls = {impl.name: impl for impl in case.impls}
+    want = impls[harness.EAGER].fn(x)
+    for name in (models.KERNELS, models.KERNELS_NHWC):
+        torch.testing.assert_close(impls[name].fn(x), want, rtol=1e-4, atol=1e-5)
+        assert any(isinstance(m, GroupNormSiLU) for m in x.vae.modules())
+    impls[models.EAGER_NHWC].fn(x)
+    assert not any(isinstance(m, GroupNormSiLU) for m in x.vae.modules())
+
+
+def test_vae_lines_compare_the_fused_norms_with_the_reference():
+    case = "b1-16x320x512"
+    rows = [_row(models.VAE_OP, case, impl, ms) for impl, ms in (
+        (harness.EAGER, 120.0), (models.KERNELS, 100.0), (models.EAGER_NHWC, 150.0), (models.KERNELS_NHWC, 80.0),
+    )]
+    assert models.vae_lines({"rows": rows, "skipped": []}) == [
+        f"info  {models.VAE_OP} {case}: {models.KERNELS} 1.20x {harness.EAGER}",
+        f"info  {models.VAE_OP} {case}: {models.KERNELS_NHWC} 1.88x {models.EAGER_NHWC}",
+        f"info  {models.VAE_OP} {case}: {models.KERNELS_NHWC} 1.50x {harness.EAGER}",
+    ]
+
+
 def test_graph_variants_replay_what_the_eager_variant_computes(monkeypatch):
     """On the CPU with captures recorded (helpers.record_graph_captures): the graph variants' third
     call replays, and the UNet output and generated frames equal the eager variant's."""
@@ -114,7 +153,10 @@ def test_distillation_step_rows(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "op", [models.UNET_OP, models.GENERATE_OP, training.STEP_OP, training.MOTION_OP, temporal_block.OP, rewards.OP]
+    "op", [
+        models.UNET_OP, models.GENERATE_OP, models.VAE_OP, training.STEP_OP, training.MOTION_OP, temporal_block.OP,
+        rewards.OP,
+    ]
 )
 def test_counted_flops_are_what_the_timed_call_computes(op):
     """A case's FLOPs, counted on the meta device, equal FlopCounterMode's count of its eager

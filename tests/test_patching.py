@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (the GPU machines lack it unless carried as a wheel)")
 
-from diffusers import UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel  # noqa: E402
+from diffusers import AutoencoderKL, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel  # noqa: E402
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
 
 import turbo_kernels as tk
@@ -495,3 +495,127 @@ def test_torch_compile_traces_one_graph_with_the_temporal_op(kind):
     assert len(temporal_nodes) == EXPECTED_COUNTS[kind][1]
     assert_close_to(out.detach(), want, "compiled output", OUTPUT_TOLERANCE)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ---- AutoencoderKL: GroupNorm + SiLU fused -------------------------------------------------------
+
+
+def tiny_autoencoder() -> AutoencoderKL:
+    """Two levels of one ResNet block each (plus the decoder's extra one a level) and a mid block
+    of two: 10 ResNet blocks, 2 norms each, and the encoder's and decoder's output norms."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    ).to(DEVICE)
+
+
+AUTOENCODER_FUSED_NORMS = 2 * (2 + 2 + 3 + 3) + 2
+
+
+def autoencoder_step(model, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Encode to the posterior mean, decode it; the output, the frames' gradient and every
+    parameter's gradient of a fixed random projection of the output."""
+    model.zero_grad(set_to_none=True)
+    frames = frames.clone().requires_grad_(True)
+    out = model.decode(model.encode(frames).latent_dist.mean).sample
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device)
+    (out * cotangent).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return out.detach(), frames.grad, grads
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the group_norm_silu calls the fused modules make."""
+    record = []
+    original = patching.group_norm_silu
+
+    def spy(x, weight, bias, groups, eps):
+        record.append(tuple(x.shape))
+        return original(x, weight, bias, groups, eps)
+
+    monkeypatch.setattr(patching, "group_norm_silu", spy)
+    return record
+
+
+@pytest.mark.parametrize("backend,size", [("reference", 16), ("triton", 8)])
+def test_patched_autoencoder_matches_original(backend, size, fused_calls, chosen):
+    if backend == "triton" and not TRITON_USABLE:
+        pytest.skip("Triton is not usable here")
+    model = tiny_autoencoder()
+    frames = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)).to(DEVICE) * 2 - 1
+    want_out, want_frame_grad, want_grads = autoencoder_step(model, frames)
+
+    assert patch(model) is model
+    fused = [m for m in model.modules() if isinstance(m, patching.GroupNormSiLU)]
+    assert len(fused) == AUTOENCODER_FUSED_NORMS
+    assert not any(type(m) is torch.nn.SiLU for m in model.modules())
+    with tk.backend(backend):
+        out, frame_grad, grads = autoencoder_step(model, frames)
+
+    assert len(fused_calls) == AUTOENCODER_FUSED_NORMS
+    assert {op for op, name in chosen if name == backend} >= {"channel_affine_silu", "channel_affine_silu_backward"}
+    assert_close_to(out, want_out, "output", OUTPUT_TOLERANCE)
+    assert_close_to(frame_grad, want_frame_grad, "frames' gradient", GRAD_TOLERANCE)
+    assert grads.keys() == want_grads.keys()
+    # The attention's key bias has a gradient that is zero in exact arithmetic (softmax ignores a
+    # constant added to all of a row's scores): rounding alone, so each gradient's error is
+    # measured against at least a thousandth of the largest gradient.
+    floor = 1e-3 * max(grad.abs().max().item() for grad in want_grads.values())
+    for name, grad in grads.items():
+        want = want_grads[name]
+        assert_close_to(grad, want, f"grad {name}", GRAD_TOLERANCE, scale=max(want.abs().max().item(), floor))
+
+
+def test_autoencoder_patch_shares_parameters_and_unpatch_restores_the_modules():
+    model = tiny_autoencoder()
+    block = model.decoder.up_blocks[0].resnets[0]
+    norm1, norm2, silu, norm_out = block.norm1, block.norm2, block.nonlinearity, model.decoder.conv_norm_out
+    state = model.state_dict()
+
+    patch(model)
+    patch(model)  # a second patch starts again from the unpatched modules
+    assert type(block.norm1) is patching.GroupNormSiLU and type(block.nonlinearity) is torch.nn.Identity
+    assert block.norm1.weight is norm1.weight and block.norm2.bias is norm2.bias
+    assert (block.norm1.num_groups, block.norm1.eps) == (norm1.num_groups, norm1.eps)
+    patched_state = model.state_dict()
+    assert patched_state.keys() == state.keys()
+    assert all(patched_state[key].data_ptr() == value.data_ptr() for key, value in state.items())
+    assert len([m for m in model.modules() if isinstance(m, patching.GroupNormSiLU)]) == AUTOENCODER_FUSED_NORMS
+
+    # Loading into the patched model reaches the modules unpatch puts back.
+    model.load_state_dict({key: torch.full_like(value, 0.5) for key, value in state.items()})
+    assert unpatch(model) is model
+    assert (block.norm1, block.norm2, block.nonlinearity, model.decoder.conv_norm_out) == (norm1, norm2, silu, norm_out)
+    assert bool((norm1.weight == 0.5).all())
+    assert not any(isinstance(m, patching.GroupNormSiLU) for m in model.modules())
+    unpatch(model)  # unpatching an unpatched model leaves it as it is
+
+
+def test_autoencoder_patch_leaves_norms_whose_silu_or_hooks_must_stay():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    model = tiny_autoencoder()
+    hooked = model.decoder.up_blocks[1].resnets[0]
+    calls = []
+    hooked.norm2.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    replaced_by_user = model.encoder.down_blocks[0].resnets[0]
+    patch(model)
+    assert type(hooked.norm1) is torch.nn.GroupNorm and type(hooked.nonlinearity) is torch.nn.SiLU
+    model.decode(torch.randn(1, 4, 4, 4, device=DEVICE))
+    assert len(calls) == 1
+    # A module set after patch stays through unpatch.
+    mine = torch.nn.GroupNorm(4, 8).to(DEVICE)
+    replaced_by_user.norm1 = mine
+    unpatch(model)
+    assert replaced_by_user.norm1 is mine and type(replaced_by_user.nonlinearity) is patching.nn.Identity
+
+    # With a time embedding the block's SiLU acts on it too; "scale_shift" puts work between norm2 and it.
+    for block in (
+        ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=4, groups=4),
+        ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=4, groups=4, time_embedding_norm="scale_shift"),
+    ):
+        assert patching._norm_silu_pairs(block) == []
+    plain = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=4)
+    assert patching._norm_silu_pairs(plain) == [(plain, ("norm1", "norm2"), "nonlinearity")]

@@ -399,6 +399,18 @@ def test_adapter_runs_diffusers_unet3d_with_lcm_guidance_embedding():
         predictor(x, 500, context, guidance=7.5, motion=0.05)
 
 
+def test_the_kernel_switch_reaches_the_vae():
+    from t2v_turbo.models import VideoVAE
+
+    unet, vae = small_unet(), VideoVAE.preset("tiny")
+    pipeline = T2VTurboPipeline(unet, vae, PromptLength(), use_kernels=True)
+    assert vae.use_kernels and unet.use_kernels
+    pipeline.use_kernels = False
+    assert not vae.use_kernels and not unet.use_kernels
+    # A VAE without the switch (pixel space here) is left alone.
+    T2VTurboPipeline(unet, LatentsAsPixels(), PromptLength(), use_kernels=True)
+
+
 def test_adapter_rejects_other_models_and_bad_strengths(unet):
     with pytest.raises(TypeError, match="VC2UNet or a diffusers"):
         NoisePredictor(torch.nn.Linear(2, 2))

@@ -177,6 +177,30 @@ def test_decode_gradients_match_across_chunkings(latents, checkpointed):
     assert all(not p.requires_grad for p in vae.parameters())
 
 
+def test_use_kernels_fuses_group_norm_silu_and_changes_nothing_else(latents, chosen):
+    """The switch patches the autoencoder's GroupNorm + SiLU pairs (turbo_kernels.patch; tested
+    in full in test_patching) and takes them out again; encode and decode agree either way, and
+    the weights keep their keys."""
+    from turbo_kernels.patching import GroupNormSiLU
+
+    torch.manual_seed(0)
+    vae = VideoVAE.preset("tiny", use_kernels=True)
+    assert vae.use_kernels and any(isinstance(m, GroupNormSiLU) for m in vae.modules())
+    frames = torch.rand(1, 3, 2, 16, 16) * 2 - 1
+    with torch.no_grad():
+        fused = vae.decode(latents), vae.encode(frames, sample=False)
+    assert {"channel_affine_silu"} <= {op for op, _ in chosen}
+    keys = vae.state_dict().keys()
+    vae.use_kernels = False
+    assert not any(isinstance(m, GroupNormSiLU) for m in vae.modules())
+    assert vae.state_dict().keys() == keys
+    with torch.no_grad():
+        plain = vae.decode(latents), vae.encode(frames, sample=False)
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got, want, atol=FLOAT32_TOL, rtol=0)
+    assert not VideoVAE.preset("tiny").use_kernels
+
+
 def test_pixel_space_is_identity():
     space = PixelSpace()
     assert (space.scaling_factor, space.latent_channels, space.downsample) == (1.0, 3, 1)

@@ -9,6 +9,12 @@ Supported models and what `patch` replaces (only attention modules that run diff
   (the blocks' `temp_attentions` and `transformer_in`) get `TemporalAttnProcessor`.
 - `UNetMotionModel` (AnimateDiff): likewise, its `AnimateDiffTransformer3D` motion modules being the
   temporal transformers.
+- `AutoencoderKL` (the VAE of VideoCrafter2, ModelScope, AnimateDiff and Stable Diffusion): every
+  GroupNorm whose output only a SiLU reads (both norms of each ResNet block without a time
+  embedding, and the encoder's and decoder's output norm) becomes a `GroupNormSiLU` running
+  `turbo_kernels.group_norm_silu`, and that SiLU an `nn.Identity`. The fused module holds the
+  GroupNorm's own parameters, so state dicts keep their keys and values. Its attention (one
+  SDPA call at the coarsest level) is left as it is.
 - The project's own VideoCrafter2 UNet (`t2v_turbo.models.VC2UNet`, or any model with a settable
   `use_kernels` property): it runs its fused temporal transformer blocks and kernel temporal
   attention itself while `use_kernels` is set, and its spatial attention is always SDPA, so `patch`
@@ -27,14 +33,16 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from turbo_kernels.ops.attention import temporal_attention
+from turbo_kernels.ops.group_norm import group_norm_silu
 
 _ORIGINAL_PROCESSORS = "_turbo_kernels_original_processors"
 _INSTALLED_PROCESSORS = "_turbo_kernels_installed_processors"
 _ORIGINAL_USE_KERNELS = "_turbo_kernels_original_use_kernels"
+_FUSED_NORMS = "_turbo_kernels_fused_norms"
 
 # cuDNN, the default SDPA backend on H100/H200, has returned NaN grad_q for calls with an explicit
 # mask, a key length of 64 mod 128 and a query row whose logsumexp is below about -88.7
@@ -176,6 +184,93 @@ class SpatialAttnProcessor:
         return _sdpa(query, key, value, mask, scale).transpose(1, 2).flatten(2)
 
 
+# ---- GroupNorm + SiLU ----------------------------------------------------------------------------
+
+
+class GroupNormSiLU(nn.GroupNorm):
+    """silu(group_norm(x)) in one `turbo_kernels.group_norm_silu` call: what `patch` puts in place
+    of a GroupNorm whose output goes only to a SiLU. Built around that GroupNorm's own parameter
+    objects (`fused_from`), so loading, casting or moving either module changes both."""
+
+    @classmethod
+    def fused_from(cls, norm: nn.GroupNorm) -> "GroupNormSiLU":
+        with torch.device("meta"):
+            fused = cls(norm.num_groups, norm.num_channels, norm.eps, affine=True)
+        fused.weight, fused.bias = norm.weight, norm.bias
+        return fused.train(norm.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
+    )
+
+
+def _fusable(norm: nn.Module, silu: nn.Module) -> bool:
+    """An affine nn.GroupNorm and an nn.SiLU (exactly those classes: a subclass may compute
+    something else), neither with hooks that fusing would stop calling."""
+    return (
+        type(norm) is nn.GroupNorm and norm.affine and type(silu) is nn.SiLU
+        and not _has_hooks(norm) and not _has_hooks(silu)
+    )
+
+
+def _norm_silu_pairs(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...], str]]:
+    """(parent, GroupNorm attribute names, SiLU attribute name) of every place in a diffusers
+    AutoencoderKL where the SiLU reads nothing but those norms' outputs: a ResnetBlock2D without a
+    time embedding (its `nonlinearity` follows norm1 and norm2 and, with a time embedding, would
+    also act on that) whose norm2 goes straight to it (every time_embedding_norm but
+    "scale_shift", which scales and shifts in between: the decoder's blocks use "group"), and the
+    Encoder's and Decoder's conv_norm_out / conv_act."""
+    from diffusers.models.autoencoders.vae import Decoder, Encoder
+    from diffusers.models.resnet import ResnetBlock2D
+
+    pairs = []
+    for module in model.modules():
+        if (
+            isinstance(module, ResnetBlock2D) and module.time_emb_proj is None
+            and module.time_embedding_norm != "scale_shift"
+        ):
+            names = ("norm1", "norm2")
+            if all(_fusable(getattr(module, name), module.nonlinearity) for name in names):
+                pairs.append((module, names, "nonlinearity"))
+        elif isinstance(module, (Encoder, Decoder)) and _fusable(module.conv_norm_out, module.conv_act):
+            pairs.append((module, ("conv_norm_out",), "conv_act"))
+    return pairs
+
+
+def _fuse_norms(model: nn.Module) -> None:
+    """Install GroupNormSiLU modules (module docstring), remembering the modules they replace."""
+    fused = []
+    for parent, norm_names, silu_name in _norm_silu_pairs(model):
+        originals = {name: getattr(parent, name) for name in (*norm_names, silu_name)}
+        installed = {name: GroupNormSiLU.fused_from(originals[name]) for name in norm_names}
+        installed[silu_name] = nn.Identity()
+        for name, module in installed.items():
+            setattr(parent, name, module)
+        fused.append((parent, originals, installed))
+    setattr(model, _FUSED_NORMS, fused)
+
+
+def _unfuse_norms(model: nn.Module) -> None:
+    """Put back the GroupNorm and SiLU modules _fuse_norms replaced, where its modules still are."""
+    for parent, originals, installed in getattr(model, _FUSED_NORMS):
+        if all(getattr(parent, name) is module for name, module in installed.items()):
+            for name, module in originals.items():
+                setattr(parent, name, module)
+    delattr(model, _FUSED_NORMS)
+
+
+@functools.lru_cache(maxsize=None)
+def _autoencoder_classes() -> tuple[type, ...]:
+    from diffusers import AutoencoderKL
+
+    return (AutoencoderKL,)
+
+
 # ---- patch / unpatch ---------------------------------------------------------------------------
 
 
@@ -184,7 +279,7 @@ def _temporal_transformer_classes(model: torch.nn.Module) -> tuple[type, ...]:
         if isinstance(model, model_class):
             return temporal_classes
     supported = ", ".join(f"diffusers.{cls.__name__}" for cls in _supported_models())
-    supported += ", models with a settable use_kernels property (t2v_turbo's VC2UNet)"
+    supported += ", diffusers.AutoencoderKL, models with a settable use_kernels property (t2v_turbo's VC2UNet)"
     model_class = f"{type(model).__module__}.{type(model).__qualname__}"
     raise TypeError(f"turbo_kernels.patch does not support {model_class}; supported models: {supported}")
 
@@ -216,8 +311,13 @@ def patch(model: torch.nn.Module, spatial: bool = True, temporal: bool = True) -
     cross-attentions when `spatial`. Only modules running diffusers' plain attention processors are
     replaced. Patching a patched model starts again from the processors it had before the first
     patch (keeping any set since, as `unpatch` does). On a model with a settable `use_kernels` property (VC2UNet) it
-    sets `use_kernels = temporal` instead (its spatial attention is SDPA either way). Raises
-    TypeError for other models."""
+    sets `use_kernels = temporal` instead (its spatial attention is SDPA either way). On a diffusers
+    `AutoencoderKL` it fuses each GroupNorm + SiLU pair into a `GroupNormSiLU` (module docstring;
+    `spatial` and `temporal` do not apply). Raises TypeError for other models."""
+    if isinstance(model, _autoencoder_classes()):
+        unpatch(model)
+        _fuse_norms(model)
+        return model
     if _has_kernel_switch(model):
         unpatch(model)
         setattr(model, _ORIGINAL_USE_KERNELS, model.use_kernels)
@@ -244,8 +344,12 @@ def patch(model: torch.nn.Module, spatial: bool = True, temporal: bool = True) -
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Restore the attention processors `model` had before `patch` (the same objects) where the
-    patch's processors still are, or its `use_kernels` value; processors set since the patch (an
-    IP-Adapter's, say) stay. A model that is not patched is left as it is. Returns the model."""
+    patch's processors still are, its `use_kernels` value, or an AutoencoderKL's GroupNorm and
+    SiLU modules (the same objects) where the fused ones still are; processors set since the patch
+    (an IP-Adapter's, say) stay. A model that is not patched is left as it is. Returns the model."""
+    if hasattr(model, _FUSED_NORMS):
+        _unfuse_norms(model)
+        return model
     if hasattr(model, _ORIGINAL_USE_KERNELS):
         model.use_kernels = getattr(model, _ORIGINAL_USE_KERNELS)
         delattr(model, _ORIGINAL_USE_KERNELS)

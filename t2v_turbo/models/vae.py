@@ -5,6 +5,7 @@ clips (B, 3, F, H, W) in [-1, 1] to scaled latents (B, C, F, H/8, W/8) and back,
 time. Decoding is differentiable, since the reward losses backpropagate through it, and can decode only
 the frames a reward scores. `PixelSpace` has the same interface for models that diffuse pixels directly.
 The release checkpoint's `first_stage_model.*` keys (LDM naming) load through an explicit key mapping.
+With `use_kernels` set, the autoencoder's GroupNorm + SiLU pairs run fused (`turbo_kernels.patch`).
 """
 
 from __future__ import annotations
@@ -221,25 +222,42 @@ class VideoVAE(nn.Module):
     """diffusers' AutoencoderKL applied per frame, frozen (eval, no parameter gradients) by default.
 
     `scaling_factor` multiplies posterior samples into the diffusion model's latent scale; `downsample`
-    is the spatial factor between frames and latents."""
+    is the spatial factor between frames and latents. `use_kernels`: the ResNet blocks' and output
+    layers' GroupNorm + SiLU run as one turbo_kernels.group_norm_silu (`turbo_kernels.patch` of the
+    autoencoder), which dispatches to the kernels where the device has them; off, plain diffusers."""
 
-    def __init__(self, config: Mapping[str, Any] | None = None, gradient_checkpointing: bool = False):
+    def __init__(
+        self, config: Mapping[str, Any] | None = None, gradient_checkpointing: bool = False, use_kernels: bool = False
+    ):
         super().__init__()
         config = dict(LDM_CONFIG if config is None else config)
         self.autoencoder = AutoencoderKL(**config)
         self.autoencoder.requires_grad_(False)
         self.gradient_checkpointing = gradient_checkpointing
+        self.use_kernels = use_kernels
         self.scaling_factor = float(self.autoencoder.config.scaling_factor)
         self.latent_channels: int = self.autoencoder.config.latent_channels
         self.downsample: int = 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
         self.eval()
 
     @classmethod
-    def preset(cls, name: str, gradient_checkpointing: bool = False) -> VideoVAE:
+    def preset(cls, name: str, gradient_checkpointing: bool = False, use_kernels: bool = False) -> VideoVAE:
         """A randomly initialised VAE: "ldm" (VideoCrafter2's first stage) or "tiny" (for tests)."""
         if name not in PRESETS:
             raise ValueError(f"name must be one of {sorted(PRESETS)}, got {name!r}")
-        return cls(PRESETS[name], gradient_checkpointing=gradient_checkpointing)
+        return cls(PRESETS[name], gradient_checkpointing=gradient_checkpointing, use_kernels=use_kernels)
+
+    @property
+    def use_kernels(self) -> bool:
+        return self._use_kernels
+
+    @use_kernels.setter
+    def use_kernels(self, value: bool) -> None:
+        self._use_kernels = bool(value)
+        if self._use_kernels:
+            turbo_kernels.patch(self.autoencoder)
+        else:
+            turbo_kernels.unpatch(self.autoencoder)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -334,6 +352,7 @@ class VideoVAE(nn.Module):
             raise ValueError(f"{directory}: not a readable VAE directory ({error})") from None
         with torch.device("meta"):
             vae = cls(autoencoder.config, gradient_checkpointing=gradient_checkpointing)
+        # use_kernels is off: the autoencoder replaced here is unpatched.
         vae.autoencoder = autoencoder.requires_grad_(False).eval()
         return vae
 

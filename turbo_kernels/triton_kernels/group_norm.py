@@ -838,10 +838,11 @@ REPORT_CONFIGS: list[KernelConfig] = (
     # frame's share of a video's group, or one channel of a frame's; a tile of one group whatever
     # the slice's size or the rows.
     + storage_configs(group_norm_partial_stats_kernel, _with_units(_STATS_ARGS, ("groups",)), *stats_params(1, 1, 1))
-    # group_norm_silu's channels-last statistics, whole groups of 10, 20 or 40 channels.
+    # group_norm_silu's channels-last statistics, whole groups of 10, 20 or 40 channels (the
+    # UNet's 320, 640 and 1280 channels in 32 groups) and of 4, 8 or 16 (its VAE's 128, 256, 512).
     + [
         config
-        for group_size in (10, 20, 40)
+        for group_size in (4, 8, 10, 16, 20, 40)
         for config in storage_configs(
             channels_last_group_norm_partial_stats_kernel, _CHANNELS_LAST_STATS_ARGS,
             *channels_last_stats_params(32, group_size)[1:],
