@@ -8,7 +8,8 @@ The full `vc2` VC2UNet (1.41 B parameters) with random weights, built directly o
 - `generate`: 4-step and 16-step consistency sampling of one clip with T2VTurboPipeline, VAE
   decode included (the `ldm` VideoVAE). The text encoder is a stand-in returning random (B, 77,
   1024) contexts: the real OpenCLIP ViT-H text tower runs once a prompt, before the sampling loop,
-  so its cost is not in these numbers;
+  so its cost is not in these numbers. The kernel variants decode with the VAE's GroupNorm + SiLU
+  fused (since 2026-11-28; earlier runs decoded unfused in every variant);
 - `vae_decode`: the `ldm` VideoVAE decoding one clip's latents (what generation ends with), in
   the eager variants: `kernels` fuses the autoencoder's GroupNorm + SiLU pairs (VideoVAE's
   `use_kernels`), `-nhwc` makes its convolutions channels-last. Expected on an H100 (written before

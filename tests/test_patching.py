@@ -38,6 +38,10 @@ TEXT_TOKENS = 5
 # temp_attentions and the 2 up 1 temp_attentions); UNetMotion has the same 8 spatial and 14
 # temporal (2 each in 7 motion modules: down 0, down 1, mid, 2 in up 0, 2 in up 1).
 EXPECTED_COUNTS = {"unet3d": (8, 10), "motion": (8, 14)}
+# GroupNorm + SiLU pairs patch fuses: both UNets' output norm, and the four stages of each of the
+# 8 temporal convolutions of UNet3D (down 0 and 1, 2 in mid, 2 in each up block).
+EXPECTED_FUSED_NORMS = {"unet3d": 1 + 4 * 8, "motion": 1}
+NORM_OPS = {"group_norm_stats", "channel_affine_silu", "channel_affine_silu_backward"}
 
 
 def tiny_unet3d() -> UNet3DConditionModel:
@@ -152,6 +156,7 @@ def test_patched_model_matches_original(backend, kind, batch, frames, size, temp
     kinds = processor_kinds(model)
     spatial_count, temporal_count = EXPECTED_COUNTS[kind]
     assert (len(kinds["SpatialAttnProcessor"]), len(kinds["TemporalAttnProcessor"])) == (spatial_count, temporal_count)
+    assert sum(isinstance(m, patching.GroupNormSiLU) for m in model.modules()) == EXPECTED_FUSED_NORMS[kind]
     with tk.backend(backend):
         out, grads = forward_and_grads(model, inputs)
 
@@ -160,7 +165,8 @@ def test_patched_model_matches_original(backend, kind, batch, frames, size, temp
     assert all(call["layout"] == "sequences" for call in temporal_calls)
     assert all(call["shape"][1] == call["num_frames"] == frames for call in temporal_calls)
     assert max(call["shape"][0] for call in temporal_calls) == batch * size * size
-    assert set(chosen) == {("temporal_attention", backend), ("temporal_attention_backward", backend)}
+    assert {op for op, _ in chosen} == {"temporal_attention", "temporal_attention_backward"} | NORM_OPS
+    assert {name for _, name in chosen} == {backend}
     assert_close_to(out, want_out, "output", OUTPUT_TOLERANCE)
     assert grads.keys() == want_grads.keys()
     for name, grad in grads.items():
@@ -584,11 +590,15 @@ def test_autoencoder_patch_shares_parameters_and_unpatch_restores_the_modules():
     assert all(patched_state[key].data_ptr() == value.data_ptr() for key, value in state.items())
     assert len([m for m in model.modules() if isinstance(m, patching.GroupNormSiLU)]) == AUTOENCODER_FUSED_NORMS
 
-    # Loading into the patched model reaches the modules unpatch puts back.
+    # Loading into the patched model, in place or by assignment, reaches the modules unpatch puts
+    # back, and so does eval().
     model.load_state_dict({key: torch.full_like(value, 0.5) for key, value in state.items()})
+    model.load_state_dict({key: torch.full_like(value, 0.25) for key, value in state.items() if "norm2" in key}, strict=False, assign=True)
+    model.eval()
     assert unpatch(model) is model
     assert (block.norm1, block.norm2, block.nonlinearity, model.decoder.conv_norm_out) == (norm1, norm2, silu, norm_out)
-    assert bool((norm1.weight == 0.5).all())
+    assert bool((norm1.weight == 0.5).all()) and bool((norm2.weight == 0.25).all())
+    assert not any(m.training for m in model.modules())
     assert not any(isinstance(m, patching.GroupNormSiLU) for m in model.modules())
     unpatch(model)  # unpatching an unpatched model leaves it as it is
 
@@ -605,11 +615,17 @@ def test_autoencoder_patch_leaves_norms_whose_silu_or_hooks_must_stay():
     assert type(hooked.norm1) is torch.nn.GroupNorm and type(hooked.nonlinearity) is torch.nn.SiLU
     model.decode(torch.randn(1, 4, 4, 4, device=DEVICE))
     assert len(calls) == 1
-    # A module set after patch stays through unpatch.
+    # A module set after patch stays through unpatch, and the ones around it come back.
     mine = torch.nn.GroupNorm(4, 8).to(DEVICE)
     replaced_by_user.norm1 = mine
     unpatch(model)
-    assert replaced_by_user.norm1 is mine and type(replaced_by_user.nonlinearity) is patching.nn.Identity
+    assert replaced_by_user.norm1 is mine and type(replaced_by_user.nonlinearity) is torch.nn.SiLU
+    assert type(replaced_by_user.norm2) is torch.nn.GroupNorm
+    # A forward replaced on the instance (accelerate's offloading hooks) is a hook too.
+    wrapped = model.decoder.conv_norm_out
+    wrapped.forward = lambda x, forward=wrapped.forward: forward(x)
+    patch(model)
+    assert model.decoder.conv_norm_out is wrapped and type(model.decoder.conv_act) is torch.nn.SiLU
 
     # With a time embedding the block's SiLU acts on it too; "scale_shift" puts work between norm2 and it.
     for block in (
@@ -619,3 +635,20 @@ def test_autoencoder_patch_leaves_norms_whose_silu_or_hooks_must_stay():
         assert patching._norm_silu_pairs(block) == []
     plain = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=4)
     assert patching._norm_silu_pairs(plain) == [(plain, ("norm1", "norm2"), "nonlinearity")]
+
+
+def test_unet_norms_fuse_with_the_processors_and_unpatch_restores_both():
+    model = build("unet3d")
+    stage = model.down_blocks[0].temp_convs[0].conv2
+    norm, silu, dropout = stage[0], stage[1], stage[2]
+    originals = model.attn_processors
+    patch(model, norms=False)
+    assert not any(isinstance(m, patching.GroupNormSiLU) for m in model.modules())
+    patch(model)
+    assert type(stage[0]) is patching.GroupNormSiLU and type(stage[1]) is torch.nn.Identity and stage[2] is dropout
+    assert type(model.conv_norm_out) is patching.GroupNormSiLU
+    # The ResNet blocks' SiLU also acts on the time embedding: their norms stay.
+    assert type(model.down_blocks[0].resnets[0].norm1) is torch.nn.GroupNorm
+    unpatch(model)
+    assert (stage[0], stage[1]) == (norm, silu)
+    assert all(model.attn_processors[name] is p for name, p in originals.items())

@@ -14,7 +14,10 @@ Supported models and what `patch` replaces (only attention modules that run diff
   embedding, and the encoder's and decoder's output norm) becomes a `GroupNormSiLU` running
   `turbo_kernels.group_norm_silu`, and that SiLU an `nn.Identity`. The fused module holds the
   GroupNorm's own parameters, so state dicts keep their keys and values. Its attention (one
-  SDPA call at the coarsest level) is left as it is.
+  SDPA call at the coarsest level) is left as it is. The two UNets get the same fusion where it
+  applies (`norms`): their output norm, and UNet3DConditionModel's temporal convolutions (four
+  GroupNorm-SiLU-Conv3d stages each); their ResNet blocks' SiLU also acts on the time
+  embedding, so those norms stay.
 - The project's own VideoCrafter2 UNet (`t2v_turbo.models.VC2UNet`, or any model with a settable
   `use_kernels` property): it runs its fused temporal transformer blocks and kernel temporal
   attention itself while `use_kernels` is set, and its spatial attention is always SDPA, so `patch`
@@ -204,8 +207,11 @@ class GroupNormSiLU(nn.GroupNorm):
 
 
 def _has_hooks(module: nn.Module) -> bool:
+    """torch's module hooks, or a forward replaced on the instance (how accelerate's offloading
+    hooks and diffusers' hook registry wrap a module)."""
     return bool(
         module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
+        or "forward" in vars(module)
     )
 
 
@@ -219,12 +225,15 @@ def _fusable(norm: nn.Module, silu: nn.Module) -> bool:
 
 
 def _norm_silu_pairs(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...], str]]:
-    """(parent, GroupNorm attribute names, SiLU attribute name) of every place in a diffusers
-    AutoencoderKL where the SiLU reads nothing but those norms' outputs: a ResnetBlock2D without a
-    time embedding (its `nonlinearity` follows norm1 and norm2 and, with a time embedding, would
-    also act on that) whose norm2 goes straight to it (every time_embedding_norm but
-    "scale_shift", which scales and shifts in between: the decoder's blocks use "group"), and the
-    Encoder's and Decoder's conv_norm_out / conv_act."""
+    """(parent, GroupNorm attribute names, SiLU attribute name) of every place in a diffusers model
+    where the SiLU reads nothing but those norms' outputs: a ResnetBlock2D without a time
+    embedding (its `nonlinearity` follows norm1 and norm2 and, with a time embedding, would also
+    act on that) whose norm2 goes straight to it (every time_embedding_norm but "scale_shift",
+    which scales and shifts in between: the VAE decoder's blocks use "group"); the output layers'
+    conv_norm_out / conv_act of the VAE's Encoder and Decoder and of the video UNets; and a
+    GroupNorm followed by a SiLU in an nn.Sequential (UNet3DConditionModel's temporal
+    convolutions)."""
+    from diffusers import UNet3DConditionModel, UNetMotionModel
     from diffusers.models.autoencoders.vae import Decoder, Encoder
     from diffusers.models.resnet import ResnetBlock2D
 
@@ -237,8 +246,16 @@ def _norm_silu_pairs(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...],
             names = ("norm1", "norm2")
             if all(_fusable(getattr(module, name), module.nonlinearity) for name in names):
                 pairs.append((module, names, "nonlinearity"))
-        elif isinstance(module, (Encoder, Decoder)) and _fusable(module.conv_norm_out, module.conv_act):
-            pairs.append((module, ("conv_norm_out",), "conv_act"))
+        elif isinstance(module, (Encoder, Decoder, UNet3DConditionModel, UNetMotionModel)):
+            if module.conv_norm_out is not None and _fusable(module.conv_norm_out, module.conv_act):
+                pairs.append((module, ("conv_norm_out",), "conv_act"))
+        elif isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            pairs += [
+                (module, (norm_name,), silu_name)
+                for (norm_name, norm), (silu_name, silu) in zip(children, children[1:])
+                if _fusable(norm, silu)
+            ]
     return pairs
 
 
@@ -256,11 +273,17 @@ def _fuse_norms(model: nn.Module) -> None:
 
 
 def _unfuse_norms(model: nn.Module) -> None:
-    """Put back the GroupNorm and SiLU modules _fuse_norms replaced, where its modules still are."""
+    """Put back the GroupNorm and SiLU modules _fuse_norms replaced, each where its replacement
+    still is, with the replacement's parameter objects and training flag (a load with
+    assign=True, or a conversion that swaps parameters, reached only the modules in the tree)."""
     for parent, originals, installed in getattr(model, _FUSED_NORMS):
-        if all(getattr(parent, name) is module for name, module in installed.items()):
-            for name, module in originals.items():
-                setattr(parent, name, module)
+        for name, module in installed.items():
+            if getattr(parent, name) is not module:
+                continue
+            original = originals[name]
+            if isinstance(module, GroupNormSiLU):
+                original.weight, original.bias = module.weight, module.bias
+            setattr(parent, name, original.train(module.training))
     delattr(model, _FUSED_NORMS)
 
 
@@ -304,19 +327,21 @@ def _has_kernel_switch(model: torch.nn.Module) -> bool:
     return isinstance(switch, property) and switch.fset is not None
 
 
-def patch(model: torch.nn.Module, spatial: bool = True, temporal: bool = True) -> torch.nn.Module:
+def patch(model: torch.nn.Module, spatial: bool = True, temporal: bool = True, norms: bool = True) -> torch.nn.Module:
     """Install kernel-backed attention processors on a diffusers `UNet3DConditionModel` or
     `UNetMotionModel` (in place; returns the model): `TemporalAttnProcessor` on the temporal
     self-attentions when `temporal`, `SpatialAttnProcessor` on the spatial self- and
     cross-attentions when `spatial`. Only modules running diffusers' plain attention processors are
     replaced. Patching a patched model starts again from the processors it had before the first
     patch (keeping any set since, as `unpatch` does). On a model with a settable `use_kernels` property (VC2UNet) it
-    sets `use_kernels = temporal` instead (its spatial attention is SDPA either way). On a diffusers
-    `AutoencoderKL` it fuses each GroupNorm + SiLU pair into a `GroupNormSiLU` (module docstring;
-    `spatial` and `temporal` do not apply). Raises TypeError for other models."""
+    sets `use_kernels = temporal` instead (its spatial attention is SDPA either way). With `norms`,
+    each GroupNorm + SiLU pair of a diffusers model whose SiLU reads only that norm becomes a
+    `GroupNormSiLU` (module docstring); on a diffusers `AutoencoderKL` that is all it does
+    (`spatial` and `temporal` do not apply). Raises TypeError for other models."""
     if isinstance(model, _autoencoder_classes()):
         unpatch(model)
-        _fuse_norms(model)
+        if norms:
+            _fuse_norms(model)
         return model
     if _has_kernel_switch(model):
         unpatch(model)
@@ -339,17 +364,18 @@ def patch(model: torch.nn.Module, spatial: bool = True, temporal: bool = True) -
     model.set_attn_processor(dict(processors))
     setattr(model, _ORIGINAL_PROCESSORS, originals)
     setattr(model, _INSTALLED_PROCESSORS, processors)
+    if norms:
+        _fuse_norms(model)
     return model
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Restore the attention processors `model` had before `patch` (the same objects) where the
-    patch's processors still are, its `use_kernels` value, or an AutoencoderKL's GroupNorm and
-    SiLU modules (the same objects) where the fused ones still are; processors set since the patch
-    (an IP-Adapter's, say) stay. A model that is not patched is left as it is. Returns the model."""
+    patch's processors still are, or its `use_kernels` value, and the GroupNorm and SiLU modules
+    it fused (the same objects) where the fused ones still are; processors and modules set since
+    the patch (an IP-Adapter's, say) stay. A model that is not patched is left as it is. Returns the model."""
     if hasattr(model, _FUSED_NORMS):
         _unfuse_norms(model)
-        return model
     if hasattr(model, _ORIGINAL_USE_KERNELS):
         model.use_kernels = getattr(model, _ORIGINAL_USE_KERNELS)
         delattr(model, _ORIGINAL_USE_KERNELS)
