@@ -21,8 +21,10 @@
 - `whole_recipe` (batch 3, full fine-tune): distillation + HPSv2.1 + CLIP-H + InternVideo2 rewards on
   the VAE-decoded one-step prediction, backward and optimizer step, in one process: one row per
   set of memory savings, to read off what it takes to fit one 80 GB GPU (peak_mem_mb; a setup that
-  runs out of memory is a skipped row whose reason says so). Its rows count no FLOPs: they are
-  there for the memory.
+  runs out of memory is a skipped row whose reason says so). The student and the VAE run with
+  kernels, as `train` does by default (the VAE's GroupNorm + SiLU fused, which keeps one
+  activation fewer a pair for the backward). Its rows count no FLOPs: they are there for the
+  memory.
 
 Calls take seconds: `python -m benchmarks.training --warmup 1 --iters 3` (prints issue 6's targets).
 """
@@ -289,6 +291,7 @@ def _bitsandbytes_unavailable(device: torch.device) -> Optional[str]:
 def _recipe_inputs(batch: int, scale: models.Scale, reward_scale: rewards.RewardScale, options: SuiteOptions):
     def make_inputs() -> SimpleNamespace:
         vae = models.build(models.vae_factory(scale), options.device, options.dtype, options.seed)
+        vae.use_kernels = True
         return SimpleNamespace(
             vae=vae, setup=None, student=None, optimizer=None, mixture=None,
             batch=_cache_batch(batch, scale, options, (0, schedule.DDIM_GRID_STEPS)),

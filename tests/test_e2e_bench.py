@@ -460,3 +460,8 @@ def test_video_decode_summary_is_decords_time_over_pyavs():
     assert video_decode.summary({"rows": rows}) == [
         "info  video decode 360p-g250-to-16x320x512: decord 0.50x PyAV's time (60 ms a clip)"
     ]
+
+
+def test_the_whole_recipe_decodes_with_the_vaes_norms_fused_as_train_does():
+    case = next(c for c in training.cases(_cpu_options()) if c.op == training.RECIPE_OP)
+    assert case.make_inputs().vae.use_kernels

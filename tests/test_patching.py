@@ -152,11 +152,15 @@ def test_patched_model_matches_original(backend, kind, batch, frames, size, temp
     inputs = model_inputs(kind, batch, frames, size)
     want_out, want_grads = forward_and_grads(model, inputs)
 
-    patch(model)
+    # The fused norms' Triton kernels take 25 s of the interpreter on UNet3D; test_group_norm and
+    # the AutoencoderKL case run them, so the Triton cases patch the processors alone.
+    norms = backend == "reference"
+    patch(model, norms=norms)
     kinds = processor_kinds(model)
     spatial_count, temporal_count = EXPECTED_COUNTS[kind]
     assert (len(kinds["SpatialAttnProcessor"]), len(kinds["TemporalAttnProcessor"])) == (spatial_count, temporal_count)
-    assert sum(isinstance(m, patching.GroupNormSiLU) for m in model.modules()) == EXPECTED_FUSED_NORMS[kind]
+    fused_count = sum(isinstance(m, patching.GroupNormSiLU) for m in model.modules())
+    assert fused_count == (EXPECTED_FUSED_NORMS[kind] if norms else 0)
     with tk.backend(backend):
         out, grads = forward_and_grads(model, inputs)
 
@@ -165,7 +169,7 @@ def test_patched_model_matches_original(backend, kind, batch, frames, size, temp
     assert all(call["layout"] == "sequences" for call in temporal_calls)
     assert all(call["shape"][1] == call["num_frames"] == frames for call in temporal_calls)
     assert max(call["shape"][0] for call in temporal_calls) == batch * size * size
-    assert {op for op, _ in chosen} == {"temporal_attention", "temporal_attention_backward"} | NORM_OPS
+    assert {op for op, _ in chosen} == {"temporal_attention", "temporal_attention_backward"} | (NORM_OPS if norms else set())
     assert {name for _, name in chosen} == {backend}
     assert_close_to(out, want_out, "output", OUTPUT_TOLERANCE)
     assert grads.keys() == want_grads.keys()
@@ -579,6 +583,10 @@ def test_autoencoder_patch_shares_parameters_and_unpatch_restores_the_modules():
     block = model.decoder.up_blocks[0].resnets[0]
     norm1, norm2, silu, norm_out = block.norm1, block.norm2, block.nonlinearity, model.decoder.conv_norm_out
     state = model.state_dict()
+
+    patch(model.eval())  # the fused modules and Identities take the modules' mode
+    assert not any(m.training for m in model.modules())
+    unpatch(model.train())
 
     patch(model)
     patch(model)  # a second patch starts again from the unpatched modules

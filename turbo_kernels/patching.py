@@ -265,7 +265,7 @@ def _fuse_norms(model: nn.Module) -> None:
     for parent, norm_names, silu_name in _norm_silu_pairs(model):
         originals = {name: getattr(parent, name) for name in (*norm_names, silu_name)}
         installed = {name: GroupNormSiLU.fused_from(originals[name]) for name in norm_names}
-        installed[silu_name] = nn.Identity()
+        installed[silu_name] = nn.Identity().train(originals[silu_name].training)
         for name, module in installed.items():
             setattr(parent, name, module)
         fused.append((parent, originals, installed))
