@@ -192,10 +192,11 @@ def ops_backend(use_kernels: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if use_kernels else tk.backend("reference")
 
 
-def set_kernels(unet: VC2UNet, use_kernels: bool) -> None:
-    # The setter walks every module: only when the value changes.
-    if unet.use_kernels != use_kernels:
-        unet.use_kernels = use_kernels
+def set_kernels(model: nn.Module, use_kernels: bool) -> None:
+    """A VC2UNet's or VideoVAE's `use_kernels`, set only when the value changes (the setters walk
+    every module)."""
+    if model.use_kernels != use_kernels:
+        model.use_kernels = use_kernels
 
 
 def set_conv_memory_format(cache: dict, modules: Sequence[nn.Module], channels_last: bool) -> None:
@@ -419,8 +420,7 @@ def _vae_inputs(scale: Scale, options: SuiteOptions) -> Callable[[], SimpleNames
 def _vae_call(variant: Variant) -> Callable[[SimpleNamespace], Tensor]:
     @torch.no_grad()
     def call(x: SimpleNamespace) -> Tensor:
-        if x.vae.use_kernels != variant.use_kernels:
-            x.vae.use_kernels = variant.use_kernels
+        set_kernels(x.vae, variant.use_kernels)
         set_conv_memory_format(x.cache, [x.vae], variant.channels_last)
         return x.vae.decode(x.latents)
 

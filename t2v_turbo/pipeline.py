@@ -131,9 +131,12 @@ def _prompt_list(prompts: str | Sequence[str]) -> list[str]:
 
 
 def set_vae_kernels(vae: Any, use_kernels: bool) -> None:
-    """Sets `use_kernels` on a VAE that has that switch (VideoVAE: fused GroupNorm + SiLU); a
-    PixelSpace or a stand-in has nothing to switch."""
-    if isinstance(getattr(type(vae), "use_kernels", None), property):
+    """Sets a VideoVAE's `use_kernels` (fused GroupNorm + SiLU); a PixelSpace or a stand-in has
+    nothing to switch."""
+    # Imported here: importing this module does not import diffusers.
+    from t2v_turbo.models.vae import VideoVAE
+
+    if isinstance(vae, VideoVAE):
         vae.use_kernels = use_kernels
 
 

@@ -206,9 +206,10 @@ class GroupNormSiLU(nn.GroupNorm):
         return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    """torch's module hooks, or a forward replaced on the instance (how accelerate's offloading
-    hooks and diffusers' hook registry wrap a module)."""
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calls to `module` must go through it: torch's module hooks, or a forward replaced on
+    the instance (how accelerate's offloading hooks and diffusers' hook registry wrap a module).
+    A fusion that would skip such a module's call leaves it alone."""
     return bool(
         module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
         or "forward" in vars(module)
@@ -220,7 +221,7 @@ def _fusable(norm: nn.Module, silu: nn.Module) -> bool:
     something else), neither with hooks that fusing would stop calling."""
     return (
         type(norm) is nn.GroupNorm and norm.affine and type(silu) is nn.SiLU
-        and not _has_hooks(norm) and not _has_hooks(silu)
+        and not has_hooks(norm) and not has_hooks(silu)
     )
 
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 import turbo_kernels
 from t2v_turbo.schedule import DEFAULT_FPS
+from turbo_kernels.patching import has_hooks
 from turbo_kernels.temporal_block import fused_temporal_transformer
 
 GROUPS = 32
@@ -355,12 +356,6 @@ class SpatialTransformer(nn.Module):
         return x + h
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
-    )
-
-
 class TemporalTransformer(nn.Module):
     """Temporal self-attention only (the text is never used) on (B·F, C, H, W): GroupNorm over each
     video (C/32, F, H, W), tokens (B·H·W, F, C). init_attn uses Conv1d projections (the release
@@ -396,11 +391,11 @@ class TemporalTransformer(nn.Module):
             self.use_kernels
             and not torch.compiler.is_compiling()
             and x.shape[-2] * x.shape[-1] >= self.fused_min_positions
-            and not any(_has_hooks(m) for m in self.modules() if m is not self)
+            and not any(has_hooks(m) for m in self.modules() if m is not self)
         )
 
     def _project(self, proj: nn.Module, tokens: Tensor) -> Tensor:
-        if self.conv_proj and not _has_hooks(proj):
+        if self.conv_proj and not has_hooks(proj):
             # Conv1d(k=1) is this linear map; run as one, it returns row-major tokens, where the
             # convolution's (N, C, F) output read transposed had a channel stride of F, which the
             # LayerNorm and attention kernels after it do not take.
@@ -437,7 +432,7 @@ def _norm_silu_layers(layers: nn.Sequential, x: Tensor, use_kernels: bool) -> Te
     as one turbo_kernels.group_norm_silu, unless a hook on the Sequential or on either of them
     asks that they be called."""
     norm, silu = layers[0], layers[1]
-    if not use_kernels or any(_has_hooks(m) for m in (layers, norm, silu)):
+    if not use_kernels or any(has_hooks(m) for m in (layers, norm, silu)):
         return layers(x)
     h = turbo_kernels.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
     for layer in layers[2:]:
