@@ -38,15 +38,19 @@ MAX_FRAMES = 64
 MAX_HEAD_DIM = 128
 # tl.dot needs every matrix dimension to be at least 16.
 MIN_DOT = 16
-# 16-bit storage: 64-row tiles (4 sequences of 16 frames) on tensor cores; 128 rows would halve
-# the programs but quadruple the ROWS x ROWS score tiles, more than the backward holds in registers.
-TENSOR_CORE_ROWS = 64
+# 16-bit storage: tiles of one sequence's padded frames (16 rows at VideoCrafter2's 16 frames) on
+# tensor cores, a warp per 16 rows. The H200 tile sweep (benchmarks/results/nvidia-h200-20261128T054407Z.json)
+# put 16 rows and 1 warp first at all four UNet levels, forward and forward+backward: 1.08-1.20x
+# the 64 rows and 4 warps before it, 1.07-1.20x 32 rows and 2 warps; more rows than a sequence only
+# add block-diagonal waste to the ROWS x ROWS score tiles.
+TENSOR_CORE_ROWS = 16
+ROWS_PER_WARP = 16
 # fp32 storage needs exact fp32 products (input_precision="ieee", as the fp32 reference computes),
 # which run on CUDA cores, where the block-diagonal waste costs time and registers: 16-row tiles,
 # one 16-frame sequence, and 8 warps once a tile holds more than 16 x 64 elements.
 FP32_ROWS = 16
 FP32_WARPS_FROM_ELEMENTS = 16 * 64
-NUM_WARPS = 4
+FP32_NUM_WARPS = 4
 TILE_WARPS = (1, 2, 4, 8)
 # (tile rows, num_warps)
 Tile = tuple[int, int]
@@ -168,7 +172,10 @@ def launch_params(num_frames: int, head_dim: int, fp32: bool, tile: Optional[Til
     d_pad = max(triton.next_power_of_2(head_dim), MIN_DOT)
     if tile is None:
         rows = max(FP32_ROWS if fp32 else TENSOR_CORE_ROWS, f_pad)
-        num_warps = 8 if fp32 and rows * d_pad > FP32_WARPS_FROM_ELEMENTS else NUM_WARPS
+        if fp32:
+            num_warps = 8 if rows * d_pad > FP32_WARPS_FROM_ELEMENTS else FP32_NUM_WARPS
+        else:
+            num_warps = rows // ROWS_PER_WARP
     else:
         rows, num_warps = tile
         if rows < max(f_pad, MIN_DOT) or rows != triton.next_power_of_2(rows) or num_warps not in TILE_WARPS:
