@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbo_kernels.triton_kernels.launch_config import storage_configs
+from turbo_kernels.triton_kernels.launch_config import cdiv, storage_configs
 
 # A program takes BLOCK_ROWS rows x BLOCK_COLUMNS output columns: 2048 elements over 4 warps, 16 per
 # thread in runs of 8 along a row (16-byte vectors at fp16/bf16). Rows go on grid axis 0 (a UNet
@@ -84,7 +84,7 @@ def _rows(h: Tensor) -> Tensor:
 
 
 def _grid(rows: int, hidden: int) -> tuple[int, int]:
-    return triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(hidden, BLOCK_COLUMNS)
+    return cdiv(rows, BLOCK_ROWS), cdiv(hidden, BLOCK_COLUMNS)
 
 
 def geglu(h: Tensor) -> Tensor:

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, storage_configs
+from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, cdiv, next_power_of_2, storage_configs
 
 # GroupNorm statistics: programs stream at least 64K elements in tiles of 2048, unless that leaves
 # fewer than 4 programs an H100 SM (132 SMs): a program's loads are one serial loop, so few
@@ -624,9 +624,9 @@ def stats_params(rows: int, groups: int, group_numel: int) -> tuple[dict, int]:
     """Groups a program reduces, of one of `rows` frame rows: enough that it streams at least
     STATS_MIN_ELEMENTS (e.g. 4 groups of 10 channels x 2560 positions at VideoCrafter2's first
     level), fewer where that would leave under STATS_MIN_PROGRAMS programs; and the tile width."""
-    groups_for_min_elements = triton.cdiv(STATS_MIN_ELEMENTS, max(group_numel, 1))
-    group_tile = min(triton.next_power_of_2(groups), triton.next_power_of_2(groups_for_min_elements))
-    while group_tile > 1 and rows * triton.cdiv(groups, group_tile) < STATS_MIN_PROGRAMS:
+    groups_for_min_elements = cdiv(STATS_MIN_ELEMENTS, max(group_numel, 1))
+    group_tile = min(next_power_of_2(groups), next_power_of_2(groups_for_min_elements))
+    while group_tile > 1 and rows * cdiv(groups, group_tile) < STATS_MIN_PROGRAMS:
         group_tile //= 2
     return dict(GROUP_TILE=group_tile, BLOCK=max(16, STATS_TILE_ELEMENTS // group_tile)), STATS_NUM_WARPS
 
@@ -635,9 +635,9 @@ def channels_last_stats_params(groups: int, group_size: int) -> tuple[int, dict,
     """Groups a program of the channels-last statistics reduces (whole groups, as many as fit
     CHANNELS_LAST_STATS_CHANNELS channels, at least one), its tile and warps."""
     group_tile = max(1, min(groups, CHANNELS_LAST_STATS_CHANNELS // group_size))
-    block_c = triton.next_power_of_2(group_tile * group_size)
+    block_c = next_power_of_2(group_tile * group_size)
     params = dict(
-        BLOCK_P=max(1, STATS_TILE_ELEMENTS // block_c), BLOCK_C=block_c, GROUP_PAD=triton.next_power_of_2(group_tile)
+        BLOCK_P=max(1, STATS_TILE_ELEMENTS // block_c), BLOCK_C=block_c, GROUP_PAD=next_power_of_2(group_tile)
     )
     return group_tile, params, STATS_NUM_WARPS
 
@@ -647,7 +647,7 @@ def channels_last_stats_chunks(samples: int, positions: int, tiles: int, block_p
     CHANNELS_LAST_STATS_PROGRAMS programs in all (`tiles` of groups a chunk), at most
     CHANNELS_LAST_STATS_MAX_CHUNKS, none shorter than a tile; a divisor of the positions, so that
     every partial holds as many values (the merge's Chan formula takes equal counts)."""
-    wanted = min(CHANNELS_LAST_STATS_MAX_CHUNKS, triton.cdiv(CHANNELS_LAST_STATS_PROGRAMS, samples * tiles))
+    wanted = min(CHANNELS_LAST_STATS_MAX_CHUNKS, cdiv(CHANNELS_LAST_STATS_PROGRAMS, samples * tiles))
     wanted = max(1, min(wanted, positions // block_p))
     return next(chunks for chunks in range(wanted, 0, -1) if positions % chunks == 0)
 
@@ -961,7 +961,7 @@ def group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tup
     partial_mean = new_output((videos, groups, num_frames), torch.float32, x.device)
     partial_m2 = new_output((videos, groups, num_frames), torch.float32, x.device)
     params, num_warps = stats_params(rows, groups, group_numel)
-    group_norm_partial_stats_kernel[(rows * triton.cdiv(groups, params["GROUP_TILE"]),)](
+    group_norm_partial_stats_kernel[(rows * cdiv(groups, params["GROUP_TILE"]),)](
         x, partial_mean, partial_m2, num_frames, groups, group_numel, num_warps=num_warps, **params,
     )
     video_numel = num_frames * groups * group_numel
@@ -979,7 +979,7 @@ def channels_last_group_norm_stats(x: Tensor, groups: int, eps: float) -> tuple[
     if final:
         return mean, rstd
     group_tile, params, num_warps = channels_last_stats_params(groups, group_size)
-    tiles = triton.cdiv(groups, group_tile)
+    tiles = cdiv(groups, group_tile)
     chunks = channels_last_stats_chunks(samples, positions, tiles, params["BLOCK_P"])
     chunk = positions // chunks
     partial_mean = new_output((samples, groups, chunks), torch.float32, x.device)
@@ -996,9 +996,9 @@ def _merge_stats(x, partial_mean, partial_m2, mean, rstd, group_numel, video_str
     """mean and rstd (videos, groups) from partials (videos, groups, partials) of group_numel values
     each, taken relative to each group's shift at x[video * video_stride + group * group_stride]."""
     videos, groups, partials = partial_mean.shape
-    f_pad = triton.next_power_of_2(partials)
+    f_pad = next_power_of_2(partials)
     tile = merge_tile(f_pad)
-    group_norm_merge_stats_kernel[(triton.cdiv(videos * groups, tile),)](
+    group_norm_merge_stats_kernel[(cdiv(videos * groups, tile),)](
         x, partial_mean, partial_m2, mean, rstd, videos * groups, partials, groups, group_numel, video_stride,
         group_stride, float(eps), TILE=tile, F_PAD=f_pad, num_warps=MERGE_NUM_WARPS,
     )
@@ -1022,7 +1022,7 @@ def strided_linear(x, weight, bias, residual, scale, shift, num_frames, channels
     out_view = _token_major(out, channels_first_out)
     residual_view = out_view if residual is None else _token_major(residual, channels_first_out)
     params, num_warps = linear_params(x.dtype == torch.float32) if tiles is None else tiles
-    grid = (rows * triton.cdiv(tokens, params["BLOCK_M"]) * triton.cdiv(out_features, params["BLOCK_N"]),)
+    grid = (rows * cdiv(tokens, params["BLOCK_M"]) * cdiv(out_features, params["BLOCK_N"]),)
     # Unused pointer arguments get `out`; their constexpr flags keep them unread.
     strided_linear_kernel[grid](
         x, weight, out if bias is None else bias, residual_view, out if scale is None else scale,
@@ -1036,7 +1036,7 @@ def strided_linear(x, weight, bias, residual, scale, shift, num_frames, channels
 
 
 def _weight_grad_tiles(out_features: int, in_features: int, params: dict) -> int:
-    return triton.cdiv(out_features, params["BLOCK_J"]) * triton.cdiv(in_features, params["BLOCK_K"])
+    return cdiv(out_features, params["BLOCK_J"]) * cdiv(in_features, params["BLOCK_K"])
 
 
 def weight_grad_splits(rows: int, out_features: int, in_features: int, fp32: bool, params: dict | None = None) -> int:
@@ -1060,10 +1060,10 @@ def strided_linear_weight_grad(grad_out, x, scale, shift, num_frames, tiles=None
     bias_partial = new_output((splits, out_features), torch.float32, x.device)
     if partial.numel() == 0:
         return partial.sum(0), grad_out.sum(dim=(0, 1), dtype=torch.float32)
-    bias_programs = triton.cdiv(out_features, params["BLOCK_J"])
+    bias_programs = cdiv(out_features, params["BLOCK_J"])
     strided_linear_weight_grad_kernel[(_weight_grad_tiles(out_features, in_features, params) + bias_programs, splits)](
         grad_out, x, partial if scale is None else scale, partial if shift is None else shift, partial, bias_partial,
-        rows, tokens, out_features, in_features, num_frames, triton.cdiv(rows, splits),
+        rows, tokens, out_features, in_features, num_frames, cdiv(rows, splits),
         *grad_out.stride(), *x.stride(),
         AFFINE=scale is not None, BIAS_BLOCK_M=WEIGHT_GRAD_BIAS_TOKENS, num_warps=num_warps, **params,
     )
@@ -1078,7 +1078,7 @@ def group_norm_stats_backward(x, mean, rstd, grad_mean, grad_rstd, num_frames):
         return grad_x
     groups, channels = mean.shape[1], x.shape[1]
     positions = x[0, 0].numel()
-    launch_grid = (triton.cdiv(x.numel(), STATS_BACKWARD_BLOCK),)
+    launch_grid = (cdiv(x.numel(), STATS_BACKWARD_BLOCK),)
     group_norm_stats_backward_kernel[launch_grid](
         x, mean, rstd, grad_mean, grad_rstd, grad_x, x.numel(), num_frames, channels, channels // groups, groups,
         positions, num_frames * (channels // groups) * positions,
@@ -1089,8 +1089,8 @@ def group_norm_stats_backward(x, mean, rstd, grad_mean, grad_rstd, num_frames):
 
 def affine_backward_splits(rows: int, tokens: int, channels: int) -> int:
     """How many token ranges channel_affine_backward splits each frame row into (shapes only)."""
-    channel_blocks = triton.cdiv(channels, AFFINE_BACKWARD_TILE["BLOCK_K"])
-    token_blocks = triton.cdiv(tokens, AFFINE_BACKWARD_TILE["BLOCK_M"])
+    channel_blocks = cdiv(channels, AFFINE_BACKWARD_TILE["BLOCK_K"])
+    token_blocks = cdiv(tokens, AFFINE_BACKWARD_TILE["BLOCK_M"])
     return max(1, min(token_blocks, AFFINE_BACKWARD_PROGRAMS // max(rows * channel_blocks, 1)))
 
 
@@ -1100,7 +1100,7 @@ def channel_affine(x, scale, shift, num_frames):
     rows, tokens, channels = x.shape
     out = new_output(x.shape, x.dtype, x.device)
     if out.numel():
-        grid = (rows, triton.cdiv(tokens, CHANNEL_AFFINE_TILE["BLOCK_M"]), triton.cdiv(channels, CHANNEL_AFFINE_TILE["BLOCK_K"]))
+        grid = (rows, cdiv(tokens, CHANNEL_AFFINE_TILE["BLOCK_M"]), cdiv(channels, CHANNEL_AFFINE_TILE["BLOCK_K"]))
         channel_affine_kernel[grid](
             x, scale, shift, out, tokens, channels, num_frames, *x.stride(), *out.stride(),
             num_warps=CHANNEL_AFFINE_NUM_WARPS, **CHANNEL_AFFINE_TILE,
@@ -1116,7 +1116,7 @@ def channel_affine_silu(x, mean, rstd, weight, bias, out_dtype=None):
     groups = mean.shape[1]
     out = new_output(x.shape, x.dtype if out_dtype is None else out_dtype, x.device)
     if out.numel():
-        channel_affine_silu_kernel[(triton.cdiv(out.numel(), AFFINE_SILU_BLOCK),)](
+        channel_affine_silu_kernel[(cdiv(out.numel(), AFFINE_SILU_BLOCK),)](
             x, mean, rstd, weight, bias, out, out.numel(), channels, frames, x.shape[3] * x.shape[4],
             channels // groups, groups, *x.stride()[:3], BLOCK=AFFINE_SILU_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
         )
@@ -1148,7 +1148,7 @@ def channel_affine_silu_grad(grad, x, mean, rstd, weight, bias, alpha, beta):
     channels, frames = x.shape[1:3]
     grad_x = new_output_like(x)
     if grad_x.numel():
-        channel_affine_silu_grad_kernel[(triton.cdiv(x.numel(), AFFINE_SILU_BLOCK),)](
+        channel_affine_silu_grad_kernel[(cdiv(x.numel(), AFFINE_SILU_BLOCK),)](
             grad, x, mean, rstd, weight, bias, alpha, beta, grad_x, x.numel(), channels, frames,
             x.shape[3] * x.shape[4], channels // mean.shape[1], mean.shape[1], *x.stride()[:3], *grad_x.stride()[:3],
             BLOCK=AFFINE_SILU_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
@@ -1169,7 +1169,7 @@ def channels_last_affine_silu(x, mean, rstd, weight, bias, out_dtype=None):
     channels, groups = x.shape[1], mean.shape[1]
     out = _channels_last_output(x, x.dtype if out_dtype is None else out_dtype)
     if out.numel():
-        channels_last_affine_silu_kernel[(triton.cdiv(out.numel(), AFFINE_SILU_BLOCK),)](
+        channels_last_affine_silu_kernel[(cdiv(out.numel(), AFFINE_SILU_BLOCK),)](
             x, mean, rstd, weight, bias, out, out.numel(), channels, x[0].numel(), channels // groups, groups,
             BLOCK=AFFINE_SILU_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
         )
@@ -1179,8 +1179,8 @@ def channels_last_affine_silu(x, mean, rstd, weight, bias, out_dtype=None):
 def channels_last_sums_splits(samples: int, positions: int, channels: int) -> int:
     """How many position ranges channels_last_affine_silu_sums splits each sample into (shapes
     only): about AFFINE_BACKWARD_PROGRAMS programs in all."""
-    channel_blocks = triton.cdiv(channels, CHANNELS_LAST_SUMS_TILE["BLOCK_C"])
-    position_blocks = triton.cdiv(positions, CHANNELS_LAST_SUMS_TILE["BLOCK_P"])
+    channel_blocks = cdiv(channels, CHANNELS_LAST_SUMS_TILE["BLOCK_C"])
+    position_blocks = cdiv(positions, CHANNELS_LAST_SUMS_TILE["BLOCK_P"])
     return max(1, min(position_blocks, AFFINE_BACKWARD_PROGRAMS // max(samples * channel_blocks, 1)))
 
 
@@ -1192,9 +1192,9 @@ def channels_last_affine_silu_sums(grad, x, mean, rstd, weight, bias):
     sums = new_output((2, splits, samples, channels), torch.float32, x.device)
     if x.numel():
         block_p, block_c = CHANNELS_LAST_SUMS_TILE["BLOCK_P"], CHANNELS_LAST_SUMS_TILE["BLOCK_C"]
-        channels_last_affine_silu_sums_kernel[(samples, triton.cdiv(channels, block_c), splits)](
+        channels_last_affine_silu_sums_kernel[(samples, cdiv(channels, block_c), splits)](
             grad, x, mean, rstd, weight, bias, sums[0], sums[1], positions, channels, channels // mean.shape[1],
-            mean.shape[1], triton.cdiv(triton.cdiv(positions, block_p), splits) * block_p,
+            mean.shape[1], cdiv(cdiv(positions, block_p), splits) * block_p,
             num_warps=AFFINE_SILU_NUM_WARPS, **CHANNELS_LAST_SUMS_TILE,
         )
     else:
@@ -1210,7 +1210,7 @@ def channels_last_affine_silu_grad(grad, x, mean, rstd, weight, bias, alpha, bet
     channels, groups = x.shape[1], mean.shape[1]
     grad_x = new_output_like(x)
     if grad_x.numel():
-        channels_last_affine_silu_grad_kernel[(triton.cdiv(x.numel(), AFFINE_SILU_BLOCK),)](
+        channels_last_affine_silu_grad_kernel[(cdiv(x.numel(), AFFINE_SILU_BLOCK),)](
             grad, x, mean, rstd, weight, bias, alpha, beta, grad_x, x.numel(), channels, x[0].numel(),
             channels // groups, groups, BLOCK=AFFINE_SILU_BLOCK, num_warps=AFFINE_SILU_NUM_WARPS,
         )
@@ -1223,14 +1223,14 @@ def channel_affine_backward(grad_a, x, scale, num_frames):
     strides, scale (B, K) float32."""
     rows, tokens, channels = x.shape
     grad_x = new_output_like(x)
-    channel_blocks = triton.cdiv(channels, AFFINE_BACKWARD_TILE["BLOCK_K"])
-    token_blocks = triton.cdiv(tokens, AFFINE_BACKWARD_TILE["BLOCK_M"])
+    channel_blocks = cdiv(channels, AFFINE_BACKWARD_TILE["BLOCK_K"])
+    token_blocks = cdiv(tokens, AFFINE_BACKWARD_TILE["BLOCK_M"])
     splits = affine_backward_splits(rows, tokens, channels)
     sums = new_output((2, splits, rows, channels), torch.float32, x.device)
     if sums.numel() and tokens:
         channel_affine_backward_kernel[(rows, channel_blocks, splits)](
             grad_a, x, scale, grad_x, sums[0], sums[1], tokens, channels, num_frames,
-            triton.cdiv(token_blocks, splits) * AFFINE_BACKWARD_TILE["BLOCK_M"],
+            cdiv(token_blocks, splits) * AFFINE_BACKWARD_TILE["BLOCK_M"],
             *grad_a.stride(), *x.stride(), *grad_x.stride(),
             num_warps=AFFINE_BACKWARD_NUM_WARPS, **AFFINE_BACKWARD_TILE,
         )

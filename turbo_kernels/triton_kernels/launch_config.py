@@ -19,6 +19,20 @@ UNIT = 1
 Signature = Mapping[str, Union[str, int]]
 
 
+# Launch wrappers size grids and tiles with these rather than triton.cdiv and
+# triton.next_power_of_2: those are constexpr functions, whose every host call unwraps its
+# arguments as constexprs (a few µs each, and a GroupNorm + SiLU made a dozen such calls), and the
+# host issuing the kernels is what bounds a UNet forward at batch 1.
+def cdiv(numerator: int, denominator: int) -> int:
+    """ceil(numerator / denominator), as triton.cdiv."""
+    return -(-numerator // denominator)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two at least n (0 for 0), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """One compiled variant of a kernel: argument types, constexpr values and warps.

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbo_kernels.triton_kernels.launch_config import storage_configs
+from turbo_kernels.triton_kernels.launch_config import cdiv, next_power_of_2, storage_configs
 
 # Rows x padded channels a program holds at once: 4096 elements, 32 fp32 values a thread at 4 warps.
 TILE_ELEMENTS = 4096
@@ -100,7 +100,7 @@ def tile(channels: int, backward: bool = False) -> tuple[dict, int]:
     seven tiles live (forward: three), so it spreads the same tile over twice the warps: 16 values
     a thread, 115-128 registers (sm_90a, kernel_report) instead of 193-236 at 4 warps, so more
     warps fit on an SM to hide the loads' latency."""
-    block_channels = triton.next_power_of_2(channels)
+    block_channels = next_power_of_2(channels)
     params = dict(BLOCK_ROWS=max(1, TILE_ELEMENTS // block_channels), BLOCK_CHANNELS=block_channels)
     wide = block_channels > TILE_ELEMENTS
     return params, 8 if wide or backward else 4
@@ -138,7 +138,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         return out
     rows = _rows(x)
     params, num_warps = tile(rows.shape[1])
-    layer_norm_fwd_kernel[(triton.cdiv(rows.shape[0], params["BLOCK_ROWS"]),)](
+    layer_norm_fwd_kernel[(cdiv(rows.shape[0], params["BLOCK_ROWS"]),)](
         rows, weight, bias, out, rows.shape[0], rows.shape[1], rows.stride(0), float(eps),
         num_warps=num_warps, **params,
     )
@@ -147,7 +147,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
 
 def rows_per_program(rows: int, block_rows: int) -> int:
     """Rows a backward program walks: a multiple of block_rows, so that at most MAX_PROGRAMS run."""
-    return block_rows * max(1, triton.cdiv(triton.cdiv(rows, block_rows), MAX_PROGRAMS))
+    return block_rows * max(1, cdiv(cdiv(rows, block_rows), MAX_PROGRAMS))
 
 
 def layer_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,7 +159,7 @@ def layer_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, eps: float)
     rows = _rows(x)
     params, num_warps = tile(channels, backward=True)
     run = rows_per_program(rows.shape[0], params["BLOCK_ROWS"])
-    programs = triton.cdiv(rows.shape[0], run)
+    programs = cdiv(rows.shape[0], run)
     partial_weight = new_output((programs, channels), torch.float32, x.device)
     partial_bias = new_output((programs, channels), torch.float32, x.device)
     layer_norm_bwd_kernel[(programs,)](

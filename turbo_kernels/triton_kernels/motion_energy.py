@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbo_kernels.triton_kernels.launch_config import UNIT, storage_configs
+from turbo_kernels.triton_kernels.launch_config import UNIT, cdiv, next_power_of_2, storage_configs
 
 MAX_FRAMES = 64
 # q and k rows are walked in chunks of 16 head-dim columns: a whole row per tile would cost the
@@ -293,7 +293,7 @@ def block_config(num_frames: int) -> tuple[dict[str, int], int]:
     over 4 warps; longer clips take one sequence a program (the 2-D product in _batched_dot)
     with a warp for every 8 frames, so an F x F fp32 tile costs at most 16 registers a thread.
     """
-    block_f = max(16, triton.next_power_of_2(num_frames))
+    block_f = max(16, next_power_of_2(num_frames))
     block_seq, num_warps = (8, 4) if block_f == 16 else (1, block_f // 8)
     return dict(BLOCK_SEQ=block_seq, BLOCK_F=block_f, BLOCK_D=HEAD_CHUNK), num_warps
 
@@ -388,7 +388,7 @@ def temporal_attention_probs(q, k, num_frames, heads, layout, scale):
     if probs.numel() == 0:
         return probs
     blocks, num_warps = block_config(num_frames)
-    attention_probs_fwd_kernel[(triton.cdiv(n_seq, blocks["BLOCK_SEQ"]) * heads,)](
+    attention_probs_fwd_kernel[(cdiv(n_seq, blocks["BLOCK_SEQ"]) * heads,)](
         q, k, probs, n_seq, heads, num_frames, head_dim, *_qk_layout(q, k, num_frames, layout), _qk_scale_log2(scale),
         **blocks, num_warps=num_warps,
     )
@@ -405,7 +405,7 @@ def temporal_attention_probs_backward(grad, q, k, num_frames, heads, layout, sca
     if n_seq * num_frames * head_dim * heads == 0:
         return dq, dk
     blocks, num_warps = block_config(num_frames)
-    attention_probs_bwd_kernel[(triton.cdiv(n_seq, blocks["BLOCK_SEQ"]) * heads,)](
+    attention_probs_bwd_kernel[(cdiv(n_seq, blocks["BLOCK_SEQ"]) * heads,)](
         grad, q, k, dq, dk, n_seq, heads, num_frames, head_dim,
         *_qk_layout(q, k, num_frames, layout), *_token_layout(dq, num_frames, layout), *grad.stride(),
         float(scale), _qk_scale_log2(scale),
@@ -418,7 +418,7 @@ def _groups(n_seq: int, num_videos: Optional[int], block_seq: int) -> tuple[int,
     """(groups, sequences a group, blocks a group): one group a video, or one for the whole batch."""
     groups = num_videos or 1
     seq_per_group = n_seq // groups
-    return groups, seq_per_group, triton.cdiv(seq_per_group, block_seq)
+    return groups, seq_per_group, cdiv(seq_per_group, block_seq)
 
 
 def motion_energy(q, k, ref_probs, num_frames, heads, layout, scale, num_videos):

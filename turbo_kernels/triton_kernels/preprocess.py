@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, storage_configs
+from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, cdiv, storage_configs
 
 BLOCK_I = 32
 BLOCK_J = 16
@@ -279,7 +279,7 @@ def reward_preprocess_backward(grad, frames_shape, frames_dtype, sizes, rows, co
     grad_frames = new_output(tuple(frames_shape), frames_dtype, grad.device)
     if grad_frames.numel() == 0:
         return grad_frames
-    grid = (triton.cdiv(height, BLOCK_H) * triton.cdiv(width, BLOCK_W), num_images)
+    grid = (cdiv(height, BLOCK_H) * cdiv(width, BLOCK_W), num_images)
     reward_preprocess_bwd_kernel[grid](
         grad, grad_frames, rows, cols, std, row_spans_t, col_spans_t, _spec_table(tuple(sizes), grad.device),
         len(sizes), num_images, height, width, float(in_scale),

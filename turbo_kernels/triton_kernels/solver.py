@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbo_kernels.triton_kernels.launch_config import storage_configs
+from turbo_kernels.triton_kernels.launch_config import cdiv, storage_configs
 
 # 1024 elements over 4 warps is 8 per thread: two 16-byte vectors at fp32, one at fp16/bf16.
 BLOCK = 1024
@@ -221,7 +221,7 @@ def new_output(like: Tensor) -> Tensor:
 
 def _grid(x: Tensor):
     n_per_sample = x.numel() // x.shape[0]
-    return (triton.cdiv(n_per_sample, BLOCK), x.shape[0]), n_per_sample
+    return (cdiv(n_per_sample, BLOCK), x.shape[0]), n_per_sample
 
 
 def guided_solver_step(z_t, eps_cond, eps_uncond, score, t_hi, t_lo, w, motion_scale, alphas_cumprod, release_form):
@@ -301,7 +301,7 @@ def consistency_sampler_step_backward(grad_denoised, grad_next, t, t_prev, alpha
 
 def pseudo_huber_loss(pred, target, c):
     n = pred.numel()
-    n_blocks = max(triton.cdiv(n, REDUCE_BLOCK), 1)
+    n_blocks = max(cdiv(n, REDUCE_BLOCK), 1)
     partial = new_output(torch.empty(n_blocks, device=pred.device, dtype=torch.float32))
     if n == 0:
         return torch.full((), float("nan"), device=pred.device, dtype=torch.float32)
@@ -314,7 +314,7 @@ def pseudo_huber_loss_backward(grad, pred, target, c):
     n = pred.numel()
     if n == 0:
         return g_pred, g_target
-    pseudo_huber_bwd_kernel[(triton.cdiv(n, BLOCK),)](
+    pseudo_huber_bwd_kernel[(cdiv(n, BLOCK),)](
         grad, pred, target, g_pred, g_target, n, float(c), BLOCK=BLOCK, num_warps=NUM_WARPS
     )
     return g_pred, g_target

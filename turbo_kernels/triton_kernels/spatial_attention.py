@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, storage_configs
+from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, cdiv, next_power_of_2, storage_configs
 
 # VideoCrafter2 uses 64 everywhere; at 128 the backward kernels spill registers.
 MAX_HEAD_DIM = 64
@@ -384,12 +384,12 @@ def blocked_bwd_dkdv_kernel(
 
 
 def head_dim_pad(head_dim: int) -> int:
-    return max(triton.next_power_of_2(head_dim), MIN_DOT)
+    return max(next_power_of_2(head_dim), MIN_DOT)
 
 
 def whole_kv_pad(num_keys: int, dtype: torch.dtype) -> int:
     """The padded key count of the whole-KV path, or 0 when these keys take the blocked path."""
-    pad = max(triton.next_power_of_2(num_keys), MIN_DOT)
+    pad = max(next_power_of_2(num_keys), MIN_DOT)
     return pad if pad <= WHOLE_KV_MAX and dtype != torch.float32 else 0
 
 
@@ -508,7 +508,7 @@ def spatial_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, scale: float,
     else:
         kernel = blocked_fwd_kernel
         constexprs, num_warps = blocked_constexprs(BLOCKED_FWD, head_dim, fp32)
-    num_query_blocks = triton.cdiv(num_queries, constexprs["BLOCK_Q"])
+    num_query_blocks = cdiv(num_queries, constexprs["BLOCK_Q"])
     _launch(
         kernel, num_query_blocks * rows * heads, [q, k, v, out, lse],
         [num_queries, num_keys, heads, kv_repeat, num_query_blocks, float(scale)], [q, k, v, out],
@@ -531,7 +531,7 @@ def spatial_attention_backward(grad_out, q, k, v, out, lse, heads: int, scale: f
     kv_pad = whole_kv_pad(num_keys, q.dtype)
     if kv_pad:
         constexprs, num_warps = whole_kv_constexprs(WHOLE_KV_BWD, head_dim, kv_pad)
-        num_query_blocks = triton.cdiv(num_queries, constexprs["BLOCK_Q"])
+        num_query_blocks = cdiv(num_queries, constexprs["BLOCK_Q"])
         grad_k_fp32, grad_v_fp32 = (new_output(k.shape, torch.float32, q.device) for _ in range(2))
         _launch(
             whole_kv_bwd_kernel, kv_rows * heads,
@@ -546,14 +546,14 @@ def spatial_attention_backward(grad_out, q, k, v, out, lse, heads: int, scale: f
     row_scale = new_output(lse.shape, torch.float32, q.device) if fp32 else delta
     row_stats = [lse, delta, row_scale]
     constexprs, num_warps = blocked_bwd_constexprs(BLOCKED_BWD_DQ, head_dim, fp32)
-    num_query_blocks = triton.cdiv(num_queries, constexprs["BLOCK_Q"])
+    num_query_blocks = cdiv(num_queries, constexprs["BLOCK_Q"])
     _launch(
         blocked_bwd_dq_kernel, num_query_blocks * rows * heads, [grad_out, q, k, v, out, *row_stats, grad_q],
         sizes + [num_query_blocks, float(scale)], [grad_out, q, k, v, out, grad_q], constexprs, num_warps,
     )
     grad_k, grad_v = (new_output(k.shape, k.dtype, k.device) for _ in range(2))
     constexprs, num_warps = blocked_bwd_constexprs(BLOCKED_BWD_DKDV, head_dim, fp32)
-    num_kv_blocks = triton.cdiv(num_keys, constexprs["BLOCK_KV"])
+    num_kv_blocks = cdiv(num_keys, constexprs["BLOCK_KV"])
     _launch(
         blocked_bwd_dkdv_kernel, num_kv_blocks * kv_rows * heads, [grad_out, q, k, v, *row_stats, grad_k, grad_v],
         sizes + [num_kv_blocks, float(scale)], [grad_out, q, k, v, grad_k], constexprs, num_warps,

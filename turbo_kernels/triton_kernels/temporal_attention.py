@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbo_kernels.triton_kernels.launch_config import KernelConfig, storage_configs
+from turbo_kernels.triton_kernels.launch_config import KernelConfig, cdiv, next_power_of_2, storage_configs
 
 MAX_FRAMES = 64
 MAX_HEAD_DIM = 128
@@ -168,8 +168,8 @@ def launch_params(num_frames: int, head_dim: int, fp32: bool, tile: Optional[Til
     """The kernels' constexprs and num_warps: frames and head dim padded to powers of two (and
     masked), and the tile rows, a multiple of the padded frame count. `tile` = (rows, num_warps)
     replaces the production choice (the benchmark harness's tile sweep)."""
-    f_pad = triton.next_power_of_2(num_frames)
-    d_pad = max(triton.next_power_of_2(head_dim), MIN_DOT)
+    f_pad = next_power_of_2(num_frames)
+    d_pad = max(next_power_of_2(head_dim), MIN_DOT)
     if tile is None:
         rows = max(FP32_ROWS if fp32 else TENSOR_CORE_ROWS, f_pad)
         if fp32:
@@ -178,7 +178,7 @@ def launch_params(num_frames: int, head_dim: int, fp32: bool, tile: Optional[Til
             num_warps = rows // ROWS_PER_WARP
     else:
         rows, num_warps = tile
-        if rows < max(f_pad, MIN_DOT) or rows != triton.next_power_of_2(rows) or num_warps not in TILE_WARPS:
+        if rows < max(f_pad, MIN_DOT) or rows != next_power_of_2(rows) or num_warps not in TILE_WARPS:
             raise ValueError(
                 f"tile must be (rows, num_warps) with rows a power of two of at least {max(f_pad, MIN_DOT)} "
                 f"(the padded frame count, and {MIN_DOT}) and num_warps in {TILE_WARPS}, got {tile}"
@@ -235,7 +235,7 @@ def _launch(kernel, tensors: list[Tensor], strided: list[Tensor], q: Tensor, num
     sequences = num_sequences(q, num_frames, layout)
     positions = q.shape[1] if layout == "frames" else sequences
     constexprs, num_warps = launch_params(num_frames, q.shape[2] // heads, q.dtype == torch.float32, tile)
-    grid = (triton.cdiv(sequences, constexprs["ROWS"] // constexprs["F_PAD"]) * heads,)
+    grid = (cdiv(sequences, constexprs["ROWS"] // constexprs["F_PAD"]) * heads,)
     strides = [stride for x in strided for stride in sequence_strides(x, num_frames, layout)]
     kernel[grid](*tensors, sequences, positions, heads, float(scale), *strides, **constexprs, num_warps=num_warps)
 
