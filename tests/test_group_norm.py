@@ -99,14 +99,14 @@ def test_kernels_match_the_composition(layout, dtype, chosen):
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d], ids=["contiguous", "cl"])
-@pytest.mark.parametrize("frames", [3, 1], ids=["video", "frames"])
-def test_statistics_of_a_large_mean_against_a_small_spread(frames, memory_format, chosen):
-    """Groups reduced as slices (a frame's, or a single frame's channel's; channels-last, chunks of
-    positions) merged per group: each slice's mean, rounded to fp32, would carry an ulp of 1000
-    into the merge were the values not shifted (rstd off by 1e-3 relative): within the 2x rule of
-    torch's var_mean on the same x."""
+@pytest.mark.parametrize("shape", [(3, 5, 7), (1, 32, 64)], ids=["video", "frames"])
+def test_statistics_of_a_large_mean_against_a_small_spread(shape, memory_format, chosen):
+    """Groups reduced as slices (a frame's, or a single frame's channel's, 2 a group of a 32x64
+    frame; channels-last, chunks of positions) merged per group: each slice's mean, rounded to
+    fp32, would carry an ulp of 1000 into the merge were the values not shifted (rstd off by 1e-3
+    relative): within the 2x rule of torch's var_mean on the same x."""
     g = torch.Generator().manual_seed(4)
-    x = (1000 + 0.01 * torch.randn(2, 64, frames, 5, 7, generator=g, dtype=torch.float64)).float().to(DEVICE)
+    x = (1000 + 0.01 * torch.randn(2, 64, *shape, generator=g, dtype=torch.float64)).float().to(DEVICE)
     x = x.contiguous(memory_format=memory_format)
     with torch.no_grad(), tk.backend("triton"):
         mean, rstd = group_norm_ops._group_stats(x, GROUPS, EPS)
@@ -117,6 +117,19 @@ def test_statistics_of_a_large_mean_against_a_small_spread(frames, memory_format
         (mean, rstd), _mean_rstd(per_group, EPS), _mean_rstd(per_group.double(), EPS)
     ):
         assert_within_2x_of_reference(got, same, exact)
+
+
+@pytest.mark.parametrize(
+    "channels_per_group, positions, slices",
+    [(40, 40, 1), (40, 160, 2), (20, 640, 5), (10, 2560, 10), (2, 2048, 2), (3, 1000, 1), (1, 5, 1)],
+    ids=["c1280-5x8", "c1280-10x16", "c640-20x32", "c320-40x64", "a-channel-a-tile", "no-divisor-fits", "one-channel"],
+)
+def test_single_frame_groups_are_sliced_into_runs_of_a_tile(channels_per_group, positions, slices):
+    """VideoCrafter2's levels (32 groups): the fewest whole channels that fill the statistics
+    kernel's tile make a slice, the whole group where no shorter run does (3 channels of 1000: 2
+    fill it, but 2 does not divide 3)."""
+    assert group_norm_ops.SLICE_MIN_ELEMENTS == kernels.STATS_TILE_ELEMENTS
+    assert group_norm_ops.single_frame_slices(channels_per_group, positions) == slices
 
 
 def _mean_rstd(per_group: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -205,15 +205,33 @@ def _(x, groups, eps):
     return x.new_empty(shape, dtype=ref.compute_dtype(x)), x.new_empty(shape, dtype=ref.compute_dtype(x))
 
 
+# A slice of a single frame's group holds at least this many values where the group has them:
+# the statistics kernel's tile (turbo_kernels.triton_kernels.group_norm.STATS_TILE_ELEMENTS), which
+# a smaller slice fills with masked lanes. One channel a slice made a 5x8 frame's 40 channels 40
+# programs of 40 values in tiles of 2048 (the H200 lease: 4x eager's time at c1280, 5x8).
+SLICE_MIN_ELEMENTS = 2048
+
+
+def single_frame_slices(channels_per_group: int, positions: int) -> int:
+    """How many equal slices of whole channels a single frame's group is reduced as: runs of the
+    fewest channels (a divisor of the group's) that hold SLICE_MIN_ELEMENTS values, one run where
+    the whole group holds fewer."""
+    run = next(
+        (c for c in range(1, channels_per_group + 1) if channels_per_group % c == 0 and c * positions >= SLICE_MIN_ELEMENTS),
+        channels_per_group,
+    )
+    return channels_per_group // run
+
+
 def _group_stats(x: Tensor, groups: int, eps: float) -> Optional[tuple[Tensor, Tensor]]:
     """(mean, rstd), each (B, groups), of x (B, C, F, H, W) over every (sample, group)'s (C/groups,
     F, H, W), read without a copy; None for a layout the reduction cannot take."""
     batch, channels, frames, height, width = x.shape
     if x.is_contiguous():
         # A group is one contiguous run of (C/groups)*F*H*W elements, reduced as equal slices
-        # merged with Chan's formula: a frame's (C/groups)*H*W each for videos, one channel's
-        # H*W each for single frames, so that the partials, one a program, are many.
-        slices = frames if frames > 1 else channels // groups
+        # merged with Chan's formula, so that the partials, one a program, are many: a frame's
+        # (C/groups)*H*W each for videos, runs of whole channels for single frames.
+        slices = frames if frames > 1 else single_frame_slices(channels // groups, height * width)
         rows = x.reshape(batch * groups * slices, -1, 1, 1)
         mean, rstd = _group_norm_stats(rows, slices, 1, eps)
         return mean.view(batch, groups), rstd.view(batch, groups)
