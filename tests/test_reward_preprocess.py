@@ -325,10 +325,21 @@ def _check_kernels_against_reference(backend_name, shape, specs, input_range, dt
 
 # The CUDA kernels' tiles are 16 x 64: the third case spans several of them both ways, forward
 # and backward, and its squash upsamples the height (70 -> 100) while it downsamples the width.
+# A crop resizes the shorter side to its size, so an offset crop of wide frames moves left only.
 CUDA_CASES = TRITON_CASES + [
     ((1, 2, 3, 70, 150), (PreprocessSpec(80, "pad"), PreprocessSpec(66, "crop"), PreprocessSpec(100, "squash")), "unit"),
-    ((3, 6, 3, 24, 40), (PreprocessSpec(16, "crop", crop_offset=(2, 5)), PreprocessSpec(20, "pad")), "signed"),
+    ((3, 6, 3, 24, 40), (PreprocessSpec(16, "crop", crop_offset=(0, 5)), PreprocessSpec(20, "pad")), "signed"),
 ]
+CUDA_IDS = TRITON_IDS + ["70x150-upsampled", "3-clips-24x40"]
+
+
+@pytest.mark.parametrize("shape,specs,input_range", CUDA_CASES, ids=CUDA_IDS)
+def test_kernel_cases_are_valid_on_the_cpu(shape, specs, input_range):
+    """The kernel cases run only on a GPU: the reference runs each here, so a case whose specs do not
+    fit its frames fails on every machine, not first on a GPU."""
+    frames = _frames(shape, seed=shape[3], low=-1.0 if input_range == "signed" else 0.0)[:, ::2]
+    outputs = reward_preprocess(frames, list(specs), input_range=input_range)
+    assert [out.shape[-1] for out in outputs] == [spec.size for spec in specs]
 
 
 def _cuda_extension_error():
@@ -351,10 +362,7 @@ def test_cuda_schemas_are_registered_when_the_extension_is_built():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "shape,specs,input_range", CUDA_CASES,
-    ids=TRITON_IDS + ["70x150-upsampled", "3-clips-24x40"],
-)
+@pytest.mark.parametrize("shape,specs,input_range", CUDA_CASES, ids=CUDA_IDS)
 def test_cuda_matches_reference(shape, specs, input_range, dtype, chosen):
     """New CUDA buffers start as NaN (helpers.poison_cuda_allocator): an unwritten element fails."""
     if _cuda_extension_error() is not None:
