@@ -271,7 +271,8 @@ def test_scoring_through_cuda_graphs_equals_eager_scoring(monkeypatch):
         mixture.enable_cuda_graphs()
         graphed = [mixture(f, indices, CAPTIONS, SHORT_CAPTIONS) for f in frames]
     assert mixture.cuda_graphs and len(mixture._graphs) == len(models)
-    assert all(g.num_graphs == 1 and g.failure is None for g in mixture._graphs.values())
+    # As a list, so that a failed capture's error shows in the assertion.
+    assert [(g.num_graphs, g.failure) for g in mixture._graphs.values()] == [(1, None)] * len(models)
     if captures:
         assert len(captures) == len(models) and all(c.replays == 2 for c in captures)
     for (want_total, want), (got_total, got) in zip(eager, graphed):
