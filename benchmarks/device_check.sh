@@ -83,7 +83,10 @@ stage() {
     if [[ $seconds == rest ]] || (( seconds > left )); then seconds=$left; fi
     if (( seconds < 10 )); then say "$name: skipped, the run's time is spent"; return 0; fi
     say "$name: at most ${seconds}s"
-    timeout --kill-after=10 "$seconds" "$@" >> "$log" 2>&1
+    # SIGINT first: pytest, interrupted, still prints the tracebacks of the failures so far (the
+    # first H200 lease lost those of a test stage stopped by SIGTERM); the harness has written its
+    # JSON after every implementation either way.
+    timeout --signal=INT --kill-after=20 "$seconds" "$@" >> "$log" 2>&1
     say "$name: exit $? (log: $log)"
 }
 
@@ -100,12 +103,12 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 stage build 240 build.log env TURBO_KERNELS_BUILD_CUDA=1 MAX_JOBS="$(nproc)" python3 setup.py build_ext --inplace &
 building=$!
 # Each test prints its own line as it ends (-v), so a log cut short by the limit still says which passed.
-PYTEST=(python3 -m pytest -v -rfEs -p no:cacheprovider --timeout 120)
+PYTEST=(python3 -m pytest -v -rfEs -p no:cacheprovider --timeout 120 --durations 10)
 stage tests 180 tests.log "${PYTEST[@]}" -n "$(( $(nproc) - 4 ))" "${TRITON_ONLY_TESTS[@]}"
 wait "$building"
 tail -3 "$OUT/build.log"
 python3 -c "import turbo_kernels as tk; print('backends on cuda:', tk.backends('cuda'))"
-stage tests 180 tests.log "${PYTEST[@]}" -n "$(( $(nproc) * 3 / 4 ))" "${CUDA_BACKEND_TESTS[@]}"
+stage tests 300 tests.log "${PYTEST[@]}" -n "$(( $(nproc) * 3 / 4 ))" "${CUDA_BACKEND_TESTS[@]}"
 stage tests 90 tests.log "${PYTEST[@]}" -m gpu "${GPU_TIER_ONLY_TESTS[@]}"
 grep -E "^=+ .*(passed|failed|error)" "$OUT/tests.log"
 
