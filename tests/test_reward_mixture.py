@@ -252,6 +252,48 @@ def test_a_stacked_group_runs_unstacked_without_autograd(models, monkeypatch):
         assert torch.allclose(value, stacked[name], atol=SCORE_TOL, rtol=0), name
 
 
+def test_an_entry_scoring_consecutive_frames_reads_the_preprocessed_frames_in_place(models, monkeypatch):
+    """Frames (0, 1, 2) of the decoded (0, 1, 2) reach the CLIP model as a view of the preprocessed
+    output, frames (0, 2) as a copy; both scored as the models score them alone."""
+    from t2v_turbo.rewards import mixture as mixture_module
+
+    hps, clip, _ = models
+    mixture = RewardMixture([
+        RewardEntry("clip", clip, clip_spec(TINY_SIZE), (0, 1, 2), None, 0.5, "short"),
+        RewardEntry("hpsv2", hps, hpsv2_spec(TINY_SIZE), (0, 2), None, 0.5, "short"),
+    ])
+    outputs, scored = [], {}
+    preprocess = mixture_module.reward_preprocess
+
+    def recorded_preprocess(*args, **kwargs):
+        outputs.extend(preprocess(*args, **kwargs))
+        return outputs
+
+    def recorded_score(name, score):
+        def score_and_record(pixels, text):
+            scored[name] = pixels
+            return score(pixels, text)
+
+        return score_and_record
+
+    monkeypatch.setattr(mixture_module, "reward_preprocess", recorded_preprocess)
+    for name, model in (("clip", clip), ("hpsv2", hps)):
+        monkeypatch.setattr(model, "score", recorded_score(name, model.score))
+    indices = mixture.select_frames(CLIP_FRAMES)
+    assert indices == [0, 1, 2]
+    frames = decoded_frames(8, len(indices))
+    with torch.no_grad():
+        _, scores = mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+    storages = {out.untyped_storage().data_ptr() for out in outputs}
+    assert scored["clip"].untyped_storage().data_ptr() in storages
+    assert scored["hpsv2"].untyped_storage().data_ptr() not in storages
+    monkeypatch.undo()
+    with torch.no_grad():
+        _, reference = separate_reference(mixture, dict(zip(indices, frames.unbind(2))), CAPTIONS, SHORT_CAPTIONS)
+    for name, value in scores.items():
+        torch.testing.assert_close(value, reference[name], atol=SCORE_TOL, rtol=0)
+
+
 def test_scoring_through_cuda_graphs_equals_eager_scoring(monkeypatch):
     """On the CPU with captures recorded (helpers.record_graph_captures): under no_grad each model's
     call warms up, is captured and replayed, with the eager scores; with gradients nothing is
