@@ -319,3 +319,83 @@ def test_a_checkpointed_forward_is_recomputed_under_its_request():
     torch.testing.assert_close(x.grad, x.detach().cos())
     with pytest.raises(TypeError, match=r"sets \['use_reentrant'\] itself"):
         tk.checkpoint(forward, x, use_reentrant=True)
+
+
+
+_SCALED_CALLS = []
+
+
+@dispatch.custom_op("turbo_kernels_test::scaled")
+def _scaled_op(x: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
+    _SCALED_CALLS.append(torch.compiler.is_compiling())
+    return x * scale + shift
+
+
+@_scaled_op.register_fake
+def _(x, scale, shift=0.0):
+    return torch.empty_like(x)
+
+
+def _scaled_setup(ctx, inputs, output):
+    ctx.inputs = inputs
+
+
+def _scaled_backward(ctx, grad):
+    return grad * ctx.inputs[1], None, None
+
+
+_scaled_op.register_autograd(_scaled_backward, setup_context=_scaled_setup)
+
+
+class _CountingMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_eager_custom_op_runs_its_function_without_the_dispatcher(monkeypatch):
+    """A plain eager call never reaches the registered op (replaced here by one that fails); with
+    gradients it runs the op's own backward, its setup_context given every input, defaults too."""
+    monkeypatch.setattr(_scaled_op, "_op", lambda *a, **k: pytest.fail("the eager call reached the dispatcher"))
+    x = torch.randn(5, requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(_scaled_op(x, 3.0), x * 3.0, rtol=0, atol=0)
+    y = _scaled_op(x, 3.0)
+    assert type(y.grad_fn).__name__ == "Eager_scaled_opBackward"
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, torch.full_like(x, 3.0), rtol=0, atol=0)
+    assert y.grad_fn.inputs == (x, 3.0, 0.0)
+
+
+@pytest.mark.parametrize("case", ["dispatch-mode", "keyword", "subclass", "profiler", "compile"])
+def test_custom_op_calls_that_others_must_see_go_through_the_dispatcher(case):
+    """Dispatch modes (fake tensors, FlopCounterMode), keyword arguments, tensor subclasses, the
+    profiler and torch.compile each get the registered op, with its autograd."""
+    x = torch.randn(4, requires_grad=True)
+    if case == "dispatch-mode":
+        with _CountingMode() as mode:
+            y = _scaled_op(x, 2.0)
+        assert "turbo_kernels_test.scaled.default" in mode.ops
+    elif case == "keyword":
+        y = _scaled_op(x, scale=2.0)
+    elif case == "subclass":
+        class Marked(torch.Tensor):
+            pass
+
+        y = _scaled_op(x.as_subclass(Marked), 2.0)
+    elif case == "profiler":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            y = _scaled_op(x, 2.0)
+        assert any(event.name == "turbo_kernels_test::scaled" for event in profile.events())
+    else:
+        _SCALED_CALLS.clear()
+        torch.compiler.reset()
+        y = torch.compile(lambda t: _scaled_op(t, 2.0), fullgraph=True, backend="aot_eager")(x)
+        assert _SCALED_CALLS and not any(_SCALED_CALLS), "the compiled graph calls the op, not the traced function"
+    assert "Eager_" not in type(y.grad_fn).__name__
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, torch.full_like(x, 2.0), rtol=0, atol=0)

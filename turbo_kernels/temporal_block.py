@@ -185,7 +185,7 @@ dispatch.register("channel_affine_backward", "triton", _affine_backward_problem)
 # ---- custom ops --------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("turbo_kernels::group_norm_stats", mutates_args=())
+@dispatch.custom_op("turbo_kernels::group_norm_stats")
 def _group_norm_stats(x: Tensor, num_frames: int, groups: int, eps: float) -> tuple[Tensor, Tensor]:
     return dispatch.run("group_norm_stats", x.device, x, num_frames, groups, eps)
 
@@ -216,7 +216,7 @@ def _stats_backward(ctx, grad_mean, grad_rstd):
 _group_norm_stats.register_autograd(_stats_backward, setup_context=_stats_setup)
 
 
-@torch.library.custom_op("turbo_kernels::group_norm_stats_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::group_norm_stats_backward")
 def _group_norm_stats_backward(
     x: Tensor, mean: Tensor, rstd: Tensor, grad_mean: Tensor, grad_rstd: Tensor, num_frames: int,
     backend: Optional[str] = None,
@@ -231,7 +231,7 @@ def _(x, mean, rstd, grad_mean, grad_rstd, num_frames, backend=None):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("turbo_kernels::channel_affine", mutates_args=())
+@dispatch.custom_op("turbo_kernels::channel_affine")
 def _channel_affine(x: Tensor, scale: Tensor, shift: Tensor, num_frames: int) -> Tensor:
     return dispatch.run("channel_affine", x.device, x, scale, shift, num_frames)
 
@@ -257,7 +257,7 @@ def _affine_backward(ctx, grad_a):
 _channel_affine.register_autograd(_affine_backward, setup_context=_affine_setup)
 
 
-@torch.library.custom_op("turbo_kernels::channel_affine_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::channel_affine_backward")
 def _channel_affine_backward(
     grad_a: Tensor, x: Tensor, scale: Tensor, num_frames: int, backend: Optional[str] = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -269,7 +269,7 @@ def _(grad_a, x, scale, num_frames, backend=None):
     return torch.empty_like(x), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
 
 
-@torch.library.custom_op("turbo_kernels::strided_linear", mutates_args=())
+@dispatch.custom_op("turbo_kernels::strided_linear")
 def _strided_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], scale: Optional[Tensor],
     shift: Optional[Tensor], num_frames: int, channels_first_out: bool, backend: Optional[str] = None,
@@ -286,7 +286,7 @@ def _(x, weight, bias, residual, scale, shift, num_frames, channels_first_out, b
     return x.new_empty((rows, weight.shape[0], tokens) if channels_first_out else (rows, tokens, weight.shape[0]))
 
 
-@torch.library.custom_op("turbo_kernels::strided_linear_weight_grad", mutates_args=())
+@dispatch.custom_op("turbo_kernels::strided_linear_weight_grad")
 def _strided_linear_weight_grad(
     grad_out: Tensor, x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], num_frames: int,
     backend: Optional[str] = None,

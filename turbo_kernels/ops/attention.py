@@ -192,7 +192,7 @@ dispatch.register("temporal_attention_backward_packed", "cuda", _packed_problem(
 # ---- custom ops --------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("turbo_kernels::temporal_attention", mutates_args=())
+@dispatch.custom_op("turbo_kernels::temporal_attention")
 def _temporal_attention(
     q: Tensor, k: Tensor, v: Tensor, num_frames: int, heads: int, layout: str, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -205,7 +205,7 @@ def _(q, k, v, num_frames, heads, layout, scale):
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("turbo_kernels::temporal_attention_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::temporal_attention_backward")
 def _temporal_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, num_frames: int, heads: int, layout: str,
     scale: float, backend: str,
@@ -263,7 +263,7 @@ def temporal_attention(
 # ---- packed q, k, v ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("turbo_kernels::temporal_attention_packed", mutates_args=())
+@dispatch.custom_op("turbo_kernels::temporal_attention_packed")
 def _temporal_attention_packed(
     qkv: Tensor, num_frames: int, heads: int, layout: str, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -276,7 +276,7 @@ def _(qkv, num_frames, heads, layout, scale):
     return qkv.new_empty((*qkv.shape[:-1], qkv.shape[-1] // 3)), qkv.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("turbo_kernels::temporal_attention_backward_packed", mutates_args=())
+@dispatch.custom_op("turbo_kernels::temporal_attention_backward_packed")
 def _temporal_attention_backward_packed(
     grad_out: Tensor, qkv: Tensor, lse: Tensor, num_frames: int, heads: int, layout: str, scale: float, backend: str
 ) -> Tensor:

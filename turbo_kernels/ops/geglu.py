@@ -11,7 +11,6 @@ reference for the actual tensors.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from turbo_kernels import checks, dispatch
@@ -38,7 +37,7 @@ dispatch.register("geglu_backward", "reference")(ref.geglu_backward)
 dispatch.register("geglu_backward", "triton", _backward_problem)(lambda *a: _triton().geglu_backward(*a))
 
 
-@torch.library.custom_op("turbo_kernels::geglu", mutates_args=())
+@dispatch.custom_op("turbo_kernels::geglu")
 def _geglu(h: Tensor) -> Tensor:
     return dispatch.run("geglu", h.device, h)
 
@@ -48,7 +47,7 @@ def _(h):
     return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
 
 
-@torch.library.custom_op("turbo_kernels::geglu_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::geglu_backward")
 def _geglu_backward(grad_out: Tensor, h: Tensor, backend: str) -> Tensor:
     return dispatch.run("geglu_backward", h.device, grad_out, h, requested=backend)
 

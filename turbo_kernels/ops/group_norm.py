@@ -119,7 +119,7 @@ dispatch.register("channel_affine_silu_backward", "reference")(_reference_backwa
 dispatch.register("channel_affine_silu_backward", "triton", _affine_silu_backward_problem)(_triton_backward)
 
 
-@torch.library.custom_op("turbo_kernels::channel_affine_silu", mutates_args=())
+@dispatch.custom_op("turbo_kernels::channel_affine_silu")
 def _channel_affine_silu(
     x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, out_dtype: Optional[torch.dtype] = None
 ) -> Tensor:
@@ -137,7 +137,7 @@ def _(x, mean, rstd, weight, bias, out_dtype=None):
     )
 
 
-@torch.library.custom_op("turbo_kernels::channel_affine_silu_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::channel_affine_silu_backward")
 def _channel_affine_silu_backward(
     grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, with_x: bool,
     backend: Optional[str] = None,
@@ -192,7 +192,7 @@ dispatch.register("channels_last_group_norm_stats", "triton", _channels_last_sta
 )
 
 
-@torch.library.custom_op("turbo_kernels::channels_last_group_norm_stats", mutates_args=())
+@dispatch.custom_op("turbo_kernels::channels_last_group_norm_stats")
 def _channels_last_group_norm_stats(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
     """(mean, rstd), each (B, groups), of x (B, C, F, H, W) channels-last over every sample's
     (C/groups, F, H, W); no gradient (group_norm_silu takes them without a graph)."""

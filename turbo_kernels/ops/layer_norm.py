@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from turbo_kernels import checks, dispatch
@@ -68,7 +67,7 @@ dispatch.register("layer_norm_backward", "reference")(ref.layer_norm_backward)
 dispatch.register("layer_norm_backward", "triton", _backward_problem)(lambda *a: _triton().layer_norm_backward(*a))
 
 
-@torch.library.custom_op("turbo_kernels::layer_norm", mutates_args=())
+@dispatch.custom_op("turbo_kernels::layer_norm")
 def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return dispatch.run("layer_norm", x.device, x, weight, bias, eps)
 
@@ -78,7 +77,7 @@ def _(x, weight, bias, eps):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("turbo_kernels::layer_norm_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::layer_norm_backward")
 def _layer_norm_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, eps: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -106,7 +106,7 @@ _register(
 # ---- temporal_attention_probs ------------------------------------------------------------------
 
 
-@torch.library.custom_op("turbo_kernels::temporal_attention_probs", mutates_args=())
+@dispatch.custom_op("turbo_kernels::temporal_attention_probs")
 def _temporal_attention_probs(q: Tensor, k: Tensor, num_frames: int, heads: int, layout: str, scale: float) -> Tensor:
     return dispatch.run("temporal_attention_probs", q.device, q, k, num_frames, heads, layout, scale)
 
@@ -117,7 +117,7 @@ def _(q, k, num_frames, heads, layout, scale):
     return q.new_empty(shape, dtype=_probs_dtype(q))
 
 
-@torch.library.custom_op("turbo_kernels::temporal_attention_probs_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::temporal_attention_probs_backward")
 def _temporal_attention_probs_backward(
     grad: Tensor, q: Tensor, k: Tensor, num_frames: int, heads: int, layout: str, scale: float, backend: str
 ) -> tuple[Tensor, Tensor]:
@@ -172,7 +172,7 @@ def temporal_attention_probs(
 # ---- motion_energy -----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("turbo_kernels::motion_energy", mutates_args=())
+@dispatch.custom_op("turbo_kernels::motion_energy")
 def _motion_energy(
     q: Tensor, k: Tensor, ref_probs: Tensor, num_frames: int, heads: int, layout: str, scale: float,
     num_videos: Optional[int],
@@ -187,7 +187,7 @@ def _(q, k, ref_probs, num_frames, heads, layout, scale, num_videos):
     return q.new_empty(() if num_videos is None else (num_videos,), dtype=_probs_dtype(q))
 
 
-@torch.library.custom_op("turbo_kernels::motion_energy_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::motion_energy_backward")
 def _motion_energy_backward(
     grad: Tensor, q: Tensor, k: Tensor, ref_probs: Tensor, num_frames: int, heads: int, layout: str, scale: float,
     num_videos: Optional[int], backend: str,

@@ -228,7 +228,7 @@ def _flat_numel(frames_shape, sizes) -> int:
     return batch * num_frames * channels * sum(n * n for n in sizes)
 
 
-@torch.library.custom_op("turbo_kernels::reward_preprocess", mutates_args=())
+@dispatch.custom_op("turbo_kernels::reward_preprocess")
 def _reward_preprocess(
     frames: Tensor, sizes: list[int], modes: list[int], interpolations: list[int], antialias: list[bool],
     statistics: list[float], crop_offsets: list[int], in_scale: float, in_shift: float, out_dtype: torch.dtype,
@@ -243,7 +243,7 @@ def _(frames, sizes, modes, interpolations, antialias, statistics, crop_offsets,
     return frames.new_empty((_flat_numel(frames.shape, sizes),), dtype=out_dtype)
 
 
-@torch.library.custom_op("turbo_kernels::reward_preprocess_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::reward_preprocess_backward")
 def _reward_preprocess_backward(
     grad: Tensor, sizes: list[int], modes: list[int], interpolations: list[int], antialias: list[bool],
     statistics: list[float], crop_offsets: list[int], frames_shape: list[int], frames_dtype: torch.dtype,

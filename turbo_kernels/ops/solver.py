@@ -96,7 +96,7 @@ def _zeros_if_none(grad: Optional[Tensor], like: tuple) -> Tensor:
 # ---- guided_solver_step ------------------------------------------------------------------------
 
 
-@torch.library.custom_op("turbo_kernels::guided_solver_step", mutates_args=())
+@dispatch.custom_op("turbo_kernels::guided_solver_step")
 def _guided_solver_step(
     z_t: Tensor, eps_cond: Tensor, eps_uncond: Tensor, score: Optional[Tensor], t_hi: Tensor, t_lo: Tensor,
     w: Tensor, motion_scale: Tensor, alphas_cumprod: Tensor, release_form: bool,
@@ -112,7 +112,7 @@ def _(z_t, eps_cond, eps_uncond, score, t_hi, t_lo, w, motion_scale, alphas_cump
     return torch.empty_like(z_t), torch.empty_like(z_t)
 
 
-@torch.library.custom_op("turbo_kernels::guided_solver_step_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::guided_solver_step_backward")
 def _guided_solver_step_backward(
     grad_z_lo: Tensor, grad_x0: Tensor, t_hi: Tensor, t_lo: Tensor, w: Tensor, motion_scale: Tensor,
     alphas_cumprod: Tensor, release_form: bool, has_score: bool, backend: str,
@@ -200,7 +200,7 @@ def guided_solver_step(
 # ---- consistency_output ------------------------------------------------------------------------
 
 
-@torch.library.custom_op("turbo_kernels::consistency_output", mutates_args=())
+@dispatch.custom_op("turbo_kernels::consistency_output")
 def _consistency_output(
     sample: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor, timestep_scaling: float, sigma_data: float
 ) -> Tensor:
@@ -214,7 +214,7 @@ def _(sample, eps, t, alphas_cumprod, timestep_scaling, sigma_data):
     return torch.empty_like(sample)
 
 
-@torch.library.custom_op("turbo_kernels::consistency_output_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::consistency_output_backward")
 def _consistency_output_backward(
     grad_out: Tensor, t: Tensor, alphas_cumprod: Tensor, timestep_scaling: float, sigma_data: float, backend: str
 ) -> tuple[Tensor, Tensor]:
@@ -271,7 +271,7 @@ def consistency_output(
 # ---- consistency_sampler_step ------------------------------------------------------------------
 
 
-@torch.library.custom_op("turbo_kernels::consistency_sampler_step", mutates_args=())
+@dispatch.custom_op("turbo_kernels::consistency_sampler_step")
 def _consistency_sampler_step(
     sample: Tensor, eps: Tensor, noise: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor,
     timestep_scaling: float, sigma_data: float,
@@ -287,7 +287,7 @@ def _(sample, eps, noise, t, t_prev, alphas_cumprod, timestep_scaling, sigma_dat
     return torch.empty_like(sample), torch.empty_like(sample)
 
 
-@torch.library.custom_op("turbo_kernels::consistency_sampler_step_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::consistency_sampler_step_backward")
 def _consistency_sampler_step_backward(
     grad_denoised: Tensor, grad_next: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor,
     timestep_scaling: float, sigma_data: float, backend: str,
@@ -358,7 +358,7 @@ def consistency_sampler_step(
 # ---- pseudo_huber_loss -------------------------------------------------------------------------
 
 
-@torch.library.custom_op("turbo_kernels::pseudo_huber_loss", mutates_args=())
+@dispatch.custom_op("turbo_kernels::pseudo_huber_loss")
 def _pseudo_huber_loss(pred: Tensor, target: Tensor, c: float) -> Tensor:
     return dispatch.run("pseudo_huber_loss", pred.device, pred, target, c)
 
@@ -368,7 +368,7 @@ def _(pred, target, c):
     return pred.new_empty((), dtype=torch.float64 if pred.dtype == torch.float64 else torch.float32)
 
 
-@torch.library.custom_op("turbo_kernels::pseudo_huber_loss_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::pseudo_huber_loss_backward")
 def _pseudo_huber_loss_backward(
     grad: Tensor, pred: Tensor, target: Tensor, c: float, backend: str
 ) -> tuple[Tensor, Tensor]:

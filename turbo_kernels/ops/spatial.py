@@ -131,7 +131,7 @@ dispatch.register("spatial_attention_backward", "triton", _backward_problem)(
 # ---- custom ops --------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("turbo_kernels::spatial_attention", mutates_args=())
+@dispatch.custom_op("turbo_kernels::spatial_attention")
 def _spatial_attention(
     q: Tensor, k: Tensor, v: Tensor, heads: int, scale: float, kv_repeat: int
 ) -> tuple[Tensor, Tensor]:
@@ -143,7 +143,7 @@ def _(q, k, v, heads, scale, kv_repeat):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, heads), dtype=torch.float32)
 
 
-@torch.library.custom_op("turbo_kernels::spatial_attention_backward", mutates_args=())
+@dispatch.custom_op("turbo_kernels::spatial_attention_backward")
 def _spatial_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, heads: int, scale: float,
     kv_repeat: int, backend: str,
