@@ -761,14 +761,14 @@ def test_gradient_references_match_float64_autograd():
     frames, videos, channels, tokens = 3, 2, 64, 5
     x = _stream(videos, frames, channels, 1, tokens, torch.float64, g).requires_grad_(True)
     mean, rstd = ref.group_norm_stats(x, frames, 32, 1e-6)
-    grad_mean, grad_rstd = (torch.randn(mean.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    grad_mean, grad_rstd = (randn(mean.shape, torch.float64, g) for _ in range(2))
     (want,) = torch.autograd.grad((mean, rstd), x, (grad_mean, grad_rstd))
     got = ref.group_norm_stats_backward(x.detach(), mean.detach(), rstd.detach(), grad_mean, grad_rstd, frames)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
     tokens_x = x.detach().flatten(2).transpose(1, 2).requires_grad_(True)
-    scale, shift = (torch.randn(videos, channels, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    grad_a = torch.randn(tokens_x.shape, generator=g, dtype=torch.float64)
+    scale, shift = (randn((videos, channels), torch.float64, g).requires_grad_(True) for _ in range(2))
+    grad_a = randn(tokens_x.shape, torch.float64, g)
     a = ref.channel_affine(tokens_x, scale, shift, frames)
     want = torch.autograd.grad(a, (tokens_x, scale, shift), grad_a)
     got = ref.channel_affine_backward(grad_a, tokens_x.detach(), scale.detach(), frames)
@@ -776,9 +776,9 @@ def test_gradient_references_match_float64_autograd():
         torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-13, msg=lambda m: f"{name}: {m}")
     assert got[0].stride() == tokens_x.stride()
 
-    weight, bias = (torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True) for shape in ((7, channels), (7,)))
+    weight, bias = (randn(shape, torch.float64, g).requires_grad_(True) for shape in ((7, channels), (7,)))
     out = ref.strided_linear(tokens_x.detach(), weight, bias, None, scale.detach(), shift.detach(), frames, True)
-    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grad_out = randn(out.shape, torch.float64, g)
     want = torch.autograd.grad(out, (weight, bias), grad_out)
     got = ref.strided_linear_weight_grad(grad_out.transpose(1, 2), tokens_x.detach(), scale.detach(), shift.detach(), frames)
     for name, value, expected in zip(("d weight", "d bias"), got, want):
