@@ -27,6 +27,15 @@ def reads_values(t: Tensor) -> bool:
     return value_checks_enabled() and not t.is_meta and t.numel() > 0
 
 
+@torch.compiler.assume_constant_result
+def autocast_available(device_type: str) -> bool:
+    """torch.amp.is_autocast_available (False for meta tensors, which torch.autocast refuses), in a
+    form torch.compile traces: torch 2.11's dynamo skips the C function it calls, which breaks the
+    graph (an error under fullgraph=True). The answer is fixed per device type, so the graph takes
+    it as a constant."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def value_checks_enabled() -> bool:
     if os.environ.get("TURBO_KERNELS_VALIDATE", "1") == "0":
         return False

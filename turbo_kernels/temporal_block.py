@@ -505,7 +505,7 @@ def fused_temporal_transformer(
     # Meta tensors (shape inference) have no autocast to turn off, and torch.autocast refuses them.
     no_autocast = (
         torch.autocast(x.device.type, enabled=False)
-        if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext()
+        if checks.autocast_available(x.device.type) else contextlib.nullcontext()
     )
     with no_autocast:
         scale, shift = _group_norm_affine(layer.norm, x, num_frames)

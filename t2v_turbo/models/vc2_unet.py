@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 import turbo_kernels
 from t2v_turbo.schedule import DEFAULT_FPS
+from turbo_kernels.checks import autocast_available
 from turbo_kernels.patching import has_hooks
 from turbo_kernels.temporal_block import fused_temporal_transformer
 
@@ -810,7 +811,7 @@ class VC2UNet(nn.Module):
             )
         weights = self.time_embed[0].weight.dtype
         device_type = x.device.type
-        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        autocast = autocast_available(device_type) and torch.is_autocast_enabled(device_type)
         # Autocast reconciles x with float32 weights or with weights of its own dtype, not others
         # (GroupNorm, for one, refuses float16 weights under bfloat16 autocast).
         reconciled = autocast and weights in (torch.float32, torch.get_autocast_dtype(device_type))

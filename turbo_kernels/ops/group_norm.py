@@ -253,7 +253,7 @@ def _kernels_output_dtype(x: Tensor) -> Optional[torch.dtype]:
     if torch.compiler.is_compiling():
         return None
     # Meta tensors (shape inference) have no autocast state to ask about.
-    if not torch.amp.is_autocast_available(x.device.type) or not torch.is_autocast_enabled(x.device.type):
+    if not checks.autocast_available(x.device.type) or not torch.is_autocast_enabled(x.device.type):
         return x.dtype
     if x.device.type == "cuda":
         # CUDA autocast runs GroupNorm in float32 (16-bit inputs cast up exactly) and returns it.
