@@ -399,3 +399,18 @@ def test_custom_op_calls_that_others_must_see_go_through_the_dispatcher(case):
     assert "Eager_" not in type(y.grad_fn).__name__
     (grad,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(grad, torch.full_like(x, 2.0), rtol=0, atol=0)
+
+
+@dispatch.custom_op("turbo_kernels_test::doubled_without_autograd")
+def _doubled_op(x: torch.Tensor) -> torch.Tensor:
+    return (x * 2).detach()  # as a kernel's output: no graph
+
+
+def test_an_op_without_a_backward_refuses_gradients_as_the_registered_op_does():
+    """A backward op differentiated again (create_graph) must fail, not hand back a kernel's
+    graph-less output; without gradients the eager call runs the function."""
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        _doubled_op(x).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(_doubled_op(x), x * 2, rtol=0, atol=0)

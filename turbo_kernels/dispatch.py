@@ -162,7 +162,11 @@ class EagerCustomOp:
         if kwargs or len(args) < self._num_required or not _plain_eager_call(args):
             return self._op(*args, **kwargs)
         args += self._defaults[len(args) - self._num_required:]
-        if self._function is not None and torch.is_grad_enabled() and any(_requires_grad(a) for a in args):
+        if torch.is_grad_enabled() and any(_requires_grad(a) for a in args):
+            if self._function is None:
+                # The op's own autograd raises on backward: a backward op differentiated again (a
+                # double backward) fails instead of giving the kernels' graph-less outputs no gradient.
+                return self._op(*args)
             return self._function.apply(*args)
         return self._fn(*args)
 
