@@ -357,6 +357,16 @@ class _CountingMode(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _CountingFunctionMode(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.funcs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def test_an_eager_custom_op_runs_its_function_without_the_dispatcher(monkeypatch):
     """A plain eager call never reaches the registered op (replaced here by one that fails); with
     gradients it runs the op's own backward, its setup_context given every input, defaults too."""
@@ -371,15 +381,22 @@ def test_an_eager_custom_op_runs_its_function_without_the_dispatcher(monkeypatch
     assert y.grad_fn.inputs == (x, 3.0, 0.0)
 
 
-@pytest.mark.parametrize("case", ["dispatch-mode", "keyword", "subclass", "profiler", "compile"])
+@pytest.mark.parametrize("case", ["dispatch-mode", "function-mode", "keyword", "subclass", "profiler", "compile"])
 def test_custom_op_calls_that_others_must_see_go_through_the_dispatcher(case):
-    """Dispatch modes (fake tensors, FlopCounterMode), keyword arguments, tensor subclasses, the
-    profiler and torch.compile each get the registered op, with its autograd."""
+    """Dispatch modes (fake tensors, FlopCounterMode), torch function modes, keyword arguments,
+    tensor subclasses, the profiler and torch.compile each get the registered op, with its autograd."""
     x = torch.randn(4, requires_grad=True)
     if case == "dispatch-mode":
         with _CountingMode() as mode:
             y = _scaled_op(x, 2.0)
         assert "turbo_kernels_test.scaled.default" in mode.ops
+    elif case == "function-mode":
+        # A TorchFunctionMode (torch.device's default-device context is one) sees the op, as a
+        # call through the dispatcher shows it, not the torch functions inside the op's function.
+        with _CountingFunctionMode() as mode:
+            y = _scaled_op(x, 2.0)
+        assert "turbo_kernels_test.scaled.default" in mode.funcs
+        assert not any("mul" in func for func in mode.funcs), mode.funcs
     elif case == "keyword":
         y = _scaled_op(x, scale=2.0)
     elif case == "subclass":

@@ -122,7 +122,8 @@ class EagerCustomOp:
     """A torch.library custom op (`custom_op`) whose plain eager calls run its function directly.
 
     The op itself is what torch.compile traces (opaque, with its fake), and what fake tensors,
-    dispatch modes, functorch transforms, the JIT tracer, the profiler and tensor subclasses meet.
+    dispatch and torch function modes, functorch transforms, the JIT tracer, the profiler and
+    tensor subclasses meet.
     But an eager call through the dispatcher costs its function about 20 µs of Python more (45 µs
     with gradients: the generated autograd wrapper, default filling, the alias check) on CI's CPU,
     and a VideoCrafter2 UNet forward makes about 465 of them: on the lent H200 its kernels issued
@@ -196,10 +197,12 @@ def _requires_grad(arg) -> bool:
 
 def _plain_eager_call(args) -> bool:
     """Whether nothing but the op's function needs to see this call: no compiler tracing, dispatch
-    mode (fake tensors, FlopCounterMode), functorch transform, JIT trace or profiler, and plain
-    tensors only."""
+    mode (fake tensors, FlopCounterMode), torch function mode (torch.device's context, user modes)
+    or argument with a __torch_function__ (tensor subclasses, torch.fx proxies), functorch
+    transform, JIT trace or profiler, and plain tensors only."""
     return (
         not torch.compiler.is_compiling()
+        and not torch._C._has_torch_function(args)
         and torch._C._len_torch_dispatch_stack() == 0
         and torch._C._functorch.peek_interpreter_stack() is None
         and torch._C._get_tracing_state() is None
