@@ -6,9 +6,10 @@ Temporal attention in a video UNet is a huge batch of tiny attentions (F = 16 fr
 program packs ROWS // F_PAD whole sequences of one head into a ROWS-row tile (tile row r holds
 frame r % F_PAD of the tile's sequence r // F_PAD, frames padded to a power of two) and runs all of
 their attentions as one block-diagonal ROWS x ROWS product, masking the keys of other sequences
-and padded frames out of every row. That spends ROWS / F_PAD times the useful arithmetic (4x at
-F = 16) on full tensor-core tiles, with no reshapes, and stays far below the arithmetic intensity
-at which an H100 stops being bandwidth-bound.
+and padded frames out of every row. That spends ROWS / F_PAD times the useful arithmetic (1x
+by default from F = 9 up, a tile being one sequence; 16 / F_PAD below, tl.dot's 16 rows) on full
+tensor-core tiles, with no reshapes, and stays far below the arithmetic intensity at which an H100
+stops being bandwidth-bound.
 
 Addressing: element c of head h of token (sequence s = b*N + n, frame f) lives at
 b*stride_b + n*stride_n + f*stride_f + h*HEAD_DIM + c in both layouts (see `sequence_strides`), so
