@@ -431,3 +431,24 @@ def test_an_op_without_a_backward_refuses_gradients_as_the_registered_op_does():
         _doubled_op(x).sum().backward()
     with torch.no_grad():
         torch.testing.assert_close(_doubled_op(x), x * 2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["vmap", "jit-trace"])
+def test_functorch_transforms_and_the_jit_tracer_get_the_registered_op(case, monkeypatch):
+    """Under a functorch transform or the JIT tracer the call reaches the registered op (which runs
+    the function registered with it), never the eager shortcut (replaced here by one that fails).
+    (torch.func.grad refuses custom ops with a registered autograd, through the dispatcher too.)"""
+    monkeypatch.setattr(_scaled_op, "_fn", lambda *a: pytest.fail("the eager shortcut ran under a transform"))
+    x = torch.randn(2, 3)
+    if case == "vmap":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop")  # no batching rule
+            got, want = torch.vmap(lambda t: _scaled_op(t, 2.0))(x), x * 2.0
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # check_trace would rerun the lambda eagerly, where the shortcut is right.
+            traced = torch.jit.trace(lambda t: _scaled_op(t, 2.0), x, check_trace=False)
+        assert "turbo_kernels_test::scaled" in str(traced.graph)
+        got, want = traced(x), x * 2.0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
