@@ -452,3 +452,16 @@ def test_functorch_transforms_and_the_jit_tracer_get_the_registered_op(case, mon
         assert "turbo_kernels_test::scaled" in str(traced.graph)
         got, want = traced(x), x * 2.0
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@dispatch.custom_op("turbo_kernels_test::shifted_by_keyword")
+def _shifted_op(x: torch.Tensor, *, shift: float = 1.0) -> torch.Tensor:
+    return x + shift
+
+
+def test_an_op_with_keyword_only_parameters_takes_the_registered_path(monkeypatch):
+    """The shortcut passes arguments by position: an op with keyword-only parameters never takes it."""
+    x = torch.randn(3)
+    torch.testing.assert_close(_shifted_op(x), x + 1.0, rtol=0, atol=0)
+    monkeypatch.setattr(_shifted_op, "_op", lambda *a, **k: "registered")
+    assert _shifted_op(x) == "registered"

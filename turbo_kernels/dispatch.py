@@ -136,6 +136,9 @@ class EagerCustomOp:
         self._op = torch.library.custom_op(name, mutates_args=())(fn)
         self._fn = fn
         parameters = list(inspect.signature(fn).parameters.values())
+        # The shortcut passes arguments by position, defaults appended: an op with keyword-only
+        # parameters always takes the registered path.
+        self._positional = all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters)
         self._num_required = sum(p.default is inspect.Parameter.empty for p in parameters)
         self._defaults = tuple(p.default for p in parameters[self._num_required:])
         self._function: Optional[type[torch.autograd.Function]] = None
@@ -160,7 +163,7 @@ class EagerCustomOp:
         )
 
     def __call__(self, *args, **kwargs):
-        if kwargs or len(args) < self._num_required or not _plain_eager_call(args):
+        if kwargs or not self._positional or len(args) < self._num_required or not _plain_eager_call(args):
             return self._op(*args, **kwargs)
         args += self._defaults[len(args) - self._num_required:]
         if torch.is_grad_enabled() and any(_requires_grad(a) for a in args):
