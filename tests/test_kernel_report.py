@@ -64,18 +64,21 @@ def test_no_kernel_spills(rows):
 # The matrix kernels whose 16-bit launches must reach Hopper's warpgroup products (wgmma): a
 # tile or layout change that drops them to mma.sync halves their tensor-core rate.
 WGMMA_KERNELS = (
-    "strided_linear_kernel", "strided_linear_weight_grad_kernel", "temporal_attention_fwd_kernel",
-    "temporal_attention_bwd_kernel", "blocked_fwd_kernel", "blocked_bwd_dq_kernel", "blocked_bwd_dkdv_kernel",
-    "whole_kv_fwd_kernel",
+    "strided_linear_kernel", "strided_linear_weight_grad_kernel", "blocked_fwd_kernel", "blocked_bwd_dq_kernel",
+    "blocked_bwd_dkdv_kernel", "whole_kv_fwd_kernel",
 )
+# Temporal attention is bandwidth-bound (about 8 FLOP a byte): its 16-bit tile is one 16-frame
+# sequence on one warp, whose products are mma.sync (a warpgroup product takes 4 warps), and the H200
+# tile sweep measured it 1.08-1.20x faster than 64 rows on 4 warps with wgmma. Tensor cores still.
+TENSOR_CORE_KERNELS = WGMMA_KERNELS + ("temporal_attention_fwd_kernel", "temporal_attention_bwd_kernel")
 
 
-def test_16_bit_matrix_kernels_use_warpgroup_products(rows):
-    checked = [row for row in rows if row.kernel in WGMMA_KERNELS and row.dtype in ("fp16", "bf16")]
-    assert {row.kernel for row in checked} == set(WGMMA_KERNELS)
+def test_16_bit_matrix_kernels_use_tensor_cores_and_warpgroup_products_where_compute_counts(rows):
+    checked = [row for row in rows if row.kernel in TENSOR_CORE_KERNELS and row.dtype in ("fp16", "bf16")]
+    assert {row.kernel for row in checked} == set(TENSOR_CORE_KERNELS)
     without = [f"{row.kernel} [{row.label}, {row.dtype}]: {row.tensor_cores}" for row in checked
-               if "wgmma" not in row.tensor_cores]
-    assert not without, "no wgmma:\n" + "\n".join(without)
+               if row.tensor_cores == "no" or (row.kernel in WGMMA_KERNELS and "wgmma" not in row.tensor_cores)]
+    assert not without, "no tensor cores, or no wgmma where required:\n" + "\n".join(without)
 
 
 def test_parse_ptxas_log_counts_spill_stores_and_loads():
