@@ -10,7 +10,7 @@ import torch
 import turbo_kernels as tk
 from turbo_kernels import dispatch
 
-from .helpers import DEVICE, HAS_GPU, alphas_cumprod
+from .helpers import DEVICE, HAS_GPU, RecordedOps, alphas_cumprod
 
 PUBLIC_OPS = ["guided_solver_step", "consistency_output", "consistency_sampler_step", "pseudo_huber_loss"]
 
@@ -347,16 +347,6 @@ def _scaled_backward(ctx, grad):
 _scaled_op.register_autograd(_scaled_backward, setup_context=_scaled_setup)
 
 
-class _CountingMode(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 class _CountingFunctionMode(torch.overrides.TorchFunctionMode):
     def __init__(self):
         super().__init__()
@@ -387,9 +377,9 @@ def test_custom_op_calls_that_others_must_see_go_through_the_dispatcher(case):
     tensor subclasses, the profiler and torch.compile each get the registered op, with its autograd."""
     x = torch.randn(4, requires_grad=True)
     if case == "dispatch-mode":
-        with _CountingMode() as mode:
+        with RecordedOps({torch.ops.turbo_kernels_test.scaled.default}) as mode:
             y = _scaled_op(x, 2.0)
-        assert "turbo_kernels_test.scaled.default" in mode.ops
+        assert mode.calls == ["turbo_kernels_test.scaled.default"]
     elif case == "function-mode":
         # A TorchFunctionMode (torch.device's default-device context is one) sees the op, as a
         # call through the dispatcher shows it, not the torch functions inside the op's function.
