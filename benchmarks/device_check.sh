@@ -58,7 +58,8 @@ MODEL_OPS=${MODEL_OPS:-unet_forward,generate,vae_decode,distillation_step,motion
 # variants of issues 4 and 6; a full UNet compiles in minutes): 0 skips them.
 MODEL_COMPILE_S=${MODEL_COMPILE_S:-0}
 # The profile stage (only when STAGES names it): the costliest kernels of one call of each
-# end-to-end op at batch 1, reference eager against kernels.
+# end-to-end op at batch 1, reference eager against kernels, and where the host's time to issue
+# one call goes (cProfile's functions of most own time).
 PROFILE_OPS=${PROFILE_OPS:-unet_forward,distillation_step}
 PROFILE_IMPLS=${PROFILE_IMPLS:-reference-eager,kernels}
 # BENCH_ARGS go to every harness stage; KERNEL_ARGS, REWARD_ARGS, MODEL_ARGS to one (after BENCH_ARGS).
@@ -113,7 +114,7 @@ stage tests 90 tests.log "${PYTEST[@]}" -m gpu "${GPU_TIER_ONLY_TESTS[@]}"
 grep -E "^=+ .*(passed|failed|error)" "$OUT/tests.log"
 
 stage profile 120 bench.log "${BENCH[@]}" --warmup 1 --iters 2 --compile-budget 0 --batch-sizes 1 \
-    --impls "$PROFILE_IMPLS" --profile 30 --ops "$PROFILE_OPS"
+    --impls "$PROFILE_IMPLS" --profile 30 --profile-host 40 --ops "$PROFILE_OPS"
 stage bench_kernels 140 bench.log "${BENCH[@]}" --compile-budget 90 --ops "$KERNEL_OPS" "${KERNEL_ARGS[@]}"
 stage bench_rewards 60 bench.log "${BENCH[@]}" --warmup 2 --iters 5 --compile-budget 0 --ops "$REWARD_OPS" "${REWARD_ARGS[@]}"
 stage bench_models rest bench.log "${BENCH[@]}" --warmup 1 --iters 3 --compile-budget "$MODEL_COMPILE_S" --ops "$MODEL_OPS" "${MODEL_ARGS[@]}"

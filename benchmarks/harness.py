@@ -311,6 +311,63 @@ def profile_call(fn: Callable, inputs: Any, device: torch.device, top: int) -> t
     return kernels, busy
 
 
+# Where host_profile_call files a function's own time: the first of these its source path contains;
+# C functions (torch's operators, tensor methods, builtins) under "C functions".
+HOST_PACKAGES = ("turbo_kernels", "t2v_turbo", "benchmarks", "triton", "torch")
+
+
+def host_package(path: str) -> str:
+    if path == "~":
+        return "C functions"
+    parts = Path(path).parts
+    return next((package for package in HOST_PACKAGES if package in parts), "other")
+
+
+def host_profile_call(fn: Callable, inputs: Any, device: torch.device, top: int) -> tuple[list[dict], dict[str, float]]:
+    """One call `fn(inputs)` under cProfile: its `top` functions by own time (ms) and the own time
+    summed by package (host_package). What an eager call spends issuing its work: Python, and C
+    functions such as operators' launches, or a synchronisation (a tensor's item(), say) that
+    waits on the device inside the call. cProfile slows Python calls about twofold, so the
+    shares, not the sums, carry over to an unprofiled call."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    profiler.enable()
+    try:
+        fn(inputs)
+    finally:
+        profiler.disable()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    functions, packages = [], {}
+    for (path, line, name), (_, calls, own_s, _, _) in pstats.Stats(profiler).stats.items():
+        package = host_package(path)
+        packages[package] = packages.get(package, 0.0) + own_s * 1e3
+        where = name if path == "~" else f"{_package_relative(path)}:{line}({name})"
+        functions.append({"function": where, "ms": own_s * 1e3, "calls": calls})
+    functions.sort(key=lambda f: f["ms"], reverse=True)
+    return functions[:top], dict(sorted(packages.items(), key=lambda item: item[1], reverse=True))
+
+
+def _package_relative(path: str) -> str:
+    """The path from its package's directory on ("torch/nn/modules/module.py"), else the file name."""
+    parts = Path(path).parts
+    start = next((i for i, part in enumerate(parts) if part in HOST_PACKAGES), len(parts) - 1)
+    return "/".join(parts[start:])
+
+
+def format_host_profile(case: Case, impl: Impl, functions: list[dict], packages: dict[str, float]) -> str:
+    total_ms = sum(packages.values())
+    head = (
+        f"host profile of {case.op} {case.case} {case.pass_name} [{impl.name}]: {total_ms:.1f} ms under cProfile; "
+        + ", ".join(f"{package} {100 * ms / total_ms:.0f}%" for package, ms in packages.items() if total_ms > 0)
+    )
+    return "\n".join([head] + [f"  {f['ms']:9.3f} ms {f['calls']:6d}x  {f['function'][:150]}" for f in functions])
+
+
 def format_profile(case: Case, impl: Impl, kernels: list[dict], busy: Optional[float]) -> str:
     total_ms = sum(k["ms"] for k in kernels)
     head = f"top {len(kernels)} kernels of {case.op} {case.case} {case.pass_name} [{impl.name}]: {total_ms:.3f} ms"
@@ -464,6 +521,7 @@ class RunSettings:
     impls: Optional[tuple[str, ...]]
     compile_budget_s: float
     profile_top: int = 0
+    host_profile_top: int = 0
 
 
 class _Runner:
@@ -576,6 +634,15 @@ class _Runner:
             else:
                 self.rows[-1].update(top_kernels=kernels, gpu_busy=busy)
                 print(format_profile(case, impl, kernels, busy), flush=True)
+        if settings.host_profile_top:
+            try:
+                functions, packages = host_profile_call(impl.fn, input_sets[0], timing_device, settings.host_profile_top)
+            except Exception as exc:
+                self.rows[-1]["host_profile_error"] = _reason(exc)
+                _release_memory(settings.device)
+            else:
+                self.rows[-1].update(host_functions=functions, host_packages_ms=packages)
+                print(format_host_profile(case, impl, functions, packages), flush=True)
 
 
 # ---- the run's record: JSON, table, plot --------------------------------------------------------
@@ -806,6 +873,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="after timing each row, profile one more call and record its N costliest kernels (GPU) or operators "
         "(CPU) in the row's top_kernels and, on a GPU, the share of the call the GPU was busy (gpu_busy); print them",
     )
+    parser.add_argument(
+        "--profile-host", type=positive_int, metavar="N", default=0,
+        help="after timing each row, run one more call under cProfile and record its N functions of most own time "
+        "(host_functions) and the own time by package (host_packages_ms): where an eager call's host time goes; print them",
+    )
 
 
 def _check_names(option: str, requested: Optional[tuple[str, ...]], known: set[str]) -> None:
@@ -914,6 +986,7 @@ def run(
         impls=args.impls,
         compile_budget_s=default(args.compile_budget, quick=0.0, cpu=60.0, gpu=math.inf),
         profile_top=args.profile,
+        host_profile_top=args.profile_host,
     )
     copy_bytes = default(None, quick=COPY_BYTES_QUICK, cpu=COPY_BYTES_CPU, gpu=COPY_BYTES_GPU)
     matmul_size = default(None, quick=MATMUL_SIZE_QUICK, cpu=MATMUL_SIZE_CPU, gpu=MATMUL_SIZE_GPU)
@@ -939,6 +1012,7 @@ def run(
             "quick": args.quick,
             "compile_budget_s": None if math.isinf(settings.compile_budget_s) else settings.compile_budget_s,
             "profile_top": settings.profile_top,
+            "host_profile_top": settings.host_profile_top,
         }
 
         def result_so_far(complete: bool) -> dict:

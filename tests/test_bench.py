@@ -308,7 +308,51 @@ def test_profile_records_where_each_row_spends_its_time(tmp_path, capsys):
     assert (row["gpu_busy"] is None) == (not torch.cuda.is_available())
 
 
-def test_a_failing_profiled_call_keeps_the_rows_timing(tmp_path):
+def test_host_profile_records_where_each_row_spends_its_host_time(tmp_path, capsys):
+    def issue_many_small_ops(x):
+        for _ in range(50):
+            x = busy_python(x)
+        return x
+
+    def busy_python(x):
+        return x + sum(range(20_000))
+
+    def suite(options: harness.SuiteOptions):
+        yield harness.Case(
+            op="many_adds", case="4", pass_name="fwd", make_inputs=lambda: torch.zeros(4, device=options.device),
+            impls=(harness.Impl("only", issue_many_small_ops),), bytes_moved=32, dtype=torch.float32, shape=(4,),
+        )
+
+    assert _run_harness(tmp_path, suite, "--profile-host", "2") == 0
+    result = _written(tmp_path)
+    assert result["settings"]["host_profile_top"] == 2
+    (row,) = result["rows"]
+    assert len(row["host_functions"]) == 2
+    # The profiled call's own time goes mostly to the 50 sums of 20,000 ints (a C function); the
+    # harness's own frames are outside the profiled call.
+    top = row["host_functions"][0]
+    assert top["function"] == "<built-in method builtins.sum>" and top["calls"] == 50 and top["ms"] > 0
+    packages = row["host_packages_ms"]
+    assert set(packages) <= {"C functions", "other", "torch"} and packages["C functions"] > sum(packages.values()) / 2
+    assert "benchmarks" not in row["host_packages_ms"]
+    out = capsys.readouterr().out
+    assert "host profile of many_adds 4 fwd [only]" in out and row["host_functions"][0]["function"][:150] in out
+
+
+def test_host_package_files_paths_by_the_package_they_lie_in():
+    assert harness.host_package("~") == "C functions"
+    assert harness.host_package("/x/.venv/lib/python3.11/site-packages/torch/nn/modules/module.py") == "torch"
+    assert harness.host_package("/x/.venv/lib/python3.11/site-packages/triton/runtime/jit.py") == "triton"
+    assert harness.host_package("/work/main/turbo_kernels/ops/group_norm.py") == "turbo_kernels"
+    assert harness.host_package("/work/main/t2v_turbo/models/vc2_unet.py") == "t2v_turbo"
+    assert harness.host_package("/usr/lib/python3.11/contextlib.py") == "other"
+
+
+@pytest.mark.parametrize(
+    "option, error_field, result_field",
+    [("--profile", "profile_error", "top_kernels"), ("--profile-host", "host_profile_error", "host_functions")],
+)
+def test_a_failing_profiled_call_keeps_the_rows_timing(tmp_path, option, error_field, result_field):
     # The first call, --quick's warm-up and 3 timed calls, and on a GPU the wall-latency calls.
     timed_calls = 1 + 1 + 3 + (harness.wall_calls(3, 0.0) if torch.cuda.is_available() else 0)
 
@@ -324,11 +368,11 @@ def test_a_failing_profiled_call_keeps_the_rows_timing(tmp_path):
             impls=(harness.Impl("only", fails_when_profiled),), bytes_moved=32, dtype=torch.float32, shape=(4,),
         )
 
-    assert _run_harness(tmp_path, suite, "--profile", "3") == 0
+    assert _run_harness(tmp_path, suite, option, "3") == 0
     (row,) = _written(tmp_path)["rows"]
     assert row["median_ms"] > 0
-    assert row["profile_error"] == "RuntimeError: profiler out of memory"
-    assert "top_kernels" not in row
+    assert row[error_field] == "RuntimeError: profiler out of memory"
+    assert result_field not in row
 
 
 def test_busy_fraction_counts_overlaps_once_and_gaps_not_at_all():
