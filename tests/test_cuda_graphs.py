@@ -232,6 +232,21 @@ def test_generate_command_refuses_cuda_graphs_on_the_cpu(tmp_path, capsys):
     assert stopped.value.code == 2 and "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "device, flag, expected",
+    [("cpu", None, False), ("cpu", "--no-cuda-graphs", False), ("cuda", None, True), ("cuda", "--no-cuda-graphs", False)],
+)
+def test_generate_command_samples_through_cuda_graphs_by_default_on_a_gpu(device, flag, expected, monkeypatch, tmp_path):
+    from t2v_turbo.commands import generate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = []
+    monkeypatch.setattr(generate, "run_generate", lambda args: seen.append(args.cuda_graphs) or 0)
+    argv = ["a cat", "--model", str(tmp_path), "--device", device, "--out", str(tmp_path / "c.gif")]
+    assert main(argv + ([flag] if flag else [])) == 0
+    assert seen == [expected]
+
+
 @pytest.mark.parametrize("use_kernels", [False, True])
 @torch.no_grad()
 def test_unet_forward_reads_nothing_back_to_the_host(use_kernels, monkeypatch, chosen):
