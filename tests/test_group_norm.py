@@ -175,6 +175,43 @@ def test_affine_silu_kernel_matches_its_reference(dtype, chosen):
     assert_within_2x_of_reference(got, want, want64)
 
 
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+@pytest.mark.parametrize(
+    "samples,channels,groups,partials,order",
+    [(2, 64, 32, 3, (0, 1, 2)), (3, 80, 8, 5, (2, 0, 1)), (1, 40, 4, 1, (0, 1, 2)), (4, 16, 1, 37, (2, 0, 1)),
+     (2, 1280, 32, 16, (1, 0, 2))],
+    ids=["frames-of-videos", "channels-last-ranges", "one-sample", "one-group-many-partials", "vc2-level-4"],
+)
+@pytest.mark.parametrize("weight_dtype", KERNEL_DTYPES, ids=str)
+def test_coefficients_kernel_matches_its_reference(samples, channels, groups, partials, order, weight_dtype):
+    """The backward's coefficients from (B, C, partials) partial sums laid out in any order of
+    their dimensions (the layouts' (B, C, F) and (ranges, B, C) among them), with outputs poisoned:
+    against the reference composition summed over the partials, in float32 and float64."""
+    g = torch.Generator().manual_seed(samples * channels + partials)
+    shape = (samples, channels, partials)
+    stored = [order.index(d) for d in range(3)]
+    sum_grad, sum_grad_x = (
+        torch.randn([shape[d] for d in order], generator=g).permute(*stored).to(DEVICE) for _ in range(2)
+    )
+    assert sum_grad.shape == shape and (partials == 1 or order == (0, 1, 2) or not sum_grad.is_contiguous())
+    mean = (0.3 * torch.randn(samples, groups, generator=g)).to(DEVICE)
+    rstd = (0.5 + torch.rand(samples, groups, generator=g)).to(DEVICE)
+    weight = torch.randn(channels, generator=g).to(DEVICE, weight_dtype)
+    x_shape = (samples, channels, 3, 5, 7)
+    got = kernels.group_norm_silu_coefficients(sum_grad, sum_grad_x, x_shape, mean, rstd, weight)
+
+    def reference(dtype):
+        return ref.group_norm_silu_coefficients(
+            sum_grad.to(dtype).sum(2), sum_grad_x.to(dtype).sum(2), x_shape, mean.to(dtype), rstd.to(dtype), weight
+        )
+
+    for name, out, want, want64 in zip(
+        ("grad_weight", "grad_bias", "alpha", "beta"), got, reference(torch.float32), reference(torch.float64)
+    ):
+        assert out.dtype == torch.float32 and out.is_contiguous()
+        assert_within_2x_of_reference(out, want, want64, name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_affine_silu_kernel_rounds_like_groupnorm(dtype):
@@ -329,9 +366,9 @@ def test_bad_input_names_the_argument(make, error, match):
 @pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_kernel_report_compiles_what_it_launches(monkeypatch, dtype):
-    """Three launches a forward, two a backward; the passes match a declared configuration
-    exactly, the statistics (whose tiles follow the shapes, declared at VideoCrafter2's) by
-    signature."""
+    """Three launches a forward, three a backward; the passes match a declared configuration
+    exactly, the statistics and the backward's coefficients (whose tiles follow the shapes,
+    declared at VideoCrafter2's) by signature."""
     launches = record_kernel_launches(monkeypatch, kernels)
     weight, bias = (t.to(DEVICE, dtype) for t in _affine(64, torch.Generator().manual_seed(10)))
     layouts = LAYOUTS + CHANNELS_LAST_LAYOUTS
@@ -360,8 +397,13 @@ def test_kernel_report_compiles_what_it_launches(monkeypatch, dtype):
     assert len(exact) == len(layouts) + len(layouts) + 2 * len(layouts) + autocast_passes
     assert unreported_launches(exact, kernels.REPORT_CONFIGS) == []
     statistics = [launch for launch in launches if launch[0].__name__ not in passes]
-    # A 5x7 frame is one chunk of positions, which the merge takes as frames = 1.
-    assert unreported_launches(statistics, kernels.REPORT_CONFIGS, ("frames",), check_constexprs=False) == []
+    # one a backward
+    coefficients = sum(launch[0].__name__ == "group_norm_silu_coefficients_kernel" for launch in statistics)
+    assert coefficients == len(layouts) + autocast_passes // 3
+    # A 5x7 frame is one chunk of positions, which the merge takes as frames = 1, and the
+    # channels-last sums as one range of positions (one partial).
+    unit_sizes = ("frames", "partials")
+    assert unreported_launches(statistics, kernels.REPORT_CONFIGS, unit_sizes, check_constexprs=False) == []
 
 
 @pytest.mark.parametrize("layout", ["stream", "stream-cl"])
@@ -553,14 +595,15 @@ def test_channels_last_kernels_read_x_in_place(layout, dtype, monkeypatch, chose
     assert [kernel.__name__ for kernel, _, _ in launches] == [
         "channels_last_group_norm_partial_stats_kernel", "group_norm_merge_stats_kernel",
         "channels_last_affine_silu_kernel", "channels_last_affine_silu_sums_kernel",
-        "channels_last_affine_silu_grad_kernel",
+        "group_norm_silu_coefficients_kernel", "channels_last_affine_silu_grad_kernel",
     ]
     # x is the statistics' and the forward's first argument, the backward passes' second (after
-    # the output's gradient); their x views may differ only by an inserted frame dimension.
+    # the output's gradient; the coefficients between them read neither); their x views may
+    # differ only by an inserted frame dimension.
     first, second = zip(*[(args[0], args[1]) for _, args, _ in launches])
-    for got in first[:3] + second[3:]:
+    for got in first[:3] + second[3:4] + second[5:]:
         assert got.data_ptr() == x.data_ptr() and _significant_strides(got) == _significant_strides(x)
-    for got in first[3:]:
+    for got in first[3:4] + first[5:]:
         assert got.data_ptr() == grad_out.data_ptr()
     assert out.is_contiguous(memory_format=_memory_format(layout)) and grad_x.stride() == x.stride()
 

@@ -24,7 +24,8 @@ gradient in another layout is copied into x's once).
 
 Differentiable (first-order gradients only): `channel_affine_silu_backward` is two passes, the
 per-(sample, channel) sums of d a = d y * silu'(a) and d a * x, then x's whole gradient (through
-the affine and the statistics, from per-group coefficients) written once; reads x and d y twice
+the affine and the statistics, from per-group coefficients that a third, tiny launch computes
+between them) written once; reads x and d y twice
 and writes d x once, where the affine's backward, the statistics' backward and their sum would
 move about 8 tensors. Under CUDA autocast, whose GroupNorm reads 16-bit x as float32 and returns
 float32, the kernels do the same: x read in its dtype, the output and its gradient float32, x's
@@ -91,22 +92,22 @@ dispatch.register("channel_affine_silu", "triton", _affine_silu_problem)(_triton
 
 
 def _triton_backward(grad, x, mean, rstd, weight, bias, with_x):
-    """Two passes: the sums (Triton), the (B, C) coefficients (PyTorch, tiny), x's whole gradient
-    (Triton; skipped when x needs none). The output's gradient is read in the output's layout
-    (copied once where it arrives in another)."""
+    """Three launches: the partial sums, the coefficients from them (one program a group), x's
+    whole gradient (skipped when x needs none). The output's gradient is read in the output's
+    layout (copied once where it arrives in another)."""
     kernels = _triton()
     memory_format = ref.affine_silu_memory_format(x)
     channels_last = memory_format == torch.channels_last_3d
     grad = grad.contiguous(memory_format=memory_format)
-    sums = kernels.channels_last_affine_silu_sums if channels_last else kernels.channel_affine_silu_sums
-    sum_grad, sum_grad_x = sums(grad, x, mean, rstd, weight, bias)
-    grad_weight, grad_bias, alpha, beta = ref.group_norm_silu_coefficients(
+    partial_sums = kernels.channels_last_affine_silu_partial_sums if channels_last else kernels.channel_affine_silu_partial_sums
+    sum_grad, sum_grad_x = partial_sums(grad, x, mean, rstd, weight, bias)
+    grad_weight, grad_bias, alpha, beta = kernels.group_norm_silu_coefficients(
         sum_grad, sum_grad_x, tuple(x.shape), mean, rstd, weight
     )
     if not with_x:
         return x.new_empty(0), grad_weight, grad_bias
     grad_x_pass = kernels.channels_last_affine_silu_grad if channels_last else kernels.channel_affine_silu_grad
-    grad_x = grad_x_pass(grad, x, mean, rstd, weight, bias, alpha.contiguous(), beta.contiguous())
+    grad_x = grad_x_pass(grad, x, mean, rstd, weight, bias, alpha, beta)
     return grad_x, grad_weight, grad_bias
 
 

@@ -620,6 +620,50 @@ def channels_last_affine_silu_grad_kernel(
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def group_norm_silu_coefficients_kernel(
+    sum_grad_ptr, sum_grad_x_ptr, mean_ptr, rstd_ptr, weight_ptr, grad_weight_ptr, grad_bias_ptr, alpha_ptr,
+    beta_ptr, samples, partials, group_size, groups, count, stride_b, stride_c, stride_p,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # The backward's coefficients between its two passes, one group a program: the first pass's
+    # partial sums of d a and d a * x, (sample, channel, partial) at any strides, summed in a
+    # fixed order; each sample's (alpha, beta) and the weight's and bias's gradients summed over
+    # the samples (formulas: reference.temporal_block.group_norm_silu_coefficients).
+    group = tl.program_id(0)
+    member = tl.arange(0, BLOCK_C)
+    member_mask = member < group_size
+    channel = group * group_size + member
+    weight = tl.load(weight_ptr + channel, mask=member_mask, other=0.0).to(tl.float32)
+    grad_weight = tl.zeros([BLOCK_C], tl.float32)
+    grad_bias = tl.zeros([BLOCK_C], tl.float32)
+    sample_start = channel.to(tl.int64)[None, :] * stride_c
+    for sample in range(samples):
+        sum_grad = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        sum_grad_x = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        for start in range(0, partials, BLOCK_P):
+            partial = start + tl.arange(0, BLOCK_P)
+            mask = (partial < partials)[:, None] & member_mask[None, :]
+            offsets = sample_start + partial.to(tl.int64)[:, None] * stride_p
+            sum_grad += tl.load(sum_grad_ptr + offsets, mask=mask, other=0.0)
+            sum_grad_x += tl.load(sum_grad_x_ptr + offsets, mask=mask, other=0.0)
+        channel_grad = tl.sum(sum_grad, axis=0)
+        stat = sample * groups + group
+        mean = tl.load(mean_ptr + stat)
+        rstd = tl.load(rstd_ptr + stat)
+        centred = tl.sum(sum_grad_x, axis=0) - channel_grad * mean
+        grad_weight += centred * rstd
+        grad_bias += channel_grad
+        grad_rstd = tl.sum(centred * weight, axis=0)
+        grad_mean = tl.sum(-channel_grad * rstd * weight, axis=0)
+        grad_var = -0.5 * grad_rstd * (rstd * rstd * rstd)
+        tl.store(alpha_ptr + stat, 2 * grad_var / count)
+        tl.store(beta_ptr + stat, (grad_mean - 2 * grad_var * mean) / count)
+        sample_start += stride_b
+    tl.store(grad_weight_ptr + channel, grad_weight, mask=member_mask)
+    tl.store(grad_bias_ptr + channel, grad_bias, mask=member_mask)
+
+
 def stats_params(rows: int, groups: int, group_numel: int) -> tuple[dict, int]:
     """Groups a program reduces, of one of `rows` frame rows: enough that it streams at least
     STATS_MIN_ELEMENTS (e.g. 4 groups of 10 channels x 2560 positions at VideoCrafter2's first
@@ -778,6 +822,15 @@ AFFINE_SILU_BLOCK = 1024
 AFFINE_SILU_NUM_WARPS = 4
 # Channels-last sums: tiles of as many elements, 16 positions of 64 channels.
 CHANNELS_LAST_SUMS_TILE = dict(BLOCK_P=16, BLOCK_C=64)
+# The coefficients between the backward's passes: a group's channels (at most 40 in the UNet, 16
+# in its VAE) by 16 partials a tile, one warp (a few hundred values a sample).
+COEFFICIENTS_BLOCK_P = 16
+COEFFICIENTS_NUM_WARPS = 1
+_COEFFICIENTS_ARGS = dict(
+    sum_grad_ptr="*fp32", sum_grad_x_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32", grad_weight_ptr="*fp32",
+    grad_bias_ptr="*fp32", alpha_ptr="*fp32", beta_ptr="*fp32", samples="i32", partials="i32", group_size="i32",
+    groups="i32", count="fp32", stride_b="i32", stride_c="i32", stride_p="i32",
+)
 _AFFINE_SILU_ARGS = dict(
     mean_ptr="*fp32", rstd_ptr="*fp32", numel="i32", channels="i32", frames="i32", positions="i32",
     group_size="i32", groups="i32", x_stride_b="i32", x_stride_c="i32", x_stride_f="i32",
@@ -918,6 +971,20 @@ REPORT_CONFIGS: list[KernelConfig] = (
             kernel, {**args, **(_AFFINE_SILU_AUTOCAST_ARGS[kernel] if autocast else {})}, tile, AFFINE_SILU_NUM_WARPS
         )
         if not (autocast and config.dtype == "fp32")
+    ]
+    # The coefficients between them, for groups of 10 and 40 channels (the UNet's first and last
+    # levels), from each layout's partials: a video's frames (unit stride), single frames (one
+    # partial, unit strides), channels-last ranges of positions (unit channel stride). Float32
+    # sums and statistics, the weight in the storage dtype (float32 master weights under
+    # autocast are the fp32 config).
+    + [
+        config
+        for block_c in (next_power_of_2(10), next_power_of_2(40))
+        for units in (("stride_p",), ("partials", "stride_c", "stride_p"), ("stride_c",))
+        for config in storage_configs(
+            group_norm_silu_coefficients_kernel, _with_units(_COEFFICIENTS_ARGS, units),
+            dict(BLOCK_C=block_c, BLOCK_P=COEFFICIENTS_BLOCK_P), COEFFICIENTS_NUM_WARPS,
+        )
     ]
 )
 
@@ -1123,10 +1190,10 @@ def channel_affine_silu(x, mean, rstd, weight, bias, out_dtype=None):
     return out
 
 
-def channel_affine_silu_sums(grad, x, mean, rstd, weight, bias):
-    """The backward's first pass: (sum of d a, sum of d a * x) over each (sample, channel)'s
-    positions, each (B, C) float32, from the output's gradient (contiguous, as the output, and in
-    its dtype)."""
+def channel_affine_silu_partial_sums(grad, x, mean, rstd, weight, bias):
+    """The backward's first pass: (sums of d a, sums of d a * x) over each (sample, channel,
+    frame)'s positions, each (B, C, F) float32, from the output's gradient (contiguous, as the
+    output, and in its dtype)."""
     videos, channels, frames = x.shape[:3]
     partials = [new_output((videos, channels, frames), torch.float32, x.device) for _ in range(2)]
     if x.numel():
@@ -1138,9 +1205,7 @@ def channel_affine_silu_sums(grad, x, mean, rstd, weight, bias):
     else:
         for partial in partials:
             partial.zero_()
-    # Fixed-order sums over frames: deterministic.
-    sum_grad, sum_grad_x = (partial.sum(dim=2) for partial in partials)
-    return sum_grad, sum_grad_x
+    return partials
 
 
 def channel_affine_silu_grad(grad, x, mean, rstd, weight, bias, alpha, beta):
@@ -1184,8 +1249,9 @@ def channels_last_sums_splits(samples: int, positions: int, channels: int) -> in
     return max(1, min(position_blocks, AFFINE_BACKWARD_PROGRAMS // max(samples * channel_blocks, 1)))
 
 
-def channels_last_affine_silu_sums(grad, x, mean, rstd, weight, bias):
-    """channel_affine_silu_sums of x and the output's gradient both lying channels-last."""
+def channels_last_affine_silu_partial_sums(grad, x, mean, rstd, weight, bias):
+    """channel_affine_silu_partial_sums of x and the output's gradient both lying channels-last:
+    partials over ranges of positions, (B, C, ranges) views."""
     samples, channels = x.shape[:2]
     positions = math.prod(x.shape[2:])
     splits = channels_last_sums_splits(samples, positions, channels)
@@ -1199,9 +1265,25 @@ def channels_last_affine_silu_sums(grad, x, mean, rstd, weight, bias):
         )
     else:
         sums.zero_()
-    # Fixed-order sums over position ranges: deterministic.
-    sum_grad, sum_grad_x = sums.sum(dim=1)
-    return sum_grad, sum_grad_x
+    return [partials.permute(1, 2, 0) for partials in sums]
+
+
+def group_norm_silu_coefficients(sum_grad, sum_grad_x, x_shape, mean, rstd, weight):
+    """reference.temporal_block.group_norm_silu_coefficients from the first pass's partial sums
+    (B, C, partials), both at the same strides (any), summed over the partials here (in a fixed order, so
+    deterministic): (d weight, d bias) (C,) and (alpha, beta) (B, groups), float32, in one launch."""
+    samples, channels, partials = sum_grad.shape
+    groups = mean.shape[1]
+    group_size = channels // groups
+    grad_weight, grad_bias = (new_output((channels,), torch.float32, mean.device) for _ in range(2))
+    alpha, beta = (new_output((samples, groups), torch.float32, mean.device) for _ in range(2))
+    if channels:
+        group_norm_silu_coefficients_kernel[(groups,)](
+            sum_grad, sum_grad_x, mean, rstd, weight, grad_weight, grad_bias, alpha, beta, samples, partials,
+            group_size, groups, float(group_size * math.prod(x_shape[2:])), *sum_grad.stride(),
+            BLOCK_C=next_power_of_2(group_size), BLOCK_P=COEFFICIENTS_BLOCK_P, num_warps=COEFFICIENTS_NUM_WARPS,
+        )
+    return grad_weight, grad_bias, alpha, beta
 
 
 def channels_last_affine_silu_grad(grad, x, mean, rstd, weight, bias, alpha, beta):
