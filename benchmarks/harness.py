@@ -617,32 +617,45 @@ class _Runner:
         if flops_error is not None:
             self.rows[-1]["flops_error"] = flops_error
         if case.measure_working_memory:
-            try:
-                working = working_memory_bytes(impl.fn, input_sets[0], settings.device)
-            except Exception as exc:
-                self.rows[-1]["working_mem_error"] = _reason(exc)
-                _release_memory(settings.device)
-            else:
-                self.rows[-1]["working_mem_mb"] = working / MIB
+            self._extra_call(
+                "working_mem_error", lambda: working_memory_bytes(impl.fn, input_sets[0], settings.device),
+                lambda working: self.rows[-1].update(working_mem_mb=working / MIB),
+            )
         if settings.profile_top:
-            # The timing stands whatever happens to the extra, profiled call.
-            try:
-                kernels, busy = profile_call(impl.fn, input_sets[0], timing_device, settings.profile_top)
-            except Exception as exc:
-                self.rows[-1]["profile_error"] = _reason(exc)
-                _release_memory(settings.device)
-            else:
+
+            def record_profile(profile: tuple[list[dict], Optional[float]]) -> None:
+                kernels, busy = profile
                 self.rows[-1].update(top_kernels=kernels, gpu_busy=busy)
                 print(format_profile(case, impl, kernels, busy), flush=True)
+
+            self._extra_call(
+                "profile_error", lambda: profile_call(impl.fn, input_sets[0], timing_device, settings.profile_top),
+                record_profile,
+            )
         if settings.host_profile_top:
-            try:
-                functions, packages = host_profile_call(impl.fn, input_sets[0], timing_device, settings.host_profile_top)
-            except Exception as exc:
-                self.rows[-1]["host_profile_error"] = _reason(exc)
-                _release_memory(settings.device)
-            else:
+
+            def record_host_profile(profile: tuple[list[dict], dict[str, float]]) -> None:
+                functions, packages = profile
                 self.rows[-1].update(host_functions=functions, host_packages_ms=packages)
                 print(format_host_profile(case, impl, functions, packages), flush=True)
+
+            self._extra_call(
+                "host_profile_error",
+                lambda: host_profile_call(impl.fn, input_sets[0], timing_device, settings.host_profile_top),
+                record_host_profile,
+            )
+
+    def _extra_call(self, error_field: str, measure: Callable[[], Any], record: Callable[[Any], None]) -> None:
+        """One more call after the timed ones (working memory, a profile): `record` takes what
+        `measure` returns, or the row gets its error in `error_field`; the row's timing stands
+        whatever happens to the extra call."""
+        try:
+            result = measure()
+        except Exception as exc:
+            self.rows[-1][error_field] = _reason(exc)
+            _release_memory(self.settings.device)
+        else:
+            record(result)
 
 
 # ---- the run's record: JSON, table, plot --------------------------------------------------------
