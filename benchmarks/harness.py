@@ -311,24 +311,29 @@ def profile_call(fn: Callable, inputs: Any, device: torch.device, top: int) -> t
     return kernels, busy
 
 
-# Where host_profile_call files a function's own time: the first of these its source path contains;
-# C functions (torch's operators, tensor methods, builtins) under "C functions".
+# Where host_profile_call files a function's own time: the package its source file lies in, the
+# innermost of these its path names; C functions (torch's operators, tensor methods, builtins)
+# under "C functions".
 HOST_PACKAGES = ("turbo_kernels", "t2v_turbo", "benchmarks", "triton", "torch")
 
 
 def host_package(path: str) -> str:
+    """The package of the innermost directory of `path` that HOST_PACKAGES names ("torch" for
+    .../benchmarks/.venv/.../site-packages/torch/nn/functional.py), else "other"."""
     if path == "~":
         return "C functions"
-    parts = Path(path).parts
-    return next((package for package in HOST_PACKAGES if package in parts), "other")
+    return next((part for part in reversed(Path(path).parts[:-1]) if part in HOST_PACKAGES), "other")
 
 
 def host_profile_call(fn: Callable, inputs: Any, device: torch.device, top: int) -> tuple[list[dict], dict[str, float]]:
     """One call `fn(inputs)` under cProfile: its `top` functions by own time (ms) and the own time
     summed by package (host_package). What an eager call spends issuing its work: Python, and C
     functions such as operators' launches, or a synchronisation (a tensor's item(), say) that
-    waits on the device inside the call. cProfile slows Python calls about twofold, so the
-    shares, not the sums, carry over to an unprofiled call."""
+    waits on the device inside the call. cProfile adds a cost to every Python call, so the sums
+    exceed an unprofiled call's host time and the shares lean towards code of many small calls:
+    compare paths with each other, not with host_ms. No spin kernel runs ahead: where the GPU
+    falls behind and the launch queue fills, the launches that wait count as C functions' own
+    time."""
     import cProfile
     import pstats
 
@@ -355,7 +360,7 @@ def host_profile_call(fn: Callable, inputs: Any, device: torch.device, top: int)
 def _package_relative(path: str) -> str:
     """The path from its package's directory on ("torch/nn/modules/module.py"), else the file name."""
     parts = Path(path).parts
-    start = next((i for i, part in enumerate(parts) if part in HOST_PACKAGES), len(parts) - 1)
+    start = next((i for i in reversed(range(len(parts) - 1)) if parts[i] in HOST_PACKAGES), len(parts) - 1)
     return "/".join(parts[start:])
 
 

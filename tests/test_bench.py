@@ -346,6 +346,12 @@ def test_host_package_files_paths_by_the_package_they_lie_in():
     assert harness.host_package("/work/main/turbo_kernels/ops/group_norm.py") == "turbo_kernels"
     assert harness.host_package("/work/main/t2v_turbo/models/vc2_unet.py") == "t2v_turbo"
     assert harness.host_package("/usr/lib/python3.11/contextlib.py") == "other"
+    # the innermost package directory, wherever the checkout lies
+    assert harness.host_package("/home/u/benchmarks/.venv/lib/python3.11/site-packages/torch/functional.py") == "torch"
+    assert harness.host_package("/home/u/torch/turbo/benchmarks/harness.py") == "benchmarks"
+    assert harness._package_relative("/home/u/benchmarks/.venv/site-packages/torch/nn/functional.py") == (
+        "torch/nn/functional.py"
+    )
 
 
 @pytest.mark.parametrize(

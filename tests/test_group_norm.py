@@ -212,6 +212,37 @@ def test_coefficients_kernel_matches_its_reference(samples, channels, groups, pa
         assert_within_2x_of_reference(out, want, want64, name)
 
 
+@pytest.mark.skipif(not TRITON_USABLE, reason="Triton not usable here")
+def test_groups_wider_than_the_coefficients_tile_take_the_composition(monkeypatch, chosen):
+    """Groups of 80 channels: the coefficients kernel refuses them (its one-warp tile would spill),
+    the backward sums the partials and takes the composition, and the gradients still match."""
+    g = torch.Generator().manual_seed(50)
+    channels, groups = 160, 2
+    with pytest.raises(ValueError, match="groups of 80 channels"):
+        kernels.group_norm_silu_coefficients(
+            *(torch.zeros(1, channels, 1) for _ in range(2)), (1, channels, 1, 2, 2), torch.zeros(1, groups),
+            torch.ones(1, groups), torch.ones(channels),
+        )
+    launches = record_kernel_launches(monkeypatch, kernels)
+    x64 = torch.randn(2, channels, 3, 4, 4, generator=g, dtype=torch.float64)
+    weight64, bias64 = (torch.randn(channels, generator=g, dtype=torch.float64) for _ in range(2))
+    grad64 = torch.randn(2, channels, 3, 4, 4, generator=g, dtype=torch.float64)
+
+    def gradients(fn, dtype):
+        x, weight, bias = (t.to(DEVICE, dtype).requires_grad_(True) for t in (x64, weight64, bias64))
+        return torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), grad64.to(DEVICE, dtype))
+
+    with tk.backend("triton"):
+        got = gradients(lambda x, w, b: tk.group_norm_silu(x, w, b, groups, EPS), torch.float32)
+    assert "group_norm_silu_coefficients_kernel" not in [kernel.__name__ for kernel, _, _ in launches]
+    assert ("channel_affine_silu_backward", "triton") in chosen
+    composition = lambda x, w, b: F.silu(F.group_norm(x, groups, w, b, EPS))  # noqa: E731
+    for name, out, want, want64 in zip(
+        ("x", "weight", "bias"), got, gradients(composition, torch.float32), gradients(composition, torch.float64)
+    ):
+        assert_within_2x_of_reference(out, want, want64, name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_affine_silu_kernel_rounds_like_groupnorm(dtype):

@@ -171,8 +171,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(f"--cuda-graphs needs a CUDA device, got --device {args.device}")
     if args.cuda_graphs is None:
         # On the H200 lease a 4-step clip took 349 ms replayed from graphs against 852 ms issued
-        # eagerly through the kernels (578 ms through the reference): eager batch-1 sampling is
-        # bound by the host.
+        # eagerly through the kernels (578 ms through the reference, not timed through graphs):
+        # eager batch-1 sampling is bound by the host, whichever ops it issues.
         args.cuda_graphs = device.type == "cuda"
 
 

@@ -92,8 +92,9 @@ dispatch.register("channel_affine_silu", "triton", _affine_silu_problem)(_triton
 
 
 def _triton_backward(grad, x, mean, rstd, weight, bias, with_x):
-    """Three launches: the partial sums, the coefficients from them (one program a group), x's
-    whole gradient (skipped when x needs none). The output's gradient is read in the output's
+    """Three launches: the partial sums, the coefficients from them (one program a group; for
+    groups of more than 64 channels the composition), x's whole gradient (skipped when x needs
+    none). The output's gradient is read in the output's
     layout (copied once where it arrives in another)."""
     kernels = _triton()
     memory_format = ref.affine_silu_memory_format(x)
@@ -101,14 +102,23 @@ def _triton_backward(grad, x, mean, rstd, weight, bias, with_x):
     grad = grad.contiguous(memory_format=memory_format)
     partial_sums = kernels.channels_last_affine_silu_partial_sums if channels_last else kernels.channel_affine_silu_partial_sums
     sum_grad, sum_grad_x = partial_sums(grad, x, mean, rstd, weight, bias)
-    grad_weight, grad_bias, alpha, beta = kernels.group_norm_silu_coefficients(
-        sum_grad, sum_grad_x, tuple(x.shape), mean, rstd, weight
-    )
+    wide_groups = x.shape[1] // mean.shape[1] > kernels.COEFFICIENTS_MAX_GROUP_SIZE
+    coefficients = _composed_coefficients if wide_groups else kernels.group_norm_silu_coefficients
+    grad_weight, grad_bias, alpha, beta = coefficients(sum_grad, sum_grad_x, tuple(x.shape), mean, rstd, weight)
     if not with_x:
         return x.new_empty(0), grad_weight, grad_bias
     grad_x_pass = kernels.channels_last_affine_silu_grad if channels_last else kernels.channel_affine_silu_grad
     grad_x = grad_x_pass(grad, x, mean, rstd, weight, bias, alpha, beta)
     return grad_x, grad_weight, grad_bias
+
+
+def _composed_coefficients(sum_grad, sum_grad_x, x_shape, mean, rstd, weight):
+    """The coefficients' composition on the partial sums (B, C, partials), for groups wider than
+    the kernel's tile (none in VideoCrafter2's UNet or VAE)."""
+    grad_weight, grad_bias, alpha, beta = ref.group_norm_silu_coefficients(
+        sum_grad.sum(2), sum_grad_x.sum(2), x_shape, mean, rstd, weight
+    )
+    return grad_weight, grad_bias, alpha.contiguous(), beta.contiguous()
 
 
 def _reference_backward(grad, x, mean, rstd, weight, bias, with_x):

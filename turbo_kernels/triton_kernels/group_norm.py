@@ -823,9 +823,12 @@ AFFINE_SILU_NUM_WARPS = 4
 # Channels-last sums: tiles of as many elements, 16 positions of 64 channels.
 CHANNELS_LAST_SUMS_TILE = dict(BLOCK_P=16, BLOCK_C=64)
 # The coefficients between the backward's passes: a group's channels (at most 40 in the UNet, 16
-# in its VAE) by 16 partials a tile, one warp (a few hundred values a sample).
+# in its VAE) by 16 partials a tile, one warp (a few hundred values a sample). Wider groups are
+# not taken: at 128 channels the tile spills (1280 bytes a thread in fp32 on sm_90a), and wider
+# ones spill more and take minutes to compile.
 COEFFICIENTS_BLOCK_P = 16
 COEFFICIENTS_NUM_WARPS = 1
+COEFFICIENTS_MAX_GROUP_SIZE = 64
 _COEFFICIENTS_ARGS = dict(
     sum_grad_ptr="*fp32", sum_grad_x_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32", grad_weight_ptr="*fp32",
     grad_bias_ptr="*fp32", alpha_ptr="*fp32", beta_ptr="*fp32", samples="i32", partials="i32", group_size="i32",
@@ -979,8 +982,14 @@ REPORT_CONFIGS: list[KernelConfig] = (
     # autocast are the fp32 config).
     + [
         config
-        for block_c in (next_power_of_2(10), next_power_of_2(40))
-        for units in (("stride_p",), ("partials", "stride_c", "stride_p"), ("stride_c",))
+        for block_c, units in [
+            (block_c, units)
+            for block_c in (next_power_of_2(10), next_power_of_2(40))
+            for units in (("stride_p",), ("partials", "stride_c", "stride_p"), ("stride_c",))
+        ]
+        # and one video (batch 1, the distillation step's), whose channels-last sums may be one
+        # range of positions, at the widest tile
+        + [(next_power_of_2(40), units) for units in (("samples", "stride_p"), ("samples", "partials", "stride_c"))]
         for config in storage_configs(
             group_norm_silu_coefficients_kernel, _with_units(_COEFFICIENTS_ARGS, units),
             dict(BLOCK_C=block_c, BLOCK_P=COEFFICIENTS_BLOCK_P), COEFFICIENTS_NUM_WARPS,
@@ -1271,10 +1280,13 @@ def channels_last_affine_silu_partial_sums(grad, x, mean, rstd, weight, bias):
 def group_norm_silu_coefficients(sum_grad, sum_grad_x, x_shape, mean, rstd, weight):
     """reference.temporal_block.group_norm_silu_coefficients from the first pass's partial sums
     (B, C, partials), both at the same strides (any), summed over the partials here (in a fixed order, so
-    deterministic): (d weight, d bias) (C,) and (alpha, beta) (B, groups), float32, in one launch."""
+    deterministic): (d weight, d bias) (C,) and (alpha, beta) (B, groups), float32, in one launch;
+    groups of at most COEFFICIENTS_MAX_GROUP_SIZE channels."""
     samples, channels, partials = sum_grad.shape
     groups = mean.shape[1]
     group_size = channels // groups
+    if group_size > COEFFICIENTS_MAX_GROUP_SIZE:
+        raise ValueError(f"groups of {group_size} channels (the kernel takes at most {COEFFICIENTS_MAX_GROUP_SIZE})")
     grad_weight, grad_bias = (new_output((channels,), torch.float32, mean.device) for _ in range(2))
     alpha, beta = (new_output((samples, groups), torch.float32, mean.device) for _ in range(2))
     if channels:
