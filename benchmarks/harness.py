@@ -322,7 +322,14 @@ def host_package(path: str) -> str:
     .../benchmarks/.venv/.../site-packages/torch/nn/functional.py), else "other"."""
     if path == "~":
         return "C functions"
-    return next((part for part in reversed(Path(path).parts[:-1]) if part in HOST_PACKAGES), "other")
+    parts = Path(path).parts
+    start = _package_start(parts)
+    return "other" if start is None else parts[start]
+
+
+def _package_start(parts: tuple[str, ...]) -> Optional[int]:
+    """The index of the innermost directory among a path's `parts` that HOST_PACKAGES names."""
+    return next((i for i in reversed(range(len(parts) - 1)) if parts[i] in HOST_PACKAGES), None)
 
 
 def host_profile_call(fn: Callable, inputs: Any, device: torch.device, top: int) -> tuple[list[dict], dict[str, float]]:
@@ -360,8 +367,8 @@ def host_profile_call(fn: Callable, inputs: Any, device: torch.device, top: int)
 def _package_relative(path: str) -> str:
     """The path from its package's directory on ("torch/nn/modules/module.py"), else the file name."""
     parts = Path(path).parts
-    start = next((i for i in reversed(range(len(parts) - 1)) if parts[i] in HOST_PACKAGES), len(parts) - 1)
-    return "/".join(parts[start:])
+    start = _package_start(parts)
+    return "/".join(parts[len(parts) - 1 if start is None else start:])
 
 
 def format_host_profile(case: Case, impl: Impl, functions: list[dict], packages: dict[str, float]) -> str:
