@@ -10,7 +10,7 @@ time is host time alone. Each op is timed against the torch composition that the
 runs in its place, on the same tensors: a few thousand values each, so that the composition's
 computing on the CPU adds little to its host time (its rows are an upper bound of that).
 
-    python -m benchmarks.host_cost [--iters N] [--json PATH]
+    python -m benchmarks.host_cost [--iters N] [--repeats R] [--ops a,b] [--json PATH]
 
 It runs without TRITON_INTERPRET (the interpreter replaces Triton's launch path); host times are
 this CPU's, not a GPU host's, and the elided launcher leaves out the C launcher's own few µs.
@@ -35,8 +35,10 @@ _DEVICE_PROPERTIES = {"max_shared_mem": 232448, "multiprocessor_count": 132, "ma
 _TARGET_ARCH = 90
 
 
-def _elided_driver():
-    """A Triton driver (a DriverBase) that compiles for sm_90 and whose launches do nothing."""
+def _elided_driver(record: list | None = None):
+    """A Triton driver (a DriverBase) that compiles for sm_90 and whose launches do nothing but,
+    given a `record` list, append (compiled kernel's hash, grid, kernel arguments) to it."""
+    from triton.runtime import driver
     from triton.backends.compiler import GPUTarget
     from triton.backends.driver import DriverBase
     from triton.backends.nvidia.driver import ty_to_cpp
@@ -54,13 +56,21 @@ def _elided_driver():
 
     def launcher(src, metadata):
         def launch(*args):
-            return None
+            # A compiled kernel keeps the launcher of its first launch: the record is the one of
+            # the driver active now. The arguments: grid x, y, z, stream, function, packed
+            # metadata, launch metadata, enter hook, exit hook, then the kernel's own.
+            active_record = getattr(driver.active, "record", None)
+            if active_record is not None:
+                active_record.append((metadata.hash, args[:3], args[9:]))
 
         return launch
 
     class ElidedLaunchDriver(DriverBase):
         utils = Utils()
         launcher_cls = staticmethod(launcher)
+
+        def __init__(self):
+            self.record = record
 
         @classmethod
         def is_active(cls):
@@ -88,9 +98,10 @@ def _elided_driver():
 
 
 @contextlib.contextmanager
-def elided_launches() -> Iterator[None]:
-    """Within: Triton kernels compile for sm_90 and launch nothing, and the dispatcher lets the
-    Triton backend take CPU tensors (the elided launches read none of their values)."""
+def elided_launches(record: list | None = None) -> Iterator[None]:
+    """Within: Triton kernels compile for sm_90 and launch nothing (given a `record` list, each
+    launch appends to it what the driver's launcher was handed, as `_elided_driver`), and the
+    dispatcher lets the Triton backend take CPU tensors (the launches read none of their values)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("host_cost needs Triton's launch path: run it without TRITON_INTERPRET")
     from triton.runtime import driver
@@ -101,7 +112,7 @@ def elided_launches() -> Iterator[None]:
     # The driver active before, put back as it was: reset_active() would create the machine's own,
     # and a machine without a GPU has none.
     previous = driver._active
-    driver.set_active(_elided_driver())
+    driver.set_active(_elided_driver(record))
     dispatch.machine_unavailable_reason = lambda name, device: None if device.type == "cpu" else takes_cpu(name, device)
     try:
         yield
@@ -112,23 +123,38 @@ def elided_launches() -> Iterator[None]:
 
 @contextlib.contextmanager
 def counted_launches() -> Iterator[list]:
-    """The Triton launches made within: (kernel name, seconds in Triton's launch path) each."""
+    """The Triton launches made within: (kernel name, seconds in the launch path) each, timed
+    from `kernel[grid](...)` (Triton's JITFunction, or turbo_kernels' FastLaunchFunction)."""
     from triton.runtime.jit import JITFunction
 
+    from turbo_kernels.triton_kernels.fast_launch import FastLaunchFunction
+
     launches: list = []
-    run = JITFunction.run
+    # The classes that define the launch (`kernel[grid]`): Triton's base of JITFunction, and ours.
+    defining = {next(c for c in cls.__mro__ if "__getitem__" in vars(c)) for cls in (JITFunction, FastLaunchFunction)}
+    originals = {cls: vars(cls)["__getitem__"] for cls in defining}
 
-    def counting_run(self, *args, **kwargs):
-        start = time.perf_counter()
-        kernel = run(self, *args, **kwargs)
-        launches.append((self.__name__, time.perf_counter() - start))
-        return kernel
+    def timed_getitem(getitem):
+        def __getitem__(self, grid):
+            launch = getitem(self, grid)
 
-    JITFunction.run = counting_run
+            def timed_launch(*args, **kwargs):
+                start = time.perf_counter()
+                kernel = launch(*args, **kwargs)
+                launches.append((self.__name__, time.perf_counter() - start))
+                return kernel
+
+            return timed_launch
+
+        return __getitem__
+
+    for cls, getitem in originals.items():
+        cls.__getitem__ = timed_getitem(getitem)
     try:
         yield launches
     finally:
-        JITFunction.run = run
+        for cls, getitem in originals.items():
+            cls.__getitem__ = getitem
 
 
 @dataclass(frozen=True)
@@ -217,21 +243,49 @@ CASES = (
 def _per_call_us(fn: Callable[[], object], iters: int, repeats: int = 5) -> float:
     """The least, over `repeats` runs of `iters` calls, mean µs a call (the least is the one
     least disturbed by the machine's other work)."""
-    for _ in range(max(1, iters // 10)):
-        fn()
-    best = float("inf")
+    return _interleaved_per_call_us({"fn": (contextlib.nullcontext, fn)}, iters, repeats)["fn"]
+
+
+def _interleaved_per_call_us(
+    fns: dict[str, tuple[Callable[[], contextlib.AbstractContextManager], Callable[[], object]]], iters: int,
+    repeats: int = 5,
+) -> dict[str, float]:
+    """_per_call_us of each (context, function), the function's runs inside its context (entered
+    outside the timing) and taking turns (so that a slow spell of the machine falls on all alike)."""
+    for context, fn in fns.values():
+        with context():
+            for _ in range(max(1, iters // 10)):
+                fn()
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        best = min(best, (time.perf_counter() - start) / iters)
-    return best * 1e6
+        for name, (context, fn) in fns.items():
+            with context():
+                start = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                best[name] = min(best[name], (time.perf_counter() - start) / iters)
+    return {name: seconds * 1e6 for name, seconds in best.items()}
 
 
-def measure(case: HostCase, iters: int) -> dict:
-    """The case's host µs a call: the kernels' path forward, and forward+backward, with Triton's
-    launches elided, against the torch composition; the kernels' launches a call, and the µs a
-    forward spends in Triton's launch path (from a run of its own, with a timer around each)."""
+@contextlib.contextmanager
+def _triton_launch_path() -> Iterator[None]:
+    """Within: every kernel launches through Triton's own launch path, not FastLaunchFunction's
+    remembered launches."""
+    from turbo_kernels.triton_kernels import fast_launch
+
+    enabled = fast_launch.FAST_LAUNCH
+    fast_launch.FAST_LAUNCH = False
+    try:
+        yield
+    finally:
+        fast_launch.FAST_LAUNCH = enabled
+
+
+def measure(case: HostCase, iters: int, repeats: int = 5) -> dict:
+    """The case's host µs a call, with the launches elided: the kernels' path forward (launching
+    as it does, and through Triton's own launch path alone), and forward+backward, against the
+    torch composition; the kernels' launches a call, and the µs a forward spends launching (from
+    a run of its own, with a timer around each launch)."""
     import turbo_kernels
 
     inputs = case.inputs()
@@ -251,22 +305,32 @@ def measure(case: HostCase, iters: int) -> dict:
                 case.kernels(*inputs)
         with counted_launches() as backward_launches:
             forward_backward(case.kernels)()
+        forward = _interleaved_per_call_us(
+            {
+                "kernels": (contextlib.nullcontext, lambda: case.kernels(*inputs)),
+                "triton": (_triton_launch_path, lambda: case.kernels(*inputs)),
+            },
+            iters,
+            repeats,
+        )
         row = {
             "op": case.name,
-            "kernels_fwd_us": _per_call_us(lambda: case.kernels(*inputs), iters),
-            "kernels_fwd_bwd_us": _per_call_us(forward_backward(case.kernels), iters),
+            "kernels_fwd_us": forward["kernels"],
+            "kernels_triton_launch_path_fwd_us": forward["triton"],
+            "kernels_fwd_bwd_us": _per_call_us(forward_backward(case.kernels), iters, repeats),
             "launches_fwd": len(forward_launches) // iters,
-            "triton_launch_fwd_us": sum(seconds for _, seconds in forward_launches) / iters * 1e6,
+            "launching_fwd_us": sum(seconds for _, seconds in forward_launches) / iters * 1e6,
             "launches_fwd_bwd": len(backward_launches),
         }
-    row["composition_fwd_us"] = _per_call_us(lambda: case.composition(*inputs), iters)
-    row["composition_fwd_bwd_us"] = _per_call_us(forward_backward(case.composition), iters)
+    row["composition_fwd_us"] = _per_call_us(lambda: case.composition(*inputs), iters, repeats)
+    row["composition_fwd_bwd_us"] = _per_call_us(forward_backward(case.composition), iters, repeats)
     return row
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.host_cost", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iters", type=int, default=500, help="calls a timed run (each time is the least of 5 runs)")
+    parser.add_argument("--iters", type=int, default=500, help="calls a timed run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs a measurement takes the least of")
     parser.add_argument("--ops", default=",".join(case.name for case in CASES), help="comma-separated op names")
     parser.add_argument("--json", help="write the rows here as well")
     args = parser.parse_args(argv)
@@ -276,14 +340,15 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown ops {unknown}; choose from {sorted(known)}")
     torch.set_num_threads(1)
-    rows = [measure(known[name], args.iters) for name in names]
-    print(f"host µs a call on this CPU ({args.iters} calls, least of 5 runs), Triton's launches elided")
-    print(f"{'op':20} {'kernels fwd':>12} {'(launching)':>12} {'torch fwd':>10} {'launches':>9} "
-          f"{'kernels fwd+bwd':>16} {'torch fwd+bwd':>14} {'launches':>9}")
+    rows = [measure(known[name], args.iters, args.repeats) for name in names]
+    print(f"host µs a call on this CPU ({args.iters} calls, least of {args.repeats} runs), Triton's launches elided")
+    print(f"{'op':20} {'kernels fwd':>12} {'(launching)':>12} {'via triton.run':>15} {'torch fwd':>10} "
+          f"{'launches':>9} {'kernels fwd+bwd':>16} {'torch fwd+bwd':>14} {'launches':>9}")
     for row in rows:
-        print(f"{row['op']:20} {row['kernels_fwd_us']:12.1f} {row['triton_launch_fwd_us']:12.1f} "
-              f"{row['composition_fwd_us']:10.1f} {row['launches_fwd']:9d} {row['kernels_fwd_bwd_us']:16.1f} "
-              f"{row['composition_fwd_bwd_us']:14.1f} {row['launches_fwd_bwd']:9d}")
+        print(f"{row['op']:20} {row['kernels_fwd_us']:12.1f} {row['launching_fwd_us']:12.1f} "
+              f"{row['kernels_triton_launch_path_fwd_us']:15.1f} {row['composition_fwd_us']:10.1f} "
+              f"{row['launches_fwd']:9d} {row['kernels_fwd_bwd_us']:16.1f} {row['composition_fwd_bwd_us']:14.1f} "
+              f"{row['launches_fwd_bwd']:9d}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1)

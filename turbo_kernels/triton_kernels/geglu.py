@@ -10,10 +10,10 @@ channel stride); maths is fp32 whatever the storage dtype, exact (erf) GELU.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
+from turbo_kernels.triton_kernels.fast_launch import jit
 from turbo_kernels.triton_kernels.launch_config import cdiv, storage_configs
 
 # A program takes BLOCK_ROWS rows x BLOCK_COLUMNS output columns: 2048 elements over 4 warps, 16 per
@@ -27,14 +27,14 @@ SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
-@triton.jit
+@jit
 def _tile(rows, hidden, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
     column = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)[None, :]
     return row, column, (row < rows) & (column < hidden)
 
 
-@triton.jit
+@jit
 def geglu_fwd_kernel(
     h_ptr, out_ptr, rows, hidden, h_row_stride, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr
 ):
@@ -46,7 +46,7 @@ def geglu_fwd_kernel(
     tl.store(out_ptr + row * hidden + column, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def geglu_bwd_kernel(
     grad_ptr, h_ptr, grad_h_ptr, rows, hidden, h_row_stride, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr
 ):

@@ -51,10 +51,10 @@ import dataclasses
 import math
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
+from turbo_kernels.triton_kernels.fast_launch import jit
 from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, cdiv, next_power_of_2, storage_configs
 
 # GroupNorm statistics: programs stream at least 64K elements in tiles of 2048, unless that leaves
@@ -83,7 +83,7 @@ WEIGHT_GRAD_PROGRAMS = 264
 WEIGHT_GRAD_BIAS_TOKENS = 128
 
 
-@triton.jit
+@jit
 def _group_shift(x_ptr, video_start, group, group_mask, group_stride):
     """The value every element of a video's group is taken relative to: the group's first element
     in the video's first frame (the same for all of the group's partials, so they merge), at
@@ -92,7 +92,7 @@ def _group_shift(x_ptr, video_start, group, group_mask, group_stride):
     return tl.load(x_ptr + first, mask=group_mask, other=0.0).to(tl.float32)
 
 
-@triton.jit
+@jit
 def group_norm_partial_stats_kernel(
     x_ptr, mean_ptr, m2_ptr, frames, groups, group_numel, GROUP_TILE: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -126,7 +126,7 @@ def group_norm_partial_stats_kernel(
     tl.store(m2_ptr + index, tl.sum(squares, axis=1), mask=group_mask)
 
 
-@triton.jit
+@jit
 def group_norm_merge_stats_kernel(
     x_ptr, partial_mean_ptr, partial_m2_ptr, mean_ptr, rstd_ptr, video_groups, frames, groups, group_numel,
     video_stride, group_stride, eps, TILE: tl.constexpr, F_PAD: tl.constexpr,
@@ -150,7 +150,7 @@ def group_norm_merge_stats_kernel(
     tl.store(rstd_ptr + video_group, tl.div_rn(1.0, tl.sqrt_rn(variance + eps)), mask=row_mask)
 
 
-@triton.jit
+@jit
 def channels_last_group_norm_partial_stats_kernel(
     x_ptr, mean_ptr, m2_ptr, positions, channels, groups, group_size, group_tile, chunk,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -197,7 +197,7 @@ def channels_last_group_norm_partial_stats_kernel(
     tl.store(m2_ptr + index, m2, mask=group_mask)
 
 
-@triton.jit
+@jit
 def strided_linear_kernel(
     x_ptr, w_ptr, bias_ptr, residual_ptr, scale_ptr, shift_ptr, out_ptr,
     tokens, in_features, out_features, frames,
@@ -249,7 +249,7 @@ def strided_linear_kernel(
     tl.store(out_row + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@jit
 def strided_linear_weight_grad_kernel(
     grad_ptr, x_ptr, scale_ptr, shift_ptr, partial_ptr, bias_partial_ptr,
     rows, tokens, out_features, in_features, frames, rows_per_split,
@@ -312,7 +312,7 @@ def strided_linear_weight_grad_kernel(
         tl.store(bias_partial_ptr + split * out_features + j, bias_acc, mask=j_mask)
 
 
-@triton.jit
+@jit
 def group_norm_stats_backward_kernel(
     x_ptr, mean_ptr, rstd_ptr, grad_mean_ptr, grad_rstd_ptr, grad_x_ptr,
     numel, frames, channels, group_channels, groups, positions, count,
@@ -339,7 +339,7 @@ def group_norm_stats_backward_kernel(
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def channel_affine_backward_kernel(
     grad_ptr, x_ptr, scale_ptr, grad_x_ptr, sum_grad_ptr, sum_grad_x_ptr,
     tokens, channels, frames, tokens_per_split,
@@ -377,7 +377,7 @@ def channel_affine_backward_kernel(
     tl.store(sum_grad_x_ptr + partial, tl.sum(sum_grad_x, axis=0), mask=k_mask)
 
 
-@triton.jit
+@jit
 def channel_affine_kernel(
     x_ptr, scale_ptr, shift_ptr, out_ptr, tokens, channels, frames,
     x_stride_r, x_stride_m, x_stride_k, out_stride_r, out_stride_m, out_stride_k,
@@ -400,14 +400,14 @@ def channel_affine_kernel(
     tl.store(out, a.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _element_coordinates(offsets, channels, frames, positions):
     """(sample, channel, frame, position) of elements `offsets` of a contiguous (B, C, F, P) tensor."""
     video_channel = offsets // (positions * frames)
     return video_channel // channels, video_channel % channels, (offsets // positions) % frames, offsets % positions
 
 
-@triton.jit
+@jit
 def _group_affine_elements(
     offsets, mask, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, channels, frames, positions, group_size, groups,
     x_stride_b, x_stride_c, x_stride_f,
@@ -425,7 +425,7 @@ def _group_affine_elements(
     return x, scale, shift, video_group
 
 
-@triton.jit
+@jit
 def _channels_last_affine_elements(
     offsets, mask, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, channels, sample_numel, group_size, groups
 ):
@@ -438,7 +438,7 @@ def _channels_last_affine_elements(
     return x, scale, shift, video_group
 
 
-@triton.jit
+@jit
 def _group_affine(video, channel, mask, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, group_size, groups):
     """GroupNorm's affine scale = rstd*weight and shift = bias - mean*scale of samples `video` and
     channels `channel`, and their (sample, group) index."""
@@ -451,7 +451,7 @@ def _group_affine(video, channel, mask, mean_ptr, rstd_ptr, weight_ptr, bias_ptr
     return scale, shift, video_group
 
 
-@triton.jit
+@jit
 def channel_affine_silu_kernel(
     x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, out_ptr, numel, channels, frames, positions, group_size,
     groups, x_stride_b, x_stride_c, x_stride_f, BLOCK: tl.constexpr,
@@ -471,7 +471,7 @@ def channel_affine_silu_kernel(
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def channels_last_affine_silu_kernel(
     x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, out_ptr, numel, channels, sample_numel, group_size, groups,
     BLOCK: tl.constexpr,
@@ -487,14 +487,14 @@ def channels_last_affine_silu_kernel(
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _silu_at_rounded_affine(x, scale, shift, output_dtype: tl.constexpr):
     """silu(a) at a = x*scale + shift rounded to the output's dtype, as a GroupNorm output is."""
     a = (x.to(tl.float32) * scale + shift).to(output_dtype).to(tl.float32)
     return a / (1.0 + tl.exp(-a))
 
 
-@triton.jit
+@jit
 def _silu_grad_at_rounded_affine(x, grad, scale, shift, output_dtype: tl.constexpr):
     """d a = d y * silu'(a) at a = x*scale + shift rounded as the forward rounds it: to the
     output's dtype, which is d y's."""
@@ -503,7 +503,7 @@ def _silu_grad_at_rounded_affine(x, grad, scale, shift, output_dtype: tl.constex
     return grad * sigmoid * (1.0 + a * (1.0 - sigmoid))
 
 
-@triton.jit
+@jit
 def channel_affine_silu_sums_kernel(
     grad_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sum_grad_ptr, sum_grad_x_ptr,
     channels, frames, positions, group_size, groups, x_stride_b, x_stride_c, x_stride_f, BLOCK: tl.constexpr,
@@ -537,7 +537,7 @@ def channel_affine_silu_sums_kernel(
     tl.store(sum_grad_x_ptr + program, tl.sum(sum_grad_x, axis=0))
 
 
-@triton.jit
+@jit
 def channel_affine_silu_grad_kernel(
     grad_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, alpha_ptr, beta_ptr, grad_x_ptr,
     numel, channels, frames, positions, group_size, groups,
@@ -558,7 +558,7 @@ def channel_affine_silu_grad_kernel(
     tl.store(out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _whole_grad_x(grad_ptr, offsets, mask, x, scale, shift, video_group, alpha_ptr, beta_ptr):
     """d x = d a * scale + alpha * x + beta at elements `offsets` of the output's gradient (laid
     out as the output), x there in its storage dtype."""
@@ -570,7 +570,7 @@ def _whole_grad_x(grad_ptr, offsets, mask, x, scale, shift, video_group, alpha_p
     return grad_a * scale + alpha * x + beta
 
 
-@triton.jit
+@jit
 def channels_last_affine_silu_sums_kernel(
     grad_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sum_grad_ptr, sum_grad_x_ptr,
     positions, channels, group_size, groups, split_positions, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -604,7 +604,7 @@ def channels_last_affine_silu_sums_kernel(
     tl.store(sum_grad_x_ptr + partial, tl.sum(sum_grad_x, axis=0), mask=channel_mask)
 
 
-@triton.jit
+@jit
 def channels_last_affine_silu_grad_kernel(
     grad_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, alpha_ptr, beta_ptr, grad_x_ptr,
     numel, channels, sample_numel, group_size, groups, BLOCK: tl.constexpr,
@@ -620,7 +620,7 @@ def channels_last_affine_silu_grad_kernel(
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def group_norm_silu_coefficients_kernel(
     sum_grad_ptr, sum_grad_x_ptr, mean_ptr, rstd_ptr, weight_ptr, grad_weight_ptr, grad_bias_ptr, alpha_ptr,
     beta_ptr, samples, partials, group_size, groups, count, stride_b, stride_c, stride_p,

@@ -14,10 +14,10 @@ bias may be in another storage dtype than x (they are read in float32 either way
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
+from turbo_kernels.triton_kernels.fast_launch import jit
 from turbo_kernels.triton_kernels.launch_config import cdiv, next_power_of_2, storage_configs
 
 # Rows x padded channels a program holds at once: 4096 elements, 32 fp32 values a thread at 4 warps.
@@ -29,7 +29,7 @@ MAX_CHANNELS = 8192
 MAX_PROGRAMS = 1024
 
 
-@triton.jit
+@jit
 def _row_statistics(x, channel_mask, channels, eps):
     """Per row of a [ROWS, CHANNELS] fp32 tile (padded channels 0): x - mean (0 where padded), rstd."""
     mean = tl.sum(x, axis=1) / channels
@@ -43,7 +43,7 @@ def _row_statistics(x, channel_mask, channels, eps):
     return centred, tl.div_rn(1.0, tl.sqrt_rn(variance + eps))
 
 
-@triton.jit
+@jit
 def layer_norm_fwd_kernel(
     x_ptr, weight_ptr, bias_ptr, out_ptr, rows, channels, x_row_stride, eps,
     BLOCK_ROWS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
@@ -60,7 +60,7 @@ def layer_norm_fwd_kernel(
     tl.store(out_ptr + row * channels + channel, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def layer_norm_bwd_kernel(
     grad_ptr, x_ptr, weight_ptr, grad_x_ptr, partial_weight_ptr, partial_bias_ptr,
     rows, channels, x_row_stride, eps, rows_per_program,

@@ -24,10 +24,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
+from turbo_kernels.triton_kernels.fast_launch import jit
 from turbo_kernels.triton_kernels.launch_config import UNIT, cdiv, next_power_of_2, storage_configs
 
 MAX_FRAMES = 64
@@ -37,7 +37,7 @@ HEAD_CHUNK = 16
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@jit
 def _program_sequences(seq_per_group, blocks_per_group, heads, BLOCK_SEQ: tl.constexpr):
     """This program's (group, head, sequence indices, which of them exist)."""
     pid = tl.program_id(0)
@@ -48,7 +48,7 @@ def _program_sequences(seq_per_group, blocks_per_group, heads, BLOCK_SEQ: tl.con
     return group, head, group.to(tl.int64) * seq_per_group + local, local < seq_per_group
 
 
-@triton.jit
+@jit
 def _token_offsets(
     seq, head, positions, stride_video, stride_pos, stride_frame, head_dim,
     BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -60,17 +60,17 @@ def _token_offsets(
     return base[:, None, None] + frames[None, :, None] * stride_frame + cols[None, None, :]
 
 
-@triton.jit
+@jit
 def _chunk_mask(row_ok, chunk_start, head_dim, BLOCK_D: tl.constexpr):
     return row_ok[:, :, None] & (chunk_start + tl.arange(0, BLOCK_D) < head_dim)[None, None, :]
 
 
-@triton.jit
+@jit
 def _rows_ok(seq_ok, num_frames, BLOCK_F: tl.constexpr):
     return seq_ok[:, None] & (tl.arange(0, BLOCK_F) < num_frames)[None, :]
 
 
-@triton.jit
+@jit
 def _square_offsets(seq, head, stride_seq, stride_head, stride_query, stride_key, BLOCK_F: tl.constexpr):
     """(BLOCK_SEQ, BLOCK_F, BLOCK_F) element offsets into a (B*N, heads, F, F) tensor."""
     f = tl.arange(0, BLOCK_F).to(tl.int64)
@@ -78,12 +78,12 @@ def _square_offsets(seq, head, stride_seq, stride_head, stride_query, stride_key
     return base[:, None, None] + f[None, :, None] * stride_query + f[None, None, :] * stride_key
 
 
-@triton.jit
+@jit
 def _square_mask(row_ok, num_frames, BLOCK_F: tl.constexpr):
     return row_ok[:, :, None] & (tl.arange(0, BLOCK_F) < num_frames)[None, None, :]
 
 
-@triton.jit
+@jit
 def _dot(a, b, acc):
     if a.dtype == tl.float32:
         # TF32 would cost the fp32 path its precision; 16-bit products are exact in fp32.
@@ -91,7 +91,7 @@ def _dot(a, b, acc):
     return tl.dot(a, b, acc)
 
 
-@triton.jit
+@jit
 def _batched_dot(a, b, acc):
     """acc + a @ b per sequence (axis 0), fp32 accumulation."""
     if a.shape[0] == 1:
@@ -105,7 +105,7 @@ def _batched_dot(a, b, acc):
     return _dot(a, b, acc)
 
 
-@triton.jit
+@jit
 def _probabilities(
     q_ptr, k_ptr, q_offs, k_offs, row_ok, head_dim, num_frames, qk_scale_log2,
     BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -123,7 +123,7 @@ def _probabilities(
     return p / tl.sum(p, axis=2)[:, :, None]
 
 
-@triton.jit
+@jit
 def _top1(
     ref_ptr, seq, row_ok, head, num_frames, stride_seq, stride_head, stride_query, stride_key, BLOCK_F: tl.constexpr
 ):
@@ -137,7 +137,7 @@ def _top1(
     return is_top, tl.sum(tl.where(is_top, ref, 0.0), axis=2)
 
 
-@triton.jit
+@jit
 def _split(x, dtype: tl.constexpr):
     """fp32 x as hi + lo in a 16-bit dtype (16 significant bits for bf16, 22 for fp16), so tensor
     cores multiply it by 16-bit storage at nearly fp32 precision; fp32 storage keeps x whole."""
@@ -147,7 +147,7 @@ def _split(x, dtype: tl.constexpr):
     return hi, (x - hi.to(tl.float32)).to(dtype)
 
 
-@triton.jit
+@jit
 def _times_fp32(a_hi, a_lo, b):
     zero = tl.zeros((b.shape[0], a_hi.shape[1], b.shape[2]), dtype=tl.float32)
     if b.dtype == tl.float32:
@@ -155,7 +155,7 @@ def _times_fp32(a_hi, a_lo, b):
     return _batched_dot(a_lo, b, _batched_dot(a_hi, b, zero))
 
 
-@triton.jit
+@jit
 def _store_input_grads(
     d_scores, q_ptr, k_ptr, dq_ptr, dk_ptr, q_offs, k_offs, grad_offs, row_ok, head_dim, scale, BLOCK_D: tl.constexpr
 ):
@@ -180,7 +180,7 @@ def _store_input_grads(
         tl.store(dk_ptr + grad_offs + chunk_start, dk.to(dk_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def attention_probs_fwd_kernel(
     q_ptr, k_ptr, p_ptr, n_seq, heads, num_frames, head_dim,
     positions, q_stride_video, q_stride_pos, q_stride_frame, k_stride_video, k_stride_pos, k_stride_frame,
@@ -201,7 +201,7 @@ def attention_probs_fwd_kernel(
     tl.store(p_ptr + p_offs, p, mask=_square_mask(row_ok, num_frames, BLOCK_F))
 
 
-@triton.jit
+@jit
 def attention_probs_bwd_kernel(
     grad_ptr, q_ptr, k_ptr, dq_ptr, dk_ptr, n_seq, heads, num_frames, head_dim,
     positions, q_stride_video, q_stride_pos, q_stride_frame, k_stride_video, k_stride_pos, k_stride_frame,
@@ -229,7 +229,7 @@ def attention_probs_bwd_kernel(
     )
 
 
-@triton.jit
+@jit
 def motion_energy_fwd_kernel(
     q_ptr, k_ptr, ref_ptr, partial_ptr, seq_per_group, heads, num_frames, head_dim,
     positions, q_stride_video, q_stride_pos, q_stride_frame, k_stride_video, k_stride_pos, k_stride_frame,
@@ -252,7 +252,7 @@ def motion_energy_fwd_kernel(
     tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.sum(diff * diff, axis=1), axis=0))
 
 
-@triton.jit
+@jit
 def motion_energy_bwd_kernel(
     grad_ptr, q_ptr, k_ptr, ref_ptr, dq_ptr, dk_ptr, seq_per_group, heads, num_frames, head_dim,
     positions, q_stride_video, q_stride_pos, q_stride_frame, k_stride_video, k_stride_pos, k_stride_frame,

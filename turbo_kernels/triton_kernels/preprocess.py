@@ -49,10 +49,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
+from turbo_kernels.triton_kernels.fast_launch import jit
 from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, cdiv, storage_configs
 
 BLOCK_I = 32
@@ -70,7 +70,7 @@ TILE_FIELDS = tl.constexpr(6)
 SPEC_FIELDS = tl.constexpr(3)
 
 
-@triton.jit
+@jit
 def _frame_channel_base(image, num_frames, stride_b, stride_f, stride_c):
     """Offset of (frame, channel) `image` = (b * F + f) * 3 + c in frames of any strides."""
     channel = image % 3
@@ -80,7 +80,7 @@ def _frame_channel_base(image, num_frames, stride_b, stride_f, stride_c):
     )
 
 
-@triton.jit
+@jit
 def _window(span_ptr, index, valid, empty_first):
     """[first, end) covering the spans of the valid indices (first > end: nothing to read)."""
     first = tl.min(tl.load(span_ptr + index * 2, mask=valid, other=empty_first), axis=0)
@@ -88,7 +88,7 @@ def _window(span_ptr, index, valid, empty_first):
     return first, end
 
 
-@triton.jit
+@jit
 def reward_preprocess_fwd_kernel(
     x_ptr, out_ptr, rows_ptr, cols_ptr, mean_ptr, std_ptr, row_span_ptr, col_span_ptr, tile_ptr,
     num_images, num_frames, height, width, stride_b, stride_f, stride_c, stride_h, stride_w, in_scale, in_shift,
@@ -142,7 +142,7 @@ def reward_preprocess_fwd_kernel(
     )
 
 
-@triton.jit
+@jit
 def reward_preprocess_bwd_kernel(
     grad_ptr, grad_x_ptr, rows_ptr, cols_ptr, std_ptr, row_span_t_ptr, col_span_t_ptr, spec_ptr,
     num_specs, num_images, height, width, in_scale,

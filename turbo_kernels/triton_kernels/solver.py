@@ -10,10 +10,10 @@ storage dtype.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
+from turbo_kernels.triton_kernels.fast_launch import jit
 from turbo_kernels.triton_kernels.launch_config import cdiv, storage_configs
 
 # 1024 elements over 4 warps is 8 per thread: two 16-byte vectors at fp32, one at fp16/bf16.
@@ -24,27 +24,27 @@ REDUCE_BLOCK = 4096
 REDUCE_NUM_WARPS = 8
 
 
-@triton.jit
+@jit
 def _alpha_sigma(acp_ptr, t_ptr, b):
     abar = tl.load(acp_ptr + tl.load(t_ptr + b)).to(tl.float32)
     return tl.sqrt(abar), tl.sqrt(1.0 - abar)
 
 
-@triton.jit
+@jit
 def _boundary_scalings(t_ptr, b, timestep_scaling, sigma_data):
     s = tl.load(t_ptr + b).to(tl.float32) * timestep_scaling
     sd2 = sigma_data * sigma_data
     return sd2 / (s * s + sd2), s / tl.sqrt(s * s + sd2)
 
 
-@triton.jit
+@jit
 def _block_offsets(n_per_sample, BLOCK: tl.constexpr):
     b = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     return b, b.to(tl.int64) * n_per_sample + offs, offs < n_per_sample
 
 
-@triton.jit
+@jit
 def guided_solver_fwd_kernel(
     z_ptr, eps_c_ptr, eps_u_ptr, score_ptr, z_lo_ptr, x0_ptr,
     t_hi_ptr, t_lo_ptr, w_ptr, m_ptr, acp_ptr, n_per_sample,
@@ -73,7 +73,7 @@ def guided_solver_fwd_kernel(
     tl.store(x0_ptr + idx, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def guided_solver_bwd_kernel(
     gz_ptr, gx_ptr, gz_t_ptr, g_eps_c_ptr, g_eps_u_ptr, g_score_ptr,
     t_hi_ptr, t_lo_ptr, w_ptr, m_ptr, acp_ptr, n_per_sample,
@@ -100,7 +100,7 @@ def guided_solver_bwd_kernel(
         tl.store(g_score_ptr + idx, (-tl.load(m_ptr + b) * g * sigma_lo * gz).to(dtype), mask=mask)
 
 
-@triton.jit
+@jit
 def consistency_output_fwd_kernel(
     sample_ptr, eps_ptr, out_ptr, t_ptr, acp_ptr, n_per_sample, timestep_scaling, sigma_data,
     BLOCK: tl.constexpr,
@@ -114,7 +114,7 @@ def consistency_output_fwd_kernel(
     tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def consistency_output_bwd_kernel(
     g_ptr, g_sample_ptr, g_eps_ptr, t_ptr, acp_ptr, n_per_sample, timestep_scaling, sigma_data,
     BLOCK: tl.constexpr,
@@ -128,7 +128,7 @@ def consistency_output_bwd_kernel(
     tl.store(g_eps_ptr + idx, (-(c_out * sigma / alpha) * g).to(dtype), mask=mask)
 
 
-@triton.jit
+@jit
 def sampler_step_fwd_kernel(
     sample_ptr, eps_ptr, noise_ptr, denoised_ptr, next_ptr, t_ptr, t_prev_ptr, acp_ptr,
     n_per_sample, timestep_scaling, sigma_data, BLOCK: tl.constexpr,
@@ -146,7 +146,7 @@ def sampler_step_fwd_kernel(
     tl.store(next_ptr + idx, (alpha_prev * denoised + sigma_prev * noise).to(dtype), mask=mask)
 
 
-@triton.jit
+@jit
 def sampler_step_bwd_kernel(
     gd_ptr, gn_ptr, g_sample_ptr, g_eps_ptr, g_noise_ptr, t_ptr, t_prev_ptr, acp_ptr,
     n_per_sample, timestep_scaling, sigma_data, BLOCK: tl.constexpr,
@@ -164,7 +164,7 @@ def sampler_step_bwd_kernel(
     tl.store(g_noise_ptr + idx, (sigma_prev * gn).to(dtype), mask=mask)
 
 
-@triton.jit
+@jit
 def pseudo_huber_fwd_kernel(pred_ptr, target_ptr, partial_ptr, n, c, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -176,7 +176,7 @@ def pseudo_huber_fwd_kernel(pred_ptr, target_ptr, partial_ptr, n, c, BLOCK: tl.c
     tl.store(partial_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
 
 
-@triton.jit
+@jit
 def pseudo_huber_bwd_kernel(grad_ptr, pred_ptr, target_ptr, g_pred_ptr, g_target_ptr, n, c, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n

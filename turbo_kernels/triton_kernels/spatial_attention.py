@@ -36,10 +36,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
+from turbo_kernels.triton_kernels.fast_launch import jit
 from turbo_kernels.triton_kernels.launch_config import UNIT, KernelConfig, cdiv, next_power_of_2, storage_configs
 
 # VideoCrafter2 uses 64 everywhere; at 128 the backward kernels spill registers.
@@ -83,7 +83,7 @@ BLOCKED_BWD_DQ = {False: Tiles(128, 32, 4), True: Tiles(32, 32, 8)}
 BLOCKED_BWD_DKDV = {False: Tiles(32, 128, 8), True: Tiles(32, 32, 8)}
 
 
-@triton.jit
+@jit
 def _tile_offsets(row, tokens, channels, stride_b, stride_n):
     """Element offsets of (tokens, channels) of batch row `row` in a tensor of the given strides
     (int64: fused qkv projections of large batches pass 2^31 elements)."""
@@ -91,18 +91,18 @@ def _tile_offsets(row, tokens, channels, stride_b, stride_n):
     return starts[:, None] + channels[None, :]
 
 
-@triton.jit
+@jit
 def _tile_mask(tokens, num_tokens, channel_valid):
     return (tokens < num_tokens)[:, None] & channel_valid[None, :]
 
 
-@triton.jit
+@jit
 def _head_channels(head, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     channel = tl.arange(0, D_PAD)
     return head * HEAD_DIM + channel, channel < HEAD_DIM
 
 
-@triton.jit
+@jit
 def _program_tile(num_blocks, heads):
     """(token block, batch row, head) of this program. Token blocks vary fastest, so the programs
     that share one row's k and v run together and find them in L2."""
@@ -111,13 +111,13 @@ def _program_tile(num_blocks, heads):
     return pid % num_blocks, row_head // heads, row_head % heads
 
 
-@triton.jit
+@jit
 def _lse_index(row, head, heads, num_queries, queries):
     """Index of (row, head, query) in the (B*F, heads, N) logsumexp and delta buffers."""
     return (row.to(tl.int64) * heads + head) * num_queries + queries
 
 
-@triton.jit
+@jit
 def whole_kv_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     num_queries, num_keys, heads, kv_repeat, num_query_blocks, scale,
@@ -151,7 +151,7 @@ def whole_kv_fwd_kernel(
     tl.store(lse_ptrs, (row_max + tl.log2(row_sum)) * LN2, mask=queries < num_queries)
 
 
-@triton.jit
+@jit
 def blocked_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     num_queries, num_keys, heads, kv_repeat, num_query_blocks, scale,
@@ -195,7 +195,7 @@ def blocked_fwd_kernel(
     tl.store(lse_ptrs, (row_max + tl.log2(row_sum)) * LN2, mask=queries < num_queries)
 
 
-@triton.jit
+@jit
 def whole_kv_bwd_kernel(
     grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, grad_q_ptr, grad_k_fp32_ptr, grad_v_fp32_ptr,
     num_queries, num_keys, heads, kv_repeat, num_query_blocks, scale,
@@ -250,7 +250,7 @@ def whole_kv_bwd_kernel(
     tl.store(grad_v_fp32_ptr + kv_offsets, grad_v, mask=kv_mask)
 
 
-@triton.jit
+@jit
 def blocked_bwd_dq_kernel(
     grad_out_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, delta_ptr, row_scale_ptr, grad_q_ptr,
     num_queries, num_keys, heads, kv_repeat, num_query_blocks, scale,
@@ -328,7 +328,7 @@ def blocked_bwd_dq_kernel(
     tl.store(grad_q_ptr + grad_q_offsets, (grad_q * scale).to(grad_q_ptr.dtype.element_ty), mask=query_mask)
 
 
-@triton.jit
+@jit
 def blocked_bwd_dkdv_kernel(
     grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, row_scale_ptr, grad_k_ptr, grad_v_ptr,
     num_queries, num_keys, heads, kv_repeat, num_kv_blocks, scale,

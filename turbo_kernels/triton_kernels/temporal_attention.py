@@ -29,10 +29,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
+from turbo_kernels.triton_kernels.fast_launch import jit
 from turbo_kernels.triton_kernels.launch_config import KernelConfig, cdiv, next_power_of_2, storage_configs
 
 MAX_FRAMES = 64
@@ -60,7 +60,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-@triton.jit
+@jit
 def _tile(num_sequences, num_positions, heads, NUM_FRAMES: tl.constexpr, HEAD_DIM: tl.constexpr,
           F_PAD: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr):
     """This program's tile: each row's video b, position n and frame, its index in the lse, the
@@ -83,14 +83,14 @@ def _tile(num_sequences, num_positions, heads, NUM_FRAMES: tl.constexpr, HEAD_DI
     return b, n, frame, lse_index, row_valid, channels, tile_mask, attends
 
 
-@triton.jit
+@jit
 def _offsets(b, n, frame, channels, stride_b, stride_n, stride_f):
     """Element offsets of the tile's (rows, channels) in a tensor of the given strides."""
     rows = b * stride_b + n * stride_n + frame.to(tl.int64) * stride_f
     return rows[:, None] + channels[None, :]
 
 
-@triton.jit
+@jit
 def temporal_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     num_sequences, num_positions, heads, scale,
@@ -119,7 +119,7 @@ def temporal_attention_fwd_kernel(
     tl.store(lse_ptr + lse_index, (row_max + tl.log2(row_sum)) * LN2, mask=row_valid)
 
 
-@triton.jit
+@jit
 def temporal_attention_bwd_kernel(
     grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, grad_q_ptr, grad_k_ptr, grad_v_ptr,
     num_sequences, num_positions, heads, scale,
