@@ -11,11 +11,13 @@ call's arguments, the kernel Triton compiled for it, and calls that kernel's lau
 next time. The key determines Triton's specialisation: every integer by value (which fixes its
 type, its equality to 1 and its divisibility by 16), every tensor by dtype and whether its address
 is 16-byte aligned, floats by type (Triton does not specialise their values), the keyword
-arguments (constexprs and launch options) by value, and the current device. A first launch with a
+arguments (constexprs and launch options) by type and value, the current device, and Triton's
+debug and instrumentation settings. A first launch with a
 new key, and every launch it cannot key (a grid given as a function, an argument of another kind,
-a constexpr passed by position, unhashable keywords, launch hooks installed, Triton's pre-run hooks)
-goes through Triton's own path unchanged. Triton's debug and instrumentation settings are read at
-a key's first launch.
+a constexpr passed by position or a runtime argument by keyword, unhashable keywords, launch hooks
+or Triton's stage-inspection hook installed, Triton's pre-run hooks) goes through Triton's own
+path unchanged. Triton's check that the globals a kernel reads have not changed since it compiled
+runs at a key's first launch (the kernels here read only constant globals).
 
 Under TRITON_INTERPRET=1 `jit` is triton.jit: the interpreter has no launcher to call.
 TURBO_KERNELS_FAST_LAUNCH=0 (read at import) makes every launch take Triton's own path.
@@ -37,12 +39,8 @@ from triton.runtime.jit import JITFunction
 MAX_REMEMBERED_LAUNCHES = 4096
 
 
-# Read once, at import (a launch reads this module global).
+# The environment is read once, at import; the global may be switched later (tests, host_cost).
 FAST_LAUNCH = os.environ.get("TURBO_KERNELS_FAST_LAUNCH", "1") != "0"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _no_hooks(hook: Any) -> bool:
@@ -57,17 +55,22 @@ class FastLaunchFunction(JITFunction):
     def __init__(self, fn):
         super().__init__(fn)
         self._launches: dict[tuple, Any] = {}
-        # Parameters from the first constexpr on must come as keywords for a call to be keyed.
-        self._runtime_params = next((p.num for p in self.params if p.is_constexpr), len(self.params))
+        # A keyed call passes the parameters before the first constexpr by position, and only
+        # constexprs and launch options by keyword.
+        self._positional_limit = next((p.num for p in self.params if p.is_constexpr), len(self.params))
+        self._runtime_names = frozenset(p.name for p in self.params if not p.is_constexpr)
         self._defaults = [(p.name, p.default) for p in self.params]
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def _key(self, device: int, args: tuple, kwargs: dict) -> tuple | None:
-        if len(args) > self._runtime_params:
+        if len(args) > self._positional_limit or not self._runtime_names.isdisjoint(kwargs):
             return None
-        key: list = [device]
+        # Triton's debug and instrumentation settings and the keywords' types (True == 1) join the
+        # key: each changes what Triton compiles.
+        key: list = [device, knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+                     tuple(kwargs.items()), tuple(map(type, kwargs.values()))]
         for arg in args:
             kind = type(arg)
             if kind is int:
@@ -80,16 +83,16 @@ class FastLaunchFunction(JITFunction):
                 key.append((kind, arg))
             else:
                 return None
-        key.append(tuple(kwargs.items()))
         return tuple(key)
 
     def launch(self, grid, args: tuple, kwargs: dict):
-        enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        runtime = knobs.runtime
         if (
             not FAST_LAUNCH
             or callable(grid)
             or self.pre_run_hooks
-            or not (_no_hooks(enter_hook) and _no_hooks(exit_hook))
+            or not (_no_hooks(runtime.launch_enter_hook) and _no_hooks(runtime.launch_exit_hook))
+            or getattr(runtime, "add_stages_inspection_hook", None) is not None
         ):
             return self.run(*args, grid=grid, warmup=False, **kwargs)
         device = driver.active.get_current_device()
@@ -106,9 +109,8 @@ class FastLaunchFunction(JITFunction):
                 self._launches[key] = kernel
             return kernel
         # The arguments Triton's run passes: every parameter in order, keywords and defaults
-        # filling those after the positional ones.
-        # No launch metadata and no hooks: the hooks installed are empty (checked above), and
-        # Triton's launcher skips hooks given as None.
+        # filling those after the positional ones; no launch metadata and no hooks, as the hooks
+        # installed are empty (checked above) and Triton's launcher skips hooks given as None.
         bound = args + tuple(kwargs.get(name, default) for name, default in self._defaults[len(args):])
         stream = driver.active.get_current_stream(device)
         size = len(grid)
@@ -122,6 +124,6 @@ class FastLaunchFunction(JITFunction):
 def jit(fn):
     """@triton.jit, launched through FastLaunchFunction (module docstring); under
     TRITON_INTERPRET=1, triton.jit itself."""
-    if _interpreting():
+    if knobs.runtime.interpret:
         return triton.jit(fn)
     return FastLaunchFunction(fn)
