@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -102,11 +101,12 @@ def elided_launches(record: list | None = None) -> Iterator[None]:
     """Within: Triton kernels compile for sm_90 and launch nothing (given a `record` list, each
     launch appends to it what the driver's launcher was handed, as `_elided_driver`), and the
     dispatcher lets the Triton backend take CPU tensors (the launches read none of their values)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("host_cost needs Triton's launch path: run it without TRITON_INTERPRET")
     from triton.runtime import driver
 
     from turbo_kernels import dispatch
+
+    if dispatch.triton_interpreter_on():
+        raise RuntimeError("host_cost needs Triton's launch path: run it without TRITON_INTERPRET")
 
     takes_cpu = dispatch.machine_unavailable_reason
     # The driver active before, put back as it was: reset_active() would create the machine's own,

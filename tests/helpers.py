@@ -213,6 +213,15 @@ def torchrun(script_text: str, tmp_path, *args: str, processes: int = 2, expect_
     return done.stdout + done.stderr
 
 
+def run_without_interpreter(*args: str, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`python *args` in the repository root, in a process without TRITON_INTERPRET (nor the
+    variables in `unset`): Triton's real launch path, which the interpreter replaces."""
+    root = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", *unset)}
+    env["PYTHONPATH"] = str(root)
+    return subprocess.run([sys.executable, *args], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+
+
 # Ops that read a tensor's value back to the host (on a GPU a synchronisation; a capture refuses them).
 DEVICE_READS = frozenset({
     torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default, torch.ops.aten.is_nonzero.default,

@@ -6,20 +6,14 @@ instead of running it; in a process of its own, without TRITON_INTERPRET (under 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from tests.helpers import run_without_interpreter
 from turbo_kernels import kernel_report
 
 _UNAVAILABLE = kernel_report.unavailable_reason()
 if _UNAVAILABLE is not None:
     pytest.skip(f"Triton cannot compile for sm_90a here: {_UNAVAILABLE}", allow_module_level=True)
-
-_ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = r'''
 import torch
@@ -108,10 +102,6 @@ print("launches", len(remembered))
 
 
 def test_a_remembered_launch_hands_the_launcher_what_triton_would():
-    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "TURBO_KERNELS_FAST_LAUNCH")}
-    env["PYTHONPATH"] = str(_ROOT)
-    done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], env=env, cwd=_ROOT, capture_output=True, text=True, timeout=600
-    )
+    done = run_without_interpreter("-c", _SCRIPT, unset=("TURBO_KERNELS_FAST_LAUNCH",))
     assert done.returncode == 0, done.stderr[-4000:]
     assert "launches" in done.stdout

@@ -5,29 +5,20 @@ the launch path it times)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_without_interpreter
 from turbo_kernels import kernel_report
 
 _UNAVAILABLE = kernel_report.unavailable_reason()
 if _UNAVAILABLE is not None:
     pytest.skip(f"Triton cannot compile for sm_90a here: {_UNAVAILABLE}", allow_module_level=True)
 
-_ROOT = Path(__file__).resolve().parents[1]
-
 
 def _host_cost(*args: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(_ROOT)
-    return subprocess.run(
-        [sys.executable, "-m", "benchmarks.host_cost", *args], env=env, cwd=_ROOT, capture_output=True, text=True,
-        timeout=600,
-    )
+    return run_without_interpreter("-m", "benchmarks.host_cost", *args)
 
 
 def test_layer_norm_runs_its_launches_elided_and_is_timed(tmp_path):

@@ -15,8 +15,9 @@ arguments (constexprs and launch options) by type and value, the current device,
 debug and instrumentation settings. A first launch with a new key, and every launch it cannot key
 (a grid given as a function, an argument of another kind, a constexpr passed by position or a
 runtime argument by keyword, unhashable keywords, launch hooks or Triton's stage-inspection hook
-installed, Triton's pre-run hooks) goes through Triton's own path unchanged. Triton's check that the globals a kernel reads have not changed since it compiled
-runs at a key's first launch (the kernels here read only constant globals).
+installed, Triton's pre-run hooks) goes through Triton's own path unchanged. Triton's check that
+the globals a kernel reads have not changed since it compiled runs at a key's first launch (the
+kernels here read only constant globals).
 
 Under TRITON_INTERPRET=1 `jit` is triton.jit: the interpreter has no launcher to call.
 TURBO_KERNELS_FAST_LAUNCH=0 (read at import) makes every launch take Triton's own path.
