@@ -105,11 +105,18 @@ stage build 240 build.log env TURBO_KERNELS_BUILD_CUDA=1 MAX_JOBS="$(nproc)" pyt
 building=$!
 # Each test prints its own line as it ends (-v), so a log cut short by the limit still says which passed.
 PYTEST=(python3 -m pytest -v -rfEs -p no:cacheprovider --timeout 120 --durations 10)
-stage tests 180 tests.log "${PYTEST[@]}" -n "$(( $(nproc) - 4 ))" "${TRITON_ONLY_TESTS[@]}"
+# Each worker's share of the cores as its thread count: the CPU tests among these (the float64
+# UNet's) ran 12 workers of 16 threads each on a lent H200's 16 cores, and four passed
+# pytest's 120 s limit that way.
+threads_each() { local threads=$(( $(nproc) / $1 )); echo $(( threads > 0 ? threads : 1 )); }
+TRITON_WORKERS=$(( $(nproc) - 4 )) CUDA_WORKERS=$(( $(nproc) * 3 / 4 ))
+stage tests 180 tests.log env OMP_NUM_THREADS="$(threads_each $TRITON_WORKERS)" "${PYTEST[@]}" -n $TRITON_WORKERS \
+    "${TRITON_ONLY_TESTS[@]}"
 wait "$building"
 tail -3 "$OUT/build.log"
 python3 -c "import turbo_kernels as tk; print('backends on cuda:', tk.backends('cuda'))"
-stage tests 300 tests.log "${PYTEST[@]}" -n "$(( $(nproc) * 3 / 4 ))" "${CUDA_BACKEND_TESTS[@]}"
+stage tests 300 tests.log env OMP_NUM_THREADS="$(threads_each $CUDA_WORKERS)" "${PYTEST[@]}" -n $CUDA_WORKERS \
+    "${CUDA_BACKEND_TESTS[@]}"
 stage tests 90 tests.log "${PYTEST[@]}" -m gpu "${GPU_TIER_ONLY_TESTS[@]}"
 grep -E "^=+ .*(passed|failed|error)" "$OUT/tests.log"
 

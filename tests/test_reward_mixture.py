@@ -180,6 +180,37 @@ def test_stacked_mixture_matches_each_model_run_separately(models, checkpointing
     assert abs(total.item() - expected_total.item()) < SCORE_TOL
     assert grad.abs().max() > 1e-4, "the reward should depend on the frames"
     assert torch.allclose(grad, expected_grad, atol=GRAD_TOL, rtol=1e-4)
+
+
+def test_stacked_forward_keeps_sdpa_to_backends_whose_backward_works_under_vmap(models, monkeypatch):
+    """Under vmap q, k and v never report requires_grad, so SDPA's memory-efficient and cuDNN
+    backends skip the logsumexp their backward needs: on the H200 the stacked float32 towers'
+    backward failed with "LSE is not correctly aligned (strideH)". Every attention call of the
+    stacked forward, and of its recomputation under checkpointing, may use flash or math only."""
+    flags = (
+        torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.cudnn_sdp_enabled,
+        torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.math_sdp_enabled,
+    )
+    allowed = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(query, *args, **kwargs):
+        # The text towers run outside vmap (once a caption, then cached).
+        if torch._C._functorch.is_batchedtensor(query):
+            allowed.append(tuple(enabled() for enabled in flags))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    for checkpointing in (False, True):
+        allowed.clear()
+        mixture = make_mixture(models, gradient_checkpointing=checkpointing, stack_same_architecture=True)
+        indices = mixture.select_frames(CLIP_FRAMES, torch.Generator().manual_seed(5))
+        frames = decoded_frames(0, len(indices)).requires_grad_()
+        total, _ = mixture(frames, indices, CAPTIONS, SHORT_CAPTIONS)
+        total.backward()
+        # Two image towers of two layers; the recomputation calls them again.
+        assert len(allowed) == (4 if checkpointing else 2) and set(allowed) == {(False, False, True, True)}, allowed
+    assert all(enabled() for enabled in flags), "the backends must be restored after the call"
     # The stacked and sequential mixtures agree too, and no model picked up a parameter gradient.
     sequential = make_mixture(models, stack_same_architecture=False)
     assert all(len(group) == 1 for group in sequential.groups)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from t2v_turbo.cuda_graphs import GraphedCall
@@ -259,20 +260,27 @@ def _linear_on_rows(linear):
     return linear_on_rows
 
 
+_VMAPPABLE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
 @contextmanager
 def _vmappable_forward() -> Iterator[None]:
     """What the stacked forward needs from torch while it runs, as process-wide switches restored on
     exit (no other thread should run torch.nn code meanwhile): nn.MultiheadAttention's eval fast
     path (`_native_multi_head_attention`) has no vmap batching rule and no derivative, so it is
     off; F.linear runs on rows (`_linear_on_rows`; the attribute is replaced, since a torch function
-    mode would not reach the calls inside F.multi_head_attention_forward). functorch warns on every
-    call that SDPA's CPU kernel runs per model in a loop (correct, only slower): silenced."""
+    mode would not reach the calls inside F.multi_head_attention_forward). SDPA may choose only
+    the flash and math backends: the memory-efficient and cuDNN ones keep their backward's
+    logsumexp only when q, k or v require grad, which vmap's batched tensors never report, so
+    their backward failed ("LSE is not correctly aligned", float32 towers on the H200 lease).
+    functorch warns on every call that SDPA's CPU kernel runs per model in a loop (correct, only
+    slower): silenced."""
     enabled = torch.backends.mha.get_fastpath_enabled()
     linear = F.linear
     torch.backends.mha.set_fastpath_enabled(False)
     F.linear = _linear_on_rows(linear)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), sdpa_kernel(_VMAPPABLE_SDPA_BACKENDS):
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
             yield
     finally:
