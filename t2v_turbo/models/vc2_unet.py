@@ -432,11 +432,13 @@ def _norm_silu_layers(layers: nn.Sequential, x: Tensor, use_kernels: bool) -> Te
     """layers(x) for a Sequential that opens with GroupNorm and SiLU. With use_kernels the two run
     as one turbo_kernels.group_norm_silu, unless a hook on the Sequential or on either of them
     asks that they be called."""
-    norm, silu = layers[0], layers[1]
+    # The modules unpacked once: slicing the Sequential built a new Sequential each call (a Module's
+    # __init__, 133 a UNet forward in the H200 lease's host profile), and indexing walks it.
+    norm, silu, *rest = layers._modules.values()
     if not use_kernels or any(has_hooks(m) for m in (layers, norm, silu)):
         return layers(x)
     h = turbo_kernels.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
-    for layer in layers[2:]:
+    for layer in rest:
         h = layer(h)
     return h
 
