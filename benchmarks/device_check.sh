@@ -101,15 +101,17 @@ if [[ -d .shared ]]; then export T2V_TURBO_SHARED="$PWD/.shared"; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-stage build 240 build.log env TURBO_KERNELS_BUILD_CUDA=1 MAX_JOBS="$(nproc)" python3 setup.py build_ext --inplace &
+# GNU nproc reports OMP_NUM_THREADS where it is set: the cores are counted without it.
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+stage build 240 build.log env TURBO_KERNELS_BUILD_CUDA=1 MAX_JOBS="$CORES" python3 setup.py build_ext --inplace &
 building=$!
 # Each test prints its own line as it ends (-v), so a log cut short by the limit still says which passed.
 PYTEST=(python3 -m pytest -v -rfEs -p no:cacheprovider --timeout 120 --durations 10)
 # Each worker's share of the cores as its thread count: the CPU tests among these (the float64
-# UNet's) ran 12 workers of 16 threads each on a lent H200's 16 cores, and four passed
-# pytest's 120 s limit that way.
-threads_each() { local threads=$(( $(nproc) / $1 )); echo $(( threads > 0 ? threads : 1 )); }
-TRITON_WORKERS=$(( $(nproc) - 4 )) CUDA_WORKERS=$(( $(nproc) * 3 / 4 ))
+# UNet's) ran 12 workers of 16 threads each on a lent H200's 16 cores, and four ran past pytest's
+# 120 s limit that way.
+TRITON_WORKERS=$(( CORES > 5 ? CORES - 4 : 1 )) CUDA_WORKERS=$(( CORES > 1 ? CORES * 3 / 4 : 1 ))
+threads_each() { local threads=$(( CORES / $1 )); echo $(( threads > 0 ? threads : 1 )); }
 stage tests 180 tests.log env OMP_NUM_THREADS="$(threads_each $TRITON_WORKERS)" "${PYTEST[@]}" -n $TRITON_WORKERS \
     "${TRITON_ONLY_TESTS[@]}"
 wait "$building"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from open_clip.timm_model import TimmModel
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -180,6 +181,13 @@ def test_stacked_mixture_matches_each_model_run_separately(models, checkpointing
     assert abs(total.item() - expected_total.item()) < SCORE_TOL
     assert grad.abs().max() > 1e-4, "the reward should depend on the frames"
     assert torch.allclose(grad, expected_grad, atol=GRAD_TOL, rtol=1e-4)
+    # The stacked and sequential mixtures agree too, and no model picked up a parameter gradient.
+    sequential = make_mixture(models, stack_same_architecture=False)
+    assert all(len(group) == 1 for group in sequential.groups)
+    sequential._selection = mixture._selection
+    seq_total, _ = sequential(frames.detach(), indices, CAPTIONS, SHORT_CAPTIONS)
+    assert abs(seq_total.item() - total.item()) < SCORE_TOL
+    assert all(p.grad is None and not p.requires_grad for m in models for p in m.parameters())
 
 
 def test_stacked_forward_keeps_sdpa_to_backends_whose_backward_works_under_vmap(models, monkeypatch):
@@ -191,6 +199,7 @@ def test_stacked_forward_keeps_sdpa_to_backends_whose_backward_works_under_vmap(
         torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.cudnn_sdp_enabled,
         torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.math_sdp_enabled,
     )
+    before = tuple(enabled() for enabled in flags)
     allowed = []
     sdpa = F.scaled_dot_product_attention
 
@@ -210,14 +219,13 @@ def test_stacked_forward_keeps_sdpa_to_backends_whose_backward_works_under_vmap(
         total.backward()
         # Two image towers of two layers; the recomputation calls them again.
         assert len(allowed) == (4 if checkpointing else 2) and set(allowed) == {(False, False, True, True)}, allowed
-    assert all(enabled() for enabled in flags), "the backends must be restored after the call"
-    # The stacked and sequential mixtures agree too, and no model picked up a parameter gradient.
-    sequential = make_mixture(models, stack_same_architecture=False)
-    assert all(len(group) == 1 for group in sequential.groups)
-    sequential._selection = mixture._selection
-    seq_total, _ = sequential(frames.detach(), indices, CAPTIONS, SHORT_CAPTIONS)
-    assert abs(seq_total.item() - total.item()) < SCORE_TOL
-    assert all(p.grad is None and not p.requires_grad for m in models for p in m.parameters())
+    assert tuple(enabled() for enabled in flags) == before, "the backends must be restored after the call"
+    # A backend the caller turned off stays off.
+    allowed.clear()
+    with sdpa_kernel([SDPBackend.MATH]):
+        total, _ = mixture(frames.detach().requires_grad_(), indices, CAPTIONS, SHORT_CAPTIONS)
+        total.backward()
+    assert allowed and set(allowed) == {(False, False, False, True)}, allowed
 
 
 def test_a_mixture_infers_shapes_on_the_meta_device():

@@ -434,7 +434,7 @@ def _norm_silu_layers(layers: nn.Sequential, x: Tensor, use_kernels: bool) -> Te
     asks that they be called."""
     # The modules unpacked once: slicing the Sequential built a new Sequential each call (a Module's
     # __init__, 133 a UNet forward in the H200 lease's host profile), and indexing walks it.
-    norm, silu, *rest = layers._modules.values()
+    norm, silu, *rest = layers
     if not use_kernels or any(has_hooks(m) for m in (layers, norm, silu)):
         return layers(x)
     h = turbo_kernels.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)

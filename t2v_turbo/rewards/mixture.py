@@ -260,9 +260,6 @@ def _linear_on_rows(linear):
     return linear_on_rows
 
 
-_VMAPPABLE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-
-
 @contextmanager
 def _vmappable_forward() -> Iterator[None]:
     """What the stacked forward needs from torch while it runs, as process-wide switches restored on
@@ -270,17 +267,25 @@ def _vmappable_forward() -> Iterator[None]:
     path (`_native_multi_head_attention`) has no vmap batching rule and no derivative, so it is
     off; F.linear runs on rows (`_linear_on_rows`; the attribute is replaced, since a torch function
     mode would not reach the calls inside F.multi_head_attention_forward). SDPA may choose only
-    the flash and math backends: the memory-efficient and cuDNN ones keep their backward's
-    logsumexp only when q, k or v require grad, which vmap's batched tensors never report, so
-    their backward failed ("LSE is not correctly aligned", float32 towers on the H200 lease).
-    functorch warns on every call that SDPA's CPU kernel runs per model in a loop (correct, only
+    the flash and math backends (those of them the caller has not turned off; math if neither):
+    the memory-efficient and cuDNN ones keep their backward's logsumexp only when q, k or v
+    require grad, which vmap's batched tensors never report, so their backward failed ("LSE is
+    not correctly aligned", float32 towers on the H200 lease). Float32 towers on a GPU take the
+    math backend then (flash takes 16-bit inputs only), which holds each layer's attention
+    probabilities for the backward unless checkpointing is on. functorch warns on every call that SDPA's CPU kernel runs per model in a loop (correct, only
     slower): silenced."""
     enabled = torch.backends.mha.get_fastpath_enabled()
+    sdpa_backends = [
+        backend for backend, on in (
+            (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+            (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled()),
+        ) if on
+    ] or [SDPBackend.MATH]
     linear = F.linear
     torch.backends.mha.set_fastpath_enabled(False)
     F.linear = _linear_on_rows(linear)
     try:
-        with warnings.catch_warnings(), sdpa_kernel(_VMAPPABLE_SDPA_BACKENDS):
+        with warnings.catch_warnings(), sdpa_kernel(sdpa_backends):
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
             yield
     finally:
