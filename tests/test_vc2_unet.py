@@ -326,7 +326,9 @@ def test_scalar_fps_and_timesteps_broadcast(tiny64, io):
     give, and the golden to the embeddings' rounding (EMBEDDING_BUILD_TOL)."""
     assert (io["timesteps"][0], io["fps"][0]) == (999, 8)
     x, context = io["x"][:1].repeat(2, 1, 1, 1, 1), io["context"][:1].repeat(2, 1, 1)
-    conditions = dict(timestep_cond=guidance_embedding(7.5).expand(2, -1), motion_cond=motion_embedding(0.05).expand(2, -1))
+    conditions = dict(
+        timestep_cond=guidance_embedding(7.5).expand(2, -1), motion_cond=motion_embedding(0.05).expand(2, -1)
+    )
     with torch.no_grad():
         out = tiny64(x, 999, context, 8, **conditions)
         want = tiny64(x, torch.tensor([999, 999]), context, torch.tensor([8, 8]), **conditions)

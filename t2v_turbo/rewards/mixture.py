@@ -272,8 +272,8 @@ def _vmappable_forward() -> Iterator[None]:
     require grad, which vmap's batched tensors never report, so their backward failed ("LSE is
     not correctly aligned", float32 towers on the H200 lease). Float32 towers on a GPU take the
     math backend then (flash takes 16-bit inputs only), which holds each layer's attention
-    probabilities for the backward unless checkpointing is on. functorch warns on every call that SDPA's CPU kernel runs per model in a loop (correct, only
-    slower): silenced."""
+    probabilities for the backward unless checkpointing is on. functorch warns on every call that
+    SDPA's CPU kernel runs per model in a loop (correct, only slower): silenced."""
     enabled = torch.backends.mha.get_fastpath_enabled()
     sdpa_backends = [
         backend for backend, on in (
